@@ -1,0 +1,180 @@
+"""Fixed-point encoding of real vectors into integers modulo 2^k, and back.
+
+A coordinate x in [-c, c] becomes the signed integer q = SR(x * s) with scale
+s = (2^(b-1) - 1) / c and SR unbiased stochastic rounding, so |q| <= 2^(b-1) - 1.
+It is stored modulo 2^k with k = b + ceil(log2 n): the sum of n such integers has
+magnitude below 2^(k-1), so the centered representative of the modular sum is the
+exact integer sum (no wrap). See ``protocols/encoding.md``.
+
+Randomness for rounding: 32-bit uniforms from the party's AES-CTR
+:class:`~securefed.crypto.random.RandomSource`, because rounding noise is part of
+what hides an input (and of the DP analysis of distributed noise), so it must not
+be predictable. With 32-bit uniforms, P(round up) = ceil(frac * 2^32) / 2^32:
+the expected error of one coordinate is at most 2^-32 of a step.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import numpy as np
+
+from securefed.crypto.random import RandomSource
+from securefed.encoding.packing import storage_dtype
+from securefed.errors import ConfigurationError, InvalidInput
+
+__all__ = [
+    "FixedPoint",
+    "IntegerEncoder",
+    "check_vector",
+    "decode_error_bound",
+    "modulus_bits",
+]
+
+
+def _kernels():  # numba loads on first use, keeping `import securefed` fast
+    from securefed.encoding import _kernels as k
+
+    return k
+
+#: Elements per chunk: the rounding uniforms for one chunk (256 KiB) stay in cache.
+CHUNK = 1 << 16
+
+#: Largest value_bits: beyond float64's 53-bit significand more bits carry no information.
+MAX_VALUE_BITS = 53
+
+
+def modulus_bits(value_bits: int, n: int) -> int:
+    """k = value_bits + ceil(log2 n): the width of a sum of n inputs; ConfigurationError above 64."""
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ConfigurationError(f"the number of summands must be a positive integer, got {n!r}")
+    k = int(value_bits) + math.ceil(math.log2(n)) if n > 1 else int(value_bits)
+    if k > 64:
+        raise ConfigurationError(
+            f"a sum of {n} inputs at {value_bits} bits needs a {k}-bit modulus; the limit is 64: "
+            "lower value_bits or the number of clients per round"
+        )
+    return k
+
+
+def decode_error_bound(n: int, value_range: float, value_bits: int) -> float:
+    """Worst-case absolute error of one coordinate of a decoded sum of n inputs.
+
+    Each input's rounding error is below one step 1/s; float64 rounding of the
+    scaling and of the decoded integer adds at most 2^-52 * c per input.
+    """
+    scale = (2 ** (value_bits - 1) - 1) / value_range
+    return n * (1.0 / scale + 2.0 * value_range * 2.0**-52)
+
+
+def check_vector(x: object, dim: int | None = None) -> np.ndarray:
+    """Return `x` as a 1-D float array, or raise InvalidInput (type, shape, NaN/Inf)."""
+    if not isinstance(x, np.ndarray):
+        raise InvalidInput(f"expected a 1-D numpy float array, got {type(x).__name__}")
+    if x.ndim != 1 or x.dtype.kind != "f":
+        raise InvalidInput(f"expected a 1-D float array, got shape {x.shape} and dtype {x.dtype}")
+    if x.size == 0:
+        raise InvalidInput("empty input vector")
+    if dim is not None and x.size != dim:
+        raise InvalidInput(f"expected a vector of length {dim}, got {x.size}")
+    return x
+
+
+class IntegerEncoder(abc.ABC):
+    """Maps real vectors to integers modulo 2^k so that decoding a modular sum gives the real sum.
+
+    The masking and BFV protocols carry whatever an encoder produces; the default is
+    :class:`FixedPoint`, and the distributed-DP mechanisms are encoders too.
+    """
+
+    @abc.abstractmethod
+    def modulus_bits(self, n: int) -> int:
+        """Width k of the modulus for a round of n parties."""
+
+    @abc.abstractmethod
+    def encode(self, x: np.ndarray, *, n: int, rng: RandomSource) -> np.ndarray:
+        """One client's input as integers mod 2^k (uint32 if k <= 32, else uint64)."""
+
+    @abc.abstractmethod
+    def decode(self, s: np.ndarray, *, n: int, count: int) -> np.ndarray:
+        """The float64 sum from `s`, the modular sum of `count` encoded inputs of a round of n."""
+
+    @abc.abstractmethod
+    def error_bound(self, n: int) -> float:
+        """Worst-case absolute error per coordinate of a decoded sum of up to n inputs."""
+
+    def describe(self) -> dict[str, object]:
+        """Parameters for logs and the audit trail."""
+        return {"encoder": type(self).__name__}
+
+
+class FixedPoint(IntegerEncoder):
+    """Signed fixed point: inputs in [-value_range, value_range] at value_bits bits.
+
+    Values outside the range raise InvalidInput (never a silent clip).
+    """
+
+    def __init__(self, *, value_range: float, value_bits: int) -> None:
+        if not (isinstance(value_range, (int, float)) and math.isfinite(value_range) and value_range > 0):
+            raise ConfigurationError(f"value_range must be a finite number > 0, got {value_range!r}")
+        if not isinstance(value_bits, (int, np.integer)) or not 2 <= value_bits <= MAX_VALUE_BITS:
+            raise ConfigurationError(f"value_bits must be an integer in [2, {MAX_VALUE_BITS}], got {value_bits!r}")
+        self.value_range = float(value_range)
+        self.value_bits = int(value_bits)
+        self.scale = (2 ** (self.value_bits - 1) - 1) / self.value_range
+
+    def __repr__(self) -> str:
+        return f"FixedPoint(value_range={self.value_range!r}, value_bits={self.value_bits})"
+
+    def modulus_bits(self, n: int) -> int:
+        return modulus_bits(self.value_bits, n)
+
+    def error_bound(self, n: int) -> float:
+        return decode_error_bound(n, self.value_range, self.value_bits)
+
+    def describe(self) -> dict[str, object]:
+        return {"encoder": "FixedPoint", "value_range": self.value_range, "value_bits": self.value_bits}
+
+    def encode(
+        self, x: np.ndarray, *, n: int, rng: RandomSource, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Quantize `x` with stochastic rounding into `out` (or a new array) modulo 2^k.
+
+        Raises InvalidInput for NaN/Inf, a non-1-D/non-float array, or |x_i| > value_range.
+        """
+        x = check_vector(x)
+        k = self.modulus_bits(n)
+        dtype = storage_dtype(k)
+        if out is None:
+            out = np.empty(x.size, dtype=dtype)
+        elif out.shape != x.shape or out.dtype != dtype:
+            raise InvalidInput(f"out must have shape {x.shape} and dtype {dtype}")
+        mask = np.uint64((1 << k) - 1)
+        u = np.empty(min(CHUNK, x.size), dtype=np.uint32)
+        kern = _kernels()
+        for lo in range(0, x.size, CHUNK):
+            hi = min(lo + CHUNK, x.size)
+            rng.fill(u[: hi - lo])
+            bad = kern.quantize_into(x[lo:hi], self.scale, self.value_range, u, mask, out[lo:hi])
+            if bad >= 0:
+                raise self._bad_value(x, lo + bad)
+        return out
+
+    def _bad_value(self, x: np.ndarray, i: int) -> InvalidInput:
+        v = float(x[i])
+        if not math.isfinite(v):
+            return InvalidInput(f"input coordinate {i} is {v}; updates must be finite")
+        return InvalidInput(
+            f"input coordinate {i} is {v:.6g}, outside the declared range [-{self.value_range:g}, "
+            f"{self.value_range:g}]; clip or scale the update, or declare a larger value_range"
+        )
+
+    def decode(self, s: np.ndarray, *, n: int, count: int | None = None) -> np.ndarray:
+        """The float64 sum encoded by the modular sum `s` of a round of n parties."""
+        k = self.modulus_bits(n)
+        if not isinstance(s, np.ndarray) or s.ndim != 1 or s.dtype.kind != "u":
+            raise InvalidInput("decode expects a 1-D unsigned integer array")
+        out = np.empty(s.size, dtype=np.float64)
+        _kernels().decode_into(s, k, 1.0 / self.scale, out)
+        return out

@@ -1,0 +1,57 @@
+"""The common header of every protocol message (layout in ``protocols/wire.md``).
+
+    magic    4 bytes  protocol tag, e.g. b"SFPL"
+    version  1 byte   layout version of that protocol
+    phase    1 byte   index of the phase in the protocol's ``phases``
+    round    4 bytes  round index, big-endian
+    session 32 bytes  the round's session id (public round randomness)
+    sender   4 bytes  sender id, big-endian; 0xFFFFFFFF is the server
+    length   4 bytes  length of the body that follows, big-endian
+
+Parsing is strict: any mismatch (tag, version, phase, round, session, sender,
+length) raises MessageRejected, which is how replays from another round or
+session and out-of-phase messages are refused.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from securefed.errors import MessageRejected
+
+__all__ = ["HEADER_SIZE", "SERVER", "pack_header", "unpack_message"]
+
+SERVER = 0xFFFFFFFF
+_HDR = struct.Struct(">4sBBI32sII")
+HEADER_SIZE = _HDR.size
+
+
+def pack_header(
+    tag: bytes, version: int, phase: int, round_index: int, session_id: bytes, sender: int, body_len: int
+) -> bytes:
+    """The header for a body of `body_len` bytes."""
+    return _HDR.pack(tag, version, phase, round_index, session_id, sender, body_len)
+
+
+def unpack_message(
+    data: bytes | bytearray | memoryview,
+    *,
+    tag: bytes,
+    version: int,
+    phase: int,
+    round_index: int,
+    session_id: bytes,
+    sender: int,
+) -> memoryview:
+    """Check the header of `data` against what is expected; return the body (a view, no copy)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MessageRejected("invalid message: not bytes")
+    mv = memoryview(data)
+    if len(mv) < HEADER_SIZE:
+        raise MessageRejected("invalid message: truncated header")
+    got = _HDR.unpack_from(mv)
+    if got[:6] != (tag, version, phase, round_index, session_id, sender):
+        raise MessageRejected("invalid message: wrong protocol, version, phase, round, session or sender")
+    if got[6] != len(mv) - HEADER_SIZE:
+        raise MessageRejected("invalid message: wrong length")
+    return mv[HEADER_SIZE:]

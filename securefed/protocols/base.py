@@ -1,0 +1,276 @@
+"""What every aggregation protocol provides, and the driver that runs one round in one process.
+
+A protocol is a pair of sans-I/O state machines (Google fcp/secagg style): a
+server side and a client side that take and return messages as bytes, never
+sockets. The same objects are driven by :func:`simulate_aggregation`, by the
+trainer and by the Flower runtime (``securefed.flower``). One round goes, for
+each phase in ``protocol.phases``:
+
+1. ``server.requests(phase)`` gives the message for each party still in the round;
+2. each party that has not dropped answers with ``handle(phase, request)``
+   (``None`` means it sends nothing in this phase);
+3. the server takes each answer with ``receive`` (a bad one raises
+   MessageRejected and makes its sender a dropout; the accumulator is untouched);
+4. ``server.finish_phase(phase)`` closes the phase, or raises ProtocolAborted
+   when too few parties remain.
+
+Then ``server.result()`` gives the decoded sum and who is in it. See
+``protocols/base.md``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from securefed.crypto.random import RandomSource
+from securefed.encoding.fixedpoint import check_vector
+from securefed.errors import (
+    AbortReason,
+    ConfigurationError,
+    InvalidInput,
+    MessageRejected,
+    ProtocolAborted,
+)
+
+__all__ = [
+    "AggregationProtocol",
+    "AggregationResult",
+    "ClientProtocol",
+    "DropReason",
+    "DropRecord",
+    "Party",
+    "RoundSpec",
+    "ServerProtocol",
+    "ServerView",
+    "simulate_aggregation",
+]
+
+#: A client is an int in 0..n-1; auxiliary parties (an HE decryptor) have names.
+Party = int | str
+
+
+class DropReason(enum.Enum):
+    """Why a client left a round (recorded by the server, logged and audited)."""
+
+    NO_REPLY = "no_reply"  # sent nothing in the phase (crash, timeout, network)
+    REJECTED = "rejected"  # its message raised MessageRejected
+    REFUSED = "refused"  # it aborted, refusing the server's request
+
+
+@dataclasses.dataclass(frozen=True)
+class DropRecord:
+    """One client's exit from a round: the phase where it happened and why."""
+
+    phase: str
+    reason: DropReason
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSpec:
+    """Public parameters of one round, known to every party.
+
+    ``n`` clients numbered 0..n-1 each hold a vector of length ``dim``;
+    ``session_id`` (32 bytes of public round randomness) is bound into every
+    message and derived key, so nothing carries over between rounds.
+    """
+
+    n: int
+    dim: int
+    session_id: bytes
+    round_index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.dim < 1:
+            raise InvalidInput(f"a round needs n >= 1 clients and dim >= 1, got n={self.n}, dim={self.dim}")
+        if len(self.session_id) != 32:
+            raise ConfigurationError("session_id must be 32 bytes")
+        if not 0 <= self.round_index < 2**32:
+            raise ConfigurationError("round_index must fit in 32 bits")
+
+
+class ClientProtocol(abc.ABC):
+    """One client's state machine for one round."""
+
+    @abc.abstractmethod
+    def handle(self, phase: str, request: bytes) -> bytes | None:
+        """Answer the server's request for `phase`; ``None`` sends nothing.
+
+        Raises MessageRejected for a bad request and ProtocolAborted when the
+        client refuses to go on (it then reveals nothing more).
+        """
+
+    def set_input(self, x: np.ndarray) -> None:
+        """Give the client its input vector (before the phase that uploads it)."""
+        raise NotImplementedError
+
+
+class ServerProtocol(abc.ABC):
+    """The server's state machine for one round; it holds one accumulator, never n inputs."""
+
+    @abc.abstractmethod
+    def requests(self, phase: str) -> Mapping[Party, bytes]:
+        """The request for each party that takes part in `phase` (empty: nothing to do)."""
+
+    @abc.abstractmethod
+    def receive(self, phase: str, party: Party, payload: bytes) -> None:
+        """Take one party's answer. Raises MessageRejected (and drops the party) for a bad one."""
+
+    @abc.abstractmethod
+    def finish_phase(self, phase: str) -> None:
+        """Close `phase`: parties that did not answer become dropouts. Raises ProtocolAborted."""
+
+    @abc.abstractmethod
+    def result(self) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``(total, included)`` after the last phase: the float64 sum and its clients, ascending."""
+
+    @property
+    @abc.abstractmethod
+    def dropped(self) -> Mapping[int, DropRecord]:
+        """Clients that left the round, with the phase and reason."""
+
+
+class AggregationProtocol(abc.ABC):
+    """A secure (or plain) summation protocol: configuration plus factories for its parties."""
+
+    #: Short stable name, used in logs, the audit trail and the CLI.
+    name: str = ""
+    #: Phase names in order.
+    phases: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
+        """A fresh server state machine for the round `spec`."""
+
+    @abc.abstractmethod
+    def client(
+        self, spec: RoundSpec, client: int, x: np.ndarray | None = None, *, rng: RandomSource
+    ) -> ClientProtocol:
+        """A fresh state machine for `client` in `spec`; `x` may also come later by ``set_input``."""
+
+    def auxiliary(self, spec: RoundSpec, *, rng: RandomSource) -> dict[str, ClientProtocol]:
+        """Parties other than clients and server (for example an HE decryptor); none by default."""
+        return {}
+
+    def error_bound(self, n: int) -> float:
+        """Worst-case absolute error per coordinate of the decoded sum of up to n inputs."""
+        return 0.0
+
+    def min_survivors(self, n: int) -> int:
+        """The fewest clients that must survive every phase for a round of n to finish."""
+        return 1
+
+    def describe(self, n: int) -> dict[str, Any]:
+        """Parameters in force for a round of n clients (for logs and the audit trail)."""
+        return {"protocol": self.name, "n": n, "min_survivors": self.min_survivors(n)}
+
+
+@dataclasses.dataclass
+class ServerView:
+    """What the server received: ``messages`` holds ``(client, phase, payload_bytes)``.
+
+    With ``record="digest"`` the payloads are not kept; ``digests`` always holds
+    ``(client, phase, sha256_hex, size)`` for each message (the audit trail's record).
+    """
+
+    messages: list[tuple[Party, str, bytes]] = dataclasses.field(default_factory=list)
+    digests: list[tuple[Party, str, str, int]] = dataclasses.field(default_factory=list)
+
+    def bytes_from(self, party: Party) -> int:
+        """Total bytes received from `party`."""
+        return sum(size for p, _, _, size in self.digests if p == party)
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregationResult:
+    """The outcome of one round: the float64 sum of the included clients' inputs."""
+
+    total: np.ndarray
+    included: tuple[int, ...]
+    server_view: ServerView
+    dropped: Mapping[int, DropRecord]
+    spec: RoundSpec
+
+
+def _check_inputs(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    if isinstance(inputs, np.ndarray) and inputs.ndim == 2:
+        inputs = list(inputs)
+    if not isinstance(inputs, Sequence) or len(inputs) == 0:
+        raise InvalidInput("inputs must be a non-empty sequence of 1-D float arrays, one per client")
+    xs = [check_vector(np.asarray(x) if not isinstance(x, np.ndarray) else x) for x in inputs]
+    dims = {x.size for x in xs}
+    if len(dims) != 1:
+        raise InvalidInput(f"all inputs must have the same length, got lengths {sorted(dims)}")
+    return xs
+
+
+def _check_dropouts(protocol: AggregationProtocol, n: int, dropouts: Mapping[int, str] | None) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for c, phase in (dropouts or {}).items():
+        if not isinstance(c, (int, np.integer)) or not 0 <= c < n:
+            raise InvalidInput(f"dropout key {c!r} is not a client index in 0..{n - 1}")
+        if phase not in protocol.phases:
+            raise InvalidInput(f"dropout phase {phase!r} is not one of {protocol.phases}")
+        out[int(c)] = protocol.phases.index(phase)
+    return out
+
+
+def simulate_aggregation(
+    protocol: AggregationProtocol,
+    inputs: Sequence[np.ndarray],
+    dropouts: Mapping[int, str] | None = None,
+    seed: int | bytes | None = None,
+    *,
+    record: Literal["full", "digest"] = "full",
+    round_index: int = 0,
+) -> AggregationResult:
+    """Run one round with every party in this process and record the server's view.
+
+    `inputs[i]` is client i's 1-D float vector; ``dropouts[i] = phase`` makes
+    client i send nothing in `phase` or later. A `seed` makes every key and coin
+    reproducible (simulation only). ``record="digest"`` keeps only SHA-256 digests
+    of what the server received, for model-sized runs.
+
+    Raises InvalidInput for bad inputs and ProtocolAborted when the round cannot
+    finish safely. See ``protocols/base.md``.
+    """
+    xs = _check_inputs(inputs)
+    n, dim = len(xs), xs[0].size
+    drop_at = _check_dropouts(protocol, n, dropouts)
+    rng = RandomSource(seed)
+    spec = RoundSpec(n=n, dim=dim, session_id=rng.child("session").token_bytes(32), round_index=round_index)
+    server = protocol.server(spec, rng=rng.child("server"))
+    parties: dict[Party, ClientProtocol] = {
+        i: protocol.client(spec, i, xs[i], rng=rng.child(f"client/{i}")) for i in range(n)
+    }
+    parties.update(protocol.auxiliary(spec, rng=rng.child("auxiliary")))
+    view = ServerView()
+    for p, phase in enumerate(protocol.phases):
+        for party, request in server.requests(phase).items():
+            if isinstance(party, int) and drop_at.get(party, len(protocol.phases)) <= p:
+                continue
+            try:
+                reply = parties[party].handle(phase, request)
+            except (ProtocolAborted, MessageRejected):
+                continue  # the party refuses; the server sees silence and records the drop
+            if reply is None:
+                continue
+            view.digests.append((party, phase, hashlib.sha256(reply).hexdigest(), len(reply)))
+            if record == "full":
+                view.messages.append((party, phase, bytes(reply)))
+            try:
+                server.receive(phase, party, reply)
+            except MessageRejected:
+                pass  # the server has recorded the drop; the round goes on without it
+        server.finish_phase(phase)
+    total, included = server.result()
+    if not included:
+        raise ProtocolAborted(AbortReason.NO_INPUTS, "no client input reached the aggregate")
+    return AggregationResult(total, included, view, dict(server.dropped), spec)

@@ -1,0 +1,132 @@
+"""Plain aggregation: clients upload their vectors in the clear. The baseline for tests and benchmarks.
+
+No protection: the server sees every input. One phase, ``upload``. See
+``protocols/plain.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from securefed.crypto.random import RandomSource
+from securefed.encoding.fixedpoint import check_vector
+from securefed.errors import AbortReason, InvalidInput, MessageRejected, ProtocolAborted
+from securefed.protocols import _wire
+from securefed.protocols.base import (
+    AggregationProtocol,
+    ClientProtocol,
+    DropReason,
+    DropRecord,
+    Party,
+    RoundSpec,
+    ServerProtocol,
+)
+
+__all__ = ["Plain"]
+
+_TAG = b"SFPL"
+_VERSION = 1
+
+
+class Plain(AggregationProtocol):
+    """No protection: each client sends its float64 vector; the server adds them in place."""
+
+    name = "plain"
+    phases = ("upload",)
+
+    def __repr__(self) -> str:
+        return "Plain()"
+
+    def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
+        return _PlainServer(spec)
+
+    def client(
+        self, spec: RoundSpec, client: int, x: np.ndarray | None = None, *, rng: RandomSource
+    ) -> ClientProtocol:
+        return _PlainClient(spec, client, x)
+
+
+def _header(spec: RoundSpec, sender: int, body_len: int) -> bytes:
+    return _wire.pack_header(_TAG, _VERSION, 0, spec.round_index, spec.session_id, sender, body_len)
+
+
+def _body(data: bytes, spec: RoundSpec, sender: int) -> memoryview:
+    return _wire.unpack_message(
+        data, tag=_TAG, version=_VERSION, phase=0, round_index=spec.round_index,
+        session_id=spec.session_id, sender=sender,
+    )
+
+
+class _PlainClient(ClientProtocol):
+    def __init__(self, spec: RoundSpec, client: int, x: np.ndarray | None) -> None:
+        self._spec, self._id, self._x = spec, client, None
+        if x is not None:
+            self.set_input(x)
+
+    def set_input(self, x: np.ndarray) -> None:
+        x = check_vector(x, self._spec.dim)
+        if not np.isfinite(x).all():
+            raise InvalidInput("input contains NaN or Inf; updates must be finite")
+        self._x = x
+
+    def handle(self, phase: str, request: bytes) -> bytes | None:
+        if phase != "upload":
+            raise MessageRejected(f"invalid message: Plain has no phase {phase!r}")
+        _body(request, self._spec, _wire.SERVER)
+        if self._x is None:
+            raise InvalidInput("no input vector: call set_input before the upload phase")
+        body = self._x.astype("<f8", copy=False).tobytes()
+        return _header(self._spec, self._id, len(body)) + body
+
+
+class _PlainServer(ServerProtocol):
+    def __init__(self, spec: RoundSpec) -> None:
+        self._spec = spec
+        self._acc = np.zeros(spec.dim, dtype=np.float64)
+        self._received: list[int] = []
+        self._dropped: dict[int, DropRecord] = {}
+        self._done = False
+
+    @property
+    def dropped(self) -> Mapping[int, DropRecord]:
+        return self._dropped
+
+    def requests(self, phase: str) -> Mapping[Party, bytes]:
+        if phase != "upload" or self._done:
+            raise MessageRejected(f"invalid phase {phase!r} for Plain")
+        req = _header(self._spec, _wire.SERVER, 0)
+        return {c: req for c in range(self._spec.n)}
+
+    def receive(self, phase: str, party: Party, payload: bytes) -> None:
+        try:
+            if phase != "upload" or self._done or not isinstance(party, int) or not 0 <= party < self._spec.n:
+                raise MessageRejected("invalid message: out of phase or unknown sender")
+            if party in self._received or party in self._dropped:
+                raise MessageRejected("invalid message: replayed upload")
+            body = _body(payload, self._spec, party)
+            if len(body) != 8 * self._spec.dim:
+                raise MessageRejected("invalid message: wrong vector length")
+            x = np.frombuffer(body, dtype="<f8")
+            if not np.isfinite(x).all():
+                raise MessageRejected("invalid message: non-finite values")
+        except MessageRejected as e:
+            if isinstance(party, int) and 0 <= party < self._spec.n and party not in self._received:
+                self._dropped.setdefault(party, DropRecord(phase, DropReason.REJECTED, str(e)))
+            raise
+        self._acc += x
+        self._received.append(party)
+
+    def finish_phase(self, phase: str) -> None:
+        for c in range(self._spec.n):
+            if c not in self._received:
+                self._dropped.setdefault(c, DropRecord(phase, DropReason.NO_REPLY))
+        self._done = True
+        if not self._received:
+            raise ProtocolAborted(AbortReason.NO_INPUTS, "no client uploaded an input", phase=phase)
+
+    def result(self) -> tuple[np.ndarray, tuple[int, ...]]:
+        if not self._done:
+            raise ProtocolAborted(AbortReason.INVALID_STATE, "result() before the upload phase finished")
+        return self._acc, tuple(sorted(self._received))

@@ -1,0 +1,288 @@
+"""Federated training over a torch model: FedAvg / FedSGD with any aggregation protocol.
+
+Each round: sample participants, train locally, flatten each update (new minus
+old trainable parameters), aggregate through the protocol, apply the mean update.
+Weights reach the server only inside the aggregate: a participant pre-scales its
+update by its weight and appends the weight as one extra coordinate; the server
+divides the summed update by the summed weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from securefed.crypto.random import RandomSource, derive_key
+from securefed.encoding import flatten, unflatten
+from securefed.errors import ConfigurationError, InvalidInput
+from securefed.protocols.base import AggregationProtocol, AggregationResult, simulate_aggregation
+from securefed.protocols.plain import Plain
+
+__all__ = ["History", "RoundRecord", "Trainer"]
+
+log = logging.getLogger("securefed.training")
+
+#: ``dropouts(round, participants)`` -> ``{participant: phase}`` for that round.
+DropoutSchedule = Callable[[int, Sequence[int]], Mapping[int, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundRecord:
+    """One round of training.
+
+    ``loss``: mean local training loss of the participants (example-weighted);
+    ``metrics``: evaluation results and round statistics; ``epsilon``: privacy
+    spent so far (None without DP); ``included``: participants in the aggregate.
+    """
+
+    round: int
+    loss: float
+    metrics: dict[str, float]
+    epsilon: float | None
+    included: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class History:
+    """What :meth:`Trainer.fit` did, round by round."""
+
+    rounds: list[RoundRecord] = dataclasses.field(default_factory=list)
+
+    @property
+    def final(self) -> RoundRecord:
+        """The last round's record."""
+        if not self.rounds:
+            raise IndexError("no rounds were run")
+        return self.rounds[-1]
+
+
+def _seed_bytes(seed: int | None, label: str) -> bytes | None:
+    return None if seed is None else derive_key(seed.to_bytes(8, "big"), label)
+
+
+class Trainer:
+    """Federated training of `model` over `datasets` (one per participant) through `protocol`.
+
+    Parameters (keyword-only after ``datasets``):
+
+    - ``protocol``: an aggregation protocol (default :class:`~securefed.protocols.Plain`);
+    - ``privacy``: a privacy configuration (``securefed.privacy``), or None;
+    - ``algorithm``: ``"fedavg"`` (E local epochs of minibatch SGD) or ``"fedsgd"``
+      (one full-batch gradient step per round);
+    - ``clients_per_round``: participants sampled per round (default all);
+    - ``local_epochs``, ``batch_size``, ``lr``, ``momentum``: local SGD;
+    - ``server_lr``: step on the mean update (1.0 is FedAvg);
+    - ``weighting``: ``"examples"`` (weight n_k / max_k n_k, carried inside the
+      aggregate) or ``"uniform"``;
+    - ``loss_fn``: default cross-entropy; ``eval_dataset``: held-out data for metrics;
+    - ``dropouts``: a schedule ``(round, participants) -> {participant: phase}``;
+    - ``seed``: makes sampling, local shuffling and protocol randomness reproducible;
+    - ``progress``: show a rich progress bar; ``on_round``: called with each round's record.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        datasets: Sequence[Dataset],
+        protocol: AggregationProtocol | None = None,
+        privacy: Any = None,
+        *,
+        algorithm: Literal["fedavg", "fedsgd"] = "fedavg",
+        clients_per_round: int | None = None,
+        local_epochs: int = 1,
+        batch_size: int = 32,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        server_lr: float = 1.0,
+        weighting: Literal["examples", "uniform"] = "examples",
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        eval_dataset: Dataset | None = None,
+        dropouts: DropoutSchedule | None = None,
+        seed: int | None = 0,
+        progress: bool = True,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InvalidInput("model must be a torch.nn.Module")
+        if len(datasets) == 0:
+            raise InvalidInput("datasets must hold one dataset per participant")
+        if algorithm not in ("fedavg", "fedsgd"):
+            raise ConfigurationError(f"algorithm must be 'fedavg' or 'fedsgd', got {algorithm!r}")
+        if weighting not in ("examples", "uniform"):
+            raise ConfigurationError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        n = len(datasets)
+        k = n if clients_per_round is None else clients_per_round
+        if not 1 <= k <= n:
+            raise ConfigurationError(f"clients_per_round must be in [1, {n}], got {clients_per_round}")
+        if min(len(d) for d in datasets) == 0:  # type: ignore[arg-type]
+            raise InvalidInput("every participant needs at least one example")
+        self.model = model
+        self.datasets = list(datasets)
+        self.protocol = protocol if protocol is not None else Plain()
+        self.privacy = privacy
+        self.algorithm = algorithm
+        self.clients_per_round = k
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.momentum = momentum
+        self.server_lr = server_lr
+        self.weighting = weighting
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.eval_dataset = eval_dataset
+        self.dropouts = dropouts
+        self.seed = seed
+        self.progress = progress
+        self.on_round = on_round
+        self._names = [name for name, p in model.named_parameters() if p.requires_grad]
+        if not self._names:
+            raise InvalidInput("the model has no trainable parameters")
+        self._max_examples = max(len(d) for d in self.datasets)  # type: ignore[arg-type]
+        self._rng = RandomSource(_seed_bytes(seed, "trainer"))
+        self._round = 0
+        self.history = History()
+
+    # -- one participant ------------------------------------------------------------
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        return {name: named[name] for name in self._names}
+
+    def _local_update(self, client: int, start: np.ndarray, spec: Any) -> tuple[np.ndarray, float]:
+        """Train from `start` on the client's data; return (new - start) and the mean loss."""
+        self._load(start, spec)
+        data = self.datasets[client]
+        gen = torch.Generator()
+        gen.manual_seed(int.from_bytes(self._rng.child(f"round/{self._round}/client/{client}").token_bytes(8), "big") >> 1)
+        full = self.algorithm == "fedsgd"
+        loader = DataLoader(data, batch_size=len(data) if full else self.batch_size, shuffle=not full, generator=gen)
+        opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
+        self.model.train()
+        total, count = 0.0, 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(gen.initial_seed())
+            for _ in range(1 if full else self.local_epochs):
+                for xb, yb in loader:
+                    opt.zero_grad()
+                    loss = self.loss_fn(self.model(xb), yb)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss) * len(yb)
+                    count += len(yb)
+        new, _ = flatten(self._params())
+        return new - start, total / max(count, 1)
+
+    def _load(self, vector: np.ndarray, spec: Any) -> None:
+        params = self._params()
+        with torch.no_grad():
+            for name, value in unflatten(vector, spec).items():  # type: ignore[union-attr]
+                params[name].copy_(value)
+
+    def _round_seed(self, label: str) -> bytes | None:
+        return _seed_bytes(self.seed, f"round/{self._round}/{label}")
+
+    # -- rounds -------------------------------------------------------------------------
+
+    def _sample(self) -> list[int]:
+        n = len(self.datasets)
+        if self.clients_per_round == n:
+            return list(range(n))
+        keys = self._rng.child(f"sample/{self._round}").integers_below(2**63, n)
+        return sorted(np.argsort(keys, kind="stable")[: self.clients_per_round].tolist())
+
+    def _aggregate(self, inputs: list[np.ndarray], participants: list[int]) -> AggregationResult:
+        drops: dict[int, str] = {}
+        if self.dropouts is not None:
+            index = {p: i for i, p in enumerate(participants)}
+            for p, phase in self.dropouts(self._round, participants).items():
+                if p in index:
+                    drops[index[p]] = phase
+        return simulate_aggregation(
+            self.protocol, inputs, drops, seed=self._round_seed("aggregation"), record="digest",
+            round_index=self._round,
+        )
+
+    def run_round(self) -> RoundRecord:
+        """Run one round and return its record (also appended to ``history``)."""
+        self._round += 1
+        participants = self._sample()
+        start, spec = flatten(self._params())
+        start = start.copy()
+        weighted = self.weighting == "examples"
+        inputs, losses, weights = [], [], []
+        for c in participants:
+            delta, loss = self._local_update(c, start, spec)
+            w = len(self.datasets[c]) / self._max_examples if weighted else 1.0  # type: ignore[arg-type]
+            inputs.append(np.append(delta * w, np.float32(w)).astype(np.float32) if weighted else delta)
+            losses.append(loss)
+            weights.append(len(self.datasets[c]))  # type: ignore[arg-type]
+        try:
+            res = self._aggregate(inputs, participants)
+        finally:
+            self._load(start, spec)
+        if weighted:
+            mean = res.total[:-1] / res.total[-1]
+        else:
+            mean = res.total / len(res.included)
+        self._load((start + self.server_lr * mean).astype(start.dtype), spec)
+        included = tuple(participants[i] for i in res.included)
+        metrics = self.evaluate()
+        metrics["upload_bytes_per_client"] = float(
+            np.mean([res.server_view.bytes_from(i) for i in res.included])
+        )
+        metrics["dropped"] = float(len(participants) - len(included))
+        loss = float(np.average(losses, weights=weights))
+        record = RoundRecord(self._round, loss, metrics, None, included)
+        self.history.rounds.append(record)
+        log.info("round %d: loss %.4f %s included %s", self._round, loss, metrics, included)
+        if self.on_round is not None:
+            self.on_round(record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracy on ``eval_dataset`` (empty dict without one)."""
+        if self.eval_dataset is None:
+            return {}
+        self.model.eval()
+        total_loss, correct, count = 0.0, 0, 0
+        for xb, yb in DataLoader(self.eval_dataset, batch_size=1024):
+            out = self.model(xb)
+            total_loss += float(self.loss_fn(out, yb)) * len(yb)
+            if out.ndim == 2 and yb.ndim == 1:
+                correct += int((out.argmax(dim=1) == yb).sum())
+            count += len(yb)
+        metrics = {"eval_loss": total_loss / count}
+        if out.ndim == 2 and yb.ndim == 1:
+            metrics["eval_accuracy"] = correct / count
+        return metrics
+
+    def fit(self, rounds: int = 10) -> History:
+        """Train for `rounds` rounds; returns the history (every round so far)."""
+        if not isinstance(rounds, int) or rounds < 1:
+            raise ConfigurationError(f"rounds must be a positive integer, got {rounds!r}")
+        if not self.progress:
+            for _ in range(rounds):
+                self.run_round()
+            return self.history
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), transient=False,
+        ) as bar:
+            task = bar.add_task(f"training ({self.protocol.name})", total=rounds, status="")
+            for _ in range(rounds):
+                r = self.run_round()
+                acc = r.metrics.get("eval_accuracy")
+                status = f"loss {r.loss:.4f}" + ("" if acc is None else f"  acc {acc:.3f}")
+                bar.update(task, advance=1, status=status)
+        return self.history
