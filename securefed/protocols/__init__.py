@@ -18,6 +18,9 @@ from securefed.protocols.base import (
 )
 from securefed.protocols.plain import Plain
 
+#: Protocol classes by their stable ``name`` (as written in logs and the audit trail).
+REGISTRY: dict[str, type[AggregationProtocol]] = {cls.name: cls for cls in (Plain,)}
+
 __all__ = [
     "AggregationProtocol",
     "AggregationResult",
@@ -25,6 +28,7 @@ __all__ = [
     "DropReason",
     "DropRecord",
     "Plain",
+    "REGISTRY",
     "RoundSpec",
     "ServerProtocol",
     "ServerView",

@@ -111,6 +111,12 @@ class ClientProtocol(abc.ABC):
         """Give the client its input vector (before the phase that uploads it)."""
         raise NotImplementedError
 
+    def dump(self) -> bytes:
+        """The client's state between phases as bytes (no pickle), for runtimes that do not keep
+        the object alive between messages (Flower keeps it in the node's context).
+        Restore with :meth:`AggregationProtocol.load_client`. Holds secrets: keep it on the node."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be serialized")
+
 
 class ServerProtocol(abc.ABC):
     """The server's state machine for one round; it holds one accumulator, never n inputs."""
@@ -154,6 +160,19 @@ class AggregationProtocol(abc.ABC):
         self, spec: RoundSpec, client: int, x: np.ndarray | None = None, *, rng: RandomSource
     ) -> ClientProtocol:
         """A fresh state machine for `client` in `spec`; `x` may also come later by ``set_input``."""
+
+    def load_client(self, data: bytes, *, rng: RandomSource) -> ClientProtocol:
+        """Restore a client state machine saved by :meth:`ClientProtocol.dump`."""
+        raise NotImplementedError(f"{type(self).__name__} clients cannot be restored")
+
+    @classmethod
+    def check_description(cls, description: Mapping[str, Any]) -> list[str]:
+        """Problems with a recorded parameter set (from :meth:`describe`), for auditors.
+
+        Returns one line per violated condition of the declared threat model; empty
+        when the parameters are sound. The default checks nothing protocol-specific.
+        """
+        return []
 
     def auxiliary(self, spec: RoundSpec, *, rng: RandomSource) -> dict[str, ClientProtocol]:
         """Parties other than clients and server (for example an HE decryptor); none by default."""
