@@ -161,6 +161,13 @@ class AggregationProtocol(abc.ABC):
     ) -> ClientProtocol:
         """A fresh state machine for `client` in `spec`; `x` may also come later by ``set_input``."""
 
+    def with_encoder(self, encoder: Any) -> AggregationProtocol:
+        """A copy of this protocol carrying inputs with `encoder` (an
+        :class:`~securefed.encoding.IntegerEncoder`, e.g. a distributed-DP mechanism).
+
+        Raises ConfigurationError for protocols that do not carry integer encodings."""
+        raise ConfigurationError(f"protocol {self.name!r} does not carry integer encodings")
+
     def load_client(self, data: bytes, *, rng: RandomSource) -> ClientProtocol:
         """Restore a client state machine saved by :meth:`ClientProtocol.dump`."""
         raise NotImplementedError(f"{type(self).__name__} clients cannot be restored")
