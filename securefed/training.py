@@ -175,7 +175,7 @@ class Trainer:
                     loss = self.loss_fn(self.model(xb), yb)
                     loss.backward()
                     opt.step()
-                    total += float(loss) * len(yb)
+                    total += float(loss.detach()) * len(yb)
                     count += len(yb)
         new, _ = flatten(self._params())
         return new - start, total / max(count, 1)
