@@ -48,6 +48,8 @@ def pack(values: np.ndarray, width: int) -> np.ndarray:
     if not isinstance(values, np.ndarray) or values.ndim != 1 or values.dtype.kind != "u":
         raise InvalidInput("pack expects a 1-D numpy array of unsigned integers")
     n = values.size
+    if width == 8 * values.dtype.itemsize:  # every value fits by its dtype: the layout is a plain copy
+        return values.astype(values.dtype.newbyteorder("<"), copy=True).view(np.uint8)
     words = np.empty((n * width + 63) // 64, dtype="<u8")
     bad = _kernels().pack_words(np.ascontiguousarray(values), int(width), words)
     if bad >= 0:
