@@ -150,6 +150,10 @@ class AggregationProtocol(abc.ABC):
     name: str = ""
     #: Phase names in order.
     phases: tuple[str, ...] = ()
+    #: The phase whose message carries a client's input ("" means the last phase): a client is in
+    #: the aggregate only if it answered every client phase up to this one, and may drop after it
+    #: (SecAgg: "masked_input"). The audit verifier checks this.
+    input_phase: str = ""
 
     @abc.abstractmethod
     def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
