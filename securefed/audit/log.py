@@ -1,0 +1,119 @@
+"""The audit log's format: canonical JSON lines, the hash chain, the signed bytes and the schema.
+
+One entry per line, each line the canonical JSON of one object (sorted keys, no
+spaces, ASCII only, no NaN), ended by ``\\n``. An entry's hash is SHA-256 of its
+line without the newline; the next entry carries it in ``prev``. ``sig`` is an
+Ed25519 signature over ``SIGNING_CONTEXT`` followed by the canonical JSON of the
+entry without ``sig``. See ``protocols/audit.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping
+from importlib import resources
+from typing import Any
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GENESIS",
+    "SIGNING_CONTEXT",
+    "canonical",
+    "entry_hash",
+    "iter_lines",
+    "json_safe",
+    "read_entries",
+    "schema",
+    "signed_bytes",
+    "validator",
+]
+
+#: The ``v`` field of every entry.
+FORMAT_VERSION = 1
+#: ``prev`` of the first entry.
+GENESIS = "0" * 64
+#: Domain separation: an audit signature can never be mistaken for any other Ed25519 signature.
+SIGNING_CONTEXT = b"securefed/audit/v1\n"
+
+
+def canonical(obj: Mapping[str, Any]) -> bytes:
+    """The one byte string that represents `obj` in the log (raises ValueError for NaN/Inf)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def signed_bytes(entry: Mapping[str, Any]) -> bytes:
+    """What the audit key signs for `entry`: the context and the entry without ``sig``."""
+    return SIGNING_CONTEXT + canonical({k: v for k, v in entry.items() if k != "sig"})
+
+
+def entry_hash(line: bytes) -> str:
+    """SHA-256 (hex) of one line of the log, without its newline: the next entry's ``prev``."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with tuples as lists, numpy scalars as Python numbers and non-finite floats as None.
+
+    For free-form fields (configuration, metrics) that must survive canonical JSON.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        return json_safe(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)
+
+
+def iter_lines(data: bytes) -> Iterator[tuple[int, bytes, bool]]:
+    """``(entry_number, line, complete)`` for each line of `data`; entries count from 1.
+
+    ``complete`` is False only for a last line without its newline (a torn write).
+    """
+    start, number = 0, 1
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            yield number, data[start:], False
+            return
+        yield number, data[start:end], True
+        start, number = end + 1, number + 1
+
+
+def read_entries(data: bytes) -> list[dict[str, Any]]:
+    """The entries of a log that parse as JSON objects, in order (for reports: no checks)."""
+    out = []
+    for _, line, complete in iter_lines(data):
+        if not complete:
+            break
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of one entry, ``securefed/audit/schema.json``."""
+    text = resources.files("securefed.audit").joinpath("schema.json").read_text(encoding="utf-8")
+    return json.loads(text)  # type: ignore[no-any-return]
+
+
+@functools.cache
+def validator() -> Any:
+    """A compiled validator of :func:`schema` (``jsonschema``, installed with ``securefed[audit]``)."""
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(schema())

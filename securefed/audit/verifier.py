@@ -1,0 +1,411 @@
+"""The offline verifier: schema, chain, signatures, round rules, protocol conditions and the privacy spend.
+
+Trusts nothing in the log but what it checks: every failure names the entry (its
+line number, counting from 1), the field, what was expected and what was found.
+See ``protocols/audit.md`` section "Verification" and ``proofs/audit.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from securefed.audit.keys import PublicKeyLike, load_public_key, public_hex
+from securefed.audit.log import GENESIS, canonical, entry_hash, iter_lines, signed_bytes, validator
+from securefed.errors import InvalidInput
+
+__all__ = ["EPSILON_RTOL", "Failure", "VerificationResult", "verify", "verify_data"]
+
+#: Relative tolerance between a claimed and a recomputed epsilon (accountants differ in the last digits
+#: across library versions and platforms; any real misstatement is far larger).
+EPSILON_RTOL = 1e-6
+_MAX_SCHEMA_ERRORS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """One failed check: the entry (line number, from 1), the field, what was expected, what was found."""
+
+    entry: int
+    field: str
+    expected: str
+    found: str
+
+    def __str__(self) -> str:
+        return f"entry {self.entry}: {self.field}: expected {self.expected}, found {self.found}"
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationResult:
+    """The outcome of :func:`verify`; true when every check passed.
+
+    ``entries``: complete lines read; ``rounds``/``aborted``: round and round_aborted
+    entries; ``epsilon``: the privacy spend recomputed from the whole log's DP events
+    (None without DP); ``head``: hash of the last entry (pin it to detect truncation);
+    ``complete``: the log ends with run_end; ``ledger``: the DP events in order.
+    """
+
+    failures: tuple[Failure, ...]
+    entries: int
+    rounds: int
+    aborted: int
+    last_round: int | None
+    epsilon: float | None
+    delta: float | None
+    accountant: str | None
+    public_key: str | None
+    head: str | None
+    complete: bool
+    ledger: tuple[dict[str, Any], ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when the log passed every check."""
+        return not self.failures
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def summary(self) -> str:
+        """One paragraph for people: the verdict and the facts it rests on, or every failure."""
+        if not self.ok:
+            return "\n".join([f"FAILED: {len(self.failures)} problem(s)"] + [f"  {f}" for f in self.failures])
+        eps = "no differential privacy" if self.epsilon is None else (
+            f"epsilon {self.epsilon:.6g} at delta {self.delta:g} ({self.accountant}, recomputed)")
+        state = "complete" if self.complete else "incomplete (no run_end)"
+        return (f"OK: {self.entries} entries, {self.rounds} rounds ({self.aborted} aborted), {state}; {eps}\n"
+                f"  public key {self.public_key}\n  head       {self.head}")
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+class _Epsilon:
+    """The privacy spend of the events seen so far, recomputed with ``securefed.privacy``."""
+
+    def __init__(self, accountant: str, delta: float) -> None:
+        self.accountant, self.delta = accountant, delta
+        self.ledger: list[dict[str, Any]] = []
+        self._value = 0.0
+
+    def add(self, events: Sequence[dict[str, Any]]) -> float:
+        if events:
+            from securefed.privacy import Accountant
+
+            self.ledger.extend(events)
+            self._value = float(Accountant.from_ledger(self.ledger, accountant=self.accountant).epsilon(self.delta))
+        return self._value
+
+
+class _Checker:
+    """Walks the entries once, in order, collecting failures."""
+
+    def __init__(self, pubkey: Ed25519PublicKey | None, allow_incomplete: bool) -> None:
+        self.failures: list[Failure] = []
+        self.pinned = pubkey
+        self.key: Ed25519PublicKey | None = pubkey
+        self.key_hex = None if pubkey is None else public_hex(pubkey)
+        self.allow_incomplete = allow_incomplete
+        self.prev, self.seq = GENESIS, 1
+        self.entries, self.rounds, self.aborted = 0, 0, 0
+        self.last_round: int | None = None
+        self.last_type: str | None = None
+        self.in_session = False
+        self.privacy: Any = ...  # Ellipsis: not declared yet
+        self.eps: _Epsilon | None = None
+
+    def fail(self, entry: int, field: str, expected: Any, found: Any) -> None:
+        self.failures.append(Failure(entry, field, _short(expected), _short(found)))
+
+    # -- per entry ----------------------------------------------------------------------
+
+    def entry(self, number: int, line: bytes) -> None:
+        self.entries = number
+        try:
+            obj = json.loads(line, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError) as e:
+            self.fail(number, "(json)", "one JSON object per line", f"unparseable: {e}")
+            self._advance(number, line, None)
+            return
+        if not isinstance(obj, dict):
+            self.fail(number, "(json)", "a JSON object", type(obj).__name__)
+            self._advance(number, line, None)
+            return
+        if canonical(obj) != line:
+            self.fail(number, "(encoding)", "canonical JSON (sorted keys, no spaces, ASCII)", "other bytes")
+        valid = validator().is_valid(obj)
+        if not valid:
+            errors = sorted(validator().iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+            for err in errors[:_MAX_SCHEMA_ERRORS]:
+                field = ".".join(str(p) for p in err.absolute_path) or "(entry)"
+                self.fail(number, field, f"{err.validator} {_short(err.validator_value, 60)}", err.instance)
+        self._advance(number, line, obj)
+        if valid:
+            self._semantics(number, obj)
+
+    def _advance(self, number: int, line: bytes, obj: dict[str, Any] | None) -> None:
+        """Chain, sequence number and signature; then move the chain to this line."""
+        if obj is not None:
+            seq, prev = obj.get("seq"), obj.get("prev")
+            if seq != self.seq:
+                self.fail(number, "seq", self.seq, seq)
+            if prev != self.prev:
+                self.fail(number, "prev", self.prev, prev)
+            if number == 1:
+                self._take_key(obj)
+            self._signature(number, obj)
+            if isinstance(seq, int) and not isinstance(seq, bool):
+                self.seq = seq  # resynchronise: one deletion or insertion is reported once
+        self.prev = entry_hash(line)
+        self.seq += 1
+
+    def _take_key(self, obj: dict[str, Any]) -> None:
+        body = obj.get("body")
+        found = body.get("public_key") if isinstance(body, dict) else None
+        if self.pinned is not None:
+            if found != self.key_hex:
+                self.fail(1, "body.public_key", f"the pinned key {self.key_hex}", found)
+            return
+        try:
+            self.key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(found))  # type: ignore[arg-type]
+            self.key_hex = found
+        except (TypeError, ValueError):
+            self.fail(1, "body.public_key", "64 hex digits (an Ed25519 key); signatures cannot be checked", found)
+
+    def _signature(self, number: int, obj: dict[str, Any]) -> None:
+        if self.key is None:
+            return
+        sig = obj.get("sig")
+        try:
+            self.key.verify(bytes.fromhex(sig), signed_bytes(obj))  # type: ignore[arg-type]
+        except (InvalidSignature, TypeError, ValueError):
+            self.fail(number, "sig", "a valid Ed25519 signature by the audit key", "invalid")
+
+    # -- meaning ------------------------------------------------------------------------
+
+    def _semantics(self, number: int, obj: dict[str, Any]) -> None:
+        kind, body = obj["type"], obj["body"]
+        if number == 1 and kind != "run_start":
+            self.fail(number, "type", "run_start as the first entry", kind)
+        if kind == "run_start":
+            if number != 1:
+                self.fail(number, "type", "run_start only as the first entry", kind)
+            self._declare_privacy(number, body["privacy"])
+            self.in_session = True
+        elif kind == "resume":
+            if body["public_key"] != self.key_hex:
+                self.fail(number, "body.public_key", f"the log's key {self.key_hex}", body["public_key"])
+            self._declare_privacy(number, body["privacy"])
+            self.in_session = True
+        elif kind == "run_end":
+            self._need_session(number, kind)
+            self._run_end(number, body)
+            self.in_session = False
+        else:
+            self._need_session(number, kind)
+            self._round_number(number, body["round"])
+            self._round_common(number, body)
+            if kind == "round":
+                self.rounds += 1
+                self._round(number, body)
+            else:
+                self.aborted += 1
+                if body["phase"] is not None and body["phase"] not in body["phases"]:
+                    self.fail(number, "body.phase", f"one of {body['phases']}", body["phase"])
+            self._dp(number, body["dp"])
+        self.last_type = kind
+
+    def _need_session(self, number: int, kind: str) -> None:
+        if not self.in_session:
+            self.fail(number, "type", "run_start or resume before " + kind, f"{kind} after run_end")
+
+    def _declare_privacy(self, number: int, privacy: Any) -> None:
+        if self.privacy is ...:
+            self.privacy = privacy
+            if privacy is not None:
+                self.eps = _Epsilon(privacy["accountant"], float(privacy["delta"]))
+        elif privacy != self.privacy:
+            self.fail(number, "body.privacy", f"the privacy settings of entry 1 {_short(self.privacy)}", privacy)
+
+    def _round_number(self, number: int, r: int) -> None:
+        if self.last_round is not None and r <= self.last_round:
+            self.fail(number, "body.round", f"a round after {self.last_round}", r)
+        self.last_round = r if self.last_round is None else max(r, self.last_round)
+
+    def _round_common(self, number: int, body: dict[str, Any]) -> None:
+        """Parameters: the description matches the round and meets its protocol's conditions."""
+        from securefed.protocols import REGISTRY
+
+        desc, phases, n = body["protocol"], body["phases"], len(body["participants"])
+        if desc["n"] != n:
+            self.fail(number, "body.protocol.n", f"{n} (the round's participants)", desc["n"])
+        cls = REGISTRY.get(desc["protocol"])
+        if cls is None:
+            self.fail(number, "body.protocol.protocol", f"a protocol of securefed.protocols.REGISTRY {sorted(REGISTRY)}",
+                      desc["protocol"])
+            return
+        if cls.phases and list(cls.phases) != phases:
+            self.fail(number, "body.phases", list(cls.phases), phases)
+        for problem in cls.check_description(desc):
+            self.fail(number, "body.protocol", f"parameters meeting the conditions of {desc['protocol']}", problem)
+
+    def _round(self, number: int, body: dict[str, Any]) -> None:
+        """Participation: who took part, who dropped where, who is in the aggregate."""
+        from securefed.protocols import REGISTRY
+
+        phases, parts = body["phases"], body["participants"]
+        members, included = set(parts), body["included"]
+        cls = REGISTRY.get(body["protocol"]["protocol"])
+        input_phase = getattr(cls, "input_phase", "") or phases[-1]
+        last = phases.index(input_phase) if input_phase in phases else len(phases) - 1
+        if not included:
+            self.fail(number, "body.included", "at least one participant in the aggregate", "none")
+        for c in included:
+            if c not in members:
+                self.fail(number, "body.included", "participants of the round", c)
+        dropped: dict[int, str] = {}
+        for d in body["dropped"]:
+            c = d["participant"]
+            if c not in members:
+                self.fail(number, "body.dropped", "participants of the round", c)
+            if c in dropped:
+                self.fail(number, "body.dropped", "one drop record per participant", f"two for {c}")
+            if d["phase"] not in phases:
+                self.fail(number, "body.dropped", f"a phase of {phases}", d["phase"])
+            dropped[c] = d["phase"]
+        unaccounted = members - set(included) - set(dropped)
+        if unaccounted:
+            self.fail(number, "body.dropped", "a drop record for every participant not in the aggregate",
+                      f"none for {sorted(unaccounted)}")
+        sent: dict[str, set[int]] = {}
+        for m in body["received"]:
+            p = m["party"]
+            if m["phase"] not in phases:
+                self.fail(number, "body.received", f"a phase of {phases}", m["phase"])
+            if isinstance(p, int):
+                if p not in members:
+                    self.fail(number, "body.received", "messages from participants of the round", p)
+                sent.setdefault(m["phase"], set()).add(p)
+        # Phases where clients speak (up to the one carrying inputs): an included client spoke in each.
+        for phase in phases[: last + 1]:
+            if phase not in sent:
+                continue
+            for c in included:
+                if c in dropped and phases.index(dropped[c]) <= phases.index(phase):
+                    continue  # reported once below
+                if c not in sent[phase]:
+                    self.fail(number, "body.received", f"a message from included participant {c} in {phase}", "none")
+        for c in included:
+            if c in dropped and dropped[c] in phases and phases.index(dropped[c]) <= last:
+                self.fail(number, "body.included", f"participants that passed every phase up to {input_phase}",
+                          f"{c}, dropped in {dropped[c]}")
+        survivors = len(members) - len(dropped)
+        need = body["protocol"]["min_survivors"]
+        if survivors < need:
+            self.fail(number, "body.dropped", f"at least {need} participants surviving every phase (min_survivors)",
+                      f"{survivors}")
+
+    def _dp(self, number: int, dp: Any) -> None:
+        if self.eps is None:
+            if dp is not None:
+                self.fail(number, "body.dp", "null (the log declares no differential privacy)", dp)
+            return
+        if dp is None:
+            self.fail(number, "body.dp", "DP events and the epsilon spent (the log declares privacy)", None)
+            return
+        try:
+            value = self.eps.add(dp["events"])
+        except ImportError as e:
+            self.fail(number, "body.dp.events", "securefed.privacy to recompute epsilon (pip install 'securefed[dp]')",
+                      str(e))
+            self.eps = None
+            return
+        except Exception as e:  # noqa: BLE001 - any refusal of the accountant is a failed check
+            self.fail(number, "body.dp.events", "events that securefed.privacy can account", f"{type(e).__name__}: {e}")
+            return
+        if not math.isclose(dp["epsilon"], value, rel_tol=EPSILON_RTOL, abs_tol=1e-12):
+            self.fail(number, "body.dp.epsilon", f"{value!r} (recomputed)", dp["epsilon"])
+
+    def _run_end(self, number: int, body: dict[str, Any]) -> None:
+        if body["rounds"] != self.rounds:
+            self.fail(number, "body.rounds", self.rounds, body["rounds"])
+        if body["last_round"] != self.last_round:
+            self.fail(number, "body.last_round", self.last_round, body["last_round"])
+        eps = None if self.eps is None else self.eps._value
+        claimed = body["epsilon"]
+        if (eps is None) != (claimed is None) or (
+            eps is not None and not math.isclose(claimed, eps, rel_tol=EPSILON_RTOL, abs_tol=1e-12)
+        ):
+            self.fail(number, "body.epsilon", f"{eps!r} (recomputed)", claimed)
+
+    def result(self, head: str | None) -> VerificationResult:
+        if self.entries == 0:
+            self.fail(1, "type", "run_start as the first entry", "an empty log")
+        complete = self.last_type == "run_end" and not self.in_session
+        if self.entries and not complete and not self.allow_incomplete:
+            self.fail(self.entries, "type", "run_end as the last entry (a complete log)",
+                      f"{self.last_type}: the run crashed or the log was cut; verify a prefix with allow_incomplete")
+        actual_head = self.prev if self.entries else None
+        if head is not None and head != actual_head:
+            self.fail(max(self.entries, 1), "(head)", f"the pinned head {head}", actual_head)
+        return VerificationResult(
+            failures=tuple(self.failures), entries=self.entries, rounds=self.rounds, aborted=self.aborted,
+            last_round=self.last_round, epsilon=None if self.eps is None else self.eps._value,
+            delta=None if self.eps is None else self.eps.delta,
+            accountant=None if self.eps is None else self.eps.accountant, public_key=self.key_hex,
+            head=actual_head, complete=complete,
+            ledger=tuple(self.eps.ledger) if self.eps is not None else (),
+        )
+
+
+def verify_data(
+    data: bytes, pubkey: PublicKeyLike | None = None, *, allow_incomplete: bool = False, head: str | None = None
+) -> VerificationResult:
+    """:func:`verify` on the bytes of a log."""
+    checker = _Checker(None if pubkey is None else load_public_key(pubkey), allow_incomplete)
+    for number, line, complete in iter_lines(data):
+        if not complete:
+            checker.entries = number
+            checker.fail(number, "(line)", "an entry ended by a newline",
+                         f"{len(line)} bytes without one (a torn write or a cut log)")
+            break
+        checker.entry(number, line)
+    return checker.result(head)
+
+
+def verify(
+    path: str | os.PathLike[str],
+    pubkey: PublicKeyLike | None = None,
+    *,
+    allow_incomplete: bool = False,
+    head: str | None = None,
+) -> VerificationResult:
+    """Check the audit log at `path` end to end; the result is true only if every check passed.
+
+    `pubkey` pins the server's audit key (a key, 64 hex digits, or a PEM/hex file);
+    without it the key in entry 1 is used, which proves integrity but not authorship.
+    `allow_incomplete` accepts a log without a final run_end (a crashed or running
+    job); `head` pins the hash of the last entry, which detects a cut log.
+    Raises InvalidInput when the file cannot be read and ConfigurationError for a bad
+    `pubkey`. See ``protocols/audit.md`` section "Verification".
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"cannot read the audit log {os.fspath(path)!r}: {e.strerror or e}") from e
+    return verify_data(data, pubkey, allow_incomplete=allow_incomplete, head=head)
+

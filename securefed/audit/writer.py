@@ -1,0 +1,286 @@
+"""Writing the audit log: one signed, chained, fsynced line per event; resume continues the chain.
+
+Used by :class:`securefed.Trainer` (``audit_log=PATH``) and by the Flower server;
+any runtime that has an :class:`~securefed.protocols.AggregationResult` per round
+can use it. See ``protocols/audit.md`` section "Writing".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import os
+import platform
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from securefed.audit.keys import KeyLike, load_or_create_key, public_hex
+from securefed.audit.log import FORMAT_VERSION, GENESIS, canonical, entry_hash, json_safe, signed_bytes, validator
+from securefed.audit.verifier import verify_data
+from securefed.errors import ConfigurationError, InvalidInput, ProtocolAborted
+from securefed.protocols.base import AggregationProtocol, AggregationResult, Party
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory lock
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["AuditWriter", "software_versions"]
+
+_PACKAGES = ("numpy", "torch", "cryptography", "dp-accounting", "tenseal", "flwr", "numba")
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of securefed, Python, the platform and the installed libraries it uses."""
+    from securefed import __version__
+
+    out = {"securefed": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for name in _PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AuditWriter:
+    """Appends the entries of an audit log at `path`, signed with the server's audit key.
+
+    `key` is an Ed25519 private key or a PEM file; by default ``PATH.key`` (created
+    with ``PATH.pub`` for a new log, see :mod:`securefed.audit.keys`). An existing log
+    is verified with that key and continued: a torn last line (a crash mid-write) is
+    cut off and recorded in the ``resume`` entry. The file is locked while open.
+
+    Entries, one method each: :meth:`start` (run_start, or resume for an existing
+    log), :meth:`round`, :meth:`round_aborted`, :meth:`end` (run_end); :meth:`session`
+    wraps start and end. Raises ConfigurationError when the existing log does not
+    verify, the key does not match, or another writer holds the log.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, key: KeyLike | None = None) -> None:
+        self.path = Path(path)
+        self._key = load_or_create_key(self.path, key)
+        #: The audit key's public half, 64 hex digits (as entry 1 records it).
+        self.public_key = public_hex(self._key)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError as e:
+                    raise ConfigurationError(f"another writer holds the audit log {self.path}; close it first") from e
+            self._load()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+
+    def _load(self) -> None:
+        size = os.fstat(self._fd).st_size
+        data = os.pread(self._fd, size, 0) if size else b""
+        cut = data.rfind(b"\n") + 1
+        torn = data[cut:]
+        self._discarded = (len(torn), hashlib.sha256(torn).hexdigest() if torn else None)
+        self.resumed = cut > 0
+        #: DP events already in the log, in order (restore an accountant from it on resume).
+        self.ledger: list[dict[str, Any]] = []
+        self._prev, self._seq, self._rounds = GENESIS, 1, 0
+        #: The last round recorded (None before any).
+        self.last_round: int | None = None
+        self._privacy: Any = ...
+        self._epsilon: float | None = None
+        if self.resumed:
+            res = verify_data(data[:cut], self._key.public_key(), allow_incomplete=True)
+            if not res.ok:
+                raise ConfigurationError(
+                    f"the audit log {self.path} does not verify, refusing to append to it:\n{res.summary()}"
+                )
+            self._prev, self._seq, self._rounds = res.head or GENESIS, res.entries + 1, res.rounds
+            self.last_round, self.ledger, self._epsilon = res.last_round, list(res.ledger), res.epsilon
+            self._privacy = None if res.accountant is None else {"accountant": res.accountant, "delta": res.delta}
+        if torn:
+            os.ftruncate(self._fd, cut)
+            os.fsync(self._fd)
+        elif not self.resumed:
+            _fsync_dir(self.path)
+        #: True between :meth:`start` and :meth:`end`.
+        self.in_session = False
+
+    # -- entries --------------------------------------------------------------------------
+
+    def _append(self, kind: str, body: dict[str, Any]) -> None:
+        if self._fd < 0:
+            raise ConfigurationError(f"the audit log {self.path} is closed")
+        entry = {"v": FORMAT_VERSION, "seq": self._seq, "type": kind, "time": _now(), "prev": self._prev, "body": body}
+        try:
+            entry["sig"] = self._key.sign(signed_bytes(entry)).hex()
+            line = canonical(entry)
+        except ValueError as e:
+            raise InvalidInput(f"audit entry {kind!r} is not JSON without NaN/Inf: {e}") from e
+        error = next(iter(validator().iter_errors(entry)), None)
+        if error is not None:
+            where = ".".join(map(str, error.absolute_path))
+            raise InvalidInput(f"audit entry {kind!r} does not match the schema at {where}: {error.message}")
+        view = memoryview(line + b"\n")
+        while view:
+            view = view[os.write(self._fd, view):]
+        os.fsync(self._fd)
+        self._prev, self._seq = entry_hash(line), self._seq + 1
+
+    def start(self, *, config: Mapping[str, Any], privacy: Mapping[str, Any] | None = None) -> None:
+        """Begin a session: run_start for a new log, resume for an existing one.
+
+        `config`: the run's configuration (JSON-able); `privacy`: ``{"accountant":
+        "rdp"|"pld", "delta": float}`` when rounds carry DP events, fixed for the
+        log's life. Raises ConfigurationError inside a session or when `privacy`
+        differs from what the log declared.
+        """
+        if self.in_session:
+            raise ConfigurationError("an audit session is already open: end it first")
+        priv = None if privacy is None else {"accountant": str(privacy["accountant"]), "delta": float(privacy["delta"])}
+        common = {"public_key": self.public_key, "software": software_versions(), "config": json_safe(config),
+                  "privacy": priv}
+        if self._privacy is not ... and priv != self._privacy:
+            raise ConfigurationError(f"the audit log declares privacy {self._privacy}, this run {priv}; they must match")
+        if self._seq == 1:
+            self._append("run_start", {"run_id": secrets.token_hex(16), **common})
+            self._epsilon = None if priv is None else 0.0
+        else:
+            count, digest = self._discarded
+            self._append("resume", {**common, "discarded_bytes": count, "discarded_sha256": digest})
+            self._discarded = (0, None)
+        self._privacy = priv
+        self.in_session = True
+
+    def _dp(self, events: Sequence[Mapping[str, Any]], epsilon: float | None) -> dict[str, Any] | None:
+        if self._privacy is None:
+            if events or epsilon is not None:
+                raise ConfigurationError("DP events in a log started without privacy settings: pass privacy to start")
+            return None
+        if epsilon is None:
+            raise ConfigurationError("the log declares privacy: every round must claim the epsilon spent so far")
+        evs = [json_safe(e) for e in events]
+        self.ledger.extend(evs)
+        self._epsilon = float(epsilon)
+        return {"events": evs, "epsilon": float(epsilon)}
+
+    def _round_head(self, round_index: int, protocol: AggregationProtocol, participants: Sequence[int]) -> dict[str, Any]:
+        if not self.in_session:
+            raise ConfigurationError("no audit session is open: call start first")
+        if isinstance(round_index, bool) or not isinstance(round_index, (int, np.integer)) or round_index < 1:
+            raise InvalidInput(f"round must be a positive integer, got {round_index!r}")
+        if self.last_round is not None and round_index <= self.last_round:
+            raise ConfigurationError(f"round {round_index} does not follow round {self.last_round} in the audit log")
+        return {"round": int(round_index), "protocol": json_safe(protocol.describe(len(participants))),
+                "phases": list(protocol.phases), "participants": [int(p) for p in participants]}
+
+    def round(
+        self,
+        round_index: int,
+        *,
+        protocol: AggregationProtocol,
+        result: AggregationResult,
+        participants: Sequence[int] | None = None,
+        dp_events: Sequence[Mapping[str, Any]] = (),
+        epsilon: float | None = None,
+        metrics: Mapping[str, float | None] | None = None,
+    ) -> None:
+        """Record a finished round: parameters, who took part and dropped, digests, aggregate, DP.
+
+        `participants[i]` is the id of the protocol's client i (default: i);
+        `dp_events` are this round's new ledger entries and `epsilon` the spend of the
+        whole log so far. Raises InvalidInput/ConfigurationError for inconsistent input.
+        """
+        parts = list(range(result.spec.n)) if participants is None else list(participants)
+        if len(parts) != result.spec.n:
+            raise InvalidInput(f"{len(parts)} participant ids for a round of {result.spec.n} clients")
+
+        def pid(c: Party) -> int | str:
+            return int(parts[c]) if isinstance(c, (int, np.integer)) else str(c)
+
+        body = self._round_head(round_index, protocol, parts)
+        total = np.ascontiguousarray(result.total, dtype="<f8")
+        body.update(
+            included=sorted(pid(c) for c in result.included),
+            dropped=[{"participant": pid(c), "phase": d.phase, "reason": d.reason.value, "detail": d.detail}
+                     for c, d in sorted(result.dropped.items(), key=lambda item: pid(item[0]))],
+            received=[{"party": pid(p), "phase": ph, "sha256": h, "size": int(size)}
+                      for p, ph, h, size in result.server_view.digests],
+            aggregate={"sha256": hashlib.sha256(total.data).hexdigest(), "dim": int(total.size), "dtype": "<f8"},
+            metrics=json_safe(dict(metrics or {})),
+        )
+        body["dp"] = self._dp(dp_events, epsilon)
+        self._append("round", body)
+        self._rounds, self.last_round = self._rounds + 1, int(round_index)
+
+    def round_aborted(
+        self,
+        round_index: int,
+        *,
+        protocol: AggregationProtocol,
+        participants: Sequence[int],
+        error: ProtocolAborted,
+        dp_events: Sequence[Mapping[str, Any]] = (),
+        epsilon: float | None = None,
+    ) -> None:
+        """Record a round that stopped with `error` (nothing was released)."""
+        body = self._round_head(round_index, protocol, participants)
+        body.update(phase=error.phase, reason=error.reason.value, message=str(error))
+        body["dp"] = self._dp(dp_events, epsilon)
+        self._append("round_aborted", body)
+        self.last_round = int(round_index)
+
+    def end(self, *, status: str = "completed", detail: str = "") -> None:
+        """Close the session with run_end (``status``: completed, failed or interrupted)."""
+        if not self.in_session:
+            raise ConfigurationError("no audit session is open")
+        self._append("run_end", {"status": status, "detail": detail, "rounds": self._rounds,
+                                 "last_round": self.last_round, "epsilon": self._epsilon})
+        self.in_session = False
+
+    @contextlib.contextmanager
+    def session(self, *, config: Mapping[str, Any], privacy: Mapping[str, Any] | None = None) -> Iterator[AuditWriter]:
+        """:meth:`start`, then :meth:`end` with the status the block ended with (the exception propagates)."""
+        self.start(config=config, privacy=privacy)
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.end(status="interrupted", detail="KeyboardInterrupt")
+            raise
+        except BaseException as e:
+            self.end(status="failed", detail=f"{type(e).__name__}: {e}")
+            raise
+        self.end()
+
+    def close(self) -> None:
+        """Release the file and its lock (entries already written stay)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> AuditWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+
