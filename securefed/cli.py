@@ -1,4 +1,4 @@
-"""Command line: ``securefed demo`` (and ``python -m securefed``)."""
+"""Command line: ``securefed demo``, ``securefed audit verify|report`` (and ``python -m securefed``)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,41 @@ def _demo(args: argparse.Namespace) -> int:
         )
 
     res = run_demo(rounds=args.rounds, protocol=args.protocol, dp=not args.no_dp, seed=args.seed,
-                   progress=not args.no_progress, on_round=line)
+                   progress=not args.no_progress, on_round=line, audit_log=args.audit_log)
     console.print(f"\n[bold]securefed demo[/bold]: digits, 10 participants (Dirichlet 0.5), {res.rounds} rounds")
     console.print(f"  protocol            {res.protocol}")
     console.print(f"  test accuracy       {res.accuracy:.4f}")
     console.print(f"  upload per client   {res.upload_bytes_per_client / 1024:.1f} KiB per round")
     console.print("  privacy             " + ("no DP" if res.epsilon is None else f"epsilon {res.epsilon:.3f}"))
     console.print(f"  time                {res.seconds:.1f} s")
+    if args.audit_log:
+        console.print(f"  audit log           {args.audit_log} (check: securefed audit verify {args.audit_log} "
+                      f"--pubkey {args.audit_log}.pub)", markup=False)
     return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from securefed.audit import verify
+
+    res = verify(args.log, args.pubkey, allow_incomplete=args.allow_incomplete, head=args.head)
+    if args.json:
+        print(json.dumps({"ok": res.ok, "failures": [vars(f) for f in res.failures], "entries": res.entries,
+                          "rounds": res.rounds, "aborted": res.aborted, "epsilon": res.epsilon, "delta": res.delta,
+                          "public_key": res.public_key, "head": res.head, "complete": res.complete}))
+    else:
+        print(res.summary())
+    return 0 if res.ok else 1
+
+
+def _audit_report(args: argparse.Namespace) -> int:
+    from securefed.audit.report import render_report
+
+    res = render_report(args.log, args.output, pubkey=args.pubkey, allow_incomplete=args.allow_incomplete)
+    print(f"wrote {args.output}: " + ("the log verified" if res.ok else
+                                       f"the log FAILED verification ({len(res.failures)} problems, listed in the report)"))
+    return 0 if res.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     demo.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--audit-log", metavar="PATH", help="write a signed audit log of every round to PATH")
     demo.set_defaults(func=_demo)
+    audit = sub.add_parser("audit", help="verify an audit log, or write a report on it")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    pin = "pin the server's audit key: 64 hex digits, or a PEM or hex file (LOG.pub)"
+    incomplete = "accept a log without a final run_end (a crashed or running job)"
+    verify = audit_sub.add_parser("verify", help="check an audit log; exit 0 only if every check passes")
+    verify.add_argument("log", help="the audit log (JSON Lines)")
+    verify.add_argument("--pubkey", metavar="KEY", help=pin)
+    verify.add_argument("--head", metavar="HASH", help="pin the hash of the last entry (detects a cut log)")
+    verify.add_argument("--allow-incomplete", action="store_true", help=incomplete)
+    verify.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    verify.set_defaults(func=_audit_verify)
+    report = audit_sub.add_parser("report", help="verify an audit log and write a self-contained HTML report")
+    report.add_argument("log", help="the audit log (JSON Lines)")
+    report.add_argument("-o", "--output", required=True, metavar="FILE", help="the HTML file to write")
+    report.add_argument("--pubkey", metavar="KEY", help=pin)
+    report.add_argument("--allow-incomplete", action="store_true", help=incomplete)
+    report.set_defaults(func=_audit_report)
     return parser
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 
@@ -93,18 +94,23 @@ def run_demo(
     progress: bool = True,
     on_round: Callable[[object], None] | None = None,
     clients: int = 10,
+    audit_log: str | os.PathLike[str] | None = None,
 ) -> DemoResult:
-    """Train the demo federation and return its summary."""
+    """Train the demo federation and return its summary; `audit_log` writes a signed audit log there."""
     from securefed.training import Trainer
 
     proto = make_protocol(protocol)
     datasets, test = digits_federation(clients=clients, seed=seed)
     trainer = Trainer(
         make_model(seed), datasets, protocol=proto, local_epochs=2, batch_size=16, lr=0.1,
-        eval_dataset=test, seed=seed, progress=progress, on_round=on_round,
+        eval_dataset=test, seed=seed, progress=progress, on_round=on_round, audit_log=audit_log,
     )
     t0 = time.perf_counter()
-    history = trainer.fit(rounds=rounds)
+    try:
+        history = trainer.fit(rounds=rounds)
+    finally:
+        if trainer.audit is not None:
+            trainer.audit.close()
     final = history.final
     return DemoResult(
         accuracy=final.metrics["eval_accuracy"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from securefed.crypto.random import RandomSource, derive_key
 from securefed.encoding import flatten, unflatten
-from securefed.errors import ConfigurationError, InvalidInput
+from securefed.errors import ConfigurationError, InvalidInput, ProtocolAborted
 from securefed.protocols.base import AggregationProtocol, AggregationResult, simulate_aggregation
 from securefed.protocols.plain import Plain
 
@@ -85,7 +86,10 @@ class Trainer:
     - ``loss_fn``: default cross-entropy; ``eval_dataset``: held-out data for metrics;
     - ``dropouts``: a schedule ``(round, participants) -> {participant: phase}``;
     - ``seed``: makes sampling, local shuffling and protocol randomness reproducible;
-    - ``progress``: show a rich progress bar; ``on_round``: called with each round's record.
+    - ``progress``: show a rich progress bar; ``on_round``: called with each round's record;
+    - ``audit_log``: write a signed audit log of every round there (an existing log is
+      verified and continued, and round numbers go on after its last round);
+      ``audit_key``: its Ed25519 key or PEM file (default ``PATH.key``); see ``protocols/audit.md``.
     """
 
     def __init__(
@@ -109,6 +113,8 @@ class Trainer:
         seed: int | None = 0,
         progress: bool = True,
         on_round: Callable[[RoundRecord], None] | None = None,
+        audit_log: str | os.PathLike[str] | None = None,
+        audit_key: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidInput("model must be a torch.nn.Module")
@@ -148,6 +154,13 @@ class Trainer:
         self._max_examples = max(len(d) for d in self.datasets)  # type: ignore[arg-type]
         self._rng = RandomSource(_seed_bytes(seed, "trainer"))
         self._round = 0
+        #: The audit log's writer (``audit_log=``), or None.
+        self.audit = None
+        if audit_log is not None:
+            from securefed.audit import AuditWriter
+
+            self.audit = AuditWriter(audit_log, key=audit_key)
+            self._round = self.audit.last_round or 0
         self.history = History()
 
     # -- one participant ------------------------------------------------------------
@@ -226,6 +239,11 @@ class Trainer:
             weights.append(len(self.datasets[c]))  # type: ignore[arg-type]
         try:
             res = self._aggregate(inputs, participants)
+        except ProtocolAborted as e:
+            if self.audit is not None:
+                self._audit_begin()
+                self.audit.round_aborted(self._round, protocol=self.protocol, participants=participants, error=e)
+            raise
         finally:
             self._load(start, spec)
         if weighted:
@@ -242,6 +260,10 @@ class Trainer:
         loss = float(np.average(losses, weights=weights))
         record = RoundRecord(self._round, loss, metrics, None, included)
         self.history.rounds.append(record)
+        if self.audit is not None:
+            self._audit_begin()
+            self.audit.round(self._round, protocol=self.protocol, result=res, participants=participants,
+                             metrics={"loss": loss, **metrics})
         log.info("round %d: loss %.4f %s included %s", self._round, loss, metrics, included)
         if self.on_round is not None:
             self.on_round(record)
@@ -265,10 +287,35 @@ class Trainer:
             metrics["eval_accuracy"] = correct / count
         return metrics
 
+    def _audit_begin(self) -> None:
+        """Open an audit session (run_start or resume) unless one is open."""
+        if self.audit is not None and not self.audit.in_session:
+            self.audit.start(config=self._audit_config())
+
+    def _audit_config(self) -> dict[str, Any]:
+        return {
+            "trainer": type(self).__name__, "model": type(self.model).__name__,
+            "trainable_parameters": int(sum(p.numel() for p in self._params().values())),
+            "participants": len(self.datasets), "clients_per_round": self.clients_per_round,
+            "algorithm": self.algorithm, "local_epochs": self.local_epochs, "batch_size": self.batch_size,
+            "lr": self.lr, "momentum": self.momentum, "server_lr": self.server_lr, "weighting": self.weighting,
+            "protocol": repr(self.protocol), "privacy": repr(self.privacy), "seed": self.seed,
+        }
+
     def fit(self, rounds: int = 10) -> History:
-        """Train for `rounds` rounds; returns the history (every round so far)."""
+        """Train for `rounds` rounds; returns the history (every round so far).
+
+        With an audit log, the rounds form one session: run_start (or resume) before,
+        run_end after, with the status the training ended with.
+        """
         if not isinstance(rounds, int) or rounds < 1:
             raise ConfigurationError(f"rounds must be a positive integer, got {rounds!r}")
+        if self.audit is None or self.audit.in_session:
+            return self._fit(rounds)
+        with self.audit.session(config=self._audit_config()):
+            return self._fit(rounds)
+
+    def _fit(self, rounds: int) -> History:
         if not self.progress:
             for _ in range(rounds):
                 self.run_round()
