@@ -51,11 +51,13 @@ def _png(draw: Callable[[Any], None], title: str) -> str:
     """Draw on a fresh Agg figure; the PNG as base64."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(8, 3.2), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     draw(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     buf = io.BytesIO()
@@ -93,13 +95,12 @@ def _plots(rounds: list[dict[str, Any]]) -> list[tuple[str, str]]:
                     ax.plot(*zip(*series[k]), style, ms=3, label=k)
             ax.set_xlabel("round")
             ax.set_ylabel("loss")
+            handles = list(ax.get_lines())
             if series["eval_accuracy"]:
                 acc = ax.twinx()
-                acc.plot(*zip(*series["eval_accuracy"]), "-^", ms=3, color="#2a8a2a", label="eval_accuracy")
+                handles += acc.plot(*zip(*series["eval_accuracy"]), "-^", ms=3, color="#2a8a2a", label="eval_accuracy")
                 acc.set_ylabel("accuracy")
-                acc.legend(loc="center right")
-            if series["loss"] or series["eval_loss"]:
-                ax.legend(loc="upper right")
+            ax.legend(handles=handles, loc="center right")
         out.append(("Loss and accuracy", _png(draw_metrics, "Loss and accuracy per round")))
     return out
 
