@@ -6,6 +6,7 @@ No protection: the server sees every input. One phase, ``upload``. See
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 
 import numpy as np
@@ -28,6 +29,9 @@ __all__ = ["Plain"]
 
 _TAG = b"SFPL"
 _VERSION = 1
+# Client state (dump/load): tag, version, n, dim, round, session, client, has_x; then dim <f8 if has_x.
+_STATE = struct.Struct(">4sBIII32sIB")
+_STATE_TAG = b"SFPc"
 
 
 class Plain(AggregationProtocol):
@@ -45,6 +49,20 @@ class Plain(AggregationProtocol):
     def client(
         self, spec: RoundSpec, client: int, x: np.ndarray | None = None, *, rng: RandomSource
     ) -> ClientProtocol:
+        return _PlainClient(spec, client, x)
+
+    def load_client(self, data: bytes, *, rng: RandomSource) -> ClientProtocol:
+        """Restore a client saved by ``dump()``; InvalidInput for bytes that are not such a state."""
+        mv = memoryview(data)
+        if len(mv) < _STATE.size:
+            raise InvalidInput("invalid Plain client state: truncated")
+        tag, version, n, dim, round_index, session, client, has_x = _STATE.unpack_from(mv)
+        if tag != _STATE_TAG or version != _VERSION or has_x not in (0, 1) or not 0 <= client < n:
+            raise InvalidInput("invalid Plain client state: wrong tag, version or fields")
+        if len(mv) != _STATE.size + 8 * dim * has_x:
+            raise InvalidInput("invalid Plain client state: wrong length")
+        spec = RoundSpec(n=n, dim=dim, session_id=session, round_index=round_index)
+        x = np.frombuffer(mv[_STATE.size :], dtype="<f8").astype(np.float64) if has_x else None
         return _PlainClient(spec, client, x)
 
 
@@ -79,6 +97,11 @@ class _PlainClient(ClientProtocol):
             raise InvalidInput("no input vector: call set_input before the upload phase")
         body = self._x.astype("<f8", copy=False).tobytes()
         return _header(self._spec, self._id, len(body)) + body
+
+    def dump(self) -> bytes:
+        s = self._spec
+        head = _STATE.pack(_STATE_TAG, _VERSION, s.n, s.dim, s.round_index, s.session_id, self._id, self._x is not None)
+        return head if self._x is None else head + self._x.astype("<f8", copy=False).tobytes()
 
 
 class _PlainServer(ServerProtocol):

@@ -80,3 +80,31 @@ def test_plain_server_rejects_replay_and_tampering_without_touching_the_sum():
     total, included = server.result()
     assert included == (0,)
     np.testing.assert_array_equal(total, [1.0, 2.0, 3.0])
+
+
+@given(st.integers(1, 6), st.integers(1, 20), st.booleans(), st.data())
+def test_plain_client_state_survives_dump_and_load(n, dim, with_input, data):
+    from securefed.crypto.random import RandomSource
+    from securefed.protocols.base import RoundSpec
+
+    p = sf.protocols.Plain()
+    spec = RoundSpec(n=n, dim=dim, session_id=data.draw(st.binary(min_size=32, max_size=32)), round_index=7)
+    i = data.draw(st.integers(0, n - 1))
+    x = data.draw(arrays(np.float64, dim, elements=st.floats(-1e6, 1e6, allow_nan=False)))
+    client = p.client(spec, i, x if with_input else None, rng=RandomSource(1))
+    restored = p.load_client(client.dump(), rng=RandomSource(2))
+    if not with_input:
+        restored.set_input(x)
+    request = p.server(spec, rng=RandomSource(0)).requests("upload")[i]
+    assert restored.handle("upload", request) == p.client(spec, i, x, rng=RandomSource(3)).handle("upload", request)
+
+
+def test_plain_load_client_rejects_corrupt_state():
+    from securefed.crypto.random import RandomSource
+    from securefed.protocols.base import RoundSpec
+
+    p = sf.protocols.Plain()
+    state = p.client(RoundSpec(n=2, dim=3, session_id=bytes(32)), 1, np.ones(3), rng=RandomSource(1)).dump()
+    for bad in (state[:-1], state + b"\x00", b"XXXX" + state[4:], state[:4] + b"\x09" + state[5:], b""):
+        with pytest.raises(InvalidInput):
+            p.load_client(bad, rng=RandomSource(2))
