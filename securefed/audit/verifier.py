@@ -49,7 +49,8 @@ class VerificationResult:
 
     ``entries``: complete lines read; ``rounds``/``aborted``: round and round_aborted
     entries; ``epsilon``: the privacy spend recomputed from the whole log's DP events
-    (None without DP); ``head``: hash of the last entry (pin it to detect truncation);
+    (None without DP); ``privacy``: the declared accounting (accountant, delta, and
+    optionally the RDP conversion); ``head``: hash of the last entry (pin it to detect truncation);
     ``complete``: the log ends with run_end; ``ledger``: the DP events in order.
     """
 
@@ -59,12 +60,21 @@ class VerificationResult:
     aborted: int
     last_round: int | None
     epsilon: float | None
-    delta: float | None
-    accountant: str | None
+    privacy: dict[str, Any] | None
     public_key: str | None
     head: str | None
     complete: bool
     ledger: tuple[dict[str, Any], ...]
+
+    @property
+    def delta(self) -> float | None:
+        """The delta epsilon is reported at (None without DP)."""
+        return None if self.privacy is None else float(self.privacy["delta"])
+
+    @property
+    def accountant(self) -> str | None:
+        """The accountant that recomputed epsilon, ``"rdp"`` or ``"pld"`` (None without DP)."""
+        return None if self.privacy is None else str(self.privacy["accountant"])
 
     @property
     def ok(self) -> bool:
@@ -95,20 +105,34 @@ def _reject_constant(name: str) -> None:
 
 
 class _Epsilon:
-    """The privacy spend of the events seen so far, recomputed with ``securefed.privacy``."""
+    """The privacy spend of the events seen so far, recomputed with ``securefed.privacy``.
 
-    def __init__(self, accountant: str, delta: float) -> None:
-        self.accountant, self.delta = accountant, delta
+    Composes incrementally (what ``Accountant.from_ledger`` does for a whole ledger),
+    so a log of R rounds costs R compositions, not R^2.
+    """
+
+    def __init__(self, privacy: dict[str, Any]) -> None:
+        self.privacy = privacy
         self.ledger: list[dict[str, Any]] = []
-        self._value = 0.0
+        self.value = 0.0
+        self._acc: Any = None
 
     def add(self, events: Sequence[dict[str, Any]]) -> float:
         if events:
-            from securefed.privacy import Accountant
+            from securefed.privacy.accountant import Accountant
+            from securefed.privacy.events import event_from_dict
 
+            if self._acc is None:
+                self._acc = Accountant(self.privacy["accountant"], **_conversion(self.privacy))
             self.ledger.extend(events)
-            self._value = float(Accountant.from_ledger(self.ledger, accountant=self.accountant).epsilon(self.delta))
-        return self._value
+            for event in events:
+                self._acc.record(event_from_dict(event))
+            self.value = float(self._acc.epsilon(self.privacy["delta"]))
+        return self.value
+
+
+def _conversion(privacy: dict[str, Any]) -> dict[str, Any]:
+    return {"conversion": privacy["conversion"]} if "conversion" in privacy else {}
 
 
 class _Checker:
@@ -125,8 +149,10 @@ class _Checker:
         self.last_round: int | None = None
         self.last_type: str | None = None
         self.in_session = False
+        self.torn = False
         self.privacy: Any = ...  # Ellipsis: not declared yet
         self.eps: _Epsilon | None = None
+        self.eps_broken = False
 
     def fail(self, entry: int, field: str, expected: Any, found: Any) -> None:
         self.failures.append(Failure(entry, field, _short(expected), _short(found)))
@@ -237,7 +263,7 @@ class _Checker:
         if self.privacy is ...:
             self.privacy = privacy
             if privacy is not None:
-                self.eps = _Epsilon(privacy["accountant"], float(privacy["delta"]))
+                self.eps = _Epsilon(privacy)
         elif privacy != self.privacy:
             self.fail(number, "body.privacy", f"the privacy settings of entry 1 {_short(self.privacy)}", privacy)
 
@@ -327,15 +353,14 @@ class _Checker:
         if dp is None:
             self.fail(number, "body.dp", "DP events and the epsilon spent (the log declares privacy)", None)
             return
+        if self.eps_broken:
+            return  # already reported: no later epsilon can be recomputed
         try:
             value = self.eps.add(dp["events"])
-        except ImportError as e:
-            self.fail(number, "body.dp.events", "securefed.privacy to recompute epsilon (pip install 'securefed[dp]')",
-                      str(e))
-            self.eps = None
-            return
         except Exception as e:  # noqa: BLE001 - any refusal of the accountant is a failed check
-            self.fail(number, "body.dp.events", "events that securefed.privacy can account", f"{type(e).__name__}: {e}")
+            self.fail(number, "body.dp.events", "events that securefed.privacy (securefed[dp]) can account",
+                      f"{type(e).__name__}: {e}")
+            self.eps_broken = True
             return
         if not math.isclose(dp["epsilon"], value, rel_tol=EPSILON_RTOL, abs_tol=1e-12):
             self.fail(number, "body.dp.epsilon", f"{value!r} (recomputed)", dp["epsilon"])
@@ -345,7 +370,9 @@ class _Checker:
             self.fail(number, "body.rounds", self.rounds, body["rounds"])
         if body["last_round"] != self.last_round:
             self.fail(number, "body.last_round", self.last_round, body["last_round"])
-        eps = None if self.eps is None else self.eps._value
+        if self.eps_broken:
+            return
+        eps = None if self.eps is None else self.eps.value
         claimed = body["epsilon"]
         if (eps is None) != (claimed is None) or (
             eps is not None and not math.isclose(claimed, eps, rel_tol=EPSILON_RTOL, abs_tol=1e-12)
@@ -356,17 +383,17 @@ class _Checker:
         if self.entries == 0:
             self.fail(1, "type", "run_start as the first entry", "an empty log")
         complete = self.last_type == "run_end" and not self.in_session
-        if self.entries and not complete and not self.allow_incomplete:
-            self.fail(self.entries, "type", "run_end as the last entry (a complete log)",
-                      f"{self.last_type}: the run crashed or the log was cut; verify a prefix with allow_incomplete")
+        if self.entries and not complete and not self.allow_incomplete and not self.torn:
+            self.fail(self.entries + 1, "type", "a run_end entry closing the log",
+                      f"the end of the log after {self.last_type}: the run crashed or the log was cut "
+                      "(verify the prefix with allow_incomplete)")
         actual_head = self.prev if self.entries else None
         if head is not None and head != actual_head:
             self.fail(max(self.entries, 1), "(head)", f"the pinned head {head}", actual_head)
         return VerificationResult(
             failures=tuple(self.failures), entries=self.entries, rounds=self.rounds, aborted=self.aborted,
-            last_round=self.last_round, epsilon=None if self.eps is None else self.eps._value,
-            delta=None if self.eps is None else self.eps.delta,
-            accountant=None if self.eps is None else self.eps.accountant, public_key=self.key_hex,
+            last_round=self.last_round, epsilon=None if self.eps is None or self.eps_broken else self.eps.value,
+            privacy=None if self.eps is None else self.eps.privacy, public_key=self.key_hex,
             head=actual_head, complete=complete,
             ledger=tuple(self.eps.ledger) if self.eps is not None else (),
         )
@@ -379,7 +406,7 @@ def verify_data(
     checker = _Checker(None if pubkey is None else load_public_key(pubkey), allow_incomplete)
     for number, line, complete in iter_lines(data):
         if not complete:
-            checker.entries = number
+            checker.entries, checker.torn = number, True
             checker.fail(number, "(line)", "an entry ended by a newline",
                          f"{len(line)} bytes without one (a torn write or a cut log)")
             break

@@ -113,7 +113,7 @@ class AuditWriter:
                 )
             self._prev, self._seq, self._rounds = res.head or GENESIS, res.entries + 1, res.rounds
             self.last_round, self.ledger, self._epsilon = res.last_round, list(res.ledger), res.epsilon
-            self._privacy = None if res.accountant is None else {"accountant": res.accountant, "delta": res.delta}
+            self._privacy = res.privacy
         if torn:
             os.ftruncate(self._fd, cut)
             os.fsync(self._fd)
@@ -147,13 +147,13 @@ class AuditWriter:
         """Begin a session: run_start for a new log, resume for an existing one.
 
         `config`: the run's configuration (JSON-able); `privacy`: ``{"accountant":
-        "rdp"|"pld", "delta": float}`` when rounds carry DP events, fixed for the
-        log's life. Raises ConfigurationError inside a session or when `privacy`
+        "rdp"|"pld", "delta": float}`` (and ``"conversion"`` for a non-default RDP
+        conversion) when rounds carry DP events, fixed for the log's life. Raises ConfigurationError inside a session or when `privacy`
         differs from what the log declared.
         """
         if self.in_session:
             raise ConfigurationError("an audit session is already open: end it first")
-        priv = None if privacy is None else {"accountant": str(privacy["accountant"]), "delta": float(privacy["delta"])}
+        priv = None if privacy is None else json_safe(dict(privacy))
         common = {"public_key": self.public_key, "software": software_versions(), "config": json_safe(config),
                   "privacy": priv}
         if self._privacy is not ... and priv != self._privacy:
