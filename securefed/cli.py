@@ -49,7 +49,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     res = verify(args.log, args.pubkey, allow_incomplete=args.allow_incomplete, head=args.head)
     if args.json:
         print(json.dumps({"ok": res.ok, "failures": [vars(f) for f in res.failures], "entries": res.entries,
-                          "rounds": res.rounds, "aborted": res.aborted, "epsilon": res.epsilon, "delta": res.delta,
+                          "rounds": res.rounds, "aborted": res.aborted, "epsilon": res.epsilon, "privacy": res.privacy,
                           "public_key": res.public_key, "head": res.head, "complete": res.complete}))
     else:
         print(res.summary())
