@@ -1,0 +1,383 @@
+"""Homomorphic aggregation: CKKS (approximate reals) and BFV (exact integers) through TenSEAL.
+
+Clients encrypt under a public key; the server adds ciphertexts as they arrive and
+never holds a secret key; whoever holds the key decrypts only the sum. A client that
+drops is simply absent from the sum: there is no recovery round. Phases:
+``("setup", "keys", "upload", "decrypt")``. Who holds the key (``key_holder``):
+
+- ``"decryptor"`` (default): a separate party, ``"decryptor"``, makes a fresh key pair each
+  round, gives the server the public context and later decrypts the aggregate once.
+  Safe while the server and the decryptor do not collude.
+- ``"clients"``: the lowest-index client makes the key and sends the secret key to every
+  other client sealed under X25519 + HKDF + AES-GCM (the server relays ciphertext only);
+  every included client decrypts the aggregate. Safe while the server colludes with no client.
+
+See ``protocols/he.md`` (messages, key flows, parameters) and ``proofs/he.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from securefed.crypto.random import RandomSource
+from securefed.encoding.fixedpoint import FixedPoint, IntegerEncoder, check_vector
+from securefed.encoding.packing import pack, storage_dtype, unpack
+from securefed.errors import ConfigurationError, InvalidInput, MessageRejected
+from securefed.protocols import _he_params as params
+from securefed.protocols._he_tenseal import Ring
+from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec, ServerProtocol
+
+__all__ = ["BFV", "CKKS", "KeyHolder"]
+
+KeyHolder = Literal["decryptor", "clients"]
+
+
+class _HEProtocol(AggregationProtocol):
+    """What CKKS and BFV share: key holders, ring parameters, the parties and their states."""
+
+    phases = ("setup", "keys", "upload", "decrypt")
+    input_phase = "upload"
+    key_holders: tuple[str, ...] = ("decryptor", "clients")
+    _TAG = b""
+
+    def __init__(self, key_holder: str, poly_modulus_degree: int, coeff_mod_bit_sizes: Sequence[int] | None) -> None:
+        if key_holder not in self.key_holders:
+            raise ConfigurationError(
+                f"{type(self).__name__} key_holder must be one of {self.key_holders}, got {key_holder!r}"
+            )
+        self.key_holder = key_holder
+        self.poly_modulus_degree = poly_modulus_degree
+        self.coeff_mod_bit_sizes = (
+            None if coeff_mod_bit_sizes is None else params.check_ring(poly_modulus_degree, coeff_mod_bit_sizes)
+        )
+
+    # -- scheme hooks (implemented by CKKS and BFV) --------------------------------------
+
+    def _ring(self, n: int) -> Ring:
+        """The ring, moduli and scale in force for a round of n clients; ConfigurationError."""
+        raise NotImplementedError
+
+    def _prepare(self, x: np.ndarray, spec: RoundSpec, rng: RandomSource) -> np.ndarray:
+        """A client's checked input as the slot values it encrypts (float64 or centered int64)."""
+        raise NotImplementedError
+
+    def _release(self, values: np.ndarray, spec: RoundSpec) -> bytes:
+        """What the key holder reveals of the decrypted aggregate `values`."""
+        raise NotImplementedError
+
+    def _total(self, released: memoryview, spec: RoundSpec, count: int) -> np.ndarray:
+        """The float64 sum from a released aggregate of `count` clients; MessageRejected if malformed."""
+        raise NotImplementedError
+
+    def _released_size(self, spec: RoundSpec) -> int:
+        raise NotImplementedError
+
+    # -- AggregationProtocol ------------------------------------------------------------
+
+    def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
+        from securefed.protocols._he_parties import HEServer
+
+        return HEServer(self, spec, self._ring(spec.n))
+
+    def client(
+        self, spec: RoundSpec, client: int, x: np.ndarray | None = None, *, rng: RandomSource
+    ) -> ClientProtocol:
+        from securefed.protocols._he_parties import HEClient
+
+        if not isinstance(client, int) or not 0 <= client < spec.n:
+            raise InvalidInput(f"client index must be in 0..{spec.n - 1}, got {client!r}")
+        return HEClient(self, spec, self._ring(spec.n), client, x, rng)
+
+    def auxiliary(self, spec: RoundSpec, *, rng: RandomSource) -> dict[str, ClientProtocol]:
+        """``{"decryptor": ...}`` when a separate party holds the key; none in ``"clients"`` mode."""
+        from securefed.protocols._he_parties import DECRYPTOR, HEDecryptor
+
+        if self.key_holder == "clients":
+            return {}
+        return {DECRYPTOR: HEDecryptor(self, spec, self._ring(spec.n), rng)}
+
+    def load_client(self, data: bytes, *, rng: RandomSource) -> ClientProtocol:
+        """Restore a client or decryptor saved by ``dump()``; InvalidInput for anything else."""
+        from securefed.protocols._he_parties import load_party
+
+        return load_party(self, data, rng)
+
+    def min_survivors(self, n: int) -> int:
+        """One: the server sums whatever arrives; dropouts need no recovery."""
+        return 1
+
+    def describe(self, n: int) -> dict[str, Any]:
+        ring = self._ring(n)
+        return {
+            "protocol": self.name,
+            "n": n,
+            "min_survivors": self.min_survivors(n),
+            "key_holder": self.key_holder,
+            "poly_modulus_degree": ring.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(ring.coeff_mod_bit_sizes),
+            "security_bits": 128,
+            "slots": ring.slots,
+        }
+
+    @classmethod
+    def _check_common(cls, desc: Mapping[str, Any]) -> list[str]:
+        problems = []
+        if desc.get("key_holder") not in cls.key_holders:
+            problems.append(f"key_holder {desc.get('key_holder')!r} is not one of {cls.key_holders}")
+        if desc.get("min_survivors") != 1:
+            problems.append(f"min_survivors is {desc.get('min_survivors')!r}, expected 1")
+        try:
+            params.check_ring(desc["poly_modulus_degree"], desc["coeff_mod_bit_sizes"])
+        except ConfigurationError as e:
+            problems.append(str(e))
+        except (KeyError, TypeError):
+            problems.append("poly_modulus_degree and coeff_mod_bit_sizes are missing")
+        return problems
+
+
+def _check_range(value_range: object) -> float:
+    if not (isinstance(value_range, (int, float)) and not isinstance(value_range, bool)
+            and math.isfinite(value_range) and value_range > 0):
+        raise ConfigurationError(f"value_range must be a finite number > 0, got {value_range!r}")
+    return float(value_range)
+
+
+class CKKS(_HEProtocol):
+    """Approximate sums of real vectors under CKKS; the server cannot decrypt.
+
+    - ``value_range``: bound c on every input coordinate (|x_i| > c is InvalidInput);
+    - ``precision_bits``: the key holder releases the sum rounded to multiples of
+      2^-precision_bits (default 40, about 9.1e-13), so the release hides the decryption
+      noise (Li and Micciancio 2021: raw CKKS decryptions leak the secret key);
+    - ``poly_modulus_degree`` N (default 8192, N/2 slots per ciphertext) and
+      ``coeff_mod_bit_sizes`` (default [60, 40, 60]), checked against the 128-bit table;
+    - ``key_holder``: ``"decryptor"`` or ``"clients"`` (module docstring).
+
+    The encoding scale is derived per round: 2^(floor(log2 q) - 2 - ceil(log2(n c))), the largest
+    that keeps the sum below q/4; ConfigurationError when it cannot put the noise 2^20 deviations
+    below the output grid. See ``protocols/he.md`` ("CKKS parameters").
+    """
+
+    name = "ckks"
+    _TAG = b"SFCK"
+
+    def __init__(
+        self,
+        *,
+        key_holder: KeyHolder = "decryptor",
+        value_range: float = 100.0,
+        precision_bits: int = 40,
+        poly_modulus_degree: int = 8192,
+        coeff_mod_bit_sizes: Sequence[int] = (60, 40, 60),
+    ) -> None:
+        if key_holder == "masked":
+            raise ConfigurationError("key_holder='masked' needs exact integer sums: use BFV")
+        super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes)
+        self.value_range = _check_range(value_range)
+        if not isinstance(precision_bits, int) or not 1 <= precision_bits <= 52:
+            raise ConfigurationError(f"precision_bits must be an integer in [1, 52], got {precision_bits!r}")
+        self.precision_bits = precision_bits
+        self._ring(1)  # fail now, not in a round, if even one client cannot be served
+
+    def __repr__(self) -> str:
+        return (f"CKKS(key_holder={self.key_holder!r}, value_range={self.value_range!r}, "
+                f"precision_bits={self.precision_bits}, poly_modulus_degree={self.poly_modulus_degree}, "
+                f"coeff_mod_bit_sizes={list(self.coeff_mod_bit_sizes or ())})")
+
+    def _params(self, n: int) -> params.CKKSRound:
+        assert self.coeff_mod_bit_sizes is not None
+        return params.ckks_round(self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.value_range,
+                                 self.precision_bits, n)
+
+    def _ring(self, n: int) -> Ring:
+        p = self._params(n)
+        return Ring("ckks", p.poly_modulus_degree, p.coeff_mod_bit_sizes, scale_bits=p.scale_bits)
+
+    def error_bound(self, n: int) -> float:
+        """Worst-case absolute error per coordinate of the released sum of up to n inputs (proofs/he.md H3)."""
+        return self._params(n).error_bound()
+
+    def describe(self, n: int) -> dict[str, Any]:
+        p = self._params(n)
+        return {
+            **super().describe(n),
+            "scheme": "CKKS",
+            "value_range": self.value_range,
+            "precision_bits": self.precision_bits,
+            "scale_bits": p.scale_bits,
+            "noise_bits": round(p.noise_bits, 3),
+            "noise_margin_bits": params.NOISE_MARGIN_BITS,
+            "error_bound": p.error_bound(),
+        }
+
+    @classmethod
+    def check_description(cls, description: Mapping[str, Any]) -> list[str]:
+        """Violated conditions: security table, headroom (n c 2^s <= q/4), noise margin below the grid."""
+        problems = cls._check_common(description)
+        try:
+            n, c = int(description["n"]), float(description["value_range"])
+            bits, s = description["coeff_mod_bit_sizes"], int(description["scale_bits"])
+            prec, degree = int(description["precision_bits"]), int(description["poly_modulus_degree"])
+        except (KeyError, TypeError, ValueError):
+            return [*problems, "n, value_range, scale_bits, precision_bits or the ring is missing"]
+        if problems:
+            return problems
+        q_bits = params.data_bits(bits)
+        if s + math.ceil(math.log2(n * c)) + 2 > q_bits or s > q_bits - 2:
+            problems.append(f"scale 2^{s} leaves no headroom for {n} inputs of range {c:g} below q/4 (q ~ 2^{q_bits})")
+        margin = s - params.noise_bits(degree, n) - prec
+        if margin < params.NOISE_MARGIN_BITS:
+            problems.append(
+                f"the output grid 2^-{prec} is only 2^{margin:.1f} noise deviations (need 2^{params.NOISE_MARGIN_BITS})"
+            )
+        return problems
+
+    def _prepare(self, x: np.ndarray, spec: RoundSpec, rng: RandomSource) -> np.ndarray:
+        x = check_vector(x, spec.dim)
+        peak = float(np.max(np.abs(x)))
+        if not math.isfinite(peak):
+            raise InvalidInput("input contains NaN or Inf; updates must be finite")
+        if peak > self.value_range:
+            i = int(np.argmax(np.abs(x)))
+            raise InvalidInput(
+                f"input coordinate {i} is {float(x[i]):.6g}, outside the declared range [-{self.value_range:g}, "
+                f"{self.value_range:g}]; clip or scale the update, or declare a larger value_range"
+            )
+        return np.ascontiguousarray(x, dtype=np.float64)
+
+    def _release(self, values: np.ndarray, spec: RoundSpec) -> bytes:
+        # Rounding to the public grid is what hides the decryption noise (proofs/he.md H4).
+        grid = np.ldexp(np.rint(np.ldexp(values, self.precision_bits)), -self.precision_bits)
+        return grid.astype("<f8", copy=False).tobytes()
+
+    def _released_size(self, spec: RoundSpec) -> int:
+        return 8 * spec.dim
+
+    def _total(self, released: memoryview, spec: RoundSpec, count: int) -> np.ndarray:
+        total = np.frombuffer(released, dtype="<f8").astype(np.float64)
+        if not np.isfinite(total).all():
+            raise MessageRejected("invalid message: non-finite sum")
+        return total
+
+
+class BFV(_HEProtocol):
+    """Exact integer sums under BFV: inputs are quantized (FixedPoint by default), summed exactly, decoded.
+
+    - ``value_range``, ``value_bits``: the :class:`~securefed.encoding.FixedPoint` encoder
+      (|x_i| > value_range is InvalidInput); or ``encoder=`` any
+      :class:`~securefed.encoding.IntegerEncoder` (e.g. a distributed-DP mechanism);
+    - the plaintext modulus t is the smallest prime = 1 (mod 2N) above n 2^k (k the encoder's
+      modulus bits): the exact sum of n centered k-bit values never wraps, so reducing it mod 2^k
+      gives the encoder exactly the modular sum it expects;
+    - ``coeff_mod_bit_sizes``: default None derives the fewest 60-bit primes whose noise budget
+      holds n summands (worst case, no failure probability);
+    - ``key_holder``: ``"decryptor"`` or ``"clients"``.
+
+    See ``protocols/he.md`` ("BFV parameters").
+    """
+
+    name = "bfv"
+    _TAG = b"SFBF"
+
+    def __init__(
+        self,
+        *,
+        value_range: float | None = None,
+        value_bits: int = 16,
+        encoder: IntegerEncoder | None = None,
+        key_holder: KeyHolder = "decryptor",
+        poly_modulus_degree: int = 8192,
+        coeff_mod_bit_sizes: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes)
+        if encoder is None:
+            if value_range is None:
+                raise ConfigurationError("BFV needs value_range (the bound on each input coordinate) or an encoder")
+            encoder = FixedPoint(value_range=value_range, value_bits=value_bits)
+        elif not isinstance(encoder, IntegerEncoder):
+            raise ConfigurationError(f"encoder must be an IntegerEncoder, got {type(encoder).__name__}")
+        elif value_range is not None:
+            raise ConfigurationError("give either value_range/value_bits or an encoder, not both")
+        self.encoder = encoder
+        self._ring(1)  # fail now, not in a round
+
+    def __repr__(self) -> str:
+        return (f"BFV(encoder={self.encoder!r}, key_holder={self.key_holder!r}, "
+                f"poly_modulus_degree={self.poly_modulus_degree}, coeff_mod_bit_sizes={self.coeff_mod_bit_sizes})")
+
+    def with_encoder(self, encoder: Any) -> BFV:
+        """A copy carrying `encoder`; ConfigurationError if its sums of n values cannot fit a 60-bit prime."""
+        return BFV(encoder=encoder, key_holder=self.key_holder,  # type: ignore[arg-type]
+                   poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes)
+
+    def _params(self, n: int) -> params.BFVRound:
+        return params.bfv_round(self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.encoder.modulus_bits(n), n)
+
+    def _ring(self, n: int) -> Ring:
+        p = self._params(n)
+        return Ring("bfv", p.poly_modulus_degree, p.coeff_mod_bit_sizes, plain_modulus=p.plain_modulus)
+
+    def error_bound(self, n: int) -> float:
+        """The encoder's bound: BFV adds no error (proofs/he.md H2)."""
+        return self.encoder.error_bound(n)
+
+    def describe(self, n: int) -> dict[str, Any]:
+        p = self._params(n)
+        return {
+            **super().describe(n),
+            "scheme": "BFV",
+            "plain_modulus": p.plain_modulus,
+            "modulus_bits": p.modulus_bits,
+            **self.encoder.describe(),
+            "error_bound": self.error_bound(n),
+        }
+
+    @classmethod
+    def check_description(cls, description: Mapping[str, Any]) -> list[str]:
+        """Violated conditions: security table, t prime = 1 (mod 2N) above n 2^k, noise n B t < q/2."""
+        problems = cls._check_common(description)
+        try:
+            n, t, k = int(description["n"]), int(description["plain_modulus"]), int(description["modulus_bits"])
+            degree, bits = int(description["poly_modulus_degree"]), description["coeff_mod_bit_sizes"]
+        except (KeyError, TypeError, ValueError):
+            return [*problems, "n, plain_modulus, modulus_bits or the ring is missing"]
+        if problems:
+            return problems
+        if not params.is_prime(t) or t % (2 * degree) != 1:
+            problems.append(f"plain_modulus {t} is not a prime = 1 (mod {2 * degree})")
+        if t <= n << k:
+            problems.append(f"plain_modulus {t} does not exceed n 2^k = {n << k}: the sum could wrap")
+        if t.bit_length() > params.MAX_PRIME_BITS:
+            problems.append(f"plain_modulus has {t.bit_length()} bits, above {params.MAX_PRIME_BITS}")
+        if not params.bfv_noise_ok(degree, bits, t, n):
+            problems.append(f"coefficient moduli {list(bits)} cannot hold the noise of {n} summands")
+        return problems
+
+    def _prepare(self, x: np.ndarray, spec: RoundSpec, rng: RandomSource) -> np.ndarray:
+        x = check_vector(x, spec.dim)
+        if not np.isfinite(x).all():
+            raise InvalidInput("input contains NaN or Inf; updates must be finite")
+        k = self.encoder.modulus_bits(spec.n)
+        s = self.encoder.encode(x, n=spec.n, rng=rng).astype(np.uint64)
+        # Centered representative in [-2^(k-1), 2^(k-1)): what BFV carries as a signed slot value.
+        return s.view(np.int64) if k == 64 else s.astype(np.int64) - ((s >> np.uint64(k - 1)) << np.uint64(k)).astype(np.int64)
+
+    def _release(self, values: np.ndarray, spec: RoundSpec) -> bytes:
+        k = self.encoder.modulus_bits(spec.n)
+        s = (values.astype(np.int64) & np.int64((1 << k) - 1)).astype(storage_dtype(k))
+        return pack(s, k).tobytes()
+
+    def _released_size(self, spec: RoundSpec) -> int:
+        return (spec.dim * self.encoder.modulus_bits(spec.n) + 7) // 8
+
+    def _total(self, released: memoryview, spec: RoundSpec, count: int) -> np.ndarray:
+        k = self.encoder.modulus_bits(spec.n)
+        try:
+            s = unpack(released, k, spec.dim)
+        except InvalidInput:
+            raise MessageRejected("invalid message: malformed sum") from None
+        return self.encoder.decode(s, n=spec.n, count=count)
