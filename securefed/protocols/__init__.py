@@ -2,6 +2,8 @@
 
 ==========  ===========================================================
 Plain       no protection (baseline)
+CKKS        homomorphic encryption, approximate real sums (TenSEAL)
+BFV         homomorphic encryption, exact integer sums (TenSEAL)
 ==========  ===========================================================
 """
 
@@ -16,14 +18,17 @@ from securefed.protocols.base import (
     ServerView,
     simulate_aggregation,
 )
+from securefed.protocols.he import BFV, CKKS
 from securefed.protocols.plain import Plain
 
 #: Protocol classes by their stable ``name`` (as written in logs and the audit trail).
-REGISTRY: dict[str, type[AggregationProtocol]] = {cls.name: cls for cls in (Plain,)}
+REGISTRY: dict[str, type[AggregationProtocol]] = {cls.name: cls for cls in (Plain, CKKS, BFV)}
 
 __all__ = [
     "AggregationProtocol",
     "AggregationResult",
+    "BFV",
+    "CKKS",
     "ClientProtocol",
     "DropReason",
     "DropRecord",
