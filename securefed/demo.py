@@ -29,6 +29,15 @@ def make_protocol(name: str) -> AggregationProtocol:
     """The demo's configuration of protocol `name` (one of ``PROTOCOLS``)."""
     if name == "plain":
         return Plain()
+    if name == "ckks":
+        from securefed.protocols.he import CKKS
+
+        return CKKS()  # a separate decryptor holds the key; inputs within +-100
+    if name == "bfv":
+        from securefed.protocols.he import BFV
+
+        # Updates of the demo's MLP stay within +-1 (the appended weight is at most 1).
+        return BFV(value_range=4.0, value_bits=20)
     if name not in PROTOCOLS:
         raise ConfigurationError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
     raise ConfigurationError(f"protocol {name!r} is not available in this version of securefed")
