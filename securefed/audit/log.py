@@ -112,8 +112,31 @@ def schema() -> dict[str, Any]:
 
 
 @functools.cache
-def validator() -> Any:
-    """A compiled validator of :func:`schema` (``jsonschema``, installed with ``securefed[audit]``)."""
+def validator(kind: str | None = None) -> Any:
+    """A ``jsonschema`` validator of :func:`schema`, or, for an entry `kind`, of what the schema
+    requires of an entry of that type (installed with ``securefed[audit]``).
+
+    The per-type validator drops the ``if``/``then`` dispatch and inlines every
+    ``$ref`` (the schema has no recursion); it accepts exactly the entries of type
+    `kind` that the whole schema accepts, and is about twice as fast.
+    """
     from jsonschema import Draft202012Validator
 
-    return Draft202012Validator(schema())
+    full = schema()
+    if kind is None:
+        return Draft202012Validator(full)
+    defs = full["$defs"]
+    envelope = _inline({k: v for k, v in full.items() if k not in ("allOf", "$defs")}, defs)
+    envelope["properties"]["type"] = {"const": kind}
+    envelope["properties"]["body"] = _inline(defs[kind], defs)
+    return Draft202012Validator(envelope)
+
+
+def _inline(node: Any, defs: Mapping[str, Any]) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline(defs[node["$ref"].removeprefix("#/$defs/")], defs)
+        return {k: _inline(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node

@@ -133,7 +133,7 @@ class AuditWriter:
             line = canonical(entry)
         except ValueError as e:
             raise InvalidInput(f"audit entry {kind!r} is not JSON without NaN/Inf: {e}") from e
-        error = next(iter(validator().iter_errors(entry)), None)
+        error = next(iter(validator(kind).iter_errors(entry)), None)
         if error is not None:
             where = ".".join(map(str, error.absolute_path))
             raise InvalidInput(f"audit entry {kind!r} does not match the schema at {where}: {error.message}")

@@ -1,0 +1,98 @@
+"""The trainer and the demo write logs that verify; any edit of the demo's log fails naming the entry."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.data import TensorDataset
+
+import securefed as sf
+from securefed.audit import verify
+from securefed.audit.keys import key_paths
+from securefed.audit.verifier import verify_data
+from securefed.demo import run_demo
+from securefed.errors import ProtocolAborted
+from tests.audit.helpers import lines_of
+from tests.audit.test_verifier import edit, first_entry
+
+
+def federation(k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(k):
+        x = torch.randn(20, 5, generator=g)
+        out.append(TensorDataset(x, (x.sum(dim=1) > 0).long()))
+    return out
+
+
+def trainer(path, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 2))
+    return sf.Trainer(model, federation(), progress=False, seed=1, audit_log=path, **kw)
+
+
+@pytest.fixture(scope="module")
+def demo_log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "demo.jsonl"
+    run_demo(rounds=2, progress=False, audit_log=path)
+    return path
+
+
+def test_a_demo_run_with_audit_log_verifies(demo_log):
+    res = verify(demo_log, key_paths(demo_log)[1])
+    assert res.ok, res.summary()
+    assert res.complete and res.rounds == 2
+    entries = lines_of(demo_log.read_bytes())
+    assert [e["type"] for e in entries] == ["run_start", "round", "round", "run_end"]
+    assert entries[1]["body"]["participants"] == list(range(10))
+    assert entries[1]["body"]["metrics"]["eval_accuracy"] > 0
+
+
+@given(st.data())
+def test_any_edit_of_the_demo_log_fails_naming_the_entry(demo_log, data):
+    changed, entry = edit(demo_log.read_bytes(), data.draw)
+    assert first_entry(verify_data(changed, key_paths(demo_log)[1])) == entry
+
+
+def test_a_new_trainer_resumes_the_log_and_its_round_numbers(tmp_path):
+    path = tmp_path / "t.jsonl"
+    t = trainer(path)
+    t.fit(rounds=2)
+    t.audit.close()
+    t2 = trainer(path)
+    history = t2.fit(rounds=1)
+    t2.audit.close()
+    assert [r.round for r in history.rounds] == [3]
+    res = verify(path, key_paths(path)[1])
+    assert res.ok and res.rounds == 3, res.summary()
+    entries = lines_of(path.read_bytes())
+    assert [e["type"] for e in entries] == ["run_start", "round", "round", "run_end", "resume", "round", "run_end"]
+    assert [e["body"]["round"] for e in entries if e["type"] == "round"] == [1, 2, 3]
+    assert entries[0]["body"]["config"]["participants"] == 4
+
+
+def test_an_aborted_round_is_recorded_and_the_session_ends_failed(tmp_path):
+    path = tmp_path / "abort.jsonl"
+    t = trainer(path, dropouts=lambda r, parts: {p: "upload" for p in parts} if r == 2 else {})
+    with pytest.raises(ProtocolAborted):
+        t.fit(rounds=3)
+    t.audit.close()
+    entries = lines_of(path.read_bytes())
+    assert [e["type"] for e in entries] == ["run_start", "round", "round_aborted", "run_end"]
+    assert entries[2]["body"]["reason"] == "no_inputs"
+    assert entries[3]["body"]["status"] == "failed" and "ProtocolAborted" in entries[3]["body"]["detail"]
+    res = verify(path)
+    assert res.ok and res.aborted == 1, res.summary()
+
+
+def test_run_round_outside_fit_opens_a_session(tmp_path):
+    path = tmp_path / "rr.jsonl"
+    t = trainer(path)
+    t.run_round()
+    assert t.audit.in_session
+    assert verify(path, allow_incomplete=True).ok
+    t.audit.end()
+    t.audit.close()
+    assert verify(path).ok
+    assert np.isfinite(t.history.final.loss)
