@@ -36,8 +36,9 @@ def _demo(args: argparse.Namespace) -> int:
     console.print("  privacy             " + ("no DP" if res.epsilon is None else f"epsilon {res.epsilon:.3f}"))
     console.print(f"  time                {res.seconds:.1f} s")
     if args.audit_log:
-        console.print(f"  audit log           {args.audit_log} (check: securefed audit verify {args.audit_log} "
-                      f"--pubkey {args.audit_log}.pub)", markup=False)
+        console.print(f"  audit log           {args.audit_log}; check it with\n"
+                      f"    securefed audit verify {args.audit_log} --pubkey {args.audit_log}.pub",
+                      markup=False, soft_wrap=True)
     return 0
 
 
