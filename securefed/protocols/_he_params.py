@@ -265,7 +265,9 @@ def is_prime(m: int) -> bool:
 def next_batching_prime(bound: int, poly_modulus_degree: int) -> int:
     """The smallest prime t > bound with t = 1 (mod 2N), so that BFV batching has N slots."""
     step = 2 * poly_modulus_degree
-    t = (bound // step + 1) * step + 1
+    t = bound // step * step + 1
+    if t <= bound:
+        t += step
     while not is_prime(t):
         t += step
     return t

@@ -1,0 +1,658 @@
+"""CKKS and BFV aggregation (securefed/protocols/he.py): each test names the lemma of proofs/he.md it checks.
+
+TenSEAL encryption costs ~10 ms per ciphertext, so dimensions stay small except in the
+explicit d = 10^5 examples the acceptance asks for; contexts made only for tests are
+module-level fixtures.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tenseal as ts
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import securefed as sf
+from securefed.crypto.random import RandomSource
+from securefed.encoding import FixedPoint, IntegerEncoder, storage_dtype
+from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
+from securefed.protocols import _he_params as params
+from securefed.protocols import _he_parties as parties
+from securefed.protocols import _he_tenseal as backend
+from securefed.protocols.base import RoundSpec
+from securefed.protocols.he import BFV, CKKS
+
+PHASES = ("setup", "keys", "upload", "decrypt")
+UPLOAD = PHASES.index("upload")
+
+
+class Integers(IntegerEncoder):
+    """Integer-valued inputs carried exactly at `bits` bits: BFV must return their exact sum."""
+
+    def __init__(self, bits: int = 24) -> None:
+        self.bits = bits
+
+    def modulus_bits(self, n):
+        return self.bits
+
+    def encode(self, x, *, n, rng):
+        q = x.astype(np.int64)
+        assert (q == x).all()
+        return (q.astype(np.uint64) & np.uint64((1 << self.bits) - 1)).astype(storage_dtype(self.bits))
+
+    def decode(self, s, *, n, count):
+        v = s.astype(np.int64)
+        return np.where(v >= 1 << (self.bits - 1), v - (1 << self.bits), v).astype(np.float64)
+
+    def error_bound(self, n):
+        return 0.0
+
+
+def drive(protocol, xs, *, dropouts=None, seed=0, on_reply=None, restore=False):
+    """simulate_aggregation's loop, exposing the parties, every request and reply, and a reply hook.
+
+    ``restore=True`` saves and restores every party before each message it handles (as Flower does).
+    """
+    dropouts = dropouts or {}
+    n, d = len(xs), xs[0].size
+    rng = RandomSource(seed)
+    spec = RoundSpec(n=n, dim=d, session_id=rng.child("session").token_bytes(32))
+    server = protocol.server(spec, rng=rng.child("server"))
+    party = {i: protocol.client(spec, i, xs[i], rng=rng.child(f"client/{i}")) for i in range(n)}
+    party.update(protocol.auxiliary(spec, rng=rng.child("auxiliary")))
+    log = []
+    for p, phase in enumerate(protocol.phases):
+        for who, request in server.requests(phase).items():
+            if who in dropouts and protocol.phases.index(dropouts[who]) <= p:
+                continue
+            if restore:
+                party[who] = protocol.load_client(party[who].dump(), rng=rng.child(f"restored/{who}/{phase}"))
+            try:
+                reply = party[who].handle(phase, request)
+            except (MessageRejected, ProtocolAborted):
+                reply = None
+            if on_reply is not None:
+                reply = on_reply(phase, who, reply)
+            log.append((phase, who, request, reply))
+            if reply is not None:
+                try:
+                    server.receive(phase, who, reply)
+                except MessageRejected:
+                    pass
+        server.finish_phase(phase)
+    total, included = server.result()
+    return total, included, server, party, log
+
+
+def reframe(protocol, spec, phase, sender, items):
+    """A well-formed message (header and digest) around a payload an attacker or a bug produced."""
+    return parties._Framer(protocol, spec).message(phase, sender, items)
+
+
+def upload_parts(message):
+    """(key id, ciphertext blobs) of an upload message."""
+    body = memoryview(message)[50 + 32 :]
+    reader = parties._Reader(body)
+    kid = bytes(reader.take(32))
+    return kid, [bytes(reader.blob()) for _ in range(reader.u32())]
+
+
+def proto_fields(data):
+    """Top-level fields of a protobuf message: {number: [values]} (to look inside TenSEAL contexts)."""
+
+    def varint(i):
+        v = shift = 0
+        while True:
+            b = data[i]
+            v |= (b & 0x7F) << shift
+            i += 1
+            if b < 0x80:
+                return v, i
+            shift += 7
+
+    out, i = {}, 0
+    while i < len(data):
+        key, i = varint(i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = varint(i)
+        elif wire == 2:
+            size, i = varint(i)
+            value, i = data[i : i + size], i + size
+        else:
+            size = 8 if wire == 1 else 4
+            value, i = data[i : i + size], i + size
+        out.setdefault(number, []).append(value)
+    return out
+
+
+def secret_key_blob(secret_context: bytes) -> bytes:
+    """The SEAL-serialized secret key inside a TenSEAL context (field 3.1 of TenSEALContextProto)."""
+    private = proto_fields(secret_context)[3][0]
+    return proto_fields(private)[1][0]
+
+
+# -- H1, H3: CKKS sums within the documented bound, with dropouts ------------------------------------
+
+
+@st.composite
+def rounds(draw, max_dim):
+    n = draw(st.integers(2, 30))
+    d = draw(st.integers(1, max_dim))
+    dropped = draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n - 1))
+    dropouts = {c: draw(st.sampled_from(PHASES)) for c in dropped}
+    return n, d, dropouts, draw(st.integers(0, 2**32))
+
+
+BIG_DROPS = {3: "setup", 7: "upload", 11: "decrypt", 29: "keys"}
+
+
+# Cost is ~10-30 ms per ciphertext and client: the extremes of n and d are examples of their own.
+@settings(max_examples=6)
+@given(case=rounds(max_dim=2 * 4096 + 5))
+@example(case=(30, 2 * 4096 + 5, BIG_DROPS, 1))
+@example(case=(3, 10**5, {0: "upload"}, 2))
+def test_ckks_sum_within_error_bound_under_dropouts(case):
+    n, d, dropouts, seed = case
+    gen = np.random.default_rng(seed)  # test data, not secret
+    c = 100.0
+    xs = [gen.uniform(-c, c, d) for _ in range(n)]
+    xs[0][: min(d, 3)] = c  # values at the edge of the range
+    proto = CKKS(value_range=c)
+    res = sf.simulate_aggregation(proto, xs, dropouts=dropouts, seed=seed, record="digest")
+    want = tuple(i for i in range(n) if i not in dropouts or PHASES.index(dropouts[i]) > UPLOAD)
+    assert res.included == want
+    exact = np.sum([xs[i] for i in want], axis=0)
+    assert np.max(np.abs(res.total - exact)) <= proto.error_bound(n)
+    assert set(res.dropped) == {i for i in range(n) if i not in want}
+
+
+def test_ckks_error_bound_holds_at_the_range_edges():
+    n, d, c = 30, 64, 100.0
+    xs = [np.full(d, c * s) for s in np.resize([1.0, 1.0, -1.0], n)]
+    proto = CKKS(value_range=c)
+    res = sf.simulate_aggregation(proto, xs, seed=3)
+    assert np.max(np.abs(res.total - np.sum(xs, axis=0))) <= proto.error_bound(n) < 1e-6
+
+
+def test_all_clients_dropped_aborts_and_one_survivor_suffices():
+    xs = [np.ones(3)] * 3
+    with pytest.raises(ProtocolAborted) as e:
+        sf.simulate_aggregation(CKKS(), xs, dropouts={0: "upload", 1: "setup", 2: "keys"}, seed=0)
+    assert e.value.reason is AbortReason.NO_INPUTS
+    res = sf.simulate_aggregation(CKKS(), xs, dropouts={0: "upload", 1: "setup"}, seed=0)
+    assert res.included == (2,) and np.allclose(res.total, 1.0)
+
+
+# -- H2: BFV sums are exact after decoding -------------------------------------------------------------
+
+
+@settings(max_examples=6)
+@given(case=rounds(max_dim=2 * 8192 + 5))
+@example(case=(30, 2 * 8192 + 5, BIG_DROPS, 1))
+@example(case=(3, 10**5, {1: "decrypt"}, 2))
+def test_bfv_sum_is_exact_under_dropouts(case):
+    n, d, dropouts, seed = case
+    gen = np.random.default_rng(seed)
+    bound = 2**23 // n  # |sum| < 2^23: the 24-bit encoding cannot wrap
+    xs = [gen.integers(-bound, bound, d, endpoint=True).astype(np.float64) for _ in range(n)]
+    xs[0][:1] = -bound
+    proto = BFV(encoder=Integers(24))
+    res = sf.simulate_aggregation(proto, xs, dropouts=dropouts, seed=seed, record="digest")
+    want = tuple(i for i in range(n) if i not in dropouts or PHASES.index(dropouts[i]) > UPLOAD)
+    assert res.included == want
+    np.testing.assert_array_equal(res.total, np.sum([xs[i] for i in want], axis=0))
+
+
+def test_bfv_gives_encoders_the_sum_modulo_2k_even_when_it_wraps():
+    # Encoders (e.g. distributed DP) may let the sum wrap modulo 2^k; BFV's prime t > n 2^k keeps the
+    # exact integer sum, whose residue mod 2^k is then what a masking protocol would have produced.
+    xs = [np.array([100.0, -100.0, 127.0, -128.0])] * 3
+    res = sf.simulate_aggregation(BFV(encoder=Integers(8)), xs, seed=0)
+    np.testing.assert_array_equal(res.total, [44.0, -44.0, 125.0, -128.0])  # 300, -300, 381, -384 mod 256
+
+
+def test_bfv_fixed_point_equals_the_decoded_exact_sum_of_the_encodings():
+    n, d, seed = 7, 300, 5
+    gen = np.random.default_rng(0)
+    xs = [gen.uniform(-2, 2, d) for _ in range(n)]
+    proto = BFV(value_range=2.0, value_bits=20)
+    total, included, *_ = drive(proto, xs, seed=seed, dropouts={4: "upload"})
+    fp = FixedPoint(value_range=2.0, value_bits=20)
+    k = fp.modulus_bits(n)
+    enc = [fp.encode(xs[i], n=n, rng=RandomSource(seed).child(f"client/{i}")).astype(np.uint64) for i in included]
+    exact = np.sum(enc, axis=0, dtype=np.uint64) & np.uint64((1 << k) - 1)
+    np.testing.assert_array_equal(total, fp.decode(exact.astype(storage_dtype(k)), n=n, count=len(included)))
+    assert np.max(np.abs(total - np.sum([xs[i] for i in included], axis=0))) <= proto.error_bound(n)
+
+
+# -- H5: the server cannot decrypt; no client holds the decryptor's key ----------------------------------
+
+
+@pytest.mark.parametrize("proto", [CKKS(), BFV(value_range=1.0)], ids=["ckks", "bfv"])
+def test_server_context_cannot_decrypt_and_carries_no_secret(proto):
+    xs = [np.linspace(-1, 1, 50), np.ones(50)]
+    total, included, server, party, log = drive(proto, xs)
+    public = server.public_context
+    fields = proto_fields(public)
+    assert 3 not in fields  # TenSEALContextProto.private_context: absent
+    assert {1} <= proto_fields(fields[2][0]).keys() <= {1, 2, 3}  # a public key; no relin (4) or Galois (5) keys
+    secret = party[parties.DECRYPTOR]._secret
+    assert secret_key_blob(secret)[1000:1256] not in public
+    ctx = ts.context_from(public)
+    assert not ctx.has_secret_key() and not ctx.has_galois_keys() and ctx.is_public()
+    upload = next(reply for phase, who, _, reply in log if phase == "upload")
+    _, blobs = upload_parts(upload)
+    load = ts.ckks_vector_from if isinstance(proto, CKKS) else ts.bfv_vector_from
+    with pytest.raises(ValueError, match="secret"):
+        load(ctx, blobs[0]).decrypt()
+    # The key holder, and only it, decrypts the same ciphertext.
+    plain = np.array(load(ts.context_from(secret), blobs[0]).decrypt())
+    step = 1.0 if isinstance(proto, CKKS) else proto.encoder.scale
+    assert np.allclose(plain / step, xs[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("proto", [CKKS(), BFV(value_range=1.0)], ids=["ckks", "bfv"])
+def test_in_decryptor_mode_no_client_ever_holds_the_secret_key(proto):
+    xs = [np.zeros(20)] * 3
+    *_, party, log = drive(proto, xs)
+    needle = secret_key_blob(party[parties.DECRYPTOR]._secret)[1000:1256]
+    to_clients = [req for _, who, req, _ in log if isinstance(who, int)]
+    assert to_clients and all(needle not in req for req in to_clients)
+    assert all(needle not in party[c].dump() for c in range(3))
+    assert needle in party[parties.DECRYPTOR].dump()  # the check would see it if it were there
+
+
+# -- H6: bad input is refused and leaves the accumulator untouched ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def foreign_ckks():
+    """A CKKS context with the default parameters but another key."""
+    return backend.new_context(CKKS()._ring(3))
+
+
+def _server_with(proto, xs, seed=0):
+    """A server after setup, the upload requests, and each client's honest upload."""
+    n, d = len(xs), xs[0].size
+    spec = RoundSpec(n=n, dim=d, session_id=RandomSource(seed).token_bytes(32))
+    server = proto.server(spec, rng=RandomSource(1))
+    dec = proto.auxiliary(spec, rng=RandomSource(2))[parties.DECRYPTOR]
+    server.receive("setup", parties.DECRYPTOR, dec.handle("setup", server.requests("setup")[parties.DECRYPTOR]))
+    server.finish_phase("setup")
+    server.requests("keys")
+    server.finish_phase("keys")
+    reqs = server.requests("upload")
+    uploads = [proto.client(spec, i, xs[i], rng=RandomSource(10 + i)).handle("upload", reqs[i]) for i in range(n)]
+    return spec, server, dec, uploads
+
+
+def _finish(server, dec):
+    server.finish_phase("upload")
+    server.receive("decrypt", parties.DECRYPTOR, dec.handle("decrypt", server.requests("decrypt")[parties.DECRYPTOR]))
+    server.finish_phase("decrypt")
+    return server.result()
+
+
+def test_rejected_uploads_leave_the_sum_untouched(foreign_ckks):
+    proto = CKKS()
+    d = 4096 + 10  # two ciphertexts
+    xs = [np.full(d, float(i + 1)) for i in range(8)]
+    spec, server, dec, up = _server_with(proto, xs)
+    kid, blobs = upload_parts(up[1])
+    ring = proto._ring(8)
+    other_key = backend.encrypt_chunks(foreign_ckks, ring, xs[2])
+    other_params = backend.encrypt_chunks(backend.new_context(CKKS(coeff_mod_bit_sizes=(60, 50, 60))._ring(8)),
+                                          CKKS(coeff_mod_bit_sizes=(60, 50, 60))._ring(8), xs[3])
+    other_scale = backend.encrypt_chunks(foreign_ckks, CKKS(value_range=1.0)._ring(8), xs[4])
+    bad = {
+        1: up[1][:-1],  # truncated
+        2: reframe(proto, spec, "upload", 2, [backend.key_id(backend.public_bytes(foreign_ckks)),
+                                              *parties._blobs(other_key)]),  # another context: its own key id
+        3: reframe(proto, spec, "upload", 3, [kid, *parties._blobs(other_params)]),  # another parameter set
+        4: reframe(proto, spec, "upload", 4, [kid, *parties._blobs(other_scale)]),  # another scale
+        5: reframe(proto, spec, "upload", 5, [kid, *parties._blobs(blobs[:1])]),  # too few ciphertexts
+        6: reframe(proto, spec, "upload", 6, [kid, *parties._blobs(blobs[::-1])]),  # chunks of the wrong size
+        7: reframe(proto, spec, "upload", 7, [kid, *parties._blobs(blobs + blobs[:1])]),  # too many
+    }
+    server.receive("upload", 0, up[0])
+    for c, message in bad.items():
+        with pytest.raises(MessageRejected):
+            server.receive("upload", c, message)
+    with pytest.raises(MessageRejected):
+        server.receive("upload", 0, up[0])  # replay
+    total, included = _finish(server, dec)
+    assert included == (0,)
+    assert np.max(np.abs(total - xs[0])) <= proto.error_bound(8)
+    assert {c: r.reason.value for c, r in server.dropped.items()} == {c: "rejected" for c in range(1, 8)}
+
+
+@settings(max_examples=20)
+@given(position=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+def test_a_garbled_upload_is_rejected(garbling_setup, position, bit):
+    proto, spec, server, upload = garbling_setup
+    garbled = bytearray(upload)
+    garbled[int(position * len(garbled))] ^= 1 << bit
+    with pytest.raises(MessageRejected):
+        server.receive("upload", 0, bytes(garbled))
+
+
+@pytest.fixture(scope="module")
+def garbling_setup():
+    proto = BFV(value_range=1.0)
+    spec, server, _, uploads = _server_with(proto, [np.zeros(10)] * 2)
+    return proto, spec, server, uploads[0]
+
+
+@pytest.mark.parametrize("proto", [CKKS(value_range=1.0), BFV(value_range=1.0)], ids=["ckks", "bfv"])
+@pytest.mark.parametrize(
+    "x", [np.array([0.5, np.nan]), np.array([0.5, np.inf]), np.array([0.5, 1.5]), np.ones(3), np.array([1, 0])]
+)
+def test_bad_inputs_raise_invalid_input(proto, x):
+    with pytest.raises(InvalidInput):
+        sf.simulate_aggregation(proto, [np.zeros(2), x], seed=0)
+
+
+# -- H7: chunking, sizes, server memory -----------------------------------------------------------------
+
+
+def test_vectors_fill_every_slot_and_ckks_upload_is_within_15x_fp32():
+    d = 10 * 4096
+    xs = [np.random.default_rng(0).uniform(-1, 1, d)] * 2
+    _, _, server, _, log = drive(CKKS(), xs)
+    upload = next(reply for phase, _, _, reply in log if phase == "upload")
+    ctx = ts.context_from(server.public_context)
+    assert [ts.ckks_vector_from(ctx, b).size() for b in upload_parts(upload)[1]] == [4096] * 10
+    assert len(upload) / (4 * d) <= 15
+    _, _, server, _, log = drive(BFV(value_range=1.0), [np.zeros(8192 + 1)] * 2)
+    upload = next(reply for phase, _, _, reply in log if phase == "upload")
+    ctx = ts.context_from(server.public_context)
+    assert [ts.bfv_vector_from(ctx, b).size() for b in upload_parts(upload)[1]] == [8192, 1]
+
+
+def test_server_keeps_no_upload_and_one_accumulator():
+    proto = CKKS()
+    xs = [np.ones(5000)] * 3
+    _, server, dec, uploads = _server_with(proto, xs)
+    for i, up in enumerate(uploads):
+        before = sys.getrefcount(up)
+        server.receive("upload", i, up)
+        assert sys.getrefcount(up) == before  # nothing retained a reference to the upload
+        assert len(server._acc) == 2  # one accumulator of ceil(5000/4096) ciphertexts
+    total, _ = _finish(server, dec)
+    assert np.allclose(total, 3.0)
+
+
+# -- weighted FedAvg through the trainer ---------------------------------------------------------------------
+
+
+def _train(protocol):
+    import torch
+
+    from securefed.demo import digits_federation, make_model
+
+    clients, test = digits_federation(clients=4, seed=1)
+    model = make_model(seed=1)
+    trainer = sf.Trainer(model, clients, protocol=protocol, local_epochs=1, lr=0.1, eval_dataset=test,
+                         seed=1, progress=False)
+    trainer.fit(rounds=2)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
+
+
+def test_weighted_fedavg_through_the_trainer_matches_plain():
+    plain = _train(sf.protocols.Plain())
+    assert np.max(np.abs(_train(CKKS()) - plain)) < 1e-6
+    assert np.max(np.abs(_train(BFV(value_range=2.0, value_bits=24)) - plain)) < 1e-4
+
+
+def test_weight_coordinate_gives_the_weighted_mean():
+    gen = np.random.default_rng(4)
+    deltas, weights = [gen.normal(0, 0.1, 30) for _ in range(5)], gen.uniform(0.1, 1, 5)
+    xs = [np.append(w * d, w) for d, w in zip(deltas, weights)]
+    res = sf.simulate_aggregation(CKKS(), xs, dropouts={1: "upload"}, seed=0)
+    keep = [0, 2, 3, 4]
+    want = np.sum([weights[i] * deltas[i] for i in keep], axis=0) / weights[keep].sum()
+    assert np.allclose(res.total[:-1] / res.total[-1], want, atol=1e-10)
+
+
+# -- H8: parameters ----------------------------------------------------------------------------------------
+
+
+def test_security_table_is_seal_s():
+    from tenseal import sealapi
+
+    for degree, bits in params.MAX_COEFF_BITS.items():
+        assert bits == sealapi.CoeffModulus.MaxBitCount(degree, sealapi.SEC_LEVEL_TYPE.TC128)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CKKS(coeff_mod_bit_sizes=(60, 60, 60, 60)),  # 240 bits > 218 at N=8192
+        lambda: CKKS(poly_modulus_degree=6000),
+        lambda: CKKS(coeff_mod_bit_sizes=(61, 40, 61)),
+        lambda: CKKS(coeff_mod_bit_sizes=(60, 40, 40)),  # special prime smaller than a data prime
+        lambda: CKKS(coeff_mod_bit_sizes=(60,)),
+        lambda: CKKS(precision_bits=60),
+        lambda: CKKS(value_range=2.0**40),  # no room left for the noise margin
+        lambda: CKKS(value_range=float("nan")),
+        lambda: CKKS(key_holder="masked"),
+        lambda: CKKS(key_holder="server"),
+        lambda: BFV(),  # no value_range
+        lambda: BFV(value_range=1.0, value_bits=53).describe(256),  # the sum needs more than a 60-bit prime
+        lambda: BFV(value_range=1.0, encoder=Integers()),
+        lambda: BFV(value_range=1.0, coeff_mod_bit_sizes=(30, 30)),  # noise budget too small
+        lambda: BFV(encoder=object()),
+        lambda: CKKS().with_encoder(Integers()),
+    ],
+)
+def test_insecure_or_inconsistent_parameters_raise_configuration_error(make):
+    with pytest.raises(ConfigurationError):
+        make()
+
+
+def test_too_many_clients_for_the_parameters_is_refused_before_the_round():
+    proto = CKKS(value_range=100.0)
+    with pytest.raises(ConfigurationError, match="lower value_range or precision_bits"):
+        proto.describe(100_000)
+    with pytest.raises(ConfigurationError):
+        BFV(value_range=1.0, value_bits=40).describe(2**20)
+
+
+@given(n=st.integers(1, 5000), bits=st.integers(2, 40))
+def test_bfv_plaintext_prime_and_noise_rules(n, bits):
+    t = params.next_batching_prime(n << bits, 8192)
+    assert params.is_prime(t) and t % 16384 == 1 and t > n << bits
+    first = -(-((n << bits) + 1 - 1) // 16384) * 16384 + 1  # the smallest m = 1 (mod 2N) above n 2^k
+    first += 16384 if first <= n << bits else 0
+    assert not any(params.is_prime(m) for m in range(first, t, 16384))
+    try:
+        r = params.bfv_round(8192, None, bits, n)
+    except ConfigurationError:
+        assert t.bit_length() > params.MAX_PRIME_BITS or not params.bfv_noise_ok(8192, (60, 60, 60), t, n)
+        return
+    assert r.plain_modulus == t
+    assert params.bfv_noise_ok(8192, r.coeff_mod_bit_sizes, t, n)
+    assert r.coeff_mod_bit_sizes == (60, 60) or not params.bfv_noise_ok(8192, (60, 60), t, n)
+
+
+def test_miller_rabin_agrees_with_trial_division():
+    small = [m for m in range(2, 5000) if all(m % p for p in range(2, int(m**0.5) + 1))]
+    assert [m for m in range(5000) if params.is_prime(m)] == small
+    assert params.is_prime(2**61 - 1) and not params.is_prime(2**61 + 1)
+    assert not params.is_prime(3215031751)  # strong pseudoprime to bases 2, 3, 5, 7
+
+
+@given(n=st.integers(1, 3000))
+def test_descriptions_pass_their_own_check_and_tampering_is_caught(n):
+    for proto in (CKKS(), BFV(value_range=1.0)):
+        desc = proto.describe(n)
+        assert proto.check_description(desc) == []
+        assert sf.protocols.REGISTRY[desc["protocol"]] is type(proto)
+    ckks = CKKS().describe(n)
+    assert CKKS.check_description({**ckks, "scale_bits": ckks["scale_bits"] + 20})
+    assert CKKS.check_description({**ckks, "precision_bits": 70})
+    assert CKKS.check_description({**ckks, "coeff_mod_bit_sizes": [60, 60, 60, 60]})
+    assert CKKS.check_description({**ckks, "key_holder": "server"})
+    bfv = BFV(value_range=1.0).describe(n)
+    assert BFV.check_description({**bfv, "plain_modulus": bfv["plain_modulus"] + 2})
+    assert BFV.check_description({**bfv, "modulus_bits": 50})
+    assert BFV.check_description({**bfv, "coeff_mod_bit_sizes": [30, 30]})
+
+
+def test_bfv_noise_bound_holds_for_a_coherent_worst_case_sum():
+    # The same ciphertext added to itself n times: noise adds up coherently, the worst case;
+    # n is the largest power of two for which the rule still allows one 60-bit data prime.
+    k, n = 20, 1
+    while params.bfv_round(8192, None, k, 2 * n).coeff_mod_bit_sizes == (60, 60):
+        n *= 2
+    r = params.bfv_round(8192, None, k, n)
+    ring = backend.Ring("bfv", 8192, r.coeff_mod_bit_sizes, plain_modulus=r.plain_modulus)
+    ctx = backend.new_context(ring)
+    x = np.resize([-(2 ** (k - 1)), 2 ** (k - 1) - 1], 8192).astype(np.int64)
+    one = ts.bfv_vector_from(ctx, backend.encrypt_chunks(ctx, ring, x)[0])
+    acc = one.copy()
+    for _ in range(n - 1):
+        acc.add_(one)
+    np.testing.assert_array_equal(acc.decrypt(), x * n)
+    assert ctx.data.decryptor().invariant_noise_budget(acc.ciphertext()[0]) > 0
+
+
+# -- H4: a CKKS release hides the decryption noise ---------------------------------------------------------
+
+
+def test_ckks_release_is_independent_of_the_encryption_noise():
+    proto = CKKS()
+    spec = RoundSpec(n=10, dim=4096, session_id=bytes(32))
+    ring = proto._ring(10)
+    ctx = backend.new_context(ring)
+    # Small values: their float64 ulps are finer than the noise, so a raw decryption shows it.
+    x = np.random.default_rng(9).uniform(-1e-9, 1e-9, 4096)
+    raw, released = [], []
+    for _ in range(2):  # two encryptions of the same sum: only SEAL's noise differs
+        vec = backend.load_chunk(ctx, ring, backend.encrypt_chunks(ctx, ring, x)[0], 4096)
+        values = np.array(vec.decrypt())
+        raw.append(values)
+        released.append(proto._release(values, spec))
+    assert not np.array_equal(raw[0], raw[1])  # raw decryptions expose the noise
+    assert released[0] == released[1]
+
+
+# -- H9: saved states --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "proto",
+    [CKKS(), BFV(value_range=1.0), CKKS(key_holder="clients"), BFV(value_range=1.0, key_holder="clients")],
+    ids=["ckks", "bfv", "ckks-clients", "bfv-clients"],
+)
+def test_parties_saved_and_restored_between_phases_give_the_same_sum(proto):
+    xs = [np.linspace(-1, 1, 40) * (i + 1) / 4 for i in range(4)]
+    total, included, *_ = drive(proto, xs, restore=True, dropouts={2: "upload"})
+    assert included == (0, 1, 3)
+    assert np.max(np.abs(total - (xs[0] + xs[1] + xs[3]))) <= proto.error_bound(4)
+
+
+def test_bad_states_are_refused():
+    proto = CKKS()
+    spec = RoundSpec(n=2, dim=3, session_id=bytes(32))
+    state = proto.client(spec, 0, np.ones(3), rng=RandomSource(0)).dump()
+    assert proto.load_client(state, rng=RandomSource(1)).dump() == state
+    for bad in (b"", state[:-1], state + b"\x00", b"SFBF" + state[4:], state[:5] + b"\x02" + state[6:]):
+        with pytest.raises(InvalidInput):
+            proto.load_client(bad, rng=RandomSource(1))
+    with pytest.raises(InvalidInput):
+        CKKS(key_holder="clients").load_client(state, rng=RandomSource(1))
+
+
+def test_parties_refuse_out_of_order_and_second_decryptions():
+    proto = CKKS()
+    spec, server, dec, uploads = _server_with(proto, [np.ones(4)] * 2)
+    for i, up in enumerate(uploads):
+        server.receive("upload", i, up)
+    server.finish_phase("upload")
+    request = server.requests("decrypt")[parties.DECRYPTOR]
+    dec.handle("decrypt", request)
+    with pytest.raises(MessageRejected):
+        dec.handle("decrypt", request)  # one decryption per round
+    client = proto.client(spec, 0, np.ones(4), rng=RandomSource(0))
+    with pytest.raises(MessageRejected):
+        client.handle("decrypt", request)  # clients hold no key in decryptor mode
+    with pytest.raises(ProtocolAborted):
+        server.requests("upload")  # phases only in order
+
+
+# -- H10: the "clients" key holders -------------------------------------------------------------------------
+
+
+def test_clients_mode_server_relays_only_sealed_keys():
+    proto = CKKS(key_holder="clients")
+    xs = [np.full(10, float(i)) for i in range(4)]
+    total, included, server, party, log = drive(proto, xs)
+    assert included == (0, 1, 2, 3) and np.allclose(total, 6.0)
+    needle = secret_key_blob(party[0]._secret)[1000:1256]  # client 0 dealt the key
+    assert all(needle not in req for *_, req, _ in log)
+    assert all(needle not in reply for *_, reply in log if reply is not None)
+    assert all(party[c]._secret == party[0]._secret for c in range(4))  # every client can decrypt
+
+
+def test_clients_mode_tampered_sealed_key_is_refused():
+    def tamper(phase, who, reply):
+        if phase == "keys":  # flip a bit inside the first sealed key, keeping the message well-formed
+            body = bytearray(reply[50 + 32 :])
+            body[-40] ^= 1
+            return reframe(proto, spec, "keys", who, [bytes(body)])
+        return reply
+
+    proto = BFV(value_range=1.0, key_holder="clients")
+    xs = [np.full(6, 0.25)] * 3
+    spec = RoundSpec(n=3, dim=6, session_id=RandomSource(0).child("session").token_bytes(32))
+    total, included, server, *_ = drive(proto, xs, on_reply=tamper)
+    assert included == (0, 1)  # client 2's sealed key (the last) did not open: it sent nothing
+    assert server.dropped[2].phase == "upload"
+    assert np.allclose(total, 0.5, atol=proto.error_bound(3))
+
+
+def test_clients_mode_dealer_dropout_aborts_and_late_dropouts_are_fine():
+    proto = CKKS(key_holder="clients")
+    xs = [np.ones(5)] * 4
+    with pytest.raises(ProtocolAborted) as e:
+        sf.simulate_aggregation(proto, xs, dropouts={0: "keys"}, seed=0)
+    assert e.value.reason is AbortReason.REQUEST_REFUSED
+    res = sf.simulate_aggregation(proto, xs, dropouts={0: "setup", 1: "decrypt", 2: "upload"}, seed=0)
+    assert res.included == (1, 3) and np.allclose(res.total, 2.0)  # client 1 dealt, then left after uploading
+    assert res.dropped[1].phase == "decrypt" and res.dropped[2].phase == "upload"
+
+
+def test_clients_mode_disagreeing_decryptions_abort():
+    def lie(phase, who, reply):
+        if phase == "decrypt" and who == 1:
+            return reframe(proto, spec, "decrypt", 1, [np.zeros(5).tobytes()])
+        return reply
+
+    proto = CKKS(key_holder="clients")
+    spec = RoundSpec(n=3, dim=5, session_id=RandomSource(0).child("session").token_bytes(32))
+    with pytest.raises(ProtocolAborted) as e:
+        drive(proto, [np.ones(5)] * 3, on_reply=lie)
+    assert e.value.reason is AbortReason.CONSISTENCY_CHECK_FAILED
+
+
+# -- packaging -------------------------------------------------------------------------------------------------
+
+
+def test_import_securefed_does_not_load_tenseal():
+    code = "import sys, securefed; sf = securefed.protocols.CKKS(); assert 'tenseal' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bfv_carries_other_integer_encoders():
+    enc = Integers(30)
+    proto = BFV(value_range=1.0).with_encoder(enc)
+    assert proto.encoder is enc and proto.describe(4)["modulus_bits"] == 30
+    with pytest.raises(ConfigurationError):
+        BFV(value_range=1.0).with_encoder(Integers(60))  # a sum above 2^60 needs a prime above 60 bits
+    res = sf.simulate_aggregation(proto, [np.arange(3.0)] * 2, seed=0)
+    np.testing.assert_array_equal(res.total, 2 * np.arange(3.0))
+    assert proto.error_bound(2) == 0.0
