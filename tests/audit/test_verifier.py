@@ -32,9 +32,20 @@ def test_a_written_log_verifies_and_reports_its_facts(plain_log):
 # -- random edits (the demo log with DP is covered in test_trainer_audit.py) ---------------------------
 
 def edit(data: bytes, draw) -> tuple[bytes, int]:
-    """A random edit of the log and the entry (line number) where it first differs."""
+    """A random edit of the log and the entry (line number) where it first differs.
+
+    Flip a byte, delete, swap or duplicate an entry, or (in a log with DP) change a claimed epsilon.
+    """
     lines = data.splitlines(keepends=True)
-    kind = draw(st.sampled_from(["flip", "delete", "swap", "duplicate"]))
+    entries = lines_of(data)
+    claims = [i for i, e in enumerate(entries) if e["type"] == "round" and e["body"]["dp"]]
+    kind = draw(st.sampled_from(["flip", "delete", "swap", "duplicate"] + (["epsilon"] if claims else [])))
+    if kind == "epsilon":  # without the key: the operator's own edits are tested below
+        i = draw(st.sampled_from(claims))
+        claim = entries[i]["body"]["dp"]["epsilon"]
+        entries[i]["body"]["dp"]["epsilon"] = draw(
+            st.floats(0, 100, allow_nan=False).filter(lambda x: abs(x - claim) > 1e-6 * claim))
+        return join(entries), i + 1
     if kind == "flip":
         pos = draw(st.integers(0, len(data) - 1))
         mask = draw(st.integers(1, 255))
@@ -319,14 +330,5 @@ def test_an_empty_sample_round_has_no_parameters_to_check(tmp_path, monkeypatch)
 
 @given(st.data())
 def test_any_edit_of_a_dp_log_fails_naming_the_edited_entry(dp_log, data):
-    original = dp_log.read_bytes()
-    if data.draw(st.booleans()):
-        changed, entry = edit(original, data.draw)
-    else:  # edit one claimed epsilon, without the key
-        entries = lines_of(original)
-        i = data.draw(st.sampled_from([i for i, e in enumerate(entries) if e["type"] == "round"]))
-        claim = entries[i]["body"]["dp"]["epsilon"]
-        entries[i]["body"]["dp"]["epsilon"] = data.draw(
-            st.floats(0, 100, allow_nan=False).filter(lambda x: abs(x - claim) > 1e-6 * claim))
-        changed, entry = join(entries), i + 1
+    changed, entry = edit(dp_log.read_bytes(), data.draw)
     assert first_entry(verify_data(changed, key_paths(dp_log)[1])) == entry
