@@ -1,0 +1,44 @@
+"""Compiled loops of :mod:`securefed.protocols._packed` (unpack_add is compiled once per width `w`)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import literally, njit
+
+_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def pack_low_bits(v, w, out):  # pragma: no cover - compiled
+    """out (uint64 words) <- the low w bits of each v[i], as a little-endian bit stream."""
+    W = w
+    mask = _ONES if W == 64 else (np.uint64(1) << np.uint64(W)) - np.uint64(1)
+    acc = np.uint64(0)
+    nb = 0
+    j = 0
+    for i in range(v.size):
+        x = np.uint64(v[i]) & mask
+        acc |= x << np.uint64(nb)
+        nb += W
+        if nb >= 64:
+            out[j] = acc
+            j += 1
+            nb -= 64
+            acc = (x >> np.uint64(W - nb)) if nb > 0 else np.uint64(0)
+    if nb > 0:
+        out[j] = acc
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def unpack_add(words, w, n, acc):  # pragma: no cover - compiled
+    """acc[i] += field i of w bits of `words` (which carries one zero word of padding)."""
+    W = literally(w)
+    mask = _ONES if W == 64 else (np.uint64(1) << np.uint64(W)) - np.uint64(1)
+    one = np.uint64(1)
+    for i in range(n):
+        p = i * W
+        j = p >> 6
+        off = np.uint64(p & 63)
+        # (hi << 1) << (63 - off) is hi << (64 - off) without the undefined shift by 64
+        x = (words[j] >> off) | ((words[j + 1] << one) << (np.uint64(63) - off))
+        acc[i] += x & mask

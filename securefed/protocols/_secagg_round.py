@@ -1,0 +1,95 @@
+"""What both sides of one SecAgg / SecAgg+ round know, and the keys they derive from it.
+
+Every signature, commitment and derived key binds the protocol tag, the session id
+and the round index (:meth:`Round.context`), so nothing carries over between
+rounds or between SecAgg and SecAgg+. See ``protocols/secagg.md`` (derivations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from securefed.crypto import kex
+from securefed.crypto.signing import KeyDirectory
+from securefed.encoding.fixedpoint import IntegerEncoder
+from securefed.encoding.packing import storage_dtype
+from securefed.errors import AbortReason, ProtocolAborted
+from securefed.protocols import _wire
+from securefed.protocols.base import RoundSpec
+from securefed.protocols.masking_graph import MaskingGraph
+from securefed.protocols.secagg_params import GraphParameters
+
+PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmasking")
+ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASKING = range(5)
+VERSION = 1
+SECRET_BYTES = 32  # bytes of b_u and of the X25519 mask key
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+    """Public parameters of one round: spec, graph, threshold, modulus width, encoder, PKI."""
+
+    spec: RoundSpec
+    tag: bytes
+    params: GraphParameters
+    graph: MaskingGraph
+    width: int
+    encoder: IntegerEncoder
+    active: bool
+    identities: KeyDirectory | None
+
+    @property
+    def t(self) -> int:
+        return self.params.threshold
+
+    @property
+    def dtype(self) -> np.dtype:
+        return storage_dtype(self.width)
+
+    def message(self, phase: int, sender: int, body: bytes) -> bytes:
+        s = self.spec
+        return _wire.pack_header(self.tag, VERSION, phase, s.round_index, s.session_id, sender, len(body)) + body
+
+    def header(self, phase: int, sender: int, body_len: int) -> bytes:
+        s = self.spec
+        return _wire.pack_header(self.tag, VERSION, phase, s.round_index, s.session_id, sender, body_len)
+
+    def body(self, data: bytes, phase: int, sender: int) -> memoryview:
+        s = self.spec
+        return _wire.unpack_message(data, tag=self.tag, version=VERSION, phase=phase,
+                                    round_index=s.round_index, session_id=s.session_id, sender=sender)
+
+    def context(self) -> bytes:
+        """Tag, session and round: bound into every signature, commitment and self-mask key."""
+        return self.tag + self.spec.session_id + struct.pack(">I", self.spec.round_index)
+
+
+def advertise_message(r: Round, party: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    return r.context() + struct.pack(">I", party) + c_pk + s_pk
+
+
+def commitment(r: Round, party: int, b: bytes) -> bytes:
+    return hashlib.sha256(b"securefed/secagg/commit\x00" + r.context() + struct.pack(">I", party) + b).digest()
+
+
+def self_mask_key(r: Round, party: int, b: bytes) -> bytes:
+    info = b"securefed/secagg/self-mask\x00" + r.context() + struct.pack(">I", party)
+    return HKDF(algorithm=hashes.SHA256(), length=16, salt=None, info=info).derive(b)
+
+
+def mask_key(r: Round, sk: kex.X25519PrivateKey, peer_pk: bytes, a: int, b: int) -> bytes:
+    return kex.agree(sk, peer_pk, label="secagg/mask", session_id=r.spec.session_id, party_a=a, party_b=b, length=16)
+
+
+def channel_key(r: Round, sk: kex.X25519PrivateKey, peer_pk: bytes, a: int, b: int) -> bytes:
+    return kex.agree(sk, peer_pk, label="secagg/channel", session_id=r.spec.session_id, party_a=a, party_b=b)
+
+
+def refuse(reason: AbortReason, message: str, phase: int) -> ProtocolAborted:
+    return ProtocolAborted(reason, message, phase=PHASES[phase])

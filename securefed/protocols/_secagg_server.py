@@ -1,0 +1,319 @@
+"""The server of SecAgg / SecAgg+: routes keys and shares, sums masked inputs in place, unmasks the sum.
+
+Memory: one modular accumulator of the vector's length plus O(n x degree) small
+state (keys, sealed shares, revealed shares); masked inputs are added chunk by
+chunk as they arrive and never kept. Before asking anyone to unmask, the server
+checks that every secret it will need has t holders left, so a round that cannot
+finish aborts before any share is revealed. See ``protocols/secagg.md`` (server).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from securefed.crypto import kex, shamir, signing
+from securefed.crypto.masks import apply_masks
+from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
+from securefed.protocols import _secagg_wire as W
+from securefed.protocols import _wire
+from securefed.protocols._packed import UnpackAdder
+from securefed.protocols._secagg_round import (
+    ADVERTISE,
+    CONSISTENCY,
+    MASKED_INPUT,
+    PHASES,
+    SECRET_BYTES,
+    SHARE_KEYS,
+    UNMASKING,
+    Round,
+    advertise_message,
+    commitment,
+    mask_key,
+    self_mask_key,
+)
+from securefed.protocols.base import DropReason, DropRecord, Party, ServerProtocol
+
+__all__ = ["Server"]
+
+@dataclasses.dataclass
+class _Unmasked:
+    """One responder's shares: for each target id (ascending), a 9-element uint32 share."""
+
+    ids: np.ndarray
+    shares: np.ndarray
+
+
+class Server(ServerProtocol):
+    """The server of one round: routes keys and shares, sums masked inputs in place, unmasks the sum."""
+
+    def __init__(self, rnd: Round) -> None:
+        self.round = rnd
+        n = rnd.spec.n
+        self._next = 0  # index of the next phase to open
+        self._open: int | None = None
+        self._expected: set[int] = set()
+        self._replied: set[int] = set()
+        self._refusals: dict[int, str] = {}
+        self._alive = set(range(n))
+        self._dropped: dict[int, DropRecord] = {}
+        self._keys: dict[int, tuple[bytes, bytes, bytes]] = {}  # U1: c_pk, s_pk, signature
+        self._shares: dict[int, tuple[np.ndarray, memoryview]] = {}  # U2: recipients, sealed payloads
+        self._commit: dict[int, bytes] = {}
+        self._u3: list[int] = []
+        self._sigs: dict[int, bytes] = {}  # U4 (active)
+        self._unmasked: dict[int, _Unmasked] = {}
+        self._acc = np.zeros(rnd.spec.dim, dtype=rnd.dtype)
+        self._adder = UnpackAdder(self._acc, rnd.width)
+        self._aborted: ProtocolAborted | None = None
+        self._result: tuple[np.ndarray, tuple[int, ...]] | None = None
+
+    @property
+    def dropped(self) -> Mapping[int, DropRecord]:
+        return self._dropped
+
+    def _abort(self, reason: AbortReason, message: str, phase: int) -> ProtocolAborted:
+        self._aborted = ProtocolAborted(reason, message, phase=PHASES[phase])
+        return self._aborted
+
+    def _need(self, count: int, what: str, phase: int) -> None:
+        if count < self.round.t:
+            raise self._abort(AbortReason.TOO_FEW_SURVIVORS,
+                              f"only {count} {what}; the round needs t = {self.round.t}", phase)
+
+    # requests --------------------------------------------------------------------------------
+
+    def requests(self, phase: str) -> Mapping[Party, bytes]:
+        if self._aborted is not None:
+            raise self._aborted
+        if phase not in PHASES or PHASES.index(phase) != self._next or self._open is not None:
+            raise ProtocolAborted(AbortReason.INVALID_STATE, f"requests({phase!r}) out of order", phase=phase)
+        p = self._next
+        build = (self._advertise_requests, self._share_requests, self._masked_requests,
+                 self._consistency_requests, self._unmask_requests)[p]
+        reqs = build()
+        self._open, self._expected, self._replied = p, set(reqs), set()
+        return reqs
+
+    def _advertise_requests(self) -> dict[Party, bytes]:
+        msg = self.round.message(ADVERTISE, _wire.SERVER, b"")
+        return {c: msg for c in sorted(self._alive)}
+
+    def _share_requests(self) -> dict[Party, bytes]:
+        r = self.round
+        rec_active = r.active
+        out: dict[Party, bytes] = {}
+        for u in sorted(self._keys):
+            peers = [v for v in r.graph.neighbors(u).tolist() if v in self._keys]
+            if len(peers) + 1 < r.t:
+                self._refusals[u] = "fewer than t of its neighbourhood advertised keys"
+            entries = [(v, self._keys[v][0] + self._keys[v][1] + (self._keys[v][2] if rec_active else b""))
+                       for v in peers]
+            out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.records(entries))
+        return out
+
+    def _masked_requests(self) -> dict[Party, bytes]:
+        r = self.round
+        out: dict[Party, bytes] = {}
+        for u in sorted(self._shares):
+            entries = []
+            for v in r.graph.neighbors(u).tolist():
+                if v in self._shares:
+                    ids, payload = self._shares[v]
+                    i = int(np.searchsorted(ids, u))
+                    entries.append((v, bytes(payload[i * W.SEALED : (i + 1) * W.SEALED])))
+            if len(entries) + 1 < r.t:
+                self._refusals[u] = "fewer than t of its neighbourhood shared keys"
+            out[u] = r.message(MASKED_INPUT, _wire.SERVER, W.records(entries))
+        return out
+
+    def _consistency_requests(self) -> dict[Party, bytes]:
+        r = self.round
+        if not r.active:
+            return {}
+        msg = r.message(CONSISTENCY, _wire.SERVER, W.bitmap(self._u3, r.spec.n))
+        return {u: msg for u in sorted(self._u3)}
+
+    def _unmask_requests(self) -> dict[Party, bytes]:
+        r = self.round
+        survivors = W.bitmap(self._u3, r.spec.n)
+        responders = sorted(self._sigs) if r.active else sorted(self._u3)
+        if not r.active:
+            msg = r.message(UNMASKING, _wire.SERVER, survivors)
+            return {u: msg for u in responders}
+        out: dict[Party, bytes] = {}
+        for u in responders:
+            signers = [v for v in r.graph.closed_neighborhood(u).tolist() if v in self._sigs]
+            out[u] = r.message(UNMASKING, _wire.SERVER, W.records([(v, self._sigs[v]) for v in signers], survivors))
+        return out
+
+    # replies ---------------------------------------------------------------------------------
+
+    def receive(self, phase: str, party: Party, payload: bytes) -> None:
+        if self._aborted is not None:
+            raise self._aborted
+        p = PHASES.index(phase) if phase in PHASES else -1
+        if p != self._open or party not in self._expected:
+            raise MessageRejected("invalid message: out of phase or unexpected sender")
+        if party in self._replied:
+            raise MessageRejected("invalid message: replayed reply")
+        assert isinstance(party, int)
+        try:
+            body = self.round.body(payload, p, party)
+            (self._take_keys, self._take_shares, self._take_masked, self._take_signature, self._take_unmask)[p](
+                party, body)
+        except MessageRejected as e:
+            self._drop(party, DropRecord(phase, DropReason.REJECTED, str(e)))
+            raise
+        self._replied.add(party)
+
+    def _drop(self, party: int, record: DropRecord) -> None:
+        self._dropped.setdefault(party, record)
+        self._alive.discard(party)
+        self._expected.discard(party)
+
+    def _take_keys(self, u: int, body: memoryview) -> None:
+        r = self.round
+        size = 2 * W.KEY + (W.SIG if r.active else 0)
+        if len(body) != size:
+            raise MessageRejected("invalid message: wrong length of advertised keys")
+        c_pk, s_pk, sig = bytes(body[: W.KEY]), bytes(body[W.KEY : 2 * W.KEY]), bytes(body[2 * W.KEY :])
+        if r.active:
+            signing.verify(r.identities.verify_key(u), sig, advertise_message(r, u, c_pk, s_pk),  # type: ignore[union-attr]
+                           purpose="secagg/advertise")
+        self._keys[u] = (c_pk, s_pk, sig)
+
+    def _take_shares(self, u: int, body: memoryview) -> None:
+        r = self.round
+        if len(body) < W.COMMIT:
+            raise MessageRejected("invalid message: truncated shares")
+        ids, payload = W.parse_records(body, W.SEALED, offset=W.COMMIT)
+        expected = [v for v in r.graph.neighbors(u).tolist() if v in self._keys]
+        if ids.tolist() != expected:
+            raise MessageRejected("invalid message: shares for the wrong set of neighbours")
+        self._commit[u] = bytes(body[: W.COMMIT])
+        self._shares[u] = (ids, payload)
+
+    def _take_masked(self, u: int, body: memoryview) -> None:
+        self._adder.check(body)
+        self._adder.add(body)
+        self._u3.append(u)
+
+    def _take_signature(self, u: int, body: memoryview) -> None:
+        r = self.round
+        if len(body) != W.SIG:
+            raise MessageRejected("invalid message: wrong signature length")
+        message = r.context() + W.bitmap(self._u3, r.spec.n)
+        signing.verify(r.identities.verify_key(u), body, message, purpose="secagg/survivors")  # type: ignore[union-attr]
+        self._sigs[u] = bytes(body)
+
+    def _take_unmask(self, u: int, body: memoryview) -> None:
+        r = self.round
+        ids, payload = W.parse_records(body, W.SHARE)
+        expected = [v for v in r.graph.closed_neighborhood(u).tolist() if v in self._shares]
+        if ids.tolist() != expected:
+            raise MessageRejected("invalid message: shares for the wrong set of clients")
+        shares = np.frombuffer(payload, dtype="<u4").reshape(ids.size, -1).astype(np.uint32)
+        if (shares >= shamir.PRIME).any():
+            raise MessageRejected("invalid share")
+        self._unmasked[u] = _Unmasked(ids, shares)
+
+    # closing phases --------------------------------------------------------------------------
+
+    def finish_phase(self, phase: str) -> None:
+        if self._aborted is not None:
+            raise self._aborted
+        p = PHASES.index(phase) if phase in PHASES else -1
+        if p != self._open:
+            raise ProtocolAborted(AbortReason.INVALID_STATE, f"finish_phase({phase!r}) out of order", phase=phase)
+        for u in sorted(self._expected - self._replied):
+            why = self._refusals.pop(u, None)
+            self._drop(u, DropRecord(phase, DropReason.REFUSED, why) if why else DropRecord(phase, DropReason.NO_REPLY))
+        self._open, self._next = None, p + 1
+        if p == ADVERTISE:
+            self._need(len(self._keys), "clients advertised keys", p)
+        elif p == SHARE_KEYS:
+            self._need(len(self._shares), "clients shared their keys", p)
+        elif p == MASKED_INPUT:
+            self._adder = None  # type: ignore[assignment]  # its scratch buffer is not needed any more
+            self._need(len(self._u3), "masked inputs arrived", p)
+        elif p == CONSISTENCY:
+            if self.round.active:
+                self._need(len(self._sigs), "clients signed the survivor list", p)
+            self._check_reconstructible(set(self._sigs) if self.round.active else set(self._u3), p)
+        else:
+            self._need(len(self._unmasked), "clients answered the unmasking request", p)
+            self._check_reconstructible(set(self._unmasked), p)
+            self._unmask()
+
+    def _targets(self) -> tuple[list[int], list[int]]:
+        """(survivors whose b_u is needed, dropped clients whose mask key is needed)."""
+        g, u3 = self.round.graph, set(self._u3)
+        dropped = [v for v in sorted(self._shares) if v not in u3 and any(u in u3 for u in g.neighbors(v).tolist())]
+        return sorted(u3), dropped
+
+    def _check_reconstructible(self, responders: set[int], phase: int) -> None:
+        """Abort before anything is revealed unless every needed secret has t holders among `responders`."""
+        g, t = self.round.graph, self.round.t
+        survivors, dropped = self._targets()
+        for v in survivors + dropped:
+            holders = sum(1 for u in g.closed_neighborhood(v).tolist() if u in responders)
+            if holders < t:
+                raise self._abort(AbortReason.TOO_FEW_SURVIVORS,
+                                  f"client {v}'s secrets have {holders} holders left; t = {t} are needed", phase)
+
+    def _unmask(self) -> None:
+        r = self.round
+        survivors, dropped = self._targets()
+        secrets = self._reconstruct([(v, 0) for v in survivors] + [(v, 1) for v in dropped])
+        add: list[bytes] = []
+        sub: list[bytes] = []
+        for v in survivors:
+            b = secrets[v, 0]
+            if commitment(r, v, b) != self._commit[v]:
+                raise self._abort(AbortReason.RECONSTRUCTION_FAILED,
+                                  f"client {v}'s self-mask seed does not match its commitment", UNMASKING)
+            sub.append(self_mask_key(r, v, b))
+        u3 = set(survivors)
+        for v in dropped:
+            sk = kex.load_private_key(secrets[v, 1])
+            if kex.public_bytes(sk) != self._keys[v][1]:
+                raise self._abort(AbortReason.RECONSTRUCTION_FAILED,
+                                  f"client {v}'s mask key does not match its public key", UNMASKING)
+            for u in r.graph.neighbors(v).tolist():
+                if u in u3:  # y_u holds +PRG(s_uv) if v > u, -PRG(s_uv) if v < u: take it out
+                    (sub if v > u else add).append(mask_key(r, sk, self._keys[u][1], v, u))
+        apply_masks(self._acc, add, sub)
+        if r.width < 8 * self._acc.itemsize:
+            self._acc &= self._acc.dtype.type((1 << r.width) - 1)
+        total = r.encoder.decode(self._acc, n=r.spec.n, count=len(survivors))
+        self._result = (np.asarray(total, dtype=np.float64), tuple(survivors))
+
+    def _reconstruct(self, targets: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """Secrets (v, 0) = b_v and (v, 1) = mask key of v from the first t holders' shares."""
+        g, t = self.round.graph, self.round.t
+        groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for v, kind in targets:
+            holders = tuple(u for u in g.closed_neighborhood(v).tolist() if u in self._unmasked)[:t]
+            groups.setdefault(holders, []).append((v, kind))
+        out: dict[tuple[int, int], bytes] = {}
+        for holders, group in groups.items():
+            vs = np.array([v for v, _ in group])
+            stacked = np.stack([self._unmasked[h].shares[np.searchsorted(self._unmasked[h].ids, vs)] for h in holders])
+            shares = stacked.reshape(len(holders), len(group), shamir.chunk_count(SECRET_BYTES))
+            try:
+                values = shamir.reconstruct(list(holders), shares, t, SECRET_BYTES)
+            except MessageRejected:
+                raise self._abort(AbortReason.RECONSTRUCTION_FAILED, "the revealed shares are inconsistent",
+                                  UNMASKING) from None
+            out.update(zip(group, values))
+        return out
+
+    def result(self) -> tuple[np.ndarray, tuple[int, ...]]:
+        if self._aborted is not None:
+            raise self._aborted
+        if self._result is None:
+            raise ProtocolAborted(AbortReason.INVALID_STATE, "result() before the unmasking phase finished")
+        return self._result

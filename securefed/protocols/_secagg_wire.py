@@ -1,0 +1,98 @@
+"""Message bodies of SecAgg / SecAgg+ (layout version 1; the spec is ``protocols/secagg.md``).
+
+Every message is the common header of :mod:`securefed.protocols._wire` followed by
+one of these bodies. Integers are big-endian; ``id`` is a client index (uint32);
+lists are ``count (uint32)`` then ``count`` fixed-size records with ids strictly
+ascending. Parsing is strict: wrong lengths, unsorted or repeated ids, non-zero
+padding bits all raise MessageRejected.
+
+    advertise_keys     request  (empty)
+                       reply    c_pk[32] s_pk[32] [sig[64] if active]
+    share_keys         request  count, count x (id, c_pk[32], s_pk[32], [sig[64]])
+                       reply    commit[32], count, count x (recipient id, sealed[100])
+    masked_input       request  count, count x (sender id, sealed[100])
+                       reply    the masked vector, bit-packed at the modulus width
+    consistency_check  request  survivors bitmap[ceil(n/8)]          (active only)
+                       reply    sig[64]
+    unmasking          request  survivors bitmap[ceil(n/8)] [count, count x (id, sig[64]) if active]
+                       reply    count, count x (id, share[36])
+
+sealed = AES-GCM(nonce[12] || enc(b_share[36] || sk_share[36]) || tag[16]).
+Bitmap: bit (i mod 8) of byte (i div 8) is client i; padding bits zero.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from securefed.crypto import aead, shamir
+from securefed.errors import MessageRejected
+
+__all__ = [
+    "COMMIT",
+    "KEY",
+    "SEALED",
+    "SHARE",
+    "SIG",
+    "bitmap",
+    "parse_bitmap",
+    "parse_records",
+    "records",
+]
+
+KEY = 32
+SIG = 64
+COMMIT = 32
+SHARE = shamir.share_size(32)
+SEALED = aead.sealed_size(2 * SHARE)
+_U32 = struct.Struct(">I")
+
+
+def records(entries: list[tuple[int, bytes]], prefix: bytes = b"") -> bytes:
+    """``prefix || count || (id || payload)*`` with `entries` already sorted by id."""
+    out = [prefix, _U32.pack(len(entries))]
+    for i, payload in entries:
+        out.append(_U32.pack(i))
+        out.append(payload)
+    return b"".join(out)
+
+
+def parse_records(body: memoryview, payload_size: int, offset: int = 0) -> tuple[np.ndarray, memoryview]:
+    """Parse a record list at `offset`: (ids as int64, payloads as one memoryview of count x payload_size).
+
+    The list must end the body. Raises MessageRejected for a wrong length or ids
+    that are not strictly ascending.
+    """
+    if len(body) < offset + 4:
+        raise MessageRejected("invalid message: truncated list")
+    (count,) = _U32.unpack_from(body, offset)
+    rec = 4 + payload_size
+    if len(body) != offset + 4 + count * rec:
+        raise MessageRejected("invalid message: wrong list length")
+    if count == 0:
+        return np.empty(0, dtype=np.int64), memoryview(b"")
+    table = np.frombuffer(body, dtype=np.uint8, count=count * rec, offset=offset + 4).reshape(count, rec)
+    ids = table[:, :4].copy().view(">u4").reshape(count).astype(np.int64)
+    if count > 1 and not (np.diff(ids) > 0).all():
+        raise MessageRejected("invalid message: ids not strictly ascending")
+    payloads = np.ascontiguousarray(table[:, 4:])
+    return ids, memoryview(payloads.reshape(-1))
+
+
+def bitmap(members: np.ndarray | list[int], n: int) -> bytes:
+    """The n-bit set of `members` (client indices)."""
+    bits = np.zeros(((n + 7) // 8) * 8, dtype=np.uint8)
+    bits[np.asarray(members, dtype=np.int64)] = 1
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def parse_bitmap(data: memoryview | bytes, n: int) -> np.ndarray:
+    """Members (ascending int64) of an n-bit set; MessageRejected for a wrong length or padding."""
+    if len(data) != (n + 7) // 8:
+        raise MessageRejected("invalid message: wrong bitmap length")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if bits[n:].any():
+        raise MessageRejected("invalid message: non-zero bitmap padding")
+    return np.flatnonzero(bits[:n]).astype(np.int64)

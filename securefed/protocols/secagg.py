@@ -1,0 +1,329 @@
+"""SecAgg and SecAgg+: pairwise-masked secure aggregation that survives dropouts.
+
+Bonawitz et al., CCS 2017 (complete graph) and Bell et al., CCS 2020 (random
+Harary graph of logarithmic degree). Each client masks its encoded input with a
+self mask PRG(b_u) and one pairwise mask PRG(s_uv) per neighbour; pairwise masks
+cancel in the sum, and the server removes the rest with secrets it reconstructs
+from t-of-(degree + 1) Shamir shares: b_u for clients whose masked input arrived,
+the mask key s_u for neighbours that dropped after sharing. An honest client
+reveals for each peer the share of one of the two, never both.
+
+Sans-I/O state machines: one client state class per round (advertise keys, share
+keys, masked input, consistency check, unmasking, then completed or aborted), and
+a server that adds masked inputs into one modular accumulator as they arrive. The
+masked vectors travel bit-packed at the modulus width 2^k, k =
+``encoder.modulus_bits(n)``. Wire layout: :mod:`securefed.protocols._secagg_wire`.
+Spec: ``protocols/secagg.md``; proofs: ``proofs/secagg.md``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Mapping
+from fractions import Fraction
+from typing import Any, ClassVar
+
+import numpy as np
+
+from securefed.crypto.random import RandomSource
+from securefed.crypto.signing import KeyDirectory
+from securefed.encoding.fixedpoint import FixedPoint, IntegerEncoder
+from securefed.errors import ConfigurationError, InvalidInput
+from securefed.protocols._secagg_client import Client, load_client_state
+from securefed.protocols._secagg_round import PHASES, VERSION, Round
+from securefed.protocols._secagg_server import Server
+from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec, ServerProtocol
+from securefed.protocols.masking_graph import MaskingGraph
+from securefed.protocols.secagg_params import (
+    GraphParameters,
+    ThreatModel,
+    complete_graph_parameters,
+    harary_parameters,
+    violations,
+)
+
+__all__ = ["DEFAULT_VALUE_BITS", "DEFAULT_VALUE_RANGE", "PHASES", "SecAgg", "SecAggPlus"]
+
+log = logging.getLogger("securefed.protocols.secagg")
+
+#: Inputs in [-1, 1] (clipped model updates, gradients), 16 bits: Bonawitz et al.'s setting.
+DEFAULT_VALUE_RANGE = 1.0
+DEFAULT_VALUE_BITS = 16
+
+
+def _check_threshold(threshold: object) -> int | Fraction | None:
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool):
+        raise ConfigurationError("threshold must be an int, a float in (0, 1] or None")
+    if isinstance(threshold, (int, np.integer)):
+        if threshold < 1:
+            raise ConfigurationError(f"threshold must be >= 1, got {threshold}")
+        return int(threshold)
+    if isinstance(threshold, float) and 0 < threshold <= 1:
+        return Fraction(str(threshold))
+    raise ConfigurationError(f"threshold must be an int, a float in (0, 1] or None, got {threshold!r}")
+
+
+class _MaskedAggregation(AggregationProtocol):
+    """What SecAgg and SecAggPlus share; they differ in the graph and how parameters are found."""
+
+    phases = PHASES
+    _TAG: ClassVar[bytes]
+
+    def __init__(
+        self,
+        *,
+        threshold: int | float | None,
+        adversary: str,
+        corrupt_fraction: float,
+        dropout_fraction: float,
+        value_range: float | None,
+        value_bits: int | None,
+        encoder: IntegerEncoder | None,
+        identities: KeyDirectory | None,
+    ) -> None:
+        self._threat = ThreatModel(adversary, corrupt_fraction, dropout_fraction)  # type: ignore[arg-type]
+        self._threshold = _check_threshold(threshold)
+        if encoder is None:
+            encoder = FixedPoint(
+                value_range=DEFAULT_VALUE_RANGE if value_range is None else value_range,
+                value_bits=DEFAULT_VALUE_BITS if value_bits is None else value_bits,
+            )
+        elif value_range is not None or value_bits is not None:
+            raise ConfigurationError("give either encoder= or value_range=/value_bits=, not both")
+        if not isinstance(encoder, IntegerEncoder):
+            raise ConfigurationError(f"encoder must be an IntegerEncoder, got {type(encoder).__name__}")
+        if identities is not None and not isinstance(identities, KeyDirectory):
+            raise ConfigurationError("identities must be a securefed.crypto.signing.KeyDirectory")
+        self._encoder = encoder
+        self._identities = identities
+        self._params: dict[int, GraphParameters] = {}
+        self._simulated_pki: dict[int, KeyDirectory] = {}
+        self._round_cache: tuple[RoundSpec, Round] | None = None
+
+    # configuration ---------------------------------------------------------------------------
+
+    @property
+    def threat_model(self) -> ThreatModel:
+        return self._threat
+
+    @property
+    def encoder(self) -> IntegerEncoder:
+        return self._encoder
+
+    def _resolve(self, n: int) -> GraphParameters:
+        raise NotImplementedError
+
+    def parameters(self, n: int) -> GraphParameters:
+        """Degree and threshold in force for a round of n clients (ConfigurationError if none is allowed)."""
+        if n not in self._params:
+            self._params[n] = self._resolve(n)
+        return self._params[n]
+
+    def min_survivors(self, n: int) -> int:
+        return self.parameters(n).threshold
+
+    def error_bound(self, n: int) -> float:
+        return self._encoder.error_bound(n)
+
+    def with_encoder(self, encoder: Any) -> _MaskedAggregation:
+        if not isinstance(encoder, IntegerEncoder):
+            raise ConfigurationError(f"encoder must be an IntegerEncoder, got {type(encoder).__name__}")
+        other = copy.copy(self)
+        other._encoder = encoder
+        other._round_cache = None
+        return other
+
+    def describe(self, n: int) -> dict[str, Any]:
+        p = self.parameters(n)
+        return {
+            "protocol": self.name,
+            "n": n,
+            "min_survivors": p.threshold,
+            "threshold": p.threshold,
+            "threshold_requested": None if self._threshold is None else str(self._threshold),
+            "threshold_justification": p.justification,
+            "graph": "complete" if p.complete else "harary",
+            "degree": p.degree,
+            "adversary": self._threat.adversary,
+            "corrupt_fraction": float(self._threat.corrupt_fraction),
+            "dropout_fraction": float(self._threat.dropout_fraction),
+            "statistical_security_bits": 40,
+            "failure_probability_log2": -20,
+            "modulus_bits": self._encoder.modulus_bits(n),
+            "encoder": self._encoder.describe(),
+            "wire_version": VERSION,
+        }
+
+    @classmethod
+    def check_description(cls, description: Mapping[str, Any]) -> list[str]:
+        try:
+            n = int(description["n"])
+            t = int(description["threshold"])
+            degree = int(description["degree"])
+            complete = description["graph"] == "complete"
+            threat = ThreatModel(description["adversary"], description["corrupt_fraction"],
+                                 description["dropout_fraction"])
+            k = int(description["modulus_bits"])
+        except (KeyError, TypeError, ValueError) as e:
+            return [f"malformed {cls.name} description: {e!r}"]
+        out = []
+        if description.get("protocol") != cls.name:
+            out.append(f"protocol is {description.get('protocol')!r}, expected {cls.name!r}")
+        if cls is SecAgg and not complete:
+            out.append("SecAgg uses the complete graph")
+        if int(description.get("min_survivors", t)) != t:
+            out.append("min_survivors differs from the threshold")
+        if not 1 <= k <= 64:
+            out.append(f"modulus_bits {k} outside [1, 64]")
+        enc = description.get("encoder")
+        if isinstance(enc, Mapping) and enc.get("encoder") == "FixedPoint":
+            need = int(enc.get("value_bits", 0)) + (math.ceil(math.log2(n)) if n > 1 else 0)
+            if k < need:
+                out.append(f"modulus_bits {k} < value_bits + ceil(log2 n) = {need}: the sum can wrap")
+        return out + violations(n, degree, t, threat, complete=complete)
+
+    def _directory(self, n: int) -> KeyDirectory | None:
+        if self._threat.adversary != "active":
+            return None
+        if self._identities is not None:
+            if not self._identities.covers(n):
+                raise ConfigurationError(f"the identity directory does not cover clients 0..{n - 1}")
+            return self._identities
+        if n not in self._simulated_pki:
+            log.warning("active %s without identities=: generating a simulated PKI (simulation only)", self.name)
+            self._simulated_pki[n] = KeyDirectory.generate(n)
+        return self._simulated_pki[n]
+
+    def _round(self, spec: RoundSpec) -> Round:
+        if self._round_cache is not None and self._round_cache[0] == spec:
+            return self._round_cache[1]
+        p = self.parameters(spec.n)
+        graph = (MaskingGraph.complete_graph(spec.n) if p.complete
+                 else MaskingGraph.harary(spec.n, p.degree, spec.session_id))
+        width = self._encoder.modulus_bits(spec.n)
+        r = Round(spec, self._TAG, p, graph, width, self._encoder, self._threat.active, self._directory(spec.n))
+        self._round_cache = (spec, r)
+        return r
+
+    # parties ---------------------------------------------------------------------------------
+
+    def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
+        return Server(self._round(spec))
+
+    def client(
+        self, spec: RoundSpec, client: int, x: np.ndarray | None = None, *, rng: RandomSource
+    ) -> ClientProtocol:
+        if not 0 <= client < spec.n:
+            raise InvalidInput(f"client index {client} is not in 0..{spec.n - 1}")
+        c = Client(self._round(spec), int(client), rng)
+        if x is not None:
+            c.set_input(x)
+        return c
+
+    def load_client(self, data: bytes, *, rng: RandomSource) -> ClientProtocol:
+        return load_client_state(data, rng, tag=self._TAG, name=self.name, round_for=self._round)
+
+
+class SecAgg(_MaskedAggregation):
+    """SecAgg (Bonawitz et al. 2017): every client masks with every other; t-of-n secret sharing.
+
+    Keyword-only: ``threshold`` (int, float fraction of n, or None: the smallest the
+    threat model allows), ``adversary`` ("semi-honest" or "active": signatures and a
+    consistency check, needs ``identities``, a :class:`KeyDirectory`; without it a
+    simulated PKI is generated, for simulation only), ``corrupt_fraction`` and
+    ``dropout_fraction`` (the threat model), ``value_range``/``value_bits`` (the
+    default :class:`FixedPoint` encoder) or ``encoder``. Raises ConfigurationError for
+    parameters that violate the threat model. See ``protocols/secagg.md``.
+    """
+
+    name = "secagg"
+    _TAG = b"SFSA"
+
+    def __init__(
+        self,
+        *,
+        threshold: int | float | None = None,
+        adversary: str = "semi-honest",
+        corrupt_fraction: float = 0.1,
+        dropout_fraction: float = 0.1,
+        value_range: float | None = None,
+        value_bits: int | None = None,
+        encoder: IntegerEncoder | None = None,
+        identities: KeyDirectory | None = None,
+    ) -> None:
+        super().__init__(threshold=threshold, adversary=adversary, corrupt_fraction=corrupt_fraction,
+                         dropout_fraction=dropout_fraction, value_range=value_range, value_bits=value_bits,
+                         encoder=encoder, identities=identities)
+
+    def __repr__(self) -> str:
+        return (f"SecAgg(threshold={self._threshold!s}, adversary={self._threat.adversary!r}, "
+                f"corrupt_fraction={self._threat.corrupt_fraction}, dropout_fraction={self._threat.dropout_fraction}, "
+                f"encoder={self._encoder!r})")
+
+    def _resolve(self, n: int) -> GraphParameters:
+        t = self._threshold
+        if isinstance(t, Fraction):
+            t = math.ceil(t * n)
+        return complete_graph_parameters(n, self._threat, t)
+
+
+class SecAggPlus(_MaskedAggregation):
+    """SecAgg+ (Bell et al. 2020): masks along a random Harary graph of logarithmic degree.
+
+    As :class:`SecAgg`, plus ``degree`` (even; None: the smallest the threat model
+    allows at statistical security 2^-40 and failure probability < 2^-20). A float
+    ``threshold`` is a fraction of ``degree + 1`` (the holders of a client's shares).
+    Falls back to the complete graph when no smaller degree is safe (small rounds).
+    Raises ConfigurationError for parameters that violate the threat model.
+    See ``protocols/secagg.md``.
+    """
+
+    name = "secagg+"
+    _TAG = b"SFS+"
+
+    def __init__(
+        self,
+        *,
+        threshold: int | float | None = None,
+        degree: int | None = None,
+        adversary: str = "semi-honest",
+        corrupt_fraction: float = 0.1,
+        dropout_fraction: float = 0.1,
+        value_range: float | None = None,
+        value_bits: int | None = None,
+        encoder: IntegerEncoder | None = None,
+        identities: KeyDirectory | None = None,
+    ) -> None:
+        super().__init__(threshold=threshold, adversary=adversary, corrupt_fraction=corrupt_fraction,
+                         dropout_fraction=dropout_fraction, value_range=value_range, value_bits=value_bits,
+                         encoder=encoder, identities=identities)
+        if degree is not None and (isinstance(degree, bool) or not isinstance(degree, (int, np.integer))
+                                   or degree < 2 or degree % 2):
+            raise ConfigurationError(f"degree must be an even int >= 2 or None, got {degree!r}")
+        self._degree = None if degree is None else int(degree)
+        if not self._threat.harary_feasible():
+            raise ConfigurationError(
+                f"corrupt_fraction={corrupt_fraction} and dropout_fraction={dropout_fraction} are infeasible for "
+                "SecAgg+: it needs corrupt + dropout <= 0.9 (semi-honest) or corrupt + 2 x dropout <= 0.9 (active)"
+            )
+
+    def __repr__(self) -> str:
+        return (f"SecAggPlus(threshold={self._threshold!s}, degree={self._degree}, "
+                f"adversary={self._threat.adversary!r}, corrupt_fraction={self._threat.corrupt_fraction}, "
+                f"dropout_fraction={self._threat.dropout_fraction}, encoder={self._encoder!r})")
+
+    def _resolve(self, n: int) -> GraphParameters:
+        t = self._threshold
+        if not isinstance(t, Fraction):
+            return harary_parameters(n, self._threat, degree=self._degree, threshold=t)
+        degrees = [self._degree] if self._degree is not None else [*range(2, n - 1, 2), n - 1]
+        problems = []
+        for k in degrees:
+            try:
+                return harary_parameters(n, self._threat, degree=k, threshold=math.ceil(t * (min(k, n - 1) + 1)))
+            except ConfigurationError as e:
+                problems.append(str(e))
+        raise ConfigurationError(f"no degree admits threshold {float(t)} x (degree + 1): {problems[-1]}")

@@ -1,0 +1,313 @@
+"""A server that deviates in named ways, to test that honest clients refuse what they must.
+
+:func:`run_round` drives one round like :func:`~securefed.protocols.base.simulate_aggregation`,
+but every request the honest server produces passes through a list of
+:class:`Deviation` objects first. A deviation may rewrite, drop, add or repeat
+requests (the replies to added requests go to the deviation, not to the honest
+server) and sees every reply. The run records each delivery: what was sent, what
+came back, and what the client raised if it refused.
+
+Deviations for SecAgg / SecAgg+ (Bonawitz et al. 2017, Sec. 4 and 6):
+
+- :class:`AskBothSecrets`: a second unmasking request that marks a peer the other
+  way (the server would get both b_v's and s_v's shares from one client);
+- :class:`UnmaskBelowThreshold`: a survivor list with fewer than t survivors;
+- :class:`InconsistentSurvivorLists` (active): two halves of the clients sign
+  different survivor lists, then each is shown the other half's list or signatures;
+- :class:`SubstitutePublicKey` (active): the server replaces a peer's advertised key
+  with its own (a man in the middle on the share channel).
+
+Usage::
+
+    run = run_round(SecAgg(), inputs, [AskBothSecrets(target=0, victim=1)], seed=1)
+    assert run.refused("unmasking", 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import numpy as np
+
+from securefed.crypto import kex
+from securefed.crypto.random import RandomSource
+from securefed.errors import MessageRejected, ProtocolAborted, SecureFedError
+from securefed.protocols import _secagg_wire as W
+from securefed.protocols import _wire
+from securefed.protocols.base import AggregationProtocol, ClientProtocol, Party, RoundSpec, ServerProtocol
+
+__all__ = [
+    "AdversarialRun",
+    "AskBothSecrets",
+    "Delivery",
+    "Deviation",
+    "InconsistentSurvivorLists",
+    "Send",
+    "SubstitutePublicKey",
+    "UnmaskBelowThreshold",
+    "run_round",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Send:
+    """One request to deliver; ``forward``: the reply goes to the honest server."""
+
+    party: Party
+    request: bytes
+    forward: bool = True
+    label: str = "honest"
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """A request delivered to a client and the outcome: a reply, silence, or a refusal."""
+
+    phase: str
+    party: Party
+    label: str
+    request: bytes
+    reply: bytes | None
+    error: SecureFedError | None
+
+    @property
+    def refused(self) -> bool:
+        return self.error is not None
+
+
+class RoundContext:
+    """What a deviation may use: the round's spec and parameters and message builders."""
+
+    def __init__(self, protocol: AggregationProtocol, spec: RoundSpec) -> None:
+        self.protocol, self.spec = protocol, spec
+        self.round = protocol._round(spec)  # type: ignore[attr-defined]
+        self.phases = protocol.phases
+
+    def message(self, phase: str, body: bytes) -> bytes:
+        """A server message of `phase` with `body` (valid header)."""
+        return self.round.message(self.phases.index(phase), _wire.SERVER, body)
+
+    def body(self, phase: str, data: bytes, sender: Party = _wire.SERVER) -> memoryview:
+        return self.round.body(data, self.phases.index(phase), sender)
+
+
+class Deviation:
+    """A named way for the server to depart from the protocol.
+
+    Override :meth:`requests` to rewrite one phase's requests (default: unchanged)
+    and :meth:`observe` to see deliveries (default: nothing).
+    """
+
+    name: ClassVar[str] = "honest"
+
+    def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
+        return sends
+
+    def observe(self, delivery: Delivery) -> None:
+        return None
+
+
+@dataclasses.dataclass
+class AdversarialRun:
+    """Everything that happened in one adversarial round."""
+
+    spec: RoundSpec
+    server: ServerProtocol
+    clients: dict[Party, ClientProtocol]
+    deliveries: list[Delivery]
+    aborted: ProtocolAborted | None = None
+    result: tuple[np.ndarray, tuple[int, ...]] | None = None
+
+    def outcomes(self, phase: str, party: Party, label: str | None = None) -> list[Delivery]:
+        return [d for d in self.deliveries if d.phase == phase and d.party == party
+                and (label is None or d.label == label)]
+
+    def refused(self, phase: str, party: Party, label: str | None = None) -> bool:
+        """Whether `party` refused every matching request of `phase` (and at least one was sent)."""
+        out = self.outcomes(phase, party, label)
+        return bool(out) and all(d.refused for d in out)
+
+
+def run_round(
+    protocol: AggregationProtocol,
+    inputs: Sequence[np.ndarray],
+    deviations: Sequence[Deviation] = (),
+    *,
+    seed: int | bytes = 0,
+    dropouts: Mapping[int, str] | None = None,
+) -> AdversarialRun:
+    """One round of `protocol` with the server's requests rewritten by `deviations`.
+
+    Honest clients answer; refusals (ProtocolAborted, MessageRejected) are recorded,
+    not raised. The round stops at the first ProtocolAborted of the server.
+    """
+    n, dim = len(inputs), int(np.asarray(inputs[0]).size)
+    rng = RandomSource(seed)
+    spec = RoundSpec(n=n, dim=dim, session_id=rng.child("session").token_bytes(32))
+    server = protocol.server(spec, rng=rng.child("server"))
+    clients: dict[Party, ClientProtocol] = {
+        i: protocol.client(spec, i, np.asarray(inputs[i]), rng=rng.child(f"client/{i}")) for i in range(n)
+    }
+    ctx = RoundContext(protocol, spec)
+    run = AdversarialRun(spec, server, clients, [])
+    drop_at = {c: protocol.phases.index(p) for c, p in (dropouts or {}).items()}
+    try:
+        for p, phase in enumerate(protocol.phases):
+            sends = [Send(party, req) for party, req in server.requests(phase).items()]
+            for dev in deviations:
+                sends = dev.requests(ctx, phase, sends)
+            for s in sends:
+                if isinstance(s.party, int) and drop_at.get(s.party, len(protocol.phases)) <= p:
+                    continue
+                try:
+                    reply, error = clients[s.party].handle(phase, s.request), None
+                except (ProtocolAborted, MessageRejected) as e:
+                    reply, error = None, e
+                delivery = Delivery(phase, s.party, s.label, s.request, reply, error)
+                run.deliveries.append(delivery)
+                for dev in deviations:
+                    dev.observe(delivery)
+                if reply is not None and s.forward:
+                    try:
+                        server.receive(phase, s.party, reply)
+                    except MessageRejected:
+                        pass
+            server.finish_phase(phase)
+        run.result = server.result()
+    except ProtocolAborted as e:
+        run.aborted = e
+    return run
+
+
+# -- SecAgg / SecAgg+ deviations ----------------------------------------------------------------
+
+
+def _survivor_bits(ctx: RoundContext, request: bytes, phase: str) -> tuple[np.ndarray, bytes]:
+    body = ctx.body(phase, request)
+    nb = (ctx.spec.n + 7) // 8
+    return W.parse_bitmap(body[:nb], ctx.spec.n), bytes(body[nb:])
+
+
+class AskBothSecrets(Deviation):
+    """After `target` answers unmasking, ask it again with `victim` marked the other way."""
+
+    name = "ask_both_secrets"
+
+    def __init__(self, target: int, victim: int) -> None:
+        self.target, self.victim = target, victim
+
+    def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
+        if phase != "unmasking":
+            return sends
+        out = list(sends)
+        for s in sends:
+            if s.party == self.target:
+                survivors, rest = _survivor_bits(ctx, s.request, phase)
+                flipped = set(survivors.tolist()) ^ {self.victim}
+                body = W.bitmap(sorted(flipped), ctx.spec.n) + rest
+                out.append(Send(self.target, ctx.message(phase, body), forward=False, label=self.name))
+        return out
+
+
+class UnmaskBelowThreshold(Deviation):
+    """Send `target` a survivor list with t - 1 members of its neighbourhood (itself included)."""
+
+    name = "unmask_below_threshold"
+
+    def __init__(self, target: int, phase: str = "unmasking") -> None:
+        self.target, self.phase = target, phase
+
+    def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
+        if phase != self.phase:
+            return sends
+        out = []
+        for s in sends:
+            if s.party != self.target:
+                out.append(s)
+                continue
+            survivors, rest = _survivor_bits(ctx, s.request, phase)
+            nbhd = set(ctx.round.graph.closed_neighborhood(self.target).tolist())
+            keep = [self.target] + [v for v in survivors.tolist() if v in nbhd and v != self.target]
+            small = keep[: ctx.round.t - 1]
+            others = [v for v in survivors.tolist() if v not in nbhd]
+            out.append(Send(self.target, ctx.message(phase, W.bitmap(sorted(small + others), ctx.spec.n) + rest),
+                            forward=False, label=self.name))
+        return out
+
+
+class InconsistentSurvivorLists(Deviation):
+    """Active variant: clients in `group` sign a list without `victim`, the others the true list.
+
+    In unmasking, ``mode="swap"`` shows each client the list (and signatures) of the
+    other group; ``mode="foreign_signatures"`` shows each its own list with the other
+    group's signatures. An honest client refuses both.
+    """
+
+    name = "inconsistent_survivor_lists"
+
+    def __init__(self, victim: int, group: set[int], mode: str = "swap") -> None:
+        if mode not in ("swap", "foreign_signatures"):
+            raise ValueError("mode must be 'swap' or 'foreign_signatures'")
+        self.victim, self.group, self.mode = victim, set(group), mode
+        self._lists: dict[bool, bytes] = {}
+        self._sigs: dict[bool, dict[int, bytes]] = {True: {}, False: {}}
+
+    def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
+        if phase == "consistency_check":
+            out = []
+            for s in sends:
+                survivors, _ = _survivor_bits(ctx, s.request, phase)
+                lists = {False: W.bitmap(survivors, ctx.spec.n),
+                         True: W.bitmap([v for v in survivors.tolist() if v != self.victim], ctx.spec.n)}
+                self._lists = lists
+                mine = s.party in self.group
+                out.append(Send(s.party, ctx.message(phase, lists[mine]), forward=not mine, label=self.name))
+            return out
+        if phase == "unmasking" and self._lists:
+            out = []
+            for party in sorted({*self._sigs[True], *self._sigs[False]}):  # every client that signed a list
+                mine = party in self.group
+                shown = (not mine) if self.mode == "swap" else mine
+                signer_group = (not mine) if self.mode == "foreign_signatures" else shown
+                nbhd = set(ctx.round.graph.closed_neighborhood(party).tolist())
+                sigs = sorted((v, sig) for v, sig in self._sigs[signer_group].items() if v in nbhd)
+                body = W.records(sigs, prefix=self._lists[shown])
+                out.append(Send(party, ctx.message(phase, body), forward=False, label=self.name))
+            return out
+        return sends
+
+    def observe(self, delivery: Delivery) -> None:
+        if delivery.phase == "consistency_check" and delivery.reply is not None:
+            sig = delivery.reply[_wire.HEADER_SIZE:]
+            self._sigs[delivery.party in self.group][delivery.party] = sig  # type: ignore[index]
+
+
+class SubstitutePublicKey(Deviation):
+    """Replace `victim`'s advertised keys, as shown to `target`, with the server's own."""
+
+    name = "substitute_public_key"
+
+    def __init__(self, target: int, victim: int) -> None:
+        self.target, self.victim = target, victim
+
+    def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
+        if phase != "share_keys":
+            return sends
+        out = []
+        rec = 2 * W.KEY + (W.SIG if ctx.round.active else 0)
+        forged = kex.public_bytes(kex.generate_private_key(RandomSource(b"server-mitm")))
+        for s in sends:
+            if s.party != self.target:
+                out.append(s)
+                continue
+            ids, payload = W.parse_records(ctx.body(phase, s.request), rec)
+            entries = []
+            for i, v in enumerate(ids.tolist()):
+                entry = bytes(payload[i * rec : (i + 1) * rec])
+                if v == self.victim:
+                    entry = forged + forged[::-1] + entry[2 * W.KEY :]
+                entries.append((v, entry))
+            out.append(Send(s.party, ctx.message(phase, W.records(entries)), label=self.name))
+        return out
