@@ -2,6 +2,8 @@
 
 ==========  ===========================================================
 Plain       no protection (baseline)
+SecAgg      pairwise masks, complete graph (Bonawitz et al. 2017)
+SecAggPlus  pairwise masks, random Harary graph (Bell et al. 2020)
 CKKS        homomorphic encryption, approximate real sums (TenSEAL)
 BFV         homomorphic encryption, exact integer sums (TenSEAL)
 ==========  ===========================================================
@@ -20,9 +22,10 @@ from securefed.protocols.base import (
 )
 from securefed.protocols.he import BFV, CKKS
 from securefed.protocols.plain import Plain
+from securefed.protocols.secagg import SecAgg, SecAggPlus
 
 #: Protocol classes by their stable ``name`` (as written in logs and the audit trail).
-REGISTRY: dict[str, type[AggregationProtocol]] = {cls.name: cls for cls in (Plain, CKKS, BFV)}
+REGISTRY: dict[str, type[AggregationProtocol]] = {cls.name: cls for cls in (Plain, SecAgg, SecAggPlus, CKKS, BFV)}
 
 __all__ = [
     "AggregationProtocol",
@@ -35,6 +38,8 @@ __all__ = [
     "Plain",
     "REGISTRY",
     "RoundSpec",
+    "SecAgg",
+    "SecAggPlus",
     "ServerProtocol",
     "ServerView",
     "simulate_aggregation",
