@@ -1,0 +1,187 @@
+"""The client side on Flower: handlers for a ``ClientApp`` that run securefed's client state machine.
+
+The node's protocol state lives in ``context.state`` between phases (as bytes from
+``ClientProtocol.dump()``, never pickle). In the input phase the handler runs the
+user's ordinary Flower training function, turns the trained model into an update
+vector (weighted as the server asked), and hands it to the protocol, which encodes
+and masks or encrypts it: the trained model itself never leaves the node. See
+``protocols/flower.md``, "Client".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from securefed.crypto.random import RandomSource
+from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
+from securefed.flower import _envelope, _model
+from securefed.flower.aggregation import input_phase
+from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
+
+__all__ = ["SecureClient", "client_rng"]
+
+# Flower's error code for an app that raised (flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION):
+# the server records the node as having refused.
+_REFUSED = 2
+# Flower's code for "no reply message": the protocol chose to send nothing (the server records no reply).
+_NOTHING = 4
+
+#: ``Message -> Message``: a Flower training function (``@app.train()`` style).
+TrainFn = Callable[[Message, Context], Message]
+
+
+def client_rng(seed: int | None, session: bytes, client: int, phase: str) -> RandomSource:
+    """A node's randomness for one phase: from ``os.urandom``, or, seeded (tests and simulation only),
+    derived from the seed, the round's session id, the client index and the phase."""
+    if seed is None:
+        return RandomSource()
+    return RandomSource(seed).child(f"flower/{session.hex()}/client/{client}/{phase}")
+
+
+def _value(x: Any, context: Context) -> Any:
+    return x(context) if callable(x) and not isinstance(x, AggregationProtocol) else x
+
+
+class SecureClient:
+    """Runs `protocol`'s client side in a Flower ``ClientApp``.
+
+    - ``protocol``: the node's protocol, or a function of the ``Context`` returning it. The
+      node never takes the protocol from the server: it refuses a request whose protocol
+      or parameters differ from its own;
+    - ``phases``: the protocol's phases, needed only when `protocol` is a function;
+    - ``seed``: an int (or a function of the ``Context``) making the node's randomness
+      reproducible, for tests and simulation only; None (default) draws from the OS.
+
+    :meth:`register` installs the handlers on a ``ClientApp``. Raises ConfigurationError
+    for missing phases.
+    """
+
+    def __init__(
+        self,
+        protocol: AggregationProtocol | Callable[[Context], AggregationProtocol],
+        *,
+        phases: Sequence[str] | None = None,
+        seed: int | None | Callable[[Context], int | None] = None,
+    ) -> None:
+        if isinstance(protocol, AggregationProtocol):
+            phases = protocol.phases
+            self._input_phase = input_phase(protocol)
+        elif phases is None:
+            raise ConfigurationError("pass phases= with a protocol factory (the handlers are registered by phase)")
+        else:
+            self._input_phase = ""
+        if not phases:
+            raise ConfigurationError("the protocol has no phases")
+        self.protocol = protocol
+        self.phases = tuple(phases)
+        self.seed = seed
+
+    def register(self, app: ClientApp, train: TrainFn) -> None:
+        """Handle ``train`` (the input phase, where `train` runs) and ``query.<phase>`` for the other phases.
+
+        `train` is an ordinary Flower training function: it receives the message with
+        the global model (``content["arrays"]``) and config (``content["config"]``) and
+        returns a reply holding the trained model in ``"arrays"`` and, for weighting by
+        examples, ``MetricRecord`` ``"metrics"`` with ``"num-examples"``. That reply stays
+        on the node; only the protocol's payload is sent.
+        """
+
+        def on_train(msg: Message, context: Context) -> Message:
+            return self.handle(msg, context, train)
+
+        app.train()(on_train)
+        for phase in self.phases:
+            if phase != self._input_phase:
+                app.query(phase)(self._query_handler())
+
+    def _query_handler(self) -> Callable[[Message, Context], Message]:
+        def on_query(msg: Message, context: Context) -> Message:
+            return self.handle(msg, context, None)
+
+        return on_query
+
+    # -- one message -------------------------------------------------------------------
+
+    def handle(self, msg: Message, context: Context, train: TrainFn | None) -> Message:
+        """Answer one request: the protocol's reply, or an error reply when the node refuses."""
+        is_train = msg.metadata.message_type == "train"
+        req: _envelope.Request | None = None
+        try:
+            req, arrays, config = _envelope.parse_request(msg.content, input_phase=is_train)
+            protocol = _value(self.protocol, context)
+            if req.protocol != protocol.name or req.params != _envelope.describe(protocol, req.n):
+                raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                                      "the server asks for a protocol or parameters this node is not configured for")
+            if req.phase not in protocol.phases or (req.phase == input_phase(protocol)) != is_train:
+                raise MessageRejected("invalid request: unknown phase or wrong message type for it")
+            seed = _value(self.seed, context)
+            client = self._restore(context, protocol, req, seed)
+            try:
+                if is_train:
+                    assert arrays is not None and config is not None and train is not None
+                    client.set_input(self._input(msg, context, train, arrays, req))
+                payload = client.handle(req.phase, req.payload)
+            except (MessageRejected, ProtocolAborted, InvalidInput):
+                self._save(context, req, b"")  # refused: this node answers nothing more in this round
+                raise
+        except (MessageRejected, ProtocolAborted, InvalidInput) as e:
+            return Message(Error(code=_REFUSED, reason=f"securefed: {type(e).__name__}: {e}"), reply_to=msg)
+        if req.phase == protocol.phases[-1]:
+            context.state.pop(_envelope.KEY, None)
+        else:
+            self._save(context, req, client.dump())
+        if payload is None:
+            return Message(Error(code=_NOTHING, reason="securefed: nothing to send in this phase"), reply_to=msg)
+        reply = _envelope.Reply(req.phase, req.round, req.session, req.client, bytes(payload))
+        return Message(RecordDict({_envelope.KEY: reply.record()}), reply_to=msg)
+
+    def _restore(self, context: Context, protocol: AggregationProtocol, req: _envelope.Request,
+                 seed: int | None) -> ClientProtocol:
+        """The state machine for this request's round: saved in the context, or new for a new round."""
+        rng = client_rng(seed, req.session, req.client, req.phase)
+        saved = context.state.get(_envelope.KEY)
+        if isinstance(saved, ConfigRecord):
+            same = (saved["round"], saved["session"], saved["client"]) == (req.round, req.session, req.client)
+            if same:
+                if not saved["state"]:
+                    raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node left the round earlier")
+                return protocol.load_client(saved["state"], rng=rng)
+            if req.round < saved["round"] or (req.round == saved["round"] and req.phase != protocol.phases[0]):
+                raise MessageRejected("invalid request: stale round or session")
+        spec = RoundSpec(n=req.n, dim=req.dim, session_id=req.session, round_index=req.round)
+        return protocol.client(spec, req.client, rng=rng)
+
+    def _save(self, context: Context, req: _envelope.Request, state: bytes) -> None:
+        context.state[_envelope.KEY] = ConfigRecord(
+            {"round": req.round, "session": req.session, "client": req.client, "state": state}
+        )
+
+    def _input(self, msg: Message, context: Context, train: TrainFn, arrays: ArrayRecord,
+               req: _envelope.Request) -> np.ndarray:
+        """Train, then the update vector: (trained - global), weighted as the request says."""
+        reply = train(msg, context)
+        if not isinstance(reply, Message) or not reply.has_content() or "arrays" not in reply.content:
+            raise InvalidInput("the training function must return a Message with the trained model in 'arrays'")
+        trained = reply.content["arrays"]
+        if not isinstance(trained, ArrayRecord):
+            raise InvalidInput("'arrays' in the training reply must be an ArrayRecord")
+        _model.same_layout(arrays, trained)
+        start, _ = _model.flatten_record(arrays)
+        new, _ = _model.flatten_record(trained)
+        update = new.astype(np.float64) - start.astype(np.float64)
+        if req.max_examples:
+            metrics = reply.content.get("metrics")
+            examples = metrics.get("num-examples") if isinstance(metrics, MetricRecord) else None
+            if not isinstance(examples, int) or examples < 1:
+                raise InvalidInput("weighting by examples: the training reply needs MetricRecord 'metrics' "
+                                   "with a positive int 'num-examples'")
+            w = min(examples, req.max_examples) / req.max_examples
+            update = np.append(update * w, w)
+        if update.size != req.dim:
+            raise InvalidInput(f"the update has {update.size} values, the round expects {req.dim}")
+        return update

@@ -1,0 +1,354 @@
+"""FedAvg on Flower where the server learns only the aggregate: the strategy users put in their ``ServerApp``.
+
+Each round: sample nodes, run one securefed aggregation round over the grid (the
+nodes train in its input phase), apply the mean update, evaluate, checkpoint, and
+record the round in the audit log. A restarted run continues from the checkpoint.
+See ``protocols/flower.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from securefed.crypto.random import RandomSource
+from securefed.errors import AbortReason, ConfigurationError, ProtocolAborted
+from securefed.flower import _checkpoint, _model
+from securefed.flower.aggregation import GridAggregator, RoundOutcome
+from securefed.protocols.base import (
+    AggregationProtocol,
+    AggregationResult,
+    DropReason,
+    DropRecord,
+    RoundSpec,
+    ServerView,
+)
+
+__all__ = ["RoundReport", "SecureFedAvg", "SecureResult"]
+
+log = logging.getLogger("securefed.flower")
+
+EvaluateFn = Callable[[int, ArrayRecord], "MetricRecord | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundReport:
+    """One round on Flower.
+
+    ``participants``: the node ids asked to take part; ``included``: those whose update
+    is in the aggregate; ``dropped``: node id to the phase and reason it left;
+    ``aborted``: the abort reason when the round released nothing (model unchanged);
+    ``metrics``: the server's evaluation and the round's statistics.
+    """
+
+    round: int
+    participants: tuple[int, ...]
+    included: tuple[int, ...]
+    dropped: dict[int, DropRecord]
+    metrics: dict[str, float]
+    epsilon: float | None = None
+    aborted: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round, "participants": list(self.participants), "included": list(self.included),
+            "dropped": {str(v): [d.phase, d.reason.value, d.detail] for v, d in self.dropped.items()},
+            "metrics": self.metrics, "epsilon": self.epsilon, "aborted": self.aborted,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RoundReport:
+        return cls(
+            data["round"], tuple(data["participants"]), tuple(data["included"]),
+            {int(v): DropRecord(p, DropReason(r), d) for v, (p, r, d) in data["dropped"].items()},
+            dict(data["metrics"]), data["epsilon"], data["aborted"],
+        )
+
+
+@dataclasses.dataclass
+class SecureResult(Result):
+    """Flower's ``Result`` plus securefed's report of every round (``rounds``)."""
+
+    rounds: list[RoundReport] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _RunState:
+    """What a checkpoint holds besides the model."""
+
+    round: int = 0
+    restarts: int = 0
+    cooldown: dict[int, int] = dataclasses.field(default_factory=dict)
+    history: list[RoundReport] = dataclasses.field(default_factory=list)
+    audit: dict[str, Any] | None = None  # the committed round's audit record, until the log has it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"restarts": self.restarts, "cooldown": {str(k): v for k, v in self.cooldown.items()},
+                "history": [r.to_json() for r in self.history], "audit": self.audit}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> _RunState:
+        return cls(data["round"], data["restarts"], {int(k): v for k, v in data["cooldown"].items()},
+                   [RoundReport.from_json(r) for r in data["history"]], data["audit"])
+
+
+class SecureFedAvg:
+    """Federated averaging over a Flower grid through a securefed aggregation protocol.
+
+    Keyword parameters:
+
+    - ``protocol``: the aggregation protocol (nodes must be configured with the same);
+    - ``fraction_train``, ``min_train_nodes``, ``min_available_nodes``: sampling as in
+      Flower's FedAvg; ``node_wait_timeout``: seconds to wait for enough nodes;
+    - ``weighting``: ``"examples"`` (each node weights its update by its example count,
+      capped at ``max_examples``, inside the aggregate) or ``"uniform"``;
+    - ``server_lr``: step on the mean update (1.0 is FedAvg);
+    - ``phase_timeout``, ``train_timeout``, ``poll_interval``: see :class:`GridAggregator`;
+    - ``cooldown_rounds``: a node that dropped out is not sampled for that many rounds
+      (while enough others are available): a crashed node would otherwise cost a full
+      phase timeout per round until Flower notices its missed heartbeats (about a minute);
+    - ``checkpoint_dir``: checkpoint there after every round and resume from it;
+    - ``audit_log``, ``audit_key``: write the signed audit log (``securefed.audit``);
+    - ``seed``: reproducible sampling, session ids and server coins, for tests and
+      simulation only (nodes need the same seed for theirs).
+
+    Raises ConfigurationError for inconsistent parameters.
+    """
+
+    def __init__(
+        self,
+        *,
+        protocol: AggregationProtocol,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        node_wait_timeout: float = 300.0,
+        weighting: Literal["examples", "uniform"] = "examples",
+        max_examples: int = 1000,
+        server_lr: float = 1.0,
+        phase_timeout: float = 120.0,
+        train_timeout: float = 600.0,
+        poll_interval: float = 0.2,
+        cooldown_rounds: int = 1,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        audit_log: str | os.PathLike[str] | None = None,
+        audit_key: Any = None,
+        seed: int | None = None,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ConfigurationError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
+        if not 1 <= min_train_nodes <= min_available_nodes:
+            raise ConfigurationError("need 1 <= min_train_nodes <= min_available_nodes, got "
+                                     f"{min_train_nodes} and {min_available_nodes}")
+        if weighting not in ("examples", "uniform"):
+            raise ConfigurationError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        if not isinstance(max_examples, int) or max_examples < 1:
+            raise ConfigurationError(f"max_examples must be a positive int, got {max_examples!r}")
+        if not isinstance(cooldown_rounds, int) or cooldown_rounds < 0:
+            raise ConfigurationError(f"cooldown_rounds must be an int >= 0, got {cooldown_rounds!r}")
+        self.protocol = protocol
+        self.aggregator = GridAggregator(protocol, phase_timeout=phase_timeout, train_timeout=train_timeout,
+                                         poll_interval=poll_interval)
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.node_wait_timeout = node_wait_timeout
+        self.weighting = weighting
+        self.max_examples = max_examples
+        self.server_lr = server_lr
+        self.cooldown_rounds = cooldown_rounds
+        self.checkpoint_dir = checkpoint_dir
+        self.audit_log = audit_log
+        self.audit_key = audit_key
+        self.seed = seed
+        if seed is not None:
+            log.warning("securefed: seeded run: keys and coins are predictable; for tests and simulation only")
+
+    # -- randomness and sampling --------------------------------------------------------------
+
+    def _rng(self, label: str) -> RandomSource:
+        return RandomSource() if self.seed is None else RandomSource(self.seed).child(f"flower/{label}")
+
+    def _sample(self, grid: Grid, round_index: int, state: _RunState) -> list[int]:
+        deadline = time.monotonic() + self.node_wait_timeout
+        while True:
+            available = sorted(set(int(v) for v in grid.get_node_ids()))
+            rested = [v for v in available if state.cooldown.get(v, 0) < round_index]
+            pool = rested if len(rested) >= self.min_available_nodes else available
+            if len(pool) >= self.min_available_nodes:
+                break
+            if time.monotonic() > deadline:
+                raise ProtocolAborted(AbortReason.TOO_FEW_SURVIVORS,
+                                      f"only {len(pool)} nodes available after {self.node_wait_timeout:.0f} s; "
+                                      f"need {self.min_available_nodes}")
+            time.sleep(1.0)
+        k = min(len(pool), max(self.min_train_nodes, int(len(pool) * self.fraction_train)))
+        if k == len(pool):
+            return pool
+        keys = self._rng(f"round/{round_index}/sample").integers_below(2**63, len(pool))
+        return sorted(pool[i] for i in np.argsort(keys, kind="stable")[:k])
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        train_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> SecureResult:
+        """Train until round `num_rounds` (counting rounds already in the checkpoint); returns the result.
+
+        `train_config` goes to the nodes with the model (plus ``"server-round"``);
+        ``evaluate_fn(round, arrays)`` evaluates the global model centrally after each
+        round. Raises ConfigurationError for a checkpoint or audit log that does not
+        fit this run.
+        """
+        if not isinstance(num_rounds, int) or num_rounds < 1:
+            raise ConfigurationError(f"num_rounds must be a positive int, got {num_rounds!r}")
+        arrays, state, aggregate = initial_arrays, _RunState(), None
+        if self.checkpoint_dir is not None and (ckpt := _checkpoint.load(self.checkpoint_dir)) is not None:
+            raw, arrays, aggregate = ckpt
+            state = _RunState.from_json(raw)
+            state.restarts += 1
+            log.info("securefed: resuming after round %d from %s", state.round, self.checkpoint_dir)
+        audit = None
+        if self.audit_log is not None:
+            from securefed.audit import AuditWriter
+
+            audit = AuditWriter(self.audit_log, key=self.audit_key)
+        try:
+            if audit is None:
+                return self._run(grid, arrays, state, num_rounds, train_config, evaluate_fn, None)
+            with audit.session(config=self._audit_config(num_rounds)):
+                self._reconcile_audit(audit, state, aggregate)
+                return self._run(grid, arrays, state, num_rounds, train_config, evaluate_fn, audit)
+        finally:
+            if audit is not None:
+                audit.close()
+
+    def _run(self, grid: Grid, arrays: ArrayRecord, state: _RunState, num_rounds: int,
+             train_config: ConfigRecord | None, evaluate_fn: EvaluateFn | None, audit: Any) -> SecureResult:
+        result = SecureResult(arrays=arrays)
+        for report in state.history:
+            result.rounds.append(report)
+            if evals := _evals(report):
+                result.evaluate_metrics_serverapp[report.round] = MetricRecord(evals)
+        for r in range(state.round + 1, num_rounds + 1):
+            arrays, report, outcome = self._round(grid, r, arrays, state, train_config, evaluate_fn)
+            result.arrays = arrays
+            result.rounds.append(report)
+            if evals := _evals(report):
+                result.evaluate_metrics_serverapp[r] = MetricRecord(evals)
+            state.round = r
+            state.history.append(report)
+            for node in report.dropped:
+                state.cooldown[node] = r + self.cooldown_rounds
+            state.audit = self._audit_record(report, outcome) if audit is not None else None
+            if self.checkpoint_dir is not None:
+                _checkpoint.save(self.checkpoint_dir, round_index=r, arrays=arrays, state=state.to_json(),
+                                 aggregate=None if outcome is None or audit is None else outcome.result.total)
+            if audit is not None:
+                self._write_audit(audit, state.audit, None if outcome is None else outcome.result.total)
+        return result
+
+    def _round(self, grid: Grid, r: int, arrays: ArrayRecord, state: _RunState,
+               train_config: ConfigRecord | None, evaluate_fn: EvaluateFn | None,
+               ) -> tuple[ArrayRecord, RoundReport, RoundOutcome | None]:
+        nodes = self._sample(grid, r, state)
+        start, spec = _model.flatten_record(arrays)
+        weighted = self.weighting == "examples"
+        config = ConfigRecord({**(train_config or {}), "server-round": r})
+        log.info("securefed: round %d with %d nodes", r, len(nodes))
+        try:
+            outcome = self.aggregator.run(
+                grid, nodes, round_index=r, dim=start.size + weighted, rng=self._rng(f"round/{r}/attempt/{state.restarts}"),
+                arrays=arrays, config=config, max_examples=self.max_examples if weighted else 0,
+            )
+        except ProtocolAborted as e:
+            log.error("securefed: round %d aborted (%s): %s", r, e.reason.value, e)
+            return arrays, RoundReport(r, tuple(nodes), (), {}, {}, None, e.reason.value), None
+        total, included = outcome.result.total, outcome.included_nodes
+        if weighted:
+            mean = total[:-1] / total[-1]
+        else:
+            mean = total / len(included)
+        new = start.astype(np.float64) + self.server_lr * mean
+        arrays = _model.with_vector(arrays, new, spec)
+        metrics: dict[str, float] = {
+            "included": float(len(included)), "dropped": float(len(outcome.dropped_nodes)),
+            "upload_bytes_per_node": float(np.mean([outcome.bytes_from[v] for v in included])),
+            **{f"seconds_{phase}": s for phase, s in outcome.phase_seconds.items()},
+        }
+        if evaluate_fn is not None and (evals := evaluate_fn(r, arrays)) is not None:
+            metrics.update({f"eval_{k}": float(v) for k, v in evals.items() if isinstance(v, (int, float))})
+        report = RoundReport(r, outcome.nodes, included, outcome.dropped_nodes, metrics)
+        log.info("securefed: round %d done: %d included, %d dropped %s", r, len(included),
+                 len(outcome.dropped_nodes), {k: v for k, v in metrics.items() if k.startswith("eval_")})
+        return arrays, report, outcome
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def _audit_config(self, num_rounds: int) -> dict[str, Any]:
+        return {
+            "runtime": "flower", "strategy": type(self).__name__, "protocol": repr(self.protocol),
+            "num_rounds": num_rounds, "fraction_train": self.fraction_train, "min_train_nodes": self.min_train_nodes,
+            "weighting": self.weighting, "max_examples": self.max_examples, "server_lr": self.server_lr,
+            "phase_timeout": self.aggregator.phase_timeout, "train_timeout": self.aggregator.train_timeout,
+            "cooldown_rounds": self.cooldown_rounds, "seed": self.seed,
+        }
+
+    @staticmethod
+    def _audit_record(report: RoundReport, outcome: RoundOutcome | None) -> dict[str, Any]:
+        """What the audit log needs for this round, JSON-able, so a resumed run can write it."""
+        rec: dict[str, Any] = {"round": report.round, "participants": list(report.participants),
+                               "metrics": report.metrics, "aborted": report.aborted}
+        if outcome is not None:
+            res = outcome.result
+            rec.update(
+                n=res.spec.n, dim=res.spec.dim, session=res.spec.session_id.hex(),
+                included=list(res.included),
+                digests=[list(d) for d in res.server_view.digests],
+                dropped={str(c): [d.phase, d.reason.value, d.detail] for c, d in res.dropped.items()},
+            )
+        return rec
+
+    def _write_audit(self, audit: Any, rec: dict[str, Any], total: np.ndarray | None) -> None:
+        if rec["aborted"] is not None:
+            error = ProtocolAborted(AbortReason(rec["aborted"]), "round aborted")
+            audit.round_aborted(rec["round"], protocol=self.protocol, participants=rec["participants"], error=error)
+            return
+        assert total is not None
+        spec = RoundSpec(n=rec["n"], dim=rec["dim"], session_id=bytes.fromhex(rec["session"]), round_index=rec["round"])
+        view = ServerView(digests=[(c, p, h, s) for c, p, h, s in rec["digests"]])
+        dropped = {int(c): DropRecord(p, DropReason(r), d) for c, (p, r, d) in rec["dropped"].items()}
+        result = AggregationResult(total, tuple(rec["included"]), view, dropped, spec)
+        audit.round(rec["round"], protocol=self.protocol, result=result, participants=rec["participants"],
+                    metrics=rec["metrics"])
+
+    def _reconcile_audit(self, audit: Any, state: _RunState, aggregate: np.ndarray | None) -> None:
+        """Bring the audit log level with the checkpoint: write the committed round it lacks."""
+        last = audit.last_round or 0
+        if last == state.round:
+            return
+        if last == state.round - 1 and state.audit is not None and state.audit["round"] == state.round:
+            self._write_audit(audit, state.audit, aggregate)
+            return
+        raise ConfigurationError(
+            f"the audit log ends at round {last} but the checkpoint at round {state.round}: "
+            "they belong to different runs; use the audit log of this checkpoint or a new one"
+        )
+
+
+def _evals(report: RoundReport) -> dict[str, float]:
+    return {k.removeprefix("eval_"): v for k, v in report.metrics.items() if k.startswith("eval_")}

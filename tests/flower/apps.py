@@ -1,0 +1,75 @@
+"""A torch-free Flower app for the runtime tests: node p's "training" adds its fixed vector x_p to the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from securefed.flower import SecureClient
+from securefed.protocols.base import AggregationProtocol
+
+SHAPES = ((2, 3), (4,))
+
+
+def model(value: float = 0.0) -> ArrayRecord:
+    """Two float32 arrays and one int64 array (which the runtime must leave alone)."""
+    record = ArrayRecord()
+    for name, shape in zip(("w", "b"), SHAPES):
+        record[name] = Array(np.full(shape, value, np.float32))
+    record["steps"] = Array(np.array([7], np.int64))
+    return record
+
+
+def dim() -> int:
+    return sum(int(np.prod(s)) for s in SHAPES)
+
+
+def vector(record: ArrayRecord) -> np.ndarray:
+    return np.concatenate([record[k].numpy().ravel().astype(np.float64) for k in ("w", "b")])
+
+
+def client_app(
+    protocol: AggregationProtocol | Callable[[Context], AggregationProtocol],
+    updates: Mapping[int, Sequence[float]] | Callable[[int, int], np.ndarray],
+    *,
+    examples: Mapping[int, int] | None = None,
+    seed: int | None = 1,
+    phases: Sequence[str] | None = None,
+    fail: Callable[[int, int], bool] | None = None,
+) -> ClientApp:
+    """A ClientApp whose node with ``partition-id`` p moves the model by ``updates(p, round)``.
+
+    ``examples[p]`` is reported as num-examples (default 10); ``fail(p, round)`` makes
+    training raise.
+    """
+    app = ClientApp()
+
+    def train(msg: Message, context: Context) -> Message:
+        p = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"]["server-round"])
+        if fail is not None and fail(p, rnd):
+            raise RuntimeError(f"node {p} fails in round {rnd}")
+        arrays = msg.content["arrays"]
+        delta = updates(p, rnd) if callable(updates) else np.asarray(updates[p], np.float64)
+        new = vector(arrays) + delta
+        out = ArrayRecord()
+        off = 0
+        for name, shape in zip(("w", "b"), SHAPES):
+            size = int(np.prod(shape))
+            out[name] = Array(new[off : off + size].reshape(shape).astype(np.float32))
+            off += size
+        out["steps"] = arrays["steps"]
+        n = 10 if examples is None else examples[p]
+        return Message(RecordDict({"arrays": out, "metrics": MetricRecord({"num-examples": n})}), reply_to=msg)
+
+    SecureClient(protocol, phases=phases, seed=seed).register(app, train)
+    return app
+
+
+def nodes(n: int, first: int = 1001) -> dict[int, dict[str, Any]]:
+    """Node id -> node_config for n nodes with partition ids 0..n-1."""
+    return {first + p: {"partition-id": p, "num-partitions": n} for p in range(n)}

@@ -1,0 +1,98 @@
+"""One aggregation round over a Flower grid (in process): sums, dropouts, refusals, bad replies."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import securefed as sf
+from securefed.crypto.random import RandomSource
+from securefed.errors import ConfigurationError, ProtocolAborted
+from securefed.flower import GridAggregator
+from securefed.flower.testing import InProcessGrid
+from securefed.protocols.base import DropReason
+from tests.flower import apps
+
+
+def phase_of(msg):
+    return msg.content["securefed"]["phase"]
+
+
+def run_round(protocol, app, n, *, deliver=None, tamper=None, round_index=1, seed=0):
+    grid = InProcessGrid(app, apps.nodes(n), deliver=deliver, tamper=tamper)
+    # In process every reply is ready at the first pull: short timeouts only cut the wait for silent nodes.
+    agg = GridAggregator(protocol, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01)
+    return agg.run(grid, grid.get_node_ids(), round_index=round_index, dim=apps.dim(), rng=RandomSource(seed),
+                   arrays=apps.model(), config=sf.flower.strategy.ConfigRecord({"server-round": round_index}))
+
+
+vectors = arrays(np.float32, apps.dim(), elements=st.floats(-1e3, 1e3, width=32)).map(lambda a: a.astype(np.float64))
+
+
+@given(st.integers(1, 6).flatmap(lambda n: st.lists(vectors, min_size=n, max_size=n)), st.data())
+def test_plain_round_sums_exactly_the_updates_of_the_nodes_that_stayed(updates, data):
+    n = len(updates)
+    protocol = sf.protocols.Plain()
+    silent = data.draw(st.sets(st.integers(0, n - 1), max_size=n - 1))
+    first = 1001
+    out = run_round(protocol, apps.client_app(protocol, dict(enumerate(updates))), n,
+                    deliver=lambda node, msg: node - first not in silent)
+    kept = [p for p in range(n) if p not in silent]
+    assert out.included_nodes == tuple(first + p for p in kept)
+    expected = np.zeros(apps.dim())
+    for p in kept:
+        expected += updates[p]
+    np.testing.assert_array_equal(out.result.total, expected)
+    assert {v - first: (d.phase, d.reason) for v, d in out.dropped_nodes.items()} == {
+        p: ("upload", DropReason.NO_REPLY) for p in silent}
+
+
+def test_a_node_whose_training_fails_is_a_refusing_dropout_and_the_round_goes_on():
+    protocol = sf.protocols.Plain()
+    app = apps.client_app(protocol, {p: np.full(apps.dim(), p + 1.0) for p in range(3)}, fail=lambda p, r: p == 1)
+    out = run_round(protocol, app, 3)
+    assert out.included_nodes == (1001, 1003)
+    assert out.dropped_nodes[1002].reason is DropReason.REFUSED
+    np.testing.assert_array_equal(out.result.total, np.full(apps.dim(), 4.0))
+
+
+def test_nodes_refuse_a_server_that_asks_for_another_protocol():
+    """The node takes its protocol from its own configuration, never from the server."""
+    from securefed.flower import _envelope
+
+    class Other(sf.protocols.Plain):
+        def describe(self, n):
+            return {**super().describe(n), "value_bits": 8}
+
+    app = apps.client_app(sf.protocols.Plain(), {p: np.ones(apps.dim()) for p in range(2)})
+    with pytest.raises(ProtocolAborted):  # every node refuses: nothing to aggregate
+        run_round(Other(), app, 2)
+    assert _envelope.describe(Other(), 2) != _envelope.describe(sf.protocols.Plain(), 2)
+
+
+def test_all_nodes_silent_aborts_and_auxiliary_parties_are_refused_clearly():
+    protocol = sf.protocols.Plain()
+    app = apps.client_app(protocol, {p: np.ones(apps.dim()) for p in range(2)})
+    with pytest.raises(ProtocolAborted):
+        run_round(protocol, app, 2, deliver=lambda node, msg: False)
+
+    class WithDecryptor(sf.protocols.Plain):
+        def server(self, spec, *, rng):
+            inner = super().server(spec, rng=rng)
+
+            class S(type(inner)):
+                def requests(self, phase):
+                    return {**super().requests(phase), "decryptor": b""}
+
+            inner.__class__ = S
+            return inner
+
+    with pytest.raises(ConfigurationError, match="auxiliary"):
+        run_round(WithDecryptor(), app, 2)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), "5"])
+def test_timeouts_must_be_positive_finite_seconds(timeout):
+    with pytest.raises(ConfigurationError):
+        GridAggregator(sf.protocols.Plain(), phase_timeout=timeout)
