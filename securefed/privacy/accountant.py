@@ -1,0 +1,268 @@
+"""The privacy accountant: composes events, converts to (epsilon, delta), keeps the ledger.
+
+Gaussian events go to Google's dp-accounting (``RdpAccountant``/``PLDAccountant``,
+add-or-remove-one neighbours), so a Gaussian-only ledger gives exactly its numbers.
+The distributed discrete Gaussian and Skellam events, which dp-accounting lacks,
+get their RDP curves from :mod:`securefed.privacy._bounds` at the same orders and
+compose with the rest by adding RDP. See ``proofs/dp.md`` section 5.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+from securefed.errors import ConfigurationError, InvalidInput
+from securefed.privacy import _bounds
+from securefed.privacy.events import DDGEvent, GaussianEvent, PrivacyEvent, SkellamEvent, event_from_dict
+
+__all__ = ["Accountant", "compute_epsilon", "rdp_orders"]
+
+AccountantKind = Literal["rdp", "pld"]
+Conversion = Literal["improved", "classic"]
+
+
+def _dpa() -> Any:
+    try:
+        import dp_accounting
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ConfigurationError("privacy accounting needs dp-accounting: pip install 'securefed[dp]'") from e
+    return dp_accounting
+
+
+@functools.cache
+def rdp_orders() -> np.ndarray:
+    """The RDP orders: dp-accounting's defaults (1.1 .. 10.9 by 0.1, 11 .. 63, 128, 256, 512, 1024)."""
+    from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
+
+    orders = np.array(DEFAULT_RDP_ORDERS, dtype=np.float64)
+    orders.setflags(write=False)
+    return orders
+
+
+def _dp_event(event: GaussianEvent) -> Any:
+    dpa = _dpa()
+    inner = dpa.GaussianDpEvent(event.noise_multiplier)
+    if event.sampling_rate < 1.0:
+        inner = dpa.PoissonSampledDpEvent(event.sampling_rate, inner)
+    return dpa.SelfComposedDpEvent(inner, event.steps)
+
+
+def _integer_curve(event: PrivacyEvent, orders: np.ndarray) -> np.ndarray:
+    """The mechanism's RDP at `orders` for one release without sampling (integer domain, ``_bounds``)."""
+    assert isinstance(event, (DDGEvent, SkellamEvent))
+    d = event.dimension
+    scaled_clip = event.l2_clip / event.granularity
+    l2 = _bounds.rounded_l2_bound(scaled_clip, d, event.beta)
+    l1 = _bounds.rounded_l1_bound(l2, d)
+    sigma = event.noise_multiplier * scaled_clip  # integer-domain std of the total noise
+    if isinstance(event, DDGEvent):
+        assert event.num_clients is not None
+        tau = _bounds.ddg_tau(sigma / math.sqrt(event.num_clients), event.num_clients)
+        return _bounds.ddg_rdp(orders, l2, l1, sigma, tau, d)
+    return _bounds.skellam_rdp(orders, l2, l1, sigma**2)
+
+
+@functools.lru_cache(maxsize=256)
+def _event_rdp(key: PrivacyEvent) -> np.ndarray:
+    """RDP of `key` (all its steps) at :func:`rdp_orders`. Cached: the trainer repeats events."""
+    orders = rdp_orders()
+    if isinstance(key, GaussianEvent):
+        acc = _dpa().rdp.RdpAccountant(orders=list(orders))
+        # dp-accounting warns (through absl) for each small fractional order whose series does not
+        # converge and leaves it out (infinite RDP); that is expected for small noise, not news.
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            acc.compose(_dp_event(key))
+        finally:
+            absl.setLevel(level)
+        out = np.asarray(acc.rdp, dtype=np.float64)
+    elif key.sampling_rate >= 1.0 and isinstance(key, DDGEvent):
+        out = key.steps * _integer_curve(key, orders)  # Proposition 14 holds at every real order
+    else:
+        # Integer orders only (Skellam's theorem, Zhu-Wang): a fractional order takes the value at
+        # its ceiling, an upper bound since RDP is non-decreasing in the order.
+        ceil = np.maximum(np.ceil(orders - 1e-9).astype(np.int64), 2)
+        uniq, inverse = np.unique(ceil, return_inverse=True)
+        base = _integer_curve(key, np.arange(int(uniq.max()) + 1, dtype=np.float64))
+        out = key.steps * _bounds.poisson_subsampled_rdp(uniq, key.sampling_rate, base)[inverse]
+    out.setflags(write=False)
+    return out
+
+
+def _rdp_to_epsilon(rdp: np.ndarray, delta: float, conversion: Conversion) -> float:
+    orders = rdp_orders()
+    if not np.any(rdp > 0):
+        return 0.0
+    if conversion == "classic":
+        # Mironov 2017, Proposition 3: eps = min_a RDP(a) + log(1/delta) / (a - 1).
+        return float(max(0.0, np.min(rdp + math.log(1.0 / delta) / (orders - 1.0))))
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon as dpa_epsilon
+
+    return float(dpa_epsilon(orders, rdp, delta)[0])
+
+
+def _check_delta(delta: object) -> float:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
+        raise ConfigurationError(f"delta must be in (0, 1), got {delta!r}")
+    return float(delta)
+
+
+class Accountant:
+    """Composes privacy events and answers epsilon for a delta; keeps the ledger.
+
+    ``accountant``: ``"rdp"`` (every mechanism; events compose by adding RDP) or
+    ``"pld"`` (Gaussian events only, through dp-accounting's privacy loss
+    distributions). ``conversion`` (RDP only): ``"improved"`` is dp-accounting's
+    (Balle et al. 2020, Proposition 12); ``"classic"`` is Mironov's
+    min_a RDP(a) + log(1/delta)/(a-1), which reproduces Abadi et al. 2016.
+    See ``proofs/dp.md`` section 5.
+    """
+
+    def __init__(self, accountant: AccountantKind = "rdp", *, conversion: Conversion = "improved") -> None:
+        if accountant not in ("rdp", "pld"):
+            raise ConfigurationError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
+        if conversion not in ("improved", "classic"):
+            raise ConfigurationError(f"conversion must be 'improved' or 'classic', got {conversion!r}")
+        if accountant == "pld" and conversion != "improved":
+            raise ConfigurationError("conversion applies to the RDP accountant only")
+        self.kind: AccountantKind = accountant
+        self.conversion: Conversion = conversion
+        self._events: list[PrivacyEvent] = []
+        self._rdp: np.ndarray | None = None
+        self._pld: Any = None
+
+    def __repr__(self) -> str:
+        return f"Accountant({self.kind!r}, events={len(self._events)})"
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def supports(self, event: object) -> bool:
+        """Whether this accountant can compose `event`."""
+        if self.kind == "pld":
+            return isinstance(event, GaussianEvent)
+        return isinstance(event, (GaussianEvent, DDGEvent, SkellamEvent))
+
+    def _check(self, event: object) -> PrivacyEvent:
+        if not isinstance(event, PrivacyEvent):
+            raise InvalidInput(f"expected a privacy event, got {type(event).__name__}")
+        if not self.supports(event):
+            raise ConfigurationError(
+                f"the {self.kind!r} accountant cannot compose a {event.mechanism!r} event; use accountant='rdp'"
+            )
+        return event
+
+    def record(self, event: PrivacyEvent) -> None:
+        """Compose `event` and append it to the ledger. ConfigurationError if unsupported."""
+        event = self._check(event)
+        if self.kind == "rdp":
+            self._rdp = self._rdp_after(event)
+        else:
+            self._pld = self._pld_after(event)
+        self._events.append(event)
+
+    def _rdp_after(self, event: PrivacyEvent) -> np.ndarray:
+        add = _event_rdp(event._math_key())
+        return add.copy() if self._rdp is None else self._rdp + add
+
+    def _pld_after(self, event: PrivacyEvent) -> Any:
+        acc = copy.deepcopy(self._pld) if self._pld is not None else _dpa().pld.PLDAccountant()
+        acc.compose(_dp_event(event))  # type: ignore[arg-type]
+        return acc
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at `delta` (0.0 for an empty ledger)."""
+        delta = _check_delta(delta)
+        if not self._events:
+            return 0.0
+        if self.kind == "rdp":
+            assert self._rdp is not None
+            return _rdp_to_epsilon(self._rdp, delta, self.conversion)
+        return float(self._pld.get_epsilon(delta))
+
+    def epsilon_after(self, event: PrivacyEvent, delta: float) -> float:
+        """Epsilon at `delta` if `event` were recorded too (the ledger is not changed)."""
+        delta = _check_delta(delta)
+        event = self._check(event)
+        if self.kind == "rdp":
+            return _rdp_to_epsilon(self._rdp_after(event), delta, self.conversion)
+        return float(self._pld_after(event).get_epsilon(delta))
+
+    @property
+    def events(self) -> tuple[PrivacyEvent, ...]:
+        """The recorded events, in order."""
+        return tuple(self._events)
+
+    @property
+    def ledger(self) -> list[dict[str, Any]]:
+        """One JSON-serializable dict per recorded event (``"mechanism"`` plus its parameters)."""
+        return [e.to_dict() for e in self._events]
+
+    @classmethod
+    def from_ledger(
+        cls, ledger: Iterable[Mapping[str, Any]], accountant: AccountantKind = "rdp", *,
+        conversion: Conversion = "improved",
+    ) -> Accountant:
+        """An accountant that has recorded every event of `ledger` (InvalidInput if malformed)."""
+        acc = cls(accountant, conversion=conversion)
+        if isinstance(ledger, (str, bytes, Mapping)):
+            raise InvalidInput("a ledger is a list of event dicts")
+        for entry in ledger:
+            acc.record(event_from_dict(entry))
+        return acc
+
+
+def compute_epsilon(
+    *,
+    mechanism: Literal["gaussian", "ddg", "skellam"] = "gaussian",
+    noise_multiplier: float,
+    sampling_rate: float = 1.0,
+    steps: int = 1,
+    delta: float,
+    accountant: AccountantKind = "rdp",
+    l2_clip: float | None = None,
+    dimension: int | None = None,
+    granularity: float | None = None,
+    beta: float = 0.0,
+    num_clients: int | None = None,
+    conversion: Conversion = "improved",
+) -> float:
+    """Epsilon at `delta` of `steps` Poisson-sampled releases of one mechanism.
+
+    ``"gaussian"``: sensitivity 1, noise std `noise_multiplier` (dp-accounting).
+    ``"ddg"`` / ``"skellam"``: vectors of L2 norm <= `l2_clip` in `dimension`
+    coordinates, scaled by 1/`granularity`, randomly rounded (conditional bound
+    `beta`), total noise std ``noise_multiplier * l2_clip``; ``"ddg"`` also needs
+    `num_clients`, the number of noise shares. Raises ConfigurationError for
+    missing or invalid parameters, or PLD with a mechanism it does not support.
+    """
+    if mechanism == "gaussian":
+        extra = {k: v for k, v in dict(l2_clip=l2_clip, dimension=dimension, granularity=granularity,
+                                        num_clients=num_clients).items() if v is not None}
+        if extra or beta:
+            raise ConfigurationError(f"the gaussian mechanism takes no {sorted(extra) or ['beta']}")
+        event: PrivacyEvent = GaussianEvent(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
+                                            steps=steps)
+    elif mechanism in ("ddg", "skellam"):
+        missing = [k for k, v in dict(l2_clip=l2_clip, dimension=dimension, granularity=granularity).items()
+                   if v is None]
+        if missing:
+            raise ConfigurationError(f"mechanism {mechanism!r} needs {', '.join(missing)}")
+        cls = DDGEvent if mechanism == "ddg" else SkellamEvent
+        event = cls(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps,
+                    l2_clip=l2_clip, dimension=dimension, granularity=granularity, beta=beta,  # type: ignore[arg-type]
+                    num_clients=num_clients)
+    else:
+        raise ConfigurationError(f"mechanism must be 'gaussian', 'ddg' or 'skellam', got {mechanism!r}")
+    acc = Accountant(accountant, conversion=conversion)
+    acc.record(event)
+    return acc.epsilon(delta)

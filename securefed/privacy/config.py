@@ -1,0 +1,117 @@
+"""Privacy configurations for :class:`~securefed.training.Trainer` (``privacy=``).
+
+- :class:`CentralDP`: client-level DP-FedAvg; the server adds Gaussian noise to the
+  decoded sum (trusted server). Works with every protocol.
+- :class:`DistributedDP`: client-level, the noise added by the clients in the integer
+  domain inside secure aggregation (discrete Gaussian or Skellam); needs a protocol
+  that carries integer encodings (SecAgg, SecAgg+), provisioned for its threshold.
+- :class:`SampleLevelDP`: DP-SGD in each participant's local training; the unit is one
+  example.
+
+Each takes an optional budget ``target_epsilon`` at ``delta``: the trainer raises
+PrivacyBudgetExceeded before a round that would exceed it. See ``protocols/dp.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from securefed.errors import ConfigurationError
+from securefed.privacy.clipping import Clipping, FlatClipping
+
+__all__ = ["CentralDP", "DistributedDP", "PrivacyConfig", "SampleLevelDP"]
+
+
+def _positive(name: str, v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigurationError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """Budget and accounting common to every configuration."""
+
+    noise_multiplier: float
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+    def __post_init__(self) -> None:
+        _positive("noise_multiplier", self.noise_multiplier)
+        if self.target_epsilon is not None:
+            _positive("target_epsilon", self.target_epsilon)
+        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
+            raise ConfigurationError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in ("rdp", "pld"):
+            raise ConfigurationError(f"accountant must be 'rdp' or 'pld', got {self.accountant!r}")
+
+
+def _clipping(value: Clipping | float) -> Clipping:
+    if isinstance(value, Clipping):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return FlatClipping(l2_clip=value)
+    raise ConfigurationError(f"clipping must be a Clipping module or an L2 norm, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CentralDP(PrivacyConfig):
+    """Client-level DP with server-side Gaussian noise of std ``noise_multiplier * clip`` per coordinate.
+
+    ``clipping``: a :class:`~securefed.privacy.clipping.Clipping` module or an L2 norm
+    (flat clipping). With :class:`~securefed.privacy.clipping.AdaptiveClipping`,
+    ``noise_multiplier`` is the overall multiplier, split between update and count.
+    """
+
+    clipping: Clipping | float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _clipping(self.clipping)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedDP(PrivacyConfig):
+    """Client-level DP with integer noise added by each client inside secure aggregation.
+
+    ``mechanism``: ``"ddg"`` (distributed discrete Gaussian) or ``"skellam"``; the total
+    noise of the t = ``protocol.min_survivors(n)`` shares a finished round is sure to
+    include has std ``noise_multiplier * clip``. ``granularity``: the rounding step
+    (default clip / (100 sqrt(d)), 1% sensitivity overhead); ``beta``: conditional
+    rounding; ``rotation``: randomized Hadamard; ``wrap_probability``: bound on the
+    chance that some coordinate of a round's sum wraps around the modulus.
+    """
+
+    clipping: Clipping | float = 1.0
+    mechanism: Literal["ddg", "skellam"] = "ddg"
+    granularity: float | None = None
+    beta: float = 0.0
+    rotation: bool = True
+    wrap_probability: float = 1e-9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _clipping(self.clipping)
+        if self.mechanism not in ("ddg", "skellam"):
+            raise ConfigurationError(f"mechanism must be 'ddg' or 'skellam', got {self.mechanism!r}")
+        if self.accountant != "rdp":
+            raise ConfigurationError("the distributed mechanisms are accounted with accountant='rdp' only")
+        if self.granularity is not None:
+            _positive("granularity", self.granularity)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleLevelDP(PrivacyConfig):
+    """DP-SGD in local training: per-example clipping to ``max_grad_norm``, Gaussian noise, Poisson
+    sampling of each participant's examples at ``sampling_rate`` per step."""
+
+    max_grad_norm: float = 1.0
+    sampling_rate: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("max_grad_norm", self.max_grad_norm)
+        if not (isinstance(self.sampling_rate, (int, float)) and 0 < self.sampling_rate <= 1):
+            raise ConfigurationError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")

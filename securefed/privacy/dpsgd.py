@@ -1,0 +1,135 @@
+"""Sample-level DP-SGD inside one participant's local training (Abadi et al. 2016).
+
+Each step: a Poisson sample of the participant's examples (each in with
+probability ``sampling_rate``, coins from the party's CSPRNG); per-example
+gradients with ``torch.func`` (``vmap`` over ``grad``, no hooks); each clipped to
+L2 norm ``max_grad_norm`` over all trainable parameters; their sum plus
+N(0, (noise_multiplier * max_grad_norm)^2) per coordinate, divided by the
+expected batch size ``sampling_rate * len(dataset)`` (Opacus' convention); an
+SGD step. An epoch is round(1 / sampling_rate) steps. The privacy unit is one
+example; see ``proofs/dp.md`` section 7.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from securefed.crypto.random import RandomSource
+from securefed.errors import ConfigurationError
+from securefed.privacy import sampling
+from securefed.privacy.events import GaussianEvent, PrivacyEvent
+from securefed.privacy.noise import NoiseModule
+
+__all__ = ["DPSGD"]
+
+
+class DPSGD(NoiseModule):
+    """Per-example clipping and Gaussian noise in local SGD; the accountant's unit is one example."""
+
+    mechanism = "gaussian"
+
+    def __init__(self, *, noise_multiplier: float, max_grad_norm: float, sampling_rate: float) -> None:
+        for name, v in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigurationError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (isinstance(sampling_rate, (int, float)) and 0.0 < sampling_rate <= 1.0):
+            raise ConfigurationError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.sampling_rate = float(sampling_rate)
+
+    def __repr__(self) -> str:
+        return (f"DPSGD(noise_multiplier={self.noise_multiplier!r}, max_grad_norm={self.max_grad_norm!r}, "
+                f"sampling_rate={self.sampling_rate!r})")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """round(1 / sampling_rate): one epoch sees every example once in expectation."""
+        return max(1, round(1.0 / self.sampling_rate))
+
+    def event(self, *, included: int = 1, n: int = 1, sampling_rate: float = 1.0, round: int | None = None,
+              steps: int | None = None) -> PrivacyEvent:
+        """The round's cost to one example of a participant that ran `steps` steps (default one epoch).
+
+        Client sampling (`sampling_rate` here) is not used for amplification: an example
+        pays for every round its participant may be in.
+        """
+        return GaussianEvent(noise_multiplier=self.noise_multiplier, sampling_rate=self.sampling_rate,
+                             steps=self.steps_per_epoch if steps is None else steps, num_clients=included,
+                             round=round)
+
+    def describe(self) -> dict[str, object]:
+        return {"noise": "DPSGD", "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
+                "sampling_rate": self.sampling_rate}
+
+    def train(
+        self, model: nn.Module, dataset: Dataset, *, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer, steps: int, rng: RandomSource,
+    ) -> float:
+        """Run `steps` DP-SGD steps on `dataset` with `optimizer`; returns the mean per-example loss.
+
+        `loss_fn` must average over the batch (as torch's losses do by default). Raises
+        ConfigurationError for models with batch normalization (per-example gradients
+        are undefined when examples share batch statistics).
+        """
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ConfigurationError("DP-SGD cannot train batch normalization layers; use GroupNorm or LayerNorm")
+        size = len(dataset)  # type: ignore[arg-type]
+        expected_batch = self.sampling_rate * size
+        threshold = np.uint64(min(self.sampling_rate * 2.0**64, 2.0**64 - 1))
+        total_loss, count = 0.0, 0
+        model.train()
+        for step in range(steps):
+            coins = rng.child(f"sample/{step}").fill(np.empty(size, dtype=np.uint64))
+            idx = np.flatnonzero(coins < threshold) if self.sampling_rate < 1.0 else np.arange(size)
+            grads, losses = self.clipped_sum(model, _batch(dataset, idx), loss_fn)
+            noise_rng = rng.child(f"noise/{step}")
+            optimizer.zero_grad(set_to_none=True)
+            for p, g in grads:
+                noise = sampling.gaussian(noise_rng, self.noise_multiplier * self.max_grad_norm, g.numel())
+                p.grad = (g + torch.from_numpy(noise).to(g.dtype).reshape(g.shape)) / expected_batch
+            optimizer.step()
+            total_loss += float(losses.sum())
+            count += int(losses.numel())
+        return total_loss / max(count, 1)
+
+    def clipped_sum(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[list[tuple[nn.Parameter, torch.Tensor]], torch.Tensor]:
+        """Sum over `batch` of per-example gradients clipped to max_grad_norm, and the per-example losses."""
+        params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+        if batch is None:
+            return [(p, torch.zeros_like(p)) for p in params.values()], torch.zeros(0)
+        from torch.func import functional_call, grad_and_value, vmap
+
+        detached = {k: v.detach() for k, v in params.items()}
+        buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+        def one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss_fn(functional_call(model, (p, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+
+        per_example, losses = vmap(grad_and_value(one), in_dims=(None, 0, 0))(detached, *batch)
+        flat = torch.cat([g.reshape(g.shape[0], -1) for g in per_example.values()], dim=1)
+        norms = flat.norm(dim=1)
+        # Opacus' factor: C / (norm + 1e-6) capped at 1 keeps every clipped norm strictly below C.
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        summed = [(params[k], torch.einsum("b,b...->...", factor, g)) for k, g in per_example.items()]
+        return summed, losses.detach()
+
+
+def _batch(dataset: Dataset, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if idx.size == 0:
+        return None
+    if isinstance(dataset, TensorDataset):
+        t = torch.from_numpy(idx)
+        return tuple(tensor[t] for tensor in dataset.tensors)  # type: ignore[return-value]
+    items: Any = default_collate([dataset[int(i)] for i in idx])
+    return items[0], items[1]

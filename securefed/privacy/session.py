@@ -1,0 +1,220 @@
+"""One trainer's privacy: participant sampling, clipping, noise, accounting and the budget.
+
+The trainer calls, each round: :meth:`PrivacySession.sample`, :meth:`before_round`
+(raises PrivacyBudgetExceeded before anything is computed), :meth:`client_input`
+per participant, :meth:`protocol` for the round's aggregation, and
+:meth:`finish_round` (noise for the central mechanism, the adaptive clip's
+update, the event with the participants actually included, the mean update).
+
+DP-FedAvg conventions (McMahan et al. 2018; TensorFlow Federated's DP
+aggregators): client-level DP samples each participant independently with
+probability q = clients_per_round / population (Poisson, so the accountant's
+subsampling applies), weighs every included participant the same and divides
+the noised sum by the number included (public to the server; under the zero-out
+neighbouring relation its distribution does not depend on anyone's data).
+See ``protocols/dp.md`` section 2 and ``proofs/dp.md`` section 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from securefed.crypto.random import RandomSource
+from securefed.errors import ConfigurationError, PrivacyBudgetExceeded
+from securefed.privacy.accountant import Accountant
+from securefed.privacy.clipping import AdaptiveClipping, Clipping, FlatClipping
+from securefed.privacy.config import CentralDP, DistributedDP, PrivacyConfig, SampleLevelDP
+from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam, _DistributedNoise
+from securefed.privacy.dpsgd import DPSGD
+from securefed.privacy.events import PrivacyEvent
+from securefed.privacy.noise import CentralGaussian, NoiseModule
+
+__all__ = ["PrivacySession"]
+
+
+class PrivacySession:
+    """The privacy state of one :class:`~securefed.training.Trainer` (``trainer.privacy_session``)."""
+
+    def __init__(
+        self, config: PrivacyConfig, *, protocol: Any, population: int, clients_per_round: int, dimension: int,
+        local_steps: int, rng: RandomSource,
+    ) -> None:
+        if not isinstance(config, (CentralDP, DistributedDP, SampleLevelDP)):
+            raise ConfigurationError(
+                "privacy must be a securefed.privacy configuration: CentralDP, DistributedDP or SampleLevelDP"
+            )
+        self.config = config
+        self.accountant = Accountant(config.accountant)
+        self.population = population
+        self.client_level = not isinstance(config, SampleLevelDP)
+        self.sampling_rate = clients_per_round / population if self.client_level else 1.0
+        self.local_training = isinstance(config, SampleLevelDP)
+        self.metrics: dict[str, float] = {}
+        self._ledger_mark = 0
+        self._rng = rng
+        self._local_steps = local_steps
+        self.dpsgd: DPSGD | None = None
+        self.clipping: Clipping | None = None
+        if isinstance(config, SampleLevelDP):
+            self.dpsgd = DPSGD(noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                               sampling_rate=config.sampling_rate)
+            self.dimension = dimension
+            return
+        clip = config.clipping
+        self.clipping = copy.deepcopy(clip) if isinstance(clip, Clipping) else FlatClipping(l2_clip=clip)
+        self._update_multiplier = config.noise_multiplier
+        if isinstance(self.clipping, AdaptiveClipping):
+            expected = max(1.0, self.sampling_rate * population)
+            self._count_stddev = self.clipping.count_stddev or 0.05 * expected
+            self._update_multiplier = self.clipping.update_noise_multiplier(config.noise_multiplier,
+                                                                             self._count_stddev)
+        self.dimension = dimension + (1 if isinstance(self.clipping, AdaptiveClipping) else 0)
+        self._setup_round()
+        if isinstance(config, DistributedDP):
+            # Noise is provisioned for the protocol's threshold t = min_survivors(n).
+            self._min_survivors: Callable[[int], int] = protocol.min_survivors
+            protocol.with_encoder(self._encoder())  # ConfigurationError now for protocols without integers
+
+    # -- per-round parameters ---------------------------------------------------------
+
+    def _setup_round(self) -> None:
+        """The round's joint L2 bound: the clip, plus the scaled count bit when the clip adapts."""
+        assert self.clipping is not None
+        c = self.clipping.bound
+        if isinstance(self.clipping, AdaptiveClipping):
+            # Count bit b - 1/2 scaled by s = C z_update / sigma_count gets the update's noise std
+            # z_update C; the pair (update, s (b - 1/2)) has norm <= C z_update / z.
+            self._count_scale = c * self._update_multiplier / self._count_stddev
+            self._bound = math.sqrt(c * c + (self._count_scale / 2.0) ** 2) * (1.0 + 1e-12)
+        else:
+            self._bound = c
+
+    def _encoder(self) -> _DistributedNoise:
+        config = self.config
+        assert isinstance(config, DistributedDP)
+        cls = DistributedDiscreteGaussian if config.mechanism == "ddg" else DistributedSkellam
+        return cls(
+            l2_clip=self._bound, noise_multiplier=config.noise_multiplier, dimension=self.dimension,
+            min_survivors=self._min_survivors, granularity=config.granularity, beta=config.beta,
+            rotation=config.rotation, wrap_probability=config.wrap_probability,
+        )
+
+    def _noise(self) -> NoiseModule:
+        if self.dpsgd is not None:
+            return self.dpsgd
+        if isinstance(self.config, DistributedDP):
+            return self._encoder()
+        return CentralGaussian(noise_multiplier=self.config.noise_multiplier, l2_clip=self._bound)
+
+    def _event(self, *, included: int, n: int, round: int) -> PrivacyEvent:
+        noise = self._noise()
+        if isinstance(noise, DPSGD):
+            return noise.event(included=included, n=n, round=round,
+                               steps=self._local_steps * noise.steps_per_epoch)
+        return noise.event(included=included, n=n, sampling_rate=self.sampling_rate, round=round)
+
+    # -- the round ------------------------------------------------------------------------
+
+    def sample(self, round: int, fallback: Callable[[], list[int]]) -> list[int]:
+        """Client level with q < 1: each participant in independently with probability q (CSPRNG coins)."""
+        if not self.client_level or self.sampling_rate >= 1.0:
+            return fallback()
+        coins = self._rng.child(f"sample/{round}").fill(np.empty(self.population, dtype=np.uint64))
+        return np.flatnonzero(coins < np.uint64(self.sampling_rate * 2.0**64)).tolist()
+
+    def planned_event(self, round: int, n: int) -> PrivacyEvent:
+        """The round's event if only the threshold t of its n participants survive (the most it can cost)."""
+        n = max(n, 1)
+        worst = self._encoder().survivors(n) if isinstance(self.config, DistributedDP) else n
+        return self._event(included=worst, n=n, round=round)
+
+    def before_round(self, round: int, n: int) -> None:
+        """Raise PrivacyBudgetExceeded if a round of n participants could exceed the target epsilon."""
+        if self.clipping is not None:
+            self._setup_round()
+        target = self.config.target_epsilon
+        if target is None:
+            return
+        eps = self.accountant.epsilon_after(self.planned_event(round, n), self.config.delta)
+        if eps > target:
+            spent = self.accountant.epsilon(self.config.delta)
+            raise PrivacyBudgetExceeded(
+                f"round {round} could bring epsilon to {eps:.4g} at delta {self.config.delta:g}, above the target "
+                f"{target:g} (spent so far: {spent:.4g} in {len(self.accountant)} rounds); stop training, or "
+                "raise target_epsilon or the noise"
+            )
+
+    def client_input(self, update: np.ndarray, layout: Sequence[int]) -> np.ndarray:
+        """What a participant sends: its clipped update (plus the scaled count bit when the clip adapts)."""
+        if self.clipping is None:  # sample level: the update is already private
+            return np.asarray(update, dtype=np.float64)
+        x = self.clipping.clip(update, layout)
+        if isinstance(self.clipping, AdaptiveClipping):
+            bit = 1.0 if self.clipping.unclipped(update) else 0.0
+            x = np.append(x, self._count_scale * (bit - 0.5))
+        return x
+
+    def protocol(self, base: Any, round: int) -> Any:
+        """The round's protocol: with the distributed mechanism, `base` carrying this round's encoder."""
+        if not isinstance(self.config, DistributedDP):
+            return base
+        seed = self._rng.child(f"round/{round}/rotation").token_bytes(32)  # public round randomness
+        return base.with_encoder(self._encoder().for_round(seed))
+
+    def finish_round(self, total: np.ndarray, included: int, n: int, round: int) -> np.ndarray:
+        """Record the round's event and return the mean update (central noise added here)."""
+        metrics: dict[str, float] = {}
+        total = np.array(total, dtype=np.float64, copy=True)
+        if isinstance(self.config, CentralDP):
+            assert isinstance(noise := self._noise(), CentralGaussian)
+            noise.add_to(total, self._rng.child(f"round/{round}/server-noise"))
+        if self.clipping is not None:
+            metrics["l2_clip"] = self.clipping.bound
+        if isinstance(self.clipping, AdaptiveClipping):
+            fraction = (total[-1] / self._count_scale + included / 2.0) / included
+            self.clipping.observe(fraction)
+            metrics["unclipped_fraction"] = fraction
+            total = total[:-1]
+        self._ledger_mark = len(self.accountant)
+        self.accountant.record(self._event(included=included, n=n, round=round))
+        metrics["epsilon"] = self.epsilon()
+        self.metrics = metrics
+        return total / included
+
+    def finish_empty_round(self, round: int) -> float:
+        """A Poisson sample with nobody in it releases nothing; the round is still counted (a valid upper
+        bound: the accounting is over every sampled round). Returns epsilon so far."""
+        expected = max(1, round(self.sampling_rate * self.population))
+        self._ledger_mark = len(self.accountant)
+        self.accountant.record(self.planned_event(round, expected))
+        self.metrics = {"epsilon": self.epsilon()}
+        return self.epsilon()
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at the configuration's delta."""
+        return self.accountant.epsilon(self.config.delta)
+
+    @property
+    def round_ledger(self) -> list[dict[str, Any]]:
+        """The ledger entries of the last round (what the audit log records with it)."""
+        return self.accountant.ledger[self._ledger_mark:]
+
+    def resume(self, ledger: Sequence[Mapping[str, Any]]) -> None:
+        """Start from the events of earlier runs (an audit log's ledger), so the budget counts them."""
+        self.accountant = Accountant.from_ledger(ledger, self.config.accountant)
+        self._ledger_mark = len(self.accountant)
+
+    def audit_settings(self) -> dict[str, Any]:
+        """The accounting an audit log declares: accountant and delta."""
+        return {"accountant": self.config.accountant, "delta": self.config.delta}
+
+    def train_locally(self, model: Any, dataset: Any, loss_fn: Any, optimizer: Any, rng: RandomSource) -> float:
+        """Sample level: the participant's local training as DP-SGD; returns its mean loss."""
+        assert self.dpsgd is not None
+        return self.dpsgd.train(model, dataset, loss_fn=loss_fn, optimizer=optimizer, rng=rng,
+                                steps=self._local_steps * self.dpsgd.steps_per_epoch)
