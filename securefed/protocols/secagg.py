@@ -29,7 +29,10 @@ import numpy as np
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.encoding.fixedpoint import FixedPoint, IntegerEncoder
+from securefed.encoding.packing import packed_size
 from securefed.errors import ConfigurationError, InvalidInput
+from securefed.protocols import _secagg_wire as W
+from securefed.protocols import _wire
 from securefed.protocols._secagg_client import Client, load_client_state
 from securefed.protocols._secagg_round import PHASES, VERSION, Round
 from securefed.protocols._secagg_server import Server
@@ -135,6 +138,24 @@ class _MaskedAggregation(AggregationProtocol):
         other._encoder = encoder
         other._round_cache = None
         return other
+
+    def message_sizes(self, n: int, dim: int) -> dict[str, tuple[int, int]]:
+        """Bytes one client receives and sends in each phase of a round of n without dropouts.
+
+        ``{phase: (received, sent)}``, computed from the wire layout (``protocols/secagg.md``,
+        cost table); a client with p = degree peers in an active round.
+        """
+        p = self.parameters(n).degree
+        hdr = _wire.HEADER_SIZE
+        sig = W.SIG if self._threat.active else 0
+        bitmap = (n + 7) // 8
+        return {
+            "advertise_keys": (hdr, hdr + 2 * W.KEY + sig),
+            "share_keys": (hdr + 4 + p * (4 + 2 * W.KEY + sig), hdr + W.COMMIT + 4 + p * (4 + W.SEALED)),
+            "masked_input": (hdr + 4 + p * (4 + W.SEALED), hdr + packed_size(dim, self._encoder.modulus_bits(n))),
+            "consistency_check": (hdr + bitmap, hdr + W.SIG) if sig else (0, 0),
+            "unmasking": (hdr + bitmap + (4 + (p + 1) * (4 + W.SIG) if sig else 0), hdr + 4 + (p + 1) * (4 + W.SHARE)),
+        }
 
     def describe(self, n: int) -> dict[str, Any]:
         p = self.parameters(n)

@@ -34,6 +34,7 @@ See ``protocols/secagg.md`` (parameters) and ``proofs/secagg.md`` (Lemmas 4-6).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from fractions import Fraction
 from typing import Literal
@@ -93,18 +94,27 @@ class ThreatModel:
     def active(self) -> bool:
         return self.adversary == "active"
 
+    @functools.cached_property
+    def gamma(self) -> Fraction:
+        """The corrupt fraction, exactly."""
+        return _exact(self.corrupt_fraction)
+
+    @functools.cached_property
+    def delta(self) -> Fraction:
+        """The dropout fraction, exactly."""
+        return _exact(self.dropout_fraction)
+
     def corrupt(self, n: int) -> int:
         """C = ceil(gamma n): corrupt clients assumed in a round of n."""
-        return math.ceil(_exact(self.corrupt_fraction) * n)
+        return -(-self.gamma.numerator * n // self.gamma.denominator)
 
     def dropouts(self, n: int) -> int:
         """D = ceil(delta n): dropouts the round must survive."""
-        return math.ceil(_exact(self.dropout_fraction) * n)
+        return -(-self.delta.numerator * n // self.delta.denominator)
 
     def harary_feasible(self) -> bool:
         """gamma + delta <= 0.9 (semi-honest) or gamma + 2 delta <= 0.9 (active)."""
-        g, d = _exact(self.corrupt_fraction), _exact(self.dropout_fraction)
-        return (g + 2 * d if self.active else g + d) <= Fraction(9, 10)
+        return (self.gamma + 2 * self.delta if self.active else self.gamma + self.delta) <= Fraction(9, 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +132,7 @@ def complete_threshold_range(n: int, threat: ThreatModel) -> tuple[int, int]:
     """``(lo, hi)``: thresholds t with lo <= t <= hi satisfy the complete-graph rules (empty if lo > hi)."""
     _check_n(n)
     if threat.active:
-        lo = math.ceil((n + _exact(threat.corrupt_fraction) * n) / 2) + 1
+        lo = _active_bound(n, threat) + 1
     else:
         lo = threat.corrupt(n) + 1
     return max(lo, 2), min(n, n - threat.dropouts(n))
@@ -144,6 +154,12 @@ def complete_graph_parameters(n: int, threat: ThreatModel, threshold: int | None
     return GraphParameters(n, n - 1, t, True, _complete_justification(n, t, threat))
 
 
+def _active_bound(n: int, threat: ThreatModel) -> int:
+    """ceil((n + gamma n) / 2), exactly."""
+    g = threat.gamma
+    return -(-(n * g.denominator + g.numerator * n) // (2 * g.denominator))
+
+
 def _complete_problems(n: int, t: int, threat: ThreatModel) -> list[str]:
     out = []
     c, d = threat.corrupt(n), threat.dropouts(n)
@@ -152,7 +168,7 @@ def _complete_problems(n: int, t: int, threat: ThreatModel) -> list[str]:
     if t > n:
         out.append(f"threshold {t} > n = {n}")
     if threat.active:
-        need = math.ceil((n + _exact(threat.corrupt_fraction) * n) / 2)
+        need = _active_bound(n, threat)
         if t <= need:
             out.append(f"active adversary needs t > ceil((n + gamma n)/2) = {need}, got {t}")
     elif t <= c:
@@ -165,7 +181,7 @@ def _complete_problems(n: int, t: int, threat: ThreatModel) -> list[str]:
 def _complete_justification(n: int, t: int, threat: ThreatModel) -> str:
     c, d = threat.corrupt(n), threat.dropouts(n)
     if threat.active:
-        sec = f"t > ceil((n + gamma n)/2) = {math.ceil((n + _exact(threat.corrupt_fraction) * n) / 2)}"
+        sec = f"t > ceil((n + gamma n)/2) = {_active_bound(n, threat)}"
     else:
         sec = f"t > C = {c} corrupt clients"
     return f"complete graph: {sec}; t <= n - D = {n - d} survives {d} dropouts"

@@ -141,7 +141,8 @@ def run_round(
     """One round of `protocol` with the server's requests rewritten by `deviations`.
 
     Honest clients answer; refusals (ProtocolAborted, MessageRejected) are recorded,
-    not raised. The round stops at the first ProtocolAborted of the server.
+    not raised. Once the honest server aborts, the deviations still run the remaining
+    phases (a malicious server ignores its own abort rules) and ``aborted`` holds why.
     """
     n, dim = len(inputs), int(np.asarray(inputs[0]).size)
     rng = RandomSource(seed)
@@ -153,31 +154,39 @@ def run_round(
     ctx = RoundContext(protocol, spec)
     run = AdversarialRun(spec, server, clients, [])
     drop_at = {c: protocol.phases.index(p) for c, p in (dropouts or {}).items()}
-    try:
-        for p, phase in enumerate(protocol.phases):
-            sends = [Send(party, req) for party, req in server.requests(phase).items()]
+    for p, phase in enumerate(protocol.phases):
+        honest: Mapping[Party, bytes] = {}
+        if run.aborted is None:
+            try:
+                honest = server.requests(phase)
+            except ProtocolAborted as e:
+                run.aborted = e
+        sends = [Send(party, req) for party, req in honest.items()]
+        for dev in deviations:
+            sends = dev.requests(ctx, phase, sends)
+        for s in sends:
+            if isinstance(s.party, int) and drop_at.get(s.party, len(protocol.phases)) <= p:
+                continue
+            try:
+                reply, error = clients[s.party].handle(phase, s.request), None
+            except (ProtocolAborted, MessageRejected) as e:
+                reply, error = None, e
+            delivery = Delivery(phase, s.party, s.label, s.request, reply, error)
+            run.deliveries.append(delivery)
             for dev in deviations:
-                sends = dev.requests(ctx, phase, sends)
-            for s in sends:
-                if isinstance(s.party, int) and drop_at.get(s.party, len(protocol.phases)) <= p:
-                    continue
+                dev.observe(delivery)
+            if reply is not None and s.forward and run.aborted is None:
                 try:
-                    reply, error = clients[s.party].handle(phase, s.request), None
-                except (ProtocolAborted, MessageRejected) as e:
-                    reply, error = None, e
-                delivery = Delivery(phase, s.party, s.label, s.request, reply, error)
-                run.deliveries.append(delivery)
-                for dev in deviations:
-                    dev.observe(delivery)
-                if reply is not None and s.forward:
-                    try:
-                        server.receive(phase, s.party, reply)
-                    except MessageRejected:
-                        pass
-            server.finish_phase(phase)
+                    server.receive(phase, s.party, reply)
+                except MessageRejected:
+                    pass
+        if run.aborted is None:
+            try:
+                server.finish_phase(phase)
+            except ProtocolAborted as e:
+                run.aborted = e
+    if run.aborted is None:
         run.result = server.result()
-    except ProtocolAborted as e:
-        run.aborted = e
     return run
 
 
