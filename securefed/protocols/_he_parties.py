@@ -129,14 +129,14 @@ def _read_ids(reader: _Reader, n: int) -> tuple[int, ...]:
     return ids
 
 
-def _decrypt(protocol: _HEProtocol, spec: RoundSpec, ring: Ring, ctx: Any, reader: _Reader) -> bytes:
-    """Decrypt the aggregate in a decrypt request and return what the key holder releases."""
+def _decrypt(protocol: _HEProtocol, spec: RoundSpec, ring: Ring, ctx: Any, reader: _Reader, count: int) -> bytes:
+    """Decrypt the aggregate of `count` uploads in a decrypt request; what the key holder releases."""
     vecs = _read_vectors(reader, ctx, ring, spec.dim)
     reader.end()
     values = np.empty(spec.dim, dtype=np.float64 if ring.scheme == "ckks" else np.int64)
     for (lo, hi), vec in zip(ring.chunks(spec.dim), vecs):
         values[lo:hi] = backend.decrypt_chunk(vec)
-    return protocol._release(values, spec)
+    return protocol._release(values, spec, count)
 
 
 # -- client --------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ class HEClient(ClientProtocol):
                 raise MessageRejected("invalid message: asked to decrypt an aggregate without this client")
             assert self._secret is not None
             ctx = backend.load_context(self._secret, self._ring, secret=True)
-            released = _decrypt(self._p, self._spec, self._ring, ctx, reader)
+            released = _decrypt(self._p, self._spec, self._ring, ctx, reader, len(ids))
             self._stage = _DECRYPTED
             return self._frame.message(phase, self._id, [released])
         raise MessageRejected(f"invalid message: {phase!r} is out of order for this client")
@@ -290,10 +290,10 @@ class HEDecryptor(ClientProtocol):
             self._stage = _KEYED
             return self._frame.message(phase, DECRYPTOR_ID, [public])
         if phase == "decrypt" and self._stage == _KEYED:
-            _read_ids(reader, self._spec.n)
+            ids = _read_ids(reader, self._spec.n)
             assert self._secret is not None
             ctx = backend.load_context(self._secret, self._ring, secret=True)
-            released = _decrypt(self._p, self._spec, self._ring, ctx, reader)
+            released = _decrypt(self._p, self._spec, self._ring, ctx, reader, len(ids))
             self._stage = _SPENT  # one decryption per round: a second request is refused
             return self._frame.message(phase, DECRYPTOR_ID, [released])
         raise MessageRejected(f"invalid message: {phase!r} is out of order for the decryptor")

@@ -26,7 +26,7 @@ import numpy as np
 from securefed.crypto.random import RandomSource
 from securefed.encoding.fixedpoint import FixedPoint, IntegerEncoder, check_vector
 from securefed.encoding.packing import pack, storage_dtype, unpack
-from securefed.errors import ConfigurationError, InvalidInput, MessageRejected
+from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
 from securefed.protocols import _he_params as params
 from securefed.protocols._he_tenseal import Ring
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec, ServerProtocol
@@ -65,8 +65,11 @@ class _HEProtocol(AggregationProtocol):
         """A client's checked input as the slot values it encrypts (float64 or centered int64)."""
         raise NotImplementedError
 
-    def _release(self, values: np.ndarray, spec: RoundSpec) -> bytes:
-        """What the key holder reveals of the decrypted aggregate `values`."""
+    def _release(self, values: np.ndarray, spec: RoundSpec, count: int) -> bytes:
+        """What the key holder reveals of `values`, the decrypted aggregate of `count` uploads.
+
+        Raises ProtocolAborted (the key holder refuses) if the sum is outside what `count` honest
+        inputs can produce: an upload was out of range or not an honest encryption."""
         raise NotImplementedError
 
     def _total(self, released: memoryview, spec: RoundSpec, count: int) -> np.ndarray:
@@ -137,6 +140,14 @@ class _HEProtocol(AggregationProtocol):
         except (KeyError, TypeError):
             problems.append("poly_modulus_degree and coeff_mod_bit_sizes are missing")
         return problems
+
+
+def _refuse(why: str) -> ProtocolAborted:
+    return ProtocolAborted(
+        AbortReason.REQUEST_REFUSED,
+        f"the key holder refuses to release the aggregate: {why}; an upload was out of range or not an "
+        "honest encryption",
+    )
 
 
 def _check_range(value_range: object) -> float:
@@ -249,7 +260,10 @@ class CKKS(_HEProtocol):
             )
         return np.ascontiguousarray(x, dtype=np.float64)
 
-    def _release(self, values: np.ndarray, spec: RoundSpec) -> bytes:
+    def _release(self, values: np.ndarray, spec: RoundSpec, count: int) -> bytes:
+        limit = count * self.value_range + self.error_bound(spec.n)
+        if not np.all(np.abs(values) <= limit):  # also catches NaN
+            raise _refuse(f"the decrypted sum leaves [-{limit:.6g}, {limit:.6g}], the range of {count} inputs")
         # Rounding to the public grid is what hides the decryption noise (proofs/he.md H4).
         grid = np.ldexp(np.rint(np.ldexp(values, self.precision_bits)), -self.precision_bits)
         return grid.astype("<f8", copy=False).tobytes()
@@ -366,8 +380,10 @@ class BFV(_HEProtocol):
         # Centered representative in [-2^(k-1), 2^(k-1)): what BFV carries as a signed slot value.
         return s.view(np.int64) if k == 64 else s.astype(np.int64) - ((s >> np.uint64(k - 1)) << np.uint64(k)).astype(np.int64)
 
-    def _release(self, values: np.ndarray, spec: RoundSpec) -> bytes:
+    def _release(self, values: np.ndarray, spec: RoundSpec, count: int) -> bytes:
         k = self.encoder.modulus_bits(spec.n)
+        if np.max(np.abs(values)) > count << (k - 1):
+            raise _refuse(f"the decrypted sum leaves +-{count} * 2^{k - 1}, the range of {count} encodings")
         s = (values.astype(np.int64) & np.int64((1 << k) - 1)).astype(storage_dtype(k))
         return pack(s, k).tobytes()
 

@@ -329,6 +329,29 @@ def test_rejected_uploads_leave_the_sum_untouched(foreign_ckks):
     assert {c: r.reason.value for c, r in server.dropped.items()} == {c: "rejected" for c in range(1, 8)}
 
 
+@pytest.mark.parametrize("proto", [CKKS(value_range=1.0), BFV(value_range=1.0)], ids=["ckks", "bfv"])
+def test_an_out_of_range_encryption_makes_the_key_holder_refuse_not_a_silent_wrong_sum(proto):
+    xs = [np.full(6, 0.5)] * 3
+    spec, server, dec, uploads = _server_with(proto, xs)
+    ring = proto._ring(3)
+    ctx = ts.context_from(server.public_context)
+    if isinstance(proto, CKKS):
+        evil = np.full(6, 8.0)  # outside value_range (the honest client's check is bypassed), inside q
+    else:
+        evil = np.full(6, 2 ** (proto.encoder.modulus_bits(3) + 2), dtype=np.int64)
+    forged = reframe(proto, spec, "upload", 2,
+                     [backend.key_id(server.public_context), *parties._blobs(backend.encrypt_chunks(ctx, ring, evil))])
+    server.receive("upload", 0, uploads[0])
+    server.receive("upload", 2, forged)  # the server cannot tell
+    server.finish_phase("upload")
+    request = server.requests("decrypt")[parties.DECRYPTOR]
+    with pytest.raises(ProtocolAborted, match="refuses"):
+        dec.handle("decrypt", request)
+    with pytest.raises(ProtocolAborted) as e:
+        server.finish_phase("decrypt")
+    assert e.value.reason is AbortReason.REQUEST_REFUSED
+
+
 @settings(max_examples=20)
 @given(position=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
 def test_a_garbled_upload_is_rejected(garbling_setup, position, bit):
@@ -535,7 +558,7 @@ def test_ckks_release_is_independent_of_the_encryption_noise():
         vec = backend.load_chunk(ctx, ring, backend.encrypt_chunks(ctx, ring, x)[0], 4096)
         values = np.array(vec.decrypt())
         raw.append(values)
-        released.append(proto._release(values, spec))
+        released.append(proto._release(values, spec, 1))
     assert not np.array_equal(raw[0], raw[1])  # raw decryptions expose the noise
     assert released[0] == released[1]
 
