@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from securefed.crypto.random import RandomSource, derive_key
 from securefed.encoding import flatten, unflatten
-from securefed.errors import ConfigurationError, InvalidInput, ProtocolAborted
+from securefed.errors import AbortReason, ConfigurationError, InvalidInput, PrivacyBudgetExceeded, ProtocolAborted
 from securefed.protocols.base import AggregationProtocol, AggregationResult, simulate_aggregation
 from securefed.protocols.plain import Plain
 
@@ -75,14 +75,21 @@ class Trainer:
     Parameters (keyword-only after ``datasets``):
 
     - ``protocol``: an aggregation protocol (default :class:`~securefed.protocols.Plain`);
-    - ``privacy``: a privacy configuration (``securefed.privacy``), or None;
+    - ``privacy``: a privacy configuration (``securefed.privacy.CentralDP``,
+      ``DistributedDP`` or ``SampleLevelDP``), or None; see ``protocols/dp.md``. Client-level
+      DP samples participants by Poisson sampling at rate clients_per_round / population;
+      a target epsilon makes a round that could exceed it raise PrivacyBudgetExceeded
+      before it starts; ``history.rounds[i].epsilon`` is the spend so far and
+      ``trainer.accountant`` keeps the ledger;
     - ``algorithm``: ``"fedavg"`` (E local epochs of minibatch SGD) or ``"fedsgd"``
       (one full-batch gradient step per round);
     - ``clients_per_round``: participants sampled per round (default all);
     - ``local_epochs``, ``batch_size``, ``lr``, ``momentum``: local SGD;
     - ``server_lr``: step on the mean update (1.0 is FedAvg);
     - ``weighting``: ``"examples"`` (weight n_k / max_k n_k, carried inside the
-      aggregate) or ``"uniform"``;
+      aggregate) or ``"uniform"``; default ``"examples"``, and ``"uniform"`` (the only
+      choice) with privacy: DP-FedAvg bounds each participant's influence, and
+      example counts would reveal data sizes;
     - ``loss_fn``: default cross-entropy; ``eval_dataset``: held-out data for metrics;
     - ``dropouts``: a schedule ``(round, participants) -> {participant: phase}``;
     - ``seed``: makes sampling, local shuffling and protocol randomness reproducible;
@@ -106,7 +113,7 @@ class Trainer:
         lr: float = 0.05,
         momentum: float = 0.0,
         server_lr: float = 1.0,
-        weighting: Literal["examples", "uniform"] = "examples",
+        weighting: Literal["examples", "uniform"] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         eval_dataset: Dataset | None = None,
         dropouts: DropoutSchedule | None = None,
@@ -122,8 +129,11 @@ class Trainer:
             raise InvalidInput("datasets must hold one dataset per participant")
         if algorithm not in ("fedavg", "fedsgd"):
             raise ConfigurationError(f"algorithm must be 'fedavg' or 'fedsgd', got {algorithm!r}")
-        if weighting not in ("examples", "uniform"):
+        if weighting not in (None, "examples", "uniform"):
             raise ConfigurationError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        if privacy is not None and weighting == "examples":
+            raise ConfigurationError("with differential privacy every participant weighs the same: weighting='uniform'")
+        weighting = weighting or ("examples" if privacy is None else "uniform")
         n = len(datasets)
         k = n if clients_per_round is None else clients_per_round
         if not 1 <= k <= n:
@@ -161,7 +171,24 @@ class Trainer:
 
             self.audit = AuditWriter(audit_log, key=audit_key)
             self._round = self.audit.last_round or 0
+        #: The differential privacy in force (``privacy=``), or None.
+        self.privacy_session = None
+        if privacy is not None:
+            from securefed.privacy.session import PrivacySession
+
+            self.privacy_session = PrivacySession(
+                privacy, protocol=self.protocol, population=n, clients_per_round=k,
+                dimension=sum(p.numel() for p in self._params().values()),
+                local_steps=1 if algorithm == "fedsgd" else local_epochs, rng=self._rng.child("privacy"),
+            )
+            if self.audit is not None and self.audit.ledger:
+                self.privacy_session.resume(self.audit.ledger)
         self.history = History()
+
+    @property
+    def accountant(self) -> Any:
+        """The privacy accountant (``.ledger``: one event per round), or None without privacy."""
+        return None if self.privacy_session is None else self.privacy_session.accountant
 
     # -- one participant ------------------------------------------------------------
 
@@ -179,6 +206,11 @@ class Trainer:
         loader = DataLoader(data, batch_size=len(data) if full else self.batch_size, shuffle=not full, generator=gen)
         opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
         self.model.train()
+        dp = self.privacy_session
+        if dp is not None and dp.local_training:
+            loss = dp.train_locally(self.model, data, self.loss_fn, opt,
+                                    self._rng.child(f"round/{self._round}/client/{client}/dp-sgd"))
+            return flatten(self._params())[0] - start, loss
         total, count = 0.0, 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(gen.initial_seed())
@@ -211,7 +243,9 @@ class Trainer:
         keys = self._rng.child(f"sample/{self._round}").integers_below(2**63, n)
         return sorted(np.argsort(keys, kind="stable")[: self.clients_per_round].tolist())
 
-    def _aggregate(self, inputs: list[np.ndarray], participants: list[int]) -> AggregationResult:
+    def _aggregate(
+        self, inputs: list[np.ndarray], participants: list[int], protocol: AggregationProtocol
+    ) -> AggregationResult:
         drops: dict[int, str] = {}
         if self.dropouts is not None:
             index = {p: i for i, p in enumerate(participants)}
@@ -219,14 +253,24 @@ class Trainer:
                 if p in index:
                     drops[index[p]] = phase
         return simulate_aggregation(
-            self.protocol, inputs, drops, seed=self._round_seed("aggregation"), record="digest",
+            protocol, inputs, drops, seed=self._round_seed("aggregation"), record="digest",
             round_index=self._round,
         )
 
     def run_round(self) -> RoundRecord:
         """Run one round and return its record (also appended to ``history``)."""
         self._round += 1
-        participants = self._sample()
+        dp = self.privacy_session
+        participants = self._sample() if dp is None else dp.sample(self._round, self._sample)
+        if dp is not None:
+            try:
+                dp.before_round(self._round, len(participants))
+            except PrivacyBudgetExceeded:
+                self._round -= 1
+                raise
+            if not participants:
+                return self._empty_round()
+        protocol = self.protocol if dp is None else dp.protocol(self.protocol, self._round)
         start, spec = flatten(self._params())
         start = start.copy()
         weighted = self.weighting == "examples"
@@ -234,19 +278,23 @@ class Trainer:
         for c in participants:
             delta, loss = self._local_update(c, start, spec)
             w = len(self.datasets[c]) / self._max_examples if weighted else 1.0  # type: ignore[arg-type]
-            inputs.append(np.append(delta * w, np.float32(w)).astype(np.float32) if weighted else delta)
+            x = np.append(delta * w, np.float32(w)).astype(np.float32) if weighted else delta
+            inputs.append(x if dp is None else dp.client_input(delta, [p.size for p in spec.params]))
             losses.append(loss)
             weights.append(len(self.datasets[c]))  # type: ignore[arg-type]
         try:
-            res = self._aggregate(inputs, participants)
+            res = self._aggregate(inputs, participants, protocol)
         except ProtocolAborted as e:
             if self.audit is not None:
                 self._audit_begin()
-                self.audit.round_aborted(self._round, protocol=self.protocol, participants=participants, error=e)
+                self.audit.round_aborted(self._round, protocol=protocol, participants=participants, error=e,
+                                         epsilon=None if dp is None else dp.epsilon())
             raise
         finally:
             self._load(start, spec)
-        if weighted:
+        if dp is not None:
+            mean = dp.finish_round(res.total, len(res.included), len(participants), self._round)
+        elif weighted:
             mean = res.total[:-1] / res.total[-1]
         else:
             mean = res.total / len(res.included)
@@ -257,14 +305,31 @@ class Trainer:
             np.mean([res.server_view.bytes_from(i) for i in res.included])
         )
         metrics["dropped"] = float(len(participants) - len(included))
+        metrics.update({} if dp is None else dp.metrics)
         loss = float(np.average(losses, weights=weights))
-        record = RoundRecord(self._round, loss, metrics, None, included)
+        record = RoundRecord(self._round, loss, metrics, None if dp is None else dp.epsilon(), included)
         self.history.rounds.append(record)
         if self.audit is not None:
             self._audit_begin()
-            self.audit.round(self._round, protocol=self.protocol, result=res, participants=participants,
-                             metrics={"loss": loss, **metrics})
+            self.audit.round(self._round, protocol=protocol, result=res, participants=participants,
+                             metrics={"loss": loss, **metrics}, dp_events=[] if dp is None else dp.round_ledger,
+                             epsilon=record.epsilon)
         log.info("round %d: loss %.4f %s included %s", self._round, loss, metrics, included)
+        if self.on_round is not None:
+            self.on_round(record)
+        return record
+
+    def _empty_round(self) -> RoundRecord:
+        """A Poisson sample with nobody in it: no update, nothing released; the privacy round still counts."""
+        dp = self.privacy_session
+        assert dp is not None
+        record = RoundRecord(self._round, math.nan, self.evaluate(), dp.finish_empty_round(self._round), ())
+        self.history.rounds.append(record)
+        if self.audit is not None:
+            self._audit_begin()
+            self.audit.round_aborted(self._round, protocol=self.protocol, participants=[], epsilon=record.epsilon,
+                                     error=ProtocolAborted(AbortReason.NO_INPUTS, "no participant was sampled"),
+                                     dp_events=dp.round_ledger)
         if self.on_round is not None:
             self.on_round(record)
         return record
@@ -290,7 +355,10 @@ class Trainer:
     def _audit_begin(self) -> None:
         """Open an audit session (run_start or resume) unless one is open."""
         if self.audit is not None and not self.audit.in_session:
-            self.audit.start(config=self._audit_config())
+            self.audit.start(config=self._audit_config(), privacy=self._audit_privacy())
+
+    def _audit_privacy(self) -> dict[str, Any] | None:
+        return None if self.privacy_session is None else self.privacy_session.audit_settings()
 
     def _audit_config(self) -> dict[str, Any]:
         return {
@@ -312,7 +380,7 @@ class Trainer:
             raise ConfigurationError(f"rounds must be a positive integer, got {rounds!r}")
         if self.audit is None or self.audit.in_session:
             return self._fit(rounds)
-        with self.audit.session(config=self._audit_config()):
+        with self.audit.session(config=self._audit_config(), privacy=self._audit_privacy()):
             return self._fit(rounds)
 
     def _fit(self, rounds: int) -> History:
