@@ -33,7 +33,8 @@ def _demo(args: argparse.Namespace) -> int:
     console.print(f"  protocol            {res.protocol}")
     console.print(f"  test accuracy       {res.accuracy:.4f}")
     console.print(f"  upload per client   {res.upload_bytes_per_client / 1024:.1f} KiB per round")
-    console.print("  privacy             " + ("no DP" if res.epsilon is None else f"epsilon {res.epsilon:.3f}"))
+    console.print("  privacy             " + ("no DP" if res.epsilon is None else
+                                              f"epsilon {res.epsilon:.3f} at delta {res.delta:g} ({res.privacy})"))
     console.print(f"  time                {res.seconds:.1f} s")
     if args.audit_log:
         console.print(f"  audit log           {args.audit_log}; check it with\n"
