@@ -1,15 +1,16 @@
 """The parties of the HE protocols: client, decryptor and server state machines, and their saved states.
 
-Messages are ``header || SHA-256(payload) || payload`` (the header of ``protocols/wire.md``);
-the digest catches corruption in transit, which a ciphertext cannot reveal by itself (a
-flipped bit is usually still a valid ciphertext of another value). Payload layouts,
+Messages are ``header || CRC-32(payload) || payload`` (the header of ``protocols/wire.md``);
+the checksum catches corruption in transit, which a ciphertext cannot reveal by itself (a
+flipped bit is usually still a valid ciphertext of another value). It is not authentication:
+that is the transport's job. Payload layouts,
 stage by stage, are in ``protocols/he.md`` ("Messages"). Nothing here is unpickled.
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,9 @@ DECRYPTOR = "decryptor"
 DECRYPTOR_ID = 0xFFFFFFFE
 
 _VERSION = 1
-_DIGEST = 32
+#: Bytes of the CRC-32 that starts every body, and of a key id (SHA-256 of a public context).
+CHECK_BYTES = 4
+_KEY_ID = 32
 _U32 = struct.Struct(">I")
 #: HKDF label and AEAD purpose of the secret key sent from the dealer to each client ("clients" mode).
 _KEY_PURPOSE = "he/secret-key"
@@ -44,28 +47,28 @@ def _sender_id(party: Party) -> int:
 
 
 class _Framer:
-    """Headers and digests for one round of one HE protocol."""
+    """Headers and checksums for one round of one HE protocol."""
 
     def __init__(self, protocol: _HEProtocol, spec: RoundSpec) -> None:
         self._tag, self._phases, self._spec = protocol._TAG, protocol.phases, spec
 
     def message(self, phase: str, sender: int, items: Sequence[bytes]) -> bytes:
-        digest = hashlib.sha256()
+        crc = 0
         for item in items:
-            digest.update(item)
-        length = _DIGEST + sum(len(i) for i in items)
+            crc = zlib.crc32(item, crc)
+        length = CHECK_BYTES + sum(len(i) for i in items)
         s = self._spec
         head = _wire.pack_header(self._tag, _VERSION, self._phases.index(phase), s.round_index, s.session_id,
                                  sender, length)
-        return b"".join([head, digest.digest(), *items])
+        return b"".join([head, _U32.pack(crc), *items])
 
     def payload(self, data: bytes, phase: str, sender: int) -> memoryview:
         s = self._spec
         body = _wire.unpack_message(data, tag=self._tag, version=_VERSION, phase=self._phases.index(phase),
                                     round_index=s.round_index, session_id=s.session_id, sender=sender)
-        if len(body) < _DIGEST or hashlib.sha256(body[_DIGEST:]).digest() != body[:_DIGEST]:
-            raise MessageRejected("invalid message: digest mismatch")
-        return body[_DIGEST:]
+        if len(body) < CHECK_BYTES or _U32.unpack_from(body)[0] != zlib.crc32(body[CHECK_BYTES:]):
+            raise MessageRejected("invalid message: checksum mismatch")
+        return body[CHECK_BYTES:]
 
 
 def _u32(value: int) -> bytes:
@@ -222,7 +225,7 @@ class HEClient(ClientProtocol):
                         party_a=dealer, party_b=self._id)
         plain = aead.open_sealed(key, sealed, purpose=_KEY_PURPOSE, session_id=s.session_id,
                                  round_index=s.round_index, sender=dealer, recipient=self._id)
-        self._key_id, self._secret = plain[:_DIGEST], plain[_DIGEST:]
+        self._key_id, self._secret = plain[:_KEY_ID], plain[_KEY_ID:]
         backend.load_context(self._secret, self._ring, secret=True)  # refuse a malformed key now
 
     def _upload(self, reader: _Reader) -> bytes:
@@ -419,7 +422,7 @@ class HEServer(ServerProtocol):
         self._sealed, self._dealer_pk = sealed, self._kex_keys[int(party)]
 
     def _receive_upload(self, party: Party, reader: _Reader) -> None:
-        if bytes(reader.take(_DIGEST)) != self._key_id:
+        if bytes(reader.take(_KEY_ID)) != self._key_id:
             raise MessageRejected("invalid message: encrypted under another key")
         vecs = _read_vectors(reader, self._ctx, self._ring, self._spec.dim)
         reader.end()
@@ -517,7 +520,7 @@ def load_party(protocol: _HEProtocol, data: bytes, rng: RandomSource) -> ClientP
         raise bad from None
     ring = protocol._ring(n)
     clients_mode = protocol.key_holder == "clients"
-    has_secret = _F_SECRET in fields and len(fields.get(_F_KEY_ID, b"")) == _DIGEST
+    has_secret = _F_SECRET in fields and len(fields.get(_F_KEY_ID, b"")) == _KEY_ID
     if role == _ROLE_DECRYPTOR and party == DECRYPTOR_ID and not clients_mode:
         if set(fields) - {_F_SECRET, _F_KEY_ID} or stage not in (_KEYLESS, _KEYED, _SPENT) \
                 or has_secret != (stage != _KEYLESS):

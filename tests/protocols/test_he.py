@@ -21,11 +21,13 @@ from securefed.errors import AbortReason, ConfigurationError, InvalidInput, Mess
 from securefed.protocols import _he_params as params
 from securefed.protocols import _he_parties as parties
 from securefed.protocols import _he_tenseal as backend
+from securefed.protocols import _wire
 from securefed.protocols.base import RoundSpec
 from securefed.protocols.he import BFV, CKKS
 
 PHASES = ("setup", "keys", "upload", "decrypt")
 UPLOAD = PHASES.index("upload")
+PAYLOAD = _wire.HEADER_SIZE + parties.CHECK_BYTES  # where a message's payload starts
 
 
 class Integers(IntegerEncoder):
@@ -87,13 +89,13 @@ def drive(protocol, xs, *, dropouts=None, seed=0, on_reply=None, restore=False):
 
 
 def reframe(protocol, spec, phase, sender, items):
-    """A well-formed message (header and digest) around a payload an attacker or a bug produced."""
+    """A well-formed message (header and checksum) around a payload an attacker or a bug produced."""
     return parties._Framer(protocol, spec).message(phase, sender, items)
 
 
 def upload_parts(message):
     """(key id, ciphertext blobs) of an upload message."""
-    body = memoryview(message)[50 + 32 :]
+    body = memoryview(message)[PAYLOAD:]
     reader = parties._Reader(body)
     kid = bytes(reader.take(32))
     return kid, [bytes(reader.blob()) for _ in range(reader.u32())]
@@ -624,7 +626,7 @@ def test_clients_mode_server_relays_only_sealed_keys():
 def test_clients_mode_tampered_sealed_key_is_refused():
     def tamper(phase, who, reply):
         if phase == "keys":  # flip a bit inside the first sealed key, keeping the message well-formed
-            body = bytearray(reply[50 + 32 :])
+            body = bytearray(reply[PAYLOAD:])
             body[-40] ^= 1
             return reframe(proto, spec, "keys", who, [bytes(body)])
         return reply
