@@ -26,7 +26,7 @@ def write(path: Path, rounds: int, clients: int, protocol: sf.protocols.Aggregat
     from securefed.privacy.events import GaussianEvent
 
     acc = Accountant("rdp")
-    xs = [np.full(16, float(i)) for i in range(clients)]
+    xs = [np.full(16, i / clients) for i in range(clients)]  # inside every protocol's default range
     t = time.perf_counter()
     with AuditWriter(path) as w, w.session(config={"bench": "audit"}, privacy={"accountant": "rdp", "delta": 1e-5}):
         for r in range(1, rounds + 1):

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from typing import Any
 
@@ -23,6 +23,8 @@ __all__ = [
     "SIGNING_CONTEXT",
     "canonical",
     "entry_hash",
+    "entry_schema",
+    "fast_check",
     "iter_lines",
     "json_safe",
     "read_entries",
@@ -113,23 +115,31 @@ def schema() -> dict[str, Any]:
 
 @functools.cache
 def validator(kind: str | None = None) -> Any:
-    """A ``jsonschema`` validator of :func:`schema`, or, for an entry `kind`, of what the schema
-    requires of an entry of that type (installed with ``securefed[audit]``).
-
-    The per-type validator drops the ``if``/``then`` dispatch and inlines every
-    ``$ref`` (the schema has no recursion); it accepts exactly the entries of type
-    `kind` that the whole schema accepts, and is about twice as fast.
-    """
+    """A ``jsonschema`` validator of :func:`schema`, or of :func:`entry_schema` for `kind`
+    (``jsonschema`` is installed with ``securefed[audit]``)."""
     from jsonschema import Draft202012Validator
 
+    return Draft202012Validator(schema() if kind is None else entry_schema(kind))
+
+
+@functools.cache
+def fast_check(kind: str) -> Callable[[Any], bool]:
+    """``entry -> bool``: whether :func:`entry_schema` for `kind` accepts it, compiled (about 10x
+    faster than ``jsonschema``, and checked against it by the tests)."""
+    from securefed.audit._fastschema import compile_schema
+
+    return compile_schema(entry_schema(kind))
+
+
+def entry_schema(kind: str) -> dict[str, Any]:
+    """What :func:`schema` requires of an entry of type `kind`, without ``if``/``then`` and with
+    every ``$ref`` inlined (the schema has no recursion): same accepted entries of that type."""
     full = schema()
-    if kind is None:
-        return Draft202012Validator(full)
     defs = full["$defs"]
     envelope = _inline({k: v for k, v in full.items() if k not in ("allOf", "$defs")}, defs)
     envelope["properties"]["type"] = {"const": kind}
     envelope["properties"]["body"] = _inline(defs[kind], defs)
-    return Draft202012Validator(envelope)
+    return envelope  # type: ignore[no-any-return]
 
 
 def _inline(node: Any, defs: Mapping[str, Any]) -> Any:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from securefed.audit.log import canonical, iter_lines, json_safe, schema, validator
+from securefed.audit.log import canonical, fast_check, iter_lines, json_safe, schema, validator
 from securefed.errors import AbortReason
 from securefed.protocols import DropReason
 
@@ -99,7 +99,7 @@ def replacement(old):
 
 
 @given(st.data())
-def test_per_type_validators_accept_exactly_what_the_schema_accepts(dp_log, data):
+def test_per_type_and_compiled_checks_accept_exactly_what_the_schema_accepts(dp_log, data):
     import copy
 
     from tests.audit.helpers import lines_of
@@ -118,5 +118,6 @@ def test_per_type_validators_accept_exactly_what_the_schema_accepts(dp_log, data
     kinds = [k for k in ("run_start", "resume", "round", "round_aborted", "run_end") if entry.get("type") == k]
     for kind in kinds:
         assert validator(kind).is_valid(entry) == whole
+        assert fast_check(kind)(entry) == whole
     if not kinds:
         assert not whole
