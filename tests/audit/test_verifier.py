@@ -332,3 +332,10 @@ def test_an_empty_sample_round_has_no_parameters_to_check(tmp_path, monkeypatch)
 def test_any_edit_of_a_dp_log_fails_naming_the_edited_entry(dp_log, data):
     changed, entry = edit(dp_log.read_bytes(), data.draw)
     assert first_entry(verify_data(changed, key_paths(dp_log)[1])) == entry
+
+
+def test_a_number_beyond_float_range_is_a_failure_not_a_crash(plain_log):
+    lines = plain_log.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"round":1', b'"round":1e999')
+    res = verify_data(b"".join(lines))
+    assert (2, "(encoding)") in [(f.entry, f.field) for f in res.failures]
