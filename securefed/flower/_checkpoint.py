@@ -4,6 +4,9 @@ A directory holds ``model-NNNNNN.npz`` (the arrays, written first) and
 ``state.json`` (written to a temporary file, fsynced, then renamed over the old
 one: the commit point). A crash at any moment leaves the previous checkpoint or
 the new one, never a mix. No pickle: arrays load with ``allow_pickle=False``.
+``released.json`` is a write-ahead record of DP releases (aggregates decoded) not
+yet committed: a crash after a release and before its commit cannot hide it from
+the ledger.
 See ``protocols/flower.md``, "Resume".
 """
 
@@ -20,10 +23,11 @@ from flwr.app import Array, ArrayRecord
 
 from securefed.errors import ConfigurationError
 
-__all__ = ["load", "save"]
+__all__ = ["load", "record_release", "released", "save"]
 
 VERSION = 1
 _STATE = "state.json"
+_RELEASED = "released.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -69,9 +73,33 @@ def save(
             "aggregate": aggregate is not None, **state}
     data = json.dumps(body, sort_keys=True, allow_nan=False).encode()
     _write_atomic(d / _STATE, lambda f: f.write(data))
+    (d / _RELEASED).unlink(missing_ok=True)  # committed: the ledger in state.json has them now
     for old in d.glob("model-*.npz"):
         if old.name != model:
             old.unlink(missing_ok=True)
+
+
+def record_release(directory: str | os.PathLike[str], event: dict[str, Any]) -> None:
+    """Append the DP `event` of an aggregate just released to the write-ahead record (atomically)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    events = released(d) + [event]
+    data = json.dumps(events, sort_keys=True, allow_nan=False).encode()
+    _write_atomic(d / _RELEASED, lambda f: f.write(data))
+
+
+def released(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """DP events recorded ahead of a commit that has not happened (empty after every commit)."""
+    path = Path(directory) / _RELEASED
+    if not path.exists():
+        return []
+    try:
+        events = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigurationError(f"cannot read {path}: {e}") from e
+    if not isinstance(events, list):
+        raise ConfigurationError(f"{path} is not a list of events")
+    return events
 
 
 def load(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], ArrayRecord, np.ndarray | None] | None:

@@ -15,13 +15,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from securefed.crypto.random import RandomSource
 from securefed.errors import AbortReason, ConfigurationError, MessageRejected, ProtocolAborted
-from securefed.flower import _envelope
+from securefed.flower import _envelope, _privacy
 from securefed.protocols.base import (
     AggregationProtocol,
     AggregationResult,
@@ -43,8 +44,13 @@ _TTL_MARGIN = 30.0
 
 
 def input_phase(protocol: AggregationProtocol) -> str:
-    """The phase whose request carries the model and whose reply carries a client's input."""
-    return protocol.input_phase or protocol.phases[-1]
+    """The phase in which nodes train: the protocol's declared ``input_phase``, else its first phase.
+
+    Training before the first phase is always correct (the input is set before any
+    phase needs it), only earlier than necessary; a protocol that declares where its
+    input enters lets nodes that drop out before that phase skip training.
+    """
+    return protocol.input_phase or protocol.phases[0]
 
 
 def message_type(protocol: AggregationProtocol, phase: str) -> str:
@@ -115,7 +121,8 @@ class AggregationRound:
     reply makes its node a dropout, logged with the reason; it never raises for what a
     node sent), :meth:`finish_phase` closes the phase (ProtocolAborted when too few
     remain), :meth:`outcome` gives the result after the last phase. Client i is the
-    i-th smallest node id.
+    i-th smallest node id. ``privacy``: a ``CentralDP``/``DistributedDP`` configuration
+    (the nodes must have the same).
     """
 
     def __init__(
@@ -128,14 +135,16 @@ class AggregationRound:
         rng: RandomSource,
         max_payload_bytes: int | None = None,
         max_examples: int = 0,
+        privacy: Any = None,
     ) -> None:
         self.nodes = tuple(sorted(set(int(v) for v in nodes)))
         if not self.nodes:
             raise ProtocolAborted(AbortReason.NO_INPUTS, "no nodes to aggregate over")
-        self.protocol = protocol
         self.spec = RoundSpec(n=len(self.nodes), dim=dim, session_id=rng.child("session").token_bytes(32),
                               round_index=round_index)
-        self.server = protocol.server(self.spec, rng=rng.child("server"))
+        #: The round's protocol (with distributed DP: carrying the round's noise encoder).
+        self.protocol = _privacy.round_protocol(protocol, privacy, session=self.spec.session_id, dim=dim)
+        self.server = self.protocol.server(self.spec, rng=rng.child("server"))
         self.max_payload = max_payload_bytes or 64 * dim + (1 << 20)
         self.max_examples = max_examples
         self.view = ServerView()
@@ -216,7 +225,9 @@ class GridAggregator:
       for the input phase, where nodes also train;
     - ``poll_interval``: seconds between pulls of replies;
     - ``max_payload_bytes``: larger replies are rejected before parsing (default
-      ``64 * dim + 1 MiB``, room for CKKS at 8192 slots).
+      ``64 * dim + 1 MiB``, room for CKKS at 8192 slots);
+    - ``privacy``: ``securefed.privacy.CentralDP`` or ``DistributedDP`` (the nodes need
+      the same configuration); the caller adds central noise and accounts.
 
     Raises ConfigurationError for protocols with auxiliary parties (not supported on
     Flower yet). See ``protocols/flower.md``.
@@ -230,7 +241,9 @@ class GridAggregator:
         train_timeout: float = 600.0,
         poll_interval: float = 0.2,
         max_payload_bytes: int | None = None,
+        privacy: Any = None,
     ) -> None:
+        _privacy.check(privacy)
         for name, value in (("phase_timeout", phase_timeout), ("train_timeout", train_timeout),
                             ("poll_interval", poll_interval)):
             if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -240,6 +253,7 @@ class GridAggregator:
         self.train_timeout = float(train_timeout)
         self.poll_interval = float(poll_interval)
         self.max_payload_bytes = max_payload_bytes
+        self.privacy = privacy
 
     def run(
         self,
@@ -261,9 +275,10 @@ class GridAggregator:
         id and the server's coins. Raises ProtocolAborted when the round cannot finish safely.
         """
         rnd = AggregationRound(self.protocol, nodes, round_index=round_index, dim=dim, rng=rng,
-                               max_payload_bytes=self.max_payload_bytes, max_examples=max_examples)
-        for phase in self.protocol.phases:
-            timeout = self.train_timeout if phase == input_phase(self.protocol) else self.phase_timeout
+                               max_payload_bytes=self.max_payload_bytes, max_examples=max_examples,
+                               privacy=self.privacy)
+        for phase in rnd.protocol.phases:
+            timeout = self.train_timeout if phase == input_phase(rnd.protocol) else self.phase_timeout
             messages = rnd.messages(phase, ttl=timeout + _TTL_MARGIN, arrays=arrays, config=config)
             t0 = time.perf_counter()
             if messages:

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from securefed.crypto.random import RandomSource
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
-from securefed.flower import _envelope, _model
+from securefed.flower import _envelope, _model, _privacy
 from securefed.flower.aggregation import input_phase
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
 
@@ -54,6 +54,8 @@ class SecureClient:
       node never takes the protocol from the server: it refuses a request whose protocol
       or parameters differ from its own;
     - ``phases``: the protocol's phases, needed only when `protocol` is a function;
+    - ``privacy``: ``securefed.privacy.CentralDP`` or ``DistributedDP``, as on the server:
+      the node clips its update and, with distributed DP, adds its noise share;
     - ``seed``: an int (or a function of the ``Context``) making the node's randomness
       reproducible, for tests and simulation only; None (default) draws from the OS.
 
@@ -66,8 +68,10 @@ class SecureClient:
         protocol: AggregationProtocol | Callable[[Context], AggregationProtocol],
         *,
         phases: Sequence[str] | None = None,
+        privacy: Any = None,
         seed: int | None | Callable[[Context], int | None] = None,
     ) -> None:
+        _privacy.check(privacy)
         if isinstance(protocol, AggregationProtocol):
             phases = protocol.phases
             self._input_phase = input_phase(protocol)
@@ -79,6 +83,7 @@ class SecureClient:
             raise ConfigurationError("the protocol has no phases")
         self.protocol = protocol
         self.phases = tuple(phases)
+        self.privacy = privacy
         self.seed = seed
 
     def register(self, app: ClientApp, train: TrainFn) -> None:
@@ -113,7 +118,8 @@ class SecureClient:
         req: _envelope.Request | None = None
         try:
             req, arrays, config = _envelope.parse_request(msg.content, input_phase=is_train)
-            protocol = _value(self.protocol, context)
+            protocol = _privacy.round_protocol(_value(self.protocol, context), self.privacy, session=req.session,
+                                               dim=req.dim)
             if req.protocol != protocol.name or req.params != _envelope.describe(protocol, req.n):
                 raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
                                       "the server asks for a protocol or parameters this node is not configured for")
@@ -142,19 +148,25 @@ class SecureClient:
 
     def _restore(self, context: Context, protocol: AggregationProtocol, req: _envelope.Request,
                  seed: int | None) -> ClientProtocol:
-        """The state machine for this request's round: saved in the context, or new for a new round."""
+        """The state machine for this request's round: new for the protocol's first phase, else the saved one.
+
+        A request of an older round than the saved state, or of a later phase without
+        saved state for its round and session, is refused (stale or out of phase).
+        """
         rng = client_rng(seed, req.session, req.client, req.phase)
         saved = context.state.get(_envelope.KEY)
-        if isinstance(saved, ConfigRecord):
-            same = (saved["round"], saved["session"], saved["client"]) == (req.round, req.session, req.client)
-            if same:
-                if not saved["state"]:
-                    raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node left the round earlier")
-                return protocol.load_client(saved["state"], rng=rng)
-            if req.round < saved["round"] or (req.round == saved["round"] and req.phase != protocol.phases[0]):
-                raise MessageRejected("invalid request: stale round or session")
-        spec = RoundSpec(n=req.n, dim=req.dim, session_id=req.session, round_index=req.round)
-        return protocol.client(spec, req.client, rng=rng)
+        if isinstance(saved, ConfigRecord) and req.round < saved["round"]:
+            raise MessageRejected("invalid request: stale round")
+        if req.phase == protocol.phases[0]:
+            # A new round, or the same one started again (a restarted server): fresh state either way.
+            spec = RoundSpec(n=req.n, dim=req.dim, session_id=req.session, round_index=req.round)
+            return protocol.client(spec, req.client, rng=rng)
+        if not isinstance(saved, ConfigRecord) or (saved["round"], saved["session"], saved["client"]) != (
+                req.round, req.session, req.client):
+            raise MessageRejected("invalid request: no state for this round and session (out of phase)")
+        if not saved["state"]:
+            raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node left the round earlier")
+        return protocol.load_client(saved["state"], rng=rng)
 
     def _save(self, context: Context, req: _envelope.Request, state: bytes) -> None:
         context.state[_envelope.KEY] = ConfigRecord(
@@ -171,10 +183,15 @@ class SecureClient:
         if not isinstance(trained, ArrayRecord):
             raise InvalidInput("'arrays' in the training reply must be an ArrayRecord")
         _model.same_layout(arrays, trained)
-        start, _ = _model.flatten_record(arrays)
+        start, spec = _model.flatten_record(arrays)
         new, _ = _model.flatten_record(trained)
         update = new.astype(np.float64) - start.astype(np.float64)
-        if req.max_examples:
+        if self.privacy is not None:
+            if req.max_examples:
+                raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                                      "with differential privacy every node weighs the same; the server asks otherwise")
+            update = _privacy.clipping(self.privacy).clip(update, [p.size for p in spec.params])
+        elif req.max_examples:
             metrics = reply.content.get("metrics")
             examples = metrics.get("num-examples") if isinstance(metrics, MetricRecord) else None
             if not isinstance(examples, int) or examples < 1:

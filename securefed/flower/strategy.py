@@ -21,9 +21,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from securefed.crypto.random import RandomSource
-from securefed.errors import AbortReason, ConfigurationError, ProtocolAborted
-from securefed.flower import _checkpoint, _model
+from securefed.errors import AbortReason, ConfigurationError, PrivacyBudgetExceeded, ProtocolAborted
+from securefed.flower import _checkpoint, _model, _privacy
 from securefed.flower.aggregation import GridAggregator, RoundOutcome
+from securefed.privacy import Accountant, CentralGaussian, DistributedDP
 from securefed.protocols.base import (
     AggregationProtocol,
     AggregationResult,
@@ -86,19 +87,19 @@ class _RunState:
     """What a checkpoint holds besides the model."""
 
     round: int = 0
-    restarts: int = 0
     cooldown: dict[int, int] = dataclasses.field(default_factory=dict)
     history: list[RoundReport] = dataclasses.field(default_factory=list)
+    ledger: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the accountant's, with privacy
     audit: dict[str, Any] | None = None  # the committed round's audit record, until the log has it
 
     def to_json(self) -> dict[str, Any]:
-        return {"restarts": self.restarts, "cooldown": {str(k): v for k, v in self.cooldown.items()},
-                "history": [r.to_json() for r in self.history], "audit": self.audit}
+        return {"cooldown": {str(k): v for k, v in self.cooldown.items()},
+                "history": [r.to_json() for r in self.history], "ledger": self.ledger, "audit": self.audit}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> _RunState:
-        return cls(data["round"], data["restarts"], {int(k): v for k, v in data["cooldown"].items()},
-                   [RoundReport.from_json(r) for r in data["history"]], data["audit"])
+        return cls(data["round"], {int(k): v for k, v in data["cooldown"].items()},
+                   [RoundReport.from_json(r) for r in data["history"]], list(data["ledger"]), data["audit"])
 
 
 class SecureFedAvg:
@@ -107,10 +108,15 @@ class SecureFedAvg:
     Keyword parameters:
 
     - ``protocol``: the aggregation protocol (nodes must be configured with the same);
+    - ``privacy``: ``securefed.privacy.CentralDP`` or ``DistributedDP`` (nodes need the
+      same): client-level DP with its accountant; every round's event goes to the
+      ledger, kept in the checkpoint and the audit log; a round that could exceed
+      ``target_epsilon`` is not started (PrivacyBudgetExceeded);
     - ``fraction_train``, ``min_train_nodes``, ``min_available_nodes``: sampling as in
       Flower's FedAvg; ``node_wait_timeout``: seconds to wait for enough nodes;
     - ``weighting``: ``"examples"`` (each node weights its update by its example count,
-      capped at ``max_examples``, inside the aggregate) or ``"uniform"``;
+      capped at ``max_examples``, inside the aggregate) or ``"uniform"``; default
+      ``"examples"``, and ``"uniform"`` (the only choice) with privacy;
     - ``server_lr``: step on the mean update (1.0 is FedAvg);
     - ``phase_timeout``, ``train_timeout``, ``poll_interval``: see :class:`GridAggregator`;
     - ``cooldown_rounds``: a node that dropped out is not sampled for that many rounds
@@ -121,18 +127,19 @@ class SecureFedAvg:
     - ``seed``: reproducible sampling, session ids and server coins, for tests and
       simulation only (nodes need the same seed for theirs).
 
-    Raises ConfigurationError for inconsistent parameters.
+    Raises ConfigurationError for inconsistent parameters. See ``protocols/flower.md``.
     """
 
     def __init__(
         self,
         *,
         protocol: AggregationProtocol,
+        privacy: Any = None,
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
         min_available_nodes: int = 2,
         node_wait_timeout: float = 300.0,
-        weighting: Literal["examples", "uniform"] = "examples",
+        weighting: Literal["examples", "uniform"] | None = None,
         max_examples: int = 1000,
         server_lr: float = 1.0,
         phase_timeout: float = 120.0,
@@ -144,20 +151,28 @@ class SecureFedAvg:
         audit_key: Any = None,
         seed: int | None = None,
     ) -> None:
+        _privacy.check(privacy)
         if not 0.0 < fraction_train <= 1.0:
             raise ConfigurationError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
+        if privacy is not None and fraction_train < 1.0:
+            raise ConfigurationError("with privacy on Flower every available node trains (fraction_train=1.0): "
+                                     "subsampling amplification needs Poisson sampling, not supported here yet")
         if not 1 <= min_train_nodes <= min_available_nodes:
             raise ConfigurationError("need 1 <= min_train_nodes <= min_available_nodes, got "
                                      f"{min_train_nodes} and {min_available_nodes}")
+        weighting = weighting or ("uniform" if privacy is not None else "examples")
         if weighting not in ("examples", "uniform"):
             raise ConfigurationError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        if privacy is not None and weighting != "uniform":
+            raise ConfigurationError("with privacy every included node weighs the same: weighting='uniform'")
         if not isinstance(max_examples, int) or max_examples < 1:
             raise ConfigurationError(f"max_examples must be a positive int, got {max_examples!r}")
         if not isinstance(cooldown_rounds, int) or cooldown_rounds < 0:
             raise ConfigurationError(f"cooldown_rounds must be an int >= 0, got {cooldown_rounds!r}")
         self.protocol = protocol
+        self.privacy = privacy
         self.aggregator = GridAggregator(protocol, phase_timeout=phase_timeout, train_timeout=train_timeout,
-                                         poll_interval=poll_interval)
+                                         poll_interval=poll_interval, privacy=privacy)
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
@@ -212,16 +227,20 @@ class SecureFedAvg:
         `train_config` goes to the nodes with the model (plus ``"server-round"``);
         ``evaluate_fn(round, arrays)`` evaluates the global model centrally after each
         round. Raises ConfigurationError for a checkpoint or audit log that does not
-        fit this run.
+        fit this run, PrivacyBudgetExceeded before a round that could exceed the budget.
         """
         if not isinstance(num_rounds, int) or num_rounds < 1:
             raise ConfigurationError(f"num_rounds must be a positive int, got {num_rounds!r}")
-        arrays, state, aggregate = initial_arrays, _RunState(), None
-        if self.checkpoint_dir is not None and (ckpt := _checkpoint.load(self.checkpoint_dir)) is not None:
-            raw, arrays, aggregate = ckpt
-            state = _RunState.from_json(raw)
-            state.restarts += 1
-            log.info("securefed: resuming after round %d from %s", state.round, self.checkpoint_dir)
+        run = _Run(initial_arrays, _RunState(), None, [])
+        if self.checkpoint_dir is not None:
+            if (ckpt := _checkpoint.load(self.checkpoint_dir)) is not None:
+                raw, run.arrays, run.aggregate = ckpt
+                run.state = _RunState.from_json(raw)
+                log.info("securefed: resuming after round %d from %s", run.state.round, self.checkpoint_dir)
+            # Aggregates decoded after the last commit were released all the same: they stay in the ledger.
+            run.pending = _checkpoint.released(self.checkpoint_dir)
+        if self.privacy is not None:
+            run.accountant = Accountant.from_ledger(run.state.ledger + run.pending, self.privacy.accountant)
         audit = None
         if self.audit_log is not None:
             from securefed.audit import AuditWriter
@@ -229,24 +248,27 @@ class SecureFedAvg:
             audit = AuditWriter(self.audit_log, key=self.audit_key)
         try:
             if audit is None:
-                return self._run(grid, arrays, state, num_rounds, train_config, evaluate_fn, None)
-            with audit.session(config=self._audit_config(num_rounds)):
-                self._reconcile_audit(audit, state, aggregate)
-                return self._run(grid, arrays, state, num_rounds, train_config, evaluate_fn, audit)
+                return self._run(grid, run, num_rounds, train_config, evaluate_fn, None)
+            settings = None if self.privacy is None else {"accountant": self.privacy.accountant,
+                                                          "delta": self.privacy.delta}
+            with audit.session(config=self._audit_config(num_rounds), privacy=settings):
+                self._reconcile_audit(audit, run)
+                return self._run(grid, run, num_rounds, train_config, evaluate_fn, audit)
         finally:
             if audit is not None:
                 audit.close()
 
-    def _run(self, grid: Grid, arrays: ArrayRecord, state: _RunState, num_rounds: int,
-             train_config: ConfigRecord | None, evaluate_fn: EvaluateFn | None, audit: Any) -> SecureResult:
-        result = SecureResult(arrays=arrays)
+    def _run(self, grid: Grid, run: _Run, num_rounds: int, train_config: ConfigRecord | None,
+             evaluate_fn: EvaluateFn | None, audit: Any) -> SecureResult:
+        state = run.state
+        result = SecureResult(arrays=run.arrays)
         for report in state.history:
             result.rounds.append(report)
             if evals := _evals(report):
                 result.evaluate_metrics_serverapp[report.round] = MetricRecord(evals)
         for r in range(state.round + 1, num_rounds + 1):
-            arrays, report, outcome = self._round(grid, r, arrays, state, train_config, evaluate_fn)
-            result.arrays = arrays
+            report, outcome = self._round(grid, r, run, train_config, evaluate_fn)
+            result.arrays = run.arrays
             result.rounds.append(report)
             if evals := _evals(report):
                 result.evaluate_metrics_serverapp[r] = MetricRecord(evals)
@@ -254,65 +276,109 @@ class SecureFedAvg:
             state.history.append(report)
             for node in report.dropped:
                 state.cooldown[node] = r + self.cooldown_rounds
-            state.audit = self._audit_record(report, outcome) if audit is not None else None
+            if run.accountant is not None:
+                state.ledger = run.accountant.ledger
+            state.audit = self._audit_record(report, outcome, run.pending) if audit is not None else None
+            run.pending = []
             if self.checkpoint_dir is not None:
-                _checkpoint.save(self.checkpoint_dir, round_index=r, arrays=arrays, state=state.to_json(),
+                _checkpoint.save(self.checkpoint_dir, round_index=r, arrays=run.arrays, state=state.to_json(),
                                  aggregate=None if outcome is None or audit is None else outcome.result.total)
             if audit is not None:
                 self._write_audit(audit, state.audit, None if outcome is None else outcome.result.total)
         return result
 
-    def _round(self, grid: Grid, r: int, arrays: ArrayRecord, state: _RunState,
-               train_config: ConfigRecord | None, evaluate_fn: EvaluateFn | None,
-               ) -> tuple[ArrayRecord, RoundReport, RoundOutcome | None]:
-        nodes = self._sample(grid, r, state)
-        start, spec = _model.flatten_record(arrays)
+    def _round(self, grid: Grid, r: int, run: _Run, train_config: ConfigRecord | None,
+               evaluate_fn: EvaluateFn | None) -> tuple[RoundReport, RoundOutcome | None]:
+        nodes = self._sample(grid, r, run.state)
+        start, spec = _model.flatten_record(run.arrays)
         weighted = self.weighting == "examples"
+        dim = start.size + weighted
+        if self.privacy is not None:
+            self._check_budget(run, r, len(nodes), dim)
         config = ConfigRecord({**(train_config or {}), "server-round": r})
         log.info("securefed: round %d with %d nodes", r, len(nodes))
+        rng = self._rng(f"round/{r}")
         try:
-            outcome = self.aggregator.run(
-                grid, nodes, round_index=r, dim=start.size + weighted, rng=self._rng(f"round/{r}/attempt/{state.restarts}"),
-                arrays=arrays, config=config, max_examples=self.max_examples if weighted else 0,
-            )
+            outcome = self.aggregator.run(grid, nodes, round_index=r, dim=dim, rng=rng, arrays=run.arrays,
+                                          config=config, max_examples=self.max_examples if weighted else 0)
         except ProtocolAborted as e:
             log.error("securefed: round %d aborted (%s): %s", r, e.reason.value, e)
-            return arrays, RoundReport(r, tuple(nodes), (), {}, {}, None, e.reason.value), None
+            eps = None if run.accountant is None else run.accountant.epsilon(self.privacy.delta)
+            return RoundReport(r, tuple(nodes), (), {}, {}, eps, e.reason.value), None
         total, included = outcome.result.total, outcome.included_nodes
-        if weighted:
+        epsilon = None
+        if self.privacy is not None:
+            total = self._release(run, r, total, len(included), len(nodes), dim, rng)
+            epsilon = run.accountant.epsilon(self.privacy.delta)
+            mean = total / len(included)
+        elif weighted:
             mean = total[:-1] / total[-1]
         else:
             mean = total / len(included)
         new = start.astype(np.float64) + self.server_lr * mean
-        arrays = _model.with_vector(arrays, new, spec)
+        run.arrays = _model.with_vector(run.arrays, new, spec)
         metrics: dict[str, float] = {
             "included": float(len(included)), "dropped": float(len(outcome.dropped_nodes)),
             "upload_bytes_per_node": float(np.mean([outcome.bytes_from[v] for v in included])),
             **{f"seconds_{phase}": s for phase, s in outcome.phase_seconds.items()},
         }
-        if evaluate_fn is not None and (evals := evaluate_fn(r, arrays)) is not None:
+        if evaluate_fn is not None and (evals := evaluate_fn(r, run.arrays)) is not None:
             metrics.update({f"eval_{k}": float(v) for k, v in evals.items() if isinstance(v, (int, float))})
-        report = RoundReport(r, outcome.nodes, included, outcome.dropped_nodes, metrics)
-        log.info("securefed: round %d done: %d included, %d dropped %s", r, len(included),
-                 len(outcome.dropped_nodes), {k: v for k, v in metrics.items() if k.startswith("eval_")})
-        return arrays, report, outcome
+        report = RoundReport(r, outcome.nodes, included, outcome.dropped_nodes, metrics, epsilon)
+        log.info("securefed: round %d done: %d included, %d dropped, epsilon %s %s", r, len(included),
+                 len(outcome.dropped_nodes), epsilon, {k: v for k, v in metrics.items() if k.startswith("eval_")})
+        return report, outcome
+
+    # -- privacy ----------------------------------------------------------------------------
+
+    def _check_budget(self, run: _Run, r: int, n: int, dim: int) -> None:
+        """PrivacyBudgetExceeded if a round of n nodes could take epsilon past the target."""
+        config = self.privacy
+        target = config.target_epsilon
+        if target is None:
+            return
+        noise = _privacy.noise(config, self.protocol, dim)
+        # Distributed noise is provisioned for t = min_survivors(n): fewest included, largest epsilon.
+        worst = noise.survivors(n) if isinstance(config, DistributedDP) else n  # type: ignore[attr-defined]
+        eps = run.accountant.epsilon_after(noise.event(included=worst, n=n, round=r), config.delta)
+        if eps > target:
+            raise PrivacyBudgetExceeded(
+                f"round {r} could bring epsilon to {eps:.4g} at delta {config.delta:g}, above the target {target:g} "
+                f"(spent so far: {run.accountant.epsilon(config.delta):.4g} in {len(run.accountant)} events); "
+                "stop training, or raise target_epsilon or the noise"
+            )
+
+    def _release(self, run: _Run, r: int, total: np.ndarray, included: int, n: int, dim: int,
+                 rng: RandomSource) -> np.ndarray:
+        """Noise the sum (central DP) and account for its release, written ahead of the round's commit."""
+        noise = _privacy.noise(self.privacy, self.protocol, dim)
+        total = np.array(total, dtype=np.float64, copy=True)
+        if isinstance(noise, CentralGaussian):
+            noise.add_to(total, rng.child("server-noise"))
+        event = noise.event(included=included, n=n, round=r)
+        if self.checkpoint_dir is not None:
+            _checkpoint.record_release(self.checkpoint_dir, event.to_dict())
+        run.accountant.record(event)
+        run.pending.append(event.to_dict())
+        return total
 
     # -- audit ------------------------------------------------------------------------------
 
     def _audit_config(self, num_rounds: int) -> dict[str, Any]:
         return {
             "runtime": "flower", "strategy": type(self).__name__, "protocol": repr(self.protocol),
-            "num_rounds": num_rounds, "fraction_train": self.fraction_train, "min_train_nodes": self.min_train_nodes,
-            "weighting": self.weighting, "max_examples": self.max_examples, "server_lr": self.server_lr,
-            "phase_timeout": self.aggregator.phase_timeout, "train_timeout": self.aggregator.train_timeout,
-            "cooldown_rounds": self.cooldown_rounds, "seed": self.seed,
+            "privacy": repr(self.privacy), "num_rounds": num_rounds, "fraction_train": self.fraction_train,
+            "min_train_nodes": self.min_train_nodes, "weighting": self.weighting, "max_examples": self.max_examples,
+            "server_lr": self.server_lr, "phase_timeout": self.aggregator.phase_timeout,
+            "train_timeout": self.aggregator.train_timeout, "cooldown_rounds": self.cooldown_rounds, "seed": self.seed,
         }
 
-    @staticmethod
-    def _audit_record(report: RoundReport, outcome: RoundOutcome | None) -> dict[str, Any]:
+    def _audit_record(self, report: RoundReport, outcome: RoundOutcome | None,
+                      events: list[dict[str, Any]]) -> dict[str, Any]:
         """What the audit log needs for this round, JSON-able, so a resumed run can write it."""
         rec: dict[str, Any] = {"round": report.round, "participants": list(report.participants),
-                               "metrics": report.metrics, "aborted": report.aborted}
+                               "metrics": report.metrics, "aborted": report.aborted, "dp_events": events,
+                               "epsilon": report.epsilon}
         if outcome is not None:
             res = outcome.result
             rec.update(
@@ -324,30 +390,46 @@ class SecureFedAvg:
         return rec
 
     def _write_audit(self, audit: Any, rec: dict[str, Any], total: np.ndarray | None) -> None:
+        dp = {"dp_events": rec["dp_events"], "epsilon": rec["epsilon"]}
         if rec["aborted"] is not None:
             error = ProtocolAborted(AbortReason(rec["aborted"]), "round aborted")
-            audit.round_aborted(rec["round"], protocol=self.protocol, participants=rec["participants"], error=error)
+            audit.round_aborted(rec["round"], protocol=self.protocol, participants=rec["participants"], error=error,
+                                **dp)
             return
         assert total is not None
-        spec = RoundSpec(n=rec["n"], dim=rec["dim"], session_id=bytes.fromhex(rec["session"]), round_index=rec["round"])
+        session = bytes.fromhex(rec["session"])
+        spec = RoundSpec(n=rec["n"], dim=rec["dim"], session_id=session, round_index=rec["round"])
         view = ServerView(digests=[(c, p, h, s) for c, p, h, s in rec["digests"]])
         dropped = {int(c): DropRecord(p, DropReason(r), d) for c, (p, r, d) in rec["dropped"].items()}
         result = AggregationResult(total, tuple(rec["included"]), view, dropped, spec)
-        audit.round(rec["round"], protocol=self.protocol, result=result, participants=rec["participants"],
-                    metrics=rec["metrics"])
+        protocol = _privacy.round_protocol(self.protocol, self.privacy, session=session, dim=rec["dim"])
+        audit.round(rec["round"], protocol=protocol, result=result, participants=rec["participants"],
+                    metrics=rec["metrics"], **dp)
 
-    def _reconcile_audit(self, audit: Any, state: _RunState, aggregate: np.ndarray | None) -> None:
+    def _reconcile_audit(self, audit: Any, run: _Run) -> None:
         """Bring the audit log level with the checkpoint: write the committed round it lacks."""
+        state = run.state
         last = audit.last_round or 0
         if last == state.round:
             return
         if last == state.round - 1 and state.audit is not None and state.audit["round"] == state.round:
-            self._write_audit(audit, state.audit, aggregate)
+            self._write_audit(audit, state.audit, run.aggregate)
             return
         raise ConfigurationError(
             f"the audit log ends at round {last} but the checkpoint at round {state.round}: "
             "they belong to different runs; use the audit log of this checkpoint or a new one"
         )
+
+
+@dataclasses.dataclass
+class _Run:
+    """A run in progress: the model, the committed state, the accountant and events not yet committed."""
+
+    arrays: ArrayRecord
+    state: _RunState
+    aggregate: np.ndarray | None
+    pending: list[dict[str, Any]]
+    accountant: Any = None
 
 
 def _evals(report: RoundReport) -> dict[str, float]:

@@ -48,6 +48,40 @@ def test_plain_round_sums_exactly_the_updates_of_the_nodes_that_stayed(updates, 
         p: ("upload", DropReason.NO_REPLY) for p in silent}
 
 
+# The phase whose reply carries the input: a node that drops after it is still in the sum.
+CONTRIBUTES = {"plain": "upload", "secagg+": "masked_input"}
+
+
+@pytest.mark.parametrize("protocol", [sf.protocols.Plain(), sf.protocols.SecAggPlus()], ids=lambda p: p.name)
+@given(data=st.data())
+def test_dropouts_at_any_phase_give_what_the_simulation_gives(protocol, data):
+    """Who is included, and when the round aborts, match simulate_aggregation for the same dropouts."""
+    n = data.draw(st.integers(3, 6))
+    phases = protocol.phases
+    drop_at = data.draw(st.dictionaries(st.integers(0, n - 1), st.sampled_from(phases), max_size=n))
+    updates = {p: np.full(apps.dim(), (p + 1) / 16) for p in range(n)}
+
+    def deliver(node, msg):
+        p = node - 1001
+        return p not in drop_at or phases.index(phase_of(msg)) < phases.index(drop_at[p])
+
+    try:
+        sim = sf.simulate_aggregation(protocol, [updates[p] for p in range(n)], dropouts=drop_at, seed=0)
+    except ProtocolAborted:
+        with pytest.raises(ProtocolAborted):
+            run_round(protocol, apps.client_app(protocol, updates), n, deliver=deliver)
+        return
+    out = run_round(protocol, apps.client_app(protocol, updates), n, deliver=deliver)
+    assert out.result.included == sim.included
+    last = phases.index(CONTRIBUTES[protocol.name])
+    assert set(out.result.included) == {p for p in range(n) if phases.index(drop_at.get(p, phases[-1])) > last
+                                        or p not in drop_at}
+    expected = sum(updates[p] for p in out.result.included)
+    np.testing.assert_allclose(out.result.total, expected, rtol=0, atol=protocol.error_bound(n))
+    assert {v - 1001: (d.phase, d.reason) for v, d in out.dropped_nodes.items()} == {
+        c: (d.phase, d.reason) for c, d in sim.dropped.items()}
+
+
 def test_a_node_whose_training_fails_is_a_refusing_dropout_and_the_round_goes_on():
     protocol = sf.protocols.Plain()
     app = apps.client_app(protocol, {p: np.full(apps.dim(), p + 1.0) for p in range(3)}, fail=lambda p, r: p == 1)

@@ -29,11 +29,11 @@ N = 4
 
 
 def updates(p, rnd):
-    return np.full(apps.dim(), float(p + 1))
+    return np.full(apps.dim(), (p + 1) / 8)  # inside SecAgg's default value range [-1, 1]
 
 
 def protocols():
-    return [sf.protocols.Plain()]
+    return [sf.protocols.Plain(), sf.protocols.SecAggPlus()]
 
 
 def one_round(protocol, tamper, *, max_payload_bytes=None, n=N):
@@ -91,7 +91,7 @@ def test_a_bad_reply_makes_only_its_sender_a_rejected_dropout(protocol, kind, ca
     assert out.dropped_nodes[victim].phase == train
     assert set(out.dropped_nodes) == {victim}
     assert out.included_nodes == tuple(v for v in range(FIRST, FIRST + N) if v != victim)
-    np.testing.assert_allclose(out.result.total, np.full(apps.dim(), 1.0 + 2 + 4), atol=protocol.error_bound(N))
+    np.testing.assert_allclose(out.result.total, np.full(apps.dim(), (1.0 + 2 + 4) / 8), atol=protocol.error_bound(N))
     assert any(f"node {victim}" in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
 
 
@@ -123,8 +123,8 @@ def test_a_payload_replayed_from_round_1_in_round_2_drops_only_its_sender(protoc
     assert {v: (d.phase, d.reason) for v, d in r2.dropped.items()} == {victim: (train, DropReason.REJECTED)}
     assert r2.included == tuple(v for v in range(FIRST, FIRST + N) if v != victim)
     # Round 1 moved the model by the mean of all four updates, round 2 by the mean of the other three.
-    expected = np.mean([1, 2, 3, 4]) + np.mean([1, 3, 4])
-    np.testing.assert_allclose(apps.vector(res.arrays), expected, rtol=1e-6)
+    expected = (np.mean([1, 2, 3, 4]) + np.mean([1, 3, 4])) / 8
+    np.testing.assert_allclose(apps.vector(res.arrays), expected, atol=2 * protocol.error_bound(N))
 
 
 # -- fuzzing the server's message handling ------------------------------------------------------
@@ -157,7 +157,7 @@ def round_at(protocol, seed, replies, phase, *, messages=True):
             msgs = dict(rnd.server.requests(p))
         if p == phase:
             return rnd, msgs
-        for node, reply in replies[p].items():
+        for node, reply in replies.get(p, {}).items():
             rnd.receive(p, node, reply)
         rnd.finish_phase(p)
     raise AssertionError(phase)
@@ -186,8 +186,9 @@ def mutate(rng, payload, others):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("protocol", protocols(), ids=lambda p: p.name)
-def test_ten_thousand_fuzzed_payloads_give_rejections_only(protocol):
+@pytest.mark.parametrize(("protocol", "count"), [(sf.protocols.SecAggPlus(), 10_000), (sf.protocols.Plain(), 2_000)],
+                         ids=["secagg+", "plain"])
+def test_ten_thousand_fuzzed_payloads_give_rejections_only(protocol, count):
     seed = 11
     replies = trace(protocol, seed, 1)
     elsewhere = trace(protocol, seed + 1, 2)  # another round and session
@@ -198,7 +199,7 @@ def test_ten_thousand_fuzzed_payloads_give_rejections_only(protocol):
               for v, r in ph.items() if v != victim or t is elsewhere]
     requests = {p: round_at(protocol, seed, replies, p)[1][victim] for p in phases}
     kinds = {}
-    for i in range(10_000):
+    for i in range(count):
         phase = phases[i % len(phases)]
         rnd, _ = round_at(protocol, seed, replies, phase, messages=False)
         valid = replies[phase][victim].content[_envelope.KEY]
