@@ -153,7 +153,7 @@ class AggregationRound:
         self.bytes_from = dict.fromkeys(self.nodes, 0)
         self.bytes_to = dict.fromkeys(self.nodes, 0)
         self._client = {node: i for i, node in enumerate(self.nodes)}
-        self._params = _envelope.describe(protocol, self.spec.n)
+        self._params = _envelope.describe(self.protocol, self.spec.n)
 
     def messages(self, phase: str, *, ttl: float, arrays: ArrayRecord | None = None,
                  config: ConfigRecord | None = None) -> list[Message]:

@@ -40,6 +40,7 @@ def client_app(
     seed: int | None = 1,
     phases: Sequence[str] | None = None,
     fail: Callable[[int, int], bool] | None = None,
+    privacy: Any = None,
 ) -> ClientApp:
     """A ClientApp whose node with ``partition-id`` p moves the model by ``updates(p, round)``.
 
@@ -66,7 +67,7 @@ def client_app(
         n = 10 if examples is None else examples[p]
         return Message(RecordDict({"arrays": out, "metrics": MetricRecord({"num-examples": n})}), reply_to=msg)
 
-    SecureClient(protocol, phases=phases, seed=seed).register(app, train)
+    SecureClient(protocol, phases=phases, seed=seed, privacy=privacy).register(app, train)
     return app
 
 
