@@ -352,36 +352,45 @@ class HEServer(ServerProtocol):
         if self._open is not None or self._next >= len(phases) or phase != phases[self._next]:
             raise ProtocolAborted(AbortReason.INVALID_STATE, f"requests({phase!r}) out of order", phase=phase)
         self._open, self._answered = phase, set()
-        out: dict[Party, bytes] = {}
+        out = self._build_requests(phase)
+        self._asked = set(out)
+        return out
+
+    def _build_requests(self, phase: str) -> dict[Party, bytes]:
         if phase == "setup":
             msg = self._frame.message(phase, _wire.SERVER, [])
-            out = {c: msg for c in range(self._spec.n)} if self._clients_mode else {DECRYPTOR: msg}
-        elif phase == "keys" and self._clients_mode:
+            return {c: msg for c in range(self._spec.n)} if self._clients_mode else {DECRYPTOR: msg}
+        if phase == "keys" and self._clients_mode:
             assert self._dealer is not None
             items = [_u32(len(self._kex_keys))]
             for c, pk in sorted(self._kex_keys.items()):
                 items += [_u32(c), pk]
-            out = {self._dealer: self._frame.message(phase, _wire.SERVER, items)}
-        elif phase == "upload":
-            assert self._public is not None
-            head = [_u32(len(self._public)), self._public]
+            return {self._dealer: self._frame.message(phase, _wire.SERVER, items)}
+        if phase == "upload":
             if self._clients_mode:
                 tail = [_u32(self._dealer or 0), self._dealer_pk]
-                out = {c: self._frame.message(phase, _wire.SERVER, head + tail + [self._sealed.get(c, b"")])
-                       for c in self._alive(sorted(self._kex_keys))}
-            else:
-                msg = self._frame.message(phase, _wire.SERVER, head)
-                out = {c: msg for c in self._alive(range(self._spec.n))}
-        elif phase == "decrypt":
-            assert self._acc is not None
-            self._included = tuple(sorted(self._uploaded))
-            items = [_u32(len(self._included)), *(_u32(c) for c in self._included),
-                     *_blobs([v.serialize() for v in self._acc])]
-            self._acc = None  # the aggregate now lives in the request; keep one copy
-            msg = self._frame.message(phase, _wire.SERVER, items)
-            out = {c: msg for c in self._alive(self._included)} if self._clients_mode else {DECRYPTOR: msg}
-        self._asked = set(out)
-        return out
+                return {c: self._frame.message(phase, _wire.SERVER, self._public_items() + tail
+                                               + [self._sealed.get(c, b"")])
+                        for c in self._alive(sorted(self._kex_keys))}
+            msg = self._frame.message(phase, _wire.SERVER, self._public_items())
+            return {c: msg for c in self._alive(range(self._spec.n))}
+        if phase == "decrypt":
+            msg = self._aggregate_request()
+            return {c: msg for c in self._alive(self._included)} if self._clients_mode else {DECRYPTOR: msg}
+        return {}  # "keys" without a dealer; "consistency_check" and "unmasking" outside masked mode
+
+    def _public_items(self) -> list[bytes]:
+        assert self._public is not None
+        return [_u32(len(self._public)), self._public]
+
+    def _aggregate_request(self) -> bytes:
+        """The decrypt request: the included clients and the aggregate; the accumulator is released."""
+        assert self._acc is not None
+        self._included = tuple(sorted(self._uploaded))
+        items = [_u32(len(self._included)), *(_u32(c) for c in self._included),
+                 *_blobs([v.serialize() for v in self._acc])]
+        self._acc = None  # the aggregate now lives in the request; keep one copy
+        return self._frame.message("decrypt", _wire.SERVER, items)
 
     def receive(self, phase: str, party: Party, payload: bytes) -> None:
         try:
@@ -389,13 +398,16 @@ class HEServer(ServerProtocol):
                 raise MessageRejected("invalid message: out of phase or unknown sender")
             if party in self._answered:
                 raise MessageRejected("invalid message: replayed")
-            reader = _Reader(self._frame.payload(payload, phase, _sender_id(party)))
-            getattr(self, "_receive_" + phase)(party, reader)
+            self._dispatch(phase, party, payload)
         except MessageRejected as e:
             if isinstance(party, int) and party in self._asked and party not in self._answered:
                 self._dropped.setdefault(party, DropRecord(phase, DropReason.REJECTED, str(e)))
             raise
         self._answered.add(party)
+
+    def _dispatch(self, phase: str, party: Party, payload: bytes) -> None:
+        reader = _Reader(self._frame.payload(payload, phase, _sender_id(party)))
+        getattr(self, "_receive_" + phase)(party, reader)
 
     def _receive_setup(self, party: Party, reader: _Reader) -> None:
         if self._clients_mode:
@@ -452,6 +464,9 @@ class HEServer(ServerProtocol):
             if isinstance(party, int):
                 self._dropped.setdefault(party, DropRecord(phase, DropReason.NO_REPLY))
         self._open, self._next = None, self._next + 1
+        self._close(phase)
+
+    def _close(self, phase: str) -> None:
         if phase == "setup":
             if self._clients_mode:
                 if not self._kex_keys:
@@ -469,7 +484,7 @@ class HEServer(ServerProtocol):
             if self._conflict:
                 raise ProtocolAborted(AbortReason.CONSISTENCY_CHECK_FAILED,
                                       "key holders returned different sums", phase=phase)
-            if self._total is None:
+            if self._released is None:
                 raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "no key holder decrypted the aggregate",
                                       phase=phase)
 
@@ -485,7 +500,7 @@ class HEServer(ServerProtocol):
 _STATE = struct.Struct(">4sBBBIII32sIB")
 _FIELD = struct.Struct(">BQ")
 _ROLE_CLIENT, _ROLE_DECRYPTOR = 1, 2
-_F_VALUES_F8, _F_VALUES_I8, _F_KEX, _F_SECRET, _F_KEY_ID = range(1, 6)
+_F_VALUES_F8, _F_VALUES_I8, _F_KEX, _F_SECRET, _F_KEY_ID, _F_INNER = range(1, 7)
 
 
 def _dump(protocol: _HEProtocol, spec: RoundSpec, role: int, party: int, stage: int, fields: dict[int, bytes]) -> bytes:
@@ -532,6 +547,12 @@ def load_party(protocol: _HEProtocol, data: bytes, rng: RandomSource) -> ClientP
         return dec
     if role != _ROLE_CLIENT or not 0 <= party < n or stage > _DECRYPTED:
         raise bad
+    if protocol.key_holder == "masked":
+        from securefed.protocols._he_masked import load_masked_client
+
+        if set(fields) != {_F_INNER} or stage not in (0, 1):
+            raise bad
+        return load_masked_client(protocol, spec, ring, party, stage, fields[_F_INNER], rng)  # type: ignore[arg-type]
     want_kex = clients_mode and stage != _FRESH
     want_secret = clients_mode and stage >= _DEALT
     allowed = {_F_VALUES_F8, _F_VALUES_I8, _F_KEX, _F_SECRET, _F_KEY_ID}

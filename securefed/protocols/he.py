@@ -11,6 +11,9 @@ drops is simply absent from the sum: there is no recovery round. Phases:
 - ``"clients"``: the lowest-index client makes the key and sends the secret key to every
   other client sealed under X25519 + HKDF + AES-GCM (the server relays ciphertext only);
   every included client decrypts the aggregate. Safe while the server colludes with no client.
+- ``"masked"`` (BFV only): a decryptor holds the key and SecAgg+'s pairwise masks are added to
+  the encoded input before encryption, so even the decryptor with the server sees only masked
+  inputs; dropouts are then recovered as in SecAgg+ (phases ``consistency_check``, ``unmasking``).
 
 See ``protocols/he.md`` (messages, key flows, parameters) and ``proofs/he.md``.
 """
@@ -33,7 +36,7 @@ from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundS
 
 __all__ = ["BFV", "CKKS", "KeyHolder"]
 
-KeyHolder = Literal["decryptor", "clients"]
+KeyHolder = Literal["decryptor", "clients", "masked"]
 
 
 class _HEProtocol(AggregationProtocol):
@@ -110,7 +113,7 @@ class _HEProtocol(AggregationProtocol):
         return load_party(self, data, rng)
 
     def min_survivors(self, n: int) -> int:
-        """One: the server sums whatever arrives; dropouts need no recovery."""
+        """One: the server sums whatever arrives; dropouts need no recovery (masked BFV: its masking's)."""
         return 1
 
     def describe(self, n: int) -> dict[str, Any]:
@@ -131,7 +134,7 @@ class _HEProtocol(AggregationProtocol):
         problems = []
         if desc.get("key_holder") not in cls.key_holders:
             problems.append(f"key_holder {desc.get('key_holder')!r} is not one of {cls.key_holders}")
-        if desc.get("min_survivors") != 1:
+        if desc.get("key_holder") != "masked" and desc.get("min_survivors") != 1:
             problems.append(f"min_survivors is {desc.get('min_survivors')!r}, expected 1")
         try:
             params.check_ring(desc["poly_modulus_degree"], desc["coeff_mod_bit_sizes"])
@@ -289,12 +292,17 @@ class BFV(_HEProtocol):
       gives the encoder exactly the modular sum it expects;
     - ``coeff_mod_bit_sizes``: default None derives the fewest 60-bit primes whose noise budget
       holds n summands (worst case, no failure probability);
-    - ``key_holder``: ``"decryptor"`` or ``"clients"``.
+    - ``key_holder``: ``"decryptor"``, ``"clients"`` or ``"masked"``; ``masking``: the masking
+      protocol of masked mode (default ``SecAggPlus()``; its threshold and threat model apply,
+      its encoder is replaced by this protocol's).
 
-    See ``protocols/he.md`` ("BFV parameters").
+    Phases: ``("setup", "keys", "upload", "decrypt", "consistency_check", "unmasking")``; the last
+    two do work only in masked mode. See ``protocols/he.md`` ("BFV parameters", "Masked mode").
     """
 
     name = "bfv"
+    phases = ("setup", "keys", "upload", "decrypt", "consistency_check", "unmasking")
+    key_holders = ("decryptor", "clients", "masked")
     _TAG = b"SFBF"
 
     def __init__(
@@ -306,6 +314,7 @@ class BFV(_HEProtocol):
         key_holder: KeyHolder = "decryptor",
         poly_modulus_degree: int = 8192,
         coeff_mod_bit_sizes: Sequence[int] | None = None,
+        masking: AggregationProtocol | None = None,
     ) -> None:
         super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes)
         if encoder is None:
@@ -317,16 +326,52 @@ class BFV(_HEProtocol):
         elif value_range is not None:
             raise ConfigurationError("give either value_range/value_bits or an encoder, not both")
         self.encoder = encoder
+        self._masking_given = masking
+        self.masking: Any = None
+        if key_holder == "masked":
+            from securefed.protocols.secagg import SecAggPlus, _MaskedAggregation
+
+            masking = SecAggPlus() if masking is None else masking
+            if not isinstance(masking, _MaskedAggregation):
+                raise ConfigurationError(f"masking must be SecAgg or SecAggPlus, got {type(masking).__name__}")
+            self.masking = masking.with_encoder(encoder)
+        elif masking is not None:
+            raise ConfigurationError("masking= applies to key_holder='masked' only")
         self._ring(1)  # fail now, not in a round
 
     def __repr__(self) -> str:
         return (f"BFV(encoder={self.encoder!r}, key_holder={self.key_holder!r}, "
-                f"poly_modulus_degree={self.poly_modulus_degree}, coeff_mod_bit_sizes={self.coeff_mod_bit_sizes})")
+                f"poly_modulus_degree={self.poly_modulus_degree}, coeff_mod_bit_sizes={self.coeff_mod_bit_sizes}"
+                + (f", masking={self.masking!r})" if self.masking is not None else ")"))
 
     def with_encoder(self, encoder: Any) -> BFV:
         """A copy carrying `encoder`; ConfigurationError if its sums of n values cannot fit a 60-bit prime."""
         return BFV(encoder=encoder, key_holder=self.key_holder,  # type: ignore[arg-type]
-                   poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes)
+                   poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
+                   masking=self._masking_given)
+
+    def min_survivors(self, n: int) -> int:
+        return 1 if self.masking is None else self.masking.min_survivors(n)
+
+    def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
+        if self.masking is None:
+            return super().server(spec, rng=rng)
+        from securefed.protocols._he_masked import MaskedServer
+
+        return MaskedServer(self, spec, self._ring(spec.n), rng)
+
+    def client(
+        self, spec: RoundSpec, client: int, x: np.ndarray | None = None, *, rng: RandomSource
+    ) -> ClientProtocol:
+        if self.masking is None:
+            return super().client(spec, client, x, rng=rng)
+        from securefed.protocols._he_masked import MaskedClient
+
+        inner = self.masking.client(spec, client, None, rng=rng.child("masking"))
+        c = MaskedClient(self, spec, self._ring(spec.n), client, inner)
+        if x is not None:
+            c.set_input(x)
+        return c
 
     def _params(self, n: int) -> params.BFVRound:
         return params.bfv_round(self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.encoder.modulus_bits(n), n)
@@ -341,7 +386,7 @@ class BFV(_HEProtocol):
 
     def describe(self, n: int) -> dict[str, Any]:
         p = self._params(n)
-        return {
+        out = {
             **super().describe(n),
             "scheme": "BFV",
             "plain_modulus": p.plain_modulus,
@@ -349,6 +394,9 @@ class BFV(_HEProtocol):
             **self.encoder.describe(),
             "error_bound": self.error_bound(n),
         }
+        if self.masking is not None:
+            out["masking"] = self.masking.describe(n)
+        return out
 
     @classmethod
     def check_description(cls, description: Mapping[str, Any]) -> list[str]:
@@ -369,16 +417,38 @@ class BFV(_HEProtocol):
             problems.append(f"plain_modulus has {t.bit_length()} bits, above {params.MAX_PRIME_BITS}")
         if not params.bfv_noise_ok(degree, bits, t, n):
             problems.append(f"coefficient moduli {list(bits)} cannot hold the noise of {n} summands")
+        if description.get("key_holder") == "masked":
+            problems += cls._check_masking(description)
+        return problems
+
+    @staticmethod
+    def _check_masking(description: Mapping[str, Any]) -> list[str]:
+        from securefed.protocols.secagg import SecAgg, SecAggPlus
+
+        masking = description.get("masking")
+        cls = {"secagg": SecAgg, "secagg+": SecAggPlus}.get(masking.get("protocol")) if isinstance(
+            masking, Mapping) else None
+        if cls is None:
+            return ["masked mode needs the description of its masking protocol (SecAgg or SecAggPlus)"]
+        problems = [f"masking: {p}" for p in cls.check_description(masking)]
+        if masking.get("min_survivors") != description.get("min_survivors"):
+            problems.append("min_survivors differs from the masking protocol's threshold")
+        if masking.get("n") != description.get("n") or masking.get("modulus_bits") != description.get("modulus_bits"):
+            problems.append("the masking protocol's n or modulus width differs from BFV's")
         return problems
 
     def _prepare(self, x: np.ndarray, spec: RoundSpec, rng: RandomSource) -> np.ndarray:
         x = check_vector(x, spec.dim)
         if not np.isfinite(x).all():
             raise InvalidInput("input contains NaN or Inf; updates must be finite")
+        return self._center(self.encoder.encode(x, n=spec.n, rng=rng).astype(np.uint64), spec)
+
+    def _center(self, s: np.ndarray, spec: RoundSpec) -> np.ndarray:
+        """Values mod 2^k (uint64) as their centered representatives in [-2^(k-1), 2^(k-1)), int64."""
         k = self.encoder.modulus_bits(spec.n)
-        s = self.encoder.encode(x, n=spec.n, rng=rng).astype(np.uint64)
-        # Centered representative in [-2^(k-1), 2^(k-1)): what BFV carries as a signed slot value.
-        return s.view(np.int64) if k == 64 else s.astype(np.int64) - ((s >> np.uint64(k - 1)) << np.uint64(k)).astype(np.int64)
+        if k == 64:
+            return s.view(np.int64)
+        return s.astype(np.int64) - ((s >> np.uint64(k - 1)) << np.uint64(k)).astype(np.int64)
 
     def _release(self, values: np.ndarray, spec: RoundSpec, count: int) -> bytes:
         k = self.encoder.modulus_bits(spec.n)

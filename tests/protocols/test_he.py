@@ -5,6 +5,7 @@ explicit d = 10^5 examples the acceptance asks for; contexts made only for tests
 module-level fixtures.
 """
 
+import math
 import subprocess
 import sys
 
@@ -570,8 +571,9 @@ def test_ckks_release_is_independent_of_the_encryption_noise():
 
 @pytest.mark.parametrize(
     "proto",
-    [CKKS(), BFV(value_range=1.0), CKKS(key_holder="clients"), BFV(value_range=1.0, key_holder="clients")],
-    ids=["ckks", "bfv", "ckks-clients", "bfv-clients"],
+    [CKKS(), BFV(value_range=1.0), CKKS(key_holder="clients"), BFV(value_range=1.0, key_holder="clients"),
+     BFV(value_range=1.0, key_holder="masked")],
+    ids=["ckks", "bfv", "ckks-clients", "bfv-clients", "bfv-masked"],
 )
 def test_parties_saved_and_restored_between_phases_give_the_same_sum(proto):
     xs = [np.linspace(-1, 1, 40) * (i + 1) / 4 for i in range(4)]
@@ -681,3 +683,89 @@ def test_bfv_carries_other_integer_encoders():
     res = sf.simulate_aggregation(proto, [np.arange(3.0)] * 2, seed=0)
     np.testing.assert_array_equal(res.total, 2 * np.arange(3.0))
     assert proto.error_bound(2) == 0.0
+
+
+# -- H14: masked mode (BFV with SecAgg+ masks inside the plaintext) ------------------------------------------
+
+
+@settings(max_examples=5)
+@given(n=st.integers(3, 12), d=st.integers(1, 300), data=st.data())
+def test_masked_bfv_sums_within_bound_with_secagg_dropout_recovery(n, d, data):
+    # Within SecAgg+'s threat model: at most ceil(dropout_fraction n) = ceil(0.1 n) clients drop.
+    proto = BFV(value_range=1.0, key_holder="masked")
+    dropped = data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=math.ceil(0.1 * n)))
+    dropouts = {c: data.draw(st.sampled_from(["setup", "keys", "upload", "decrypt", "unmasking"])) for c in dropped}
+    gen = np.random.default_rng(d)
+    xs = [gen.uniform(-1, 1, d) for _ in range(n)]
+    res = sf.simulate_aggregation(proto, xs, dropouts=dropouts, seed=n)
+    early = {c for c, phase in dropouts.items() if proto.phases.index(phase) <= UPLOAD}
+    assert res.included == tuple(c for c in range(n) if c not in early)
+    assert np.max(np.abs(res.total - np.sum([xs[c] for c in res.included], axis=0))) <= proto.error_bound(n)
+
+
+def test_masked_bfv_with_an_active_adversary_runs_the_consistency_check():
+    from securefed.protocols import SecAggPlus
+
+    proto = BFV(value_range=1.0, key_holder="masked", masking=SecAggPlus(adversary="active"))
+    xs = [np.full(7, 0.25)] * 5
+    total, included, *_, log = drive(proto, xs)
+    assert {who for phase, who, _, reply in log if phase == "consistency_check" and reply} == set(range(5))
+    assert included == (0, 1, 2, 3, 4) and np.allclose(total, 1.25, atol=proto.error_bound(5))
+
+
+def _chi2_pvalue(values, k, bins=64):
+    from scipy.stats import chisquare
+
+    top = (values.astype(np.uint64) >> np.uint64(k - 6)).astype(np.int64)  # the top 6 of k bits
+    return chisquare(np.bincount(top, minlength=bins)).pvalue
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+def test_in_masked_mode_a_decrypted_single_upload_is_uniform(masked):
+    # The decryptor colluding with the server decrypts client 0's upload: masked, it is uniform mod 2^k
+    # whatever the input; the same check on an unmasked upload fails, so the check has power.
+    n, d = 4, 8192
+    proto = BFV(value_range=1.0, key_holder="masked" if masked else "decryptor")
+    xs = [np.zeros(d)] + [np.full(d, 0.5)] * (n - 1)
+    _, _, server, party, log = drive(proto, xs)
+    upload = next(reply for phase, who, _, reply in log if phase == "upload" and who == 0)
+    secret = ts.context_from(party[parties.DECRYPTOR]._secret)
+    k = proto.encoder.modulus_bits(n)
+    values = np.array(ts.bfv_vector_from(secret, upload_parts(upload)[1][0]).decrypt()) & ((1 << k) - 1)
+    p = _chi2_pvalue(values, k)
+    assert (p > 1e-6) if masked else (p < 1e-100)
+
+
+def test_masked_mode_aborts_before_decryption_with_too_few_uploads():
+    proto = BFV(value_range=1.0, key_holder="masked")
+    n = 6
+    t = proto.min_survivors(n)
+    dropouts = {c: "upload" for c in range(n - t + 1)}
+    asked = []
+
+    def spy(phase, who, reply):
+        asked.append((phase, who))
+        return reply
+
+    with pytest.raises(ProtocolAborted) as e:
+        drive(proto, [np.zeros(4)] * n, dropouts=dropouts, on_reply=spy)
+    assert e.value.reason is AbortReason.TOO_FEW_SURVIVORS
+    assert ("decrypt", parties.DECRYPTOR) not in asked
+
+
+def test_masked_mode_parameters_and_description():
+    from securefed.protocols import SecAgg
+
+    with pytest.raises(ConfigurationError):
+        BFV(value_range=1.0, masking=SecAgg())  # masking without masked mode
+    with pytest.raises(ConfigurationError):
+        BFV(value_range=1.0, key_holder="masked", masking=sf.protocols.Plain())
+    proto = BFV(value_range=1.0, key_holder="masked", masking=SecAgg(threshold=3))
+    desc = proto.describe(5)
+    assert desc["min_survivors"] == 3 == desc["masking"]["threshold"] and BFV.check_description(desc) == []
+    assert BFV.check_description({**desc, "masking": {**desc["masking"], "threshold": 1, "min_survivors": 1}})
+    assert BFV.check_description({k: v for k, v in desc.items() if k != "masking"})
+    other = proto.with_encoder(Integers(20))
+    assert other.masking.encoder is other.encoder and other.masking.min_survivors(5) == 3
+    res = sf.simulate_aggregation(other, [np.full(3, 7.0)] * 5, dropouts={4: "upload"}, seed=0)
+    np.testing.assert_array_equal(res.total, np.full(3, 28.0))
