@@ -73,6 +73,7 @@ class _MaskedAggregation(AggregationProtocol):
     """What SecAgg and SecAggPlus share; they differ in the graph and how parameters are found."""
 
     phases = PHASES
+    input_phase = "masked_input"  # a client dropping after it (in unmasking) stays in the sum
     _TAG: ClassVar[bytes]
 
     def __init__(
