@@ -44,7 +44,7 @@ def write_log(path: Path, *, rounds: int = 3, n: int = 4, protocol=None, dropout
     w = AuditWriter(path)
     w.start(config={"test": True}, privacy=privacy)
     for r in range(1, rounds + 1):
-        xs = [np.full(3, float(i + r)) for i in range(n)]
+        xs = [np.full(3, (i + r) / 100) for i in range(n)]  # inside the default value range of every protocol
         res = sf.simulate_aggregation(protocol, xs, dropouts=(dropouts or {}).get(r), seed=r, record="digest")
         events, eps = dp(r) if dp else ((), None)
         w.round(r, protocol=protocol, result=res, participants=participants, dp_events=events, epsilon=eps,

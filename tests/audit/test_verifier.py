@@ -339,3 +339,59 @@ def test_a_number_beyond_float_range_is_a_failure_not_a_crash(plain_log):
     lines[1] = lines[1].replace(b'"round":1', b'"round":1e999')
     res = verify_data(b"".join(lines))
     assert (2, "(encoding)") in [(f.entry, f.field) for f in res.failures]
+
+
+# -- SecAgg and SecAgg+: the real threshold and graph rules --------------------------------------------
+
+@pytest.fixture(scope="module")
+def secaggplus_log(tmp_path_factory):
+    """Two SecAgg+ rounds of 20 clients (a Harary graph), with drops before and after the masked input."""
+    path = tmp_path_factory.mktemp("audit") / "secagg+.jsonl"
+    write_log(path, rounds=2, n=20, protocol=sf.protocols.SecAggPlus(corrupt_fraction=0.1, dropout_fraction=0.1),
+              dropouts={1: {1: "share_keys"}, 2: {3: "unmasking", 4: "masked_input"}})
+    return path
+
+
+def test_a_secaggplus_log_with_late_dropouts_verifies(secaggplus_log):
+    res = verify(secaggplus_log, key_paths(secaggplus_log)[1])
+    assert res.ok, res.summary()
+    body = lines_of(secaggplus_log.read_bytes())[2]["body"]
+    assert body["protocol"]["graph"] == "harary" and 3 in body["included"] and 4 not in body["included"]
+    assert {d["participant"]: d["phase"] for d in body["dropped"]} == {3: "unmasking", 4: "masked_input"}
+
+
+def test_secaggplus_threshold_below_the_threat_model_fails(secaggplus_log):
+    entries = lines_of(secaggplus_log.read_bytes())
+    desc = entries[1]["body"]["protocol"]
+    assert sf.protocols.SecAggPlus.check_description(desc) == []
+
+    def lower(entries):  # the operator claims a smaller threshold, consistently everywhere
+        d = entries[1]["body"]["protocol"]
+        d["threshold"] = d["min_survivors"] = 1
+
+    found, res = resigned_failures(secaggplus_log, lower)
+    assert found and set(found) == {(2, "body.protocol")}, res.summary()
+    assert all(f.expected == "parameters meeting the conditions of secagg+" for f in res.failures)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(degree=2),  # too few neighbours for the corrupt and dropout fractions
+        lambda d: d.update(corrupt_fraction=0.5, dropout_fraction=0.5),  # infeasible for SecAgg+
+        lambda d: d.update(modulus_bits=4),  # the sum can wrap
+    ],
+)
+def test_secaggplus_graph_and_modulus_rules_are_checked(secaggplus_log, mutate):
+    found, res = resigned_failures(secaggplus_log, lambda e: mutate(e[1]["body"]["protocol"]))
+    assert (2, "body.protocol") in found, res.summary()
+
+
+def test_a_secagg_client_missing_from_a_phase_before_its_input_fails(secaggplus_log):
+    def forget(entries):  # participant 0 is in the sum, but its share_keys message is not on record
+        body = entries[1]["body"]
+        body["received"] = [m for m in body["received"] if not (m["party"] == 0 and m["phase"] == "share_keys")]
+
+    found, res = resigned_failures(secaggplus_log, forget)
+    assert found == [(2, "body.received")], res.summary()
+    assert "included participant 0 in share_keys" in res.failures[0].expected
