@@ -96,3 +96,23 @@ def test_run_round_outside_fit_opens_a_session(tmp_path):
     t.audit.close()
     assert verify(path).ok
     assert np.isfinite(t.history.final.loss)
+
+
+def test_a_dp_trainer_logs_its_events_and_a_resumed_one_continues_the_spend(tmp_path):
+    path = tmp_path / "dp.jsonl"
+    privacy = sf.privacy.CentralDP(noise_multiplier=1.0, clipping=1.0)
+    t = trainer(path, privacy=privacy, clients_per_round=2)
+    first = t.fit(rounds=2)
+    t.audit.close()
+    t2 = trainer(path, privacy=privacy, clients_per_round=2)
+    second = t2.fit(rounds=1)
+    t2.audit.close()
+    res = verify(path, key_paths(path)[1])
+    assert res.ok, res.summary()
+    assert res.privacy == {"accountant": "rdp", "delta": 1e-5}
+    entries = lines_of(path.read_bytes())
+    claims = [e["body"]["dp"]["epsilon"] for e in entries if e["type"] in ("round", "round_aborted")]
+    assert claims == [r.epsilon for r in first.rounds] + [r.epsilon for r in second.rounds]
+    assert claims[2] > claims[1] > claims[0] > 0  # the resumed trainer spends on top of the log's ledger
+    assert res.epsilon == pytest.approx(claims[-1], rel=1e-9) and len(res.ledger) == 3
+    assert res.ledger == tuple(t2.accountant.ledger)
