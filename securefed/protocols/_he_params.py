@@ -61,7 +61,9 @@ def check_ring(poly_modulus_degree: int, coeff_mod_bit_sizes: Sequence[int]) -> 
     try:
         bits = tuple(int(b) for b in coeff_mod_bit_sizes)
     except (TypeError, ValueError):
-        raise ConfigurationError(f"coeff_mod_bit_sizes must be a sequence of ints, got {coeff_mod_bit_sizes!r}") from None
+        raise ConfigurationError(
+            f"coeff_mod_bit_sizes must be a sequence of ints, got {coeff_mod_bit_sizes!r}"
+        ) from None
     if len(bits) < 2:
         raise ConfigurationError(
             "coeff_mod_bit_sizes needs at least two primes: data primes, then a special prime "

@@ -201,7 +201,8 @@ class HEClient(ClientProtocol):
             j = reader.u32()
             peers[j] = bytes(reader.take(kex.KEY_BYTES))
         reader.end()
-        if peers.get(self._id) != kex.public_bytes(self._kex_key) or min(peers) != self._id or max(peers) >= self._spec.n:
+        mine = kex.public_bytes(self._kex_key)
+        if peers.get(self._id) != mine or min(peers) != self._id or max(peers) >= self._spec.n:
             raise MessageRejected("invalid message: this client is not the dealer of this key list")
         ctx = backend.new_context(self._ring)
         public = backend.public_bytes(ctx)
