@@ -85,15 +85,17 @@ def _event_rdp(key: PrivacyEvent) -> np.ndarray:
         finally:
             absl.setLevel(level)
         out = np.asarray(acc.rdp, dtype=np.float64)
-    elif key.sampling_rate >= 1.0 and isinstance(key, DDGEvent):
-        out = key.steps * _integer_curve(key, orders)  # Proposition 14 holds at every real order
     else:
-        # Integer orders only (Skellam's theorem, Zhu-Wang): a fractional order takes the value at
-        # its ceiling, an upper bound since RDP is non-decreasing in the order.
+        # DDG's bound (Proposition 14) holds at every real order; Skellam's theorem and Zhu-Wang's
+        # amplification are for integer orders, where a fractional order takes the value at its
+        # ceiling (an upper bound: RDP is non-decreasing in the order).
         ceil = np.maximum(np.ceil(orders - 1e-9).astype(np.int64), 2)
         uniq, inverse = np.unique(ceil, return_inverse=True)
         base = _integer_curve(key, np.arange(int(uniq.max()) + 1, dtype=np.float64))
-        out = key.steps * _bounds.poisson_subsampled_rdp(uniq, key.sampling_rate, base)[inverse]
+        cap = _integer_curve(key, orders) if isinstance(key, DDGEvent) else base[ceil]
+        if key.sampling_rate < 1.0:
+            cap = np.minimum(cap, _bounds.poisson_subsampled_rdp(uniq, key.sampling_rate, base)[inverse])
+        out = key.steps * cap
     out.setflags(write=False)
     return out
 

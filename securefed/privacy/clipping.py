@@ -29,9 +29,17 @@ def _positive(name: str, v: object) -> float:
 
 
 def l2_norm(x: np.ndarray) -> float:
-    """The L2 norm as every privacy check computes it (float64 dot product)."""
+    """The L2 norm as every privacy check computes it (float64 dot product, rescaled if it overflows)."""
     x64 = np.asarray(x, dtype=np.float64)
-    return math.sqrt(float(np.dot(x64, x64)))
+    with np.errstate(over="ignore"):
+        squares = float(np.dot(x64, x64))
+    if math.isfinite(squares):
+        return math.sqrt(squares)
+    top = float(np.max(np.abs(x64)))
+    if not math.isfinite(top):
+        return math.inf
+    y = x64 / top
+    return top * math.sqrt(float(np.dot(y, y)))
 
 
 def _scale_to(x: np.ndarray, bound: float) -> np.ndarray:

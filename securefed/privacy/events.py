@@ -48,7 +48,7 @@ class PrivacyEvent:
         q = self.sampling_rate
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
             raise ConfigurationError(f"sampling_rate must be in [0, 1], got {q!r}")
-        _count("steps", self.steps, 0)
+        _count("steps", self.steps, 1)
         if self.num_clients is not None:
             _count("num_clients", self.num_clients, 1)
         if self.round is not None:

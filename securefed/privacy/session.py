@@ -189,7 +189,7 @@ class PrivacySession:
     def finish_empty_round(self, round: int) -> float:
         """A Poisson sample with nobody in it releases nothing; the round is still counted (a valid upper
         bound: the accounting is over every sampled round). Returns epsilon so far."""
-        expected = max(1, round(self.sampling_rate * self.population))
+        expected = max(1, int(self.sampling_rate * self.population + 0.5))
         self._ledger_mark = len(self.accountant)
         self.accountant.record(self.planned_event(round, expected))
         self.metrics = {"epsilon": self.epsilon()}

@@ -1,0 +1,206 @@
+"""Trainer(privacy=...): budget, per-round epsilon, who took part, DP-FedAvg arithmetic, audit log."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import securefed as sf
+from securefed.audit import verify
+from securefed.audit.keys import key_paths
+from securefed.encoding import flatten
+from securefed.errors import ConfigurationError, PrivacyBudgetExceeded
+from securefed.privacy import (
+    Accountant,
+    AdaptiveClipping,
+    CentralDP,
+    DistributedDP,
+    GaussianEvent,
+    SampleLevelDP,
+    compute_epsilon,
+)
+
+DELTA = 1e-5
+
+
+def federation(sizes=(30, 50, 20, 40), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, 3, generator=g)
+    out = []
+    for n in sizes:
+        x = torch.randn(n, 5, generator=g)
+        out.append(TensorDataset(x, (x @ w).argmax(dim=1)))
+    return out
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def params(m):
+    return flatten(dict(m.named_parameters()))[0].astype(np.float64)
+
+
+def trainer(privacy, data=None, **kw):
+    return sf.Trainer(model(), data or federation(), privacy=privacy, progress=False, seed=1, **kw)
+
+
+@pytest.mark.parametrize("clients_per_round", [4, 2])  # q = 1, and Poisson sampling at q = 1/2
+def test_budget_stops_exactly_at_the_last_affordable_round(clients_per_round):
+    z, q = 2.0, clients_per_round / 4
+    spent = [compute_epsilon(noise_multiplier=z, sampling_rate=q, steps=r, delta=DELTA) for r in range(1, 8)]
+    target = (spent[3] + spent[4]) / 2  # rounds 1-4 fit, round 5 would not
+    snapshots = []
+    t = trainer(CentralDP(noise_multiplier=z, clipping=1.0, target_epsilon=target, delta=DELTA),
+                clients_per_round=clients_per_round, on_round=lambda r: snapshots.append(params(t.model)))
+    with pytest.raises(PrivacyBudgetExceeded, match="round 5"):
+        t.fit(rounds=10)
+    assert [r.round for r in t.history.rounds] == [1, 2, 3, 4]
+    assert [r.epsilon for r in t.history.rounds] == pytest.approx(spent[:4], rel=1e-9)
+    assert t.history.final.epsilon <= target < spent[4]
+    np.testing.assert_array_equal(params(t.model), snapshots[-1])  # the refused round changed nothing
+    assert len(t.accountant) == 4
+    with pytest.raises(PrivacyBudgetExceeded):  # and it stays refused
+        t.run_round()
+    assert len(t.history.rounds) == 4 and len(t.accountant) == 4
+
+
+def test_history_epsilon_is_the_spend_so_far_and_the_ledger_recomputes_it():
+    t = trainer(CentralDP(noise_multiplier=1.5, clipping=0.5, delta=DELTA), clients_per_round=3)
+    h = t.fit(rounds=4)
+    eps = [r.epsilon for r in h.rounds]
+    assert all(a < b for a, b in zip(eps, eps[1:]))
+    ledger = t.accountant.ledger
+    assert [e["round"] for e in ledger] == [1, 2, 3, 4]
+    assert all(e == GaussianEvent(noise_multiplier=1.5, sampling_rate=0.75, num_clients=len(r.included),
+                                  round=r.round).to_dict() for e, r in zip(ledger, h.rounds))
+    for i in range(1, 5):
+        assert Accountant.from_ledger(ledger[:i]).epsilon(DELTA) == eps[i - 1]
+
+
+def test_distributed_dp_counts_who_really_took_part():
+    z, c, t_min = 1.0, 0.5, 3
+    protocol = sf.protocols.SecAgg(threshold=t_min)
+    t = trainer(DistributedDP(noise_multiplier=z, clipping=c, delta=DELTA), protocol=protocol,
+                dropouts=lambda r, parts: {parts[0]: "masked_input"} if r == 2 else {})
+    h = t.fit(rounds=3)
+    assert [len(r.included) for r in h.rounds] == [4, 3, 4]
+    ledger = t.accountant.ledger
+    assert [e["mechanism"] for e in ledger] == ["ddg"] * 3
+    assert [e["num_clients"] for e in ledger] == [4, 3, 4]
+    # Shares provisioned for t = 3: a sum of m shares has multiplier z sqrt(m / t).
+    assert [e["noise_multiplier"] for e in ledger] == pytest.approx([z * math.sqrt(m / t_min) for m in (4, 3, 4)])
+    assert h.final.epsilon == Accountant.from_ledger(ledger).epsilon(DELTA)
+    # Had nobody dropped, the run would have cost less: fewer shares, less noise.
+    everyone = [dict(e, num_clients=4, noise_multiplier=z * math.sqrt(4 / t_min)) for e in ledger]
+    assert Accountant.from_ledger(everyone).epsilon(DELTA) < h.final.epsilon
+
+
+def test_distributed_budget_is_checked_against_the_threshold_worst_case():
+    protocol = sf.protocols.SecAgg(threshold=2)
+    per_round_worst = compute_epsilon(mechanism="ddg", noise_multiplier=1.0, delta=DELTA, l2_clip=0.5,
+                                      dimension=67, granularity=sf.privacy.default_granularity(0.5, 67),
+                                      num_clients=2)
+    t = trainer(DistributedDP(noise_multiplier=1.0, clipping=0.5, delta=DELTA, target_epsilon=2.5 * per_round_worst),
+                protocol=protocol)
+    with pytest.raises(PrivacyBudgetExceeded):
+        t.fit(rounds=20)
+    spent = t.history.final.epsilon
+    assert spent <= 2.5 * per_round_worst
+    worst = t.privacy_session.planned_event(len(t.history.rounds) + 1, 4)
+    assert worst.num_clients == 2
+    assert t.accountant.epsilon_after(worst, DELTA) > 2.5 * per_round_worst
+
+
+def test_fedsgd_step_is_the_uniform_mean_of_clipped_updates():
+    data = federation(sizes=(10, 30, 20))
+    m = model()
+    start = params(m)
+    clip, lr, server_lr = 0.05, 0.1, 2.0
+    expected = np.zeros_like(start)
+    for d in data:
+        local = model()
+        opt = torch.optim.SGD(local.parameters(), lr=lr)
+        x, y = d.tensors
+        torch.nn.functional.cross_entropy(local(x), y).backward()
+        opt.step()
+        delta = params(local) - start
+        expected += delta * min(1.0, clip / np.linalg.norm(delta))
+    expected = start + server_lr * expected / len(data)
+    sf.Trainer(m, data, algorithm="fedsgd", lr=lr, server_lr=server_lr, progress=False,
+               privacy=CentralDP(noise_multiplier=1e-9, clipping=clip)).fit(1)
+    np.testing.assert_allclose(params(m), expected, atol=1e-6)
+
+
+def test_sample_level_dp_accounts_each_local_step():
+    t = trainer(SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.25, delta=DELTA),
+                local_epochs=2, clients_per_round=2)
+    h = t.fit(rounds=2)
+    assert [e["steps"] for e in t.accountant.ledger] == [8, 8]  # 2 epochs of round(1 / 0.25) steps
+    assert [e["sampling_rate"] for e in t.accountant.ledger] == [0.25, 0.25]
+    assert h.final.epsilon == pytest.approx(compute_epsilon(noise_multiplier=1.0, sampling_rate=0.25, steps=16,
+                                                            delta=DELTA), rel=1e-9)
+    assert all(len(r.included) == 2 for r in h.rounds)  # client sampling unchanged at sample level
+
+
+def test_adaptive_clipping_grows_a_small_clip_and_accounts_the_overall_multiplier():
+    # Count noise 0.6 over 4 participants: the noised unclipped fraction stays far below the 0.5 target.
+    clipping = AdaptiveClipping(initial_clip=1e-3, target_quantile=0.5, learning_rate=0.2, count_stddev=0.6)
+    t = trainer(CentralDP(noise_multiplier=1.0, clipping=clipping, delta=DELTA))
+    h = t.fit(rounds=4)
+    clips = [r.metrics["l2_clip"] for r in h.rounds]
+    assert clips[0] == 1e-3 and all(b > a for a, b in zip(clips, clips[1:]))  # everyone was clipped
+    assert all(r.metrics["unclipped_fraction"] < 0.5 for r in h.rounds)
+    assert clipping.bound == 1e-3  # the trainer works on its own copy
+    assert h.final.epsilon == pytest.approx(compute_epsilon(noise_multiplier=1.0, steps=4, delta=DELTA))
+
+
+def test_an_empty_poisson_sample_releases_nothing_but_counts():
+    t = trainer(CentralDP(noise_multiplier=2.0, clipping=1.0, delta=DELTA), data=federation(sizes=(10, 10, 10)),
+                clients_per_round=1)
+    for _ in range(30):
+        before = params(t.model)
+        r = t.run_round()
+        if not r.included:
+            break
+    else:
+        pytest.fail("no empty sample in 30 rounds at q = 1/3 with 3 participants")
+    assert math.isnan(r.loss)
+    np.testing.assert_array_equal(params(t.model), before)
+    assert len(t.accountant) == r.round
+    assert r.epsilon == pytest.approx(compute_epsilon(noise_multiplier=2.0, sampling_rate=1 / 3, steps=r.round,
+                                                      delta=DELTA))
+
+
+def test_dp_configuration_errors():
+    with pytest.raises(ConfigurationError, match="uniform"):
+        trainer(CentralDP(noise_multiplier=1.0), weighting="examples")
+    with pytest.raises(ConfigurationError):
+        trainer(DistributedDP(noise_multiplier=1.0))  # Plain carries no integers
+    with pytest.raises(ConfigurationError):
+        trainer("central")
+    with pytest.raises(ConfigurationError):
+        DistributedDP(noise_multiplier=1.0, accountant="pld")
+    with pytest.raises(ConfigurationError):
+        CentralDP(noise_multiplier=1.0, delta=0.0)
+    assert trainer(CentralDP(noise_multiplier=1.0)).weighting == "uniform"
+    assert trainer(None).accountant is None
+
+
+def test_audit_log_records_the_ledger_and_a_resumed_run_keeps_counting(tmp_path):
+    path = tmp_path / "dp.jsonl"
+    cfg = CentralDP(noise_multiplier=1.5, clipping=1.0, delta=DELTA)
+    t = trainer(cfg, audit_log=path)
+    t.fit(rounds=2)
+    t.audit.close()
+    t2 = trainer(cfg, audit_log=path)
+    h = t2.fit(rounds=1)
+    t2.audit.close()
+    assert h.final.round == 3
+    assert h.final.epsilon == pytest.approx(compute_epsilon(noise_multiplier=1.5, steps=3, delta=DELTA))
+    res = verify(path, key_paths(path)[1])
+    assert res.ok, res.summary()
+    assert res.epsilon == pytest.approx(h.final.epsilon)
