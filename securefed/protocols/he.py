@@ -337,7 +337,7 @@ class BFV(_HEProtocol):
             self.masking = masking.with_encoder(encoder)
         elif masking is not None:
             raise ConfigurationError("masking= applies to key_holder='masked' only")
-        self._ring(1)  # fail now, not in a round
+        # The plaintext prime depends on n (and encoders may refuse some n): checked per round.
 
     def __repr__(self) -> str:
         return (f"BFV(encoder={self.encoder!r}, key_holder={self.key_holder!r}, "

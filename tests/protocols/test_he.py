@@ -469,7 +469,7 @@ def test_security_table_is_seal_s():
         lambda: BFV(),  # no value_range
         lambda: BFV(value_range=1.0, value_bits=53).describe(256),  # the sum needs more than a 60-bit prime
         lambda: BFV(value_range=1.0, encoder=Integers()),
-        lambda: BFV(value_range=1.0, coeff_mod_bit_sizes=(30, 30)),  # noise budget too small
+        lambda: BFV(value_range=1.0, coeff_mod_bit_sizes=(30, 30)).describe(2),  # noise budget too small
         lambda: BFV(encoder=object()),
         lambda: CKKS().with_encoder(Integers()),
     ],
@@ -679,7 +679,7 @@ def test_bfv_carries_other_integer_encoders():
     proto = BFV(value_range=1.0).with_encoder(enc)
     assert proto.encoder is enc and proto.describe(4)["modulus_bits"] == 30
     with pytest.raises(ConfigurationError):
-        BFV(value_range=1.0).with_encoder(Integers(60))  # a sum above 2^60 needs a prime above 60 bits
+        BFV(value_range=1.0).with_encoder(Integers(60)).describe(2)  # needs a prime above 60 bits
     res = sf.simulate_aggregation(proto, [np.arange(3.0)] * 2, seed=0)
     np.testing.assert_array_equal(res.total, 2 * np.arange(3.0))
     assert proto.error_bound(2) == 0.0
@@ -769,3 +769,18 @@ def test_masked_mode_parameters_and_description():
     assert other.masking.encoder is other.encoder and other.masking.min_survivors(5) == 3
     res = sf.simulate_aggregation(other, [np.full(3, 7.0)] * 5, dropouts={4: "upload"}, seed=0)
     np.testing.assert_array_equal(res.total, np.full(3, 28.0))
+
+
+@pytest.mark.parametrize("mode", ["decryptor", "masked"])
+def test_bfv_carries_the_distributed_dp_encoders(mode):
+    from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam
+
+    n, d = 5, 256
+    xs = [np.random.default_rng(i).normal(0, 0.05, d) for i in range(n)]
+    for cls in (DistributedDiscreteGaussian, DistributedSkellam):
+        enc = cls(l2_clip=1.0, noise_multiplier=1.0, dimension=d, min_survivors=n)
+        proto = BFV(value_range=1.0, key_holder=mode).with_encoder(enc)
+        assert proto.describe(n)["modulus_bits"] == enc.modulus_bits(n) and proto.check_description(proto.describe(n)) == []
+        res = sf.simulate_aggregation(proto, xs, seed=3)
+        noise = res.total - np.sum(xs, axis=0)
+        assert 0.8 < np.std(noise) < 1.2  # the sum of the n shares has std z c = 1 (rotation and rounding aside)
