@@ -67,7 +67,7 @@ def compile_schema(schema: Mapping[str, Any]) -> Check:
     if "type" in schema:
         types = [schema["type"]] if isinstance(schema["type"], str) else list(schema["type"])
         tests = [_TYPES[t] for t in types]
-        checks.append(lambda x: any(t(x) for t in tests))
+        checks.append(tests[0] if len(tests) == 1 else lambda x: any(t(x) for t in tests))
     if "const" in schema:
         const = schema["const"]
         checks.append(lambda x: _equal(x, const))
@@ -92,7 +92,14 @@ def compile_schema(schema: Mapping[str, Any]) -> Check:
         checks.append(lambda x: not isinstance(x, list) or _unique(x))
     if "items" in schema:
         item = compile_schema(schema["items"])
-        checks.append(lambda x: not isinstance(x, list) or all(item(v) for v in x))
+
+        def items(x: Any) -> bool:
+            if isinstance(x, list):
+                for v in x:
+                    if not item(v):
+                        return False
+            return True
+        checks.append(items)
     if "required" in schema:
         required = list(schema["required"])
         checks.append(lambda x: not isinstance(x, dict) or all(k in x for k in required))
@@ -112,4 +119,12 @@ def compile_schema(schema: Mapping[str, Any]) -> Check:
                     return False
             return True
         checks.append(objects)
-    return lambda x: all(c(x) for c in checks)
+    if len(checks) == 1:
+        return checks[0]
+
+    def every(x: Any) -> bool:
+        for c in checks:
+            if not c(x):
+                return False
+        return True
+    return every

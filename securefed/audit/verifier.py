@@ -8,6 +8,7 @@ See ``protocols/audit.md`` section "Verification" and ``proofs/audit.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -103,6 +104,12 @@ def _short(value: Any, limit: int = 120) -> str:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
+
+
+@functools.lru_cache(maxsize=256)
+def _problems(cls: type, description: bytes) -> tuple[str, ...]:
+    """``cls.check_description`` (a pure function) of a canonical description; rounds of one size repeat it."""
+    return tuple(cls.check_description(json.loads(description)))
 
 
 class _Epsilon:
@@ -296,7 +303,7 @@ class _Checker:
             self.fail(number, "body.phases", list(cls.phases), phases)
         if n == 0:
             return  # an empty sample (Poisson sampling under DP): no round ran, no parameters were used
-        for problem in cls.check_description(desc):
+        for problem in _problems(cls, canonical(desc)):
             self.fail(number, "body.protocol", f"parameters meeting the conditions of {desc['protocol']}", problem)
 
     def _round(self, number: int, body: dict[str, Any]) -> None:
