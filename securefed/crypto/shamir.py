@@ -86,23 +86,33 @@ def _evaluate(secrets: np.ndarray, coeffs: np.ndarray, xs: np.ndarray, p: int) -
 
 
 def _lagrange_at_zero(xs: Sequence[int], p: int) -> np.ndarray:
-    """Coefficients l_i with f(0) = sum l_i f(x_i) mod p, for distinct non-zero `xs`."""
+    """Coefficients l_i with f(0) = sum l_i f(x_i) mod p, for distinct non-zero `xs`.
+
+    l_i = prod_{j != i} x_j / (x_j - x_i): the products run as t vector steps in
+    uint64 (p < 2^32), and the t denominators are inverted with one exponentiation
+    (Montgomery's trick).
+    """
     x = np.asarray(xs, dtype=np.int64) % p
     t = x.size
-    diff = (x[None, :] - x[:, None]) % p  # diff[i, j] = x_j - x_i
-    np.fill_diagonal(diff, 1)
     num = np.ones(t, dtype=np.uint64)
     den = np.ones(t, dtype=np.uint64)
     pp = np.uint64(p)
-    xu = x.astype(np.uint64)
-    du = diff.astype(np.uint64)
     for j in range(t):
-        factor = xu[j] * np.ones(t, dtype=np.uint64)
-        factor[j] = 1
-        num = num * factor % pp
-        den = den * du[:, j] % pp
-    inv = np.array([pow(int(d), p - 2, p) for d in den], dtype=np.uint64)
-    return num * inv % pp
+        xj = np.full(t, x[j], dtype=np.uint64)
+        dj = ((x[j] - x) % p).astype(np.uint64)
+        xj[j] = dj[j] = 1
+        num = num * xj % pp
+        den = den * dj % pp
+    d = [int(v) for v in den]
+    prefix = [1] * (t + 1)
+    for i, v in enumerate(d):
+        prefix[i + 1] = prefix[i] * v % p
+    inv = pow(prefix[t], p - 2, p)
+    out = [0] * t
+    for i in range(t - 1, -1, -1):
+        out[i] = int(num[i]) * (inv * prefix[i] % p) % p
+        inv = inv * d[i] % p
+    return np.array(out, dtype=np.uint64)
 
 
 def _combine(lam: np.ndarray, ys: np.ndarray, p: int) -> np.ndarray:

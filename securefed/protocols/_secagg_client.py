@@ -54,7 +54,7 @@ class _ClientData:
     s_sk: bytes = b""  # mask key (X25519), shared t-of-(degree + 1)
     b: bytes = b""  # self-mask seed, shared t-of-(degree + 1)
     encoded: np.ndarray | None = None  # the encoded input, until it is masked and sent
-    peers: dict[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)  # v -> (channel key, s_pk)
+    peers: dict[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)  # v -> (channel key, mask key)
     held: dict[int, bytes] = dataclasses.field(default_factory=dict)  # v -> b_share || sk_share (incl. own)
     signed: bytes = b""  # the survivor bitmap this client signed (active)
 
@@ -92,15 +92,16 @@ class _ShareKeys(_State):
 
     @staticmethod
     def step(c: Client, body: memoryview) -> tuple[bytes, type[_State]]:
+        t0 = time.thread_time()
         r, d, me = c.round, c.data, c.me
         rec = 2 * W.KEY + (W.SIG if r.active else 0)
-        ids, payload = W.parse_records(body, rec)
+        ids, rows = W.parse_records(body, rec)
         if not np.isin(ids, r.graph.neighbors(me)).all():
             raise MessageRejected("invalid message: keys of a client that is not my neighbour")
         own = {kex.public_bytes(kex.load_private_key(d.c_sk)), kex.public_bytes(kex.load_private_key(d.s_sk))}
         peers: dict[int, tuple[bytes, bytes]] = {}
         for i, v in enumerate(ids.tolist()):
-            entry = bytes(payload[i * rec : (i + 1) * rec])
+            entry = rows[i].tobytes()
             c_pk, s_pk = entry[: W.KEY], entry[W.KEY : 2 * W.KEY]
             if r.active:
                 signing.verify(r.identities.verify_key(v), entry[2 * W.KEY :],  # type: ignore[union-attr]
@@ -114,7 +115,7 @@ class _ShareKeys(_State):
             raise refuse(AbortReason.TOO_FEW_SURVIVORS,
                           f"only {len(holders)} of my neighbourhood advertised keys; sharing needs t = {r.t}", SHARE_KEYS)
         shares = shamir.split([d.b, d.s_sk], r.t, holders, c.rng)
-        c_sk = kex.load_private_key(d.c_sk)
+        c_sk, s_sk = kex.load_private_key(d.c_sk), kex.load_private_key(d.s_sk)
         sealed = []
         for i, v in enumerate(holders):
             plain = shares[i].astype("<u4").tobytes()  # b_share || sk_share
@@ -122,10 +123,13 @@ class _ShareKeys(_State):
                 d.held[me] = plain
                 continue
             key = channel_key(r, c_sk, peers[v][0], me, v)
-            peers[v] = (key, peers[v][1])  # the same key opens v's shares to me in the next round
             sealed.append((v, aead.seal(key, plain, purpose="secagg/shares", session_id=r.spec.session_id,
                                         round_index=r.spec.round_index, sender=me, recipient=v, rng=c.rng)))
+            # The channel key also opens v's shares to me; the mask key is agreed now, while the
+            # input is not ready yet, so the masked-input round only expands masks.
+            peers[v] = (key, mask_key(r, s_sk, peers[v][1], me, v))
         d.peers = peers
+        c.timings["share_keys"] = time.thread_time() - t0
         return r.message(SHARE_KEYS, me, W.records(sealed, prefix=commitment(r, me, d.b))), _MaskedInput
 
 
@@ -134,13 +138,13 @@ class _MaskedInput(_State):
 
     @staticmethod
     def step(c: Client, body: memoryview) -> tuple[bytes, type[_State]]:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         r, d, me = c.round, c.data, c.me
-        ids, payload = W.parse_records(body, W.SEALED)
+        ids, rows = W.parse_records(body, W.SEALED)
         senders = ids.tolist()
         if any(v not in d.peers for v in senders):
             raise MessageRejected("invalid message: shares from a client that did not advertise keys to me")
-        opened = [aead.open_sealed(d.peers[v][0], payload[i * W.SEALED : (i + 1) * W.SEALED],
+        opened = [aead.open_sealed(d.peers[v][0], rows[i].tobytes(),
                                    purpose="secagg/shares", session_id=r.spec.session_id,
                                    round_index=r.spec.round_index, sender=v, recipient=me)
                   for i, v in enumerate(senders)]
@@ -153,16 +157,14 @@ class _MaskedInput(_State):
                           f"only {len(d.held)} of my neighbourhood shared keys; t = {r.t} are needed", MASKED_INPUT)
         if d.encoded is None:
             raise InvalidInput("no input vector: call set_input before the masked_input phase")
-        s_sk = kex.load_private_key(d.s_sk)
-        keys = [mask_key(r, s_sk, d.peers[v][1], me, v) for v in senders]
-        add, sub = pairwise_signs(me, senders, keys)
+        add, sub = pairwise_signs(me, senders, [d.peers[v][1] for v in senders])
         add.append(self_mask_key(r, me, d.b))
         y, d.encoded = d.encoded, None
         apply_masks(y, add, sub)
-        t1 = time.perf_counter()
+        t1 = time.thread_time()
         out = pack_low_bits(y, r.width, prefix=r.header(MASKED_INPUT, me, packed_size(y.size, r.width)))
         c.timings["mask"] = t1 - t0
-        c.timings["serialize"] = time.perf_counter() - t1
+        c.timings["serialize"] = time.thread_time() - t1
         return out, (_Consistency if r.active else _Unmasking)
 
 
@@ -216,7 +218,7 @@ class _Unmasking(_State):
                               UNMASKING)
             for i, v in enumerate(ids.tolist()):
                 try:
-                    signing.verify(r.identities.verify_key(v), sigs[i * W.SIG : (i + 1) * W.SIG],  # type: ignore[union-attr]
+                    signing.verify(r.identities.verify_key(v), sigs[i].tobytes(),  # type: ignore[union-attr]
                                    r.context() + d.signed, purpose="secagg/survivors")
                 except MessageRejected:
                     raise refuse(AbortReason.CONSISTENCY_CHECK_FAILED,
@@ -256,7 +258,7 @@ _STATES: tuple[type[_State], ...] = (_AdvertiseKeys, _ShareKeys, _MaskedInput, _
 
 
 class Client(ClientProtocol):
-    """One client of one round; ``timings`` holds seconds spent quantizing, masking, serializing."""
+    """One client of one round; ``timings``: CPU seconds of its steps (share_keys, quantize, mask, serialize)."""
 
     def __init__(self, rnd: Round, me: int, rng: RandomSource, state: type[_State] = _AdvertiseKeys,
                  data: _ClientData | None = None) -> None:
@@ -273,9 +275,9 @@ class Client(ClientProtocol):
         x = check_vector(x, r.spec.dim)
         if not np.isfinite(x).all():
             raise InvalidInput("input contains NaN or Inf; updates must be finite")
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         y = r.encoder.encode(x, n=r.spec.n, rng=self.rng)
-        self.timings["quantize"] = time.perf_counter() - t0
+        self.timings["quantize"] = time.thread_time() - t0
         if not isinstance(y, np.ndarray) or y.shape != (r.spec.dim,) or y.dtype != r.dtype:
             raise ConfigurationError(f"encoder returned {getattr(y, 'dtype', type(y))} {getattr(y, 'shape', '')}, "
                                      f"expected {r.dtype} of shape ({r.spec.dim},)")
@@ -390,7 +392,7 @@ def load_client_state(
         d.encoded = np.frombuffer(enc, dtype=r.dtype.newbyteorder("<")).astype(r.dtype)
     for _ in range(rd.u("I")[0]):
         (v,) = rd.u("I")
-        keys = rd.raw(2 * W.KEY)
+        keys = rd.raw(W.KEY + 16)
         d.peers[v] = (keys[: W.KEY], keys[W.KEY :])
     for _ in range(rd.u("I")[0]):
         (v,) = rd.u("I")

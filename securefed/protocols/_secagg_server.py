@@ -60,7 +60,9 @@ class Server(ServerProtocol):
         self._alive = set(range(n))
         self._dropped: dict[int, DropRecord] = {}
         self._keys: dict[int, tuple[bytes, bytes, bytes]] = {}  # U1: c_pk, s_pk, signature
-        self._shares: dict[int, tuple[np.ndarray, memoryview]] = {}  # U2: recipients, sealed payloads
+        self._shares: dict[int, np.ndarray] = {}  # U2: each sender's sealed shares, one row per recipient
+        self._expect: dict[int, np.ndarray] = {}  # the ids each party's reply of this phase must list
+        self._inbox: dict[int, list[tuple[int, int]]] = {}  # recipient -> (sender, index in its payload)
         self._commit: dict[int, bytes] = {}
         self._u3: list[int] = []
         self._sigs: dict[int, bytes] = {}  # U4 (active)
@@ -111,6 +113,7 @@ class Server(ServerProtocol):
                 self._refusals[u] = "fewer than t of its neighbourhood advertised keys"
             entries = [(v, self._keys[v][0] + self._keys[v][1] + (self._keys[v][2] if rec_active else b""))
                        for v in peers]
+            self._expect[u] = np.array(peers, dtype=np.int64)
             out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.records(entries))
         return out
 
@@ -118,12 +121,7 @@ class Server(ServerProtocol):
         r = self.round
         out: dict[Party, bytes] = {}
         for u in sorted(self._shares):
-            entries = []
-            for v in r.graph.neighbors(u).tolist():
-                if v in self._shares:
-                    ids, payload = self._shares[v]
-                    i = int(np.searchsorted(ids, u))
-                    entries.append((v, bytes(payload[i * W.SEALED : (i + 1) * W.SEALED])))
+            entries = [(v, self._shares[v][i].tobytes()) for v, i in sorted(self._inbox.get(u, ()))]
             if len(entries) + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood shared keys"
             out[u] = r.message(MASKED_INPUT, _wire.SERVER, W.records(entries))
@@ -140,6 +138,11 @@ class Server(ServerProtocol):
         r = self.round
         survivors = W.bitmap(self._u3, r.spec.n)
         responders = sorted(self._sigs) if r.active else sorted(self._u3)
+        shared = self._members(self._shares)
+        everyone = np.flatnonzero(shared)
+        for u in responders:  # each answers for the clients whose shares it holds
+            self._expect[u] = everyone if r.graph.complete else r.graph.closed_neighborhood(u)[
+                shared[r.graph.closed_neighborhood(u)]]
         if not r.active:
             msg = r.message(UNMASKING, _wire.SERVER, survivors)
             return {u: msg for u in responders}
@@ -189,12 +192,13 @@ class Server(ServerProtocol):
         r = self.round
         if len(body) < W.COMMIT:
             raise MessageRejected("invalid message: truncated shares")
-        ids, payload = W.parse_records(body, W.SEALED, offset=W.COMMIT)
-        expected = [v for v in r.graph.neighbors(u).tolist() if v in self._keys]
-        if ids.tolist() != expected:
+        ids, rows = W.parse_records(body, W.SEALED, offset=W.COMMIT)
+        if not np.array_equal(ids, self._expect[u]):
             raise MessageRejected("invalid message: shares for the wrong set of neighbours")
         self._commit[u] = bytes(body[: W.COMMIT])
-        self._shares[u] = (ids, payload)
+        self._shares[u] = rows
+        for i, v in enumerate(ids.tolist()):
+            self._inbox.setdefault(v, []).append((u, i))
 
     def _take_masked(self, u: int, body: memoryview) -> None:
         self._adder.check(body)
@@ -210,12 +214,10 @@ class Server(ServerProtocol):
         self._sigs[u] = bytes(body)
 
     def _take_unmask(self, u: int, body: memoryview) -> None:
-        r = self.round
-        ids, payload = W.parse_records(body, W.SHARE)
-        expected = [v for v in r.graph.closed_neighborhood(u).tolist() if v in self._shares]
-        if ids.tolist() != expected:
+        ids, rows = W.parse_records(body, W.SHARE)
+        if not np.array_equal(ids, self._expect[u]):
             raise MessageRejected("invalid message: shares for the wrong set of clients")
-        shares = np.frombuffer(payload, dtype="<u4").reshape(ids.size, -1).astype(np.uint32)
+        shares = np.ascontiguousarray(rows).view("<u4").astype(np.uint32)
         if (shares >= shamir.PRIME).any():
             raise MessageRejected("invalid share")
         self._unmasked[u] = _Unmasked(ids, shares)
@@ -248,18 +250,24 @@ class Server(ServerProtocol):
             self._check_reconstructible(set(self._unmasked), p)
             self._unmask()
 
+    def _members(self, parties) -> np.ndarray:
+        mask = np.zeros(self.round.spec.n, dtype=bool)
+        mask[list(parties)] = True
+        return mask
+
     def _targets(self) -> tuple[list[int], list[int]]:
         """(survivors whose b_u is needed, dropped clients whose mask key is needed)."""
-        g, u3 = self.round.graph, set(self._u3)
-        dropped = [v for v in sorted(self._shares) if v not in u3 and any(u in u3 for u in g.neighbors(v).tolist())]
-        return sorted(u3), dropped
+        g, u3 = self.round.graph, self._members(self._u3)
+        dropped = [v for v in sorted(self._shares) if not u3[v] and u3[g.neighbors(v)].any()]
+        return sorted(self._u3), dropped
 
     def _check_reconstructible(self, responders: set[int], phase: int) -> None:
         """Abort before anything is revealed unless every needed secret has t holders among `responders`."""
         g, t = self.round.graph, self.round.t
+        alive = self._members(responders)
         survivors, dropped = self._targets()
         for v in survivors + dropped:
-            holders = sum(1 for u in g.closed_neighborhood(v).tolist() if u in responders)
+            holders = len(responders) if g.complete else int(alive[g.closed_neighborhood(v)].sum())
             if holders < t:
                 raise self._abort(AbortReason.TOO_FEW_SURVIVORS,
                                   f"client {v}'s secrets have {holders} holders left; t = {t} are needed", phase)

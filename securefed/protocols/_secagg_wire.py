@@ -59,8 +59,8 @@ def records(entries: list[tuple[int, bytes]], prefix: bytes = b"") -> bytes:
     return b"".join(out)
 
 
-def parse_records(body: memoryview, payload_size: int, offset: int = 0) -> tuple[np.ndarray, memoryview]:
-    """Parse a record list at `offset`: (ids as int64, payloads as one memoryview of count x payload_size).
+def parse_records(body: memoryview, payload_size: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a record list at `offset`: (ids as int64, payloads as a (count, payload_size) uint8 view).
 
     The list must end the body. Raises MessageRejected for a wrong length or ids
     that are not strictly ascending.
@@ -71,14 +71,11 @@ def parse_records(body: memoryview, payload_size: int, offset: int = 0) -> tuple
     rec = 4 + payload_size
     if len(body) != offset + 4 + count * rec:
         raise MessageRejected("invalid message: wrong list length")
-    if count == 0:
-        return np.empty(0, dtype=np.int64), memoryview(b"")
     table = np.frombuffer(body, dtype=np.uint8, count=count * rec, offset=offset + 4).reshape(count, rec)
     ids = table[:, :4].copy().view(">u4").reshape(count).astype(np.int64)
-    if count > 1 and not (np.diff(ids) > 0).all():
+    if count > 1 and not (ids[1:] > ids[:-1]).all():
         raise MessageRejected("invalid message: ids not strictly ascending")
-    payloads = np.ascontiguousarray(table[:, 4:])
-    return ids, memoryview(payloads.reshape(-1))
+    return ids, table[:, 4:]
 
 
 def bitmap(members: np.ndarray | list[int], n: int) -> bytes:

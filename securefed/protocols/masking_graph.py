@@ -22,12 +22,14 @@ __all__ = ["MaskingGraph"]
 class MaskingGraph:
     """An undirected graph on clients 0..n-1; ``neighbors(u)`` excludes u and is ascending."""
 
-    __slots__ = ("_order", "_pos", "complete", "degree", "n")
+    __slots__ = ("_closed", "_neighbors", "_order", "_pos", "complete", "degree", "n")
 
     def __init__(self, n: int, degree: int, order: np.ndarray | None) -> None:
         self.n, self.degree, self.complete = n, degree, order is None
         self._order = order
         self._pos = None if order is None else np.argsort(order)
+        self._neighbors: dict[int, np.ndarray] = {}  # computed on demand, read-only
+        self._closed: dict[int, np.ndarray] = {}
 
     @classmethod
     def complete_graph(cls, n: int) -> MaskingGraph:
@@ -55,20 +57,31 @@ class MaskingGraph:
         return f"MaskingGraph({kind}, n={self.n}, degree={self.degree})"
 
     def neighbors(self, u: int) -> np.ndarray:
-        """The neighbours of u, ascending (int64)."""
-        if not 0 <= u < self.n:
-            raise ValueError(f"client {u} is not in 0..{self.n - 1}")
-        if self._order is None:
-            return np.delete(np.arange(self.n, dtype=np.int64), u)
-        h = self.degree // 2
-        p = int(self._pos[u])  # type: ignore[index]
-        ring = (p + np.concatenate((np.arange(-h, 0), np.arange(1, h + 1)))) % self.n
-        return np.sort(self._order[ring].astype(np.int64))
+        """The neighbours of u, ascending (read-only int64 array)."""
+        nb = self._neighbors.get(u)
+        if nb is None:
+            if not 0 <= u < self.n:
+                raise ValueError(f"client {u} is not in 0..{self.n - 1}")
+            if self._order is None:
+                nb = np.delete(np.arange(self.n, dtype=np.int64), u)
+            else:
+                h = self.degree // 2
+                p = int(self._pos[u])  # type: ignore[index]
+                ring = (p + np.concatenate((np.arange(-h, 0), np.arange(1, h + 1)))) % self.n
+                nb = np.sort(self._order[ring].astype(np.int64))
+            nb.flags.writeable = False
+            self._neighbors[u] = nb
+        return nb
 
     def closed_neighborhood(self, u: int) -> np.ndarray:
-        """u and its neighbours, ascending: the holders of u's shares."""
-        nb = self.neighbors(u)
-        return np.insert(nb, np.searchsorted(nb, u), u)
+        """u and its neighbours, ascending (read-only): the holders of u's shares."""
+        closed = self._closed.get(u)
+        if closed is None:
+            nb = self.neighbors(u)
+            closed = np.insert(nb, np.searchsorted(nb, u), u)
+            closed.flags.writeable = False
+            self._closed[u] = closed
+        return closed
 
     def are_neighbors(self, u: int, v: int) -> bool:
         """Whether u and v share a pairwise mask."""

@@ -311,10 +311,10 @@ class SubstitutePublicKey(Deviation):
             if s.party != self.target:
                 out.append(s)
                 continue
-            ids, payload = W.parse_records(ctx.body(phase, s.request), rec)
+            ids, rows = W.parse_records(ctx.body(phase, s.request), rec)
             entries = []
             for i, v in enumerate(ids.tolist()):
-                entry = bytes(payload[i * rec : (i + 1) * rec])
+                entry = rows[i].tobytes()
                 if v == self.victim:
                     entry = forged + forged[::-1] + entry[2 * W.KEY :]
                 entries.append((v, entry))

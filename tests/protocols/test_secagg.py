@@ -189,7 +189,7 @@ def test_shares_in_the_server_view_are_aes_gcm_ciphertexts_of_the_clients_shares
         u = d.party
         ids, sealed = W.parse_records(memoryview(d.reply)[HEADER_SIZE + W.COMMIT :], W.SEALED)
         for i, v in enumerate(ids.tolist()):
-            blob = bytes(sealed[i * W.SEALED : (i + 1) * W.SEALED])
+            blob = sealed[i].tobytes()
             # the key is the X25519 agreement of u's channel key with v's advertised one ...
             key = kex.agree(kex.load_private_key(run.clients[u].data.c_sk), _advertised(run, v)[0],
                             label="secagg/channel", session_id=spec.session_id, party_a=u, party_b=v)
@@ -467,5 +467,5 @@ def test_unmasking_reply_has_one_share_per_peer_b_for_survivors_key_for_dropouts
     assert ids.tolist() == [0, 1, 2, 3, 4, 5]
     held = run.clients[0].data.held
     for i, v in enumerate(ids.tolist()):
-        share = bytes(shares[i * W.SHARE : (i + 1) * W.SHARE])
+        share = shares[i].tobytes()
         assert share == (held[v][W.SHARE :] if v == 2 else held[v][: W.SHARE])
