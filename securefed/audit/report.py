@@ -210,13 +210,18 @@ def render_report(
         m = b.get("metrics", {}) or {}
         drops = ", ".join(f"{x['participant']} ({x['phase']}: {x['reason']})" for x in b.get("dropped", []))
         status = "completed" if e["type"] == "round" else f"ABORTED ({b.get('reason')})"
+        mechanisms = ", ".join(
+            f"{ev.get('mechanism')} z={ev.get('noise_multiplier')} q={ev.get('sampling_rate')}"
+            + (f" clip={ev['l2_clip']}" if "l2_clip" in ev else "") for ev in (b.get("dp") or {}).get("events", []))
         rows.append([_e(b["round"]), _e(status), _e(d.get("protocol")), _e(len(b["participants"])),
                      _fmt(d.get("threshold")), _e(len(b.get("included", []))), _e(drops or "none"),
-                     _fmt((b.get("dp") or {}).get("epsilon")), _fmt(m.get("loss")), _fmt(m.get("eval_accuracy")),
+                     _e(mechanisms or "none"), _fmt((b.get("dp") or {}).get("epsilon")), _fmt(m.get("loss")),
+                     _fmt(m.get("eval_accuracy")),
                      f'<a href="#round-{b["round"]}-detail">details</a>'])
         ids.append(f"round-{b['round']}")
     out.append(_table(["round", "status", "protocol", "n", "threshold", "included", "dropped (phase: reason)",
-                       "epsilon", "loss", "accuracy", ""], rows, row_ids=ids))
+                       "DP events (noise multiplier z, sampling rate q)", "epsilon", "loss", "accuracy", ""],
+                      rows, row_ids=ids))
     out.append("<h2>Round details</h2>")
     out.extend(_round_detail(e) for e in rounds)
     out.append("</body></html>\n")

@@ -63,6 +63,7 @@ def test_report_has_every_round_and_three_nonempty_plots(dp_log, tmp_path):
         assert np.std(img[..., :3]) > 0.05  # something is drawn, not a blank canvas
     text = " ".join(page.text)
     assert "VERIFIED" in text and "0 (upload: no_reply), 4 (upload: no_reply)" in text
+    assert text.count("gaussian z=1.1 q=0.5") == 6  # the mechanism of each round, in its row
 
 
 def test_report_of_a_failing_log_says_so_and_lists_the_failures(plain_log, tmp_path):
