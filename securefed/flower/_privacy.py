@@ -11,30 +11,29 @@ same. See ``protocols/flower.md``, "Differential privacy".
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from securefed.crypto.random import derive_key
 from securefed.errors import ConfigurationError
-from securefed.privacy import (
-    AdaptiveClipping,
-    CentralDP,
-    CentralGaussian,
-    Clipping,
-    DistributedDiscreteGaussian,
-    DistributedDP,
-    DistributedSkellam,
-    FlatClipping,
-    NoiseModule,
-)
 from securefed.protocols.base import AggregationProtocol
+
+if TYPE_CHECKING:
+    from securefed.privacy import CentralDP, Clipping, DistributedDP, NoiseModule
+
+    Privacy = CentralDP | DistributedDP
 
 __all__ = ["check", "clipping", "noise", "round_protocol"]
 
-Privacy = CentralDP | DistributedDP
+# securefed.privacy is imported only where a configuration is used: without DP, a node's
+# process (one per message) need not load it.
 
 
 def check(config: object) -> None:
     """ConfigurationError unless `config` is None or a configuration the Flower runtime supports."""
     if config is None:
         return
+    from securefed.privacy import AdaptiveClipping, CentralDP, DistributedDP
+
     if not isinstance(config, (CentralDP, DistributedDP)):
         raise ConfigurationError(
             "on Flower, privacy must be securefed.privacy.CentralDP or DistributedDP (sample-level DP "
@@ -46,11 +45,15 @@ def check(config: object) -> None:
 
 def clipping(config: Privacy) -> Clipping:
     """The configuration's clipping module (a number means flat L2 clipping)."""
+    from securefed.privacy import Clipping, FlatClipping
+
     clip = config.clipping
     return clip if isinstance(clip, Clipping) else FlatClipping(l2_clip=float(clip))
 
 
-def _distributed(config: DistributedDP, protocol: AggregationProtocol, dim: int) -> NoiseModule:
+def _distributed(config: DistributedDP, protocol: AggregationProtocol, dim: int) -> Any:
+    from securefed.privacy import DistributedDiscreteGaussian, DistributedSkellam
+
     # As PrivacySession._encoder: noise provisioned for the protocol's threshold t = min_survivors(n).
     cls = DistributedDiscreteGaussian if config.mechanism == "ddg" else DistributedSkellam
     return cls(
@@ -62,6 +65,8 @@ def _distributed(config: DistributedDP, protocol: AggregationProtocol, dim: int)
 
 def noise(config: Privacy, protocol: AggregationProtocol, dim: int) -> NoiseModule:
     """The round's noise mechanism for updates of length `dim` (for events and central noise)."""
+    from securefed.privacy import CentralGaussian, DistributedDP
+
     if isinstance(config, DistributedDP):
         return _distributed(config, protocol, dim)
     return CentralGaussian(noise_multiplier=config.noise_multiplier, l2_clip=clipping(config).bound)
@@ -70,6 +75,10 @@ def noise(config: Privacy, protocol: AggregationProtocol, dim: int) -> NoiseModu
 def round_protocol(protocol: AggregationProtocol, config: Privacy | None, *, session: bytes,
                    dim: int) -> AggregationProtocol:
     """The protocol of the round with this `session` id: with distributed DP, carrying the noise as its encoder."""
+    if config is None:
+        return protocol
+    from securefed.privacy import DistributedDP
+
     if not isinstance(config, DistributedDP):
         return protocol
     mechanism = _distributed(config, protocol, dim)

@@ -39,8 +39,9 @@ log = logging.getLogger("securefed.flower")
 # Flower error codes that mean the message or node was unreachable (the node sent nothing),
 # as opposed to a node that ran and refused (flwr.common.constant.ErrorCode).
 _UNREACHABLE = {3, 4, 5}
-# A message outlives its phase by this much, so a reply that arrives just in time is not expired.
-_TTL_MARGIN = 30.0
+# A message outlives its phase by this much (a reply that arrives just in time is not expired), and
+# not much more: a SuperNode handles its messages one at a time, so stale ones delay current ones.
+_TTL_MARGIN = 5.0
 
 
 def input_phase(protocol: AggregationProtocol) -> str:
@@ -209,6 +210,12 @@ class AggregationRound:
             e.phase = e.phase or phase
             raise
 
+    @property
+    def dropped_nodes(self) -> dict[int, DropRecord]:
+        """Node id to the phase and reason it left the round, so far."""
+        dropped = {**self.server.dropped, **self.drops}
+        return {self.nodes[c]: d for c, d in dropped.items() if isinstance(c, int)}
+
     def outcome(self) -> RoundOutcome:
         """The result after the last phase. Raises ProtocolAborted when no input reached the aggregate."""
         total, included = self.server.result()
@@ -254,6 +261,8 @@ class GridAggregator:
         self.poll_interval = float(poll_interval)
         self.max_payload_bytes = max_payload_bytes
         self.privacy = privacy
+        #: The round :meth:`run` ran last (to inspect who dropped out after a ProtocolAborted).
+        self.last_round: AggregationRound | None = None
 
     def run(
         self,
@@ -277,6 +286,7 @@ class GridAggregator:
         rnd = AggregationRound(self.protocol, nodes, round_index=round_index, dim=dim, rng=rng,
                                max_payload_bytes=self.max_payload_bytes, max_examples=max_examples,
                                privacy=self.privacy)
+        self.last_round = rnd
         for phase in rnd.protocol.phases:
             timeout = self.train_timeout if phase == input_phase(rnd.protocol) else self.phase_timeout
             messages = rnd.messages(phase, ttl=timeout + _TTL_MARGIN, arrays=arrays, config=config)

@@ -54,8 +54,9 @@ class SecureClient:
       node never takes the protocol from the server: it refuses a request whose protocol
       or parameters differ from its own;
     - ``phases``: the protocol's phases, needed only when `protocol` is a function;
-    - ``privacy``: ``securefed.privacy.CentralDP`` or ``DistributedDP``, as on the server:
-      the node clips its update and, with distributed DP, adds its noise share;
+    - ``privacy``: ``securefed.privacy.CentralDP`` or ``DistributedDP`` (or a function of
+      the ``Context`` returning one), as on the server: the node clips its update and,
+      with distributed DP, adds its noise share;
     - ``seed``: an int (or a function of the ``Context``) making the node's randomness
       reproducible, for tests and simulation only; None (default) draws from the OS.
 
@@ -71,7 +72,8 @@ class SecureClient:
         privacy: Any = None,
         seed: int | None | Callable[[Context], int | None] = None,
     ) -> None:
-        _privacy.check(privacy)
+        if not callable(privacy):
+            _privacy.check(privacy)
         if isinstance(protocol, AggregationProtocol):
             phases = protocol.phases
             self._input_phase = input_phase(protocol)
@@ -118,7 +120,9 @@ class SecureClient:
         req: _envelope.Request | None = None
         try:
             req, arrays, config = _envelope.parse_request(msg.content, input_phase=is_train)
-            protocol = _privacy.round_protocol(_value(self.protocol, context), self.privacy, session=req.session,
+            privacy = _value(self.privacy, context)
+            _privacy.check(privacy)
+            protocol = _privacy.round_protocol(_value(self.protocol, context), privacy, session=req.session,
                                                dim=req.dim)
             if req.protocol != protocol.name or req.params != _envelope.describe(protocol, req.n):
                 raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
@@ -130,7 +134,7 @@ class SecureClient:
             try:
                 if is_train:
                     assert arrays is not None and config is not None and train is not None
-                    client.set_input(self._input(msg, context, train, arrays, req))
+                    client.set_input(self._input(msg, context, train, arrays, req, privacy))
                 payload = client.handle(req.phase, req.payload)
             except (MessageRejected, ProtocolAborted, InvalidInput):
                 self._save(context, req, b"")  # refused: this node answers nothing more in this round
@@ -174,7 +178,7 @@ class SecureClient:
         )
 
     def _input(self, msg: Message, context: Context, train: TrainFn, arrays: ArrayRecord,
-               req: _envelope.Request) -> np.ndarray:
+               req: _envelope.Request, privacy: Any) -> np.ndarray:
         """Train, then the update vector: (trained - global), weighted as the request says."""
         reply = train(msg, context)
         if not isinstance(reply, Message) or not reply.has_content() or "arrays" not in reply.content:
@@ -186,11 +190,11 @@ class SecureClient:
         start, spec = _model.flatten_record(arrays)
         new, _ = _model.flatten_record(trained)
         update = new.astype(np.float64) - start.astype(np.float64)
-        if self.privacy is not None:
+        if privacy is not None:
             if req.max_examples:
                 raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
                                       "with differential privacy every node weighs the same; the server asks otherwise")
-            update = _privacy.clipping(self.privacy).clip(update, [p.size for p in spec.params])
+            update = _privacy.clipping(privacy).clip(update, [p.size for p in spec.params])
         elif req.max_examples:
             metrics = reply.content.get("metrics")
             examples = metrics.get("num-examples") if isinstance(metrics, MetricRecord) else None

@@ -24,7 +24,6 @@ from securefed.crypto.random import RandomSource
 from securefed.errors import AbortReason, ConfigurationError, PrivacyBudgetExceeded, ProtocolAborted
 from securefed.flower import _checkpoint, _model, _privacy
 from securefed.flower.aggregation import GridAggregator, RoundOutcome
-from securefed.privacy import Accountant, CentralGaussian, DistributedDP
 from securefed.protocols.base import (
     AggregationProtocol,
     AggregationResult,
@@ -240,6 +239,8 @@ class SecureFedAvg:
             # Aggregates decoded after the last commit were released all the same: they stay in the ledger.
             run.pending = _checkpoint.released(self.checkpoint_dir)
         if self.privacy is not None:
+            from securefed.privacy import Accountant
+
             run.accountant = Accountant.from_ledger(run.state.ledger + run.pending, self.privacy.accountant)
         audit = None
         if self.audit_log is not None:
@@ -304,7 +305,9 @@ class SecureFedAvg:
         except ProtocolAborted as e:
             log.error("securefed: round %d aborted (%s): %s", r, e.reason.value, e)
             eps = None if run.accountant is None else run.accountant.epsilon(self.privacy.delta)
-            return RoundReport(r, tuple(nodes), (), {}, {}, eps, e.reason.value), None
+            rnd = self.aggregator.last_round
+            dropped = rnd.dropped_nodes if rnd is not None and rnd.spec.round_index == r else {}
+            return RoundReport(r, tuple(nodes), (), dropped, {}, eps, e.reason.value), None
         total, included = outcome.result.total, outcome.included_nodes
         epsilon = None
         if self.privacy is not None:
@@ -338,6 +341,8 @@ class SecureFedAvg:
         if target is None:
             return
         noise = _privacy.noise(config, self.protocol, dim)
+        from securefed.privacy import DistributedDP
+
         # Distributed noise is provisioned for t = min_survivors(n): fewest included, largest epsilon.
         worst = noise.survivors(n) if isinstance(config, DistributedDP) else n  # type: ignore[attr-defined]
         eps = run.accountant.epsilon_after(noise.event(included=worst, n=n, round=r), config.delta)
@@ -351,6 +356,8 @@ class SecureFedAvg:
     def _release(self, run: _Run, r: int, total: np.ndarray, included: int, n: int, dim: int,
                  rng: RandomSource) -> np.ndarray:
         """Noise the sum (central DP) and account for its release, written ahead of the round's commit."""
+        from securefed.privacy import CentralGaussian
+
         noise = _privacy.noise(self.privacy, self.protocol, dim)
         total = np.array(total, dtype=np.float64, copy=True)
         if isinstance(noise, CentralGaussian):

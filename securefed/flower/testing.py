@@ -24,7 +24,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["InProcessGrid", "roundtrip"]
+__all__ = ["CountingGrid", "InProcessGrid", "content_bytes", "roundtrip"]
 
 log = logging.getLogger("securefed.flower.testing")
 
@@ -36,6 +36,61 @@ def roundtrip(obj: Any) -> Any:
     """`obj` (a Message or record) deflated to bytes and inflated again, as Flower's transport does."""
     contents = {oid: o.deflate() for oid, o in get_all_nested_objects(obj).items()}
     return inflate_object_from_contents(obj.object_id, contents)
+
+
+def content_bytes(msg: Message) -> int:
+    """Serialized size of a message's content (every record as Flower deflates it); 0 for an error reply."""
+    if not msg.has_content():
+        return 0
+    return sum(len(o.deflate()) for o in get_all_nested_objects(msg.content).values())
+
+
+class CountingGrid(Grid):
+    """Wraps a grid and counts, per node, the serialized content bytes sent to it (``down``) and
+    received from it (``up``), for any workflow that uses the grid (securefed's or Flower's own)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.up: dict[int, int] = {}
+        self.down: dict[int, int] = {}
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.grid.get_nodes()
+
+    def _sent(self, messages: Iterable[Message]) -> list[Message]:
+        out = list(messages)
+        for m in out:
+            self.down[m.metadata.dst_node_id] = self.down.get(m.metadata.dst_node_id, 0) + content_bytes(m)
+        return out
+
+    def _received(self, replies: Iterable[Message]) -> list[Message]:
+        out = list(replies)
+        for m in out:
+            self.up[m.metadata.src_node_id] = self.up.get(m.metadata.src_node_id, 0) + content_bytes(m)
+        return out
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(self._sent(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._received(self.grid.pull_messages(message_ids))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._received(self.grid.send_and_receive(self._sent(messages), timeout=timeout))
 
 
 class InProcessGrid(Grid):
