@@ -1,0 +1,36 @@
+"""The ClientApp: local training on this node's partition, wrapped by securefed's client handlers.
+
+The trained model stays on the node: securefed's handler turns it into an update,
+hands it to the aggregation protocol, and sends only the protocol's payload.
+"""
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from securefed.flower import SecureClient
+from securefed_app import task
+
+app = ClientApp()
+
+
+def train(msg: Message, context: Context) -> Message:
+    """An ordinary Flower training function: global model in, trained model and example count out."""
+    config = msg.content["config"]
+    partition = int(context.node_config["partition-id"])
+    dataset, _ = task.data(partition, int(context.node_config["num-partitions"]))
+    net = task.model()
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loss = task.train(
+        net, dataset, epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]),
+        seed=task.train_seed(context.run_config, int(config["server-round"]), partition),
+    )
+    metrics = MetricRecord({"train-loss": loss, "num-examples": len(dataset)})
+    return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics}), reply_to=msg)
+
+
+SecureClient(
+    lambda context: task.protocol(context.run_config),
+    phases=task.PHASES,
+    privacy=lambda context: task.privacy(context.run_config),
+    seed=lambda context: task.seed(context.run_config),
+).register(app, train)

@@ -1,0 +1,46 @@
+"""The ServerApp: securefed's FedAvg strategy over the grid, with central evaluation, checkpoints and audit log."""
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from securefed.flower import SecureFedAvg
+from securefed_app import task
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    test = task.test_set()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        net = task.model()
+        net.load_state_dict(arrays.to_torch_state_dict())
+        return MetricRecord(task.evaluate(net, test))
+
+    privacy = task.privacy(cfg)
+    strategy = SecureFedAvg(
+        protocol=task.protocol(cfg),
+        privacy=privacy,
+        server_lr=task.SERVER_LR if privacy is not None else 1.0,
+        min_train_nodes=int(cfg["min-nodes"]),
+        min_available_nodes=int(cfg["min-nodes"]),
+        phase_timeout=float(cfg["phase-timeout"]),
+        train_timeout=float(cfg["train-timeout"]),
+        checkpoint_dir=str(cfg["checkpoint-dir"]) or None,
+        audit_log=str(cfg["audit-log"]) or None,
+        seed=task.seed(cfg),
+    )
+    result = strategy.start(
+        grid,
+        ArrayRecord(task.model().state_dict()),
+        num_rounds=int(cfg["num-server-rounds"]),
+        train_config=ConfigRecord({k: cfg[k] for k in ("local-epochs", "batch-size", "lr")}),
+        evaluate_fn=evaluate,
+    )
+    for r in result.rounds:
+        acc = r.metrics.get("eval_accuracy")
+        eps = "" if r.epsilon is None else f", epsilon {r.epsilon:.3f} at delta {privacy.delta:g}"
+        print(f"round {r.round}: {len(r.included)} of {len(r.participants)} nodes included, "
+              f"dropped {sorted(r.dropped)}, accuracy {acc}{eps}", flush=True)
