@@ -15,7 +15,16 @@ Deviations for SecAgg / SecAgg+ (Bonawitz et al. 2017, Sec. 4 and 6):
 - :class:`InconsistentSurvivorLists` (active): two halves of the clients sign
   different survivor lists, then each is shown the other half's list or signatures;
 - :class:`SubstitutePublicKey` (active): the server replaces a peer's advertised key
-  with its own (a man in the middle on the share channel).
+  with its own (a man in the middle on the share channel);
+- :class:`DropEveryone`: the server claims that every other client dropped (an empty key
+  or share list, or a survivor list of the client alone);
+- :class:`ReplayOldShares`: the server sends a client the shares its peers sealed to it
+  in an earlier round (see :func:`old_shares`).
+
+For every protocol, :class:`AskAgain` sends a party a second request in a phase it has
+answered (byte-identical, or with one bit flipped). Each deviation's :meth:`Deviation.violation`
+says what honest parties did wrong against it; ``securefed.testing.check_protocol`` draws
+deviations from ``securefed.testing.strategies.deviations``.
 
 Usage::
 
@@ -40,13 +49,17 @@ from securefed.protocols.base import AggregationProtocol, ClientProtocol, Party,
 
 __all__ = [
     "AdversarialRun",
+    "AskAgain",
     "AskBothSecrets",
     "Delivery",
     "Deviation",
+    "DropEveryone",
     "InconsistentSurvivorLists",
+    "ReplayOldShares",
     "Send",
     "SubstitutePublicKey",
     "UnmaskBelowThreshold",
+    "old_shares",
     "run_round",
 ]
 
@@ -82,7 +95,9 @@ class RoundContext:
 
     def __init__(self, protocol: AggregationProtocol, spec: RoundSpec) -> None:
         self.protocol, self.spec = protocol, spec
-        self.round = protocol._round(spec)  # type: ignore[attr-defined]
+        # The SecAgg family's round (graph, threshold, framing); None for other protocols.
+        round_for = getattr(protocol, "_round", None)
+        self.round = round_for(spec) if round_for is not None else None
         self.phases = protocol.phases
 
     def message(self, phase: str, body: bytes) -> bytes:
@@ -106,6 +121,10 @@ class Deviation:
         return sends
 
     def observe(self, delivery: Delivery) -> None:
+        return None
+
+    def violation(self, run: AdversarialRun) -> str | None:
+        """What honest parties did wrong against this deviation in `run` (None: they behaved)."""
         return None
 
 
@@ -151,6 +170,7 @@ def run_round(
     clients: dict[Party, ClientProtocol] = {
         i: protocol.client(spec, i, np.asarray(inputs[i]), rng=rng.child(f"client/{i}")) for i in range(n)
     }
+    clients.update(protocol.auxiliary(spec, rng=rng.child("auxiliary")))
     ctx = RoundContext(protocol, spec)
     run = AdversarialRun(spec, server, clients, [])
     drop_at = {c: protocol.phases.index(p) for c, p in (dropouts or {}).items()}
@@ -219,6 +239,12 @@ class AskBothSecrets(Deviation):
                 out.append(Send(self.target, ctx.message(phase, body), forward=False, label=self.name))
         return out
 
+    def violation(self, run: AdversarialRun) -> str | None:
+        return _refused_then_silent(run, self.target, "unmasking", self.name)
+
+    def __repr__(self) -> str:
+        return f"AskBothSecrets(target={self.target}, victim={self.victim})"
+
 
 class UnmaskBelowThreshold(Deviation):
     """Send `target` a survivor list with t - 1 members of its neighbourhood (itself included)."""
@@ -244,6 +270,12 @@ class UnmaskBelowThreshold(Deviation):
             out.append(Send(self.target, ctx.message(phase, W.bitmap(sorted(small + others), ctx.spec.n) + rest),
                             forward=False, label=self.name))
         return out
+
+    def violation(self, run: AdversarialRun) -> str | None:
+        return _refused_then_silent(run, self.target, self.phase, self.name)
+
+    def __repr__(self) -> str:
+        return f"UnmaskBelowThreshold(target={self.target}, phase={self.phase!r})"
 
 
 class InconsistentSurvivorLists(Deviation):
@@ -292,6 +324,14 @@ class InconsistentSurvivorLists(Deviation):
             sig = delivery.reply[_wire.HEADER_SIZE:]
             self._sigs[delivery.party in self.group][delivery.party] = sig  # type: ignore[index]
 
+    def violation(self, run: AdversarialRun) -> str | None:
+        answered = [d.party for d in run.deliveries if d.label == self.name and d.phase == "unmasking" and d.reply]
+        return f"clients {answered} answered an unmasking request with an inconsistent survivor list" if answered \
+            else None
+
+    def __repr__(self) -> str:
+        return f"InconsistentSurvivorLists(victim={self.victim}, group={sorted(self.group)}, mode={self.mode!r})"
+
 
 class SubstitutePublicKey(Deviation):
     """Replace `victim`'s advertised keys, as shown to `target`, with the server's own."""
@@ -312,6 +352,9 @@ class SubstitutePublicKey(Deviation):
                 out.append(s)
                 continue
             ids, rows = W.parse_records(ctx.body(phase, s.request), rec)
+            if self.victim not in ids.tolist():  # not a neighbour of the target: nothing to substitute
+                out.append(s)
+                continue
             entries = []
             for i, v in enumerate(ids.tolist()):
                 entry = rows[i].tobytes()
@@ -320,3 +363,154 @@ class SubstitutePublicKey(Deviation):
                 entries.append((v, entry))
             out.append(Send(s.party, ctx.message(phase, W.records(entries)), label=self.name))
         return out
+
+    def violation(self, run: AdversarialRun) -> str | None:
+        return _refused_then_silent(run, self.target, "share_keys", self.name)
+
+    def __repr__(self) -> str:
+        return f"SubstitutePublicKey(target={self.target}, victim={self.victim})"
+
+
+class DropEveryone(Deviation):
+    """Tell `target` in `phase` that every other client dropped.
+
+    ``share_keys`` / ``masked_input``: an empty key or share list; ``consistency_check`` /
+    ``unmasking``: a survivor list of `target` alone. A client that went on would give the
+    server its shares alone (or an input masked only by its self mask); an honest one refuses
+    and sends nothing more.
+    """
+
+    name = "drop_everyone"
+    PHASES: ClassVar[tuple[str, ...]] = ("share_keys", "masked_input", "consistency_check", "unmasking")
+
+    def __init__(self, target: int, phase: str) -> None:
+        if phase not in self.PHASES:
+            raise ValueError(f"phase must be one of {self.PHASES}")
+        self.target, self.phase = target, phase
+
+    def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
+        if phase != self.phase:
+            return sends
+        out = []
+        for s in sends:
+            if s.party != self.target:
+                out.append(s)
+                continue
+            if phase in ("share_keys", "masked_input"):
+                body = W.records([])
+            else:
+                _, rest = _survivor_bits(ctx, s.request, phase)
+                body = W.bitmap([self.target], ctx.spec.n) + rest
+            out.append(Send(self.target, ctx.message(phase, body), forward=False, label=self.name))
+        return out
+
+    def violation(self, run: AdversarialRun) -> str | None:
+        return _refused_then_silent(run, self.target, self.phase, self.name)
+
+    def __repr__(self) -> str:
+        return f"DropEveryone(target={self.target}, phase={self.phase!r})"
+
+
+def old_shares(protocol: AggregationProtocol, n: int, dim: int, target: int, *, seed: int | bytes) -> bytes:
+    """The body of `target`'s masked_input request (its peers' sealed shares) in an honest round with `seed`.
+
+    Empty when `target` got no such request. Inputs do not matter to the shares: zeros are used.
+    """
+    run = run_round(protocol, [np.zeros(dim)] * n, seed=seed)
+    for d in run.outcomes("masked_input", target):
+        return d.request[_wire.HEADER_SIZE:]
+    return b""
+
+
+class ReplayOldShares(Deviation):
+    """In masked_input, send `target` the shares of an earlier round (`old_body`, from :func:`old_shares`).
+
+    The server frames them as this round's; an honest client cannot open them (the AEAD
+    binds session, round, sender and recipient) and refuses to send its masked input.
+    """
+
+    name = "replay_old_shares"
+
+    def __init__(self, target: int, old_body: bytes) -> None:
+        self.target, self.old_body = target, bytes(old_body)
+
+    def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
+        if phase != "masked_input" or not self.old_body:
+            return sends
+        return [s if s.party != self.target else
+                Send(s.party, ctx.message(phase, self.old_body), forward=False, label=self.name) for s in sends]
+
+    def violation(self, run: AdversarialRun) -> str | None:
+        return _refused_then_silent(run, self.target, "masked_input", self.name)
+
+    def __repr__(self) -> str:
+        return f"ReplayOldShares(target={self.target}, {len(self.old_body)} bytes of old shares)"
+
+
+# -- any protocol -----------------------------------------------------------------------------------
+
+
+def _flip_bit(data: bytes, bit: int) -> bytes:
+    out = bytearray(data)
+    bit %= 8 * len(out)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
+
+
+class AskAgain(Deviation):
+    """Send a party a second request in `phase` right after its first: the same bytes, or one bit flipped.
+
+    ``index`` picks the party among the phase's addressees (modulo their number; auxiliary
+    parties such as an HE decryptor included); ``flip``: None repeats the request byte for
+    byte, an int flips that bit (negative: counted from the end). An honest party answers
+    at most one request per phase: it refuses the second, or answers a byte-identical one
+    with the byte-identical reply (a retransmission). Answering a different request twice
+    is how a client would reveal both secrets of a peer.
+    """
+
+    name = "ask_again"
+
+    def __init__(self, phase: str, index: int = 0, flip: int | None = None) -> None:
+        self.phase, self.index, self.flip = phase, index, flip
+
+    def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
+        if phase != self.phase or not sends:
+            return sends
+        i = self.index % len(sends)
+        first = sends[i]
+        if self.flip is not None and not first.request:
+            return sends
+        again = first.request if self.flip is None else _flip_bit(first.request, self.flip)
+        return [*sends[: i + 1], Send(first.party, again, forward=False, label=self.name), *sends[i + 1 :]]
+
+    def violation(self, run: AdversarialRun) -> str | None:
+        for d in run.deliveries:
+            if d.label != self.name or d.reply is None:
+                continue
+            first = next(iter(run.outcomes(d.phase, d.party, "honest")), None)
+            same = first is not None and d.request == first.request
+            if same and first is not None and d.reply == first.reply:
+                continue
+            kind = "byte-identical" if same else "different"
+            return (f"{d.party!r} answered a second, {kind} request in phase {d.phase!r}"
+                    + (" with a different reply" if same else "") + "; a party answers one request per phase")
+        return None
+
+    def __repr__(self) -> str:
+        how = "the same request" if self.flip is None else f"the request with bit {self.flip} flipped"
+        return f"AskAgain(phase={self.phase!r}, index={self.index}: {how})"
+
+
+def _refused_then_silent(run: AdversarialRun, party: int, phase: str, label: str) -> str | None:
+    """None if `party` answered no `label` request of `phase` and nothing after the first of them."""
+    deviating = [d for d in run.deliveries if d.phase == phase and d.party == party and d.label == label]
+    if not deviating:
+        return None
+    answered = [d for d in deviating if d.reply is not None]
+    if answered:
+        return f"client {party} answered the {label} request in phase {phase!r}"
+    start = run.deliveries.index(deviating[0])
+    later = [d for d in run.deliveries[start + 1 :] if d.party == party and d.reply is not None]
+    if later:
+        return f"client {party} refused in {phase!r} but then answered a {later[0].phase!r} request"
+    return None
