@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="federated training demo on bundled data")
     demo.add_argument("--rounds", type=int, default=20, help="training rounds (default 20)")
-    demo.add_argument("--protocol", choices=PROTOCOLS, default="plain", help="aggregation protocol")
+    demo.add_argument("--protocol", choices=PROTOCOLS, default="secagg+", help="aggregation protocol (default secagg+)")
     demo.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     demo.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")

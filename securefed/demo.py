@@ -35,6 +35,12 @@ def make_protocol(name: str) -> AggregationProtocol:
         from securefed.protocols.he import CKKS
 
         return CKKS()  # a separate decryptor holds the key; inputs within +-100
+    if name in ("secagg", "secagg+"):
+        from securefed.protocols.secagg import SecAgg, SecAggPlus
+
+        # Threat model: the defaults (10% corrupt, 10% dropouts); updates within +-4 at 20 bits
+        # (the MLP's updates stay within +-1, and the appended weight is at most 1).
+        return (SecAgg if name == "secagg" else SecAggPlus)(value_range=4.0, value_bits=20)
     if name == "bfv":
         from securefed.protocols.he import BFV
 
@@ -120,7 +126,7 @@ class DemoResult:
 
 def run_demo(
     rounds: int = 20,
-    protocol: str = "plain",
+    protocol: str = "secagg+",
     dp: bool = True,
     seed: int = 0,
     *,
