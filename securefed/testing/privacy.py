@@ -1,0 +1,286 @@
+"""Conformance checks for differential-privacy modules: clipping (hypothesis) and noise (statistics).
+
+:func:`check_clipper` draws updates (float64 and float32, from subnormal to near-overflow
+magnitudes, split into tensors by a drawn layout) and checks, for ``out = clip(x, layout)``:
+
+``output``          a float64 array of x's length; x itself unchanged; NaN or Inf in x is InvalidInput
+``norm_bound``      ``l2_norm(out) <= bound`` (the norm every privacy check computes), always
+``scaling_only``    each tensor of out is a_s times x's, 0 <= a_s <= 1 (to 8 float64 ulps): clipping
+                    shrinks, never rotates or clamps coordinates; one factor for the whole update
+                    when the clipper works without a layout (flat clipping)
+``passthrough``     flat clipping leaves an update with ``l2_norm(x) <= bound`` exactly as it is;
+                    a clipper with ``clips_for(L)`` (per layer) leaves each tensor within its clip
+``idempotent``      ``clip(out, layout) == out``
+
+:func:`check_noise` measures, with a fixed seed (so it is deterministic), the noise a module adds:
+
+``unbiased``        the mean error of every coordinate is within z standard errors of 0
+                    (z = 6 with a Bonferroni factor for the dimension)
+``variance``        the variance is at least the declared one and at most it plus the rounding
+                    variance (n granularity^2 / 4 for the distributed encoders), within z standard
+                    errors of the sample variance; the declared variance is what the module's privacy
+                    event tells the accountant, ``(event.noise_multiplier * l2_clip)^2``
+
+Two kinds of noise module are understood: central ones with ``add_to(total, rng)`` and
+``stddev`` (:class:`~securefed.privacy.CentralGaussian`), and distributed ones that are integer
+encoders (:class:`~securefed.privacy.DistributedDiscreteGaussian`, ``DistributedSkellam``):
+n clients encode inputs of norm <= l2_clip with their own randomness, the modular sum is
+decoded, and the error against the exact sum is the noise. DP-SGD noises inside local
+training and is not covered here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+try:
+    from hypothesis import Phase, given, settings
+    from hypothesis import strategies as st
+except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "securefed.testing.check_clipper needs hypothesis: install the extra with pip install 'securefed[testing]'"
+    ) from e
+
+from securefed.crypto.random import RandomSource
+from securefed.encoding.fixedpoint import IntegerEncoder
+from securefed.encoding.packing import storage_dtype
+from securefed.errors import InvalidInput
+from securefed.privacy.clipping import Clipping, l2_norm
+from securefed.testing.conformance import ConformanceError
+
+__all__ = ["CLIPPER_PROPERTIES", "NOISE_PROPERTIES", "check_clipper", "check_noise"]
+
+CLIPPER_PROPERTIES = ("output", "norm_bound", "scaling_only", "passthrough", "idempotent")
+NOISE_PROPERTIES = ("unbiased", "variance")
+
+_EPS = 2.0**-52
+_TINY = 2.0**-1074
+
+
+class _Violation(Exception):
+    def __init__(self, prop: str, detail: str) -> None:
+        super().__init__(f"[{prop}] {detail}")
+        self.prop, self.detail = prop, detail
+
+
+def _vectors(tensors: tuple[int, int], max_size: int) -> st.SearchStrategy[tuple[np.ndarray, list[int]]]:
+    """(update, layout): float64 or float32 coordinates of any finite magnitude, tensor sizes summing to its length."""
+    layouts = st.lists(st.integers(1, max_size), min_size=tensors[0], max_size=tensors[1])
+
+    def for_layout(layout: list[int]) -> st.SearchStrategy[tuple[np.ndarray, list[int]]]:
+        d = sum(layout)
+        arrays = [st.lists(st.floats(allow_nan=False, allow_infinity=False, width=w), min_size=d, max_size=d).map(
+            lambda v, dt=dt: np.array(v, dtype=dt)) for w, dt in ((64, np.float64), (32, np.float32))]
+        scaled = st.tuples(st.lists(st.floats(-1, 1), min_size=d, max_size=d), st.integers(-300, 300)).map(
+            lambda t: np.array(t[0]) * 10.0 ** t[1])  # same direction, any scale: around the bound too
+        return st.one_of(*arrays, scaled).map(lambda x: (x, layout))
+
+    return layouts.flatmap(for_layout)
+
+
+def _check_scaling(x: np.ndarray, out: np.ndarray, segments: list[slice], what: str) -> None:
+    for s in segments:
+        xs, os_ = x[s], out[s]
+        if (np.abs(os_) > np.abs(xs)).any() or (np.sign(os_) * np.sign(xs) < 0).any():
+            k = int(np.argmax((np.abs(os_) > np.abs(xs)) | (np.sign(os_) * np.sign(xs) < 0)))
+            raise _Violation("scaling_only", f"coordinate {s.start + k} went from {xs[k]!r} to {os_[k]!r} "
+                                             f"({what}): clipping may only shrink")
+        big = int(np.argmax(np.abs(xs)))
+        if xs[big] == 0:
+            continue
+        a = os_[big] / xs[big]
+        err = np.abs(os_ - a * xs)
+        tol = 8 * _EPS * np.abs(a * xs) + 2 * _TINY
+        if (err > tol).any():
+            k = int(np.argmax(err - tol))
+            raise _Violation("scaling_only", f"{what}: coordinate {s.start + k} is {os_[k]!r}, not {a!r} x "
+                                             f"{xs[k]!r} like the rest: clipping must scale, not clamp or rotate")
+
+
+def _clip_once(clipper: Clipping, x: np.ndarray, layout: list[int]) -> np.ndarray:
+    try:
+        return clipper.clip(x, layout)
+    except Exception as e:  # noqa: BLE001
+        raise _Violation("output", f"clip raised {type(e).__name__}: {e} for a finite update") from e
+
+
+def _takes_no_layout(clipper: Clipping) -> bool:
+    try:
+        clipper.clip(np.ones(2), None)
+    except InvalidInput:
+        return False
+    return True
+
+
+def check_clipper(
+    clipper_factory: Callable[[], Clipping] | Clipping,
+    *,
+    tensors: int | tuple[int, int] = (1, 6),
+    max_tensor_size: int = 8,
+    max_examples: int | None = None,
+) -> None:
+    """Check a clipping module's properties (module docstring); ConformanceError names the one that fails.
+
+    `clipper_factory` gives a fresh :class:`~securefed.privacy.Clipping` (or pass one); updates
+    have `tensors` tensors (a count, or a range (lo, hi); fix it for per-layer clips) of 1 to
+    `max_tensor_size` coordinates each.
+    """
+    span = (tensors, tensors) if isinstance(tensors, int) else tensors
+    factory = clipper_factory if callable(clipper_factory) and not isinstance(clipper_factory, Clipping) \
+        else (lambda: clipper_factory)
+    flat = _takes_no_layout(factory())  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"deadline": None, "database": None,
+                          "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]}
+    if max_examples is not None:
+        kw["max_examples"] = max_examples
+
+    @settings(**kw)
+    @given(case=_vectors(span, max_tensor_size), bad=st.sampled_from([math.nan, math.inf, -math.inf]),
+           where=st.integers(0, 10**6))
+    def prop(case: tuple[np.ndarray, list[int]], bad: float, where: int) -> None:
+        x, layout = case
+        clipper = factory()
+        bound = clipper.bound  # type: ignore[union-attr]
+        before = x.copy()
+        out = _clip_once(clipper, x, layout)  # type: ignore[arg-type]
+        if not isinstance(out, np.ndarray) or out.dtype != np.float64 or out.shape != (x.size,):
+            raise _Violation("output", f"clip returned {type(out).__name__} {getattr(out, 'dtype', '')} "
+                                       f"{getattr(out, 'shape', '')}; expected float64 of shape ({x.size},)")
+        if not np.array_equal(x, before):
+            raise _Violation("output", "clip modified its input in place")
+        if l2_norm(out) > bound:
+            raise _Violation("norm_bound", f"l2_norm(clip(x)) = {l2_norm(out)!r} > bound {bound!r} "
+                                           f"(l2_norm(x) = {l2_norm(x)!r})")
+        x64 = x.astype(np.float64)
+        offsets = np.cumsum([0, *layout])
+        segments = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
+        _check_scaling(x64, out, [slice(0, x.size)] if flat else segments,
+                       "one factor for the whole update" if flat else "one factor per tensor")
+        if flat and l2_norm(x64) <= bound and not np.array_equal(out, x64):
+            raise _Violation("passthrough", f"an update of norm {l2_norm(x64)!r} <= bound {bound!r} was changed")
+        clips_for = getattr(clipper, "clips_for", None)
+        if not flat and callable(clips_for):
+            for s, c in zip(segments, clips_for(len(layout))):
+                if l2_norm(x64[s]) <= c and not np.array_equal(out[s], x64[s]):
+                    raise _Violation("passthrough", f"tensor {s.start}..{s.stop - 1} of norm {l2_norm(x64[s])!r} "
+                                                    f"<= its clip {c!r} was changed")
+        again = _clip_once(clipper, out, layout)  # type: ignore[arg-type]
+        if not np.array_equal(again, out):
+            raise _Violation("idempotent", "clip(clip(x)) differs from clip(x)")
+        y = x.copy()
+        y[where % y.size] = bad
+        try:
+            clipper.clip(y, layout)  # type: ignore[union-attr]
+        except InvalidInput:
+            pass
+        except Exception as e:  # noqa: BLE001
+            raise _Violation("output", f"an update with {bad} raised {type(e).__name__}, expected InvalidInput") from e
+        else:
+            raise _Violation("output", f"an update with {bad} was clipped; expected InvalidInput")
+
+    try:
+        prop()
+    except _Violation as v:
+        raise _report(repr(factory()), v) from None
+
+
+def _report(name: str, v: _Violation) -> ConformanceError:
+    notes = getattr(v, "__notes__", [])
+    body = "\n".join(f"    {line}" for n in notes for line in str(n).splitlines())
+    return ConformanceError(v.prop, f"{name} violates {v.prop!r}: {v.detail}"
+                            + (f"\n  counterexample:\n{body}" if body else ""))
+
+
+# -- noise ----------------------------------------------------------------------------------------
+
+
+def _ball(gen: np.random.Generator, n: int, d: int, radius: float) -> list[np.ndarray]:
+    """n test inputs of L2 norm at most `radius` (test data, not secrets)."""
+    out = []
+    for _ in range(n):
+        v = gen.normal(size=d)
+        out.append(v / np.linalg.norm(v) * radius * gen.uniform(0.1, 0.999))
+    return out
+
+
+def _samples(module: Any, n: int, dimension: int, rounds: int, seed: int) -> tuple[np.ndarray, float, float]:
+    """(errors of shape (rounds, d), declared variance, extra rounding variance allowed)."""
+    rng = RandomSource(seed)
+    if callable(getattr(module, "add_to", None)) and hasattr(module, "stddev"):
+        errors = np.stack([module.add_to(np.zeros(dimension), rng.child(f"round/{r}")) for r in range(rounds)])
+        declared = float(module.stddev) ** 2
+        clip = getattr(module, "l2_clip", None)
+        if clip is not None:
+            event_std = module.event(included=n, n=n).noise_multiplier * clip
+            if not math.isclose(event_std, math.sqrt(declared), rel_tol=1e-9):
+                raise _Violation("variance", f"the privacy event charges for noise of std {event_std!r} but stddev "
+                                             f"is {math.sqrt(declared)!r}")
+        return errors, declared, 0.0
+    if isinstance(module, IntegerEncoder) and callable(getattr(module, "event", None)):
+        d = int(getattr(module, "dimension", dimension))
+        xs = _ball(np.random.default_rng(seed), n, d, float(module.l2_clip))  # type: ignore[attr-defined]
+        exact = np.sum(xs, axis=0)
+        k = module.modulus_bits(n)
+        mask = np.uint64((1 << k) - 1) if k < 64 else np.uint64(2**64 - 1)
+        errors = np.empty((rounds, d))
+        for r in range(rounds):
+            acc = np.zeros(d, dtype=np.uint64)
+            for i, x in enumerate(xs):
+                acc += module.encode(x, n=n, rng=rng.child(f"round/{r}/client/{i}")).astype(np.uint64)
+            acc &= mask
+            total = module.decode(acc.astype(storage_dtype(k)), n=n, count=n)
+            errors[r] = total - exact
+        declared = (module.event(included=n, n=n).noise_multiplier * float(module.l2_clip)) ** 2  # type: ignore[attr-defined]
+        gamma = float(getattr(module, "granularity", 0.0))
+        return errors, declared, n * gamma**2 / 4.0
+    raise TypeError(f"check_noise needs a central module (add_to, stddev) or a distributed integer encoder with "
+                    f"event(); got {type(module).__name__}")
+
+
+def check_noise(
+    module: Any,
+    *,
+    n: int = 4,
+    dimension: int = 16,
+    rounds: int = 400,
+    seed: int = 0,
+    z: float = 6.0,
+) -> None:
+    """Check that a noise module's noise is unbiased and has the variance its privacy event declares.
+
+    `n` clients (distributed modules) or summands, vectors of `dimension` (a distributed
+    encoder's own dimension wins), `rounds` independent draws from the CSPRNG seeded with
+    `seed`; `z` standard errors of tolerance. Deterministic for a given seed. Raises
+    ConformanceError naming ``"unbiased"`` or ``"variance"``; TypeError for a module of
+    another kind. See the module docstring.
+    """
+    name = repr(module)
+    try:
+        errors, declared, rounding = _samples(module, n, dimension, rounds, seed)
+        d = errors.shape[1]
+        zd = z + math.sqrt(2 * math.log(max(d, 1)))  # Bonferroni over the coordinates, roughly
+        means = errors.mean(axis=0)
+        spread = errors.std(axis=0, ddof=1)
+        worst = int(np.argmax(np.abs(means) / np.maximum(spread, _TINY)))
+        if abs(means[worst]) > zd * spread[worst] / math.sqrt(rounds):
+            raise _Violation("unbiased", f"coordinate {worst} has mean error {means[worst]!r} over {rounds} draws, "
+                                         f"{abs(means[worst]) / (spread[worst] / math.sqrt(rounds)):.1f} standard "
+                                         f"errors from 0")
+        flat = (errors - means).ravel()
+        m = flat.size
+        var = float(np.mean(flat**2))
+        se = math.sqrt(max(float(np.mean(flat**4)) - var**2, 0.0) / m)
+        lo, hi = declared, declared + rounding
+        if var + z * se < lo:
+            raise _Violation("variance", f"measured variance {var:.6g} (+- {se:.2g}) is below the declared "
+                                         f"{lo:.6g}: the accountant is told of more noise than is added")
+        if var - z * se > hi:
+            raise _Violation("variance", f"measured variance {var:.6g} (+- {se:.2g}) is above the declared "
+                                         f"{lo:.6g} plus rounding {rounding:.3g}: the noise is not what is declared")
+    except _Violation as v:
+        raise _report(name, v) from None
+

@@ -1,0 +1,125 @@
+"""Every protocol of securefed.protocols.REGISTRY, in each key-holder and adversary variant, passes the
+conformance suite (securefed/testing/conformance.py), one pytest test per property group.
+
+Example counts are set here because the rounds are expensive: a SecAgg round of up to 6 clients
+costs tens of milliseconds, a TenSEAL round 0.2-1 s (so HE rounds keep to 3 clients, 3 coordinates
+and 3 examples per property). Each test class runs its properties with the same options.
+"""
+
+import numpy as np
+import pytest
+from securefed.protocols import BFV, CKKS, REGISTRY, Plain, SecAgg, SecAggPlus
+from securefed.testing import ConformanceError, check_protocol, conformance_tests
+from securefed.testing.conformance import _GROUPS
+
+
+def survivors_at_least_t(protocol):
+    """Complete-graph SecAgg: a round finishes whenever t clients never drop (proofs/secagg.md)."""
+
+    def must_finish(n, dropouts):
+        return n - len(dropouts) >= protocol.min_survivors(n)
+
+    return must_finish
+
+
+def secagg_plus_liveness(protocol):
+    """SecAgg+ on the complete graph (small rounds) as SecAgg; on a Harary graph only without dropouts
+    (its liveness is probabilistic over random dropouts, Bell et al. 2020, not for every schedule)."""
+
+    def must_finish(n, dropouts):
+        return protocol.parameters(n).complete and n - len(dropouts) >= protocol.min_survivors(n)
+
+    return must_finish
+
+
+def he_decryptor_liveness(n, dropouts):
+    """HE with a decryptor: a round finishes when one client's upload arrives (protocols/he.md)."""
+    return any(dropouts.get(c) not in ("setup", "keys", "upload") for c in range(n))
+
+
+def he_clients_liveness(n, dropouts):
+    """HE with client key holders: the dealer (lowest client that advertised) must deliver the key, and one
+    client must upload and decrypt (protocols/he.md, "clients" mode: a dealer lost in "keys" aborts the round)."""
+    advertised = [c for c in range(n) if dropouts.get(c) != "setup"]
+    if not advertised or dropouts.get(min(advertised)) == "keys":
+        return False
+    return any(c not in dropouts for c in range(n))
+
+
+# Semi-honest SecAgg and SecAgg+ accept a corrupted advertised key: see test_semi_honest_*_detects_* below.
+NOT_ADVERTISE = [p for p in SecAgg.phases if p != "advertise_keys"]
+HE = dict(clients=(1, 3), dimension=(1, 3), deterministic_view=False, max_examples=3)
+
+CONFIGS = {
+    "plain": (Plain, dict(unprotected=True, max_examples=30)),
+    "secagg": (SecAgg, dict(max_examples=10, must_finish=survivors_at_least_t(SecAgg()), message_phases=NOT_ADVERTISE)),
+    "secagg+": (SecAggPlus, dict(max_examples=10, clients=(3, 7), must_finish=secagg_plus_liveness(SecAggPlus()),
+                                 message_phases=NOT_ADVERTISE)),
+    "secagg-active": (lambda: SecAgg(adversary="active"),
+                      dict(max_examples=6, must_finish=survivors_at_least_t(SecAgg(adversary="active")))),
+    "secagg+-active": (lambda: SecAggPlus(adversary="active"),
+                       dict(max_examples=6, clients=(5, 7), must_finish=secagg_plus_liveness(SecAggPlus(adversary="active")))),
+    "ckks": (CKKS, dict(HE, must_finish=he_decryptor_liveness)),
+    "ckks-clients": (lambda: CKKS(key_holder="clients"), dict(HE, must_finish=he_clients_liveness)),
+    "bfv": (lambda: BFV(value_range=1.0), dict(HE, must_finish=he_decryptor_liveness)),
+    "bfv-clients": (lambda: BFV(value_range=1.0, key_holder="clients"), dict(HE, must_finish=he_clients_liveness)),
+    "bfv-masked": (lambda: BFV(value_range=1.0, key_holder="masked"),
+                   dict(HE, clients=(3, 4), must_finish=survivors_at_least_t(BFV(value_range=1.0, key_holder="masked")))),
+}
+
+for _name, (_factory, _options) in CONFIGS.items():
+    globals()["TestConformance_" + _name.replace("+", "plus").replace("-", "_")] = conformance_tests(_factory, **_options)
+
+
+def test_every_registered_protocol_is_checked():
+    names = {factory().name for factory, _ in CONFIGS.values()}
+    assert set(REGISTRY) <= names
+
+
+def test_conformance_tests_makes_one_test_per_property_group():
+    cls = conformance_tests(Plain, unprotected=True)
+    assert sorted(k for k in vars(cls) if k.startswith("test_")) == sorted(f"test_{g}" for g in _GROUPS)
+    skip = vars(cls)["test_no_clear_input"].pytestmark[0]
+    assert skip.name == "skip"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "finding: semi-honest SecAgg accepts an advertise_keys reply whose mask public key was corrupted in "
+    "transit (nothing authenticates it without signatures), and the round then returns a wrong sum "
+    "without any error; reported to the lead"))
+def test_semi_honest_secagg_detects_a_corrupted_advertised_key():
+    check_protocol(SecAgg, properties=["malformed_messages"], message_phases=["advertise_keys"], max_examples=40)
+
+
+@pytest.mark.xfail(strict=True, reason="finding: as SecAgg, SecAgg+ (semi-honest) silently sums wrongly after a "
+                                       "bit flip in an advertised mask key; reported to the lead")
+def test_semi_honest_secagg_plus_detects_a_corrupted_advertised_key():
+    check_protocol(SecAggPlus, properties=["malformed_messages"], message_phases=["advertise_keys"], max_examples=40)
+
+
+def test_the_corrupted_key_sums_wrongly_in_one_deterministic_example():
+    """The finding above without hypothesis: one flipped bit of client 0's mask key, a wrong sum, no error."""
+    from securefed.testing import _driver
+    from securefed.testing.strategies import Tampering
+
+    xs = [np.full(3, 0.5)] * 4
+    flip = Tampering("bit_flip", "advertise_keys", 0, arg=-2, size=0)
+    run = _driver.run(SecAgg(), xs, seed=1, alter=flip.alter)
+    assert [d.accepted for d in run.deliveries if d.label == "bit_flip"] == [True]
+    assert run.aborted is None and run.result[1] == (0, 1, 2, 3)
+    assert np.abs(run.result[0] - 2.0).max() > 0.1  # the sum is 2.0 per coordinate
+
+
+def test_active_secagg_rejects_a_corrupted_advertised_key():
+    """The active variant signs the advertised keys, so the same corruption is rejected."""
+    check_protocol(lambda: SecAgg(adversary="active"), properties=["malformed_messages"],
+                   message_phases=["advertise_keys"], max_examples=15)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="not phases"):
+        check_protocol(Plain, message_phases=["nope"])
+    with pytest.raises(ValueError, match="unknown properties"):
+        check_protocol(Plain, properties=["speed"])
+    with pytest.raises(ConformanceError, match="refuses every round size"):
+        check_protocol(SecAgg, clients=(1, 2))
