@@ -1,0 +1,50 @@
+"""The loopback federation harness: loopback only, refused failures, and no process left behind."""
+
+import os
+
+import pytest
+
+from securefed.errors import ConfigurationError
+from securefed.flower.loopback import LoopbackFederation, free_ports
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+class Boom(Exception):
+    pass
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+def test_every_process_is_killed_by_pid_when_the_block_fails(tmp_path):
+    fed = LoopbackFederation(tmp_path / "fed", num_nodes=1, auth=False)
+    seen = set()
+    with pytest.raises(Boom), fed:
+        seen = fed.pids()
+        assert len(seen) >= 4  # SuperLink, its SuperExec, the SuperNode, its SuperExec
+        assert {host for host, _ in fed.listening()} == {"127.0.0.1"}
+        assert fed.env["FLWR_HOME"].startswith(str(tmp_path))
+        assert fed.env["FLWR_TELEMETRY_ENABLED"] == "0" and fed.env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+        raise Boom
+    assert not fed.pids()
+    assert not [pid for pid in seen if alive(pid)]
+
+
+def test_bad_settings_are_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ConfigurationError, match="TLS"):
+        LoopbackFederation(tmp_path / "a", num_nodes=1, tls=False, auth=True)
+    with pytest.raises(ConfigurationError, match="node configs"):
+        LoopbackFederation(tmp_path / "b", num_nodes=2, node_configs=[{}])
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x").write_text("")
+    with pytest.raises(ConfigurationError, match="not empty"):
+        LoopbackFederation(tmp_path / "c", num_nodes=1).start()
+    ports = free_ports(3)
+    assert len(set(ports)) == 3 and all(1024 <= p < 65536 for p in ports)
+    assert os.environ.get("FLWR_HOME") != str(tmp_path)
