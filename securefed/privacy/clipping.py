@@ -48,9 +48,12 @@ def _scale_to(x: np.ndarray, bound: float) -> np.ndarray:
     norm = l2_norm(out)
     if norm <= bound:
         return out
+    if not math.isfinite(norm):  # finite entries whose norm overflows: bring them to [-1, 1] first
+        out /= float(np.max(np.abs(out)))
+        norm = l2_norm(out)
     out *= bound / norm
-    while l2_norm(out) > bound:  # at most a step or two: the scaled norm is bound * (1 +- 1e-15)
-        out *= 1.0 - 2.0**-50
+    while l2_norm(out) > bound:  # a step or two: the scaled norm is bound * (1 +- 1e-15)
+        out = np.nextafter(out, 0.0)  # one ulp toward zero, so even subnormals shrink
     return out
 
 

@@ -81,7 +81,11 @@ class DistributedDP(PrivacyConfig):
     include has std ``noise_multiplier * clip``. ``granularity``: the rounding step
     (default clip / (100 sqrt(d)), 1% sensitivity overhead); ``beta``: conditional
     rounding; ``rotation``: randomized Hadamard; ``wrap_probability``: bound on the
-    chance that some coordinate of a round's sum wraps around the modulus.
+    chance that some coordinate of a round's sum wraps around the modulus;
+    ``colluding_fraction``: clients (ceil of this fraction of the round) that may pool
+    their noise with the server (e.g. the protocol's corrupt_fraction); noise is then
+    provisioned for the t - C honest shares and only honest shares are counted.
+    Default 0: the clients do not collude with the server.
     """
 
     clipping: Clipping | float = 1.0
@@ -90,6 +94,7 @@ class DistributedDP(PrivacyConfig):
     beta: float = 0.0
     rotation: bool = True
     wrap_probability: float = 1e-9
+    colluding_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,6 +105,9 @@ class DistributedDP(PrivacyConfig):
             raise ConfigurationError("the distributed mechanisms are accounted with accountant='rdp' only")
         if self.granularity is not None:
             _positive("granularity", self.granularity)
+        f = self.colluding_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+            raise ConfigurationError(f"colluding_fraction must be in [0, 1), got {f!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,7 @@ See ``protocols/dp.md`` section 2 and ``proofs/dp.md`` section 1.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,7 +32,7 @@ from securefed.privacy.clipping import AdaptiveClipping, Clipping, FlatClipping
 from securefed.privacy.config import CentralDP, DistributedDP, PrivacyConfig, SampleLevelDP
 from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam, _DistributedNoise
 from securefed.privacy.dpsgd import DPSGD
-from securefed.privacy.events import PrivacyEvent
+from securefed.privacy.events import DDGEvent, PrivacyEvent
 from securefed.privacy.noise import CentralGaussian, NoiseModule
 
 __all__ = ["PrivacySession"]
@@ -76,9 +77,10 @@ class PrivacySession:
         self.dimension = dimension + (1 if isinstance(self.clipping, AdaptiveClipping) else 0)
         self._setup_round()
         if isinstance(config, DistributedDP):
-            # Noise is provisioned for the protocol's threshold t = min_survivors(n).
-            self._min_survivors: Callable[[int], int] = protocol.min_survivors
+            # Noise is provisioned for the honest shares of the t = min_survivors(n) a round is sure to sum.
+            self._threshold: Callable[[int], int] = protocol.min_survivors
             protocol.with_encoder(self._encoder())  # ConfigurationError now for protocols without integers
+            self._honest_survivors(clients_per_round)  # and for a threshold the colluders could fill
 
     # -- per-round parameters ---------------------------------------------------------
 
@@ -100,9 +102,23 @@ class PrivacySession:
         cls = DistributedDiscreteGaussian if config.mechanism == "ddg" else DistributedSkellam
         return cls(
             l2_clip=self._bound, noise_multiplier=config.noise_multiplier, dimension=self.dimension,
-            min_survivors=self._min_survivors, granularity=config.granularity, beta=config.beta,
+            min_survivors=self._honest_survivors, granularity=config.granularity, beta=config.beta,
             rotation=config.rotation, wrap_probability=config.wrap_probability,
         )
+
+    def _colluding(self, n: int) -> int:
+        assert isinstance(self.config, DistributedDP)
+        return math.ceil(self.config.colluding_fraction * n - 1e-9)
+
+    def _honest_survivors(self, n: int) -> int:
+        """t - C: the shares of a finished round that clients pooling with the server do not know."""
+        t, c = self._threshold(n), self._colluding(n)
+        if t - c < 1:
+            raise ConfigurationError(
+                f"a round of {n} may finish with {t} clients, all of whom may collude with the server "
+                f"({c} colluding): raise the protocol's threshold or lower colluding_fraction"
+            )
+        return t - c
 
     def _noise(self) -> NoiseModule:
         if self.dpsgd is not None:
@@ -116,6 +132,8 @@ class PrivacySession:
         if isinstance(noise, DPSGD):
             return noise.event(included=included, n=n, round=round,
                                steps=self._local_steps * noise.steps_per_epoch)
+        if isinstance(self.config, DistributedDP):  # count only the shares unknown to the server
+            included -= self._colluding(n)
         return noise.event(included=included, n=n, sampling_rate=self.sampling_rate, round=round)
 
     # -- the round ------------------------------------------------------------------------
@@ -128,10 +146,17 @@ class PrivacySession:
         return np.flatnonzero(coins < np.uint64(self.sampling_rate * 2.0**64)).tolist()
 
     def planned_event(self, round: int, n: int) -> PrivacyEvent:
-        """The round's event if only the threshold t of its n participants survive (the most it can cost)."""
+        """An event that costs at least what the round can cost, whoever of its n participants survives.
+
+        Distributed noise: the total noise of the t shares a finished round is sure to sum, and
+        for the discrete Gaussian also tau of n shares (tau only grows with the number of shares
+        and shrinks with their size): the formulas are monotone in both (``proofs/dp.md`` D7).
+        """
         n = max(n, 1)
-        worst = self._encoder().survivors(n) if isinstance(self.config, DistributedDP) else n
-        return self._event(included=worst, n=n, round=round)
+        if not isinstance(self.config, DistributedDP):
+            return self._event(included=n, n=n, round=round)
+        event = self._event(included=self._threshold(n), n=n, round=round)
+        return dataclasses.replace(event, num_clients=n) if isinstance(event, DDGEvent) else event
 
     def before_round(self, round: int, n: int) -> None:
         """Raise PrivacyBudgetExceeded if a round of n participants could exceed the target epsilon."""

@@ -5,11 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import TensorDataset
 
 import securefed as sf
 from securefed.audit import verify
 from securefed.audit.keys import key_paths
+from securefed.crypto.random import RandomSource
 from securefed.encoding import flatten
 from securefed.errors import ConfigurationError, PrivacyBudgetExceeded
 from securefed.privacy import (
@@ -18,6 +21,7 @@ from securefed.privacy import (
     CentralDP,
     DistributedDP,
     GaussianEvent,
+    PrivacySession,
     SampleLevelDP,
     compute_epsilon,
 )
@@ -99,6 +103,18 @@ def test_distributed_dp_counts_who_really_took_part():
     assert Accountant.from_ledger(everyone).epsilon(DELTA) < h.final.epsilon
 
 
+def test_shares_of_clients_colluding_with_the_server_are_not_counted():
+    protocol = sf.protocols.SecAgg(threshold=3)
+    t = trainer(DistributedDP(noise_multiplier=1.0, clipping=0.5, colluding_fraction=0.25), protocol=protocol)
+    t.fit(rounds=1)
+    (event,) = t.accountant.ledger
+    # C = ceil(0.25 * 4) = 1: noise provisioned for t - C = 2 honest shares, 4 - 1 = 3 honest shares summed.
+    assert event["num_clients"] == 3
+    assert event["noise_multiplier"] == pytest.approx(math.sqrt(3 / 2))
+    with pytest.raises(ConfigurationError, match="collud"):
+        trainer(DistributedDP(noise_multiplier=1.0, colluding_fraction=0.5), protocol=sf.protocols.SecAgg(threshold=2))
+
+
 def test_distributed_budget_is_checked_against_the_threshold_worst_case():
     protocol = sf.protocols.SecAgg(threshold=2)
     per_round_worst = compute_epsilon(mechanism="ddg", noise_multiplier=1.0, delta=DELTA, l2_clip=0.5,
@@ -111,8 +127,39 @@ def test_distributed_budget_is_checked_against_the_threshold_worst_case():
     spent = t.history.final.epsilon
     assert spent <= 2.5 * per_round_worst
     worst = t.privacy_session.planned_event(len(t.history.rounds) + 1, 4)
-    assert worst.num_clients == 2
+    assert worst.noise_multiplier == pytest.approx(1.0)  # the noise of t = 2 shares
     assert t.accountant.epsilon_after(worst, DELTA) > 2.5 * per_round_worst
+
+
+class _Threshold:
+    """Just the protocol's threshold (any t, which SecAgg's own rules would restrict)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def min_survivors(self, n):
+        return self.t
+
+    def with_encoder(self, encoder):
+        return self
+
+
+@settings(max_examples=30)
+@given(st.integers(2, 40).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))),
+       st.sampled_from(["ddg", "skellam"]), st.floats(0.05, 3.0), st.sampled_from([1.0, 0.2]))
+def test_the_planned_event_costs_at_least_any_round_that_can_finish(n_t, mechanism, local_sigma, q):
+    """Whoever of the n survives (t <= m <= n), the recorded event costs no more than the planned one,
+    even with small shares where the discrete Gaussian's tau grows with the number of shares."""
+    n, t_min = n_t
+    d, c, z = 20, 1.0, 1.0
+    gamma = z * c / (local_sigma * math.sqrt(t_min))  # shares of integer std local_sigma
+    session = PrivacySession(DistributedDP(noise_multiplier=z, clipping=c, mechanism=mechanism, granularity=gamma),
+                             protocol=_Threshold(t_min), population=n, clients_per_round=n,
+                             dimension=d, local_steps=1, rng=RandomSource(0))
+    session.sampling_rate = q
+    planned = Accountant().epsilon_after(session.planned_event(1, n), DELTA)
+    for m in {t_min, (t_min + n) // 2, n}:
+        assert Accountant().epsilon_after(session._event(included=m, n=n, round=1), DELTA) <= planned * (1 + 1e-9)
 
 
 def test_fedsgd_step_is_the_uniform_mean_of_clipped_updates():
