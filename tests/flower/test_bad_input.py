@@ -317,3 +317,39 @@ def test_the_training_reply_must_hold_the_model_and_example_count():
         msg.metadata.__dict__["_message_id"] = "m"
         reply = client.handle(msg, client_context(), lambda m, c: make(m))
         assert reply.has_error() and "InvalidInput" in reply.error.reason
+
+
+def test_a_wrongly_signed_reply_drops_only_its_sender():
+    """Active SecAgg+: every node signs its keys; a bad signature makes only its sender a dropout.
+
+    Client indices are the ranks of the round's node ids, stable here (every node, every round),
+    so each node holds the identity directory with its own signing key."""
+    from securefed.crypto.signing import KeyDirectory
+
+    n = 6  # the active threat model needs t > (n + corrupt) / 2 and t <= n - dropouts
+    keys = KeyDirectory.generate(n, RandomSource(9))
+    server_side = sf.protocols.SecAggPlus(adversary="active", identities=keys.public_only())
+
+    def node_protocol(context):
+        return sf.protocols.SecAggPlus(adversary="active", identities=keys.restricted_to(context.node_id - FIRST))
+
+    victim = FIRST + 3
+
+    def tamper(node, reply):
+        rec = reply.content[_envelope.KEY]
+        if node == victim and rec["phase"] == "advertise_keys":
+            payload = bytearray(rec["payload"])
+            payload[-1] ^= 1  # the last byte of the signature over its public keys
+            with_record(reply, payload=bytes(payload))
+        return reply
+
+    app = apps.client_app(node_protocol, updates, phases=server_side.phases)
+    grid = InProcessGrid(app, apps.nodes(n), tamper=tamper)
+    agg = GridAggregator(server_side, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01)
+    out = agg.run(grid, grid.get_node_ids(), round_index=1, dim=apps.dim(), rng=RandomSource(3),
+                  arrays=apps.model(), config=ConfigRecord({"server-round": 1}))
+    assert {v: (d.phase, d.reason) for v, d in out.dropped_nodes.items()} == {
+        victim: ("advertise_keys", DropReason.REJECTED)}
+    assert out.included_nodes == tuple(v for v in range(FIRST, FIRST + n) if v != victim)
+    np.testing.assert_allclose(out.result.total, np.full(apps.dim(), (1 + 2 + 3 + 5 + 6) / 8),
+                               atol=server_side.error_bound(n))
