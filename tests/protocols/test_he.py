@@ -419,10 +419,9 @@ def _train(protocol):
 
     from securefed.demo import digits_federation, make_model
 
-    clients, test = digits_federation(clients=4, seed=1)
+    clients, _ = digits_federation(clients=3, seed=1)
     model = make_model(seed=1)
-    trainer = sf.Trainer(model, clients, protocol=protocol, local_epochs=1, lr=0.1, eval_dataset=test,
-                         seed=1, progress=False)
+    trainer = sf.Trainer(model, clients, protocol=protocol, local_epochs=1, lr=0.1, seed=1, progress=False)
     trainer.fit(rounds=2)
     return torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
 
