@@ -34,6 +34,8 @@ class DPSGD(NoiseModule):
     """Per-example clipping and Gaussian noise in local SGD; the accountant's unit is one example."""
 
     mechanism = "gaussian"
+    #: Per-example gradient floats held at once (see :meth:`clipped_sum`).
+    chunk_floats: int = 2**26
 
     def __init__(self, *, noise_multiplier: float, max_grad_norm: float, sampling_rate: float) -> None:
         for name, v in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
@@ -82,32 +84,45 @@ class DPSGD(NoiseModule):
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             raise ConfigurationError("DP-SGD cannot train batch normalization layers; use GroupNorm or LayerNorm")
         size = len(dataset)  # type: ignore[arg-type]
-        expected_batch = self.sampling_rate * size
         threshold = np.uint64(min(self.sampling_rate * 2.0**64, 2.0**64 - 1))
         total_loss, count = 0.0, 0
         model.train()
         for step in range(steps):
             coins = rng.child(f"sample/{step}").fill(np.empty(size, dtype=np.uint64))
             idx = np.flatnonzero(coins < threshold) if self.sampling_rate < 1.0 else np.arange(size)
-            grads, losses = self.clipped_sum(model, _batch(dataset, idx), loss_fn)
-            noise_rng = rng.child(f"noise/{step}")
-            optimizer.zero_grad(set_to_none=True)
-            for p, g in grads:
-                noise = sampling.gaussian(noise_rng, self.noise_multiplier * self.max_grad_norm, g.numel())
-                p.grad = (g + torch.from_numpy(noise).to(g.dtype).reshape(g.shape)) / expected_batch
-            optimizer.step()
+            losses = self.step(model, _batch(dataset, idx), loss_fn=loss_fn, optimizer=optimizer,
+                               expected_batch=self.sampling_rate * size, rng=rng.child(f"noise/{step}"))
             total_loss += float(losses.sum())
             count += int(losses.numel())
         return total_loss / max(count, 1)
+
+    def step(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | None, *,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+        expected_batch: float, rng: RandomSource,
+    ) -> torch.Tensor:
+        """One DP-SGD step on `batch` (already sampled); returns the per-example losses."""
+        grads, losses = self.clipped_sum(model, batch, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        for p, g in grads:
+            noise = sampling.gaussian(rng, self.noise_multiplier * self.max_grad_norm, g.numel())
+            p.grad = (g + torch.from_numpy(noise).to(g.dtype).reshape(g.shape)) / expected_batch
+        optimizer.step()
+        return losses
 
     def clipped_sum(
         self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor] | None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> tuple[list[tuple[nn.Parameter, torch.Tensor]], torch.Tensor]:
-        """Sum over `batch` of per-example gradients clipped to max_grad_norm, and the per-example losses."""
+        """Sum over `batch` of per-example gradients clipped to max_grad_norm, and the per-example losses.
+
+        Per-example gradients are materialized for at most ``chunk_floats / parameters`` examples
+        at a time (256 MiB of float32 by default), so memory stays bounded whatever the batch size.
+        """
         params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+        sums = {k: torch.zeros_like(v) for k, v in params.items()}
         if batch is None:
-            return [(p, torch.zeros_like(p)) for p in params.values()], torch.zeros(0)
+            return [(params[k], g) for k, g in sums.items()], torch.zeros(0)
         from torch.func import functional_call, grad_and_value, vmap
 
         detached = {k: v.detach() for k, v in params.items()}
@@ -116,13 +131,21 @@ class DPSGD(NoiseModule):
         def one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return loss_fn(functional_call(model, (p, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
 
-        per_example, losses = vmap(grad_and_value(one), in_dims=(None, 0, 0))(detached, *batch)
-        flat = torch.cat([g.reshape(g.shape[0], -1) for g in per_example.values()], dim=1)
-        norms = flat.norm(dim=1)
-        # Opacus' factor: C / (norm + 1e-6) capped at 1 keeps every clipped norm strictly below C.
-        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        summed = [(params[k], torch.einsum("b,b...->...", factor, g)) for k, g in per_example.items()]
-        return summed, losses.detach()
+        per_example_fn = vmap(grad_and_value(one), in_dims=(None, 0, 0))
+        chunk = max(1, self.chunk_floats // max(1, sum(v.numel() for v in params.values())))
+        losses = []
+        for lo in range(0, len(batch[1]), chunk):
+            per_example, loss = per_example_fn(detached, batch[0][lo : lo + chunk], batch[1][lo : lo + chunk])
+            norms = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in per_example.values()]),
+                dim=0,
+            )
+            # Opacus' factor: C / (norm + 1e-6) capped at 1 keeps every clipped norm strictly below C.
+            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            for k, g in per_example.items():
+                sums[k] += torch.einsum("b,b...->...", factor, g)
+            losses.append(loss.detach())
+        return [(params[k], g) for k, g in sums.items()], torch.cat(losses)
 
 
 def _batch(dataset: Dataset, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
