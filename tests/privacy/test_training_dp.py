@@ -193,16 +193,26 @@ def test_sample_level_dp_accounts_each_local_step():
     assert all(len(r.included) == 2 for r in h.rounds)  # client sampling unchanged at sample level
 
 
-def test_adaptive_clipping_grows_a_small_clip_and_accounts_the_overall_multiplier():
+@pytest.mark.parametrize("distributed", [False, True])
+def test_adaptive_clipping_grows_a_small_clip_and_accounts_the_overall_multiplier(distributed):
     # Count noise 0.6 over 4 participants: the noised unclipped fraction stays far below the 0.5 target.
     clipping = AdaptiveClipping(initial_clip=1e-3, target_quantile=0.5, learning_rate=0.2, count_stddev=0.6)
-    t = trainer(CentralDP(noise_multiplier=1.0, clipping=clipping, delta=DELTA))
+    if distributed:  # the count bit rides in the same noisy integer vector (its joint norm checked by the encoder)
+        t = trainer(DistributedDP(noise_multiplier=1.0, clipping=clipping, delta=DELTA),
+                    protocol=sf.protocols.SecAgg(threshold=3))
+    else:
+        t = trainer(CentralDP(noise_multiplier=1.0, clipping=clipping, delta=DELTA))
     h = t.fit(rounds=4)
     clips = [r.metrics["l2_clip"] for r in h.rounds]
     assert clips[0] == 1e-3 and all(b > a for a, b in zip(clips, clips[1:]))  # everyone was clipped
     assert all(r.metrics["unclipped_fraction"] < 0.5 for r in h.rounds)
     assert clipping.bound == 1e-3  # the trainer works on its own copy
-    assert h.final.epsilon == pytest.approx(compute_epsilon(noise_multiplier=1.0, steps=4, delta=DELTA))
+    if distributed:
+        # Provisioned for t = 3, all 4 summed: multiplier sqrt(4 / 3) against the joint bound.
+        assert [e["noise_multiplier"] for e in t.accountant.ledger] == pytest.approx([math.sqrt(4 / 3)] * 4)
+        assert t.accountant.ledger[0]["l2_clip"] > 1e-3  # the joint bound of update and count bit
+    else:
+        assert h.final.epsilon == pytest.approx(compute_epsilon(noise_multiplier=1.0, steps=4, delta=DELTA))
 
 
 def test_an_empty_poisson_sample_releases_nothing_but_counts():
