@@ -115,9 +115,12 @@ class SecureClient:
     # -- one message -------------------------------------------------------------------
 
     def handle(self, msg: Message, context: Context, train: TrainFn | None) -> Message:
-        """Answer one request: the protocol's reply, or an error reply when the node refuses."""
+        """Answer one request: the protocol's reply, or an error reply when the node refuses.
+
+        `train` runs in the input phase (``train`` messages). :meth:`register` wires this up;
+        call it directly only from handlers of your own (for example behind your mods).
+        """
         is_train = msg.metadata.message_type == "train"
-        req: _envelope.Request | None = None
         try:
             req, arrays, config = _envelope.parse_request(msg.content, input_phase=is_train)
             privacy = _value(self.privacy, context)

@@ -38,7 +38,7 @@ def run_config(tmp_path, name):
     return {
         "num-server-rounds": 3, "seed": 7, "min-nodes": 2, "dp": True, "num-nodes": NODES,
         # Generous for 2 busy cores; only the killed node's phase waits the whole phase-timeout.
-        "phase-timeout": 60.0, "train-timeout": 60.0,
+        "phase-timeout": 45.0, "train-timeout": 45.0,
         "checkpoint-dir": str(tmp_path / name / "ckpt"), "audit-log": str(tmp_path / name / "audit.jsonl"),
     }
 
