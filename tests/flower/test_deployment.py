@@ -29,7 +29,10 @@ NODES, VICTIM = 5, 2  # the node with partition 2 dies in round 2
 
 def app_defaults():
     """The run configuration in the app's pyproject.toml (Flower fuses overrides into it)."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: Flower depends on tomli
+        import tomli as tomllib
 
     return tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
