@@ -6,10 +6,14 @@ is the AES-128-CTR keystream under a zero IV, read as little-endian words of the
 buffer's dtype (uint32 or uint64), so it is uniform modulo 2^32 or 2^64 and hence
 modulo any 2^k below. Each key must be used for one mask only.
 
-:func:`apply_masks` walks the buffer in chunks of :data:`~securefed.crypto.prg.CHUNK_BYTES`:
-each chunk of the output stays in cache while every key's keystream for that chunk
-is written into one small scratch buffer and added or subtracted; no mask of full
-length is ever allocated (memory O(chunk) whatever the number of keys).
+:func:`apply_masks` walks the buffer in chunks (:func:`securefed.parallel.get_chunk_size`
+elements): each chunk of the output stays in cache while every key's keystream for
+that chunk is written into one small scratch buffer and added or subtracted; no mask
+of full length is ever allocated (memory O(chunk) per thread whatever the number of
+keys). Large buffers are split into slabs processed by threads
+(:mod:`securefed.parallel`); each slab's keystreams start at the slab's offset, so
+the result does not depend on the thread count. :class:`Masker` is the same loop for
+callers that produce the vector chunk by chunk.
 
 Pairwise masks (Bonawitz et al. 2017): party u adds PRG(s_uv) for each peer v > u
 and subtracts it for each v < u, so the masks of any two parties that both
@@ -25,12 +29,20 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from securefed.crypto.prg import CHUNK_BYTES, new_stream
+from securefed import parallel
+from securefed.crypto.prg import new_stream
 
-__all__ = ["MASK_KEY_BYTES", "apply_masks", "mask_aes_key", "pairwise_signs"]
+__all__ = ["MASK_KEY_BYTES", "Masker", "apply_masks", "mask_aes_key", "pairwise_signs"]
 
 MASK_KEY_BYTES = 16
-_ZEROS = np.zeros(CHUNK_BYTES, dtype=np.uint8)
+_zeros = np.zeros(0, dtype=np.uint8)  # read-only input of every keystream expansion, shared by all threads
+
+
+def _zero_bytes(n: int) -> memoryview:
+    global _zeros
+    if _zeros.size < n:
+        _zeros = np.zeros(n, dtype=np.uint8)
+    return memoryview(_zeros)[:n]
 
 
 def mask_aes_key(seed: bytes) -> bytes:
@@ -42,6 +54,33 @@ def mask_aes_key(seed: bytes) -> bytes:
     raise ValueError(f"a mask seed is 16 or 32 bytes, got {len(seed)}")
 
 
+class Masker:
+    """Adds ``sum PRG(a) - sum PRG(s)`` to consecutive pieces of one vector, from element `start` on.
+
+    `add` and `subtract` are AES-128 keys (already through :func:`mask_aes_key`);
+    `dtype` is uint32 or uint64; `start` must be a multiple of 16 bytes of `dtype`.
+    Pieces passed to :meth:`apply` are at most `chunk` elements and follow each other.
+    """
+
+    def __init__(self, dtype: np.dtype, add: Sequence[bytes], subtract: Sequence[bytes], start: int = 0,
+                 chunk: int | None = None) -> None:
+        itemsize = np.dtype(dtype).itemsize
+        chunk = parallel.get_chunk_size() if chunk is None else chunk
+        self._streams = [(new_stream(k, start * itemsize), np.add) for k in add]
+        self._streams += [(new_stream(k, start * itemsize), np.subtract) for k in subtract]
+        self._scratch = np.empty(chunk, dtype=dtype)
+        self._raw = memoryview(self._scratch.view(np.uint8))
+        self._zeros = _zero_bytes(chunk * itemsize)
+
+    def apply(self, part: np.ndarray) -> None:
+        """``part += the masks' next len(part) words`` (wrapping), in place."""
+        words = self._scratch[: part.size]
+        nbytes = part.size * part.itemsize
+        for stream, op in self._streams:
+            stream.update_into(self._zeros[:nbytes], self._raw[:nbytes])
+            op(part, words, out=part)
+
+
 def apply_masks(out: np.ndarray, add: Iterable[bytes] = (), subtract: Iterable[bytes] = ()) -> np.ndarray:
     """``out += sum PRG(a) - sum PRG(s)`` modulo 2^(bits of out's dtype), in place; returns `out`.
 
@@ -51,22 +90,18 @@ def apply_masks(out: np.ndarray, add: Iterable[bytes] = (), subtract: Iterable[b
         raise ValueError("apply_masks needs a 1-D uint32 or uint64 array")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("apply_masks needs a writeable C-contiguous buffer")
-    streams = [(new_stream(mask_aes_key(k)), np.add) for k in add]
-    streams += [(new_stream(mask_aes_key(k)), np.subtract) for k in subtract]
-    if not streams or out.size == 0:
+    plus = [mask_aes_key(k) for k in add]
+    minus = [mask_aes_key(k) for k in subtract]
+    if not (plus or minus) or out.size == 0:
         return out
-    step = CHUNK_BYTES // out.itemsize
-    scratch = np.empty(min(step, out.size), dtype=out.dtype)
-    raw = memoryview(scratch.view(np.uint8))
-    zeros = memoryview(_ZEROS)
-    for lo in range(0, out.size, step):
-        hi = min(lo + step, out.size)
-        part = out[lo:hi]
-        words = scratch[: hi - lo]
-        nbytes = (hi - lo) * out.itemsize
-        for stream, op in streams:
-            stream.update_into(zeros[:nbytes], raw[:nbytes])
-            op(part, words, out=part)
+    chunk = parallel.get_chunk_size()
+
+    def slab(lo: int, hi: int) -> None:
+        masker = Masker(out.dtype, plus, minus, lo, min(chunk, hi - lo))
+        for a in range(lo, hi, chunk):
+            masker.apply(out[a : min(a + chunk, hi)])
+
+    parallel.run_slabs(slab, parallel.slabs(out.size, len(plus) + len(minus)))
     return out
 
 

@@ -3,6 +3,11 @@
 The keystream of AES-CTR under a secret key with a zero IV is a PRG; each key is
 used for one stream only. Output is written chunk by chunk into the caller's
 buffer so that no second full-length array is allocated.
+
+The stream can start at any block: CTR's counter block is the 128-bit big-endian
+block index (OpenSSL increments all 128 bits), so ``new_stream(key, offset)``
+yields exactly the bytes from `offset` on of ``new_stream(key)``. Threads use it
+to expand disjoint parts of one stream in parallel.
 """
 
 from __future__ import annotations
@@ -19,11 +24,17 @@ _ZERO_IV = bytes(16)
 _ZEROS = np.zeros(CHUNK_BYTES, dtype=np.uint8)
 
 
-def new_stream(key: bytes):  # -> CipherContext (cryptography's type is private)
-    """An AES-CTR encryptor over `key` (16 or 32 bytes) with a zero IV."""
+def new_stream(key: bytes, offset: int = 0):  # -> CipherContext (cryptography's type is private)
+    """An AES-CTR encryptor over `key` (16 or 32 bytes) with a zero IV, positioned at byte `offset`.
+
+    `offset` must be a multiple of the 16-byte block (ValueError otherwise).
+    """
     if len(key) not in (16, 32):
         raise ValueError(f"AES-CTR key must be 16 or 32 bytes, got {len(key)}")
-    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
+    if offset % 16 or offset < 0:
+        raise ValueError(f"a keystream offset must be a non-negative multiple of 16 bytes, got {offset}")
+    iv = _ZERO_IV if not offset else (offset // 16).to_bytes(16, "big")
+    return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
 
 
 def keystream_into(stream, out: np.ndarray) -> None:

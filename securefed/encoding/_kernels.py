@@ -38,6 +38,16 @@ def quantize_into(x, scale, bound, u32, mask, out):  # pragma: no cover - compil
 
 
 @njit(cache=True, nogil=True)
+def first_outside(x, bound):  # pragma: no cover - compiled
+    """Index of the first x[i] that is NaN or outside [-bound, bound], else -1."""
+    for i in range(x.size):
+        xi = np.float64(x[i])
+        if not (xi >= -bound and xi <= bound):
+            return i
+    return -1
+
+
+@njit(cache=True, nogil=True)
 def decode_into(s, k, inv_scale, out):  # pragma: no cover - compiled
     """out[i] = centered(s[i] mod 2^k) * inv_scale, centered into [-2^(k-1), 2^(k-1))."""
     if k == 64:

@@ -96,6 +96,24 @@ class IntegerEncoder(abc.ABC):
     def encode(self, x: np.ndarray, *, n: int, rng: RandomSource) -> np.ndarray:
         """One client's input as integers mod 2^k (uint32 if k <= 32, else uint64)."""
 
+    #: True when :meth:`encode_chunk` is available: coordinate i's encoding depends only on x[i]
+    #: and the i-th rounding uniform, so a vector can be encoded piece by piece, in any order
+    #: (streaming, threads). Encoders that mix coordinates (rotations) keep False.
+    chunked: bool = False
+
+    def check(self, x: np.ndarray) -> None:
+        """InvalidInput unless every coordinate of the 1-D float array `x` can be encoded (chunked encoders)."""
+        raise NotImplementedError(f"{type(self).__name__} checks inputs as it encodes them")
+
+    def encode_chunk(self, x: np.ndarray, uniforms: np.ndarray, *, n: int, out: np.ndarray, offset: int = 0) -> None:
+        """Encode the piece `x` (coordinates ``offset..`` of a vector) into `out`, rounding with `uniforms`.
+
+        `uniforms` holds one uint32 per coordinate; `out` is :func:`storage_dtype` of the
+        width, as long as `x`. Raises InvalidInput like :meth:`encode`, naming the
+        coordinate's index in the whole vector. Only for :attr:`chunked` encoders.
+        """
+        raise NotImplementedError(f"{type(self).__name__} encodes whole vectors only")
+
     @abc.abstractmethod
     def decode(self, s: np.ndarray, *, n: int, count: int) -> np.ndarray:
         """The float64 sum from `s`, the modular sum of `count` encoded inputs of a round of n."""
@@ -112,8 +130,11 @@ class IntegerEncoder(abc.ABC):
 class FixedPoint(IntegerEncoder):
     """Signed fixed point: inputs in [-value_range, value_range] at value_bits bits.
 
-    Values outside the range raise InvalidInput (never a silent clip).
+    Values outside the range raise InvalidInput (never a silent clip). Coordinates are
+    encoded independently, so vectors can be encoded chunk by chunk (:meth:`encode_chunk`).
     """
+
+    chunked = True
 
     def __init__(self, *, value_range: float, value_bits: int) -> None:
         if not (isinstance(value_range, (int, float)) and math.isfinite(value_range) and value_range > 0):
@@ -161,12 +182,25 @@ class FixedPoint(IntegerEncoder):
                 raise self._bad_value(x, lo + bad)
         return out
 
-    def _bad_value(self, x: np.ndarray, i: int) -> InvalidInput:
+    def check(self, x: np.ndarray) -> None:
+        """InvalidInput for a coordinate of `x` that is NaN/Inf or outside [-value_range, value_range]."""
+        bad = _kernels().first_outside(x, self.value_range)  # one pass, no temporary
+        if bad >= 0:
+            raise self._bad_value(x, bad)
+
+    def encode_chunk(self, x: np.ndarray, uniforms: np.ndarray, *, n: int, out: np.ndarray, offset: int = 0) -> None:
+        """Quantize the piece `x` into `out` with the given rounding uniforms (see IntegerEncoder)."""
+        mask = np.uint64((1 << self.modulus_bits(n)) - 1)
+        bad = _kernels().quantize_into(x, self.scale, self.value_range, uniforms, mask, out)
+        if bad >= 0:
+            raise self._bad_value(x, bad, offset)
+
+    def _bad_value(self, x: np.ndarray, i: int, offset: int = 0) -> InvalidInput:
         v = float(x[i])
         if not math.isfinite(v):
-            return InvalidInput(f"input coordinate {i} is {v}; updates must be finite")
+            return InvalidInput(f"input coordinate {i + offset} is {v}; updates must be finite")
         return InvalidInput(
-            f"input coordinate {i} is {v:.6g}, outside the declared range [-{self.value_range:g}, "
+            f"input coordinate {i + offset} is {v:.6g}, outside the declared range [-{self.value_range:g}, "
             f"{self.value_range:g}]; clip or scale the update, or declare a larger value_range"
         )
 

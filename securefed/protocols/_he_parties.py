@@ -250,6 +250,7 @@ class HEClient(ClientProtocol):
         ctx = backend.load_context(public, self._ring, secret=False)
         kid = backend.key_id(public)
         parts = backend.encrypt_chunks(ctx, self._ring, self._values)
+        self._values = None  # encrypted and sent: a model-sized copy the client no longer needs
         self._stage = _UPLOADED
         return self._frame.message("upload", self._id, [kid, *_blobs(parts)])
 

@@ -42,3 +42,20 @@ def unpack_add(words, w, n, acc):  # pragma: no cover - compiled
         # (hi << 1) << (63 - off) is hi << (64 - off) without the undefined shift by 64
         x = (words[j] >> off) | ((words[j + 1] << one) << (np.uint64(63) - off))
         acc[i] += x & mask
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def unpack_add_bytes(b8, w, n, acc):  # pragma: no cover - compiled
+    """acc[i] += field i of w <= 56 bits of the byte stream `b8`, which has 8 readable bytes from
+    each field's first byte. Reading the 8 bytes around a field is one unaligned load once the
+    width is a compile-time constant (LLVM combines them), and the loop vectorizes."""
+    W = literally(w)
+    mask = (np.uint64(1) << np.uint64(W)) - np.uint64(1)
+    for i in range(n):
+        p = i * W
+        q = p >> 3
+        x = (np.uint64(b8[q]) | (np.uint64(b8[q + 1]) << np.uint64(8)) | (np.uint64(b8[q + 2]) << np.uint64(16))
+             | (np.uint64(b8[q + 3]) << np.uint64(24)) | (np.uint64(b8[q + 4]) << np.uint64(32))
+             | (np.uint64(b8[q + 5]) << np.uint64(40)) | (np.uint64(b8[q + 6]) << np.uint64(48))
+             | (np.uint64(b8[q + 7]) << np.uint64(56)))
+        acc[i] += (x >> np.uint64(p & 7)) & mask

@@ -18,14 +18,21 @@ from typing import ClassVar
 import numpy as np
 
 from securefed.crypto import aead, kex, shamir, signing
-from securefed.crypto.masks import apply_masks, pairwise_signs
+from securefed.crypto.masks import mask_aes_key, pairwise_signs
 from securefed.crypto.random import RandomSource
 from securefed.encoding.fixedpoint import check_vector
 from securefed.encoding.packing import packed_size
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
 from securefed.protocols import _secagg_wire as W
 from securefed.protocols import _wire
-from securefed.protocols._packed import pack_low_bits
+from securefed.protocols._packed import (
+    ROUNDING_KEY_BYTES,
+    Source,
+    encoded_source,
+    masked_message,
+    materialize,
+    stored_source,
+)
 from securefed.protocols._secagg_round import (
     ADVERTISE,
     CONSISTENCY,
@@ -53,7 +60,8 @@ class _ClientData:
     c_sk: bytes = b""  # channel key (X25519), for the shares' AES-GCM transport
     s_sk: bytes = b""  # mask key (X25519), shared t-of-(degree + 1)
     b: bytes = b""  # self-mask seed, shared t-of-(degree + 1)
-    encoded: np.ndarray | None = None  # the encoded input, until it is masked and sent
+    encoded: np.ndarray | None = None  # the encoded input (whole-vector encoders, restored states), until sent
+    pending: np.ndarray | None = None  # the checked input of a chunked encoder, encoded as it is masked and sent
     peers: dict[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)  # v -> (channel key, mask key)
     held: dict[int, bytes] = dataclasses.field(default_factory=dict)  # v -> b_share || sk_share (incl. own)
     signed: bytes = b""  # the survivor bitmap this client signed (active)
@@ -155,16 +163,17 @@ class _MaskedInput(_State):
         if len(d.held) < r.t:
             raise refuse(AbortReason.TOO_FEW_SURVIVORS,
                           f"only {len(d.held)} of my neighbourhood shared keys; t = {r.t} are needed", MASKED_INPUT)
-        if d.encoded is None:
+        source = c.source()
+        if source is None:
             raise InvalidInput("no input vector: call set_input before the masked_input phase")
         add, sub = pairwise_signs(me, senders, [d.peers[v][1] for v in senders])
         add.append(self_mask_key(r, me, d.b))
-        y, d.encoded = d.encoded, None
-        apply_masks(y, add, sub)
-        t1 = time.thread_time()
-        out = pack_low_bits(y, r.width, prefix=r.header(MASKED_INPUT, me, packed_size(y.size, r.width)))
-        c.timings["mask"] = t1 - t0
-        c.timings["serialize"] = time.thread_time() - t1
+        d.encoded = d.pending = None  # the message below is the only copy kept
+        dim = r.spec.dim
+        # One pass, chunk by chunk: encode, add every mask, pack into the message (protocols/secagg.md, Streaming).
+        out = masked_message(source, dim, r.width, r.dtype, [mask_aes_key(k) for k in add],
+                             [mask_aes_key(k) for k in sub], r.header(MASKED_INPUT, me, packed_size(dim, r.width)))
+        c.timings["mask"] = time.thread_time() - t0
         return out, (_Consistency if r.active else _Unmasking)
 
 
@@ -258,7 +267,8 @@ _STATES: tuple[type[_State], ...] = (_AdvertiseKeys, _ShareKeys, _MaskedInput, _
 
 
 class Client(ClientProtocol):
-    """One client of one round; ``timings``: CPU seconds of its steps (share_keys, quantize, mask, serialize)."""
+    """One client of one round; ``timings``: CPU seconds of its steps on the calling thread (share_keys;
+    quantize: checking, or encoding whole, the input; mask: encoding, masking and packing it)."""
 
     def __init__(self, rnd: Round, me: int, rng: RandomSource, state: type[_State] = _AdvertiseKeys,
                  data: _ClientData | None = None) -> None:
@@ -268,20 +278,37 @@ class Client(ClientProtocol):
         self.timings: dict[str, float] = {}
 
     def set_input(self, x: np.ndarray) -> None:
-        """Encode `x` now (InvalidInput for a bad shape, NaN/Inf or a value outside the encoder's range)."""
+        """Check `x` now (InvalidInput for a bad shape, NaN/Inf or a value outside the encoder's range).
+
+        A chunked encoder (FixedPoint) encodes `x` while the masked input is made, reading
+        it then: do not modify `x` in between. Other encoders encode it now.
+        """
         if self.state not in (_AdvertiseKeys, _ShareKeys, _MaskedInput):
             raise InvalidInput("this client already sent its masked input in this round")
         r = self.round
         x = check_vector(x, r.spec.dim)
+        t0 = time.thread_time()
+        if r.encoder.chunked:
+            r.encoder.check(x)
+            self.data.pending, self.data.encoded = x, None
+            self.timings["quantize"] = time.thread_time() - t0
+            return
         if not np.isfinite(x).all():
             raise InvalidInput("input contains NaN or Inf; updates must be finite")
-        t0 = time.thread_time()
         y = r.encoder.encode(x, n=r.spec.n, rng=self.rng)
         self.timings["quantize"] = time.thread_time() - t0
         if not isinstance(y, np.ndarray) or y.shape != (r.spec.dim,) or y.dtype != r.dtype:
             raise ConfigurationError(f"encoder returned {getattr(y, 'dtype', type(y))} {getattr(y, 'shape', '')}, "
                                      f"expected {r.dtype} of shape ({r.spec.dim},)")
-        self.data.encoded = np.ascontiguousarray(y)
+        self.data.encoded, self.data.pending = np.ascontiguousarray(y), None
+
+    def source(self) -> Source | None:
+        """The encoded input as a chunk source, or None before set_input."""
+        r, d = self.round, self.data
+        if d.pending is not None:
+            key = self.rng.child("secagg/rounding").token_bytes(ROUNDING_KEY_BYTES)
+            return encoded_source(d.pending, r.encoder, r.spec.n, key)
+        return None if d.encoded is None else stored_source(d.encoded)
 
     def handle(self, phase: str, request: bytes) -> bytes | None:
         state = self.state
@@ -350,7 +377,9 @@ def _dump_client(c: Client) -> bytes:
     w.u("IIIBB", c.me, r.t, r.params.degree, r.width, int(r.active))
     for secret in (d.c_sk, d.s_sk, d.b, d.signed):
         w.blob(secret)
-    w.blob(b"" if d.encoded is None else d.encoded.astype(d.encoded.dtype.newbyteorder("<")).tobytes())
+    source = c.source()  # a pending input is saved encoded, as the masked-input step would encode it
+    encoded = None if source is None else materialize(source, s.dim, r.dtype)
+    w.blob(b"" if encoded is None else encoded.astype(encoded.dtype.newbyteorder("<")).tobytes())
     w.u("I", len(d.peers))
     for v in sorted(d.peers):
         w.u("I", v)

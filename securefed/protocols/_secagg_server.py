@@ -62,7 +62,7 @@ class Server(ServerProtocol):
         self._keys: dict[int, tuple[bytes, bytes, bytes]] = {}  # U1: c_pk, s_pk, signature
         self._shares: dict[int, np.ndarray] = {}  # U2: each sender's sealed shares, one row per recipient
         self._expect: dict[int, np.ndarray] = {}  # the ids each party's reply of this phase must list
-        self._inbox: dict[int, list[tuple[int, int]]] = {}  # recipient -> (sender, index in its payload)
+        self._expect_shares: dict[int, np.ndarray] = {}  # the recipients of each sender's shares, ascending
         self._commit: dict[int, bytes] = {}
         self._u3: list[int] = []
         self._sigs: dict[int, bytes] = {}  # U4 (active)
@@ -105,26 +105,41 @@ class Server(ServerProtocol):
 
     def _share_requests(self) -> dict[Party, bytes]:
         r = self.round
-        rec_active = r.active
+        senders = np.array(sorted(self._keys), dtype=np.int64)
+        # One record (id, c_pk, s_pk[, sig]) per client that advertised; each request is a selection of rows.
+        keys = b"".join(b"".join(self._keys[v] if r.active else self._keys[v][:2]) for v in senders.tolist())
+        table = W.record_table(senders, np.frombuffer(keys, dtype=np.uint8).reshape(senders.size, -1))
+        advertised = self._members(senders)
         out: dict[Party, bytes] = {}
-        for u in sorted(self._keys):
-            peers = [v for v in r.graph.neighbors(u).tolist() if v in self._keys]
-            if len(peers) + 1 < r.t:
+        everyone = np.arange(senders.size)
+        for i, u in enumerate(senders.tolist()):
+            if r.graph.complete:  # every other advertiser, in id order
+                rows = np.delete(everyone, i)
+            else:
+                nb = r.graph.neighbors(u)
+                rows = np.searchsorted(senders, nb[advertised[nb]])
+            if rows.size + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood advertised keys"
-            entries = [(v, self._keys[v][0] + self._keys[v][1] + (self._keys[v][2] if rec_active else b""))
-                       for v in peers]
-            self._expect[u] = np.array(peers, dtype=np.int64)
-            out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.records(entries))
+            self._expect[u] = senders[rows]
+            out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.table_records(table, rows))
         return out
 
     def _masked_requests(self) -> dict[Party, bytes]:
         r = self.round
+        senders = sorted(self._shares)
+        # Every sealed share as a (sender id, sealed) record, grouped by recipient and ordered by sender.
+        counts = [self._expect_shares[v].size for v in senders]
+        recipients = np.concatenate([self._expect_shares[v] for v in senders])
+        from_ = np.repeat(np.array(senders, dtype=np.int64), counts)
+        order = np.lexsort((from_, recipients))
+        table = W.record_table(from_[order], np.concatenate([self._shares[v] for v in senders])[order])
+        starts = np.searchsorted(recipients[order], senders)
+        ends = np.searchsorted(recipients[order], senders, side="right")
         out: dict[Party, bytes] = {}
-        for u in sorted(self._shares):
-            entries = [(v, self._shares[v][i].tobytes()) for v, i in sorted(self._inbox.get(u, ()))]
-            if len(entries) + 1 < r.t:
+        for u, a, b in zip(senders, starts.tolist(), ends.tolist()):
+            if b - a + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood shared keys"
-            out[u] = r.message(MASKED_INPUT, _wire.SERVER, W.records(entries))
+            out[u] = r.message(MASKED_INPUT, _wire.SERVER, W.table_records(table, slice(a, b)))
         return out
 
     def _consistency_requests(self) -> dict[Party, bytes]:
@@ -197,8 +212,7 @@ class Server(ServerProtocol):
             raise MessageRejected("invalid message: shares for the wrong set of neighbours")
         self._commit[u] = bytes(body[: W.COMMIT])
         self._shares[u] = rows
-        for i, v in enumerate(ids.tolist()):
-            self._inbox.setdefault(v, []).append((u, i))
+        self._expect_shares[u] = ids
 
     def _take_masked(self, u: int, body: memoryview) -> None:
         self._adder.check(body)

@@ -39,7 +39,9 @@ __all__ = [
     "bitmap",
     "parse_bitmap",
     "parse_records",
+    "record_table",
     "records",
+    "table_records",
 ]
 
 KEY = 32
@@ -57,6 +59,20 @@ def records(entries: list[tuple[int, bytes]], prefix: bytes = b"") -> bytes:
         out.append(_U32.pack(i))
         out.append(payload)
     return b"".join(out)
+
+
+def record_table(ids: np.ndarray, payloads: np.ndarray) -> np.ndarray:
+    """Records ``id || payload`` as the rows of a uint8 table; `payloads` is a (count, size) uint8 array."""
+    table = np.empty((ids.size, 4 + payloads.shape[1]), dtype=np.uint8)
+    table[:, :4] = ids.astype(">u4").view(np.uint8).reshape(-1, 4)
+    table[:, 4:] = payloads
+    return table
+
+
+def table_records(table: np.ndarray, rows: np.ndarray | slice) -> bytes:
+    """``count || records`` of the selected `rows` of a :func:`record_table` (a list body)."""
+    chosen = table[rows]
+    return _U32.pack(chosen.shape[0]) + chosen.tobytes()
 
 
 def parse_records(body: memoryview, payload_size: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from securefed import parallel
 from securefed.crypto.random import RandomSource
 from securefed.encoding.fixedpoint import check_vector
 from securefed.errors import AbortReason, InvalidInput, MessageRejected, ProtocolAborted
@@ -66,6 +67,12 @@ class Plain(AggregationProtocol):
         return _PlainClient(spec, client, x)
 
 
+def _all_finite(x: np.ndarray) -> bool:
+    """No NaN or Inf in `x`, checked chunk by chunk (no vector-sized temporary)."""
+    step = parallel.get_chunk_size()
+    return all(np.isfinite(x[lo : lo + step]).all() for lo in range(0, x.size, step))
+
+
 def _header(spec: RoundSpec, sender: int, body_len: int) -> bytes:
     return _wire.pack_header(_TAG, _VERSION, 0, spec.round_index, spec.session_id, sender, body_len)
 
@@ -85,7 +92,7 @@ class _PlainClient(ClientProtocol):
 
     def set_input(self, x: np.ndarray) -> None:
         x = check_vector(x, self._spec.dim)
-        if not np.isfinite(x).all():
+        if not _all_finite(x):
             raise InvalidInput("input contains NaN or Inf; updates must be finite")
         self._x = x
 
@@ -95,8 +102,16 @@ class _PlainClient(ClientProtocol):
         _body(request, self._spec, _wire.SERVER)
         if self._x is None:
             raise InvalidInput("no input vector: call set_input before the upload phase")
-        body = self._x.astype("<f8", copy=False).tobytes()
-        return _header(self._spec, self._id, len(body)) + body
+        x, self._x = self._x, None  # sent: the message is the only copy kept
+        # The float64 body is written straight into the message (converted chunk by chunk), not built apart.
+        dim = self._spec.dim
+        out = bytearray(_wire.HEADER_SIZE + 8 * dim)
+        out[: _wire.HEADER_SIZE] = _header(self._spec, self._id, 8 * dim)
+        body = np.frombuffer(out, dtype="<f8", offset=_wire.HEADER_SIZE)
+        step = parallel.get_chunk_size()
+        for lo in range(0, dim, step):
+            body[lo : lo + step] = x[lo : lo + step]
+        return bytes(out)
 
     def dump(self) -> bytes:
         s = self._spec
@@ -132,13 +147,13 @@ class _PlainServer(ServerProtocol):
             if len(body) != 8 * self._spec.dim:
                 raise MessageRejected("invalid message: wrong vector length")
             x = np.frombuffer(body, dtype="<f8")
-            if not np.isfinite(x).all():
+            if not _all_finite(x):
                 raise MessageRejected("invalid message: non-finite values")
         except MessageRejected as e:
             if isinstance(party, int) and 0 <= party < self._spec.n and party not in self._received:
                 self._dropped.setdefault(party, DropRecord(phase, DropReason.REJECTED, str(e)))
             raise
-        self._acc += x
+        self._acc += x  # numpy reads the unaligned body through a small buffer, not a full copy
         self._received.append(party)
 
     def finish_phase(self, phase: str) -> None:
