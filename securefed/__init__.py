@@ -11,21 +11,23 @@ from typing import TYPE_CHECKING, Any
 
 from securefed import errors, protocols
 from securefed._version import __version__
-from securefed.protocols.base import AggregationResult, simulate_aggregation
+from securefed.protocols.base import AggregationResult, LazyInputs, simulate_aggregation
 
 if TYPE_CHECKING:
-    from securefed import audit, encoding, privacy, testing
+    from securefed import audit, encoding, parallel, privacy, testing
     from securefed.training import History, RoundRecord, Trainer
 
 __all__ = [
     "AggregationResult",
     "History",
+    "LazyInputs",
     "RoundRecord",
     "Trainer",
     "__version__",
     "audit",
     "encoding",
     "errors",
+    "parallel",
     "privacy",
     "protocols",
     "simulate_aggregation",
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 _LAZY_ATTRS = {"Trainer": "securefed.training", "History": "securefed.training", "RoundRecord": "securefed.training"}
-_LAZY_MODULES = {"audit", "encoding", "privacy", "testing", "flower"}
+_LAZY_MODULES = {"audit", "encoding", "parallel", "privacy", "testing", "flower"}
 
 
 def __getattr__(name: str) -> Any:

@@ -24,8 +24,8 @@ import abc
 import dataclasses
 import enum
 import hashlib
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -45,6 +45,7 @@ __all__ = [
     "ClientProtocol",
     "DropReason",
     "DropRecord",
+    "LazyInputs",
     "Party",
     "RoundSpec",
     "ServerProtocol",
@@ -229,6 +230,44 @@ class AggregationResult:
     spec: RoundSpec
 
 
+class LazyInputs(Sequence[np.ndarray]):
+    """Client inputs made on demand, for rounds whose inputs do not fit in memory together.
+
+    ``LazyInputs(n, dim, make)``: ``make(i)`` returns client i's 1-D float vector of length
+    `dim`. :func:`simulate_aggregation` asks for input i only when client i makes the message
+    that carries it (the protocol's ``input_phase``) and lets it go right after, so a round
+    holds one input at a time; each access calls `make` again. Indexing checks the vector
+    (InvalidInput for a wrong shape or dtype).
+    """
+
+    def __init__(self, n: int, dim: int, make: Callable[[int], np.ndarray]) -> None:
+        if not isinstance(n, int) or n < 1 or not isinstance(dim, int) or dim < 1:
+            raise InvalidInput(f"LazyInputs needs n >= 1 clients and dim >= 1, got n={n!r}, dim={dim!r}")
+        if not callable(make):
+            raise InvalidInput("LazyInputs needs a callable make(i) returning client i's input")
+        self.n, self.dim, self._make = n, dim, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, i: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not isinstance(i, (int, np.integer)) or not -self.n <= i < self.n:
+            raise IndexError(f"client index {i!r} out of range for {self.n} clients")
+        x = self._make(int(i) % self.n)
+        return check_vector(x if isinstance(x, np.ndarray) else np.asarray(x), self.dim)
+
+    def __repr__(self) -> str:
+        return f"LazyInputs(n={self.n}, dim={self.dim})"
+
+
 def _check_inputs(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     if isinstance(inputs, np.ndarray) and inputs.ndim == 2:
         inputs = list(inputs)
@@ -258,21 +297,30 @@ def simulate_aggregation(
     dropouts: Mapping[int, str] | None = None,
     seed: int | bytes | None = None,
     *,
-    record: Literal["full", "digest"] = "full",
+    record: Literal["full", "digest"] | None = None,
     round_index: int = 0,
 ) -> AggregationResult:
     """Run one round with every party in this process and record the server's view.
 
-    `inputs[i]` is client i's 1-D float vector; ``dropouts[i] = phase`` makes
+    `inputs[i]` is client i's 1-D float vector, or `inputs` is a :class:`LazyInputs`
+    (each input made when its client uploads, checked then); ``dropouts[i] = phase`` makes
     client i send nothing in `phase` or later. A `seed` makes every key and coin
     reproducible (simulation only). ``record="digest"`` keeps only SHA-256 digests
-    of what the server received, for model-sized runs.
+    of what the server received, for model-sized runs (the default for LazyInputs;
+    ``"full"`` otherwise).
 
     Raises InvalidInput for bad inputs and ProtocolAborted when the round cannot
     finish safely. See ``protocols/base.md``.
     """
-    xs = _check_inputs(inputs)
-    n, dim = len(xs), xs[0].size
+    lazy = isinstance(inputs, LazyInputs)
+    if lazy:
+        xs: list[np.ndarray | None] = [None] * len(inputs)
+        dim = inputs.dim  # type: ignore[union-attr]
+    else:
+        xs = _check_inputs(inputs)  # type: ignore[assignment]
+        dim = xs[0].size  # type: ignore[union-attr]
+    record = record or ("digest" if lazy else "full")
+    n = len(xs)
     drop_at = _check_dropouts(protocol, n, dropouts)
     rng = RandomSource(seed)
     spec = RoundSpec(n=n, dim=dim, session_id=rng.child("session").token_bytes(32), round_index=round_index)
@@ -281,11 +329,14 @@ def simulate_aggregation(
         i: protocol.client(spec, i, xs[i], rng=rng.child(f"client/{i}")) for i in range(n)
     }
     parties.update(protocol.auxiliary(spec, rng=rng.child("auxiliary")))
+    input_phase = protocol.input_phase or protocol.phases[-1]
     view = ServerView()
     for p, phase in enumerate(protocol.phases):
         for party, request in server.requests(phase).items():
             if isinstance(party, int) and drop_at.get(party, len(protocol.phases)) <= p:
                 continue
+            if lazy and phase == input_phase and isinstance(party, int):
+                parties[party].set_input(inputs[party])  # made and checked now; the client lets it go once sent
             try:
                 reply = parties[party].handle(phase, request)
             except (ProtocolAborted, MessageRejected):
@@ -299,6 +350,7 @@ def simulate_aggregation(
                 server.receive(phase, party, reply)
             except MessageRejected:
                 pass  # the server has recorded the drop; the round goes on without it
+            del reply  # a model-sized message: free it before the next party makes its own
         server.finish_phase(phase)
     total, included = server.result()
     if not included:
