@@ -423,28 +423,32 @@ def old_shares(protocol: AggregationProtocol, n: int, dim: int, target: int, *, 
 
 
 class ReplayOldShares(Deviation):
-    """In masked_input, send `target` the shares of an earlier round (`old_body`, from :func:`old_shares`).
+    """In masked_input, send `target` the shares its peers sealed to it in an earlier round (the honest
+    round with `old_seed`, see :func:`old_shares`), framed as this round's.
 
-    The server frames them as this round's; an honest client cannot open them (the AEAD
-    binds session, round, sender and recipient) and refuses to send its masked input.
+    An honest client cannot open them (the AEAD binds session, round, sender and recipient)
+    and refuses to send its masked input.
     """
 
     name = "replay_old_shares"
 
-    def __init__(self, target: int, old_body: bytes) -> None:
-        self.target, self.old_body = target, bytes(old_body)
+    def __init__(self, target: int, old_seed: int | bytes) -> None:
+        self.target, self.old_seed = target, old_seed
 
     def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
-        if phase != "masked_input" or not self.old_body:
+        if phase != "masked_input" or all(s.party != self.target for s in sends):
+            return sends
+        old = old_shares(ctx.protocol, ctx.spec.n, ctx.spec.dim, self.target, seed=self.old_seed)
+        if not old:
             return sends
         return [s if s.party != self.target else
-                Send(s.party, ctx.message(phase, self.old_body), forward=False, label=self.name) for s in sends]
+                Send(s.party, ctx.message(phase, old), forward=False, label=self.name) for s in sends]
 
     def violation(self, run: AdversarialRun) -> str | None:
         return _refused_then_silent(run, self.target, "masked_input", self.name)
 
     def __repr__(self) -> str:
-        return f"ReplayOldShares(target={self.target}, {len(self.old_body)} bytes of old shares)"
+        return f"ReplayOldShares(target={self.target}, old_seed={self.old_seed!r})"
 
 
 # -- any protocol -----------------------------------------------------------------------------------
