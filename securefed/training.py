@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from securefed.crypto.random import RandomSource, derive_key
 from securefed.encoding import flatten, unflatten
-from securefed.errors import AbortReason, ConfigurationError, InvalidInput, PrivacyBudgetExceeded, ProtocolAborted
+from securefed.errors import ConfigurationError, InvalidInput, PrivacyBudgetExceeded, ProtocolAborted
 from securefed.protocols.base import AggregationProtocol, AggregationResult, simulate_aggregation
 from securefed.protocols.plain import Plain
 
@@ -263,13 +263,13 @@ class Trainer:
         dp = self.privacy_session
         participants = self._sample() if dp is None else dp.sample(self._round, self._sample)
         if dp is not None:
+            if not dp.runnable(self.protocol, len(participants)):
+                return self._skipped_round()
             try:
                 dp.before_round(self._round, len(participants))
             except PrivacyBudgetExceeded:
                 self._round -= 1
                 raise
-            if not participants:
-                return self._empty_round()
         protocol = self.protocol if dp is None else dp.protocol(self.protocol, self._round)
         start, spec = flatten(self._params())
         start = start.copy()
@@ -288,7 +288,8 @@ class Trainer:
             if self.audit is not None:
                 self._audit_begin()
                 self.audit.round_aborted(self._round, protocol=protocol, participants=participants, error=e,
-                                         epsilon=None if dp is None else dp.epsilon())
+                                         epsilon=None if dp is None else dp.epsilon(),
+                                         dp_events=[] if dp is None else dp.unaudited_ledger())
             raise
         finally:
             self._load(start, spec)
@@ -312,24 +313,20 @@ class Trainer:
         if self.audit is not None:
             self._audit_begin()
             self.audit.round(self._round, protocol=protocol, result=res, participants=participants,
-                             metrics={"loss": loss, **metrics}, dp_events=[] if dp is None else dp.round_ledger,
+                             metrics={"loss": loss, **metrics}, dp_events=[] if dp is None else dp.unaudited_ledger(),
                              epsilon=record.epsilon)
         log.info("round %d: loss %.4f %s included %s", self._round, loss, metrics, included)
         if self.on_round is not None:
             self.on_round(record)
         return record
 
-    def _empty_round(self) -> RoundRecord:
-        """A Poisson sample with nobody in it: no update, nothing released; the privacy round still counts."""
-        dp = self.privacy_session
-        assert dp is not None
-        record = RoundRecord(self._round, math.nan, self.evaluate(), dp.finish_empty_round(self._round), ())
+    def _skipped_round(self) -> RoundRecord:
+        """A Poisson sample too small for the protocol (or empty): no update, nothing released or spent."""
+        assert self.privacy_session is not None
+        metrics = {**self.evaluate(), "skipped": 1.0}
+        record = RoundRecord(self._round, math.nan, metrics, self.privacy_session.epsilon(), ())
         self.history.rounds.append(record)
-        if self.audit is not None:
-            self._audit_begin()
-            self.audit.round_aborted(self._round, protocol=self.protocol, participants=[], epsilon=record.epsilon,
-                                     error=ProtocolAborted(AbortReason.NO_INPUTS, "no participant was sampled"),
-                                     dp_events=dp.round_ledger)
+        log.info("round %d: the sample was too small for %s; skipped", self._round, self.protocol.name)
         if self.on_round is not None:
             self.on_round(record)
         return record
