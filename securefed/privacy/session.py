@@ -56,7 +56,7 @@ class PrivacySession:
         self.sampling_rate = clients_per_round / population if self.client_level else 1.0
         self.local_training = isinstance(config, SampleLevelDP)
         self.metrics: dict[str, float] = {}
-        self._ledger_mark = 0
+        self._audited = 0
         self._rng = rng
         self._local_steps = local_steps
         self.dpsgd: DPSGD | None = None
@@ -80,7 +80,8 @@ class PrivacySession:
             # Noise is provisioned for the honest shares of the t = min_survivors(n) a round is sure to sum.
             self._threshold: Callable[[int], int] = protocol.min_survivors
             protocol.with_encoder(self._encoder())  # ConfigurationError now for protocols without integers
-            self._honest_survivors(clients_per_round)  # and for a threshold the colluders could fill
+            # ... and for a threshold the colluders could fill (Poisson samples go up to the population).
+            self._honest_survivors(population if self.sampling_rate < 1.0 else clients_per_round)
 
     # -- per-round parameters ---------------------------------------------------------
 
@@ -145,6 +146,25 @@ class PrivacySession:
         coins = self._rng.child(f"sample/{round}").fill(np.empty(self.population, dtype=np.uint64))
         return np.flatnonzero(coins < np.uint64(self.sampling_rate * 2.0**64)).tolist()
 
+    def runnable(self, protocol: Any, n: int) -> bool:
+        """Whether a Poisson sample of n participants can make a round of `protocol`.
+
+        A sample that is empty, or smaller than the protocol accepts (SecAgg needs a few
+        clients), runs nothing and releases nothing; whether it happens depends only on the
+        coins, so skipping it costs no privacy (``proofs/dp.md`` 1.2).
+        """
+        if n == 0:
+            return False
+        if not self.client_level or self.sampling_rate >= 1.0:
+            return True  # fixed cohorts: a protocol that cannot run them is a configuration error
+        try:
+            protocol.min_survivors(n)
+            if isinstance(self.config, DistributedDP):
+                self._honest_survivors(n)
+        except ConfigurationError:
+            return False
+        return True
+
     def planned_event(self, round: int, n: int) -> PrivacyEvent:
         """An event that costs at least what the round can cost, whoever of its n participants survives.
 
@@ -205,34 +225,26 @@ class PrivacySession:
             self.clipping.observe(fraction)
             metrics["unclipped_fraction"] = fraction
             total = total[:-1]
-        self._ledger_mark = len(self.accountant)
         self.accountant.record(self._event(included=included, n=n, round=round))
         metrics["epsilon"] = self.epsilon()
         self.metrics = metrics
         return total / included
 
-    def finish_empty_round(self, round: int) -> float:
-        """A Poisson sample with nobody in it releases nothing; the round is still counted (a valid upper
-        bound: the accounting is over every sampled round). Returns epsilon so far."""
-        expected = max(1, int(self.sampling_rate * self.population + 0.5))
-        self._ledger_mark = len(self.accountant)
-        self.accountant.record(self.planned_event(round, expected))
-        self.metrics = {"epsilon": self.epsilon()}
-        return self.epsilon()
-
     def epsilon(self) -> float:
         """Epsilon spent so far at the configuration's delta."""
         return self.accountant.epsilon(self.config.delta)
 
-    @property
-    def round_ledger(self) -> list[dict[str, Any]]:
-        """The ledger entries of the last round (what the audit log records with it)."""
-        return self.accountant.ledger[self._ledger_mark:]
+    def unaudited_ledger(self) -> list[dict[str, Any]]:
+        """The ledger entries not yet handed to the audit log (the last round's, and those of empty
+        rounds before it, which write no entry of their own); marks them handed over."""
+        out = self.accountant.ledger[self._audited:]
+        self._audited = len(self.accountant)
+        return out
 
     def resume(self, ledger: Sequence[Mapping[str, Any]]) -> None:
         """Start from the events of earlier runs (an audit log's ledger), so the budget counts them."""
         self.accountant = Accountant.from_ledger(ledger, self.config.accountant)
-        self._ledger_mark = len(self.accountant)
+        self._audited = len(self.accountant)
 
     def audit_settings(self) -> dict[str, Any]:
         """The accounting an audit log declares: accountant and delta."""
