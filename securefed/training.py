@@ -9,11 +9,12 @@ divides the summed update by the summed weight.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -65,6 +66,32 @@ class History:
         return self.rounds[-1]
 
 
+def _select(model: nn.Module, parameters: Sequence[str] | Callable[[str, nn.Parameter], bool] | None) -> list[str]:
+    """Names of the parameters to train and aggregate, in the model's order (see Trainer's ``parameters``)."""
+    named = dict(model.named_parameters())
+    if parameters is None:
+        names = [name for name, p in named.items() if p.requires_grad]
+        if not names:
+            raise InvalidInput("the model has no trainable parameters")
+        return names
+    if callable(parameters):
+        names = [name for name, p in named.items() if parameters(name, p)]
+    elif isinstance(parameters, Sequence) and not isinstance(parameters, str):
+        unknown = [name for name in parameters if name not in named]
+        if unknown:
+            raise ConfigurationError(f"the model has no parameters named {unknown}; see model.named_parameters()")
+        wanted = set(parameters)
+        names = [name for name in named if name in wanted]
+    else:
+        raise ConfigurationError("parameters must be None, a sequence of parameter names or a predicate (name, p)")
+    if not names:
+        raise ConfigurationError("parameters selects nothing: the round would aggregate an empty update")
+    frozen = [name for name in names if not named[name].requires_grad]
+    if frozen:
+        raise ConfigurationError(f"parameters {frozen} have requires_grad=False: unfreeze them or leave them out")
+    return names
+
+
 def _seed_bytes(seed: int | None, label: str) -> bytes | None:
     return None if seed is None else derive_key(seed.to_bytes(8, "big"), label)
 
@@ -83,6 +110,13 @@ class Trainer:
       ``trainer.accountant`` keeps the ledger;
     - ``algorithm``: ``"fedavg"`` (E local epochs of minibatch SGD) or ``"fedsgd"``
       (one full-batch gradient step per round);
+    - ``parameters``: which parameters are trained locally and aggregated: None (every parameter
+      with ``requires_grad``), a sequence of parameter names, or a predicate
+      ``(name, parameter) -> bool``, e.g. only the adapters of a LoRA model on a frozen base
+      (``lambda name, p: "lora_" in name``). Only their updates enter the aggregate, so a round
+      carries (and secure aggregation costs) what is selected; the others keep their values on
+      every participant (frozen during local training). ConfigurationError for an unknown name,
+      a parameter with ``requires_grad=False``, or an empty selection;
     - ``clients_per_round``: participants sampled per round (default all);
     - ``local_epochs``, ``batch_size``, ``lr``, ``momentum``: local SGD;
     - ``server_lr``: step on the mean update (1.0 is FedAvg);
@@ -107,6 +141,7 @@ class Trainer:
         privacy: Any = None,
         *,
         algorithm: Literal["fedavg", "fedsgd"] = "fedavg",
+        parameters: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
         clients_per_round: int | None = None,
         local_epochs: int = 1,
         batch_size: int = 32,
@@ -158,9 +193,7 @@ class Trainer:
         self.seed = seed
         self.progress = progress
         self.on_round = on_round
-        self._names = [name for name, p in model.named_parameters() if p.requires_grad]
-        if not self._names:
-            raise InvalidInput("the model has no trainable parameters")
+        self._names = _select(model, parameters)
         self._max_examples = max(len(d) for d in self.datasets)  # type: ignore[arg-type]
         self._rng = RandomSource(_seed_bytes(seed, "trainer"))
         self._round = 0
@@ -204,7 +237,7 @@ class Trainer:
         gen.manual_seed(int.from_bytes(self._rng.child(f"round/{self._round}/client/{client}").token_bytes(8), "big") >> 1)
         full = self.algorithm == "fedsgd"
         loader = DataLoader(data, batch_size=len(data) if full else self.batch_size, shuffle=not full, generator=gen)
-        opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
+        opt = torch.optim.SGD(list(self._params().values()), lr=self.lr, momentum=self.momentum)
         self.model.train()
         dp = self.privacy_session
         if dp is not None and dp.local_training:
@@ -224,6 +257,19 @@ class Trainer:
                     count += len(yb)
         new, _ = flatten(self._params())
         return new - start, total / max(count, 1)
+
+    @contextlib.contextmanager
+    def _only_selected_trainable(self) -> Iterator[None]:
+        """Freeze trainable parameters outside the selection while participants train (no gradients, no steps)."""
+        chosen = set(self._names)
+        others = [p for name, p in self.model.named_parameters() if p.requires_grad and name not in chosen]
+        for p in others:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in others:
+                p.requires_grad_(True)
 
     def _load(self, vector: np.ndarray, spec: Any) -> None:
         params = self._params()
@@ -275,13 +321,14 @@ class Trainer:
         start = start.copy()
         weighted = self.weighting == "examples"
         inputs, losses, weights = [], [], []
-        for c in participants:
-            delta, loss = self._local_update(c, start, spec)
-            w = len(self.datasets[c]) / self._max_examples if weighted else 1.0  # type: ignore[arg-type]
-            x = np.append(delta * w, np.float32(w)).astype(np.float32) if weighted else delta
-            inputs.append(x if dp is None else dp.client_input(delta, [p.size for p in spec.params]))
-            losses.append(loss)
-            weights.append(len(self.datasets[c]))  # type: ignore[arg-type]
+        with self._only_selected_trainable():
+            for c in participants:
+                delta, loss = self._local_update(c, start, spec)
+                w = len(self.datasets[c]) / self._max_examples if weighted else 1.0  # type: ignore[arg-type]
+                x = np.append(delta * w, np.float32(w)).astype(np.float32) if weighted else delta
+                inputs.append(x if dp is None else dp.client_input(delta, [p.size for p in spec.params]))
+                losses.append(loss)
+                weights.append(len(self.datasets[c]))  # type: ignore[arg-type]
         try:
             res = self._aggregate(inputs, participants, protocol)
         except ProtocolAborted as e:
