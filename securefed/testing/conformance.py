@@ -548,7 +548,7 @@ def _find_window(payload: bytes, rep: bytes) -> tuple[int, int, int] | None:
 
 def _settings(max_examples: int | None) -> settings:
     # No "explain" phase: it reruns a failing case hundreds of times to annotate it.
-    kw: dict[str, Any] = {"deadline": None, "database": None,
+    kw: dict[str, Any] = {"deadline": None, "database": None, "report_multiple_bugs": False,
                           "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
                           "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
                                                     HealthCheck.filter_too_much]}

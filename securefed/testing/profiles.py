@@ -14,9 +14,21 @@ __all__ = ["PROFILES", "load_profile", "register_profiles"]
 PROFILES = ("ci", "dev")
 
 
+def _hypothesis():
+    try:
+        import hypothesis
+    except ImportError as e:
+        raise ImportError(
+            "securefed.testing's hypothesis profiles need hypothesis: install the extra with "
+            "pip install 'securefed[testing]'"
+        ) from e
+    return hypothesis
+
+
 def register_profiles() -> None:
     """Register the ``ci`` and ``dev`` profiles with hypothesis."""
-    from hypothesis import HealthCheck, settings
+    hypothesis = _hypothesis()
+    HealthCheck, settings = hypothesis.HealthCheck, hypothesis.settings
 
     slow = [HealthCheck.too_slow, HealthCheck.data_too_large]
     settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None,
@@ -26,8 +38,7 @@ def register_profiles() -> None:
 
 def load_profile(name: str | None = None) -> str:
     """Register the profiles and load `name` (default: ``$HYPOTHESIS_PROFILE`` or ``dev``)."""
-    from hypothesis import settings
-
+    settings = _hypothesis().settings
     register_profiles()
     name = name or os.environ.get("HYPOTHESIS_PROFILE", "dev")
     if name not in PROFILES:

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import find, given, settings
+from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 
 import securefed as sf
@@ -13,6 +13,10 @@ from securefed.protocols import BFV, CKKS, REGISTRY, Plain, SecAgg, SecAggPlus
 from securefed.testing import _driver
 from securefed.testing import adversary as adv
 from securefed.testing import strategies as sfst
+
+
+#: find() without shrinking: only whether an example exists matters.
+FIND = settings(max_examples=500, database=None, phases=[Phase.generate])
 
 
 @given(sfst.updates((1, 12), value_range=2.5))
@@ -29,7 +33,7 @@ def test_updates_with_a_minimum_magnitude(x):
 def test_updates_reach_the_edges_of_the_range():
     one = sfst.updates(1, value_range=1.0, dtypes=(np.float64,))
     for edge in (1.0, -1.0, 0.0, 5e-324):
-        find(one, lambda x, e=edge: x[0] == e and math.copysign(1, x[0]) == math.copysign(1, e))
+        find(one, lambda x, e=edge: x[0] == e and math.copysign(1, x[0]) == math.copysign(1, e), settings=FIND)
 
 
 @given(sfst.invalid_updates(4, value_range=1.0), st.integers(0, 2))
@@ -108,7 +112,7 @@ def test_configurations_cover_both_sides(cls, labels):
     """SecAgg's rules decide every case; SecAgg+ and HE leave some to the protocol's derivations (None)."""
     for label in labels:
         find(sfst.configurations(cls, n=(3, 12)), lambda c, label=label: c.expected == label,
-             settings=settings(max_examples=500, database=None))
+             settings=FIND)
 
 
 def test_configurations_of_an_unknown_class_are_refused():
@@ -159,7 +163,7 @@ def test_tamperings_need_another_round_for_other_round():
     transcript = _transcript(Plain())
     assert sfst.tamperings(transcript, kinds=["other_round", "other_phase"]).is_empty
     other = _transcript(Plain())
-    t = find(sfst.tamperings(transcript, other_round=other, kinds=["other_round"]), lambda t: True)
+    t = find(sfst.tamperings(transcript, other_round=other, kinds=["other_round"]), lambda t: True, settings=FIND)
     assert t.arg in [payload for _, _, payload in other]
     with pytest.raises(ValueError, match="unknown tampering kinds"):
         sfst.tamperings(transcript, kinds=["garble"])
@@ -175,9 +179,10 @@ def test_tamperings_need_another_round_for_other_round():
 def test_deviations_apply_to_their_protocols(protocol, expected):
     strategy = sfst.deviations(protocol, 5)
     for cls in expected:
-        find(strategy, lambda d, cls=cls: type(d) is cls, settings=settings(max_examples=300, database=None))
+        find(strategy, lambda d, cls=cls: type(d) is cls, settings=FIND)
     with pytest.raises(Exception):  # noqa: B017 - hypothesis' NoSuchExample
-        find(strategy, lambda d: type(d) not in expected, settings=settings(max_examples=30, database=None))
+        find(strategy, lambda d: type(d) not in expected,
+             settings=settings(FIND, max_examples=30))
 
 
 def test_every_registered_protocol_has_a_configuration_strategy():
