@@ -100,7 +100,7 @@ class _ShareKeys(_State):
 
     @staticmethod
     def step(c: Client, body: memoryview) -> tuple[bytes, type[_State]]:
-        t0 = time.thread_time()
+        t0 = time.process_time()
         r, d, me = c.round, c.data, c.me
         rec = 2 * W.KEY + (W.SIG if r.active else 0)
         ids, rows = W.parse_records(body, rec)
@@ -137,7 +137,7 @@ class _ShareKeys(_State):
             # input is not ready yet, so the masked-input round only expands masks.
             peers[v] = (key, mask_key(r, s_sk, peers[v][1], me, v))
         d.peers = peers
-        c.timings["share_keys"] = time.thread_time() - t0
+        c.timings["share_keys"] = time.process_time() - t0
         return r.message(SHARE_KEYS, me, W.records(sealed, prefix=commitment(r, me, d.b))), _MaskedInput
 
 
@@ -146,7 +146,7 @@ class _MaskedInput(_State):
 
     @staticmethod
     def step(c: Client, body: memoryview) -> tuple[bytes, type[_State]]:
-        t0 = time.thread_time()
+        t0 = time.process_time()
         r, d, me = c.round, c.data, c.me
         ids, rows = W.parse_records(body, W.SEALED)
         senders = ids.tolist()
@@ -173,7 +173,7 @@ class _MaskedInput(_State):
         # One pass, chunk by chunk: encode, add every mask, pack into the message (protocols/secagg.md, Streaming).
         out = masked_message(source, dim, r.width, r.dtype, [mask_aes_key(k) for k in add],
                              [mask_aes_key(k) for k in sub], r.header(MASKED_INPUT, me, packed_size(dim, r.width)))
-        c.timings["mask"] = time.thread_time() - t0
+        c.timings["mask"] = time.process_time() - t0
         return out, (_Consistency if r.active else _Unmasking)
 
 
@@ -267,7 +267,7 @@ _STATES: tuple[type[_State], ...] = (_AdvertiseKeys, _ShareKeys, _MaskedInput, _
 
 
 class Client(ClientProtocol):
-    """One client of one round; ``timings``: CPU seconds of its steps on the calling thread (share_keys;
+    """One client of one round; ``timings``: CPU seconds of its steps, all threads of the process (share_keys;
     quantize: checking, or encoding whole, the input; mask: encoding, masking and packing it)."""
 
     def __init__(self, rnd: Round, me: int, rng: RandomSource, state: type[_State] = _AdvertiseKeys,
@@ -287,16 +287,16 @@ class Client(ClientProtocol):
             raise InvalidInput("this client already sent its masked input in this round")
         r = self.round
         x = check_vector(x, r.spec.dim)
-        t0 = time.thread_time()
+        t0 = time.process_time()
         if r.encoder.chunked:
             r.encoder.check(x)
             self.data.pending, self.data.encoded = x, None
-            self.timings["quantize"] = time.thread_time() - t0
+            self.timings["quantize"] = time.process_time() - t0
             return
         if not np.isfinite(x).all():
             raise InvalidInput("input contains NaN or Inf; updates must be finite")
         y = r.encoder.encode(x, n=r.spec.n, rng=self.rng)
-        self.timings["quantize"] = time.thread_time() - t0
+        self.timings["quantize"] = time.process_time() - t0
         if not isinstance(y, np.ndarray) or y.shape != (r.spec.dim,) or y.dtype != r.dtype:
             raise ConfigurationError(f"encoder returned {getattr(y, 'dtype', type(y))} {getattr(y, 'shape', '')}, "
                                      f"expected {r.dtype} of shape ({r.spec.dim},)")

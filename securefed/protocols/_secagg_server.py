@@ -207,9 +207,7 @@ class Server(ServerProtocol):
         r = self.round
         if len(body) < W.COMMIT:
             raise MessageRejected("invalid message: truncated shares")
-        ids, rows = W.parse_records(body, W.SEALED, offset=W.COMMIT)
-        if not np.array_equal(ids, self._expect[u]):
-            raise MessageRejected("invalid message: shares for the wrong set of neighbours")
+        ids, rows = W.parse_records(body, W.SEALED, offset=W.COMMIT, expect=self._expect[u])
         self._commit[u] = bytes(body[: W.COMMIT])
         self._shares[u] = rows
         self._expect_shares[u] = ids
@@ -228,11 +226,9 @@ class Server(ServerProtocol):
         self._sigs[u] = bytes(body)
 
     def _take_unmask(self, u: int, body: memoryview) -> None:
-        ids, rows = W.parse_records(body, W.SHARE)
-        if not np.array_equal(ids, self._expect[u]):
-            raise MessageRejected("invalid message: shares for the wrong set of clients")
-        shares = np.ascontiguousarray(rows).view("<u4").astype(np.uint32)
-        if (shares >= shamir.PRIME).any():
+        ids, rows = W.parse_records(body, W.SHARE, expect=self._expect[u])
+        shares = np.ascontiguousarray(rows).view("<u4").astype(np.uint32, copy=False)
+        if shares.size and shares.max() >= shamir.PRIME:
             raise MessageRejected("invalid share")
         self._unmasked[u] = _Unmasked(ids, shares)
 

@@ -75,11 +75,12 @@ def table_records(table: np.ndarray, rows: np.ndarray | slice) -> bytes:
     return _U32.pack(chosen.shape[0]) + chosen.tobytes()
 
 
-def parse_records(body: memoryview, payload_size: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def parse_records(body: memoryview, payload_size: int, offset: int = 0,
+                  expect: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Parse a record list at `offset`: (ids as int64, payloads as a (count, payload_size) uint8 view).
 
     The list must end the body. Raises MessageRejected for a wrong length or ids
-    that are not strictly ascending.
+    that are not strictly ascending, or, given `expect` (ascending int64), ids other than those.
     """
     if len(body) < offset + 4:
         raise MessageRejected("invalid message: truncated list")
@@ -88,6 +89,10 @@ def parse_records(body: memoryview, payload_size: int, offset: int = 0) -> tuple
     if len(body) != offset + 4 + count * rec:
         raise MessageRejected("invalid message: wrong list length")
     table = np.frombuffer(body, dtype=np.uint8, count=count * rec, offset=offset + 4).reshape(count, rec)
+    if expect is not None:  # one comparison of the raw id bytes (the server's hot path)
+        if count != expect.size or not np.array_equal(table[:, :4], expect.astype(">u4").view(np.uint8).reshape(-1, 4)):
+            raise MessageRejected("invalid message: records for the wrong set of clients")
+        return expect, table[:, 4:]
     ids = table[:, :4].copy().view(">u4").reshape(count).astype(np.int64)
     if count > 1 and not (ids[1:] > ids[:-1]).all():
         raise MessageRejected("invalid message: ids not strictly ascending")

@@ -87,6 +87,7 @@ def _body(data: bytes, spec: RoundSpec, sender: int) -> memoryview:
 class _PlainClient(ClientProtocol):
     def __init__(self, spec: RoundSpec, client: int, x: np.ndarray | None) -> None:
         self._spec, self._id, self._x = spec, client, None
+        self._sent = False
         if x is not None:
             self.set_input(x)
 
@@ -100,9 +101,11 @@ class _PlainClient(ClientProtocol):
         if phase != "upload":
             raise MessageRejected(f"invalid message: Plain has no phase {phase!r}")
         _body(request, self._spec, _wire.SERVER)
+        if self._sent:  # the input is gone (the message was its only copy): a second upload is refused
+            raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this client already sent its input in this round")
         if self._x is None:
             raise InvalidInput("no input vector: call set_input before the upload phase")
-        x, self._x = self._x, None  # sent: the message is the only copy kept
+        x, self._x, self._sent = self._x, None, True  # sent: the message is the only copy kept
         # The float64 body is written straight into the message (converted chunk by chunk), not built apart.
         dim = self._spec.dim
         out = bytearray(_wire.HEADER_SIZE + 8 * dim)
