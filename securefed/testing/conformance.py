@@ -3,7 +3,8 @@
 :func:`check_protocol` runs them on any :class:`~securefed.protocols.base.AggregationProtocol`
 (a factory gives a fresh one per example); :func:`conformance_tests` makes a pytest test class
 with one test per property. A failure raises :class:`ConformanceError` naming the property,
-what was wrong, and hypothesis' smallest counterexample. Needs ``securefed[testing]``.
+what was wrong, and hypothesis' smallest counterexample (the round's inputs, dropouts and seed,
+and what was altered or which deviation was used). Needs ``securefed[testing]``.
 
 Properties (the names are stable; ``n`` is the round size, ``t = min_survivors(n)``, the
 *input phase* is ``protocol.input_phase``, or the last phase when unset):
@@ -16,7 +17,8 @@ Properties (the names are stable; ``n`` is the round size, ``t = min_survivors(n
     NaN, +-Inf, a wrong length, a 2-D or integer array, or a coordinate beyond the declared
     value range makes ``simulate_aggregation`` raise InvalidInput.
 ``correctness``
-    For every dropout schedule the round ends in ProtocolAborted or in a result where
+    For every dropout schedule (half the rounds have none) the round ends in ProtocolAborted or in a
+    result where
     ``.included`` holds no client that dropped at or before the input phase and at least t
     clients, and every coordinate of ``.total`` is within ``error_bound(n)`` (plus float64
     summation slack, 4 n 2^-52 sum |x_i|) of the sum of the included inputs.
@@ -29,10 +31,12 @@ Properties (the names are stable; ``n`` is the round size, ``t = min_survivors(n
 ``malformed_messages``
     A reply truncated or extended in transit is rejected (``server.receive`` raises
     MessageRejected); one with a flipped bit is rejected or accepted. After a rejection the round
-    goes on without that reply: its sender is in ``.dropped``, out of ``.included`` if the reply
+    goes on without that reply: its sender is in ``.dropped`` with reason ``REJECTED``, out of
+    ``.included`` if the reply
     was at or before the input phase, and the total is correct over ``.included``. An accepted
     flip must leave the total correct too, unless it altered an input-phase reply (the server
-    cannot tell an altered input from another input).
+    cannot tell an altered input from another input). Rounds of two clients or more, without
+    dropouts; ``message_phases=`` limits which phases' replies are altered.
 ``replayed_messages``
     A reply delivered twice, delivered as another client's, delivered in a later phase or taken
     from another round is rejected, with the same rules after a rejection (a duplicate leaves
@@ -51,12 +55,14 @@ Properties (the names are stable; ``n`` is the round size, ``t = min_survivors(n
     ``.included`` and ``.dropped``, and, unless ``deterministic_view=False``, byte-identical
     server views.
 ``honest_client``
-    Against a deviating server (:mod:`securefed.testing.adversary`), honest parties refuse what
+    Against a deviating server (:mod:`securefed.testing.adversary`, drawn by
+    :func:`securefed.testing.strategies.deviations`), honest parties refuse what
     they must: a party answers at most one request per phase (a second one is refused, or answered
     identically when it is byte-identical); for SecAgg and SecAgg+ also Bonawitz et al.'s rules:
     never both secrets of a peer, no unmasking for fewer than t survivors or for a server that
     claims everyone dropped, no use of replayed old shares, and (active) no answer to inconsistent
-    survivor lists or substituted keys.
+    survivor lists or substituted keys. ``handle`` may refuse only with MessageRejected or
+    ProtocolAborted.
 
 Choices: inputs are drawn within the declared value range (``value_range=`` or the protocol's
 ``value_range`` / ``encoder.value_range``; [-1, 1] when it declares none); sender binding is the
@@ -68,7 +74,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -152,7 +157,8 @@ class Case:
 
     def __repr__(self) -> str:
         xs = ", ".join(np.array2string(x, precision=17, separator=", ", threshold=64) for x in self.inputs)
-        return f"Case(n={self.n}, dim={self.inputs[0].size}, dropouts={dict(self.dropouts)}, seed={self.seed}, inputs=[{xs}])"
+        return (f"Case(n={self.n}, dim={self.inputs[0].size}, dropouts={dict(self.dropouts)}, seed={self.seed}, "
+                f"inputs=[{xs}])")
 
 
 MustFinish = Callable[[int, Mapping[int, str]], bool]
@@ -257,8 +263,8 @@ class _Suite:
         if bad.any():
             k = int(np.argmax(np.where(bad, err, -1.0)))
             raise _Violation(prop, f"the total differs from the sum of the inputs of .included {tuple(included)} "
-                                   f"by {err[k]:.6g} at coordinate {k} (total {float(total[k])!r}, expected {float(expect[k])!r}, "
-                                   f"allowed error {tol[k]:.3g}){where}")
+                                   f"by {err[k]:.6g} at coordinate {k} (total {float(total[k])!r}, "
+                                   f"expected {float(expect[k])!r}, allowed error {tol[k]:.3g}){where}")
 
     def check_result(self, prop: str, protocol: AggregationProtocol, case: Case, res: AggregationResult) -> None:
         included = tuple(res.included)
@@ -557,7 +563,9 @@ def _settings(max_examples: int | None) -> settings:
     return settings(**kw)
 
 
-def _factory(protocol_factory: Callable[[], AggregationProtocol] | AggregationProtocol) -> Callable[[], AggregationProtocol]:
+def _factory(
+    protocol_factory: Callable[[], AggregationProtocol] | AggregationProtocol,
+) -> Callable[[], AggregationProtocol]:
     if isinstance(protocol_factory, AggregationProtocol):
         return lambda: protocol_factory  # type: ignore[return-value]
     if not callable(protocol_factory):

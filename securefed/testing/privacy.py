@@ -240,7 +240,8 @@ def _samples(module: Any, n: int, dimension: int, rounds: int, seed: int) -> tup
             acc &= mask
             total = module.decode(acc.astype(storage_dtype(k)), n=n, count=n)
             errors[r] = total - exact
-        declared = (module.event(included=n, n=n).noise_multiplier * float(module.l2_clip)) ** 2  # type: ignore[attr-defined]
+        clip = float(module.l2_clip)  # type: ignore[attr-defined]
+        declared = (module.event(included=n, n=n).noise_multiplier * clip) ** 2  # type: ignore[attr-defined]
         gamma = float(getattr(module, "granularity", 0.0))
         return errors, declared, n * gamma**2 / 4.0
     raise TypeError(f"check_noise needs a central module (add_to, stddev) or a distributed integer encoder with "

@@ -86,9 +86,7 @@ def _coordinates(c: float, dtype: type, min_magnitude: float) -> st.SearchStrate
     width = 32 if dtype == np.float32 else 64
     hi = _inward(c, dtype)
     if min_magnitude > 0:
-        lo = float(dtype(min_magnitude)) if dtype(min_magnitude) >= min_magnitude else float(
-            np.nextafter(dtype(min_magnitude), dtype(np.inf)))
-        mags = st.floats(lo, hi, width=width)
+        mags = st.floats(-_inward(-min_magnitude, dtype), hi, width=width)  # the smallest value >= min_magnitude
         return st.tuples(st.booleans(), mags).map(lambda t: -t[1] if t[0] else t[1])
     tiny = float(np.finfo(dtype).smallest_subnormal)
     edges = [0.0, -0.0, hi, -hi, float(np.nextafter(dtype(hi), dtype(0))), tiny, -tiny]
@@ -572,7 +570,8 @@ def deviations(protocol: AggregationProtocol, n: int) -> st.SearchStrategy[Any]:
     ]
     if active:
         options += [
-            st.builds(adv.InconsistentSurvivorLists, client, st.sets(client), st.sampled_from(["swap", "foreign_signatures"])),
+            st.builds(adv.InconsistentSurvivorLists, client, st.sets(client),
+                      st.sampled_from(["swap", "foreign_signatures"])),
             pair.map(lambda tv: adv.SubstitutePublicKey(target=tv[0], victim=tv[1])),
         ]
     return st.one_of(*options)

@@ -8,6 +8,7 @@ and 3 examples per property). Each test class runs its properties with the same 
 
 import numpy as np
 import pytest
+
 from securefed.protocols import BFV, CKKS, REGISTRY, Plain, SecAgg, SecAggPlus
 from securefed.testing import ConformanceError, check_protocol, conformance_tests
 from securefed.testing.conformance import _GROUPS
@@ -58,17 +59,20 @@ CONFIGS = {
     "secagg-active": (lambda: SecAgg(adversary="active"),
                       dict(max_examples=6, must_finish=survivors_at_least_t(SecAgg(adversary="active")))),
     "secagg+-active": (lambda: SecAggPlus(adversary="active"),
-                       dict(max_examples=6, clients=(5, 7), must_finish=secagg_plus_liveness(SecAggPlus(adversary="active")))),
+                       dict(max_examples=6, clients=(5, 7),
+                            must_finish=secagg_plus_liveness(SecAggPlus(adversary="active")))),
     "ckks": (CKKS, dict(HE, must_finish=he_decryptor_liveness)),
     "ckks-clients": (lambda: CKKS(key_holder="clients"), dict(HE, must_finish=he_clients_liveness)),
     "bfv": (lambda: BFV(value_range=1.0), dict(HE, must_finish=he_decryptor_liveness)),
     "bfv-clients": (lambda: BFV(value_range=1.0, key_holder="clients"), dict(HE, must_finish=he_clients_liveness)),
     "bfv-masked": (lambda: BFV(value_range=1.0, key_holder="masked"),
-                   dict(HE, clients=(3, 4), must_finish=survivors_at_least_t(BFV(value_range=1.0, key_holder="masked")))),
+                   dict(HE, clients=(3, 4),
+                        must_finish=survivors_at_least_t(BFV(value_range=1.0, key_holder="masked")))),
 }
 
 for _name, (_factory, _options) in CONFIGS.items():
-    globals()["TestConformance_" + _name.replace("+", "plus").replace("-", "_")] = conformance_tests(_factory, **_options)
+    _class_name = "TestConformance_" + _name.replace("+", "plus").replace("-", "_")
+    globals()[_class_name] = conformance_tests(_factory, **_options)
 
 # A finding (tests/testing/test_deviations.py has the deterministic case): Plain answers a repeated upload request
 # with InvalidInput, outside handle()'s contract.

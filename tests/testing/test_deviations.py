@@ -4,9 +4,8 @@ with the matching honest-client rule removed is reported by the deviation's viol
 import numpy as np
 import pytest
 
-from securefed.errors import InvalidInput
-
 from securefed.crypto import aead
+from securefed.errors import InvalidInput
 from securefed.protocols import BFV, CKKS, Plain, SecAgg, SecAggPlus
 from securefed.protocols import _secagg_client
 from securefed.testing.adversary import AskAgain, DropEveryone, ReplayOldShares, old_shares, run_round
