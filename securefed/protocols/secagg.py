@@ -140,6 +140,20 @@ class _MaskedAggregation(AggregationProtocol):
         other._round_cache = None
         return other
 
+    def with_identities(self, identities: KeyDirectory) -> _MaskedAggregation:
+        """A copy whose active variant verifies clients 0..n-1 against `identities` (a :class:`KeyDirectory`).
+
+        For runtimes where a client's index changes between rounds (on Flower, client i is the
+        round's i-th smallest node id): each party builds the round's directory from its own copy
+        of the federation's keys. ConfigurationError for anything but a KeyDirectory.
+        """
+        if not isinstance(identities, KeyDirectory):
+            raise ConfigurationError("identities must be a securefed.crypto.signing.KeyDirectory")
+        other = copy.copy(self)
+        other._identities = identities
+        other._round_cache = None
+        return other
+
     def message_sizes(self, n: int, dim: int) -> dict[str, tuple[int, int]]:
         """Bytes one client receives and sends in each phase of a round of n without dropouts.
 
