@@ -74,13 +74,6 @@ for _name, (_factory, _options) in CONFIGS.items():
     _class_name = "TestConformance_" + _name.replace("+", "plus").replace("-", "_")
     globals()[_class_name] = conformance_tests(_factory, **_options)
 
-# A finding (tests/testing/test_deviations.py has the deterministic case): Plain answers a repeated upload request
-# with InvalidInput, outside handle()'s contract.
-TestConformance_plain.test_honest_client = pytest.mark.xfail(strict=True, reason=(  # noqa: F821
-    "finding: a Plain client answers a byte-identical repeated upload request with InvalidInput ('call "
-    "set_input') since it drops its input once sent (a0ba570); handle() may raise only MessageRejected or "
-    "ProtocolAborted; reported to the lead"))(TestConformance_plain.test_honest_client)  # noqa: F821
-
 
 def test_every_registered_protocol_is_checked():
     names = {factory().name for factory, _ in CONFIGS.values()}

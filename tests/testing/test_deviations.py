@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from securefed.crypto import aead
-from securefed.errors import InvalidInput
 from securefed.protocols import BFV, CKKS, Plain, SecAgg, SecAggPlus
 from securefed.protocols import _secagg_client
 from securefed.testing.adversary import AskAgain, DropEveryone, ReplayOldShares, old_shares, run_round
@@ -56,14 +55,8 @@ def test_replayed_shares_are_reported_against_a_client_that_does_not_authenticat
     assert aead.open_sealed is accepts  # the patch is what made the difference
 
 
-PLAIN_RETRANSMISSION = pytest.mark.xfail(strict=True, raises=InvalidInput, reason=(
-    "finding: since a0ba570 a Plain client drops its input once sent and answers a repeated upload request "
-    "with InvalidInput ('call set_input'), outside handle()'s contract (MessageRejected or ProtocolAborted); "
-    "reported to the lead"))
-
-
 @pytest.mark.parametrize("protocol,phase,party,flip", [
-    pytest.param(Plain(), "upload", 0, None, marks=PLAIN_RETRANSMISSION, id="plain-same"),
+    pytest.param(Plain(), "upload", 0, None, id="plain-same"),
     pytest.param(Plain(), "upload", 0, -1, id="plain-flipped"),
     *[pytest.param(p, phase, party, flip, id=f"{name}-{'same' if flip is None else flip}")
       for p, phase, party, name in [(SecAgg(), "unmasking", 1, "secagg"), (CKKS(), "decrypt", "decryptor", "ckks"),
