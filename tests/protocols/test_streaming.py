@@ -181,14 +181,17 @@ def test_lazy_inputs_are_made_once_each_in_the_input_phase_and_the_sum_is_the_sa
         made.append(i)
         return xs[i]
 
-    for proto in (sf.protocols.SecAggPlus(), sf.protocols.Plain()):
+    for proto in (sf.protocols.SecAggPlus(), sf.protocols.Plain(), sf.protocols.BFV(value_range=1.0)):
         made.clear()
         lazy = sf.simulate_aggregation(proto, LazyInputs(6, 257, make), {2: proto.phases[0]}, seed=5)
         eager = sf.simulate_aggregation(proto, xs, {2: proto.phases[0]}, seed=5)
         assert made == [0, 1, 3, 4, 5]  # client 2 dropped before uploading: its input is never made
-        np.testing.assert_array_equal(lazy.total, eager.total)
+        if proto.name != "bfv":  # BFV's ciphertexts take SEAL's own randomness: equal sums, not equal bytes
+            np.testing.assert_array_equal(lazy.total, eager.total)
+            assert lazy.server_view.digests == eager.server_view.digests
+        assert np.abs(lazy.total - np.sum([xs[i] for i in lazy.included], axis=0)).max() <= proto.error_bound(6)
         assert lazy.included == eager.included == (0, 1, 3, 4, 5)
-        assert lazy.server_view.messages == [] and lazy.server_view.digests == eager.server_view.digests
+        assert lazy.server_view.messages == [] and len(lazy.server_view.digests) == len(eager.server_view.digests)
 
 
 def test_lazy_inputs_are_checked_when_used():
