@@ -11,17 +11,26 @@
 ==============================  =============================================================
 
 See ``protocols/dp.md`` (where noise enters each protocol) and ``proofs/dp.md``.
+``DPSGD`` needs torch and loads on first use: importing this package does not import torch
+(a Flower node's process per message with DP would otherwise pay seconds for it).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from securefed.privacy.accountant import Accountant, compute_epsilon, rdp_orders
 from securefed.privacy.clipping import AdaptiveClipping, Clipping, FlatClipping, PerLayerClipping, l2_norm
 from securefed.privacy.config import CentralDP, DistributedDP, PrivacyConfig, SampleLevelDP
 from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam, default_granularity
-from securefed.privacy.dpsgd import DPSGD
 from securefed.privacy.events import DDGEvent, GaussianEvent, PrivacyEvent, SkellamEvent, event_from_dict
 from securefed.privacy.noise import CentralGaussian, NoiseModule
 from securefed.privacy.rotation import HadamardRotation
 from securefed.privacy.session import PrivacySession
+
+if TYPE_CHECKING:
+    from securefed.privacy.dpsgd import DPSGD
 
 __all__ = [
     "DPSGD",
@@ -50,3 +59,16 @@ __all__ = [
     "l2_norm",
     "rdp_orders",
 ]
+
+#: Public names whose modules need torch, loaded on first access.
+_LAZY = {"DPSGD": "securefed.privacy.dpsgd"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'securefed.privacy' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

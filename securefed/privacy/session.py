@@ -18,22 +18,23 @@ See ``protocols/dp.md`` section 2 and ``proofs/dp.md`` section 1.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from securefed.crypto.random import RandomSource
-from securefed.errors import ConfigurationError, PrivacyBudgetExceeded
+from securefed.errors import ConfigurationError
 from securefed.privacy.accountant import Accountant
+from securefed.privacy.client_level import ClientLevelMechanism, check_budget
 from securefed.privacy.clipping import AdaptiveClipping, Clipping, FlatClipping
 from securefed.privacy.config import CentralDP, DistributedDP, PrivacyConfig, SampleLevelDP
-from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam, _DistributedNoise
-from securefed.privacy.dpsgd import DPSGD
-from securefed.privacy.events import DDGEvent, PrivacyEvent
+from securefed.privacy.events import PrivacyEvent
 from securefed.privacy.noise import CentralGaussian, NoiseModule
+
+if TYPE_CHECKING:
+    from securefed.privacy.dpsgd import DPSGD  # torch: loaded only for sample-level DP
 
 __all__ = ["PrivacySession"]
 
@@ -62,6 +63,8 @@ class PrivacySession:
         self.dpsgd: DPSGD | None = None
         self.clipping: Clipping | None = None
         if isinstance(config, SampleLevelDP):
+            from securefed.privacy.dpsgd import DPSGD
+
             self.dpsgd = DPSGD(noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
                                sampling_rate=config.sampling_rate)
             self.dimension = dimension
@@ -75,13 +78,14 @@ class PrivacySession:
             self._update_multiplier = self.clipping.update_noise_multiplier(config.noise_multiplier,
                                                                              self._count_stddev)
         self.dimension = dimension + (1 if isinstance(self.clipping, AdaptiveClipping) else 0)
+        self._protocol = protocol
         self._setup_round()
         if isinstance(config, DistributedDP):
             # Noise is provisioned for the honest shares of the t = min_survivors(n) a round is sure to sum.
-            self._threshold: Callable[[int], int] = protocol.min_survivors
-            protocol.with_encoder(self._encoder())  # ConfigurationError now for protocols without integers
+            mechanism = self.mechanism()
+            protocol.with_encoder(mechanism.encoder())  # ConfigurationError now for protocols without integers
             # ... and for a threshold the colluders could fill (Poisson samples go up to the population).
-            self._honest_survivors(population if self.sampling_rate < 1.0 else clients_per_round)
+            mechanism.honest_survivors(population if self.sampling_rate < 1.0 else clients_per_round)
 
     # -- per-round parameters ---------------------------------------------------------
 
@@ -97,45 +101,20 @@ class PrivacySession:
         else:
             self._bound = c
 
-    def _encoder(self) -> _DistributedNoise:
-        config = self.config
-        assert isinstance(config, DistributedDP)
-        cls = DistributedDiscreteGaussian if config.mechanism == "ddg" else DistributedSkellam
-        return cls(
-            l2_clip=self._bound, noise_multiplier=config.noise_multiplier, dimension=self.dimension,
-            min_survivors=self._honest_survivors, granularity=config.granularity, beta=config.beta,
-            rotation=config.rotation, wrap_probability=config.wrap_probability,
-        )
-
-    def _colluding(self, n: int) -> int:
-        assert isinstance(self.config, DistributedDP)
-        return math.ceil(self.config.colluding_fraction * n - 1e-9)
-
-    def _honest_survivors(self, n: int) -> int:
-        """t - C: the shares of a finished round that clients pooling with the server do not know."""
-        t, c = self._threshold(n), self._colluding(n)
-        if t - c < 1:
-            raise ConfigurationError(
-                f"a round of {n} may finish with {t} clients, all of whom may collude with the server "
-                f"({c} colluding): raise the protocol's threshold or lower colluding_fraction"
-            )
-        return t - c
+    def mechanism(self) -> ClientLevelMechanism:
+        """Client level: the round's noise, events and planned event (what Flower's strategy uses too)."""
+        assert isinstance(self.config, (CentralDP, DistributedDP))
+        return ClientLevelMechanism(self.config, protocol=self._protocol, dimension=self.dimension,
+                                    l2_bound=self._bound, sampling_rate=self.sampling_rate)
 
     def _noise(self) -> NoiseModule:
-        if self.dpsgd is not None:
-            return self.dpsgd
-        if isinstance(self.config, DistributedDP):
-            return self._encoder()
-        return CentralGaussian(noise_multiplier=self.config.noise_multiplier, l2_clip=self._bound)
+        return self.dpsgd if self.dpsgd is not None else self.mechanism().noise()
 
     def _event(self, *, included: int, n: int, round: int) -> PrivacyEvent:
-        noise = self._noise()
-        if isinstance(noise, DPSGD):
-            return noise.event(included=included, n=n, round=round,
-                               steps=self._local_steps * noise.steps_per_epoch)
-        if isinstance(self.config, DistributedDP):  # count only the shares unknown to the server
-            included -= self._colluding(n)
-        return noise.event(included=included, n=n, sampling_rate=self.sampling_rate, round=round)
+        if self.dpsgd is not None:
+            return self.dpsgd.event(included=included, n=n, round=round,
+                                    steps=self._local_steps * self.dpsgd.steps_per_epoch)
+        return self.mechanism().event(included=included, n=n, round=round)
 
     # -- the round ------------------------------------------------------------------------
 
@@ -160,39 +139,23 @@ class PrivacySession:
         try:
             protocol.min_survivors(n)
             if isinstance(self.config, DistributedDP):
-                self._honest_survivors(n)
+                self.mechanism().honest_survivors(n)
         except ConfigurationError:
             return False
         return True
 
     def planned_event(self, round: int, n: int) -> PrivacyEvent:
-        """An event that costs at least what the round can cost, whoever of its n participants survives.
-
-        Distributed noise: the total noise of the t shares a finished round is sure to sum, and
-        for the discrete Gaussian also tau of n shares (tau only grows with the number of shares
-        and shrinks with their size): the formulas are monotone in both (``proofs/dp.md`` D7).
-        """
-        n = max(n, 1)
-        if not isinstance(self.config, DistributedDP):
-            return self._event(included=n, n=n, round=round)
-        event = self._event(included=self._threshold(n), n=n, round=round)
-        return dataclasses.replace(event, num_clients=n) if isinstance(event, DDGEvent) else event
+        """An event that costs at least what the round can cost, whoever of its n participants survives
+        (client level: :meth:`ClientLevelMechanism.planned_event`; sample level: the round's own event)."""
+        if self.dpsgd is not None:
+            return self._event(included=max(n, 1), n=max(n, 1), round=round)
+        return self.mechanism().planned_event(round, n)
 
     def before_round(self, round: int, n: int) -> None:
         """Raise PrivacyBudgetExceeded if a round of n participants could exceed the target epsilon."""
         if self.clipping is not None:
             self._setup_round()
-        target = self.config.target_epsilon
-        if target is None:
-            return
-        eps = self.accountant.epsilon_after(self.planned_event(round, n), self.config.delta)
-        if eps > target:
-            spent = self.accountant.epsilon(self.config.delta)
-            raise PrivacyBudgetExceeded(
-                f"round {round} could bring epsilon to {eps:.4g} at delta {self.config.delta:g}, above the target "
-                f"{target:g} (spent so far: {spent:.4g} in {len(self.accountant)} rounds); stop training, or "
-                "raise target_epsilon or the noise"
-            )
+        check_budget(self.accountant, self.planned_event(round, n), config=self.config, round=round)
 
     def client_input(self, update: np.ndarray, layout: Sequence[int]) -> np.ndarray:
         """What a participant sends: its clipped update (plus the scaled count bit when the clip adapts)."""
@@ -209,7 +172,7 @@ class PrivacySession:
         if not isinstance(self.config, DistributedDP):
             return base
         seed = self._rng.child(f"round/{round}/rotation").token_bytes(32)  # public round randomness
-        return base.with_encoder(self._encoder().for_round(seed))
+        return base.with_encoder(self.mechanism().encoder().for_round(seed))
 
     def finish_round(self, total: np.ndarray, included: int, n: int, round: int) -> np.ndarray:
         """Record the round's event and return the mean update (central noise added here)."""
