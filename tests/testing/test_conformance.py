@@ -3,7 +3,8 @@ conformance suite (securefed/testing/conformance.py), one pytest test per proper
 
 Example counts are set here because the rounds are expensive: a SecAgg round of up to 6 clients
 costs tens of milliseconds, a TenSEAL round 0.2-1 s (so HE rounds keep to 3 clients, 3 coordinates
-and 3 examples per property). Each test class runs its properties with the same options.
+and 3 examples per property, 2 for the key-holder variants). Each test class runs its properties
+with the same options.
 """
 
 import numpy as np
@@ -50,6 +51,7 @@ def he_clients_liveness(n, dropouts):
 # Semi-honest SecAgg and SecAgg+ accept a corrupted advertised key: see test_semi_honest_*_detects_* below.
 NOT_ADVERTISE = [p for p in SecAgg.phases if p != "advertise_keys"]
 HE = dict(clients=(1, 3), dimension=(1, 3), deterministic_view=False, max_examples=3)
+HE_VARIANT = dict(HE, max_examples=2)  # the key-holder variants share most code with the defaults
 
 CONFIGS = {
     "plain": (Plain, dict(unprotected=True, max_examples=30)),
@@ -62,11 +64,12 @@ CONFIGS = {
                        dict(max_examples=6, clients=(5, 7),
                             must_finish=secagg_plus_liveness(SecAggPlus(adversary="active")))),
     "ckks": (CKKS, dict(HE, must_finish=he_decryptor_liveness)),
-    "ckks-clients": (lambda: CKKS(key_holder="clients"), dict(HE, must_finish=he_clients_liveness)),
+    "ckks-clients": (lambda: CKKS(key_holder="clients"), dict(HE_VARIANT, must_finish=he_clients_liveness)),
     "bfv": (lambda: BFV(value_range=1.0), dict(HE, must_finish=he_decryptor_liveness)),
-    "bfv-clients": (lambda: BFV(value_range=1.0, key_holder="clients"), dict(HE, must_finish=he_clients_liveness)),
+    "bfv-clients": (lambda: BFV(value_range=1.0, key_holder="clients"),
+                    dict(HE_VARIANT, must_finish=he_clients_liveness)),
     "bfv-masked": (lambda: BFV(value_range=1.0, key_holder="masked"),
-                   dict(HE, clients=(3, 4),
+                   dict(HE_VARIANT, clients=(3, 4),
                         must_finish=survivors_at_least_t(BFV(value_range=1.0, key_holder="masked")))),
 }
 
