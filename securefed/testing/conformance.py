@@ -206,7 +206,9 @@ class _Suite:
         self.message_phases = None if message_phases is None else set(message_phases)
         self.settings = settings_
         self.wanted = set(wanted)
-        self.name = repr(self.probe)
+        shown = repr(self.probe)
+        kind = type(self.probe).__name__
+        self.name = shown if shown.startswith(kind) else f"{kind} ({shown})"  # a subclass with its base's repr
 
     def _accepts(self, n: int) -> bool:
         try:
@@ -301,7 +303,7 @@ class _Suite:
                 t = protocol.min_survivors(n)
             except ConfigurationError:
                 try:
-                    simulate_aggregation(protocol, [np.zeros(1)] * n, seed=0)
+                    simulate_aggregation(protocol, [np.zeros(self.dimension[0])] * n, seed=0)
                 except ConfigurationError:
                     continue
                 except Exception as e:  # noqa: BLE001
