@@ -120,7 +120,7 @@ def test_the_corrupted_key_sums_wrongly_in_one_deterministic_example():
 def test_active_secagg_rejects_a_corrupted_advertised_key():
     """The active variant signs the advertised keys, so the same corruption is rejected."""
     check_protocol(lambda: SecAgg(adversary="active"), properties=["malformed_messages"],
-                   message_phases=["advertise_keys"], max_examples=15)
+                   message_phases=["advertise_keys"], max_examples=10)
 
 
 def test_bad_options_are_refused():
