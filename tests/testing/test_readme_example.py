@@ -71,7 +71,8 @@ class PadServer(ServerProtocol):
         head = self.spec.session_id + struct.pack(">I", party)
         if (party in self.got or party in self._dropped or payload[: len(head)] != head
                 or len(payload) != len(head) + 8 * self.spec.dim):
-            self._dropped.setdefault(party, DropRecord(phase, DropReason.REJECTED))
+            if party not in self.got:  # a duplicate does not undo the accepted upload
+                self._dropped.setdefault(party, DropRecord(phase, DropReason.REJECTED))
             raise MessageRejected("invalid message")
         self.acc += np.frombuffer(payload[len(head) :], dtype=np.uint64)  # checked first, then added
         self.got.add(party)
