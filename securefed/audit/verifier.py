@@ -313,8 +313,9 @@ class _Checker:
         phases, parts = body["phases"], body["participants"]
         members, included = set(parts), body["included"]
         cls = REGISTRY.get(body["protocol"]["protocol"])
-        input_phase = getattr(cls, "input_phase", "") or phases[-1]
-        last = phases.index(input_phase) if input_phase in phases else len(phases) - 1
+        # The protocol's own definition when the record has its phases (a mismatch fails in _protocol).
+        last = cls.input_phase_index() if cls is not None and list(cls.phases) == phases else len(phases) - 1
+        input_phase = phases[last] if phases else ""
         if not included:
             self.fail(number, "body.included", "at least one participant in the aggregate", "none")
         for c in included:

@@ -156,6 +156,16 @@ class AggregationProtocol(abc.ABC):
     #: (SecAgg: "masked_input"). The audit verifier checks this.
     input_phase: str = ""
 
+    @classmethod
+    def input_phase_index(cls) -> int:
+        """Index in ``phases`` of the phase that carries a client's input: ``input_phase``, or the last
+        phase when it is unset. ConfigurationError if ``input_phase`` names no phase."""
+        if not cls.input_phase:
+            return len(cls.phases) - 1
+        if cls.input_phase not in cls.phases:
+            raise ConfigurationError(f"input_phase {cls.input_phase!r} is not one of the phases {cls.phases}")
+        return cls.phases.index(cls.input_phase)
+
     @abc.abstractmethod
     def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
         """A fresh server state machine for the round `spec`."""
@@ -329,7 +339,7 @@ def simulate_aggregation(
         i: protocol.client(spec, i, xs[i], rng=rng.child(f"client/{i}")) for i in range(n)
     }
     parties.update(protocol.auxiliary(spec, rng=rng.child("auxiliary")))
-    input_phase = protocol.input_phase or protocol.phases[-1]
+    input_phase = protocol.phases[protocol.input_phase_index()]
     view = ServerView()
     for p, phase in enumerate(protocol.phases):
         for party, request in server.requests(phase).items():

@@ -40,6 +40,7 @@ class Plain(AggregationProtocol):
 
     name = "plain"
     phases = ("upload",)
+    input_phase = "upload"
 
     def __repr__(self) -> str:
         return "Plain()"

@@ -46,3 +46,22 @@ def test_round_spec_session_id_is_32_bytes():
 def test_plain_carries_no_integer_encoding():
     with pytest.raises(ConfigurationError):
         sf.protocols.Plain().with_encoder(object())
+
+
+def test_the_input_phase_is_the_declared_one_or_else_the_last():
+    """One definition (base.md): simulate_aggregation, the audit verifier and Flower all use it."""
+
+    class Unset(sf.protocols.Plain):
+        phases = ("hello", "upload")
+        input_phase = ""
+
+    class Wrong(sf.protocols.Plain):
+        input_phase = "nope"
+
+    assert Unset.input_phase_index() == 1 and Unset().input_phase_index() == 1
+    assert sf.protocols.Plain.input_phase == "upload" and sf.protocols.Plain().input_phase_index() == 0
+    for cls in sf.protocols.REGISTRY.values():
+        assert cls.phases[cls.input_phase_index()] == (cls.input_phase or cls.phases[-1])
+    assert sf.protocols.SecAggPlus.phases[sf.protocols.SecAggPlus.input_phase_index()] == "masked_input"
+    with pytest.raises(ConfigurationError, match="nope"):
+        Wrong.input_phase_index()
