@@ -119,6 +119,7 @@ def slabs(size: int, work_per_element: int = 1) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
 
+_PREFIX = "securefed-slab"
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
@@ -130,7 +131,7 @@ def _executor(workers: int) -> concurrent.futures.ThreadPoolExecutor:
         if _pool is None or _pool_size < workers:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="securefed")
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=_PREFIX)
             _pool_size = workers
         return _pool
 
@@ -149,7 +150,8 @@ def run_slabs(fn: Callable[[int, int], T], ranges: Sequence[tuple[int, int]]) ->
 
     Waits for all of them; if any raised, re-raises the exception of the lowest slab.
     """
-    if len(ranges) <= 1:
+    if len(ranges) <= 1 or threading.current_thread().name.startswith(_PREFIX):
+        # (a slab that itself splits work runs it inline: waiting on the pool from the pool could deadlock)
         return [fn(lo, hi) for lo, hi in ranges]
     pool = _executor(len(ranges) - 1)
     # Each task runs in a copy of the caller's context, so options() set by the caller apply there too.

@@ -70,3 +70,16 @@ def test_options_are_scoped_and_checked():
                 pass
         with pytest.raises(ValueError):
             parallel.configure(**bad)
+
+
+def test_a_slab_that_splits_its_own_work_runs_it_inline():
+    def inner(lo, hi):
+        return threading.current_thread().name
+
+    def outer(lo, hi):
+        return parallel.run_slabs(inner, [(lo, lo + 1), (lo + 1, hi)])
+
+    with parallel.options(threads=2):
+        names = parallel.run_slabs(outer, [(0, 2), (2, 4)])
+    assert len({n for pair in names for n in pair}) == 2  # the caller, and one pool thread running both of its
+    assert names[1][0] == names[1][1]

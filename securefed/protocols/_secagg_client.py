@@ -377,8 +377,9 @@ def _dump_client(c: Client) -> bytes:
     w.u("IIIBB", c.me, r.t, r.params.degree, r.width, int(r.active))
     for secret in (d.c_sk, d.s_sk, d.b, d.signed):
         w.blob(secret)
-    source = c.source()  # a pending input is saved encoded, as the masked-input step would encode it
-    encoded = None if source is None else materialize(source, s.dim, r.dtype)
+    encoded = d.encoded
+    if d.pending is not None:  # saved encoded, exactly as the masked-input step would encode it
+        encoded = materialize(c.source(), s.dim, r.dtype)  # type: ignore[arg-type]
     w.blob(b"" if encoded is None else encoded.astype(encoded.dtype.newbyteorder("<")).tobytes())
     w.u("I", len(d.peers))
     for v in sorted(d.peers):
