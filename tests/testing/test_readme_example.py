@@ -1,13 +1,10 @@
-"""The README section "Test your own protocol": its code runs as written in a fresh interpreter, and the
-suite catches the toy protocol it shows when its pads do not cancel or its client answers any request.
+"""The README section "Test your own protocol": the suite catches the toy protocol it shows when its
+pads do not cancel or its client answers any request.
 
-README_EXAMPLE is the text of the README's python block (the lead pastes it there; tests/test_readme.py
-then runs it too).
+README_EXAMPLE is the text of that README block, verbatim; tests/test_readme.py runs it as written.
 """
 
-import os
-import subprocess
-import sys
+import pathlib
 
 import numpy as np
 import pytest
@@ -114,11 +111,10 @@ check_protocol(PadSum, clients=(1, 4), dimension=(1, 4), max_examples=20)
 '''
 
 
-def test_the_readme_example_runs_in_a_fresh_interpreter():
-    env = {**os.environ, "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "ci")}
-    out = subprocess.run([sys.executable, "-c", README_EXAMPLE], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
+def test_the_readme_shows_this_example_verbatim():
+    """tests/test_readme.py runs every python block of the README; this keeps the variants below in step."""
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert README_EXAMPLE in readme
 
 
 def toy():
