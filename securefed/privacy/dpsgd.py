@@ -1,19 +1,20 @@
 """Sample-level DP-SGD inside one participant's local training (Abadi et al. 2016).
 
 Each step: a Poisson sample of the participant's examples (each in with
-probability ``sampling_rate``, coins from the party's CSPRNG); per-example
-gradients with ``torch.func`` (``vmap`` over ``grad``, no hooks); each clipped to
-L2 norm ``max_grad_norm`` over all trainable parameters; their sum plus
+probability ``sampling_rate``, coins from the party's CSPRNG); each example's
+gradient with ``torch.func`` (``vmap`` over ``grad``), where ``nn.Linear`` layers
+give only their per-example norms (ghost clipping, ``_ghost``); each gradient
+clipped to L2 norm ``max_grad_norm`` over all trainable parameters; their sum plus
 N(0, (noise_multiplier * max_grad_norm)^2) per coordinate, divided by the
 expected batch size ``sampling_rate * len(dataset)`` (Opacus' convention); an
 SGD step. An epoch is round(1 / sampling_rate) steps. The privacy unit is one
-example; see ``proofs/dp.md`` section 7.
+example; see ``proofs/dp.md`` section 8.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from securefed.crypto.random import RandomSource
 from securefed.errors import ConfigurationError
-from securefed.privacy import sampling
+from securefed.privacy import _ghost, sampling
 from securefed.privacy.events import GaussianEvent, PrivacyEvent
 from securefed.privacy.noise import NoiseModule
 
@@ -36,6 +37,9 @@ class DPSGD(NoiseModule):
     mechanism = "gaussian"
     #: Per-example gradient floats held at once (see :meth:`clipped_sum`).
     chunk_floats: int = 2**26
+    #: Norms and clipped sums of ``nn.Linear`` layers without per-example gradients (Lemma D12 of
+    #: ``proofs/dp.md``); False materializes every layer's per-example gradients (the reference path).
+    ghost_clipping: bool = True
 
     def __init__(self, *, noise_multiplier: float, max_grad_norm: float, sampling_rate: float) -> None:
         for name, v in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
@@ -106,7 +110,7 @@ class DPSGD(NoiseModule):
         optimizer.zero_grad(set_to_none=True)
         for p, g in grads:
             noise = sampling.gaussian(rng, self.noise_multiplier * self.max_grad_norm, g.numel())
-            p.grad = (g + torch.from_numpy(noise).to(g.dtype).reshape(g.shape)) / expected_batch
+            p.grad = g.add_(torch.from_numpy(noise).to(g.dtype).reshape(g.shape)).div_(expected_batch)
         optimizer.step()
         return losses
 
@@ -116,36 +120,71 @@ class DPSGD(NoiseModule):
     ) -> tuple[list[tuple[nn.Parameter, torch.Tensor]], torch.Tensor]:
         """Sum over `batch` of per-example gradients clipped to max_grad_norm, and the per-example losses.
 
-        Per-example gradients are materialized for at most ``chunk_floats / parameters`` examples
-        at a time (256 MiB of float32 by default), so memory stays bounded whatever the batch size.
+        Each example is computed on its own (``vmap`` over ``grad_and_value``), in chunks of at most
+        ``chunk_floats`` materialized floats (256 MiB of float32 by default), so memory stays bounded
+        whatever the batch size. With ``ghost_clipping``, ``nn.Linear`` layers give their per-example
+        norms and clipped sums from their inputs and output gradients without per-example gradients.
+        Spec: ``protocols/dp.md`` section 6.
         """
         params = {k: v for k, v in model.named_parameters() if v.requires_grad}
         sums = {k: torch.zeros_like(v) for k, v in params.items()}
         if batch is None:
             return [(params[k], g) for k, g in sums.items()], torch.zeros(0)
-        from torch.func import functional_call, grad_and_value, vmap
-
-        detached = {k: v.detach() for k, v in params.items()}
-        buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-        def one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss_fn(functional_call(model, (p, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
-
-        per_example_fn = vmap(grad_and_value(one), in_dims=(None, 0, 0))
-        chunk = max(1, self.chunk_floats // max(1, sum(v.numel() for v in params.values())))
         losses = []
-        for lo in range(0, len(batch[1]), chunk):
-            per_example, loss = per_example_fn(detached, batch[0][lo : lo + chunk], batch[1][lo : lo + chunk])
-            norms = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in per_example.values()]),
-                dim=0,
-            )
+        for norms, loss, weighted_sum in self._per_example(model, batch, loss_fn):
             # Opacus' factor: C / (norm + 1e-6) capped at 1 keeps every clipped norm strictly below C.
             factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            for k, g in per_example.items():
-                sums[k] += torch.einsum("b,b...->...", factor, g)
-            losses.append(loss.detach())
+            for k, g in weighted_sum(factor).items():
+                sums[k] += g
+            losses.append(loss)
         return [(params[k], g) for k, g in sums.items()], torch.cat(losses)
+
+    def _per_example(
+        self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]]]:
+        """Per chunk of examples: the norms (n,) of their gradients over all trainable parameters, their
+        losses (n,), and the map from weights (n,) to the weighted sum of their gradients by parameter.
+
+        Parameters of the layers ``_ghost`` confirms take Lemma D12's rule; every other trainable
+        parameter's per-example gradients are materialized, and the norms combine both.
+        """
+        from torch.func import functional_call, grad_and_value, vmap
+
+        params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+        with _ghost.Probes(_ghost.linear_layers(model) if self.ghost_clipping else {}) as probes:
+            if probes.layers:
+                probes.discover(model, batch[0][:1], batch[1][:1], loss_fn)
+            fast = probes.covered()
+            rest = {k: v.detach() for k, v in params.items() if k not in fast}
+            fixed = {k: params[k].detach() for k in fast}
+            buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+            def one(p: dict[str, torch.Tensor], z: dict[str, list[torch.Tensor]], x: torch.Tensor,
+                    y: torch.Tensor) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+                inputs = probes.start(z)
+                loss = loss_fn(functional_call(model, (p, fixed, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+                return loss, inputs
+
+            # Differentiating the probes gives each fast layer's output gradients, not its weights'.
+            per_example_fn = vmap(grad_and_value(one, argnums=(0, 1), has_aux=True), in_dims=(None, 0, 0, 0))
+            floats = sum(v.numel() for v in rest.values()) + probes.floats_per_example()
+            chunk = max(1, self.chunk_floats // max(1, floats))
+            for lo in range(0, len(batch[1]), chunk):
+                x, y = batch[0][lo : lo + chunk], batch[1][lo : lo + chunk]
+                (grads, out_grads), (loss, inputs) = per_example_fn(rest, probes.zeros(len(y)), x, y)
+                probes.check(inputs)
+                fast_norms, fast_sum = probes.norms_and_sums(inputs, out_grads)
+                norms = torch.linalg.vector_norm(torch.stack(
+                    [torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads.values()]
+                    + fast_norms), dim=0)
+
+                def weighted_sum(w: torch.Tensor, grads: dict[str, torch.Tensor] = grads,
+                                 fast_sum: Callable[[torch.Tensor], dict[str, torch.Tensor]] = fast_sum,
+                                 ) -> dict[str, torch.Tensor]:
+                    return {**{k: torch.einsum("b,b...->...", w, g) for k, g in grads.items()}, **fast_sum(w)}
+
+                yield norms, loss.detach(), weighted_sum
 
 
 def _batch(dataset: Dataset, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -31,12 +31,13 @@ def naive_per_example(model, x, y):
     return out
 
 
+@pytest.mark.parametrize("ghost", [True, False])  # Linear layers by Lemma D12, or every gradient materialized
 @pytest.mark.parametrize("chunk_floats", [2**26, 100])  # the whole batch at once, or 1-2 examples at a time
 @pytest.mark.parametrize("clip", [1e6, 0.05])
-def test_clipped_sum_is_the_sum_of_individually_clipped_per_example_gradients(clip, chunk_floats):
+def test_clipped_sum_is_the_sum_of_individually_clipped_per_example_gradients(clip, chunk_floats, ghost):
     model, (x, y) = mlp(), batch()
     dp = DPSGD(noise_multiplier=1.0, max_grad_norm=clip, sampling_rate=0.5)
-    dp.chunk_floats = chunk_floats
+    dp.chunk_floats, dp.ghost_clipping = chunk_floats, ghost
     grads, losses = dp.clipped_sum(model, (x, y), loss_fn)
     expected = [torch.zeros_like(p) for p in model.parameters()]
     for per in naive_per_example(model, x, y):
