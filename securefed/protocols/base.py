@@ -309,6 +309,7 @@ def simulate_aggregation(
     *,
     record: Literal["full", "digest"] | None = None,
     round_index: int = 0,
+    session_id: bytes | None = None,
 ) -> AggregationResult:
     """Run one round with every party in this process and record the server's view.
 
@@ -317,7 +318,8 @@ def simulate_aggregation(
     client i send nothing in `phase` or later. A `seed` makes every key and coin
     reproducible (simulation only). ``record="digest"`` keeps only SHA-256 digests
     of what the server received, for model-sized runs (the default for LazyInputs;
-    ``"full"`` otherwise).
+    ``"full"`` otherwise). ``session_id``: the round's 32 bytes of public randomness (default:
+    from the seed), to compare with a runtime that derives its own (Flower's binds the node ids).
 
     Raises InvalidInput for bad inputs and ProtocolAborted when the round cannot
     finish safely. See ``protocols/base.md``.
@@ -333,7 +335,8 @@ def simulate_aggregation(
     n = len(xs)
     drop_at = _check_dropouts(protocol, n, dropouts)
     rng = RandomSource(seed)
-    spec = RoundSpec(n=n, dim=dim, session_id=rng.child("session").token_bytes(32), round_index=round_index)
+    session = rng.child("session").token_bytes(32) if session_id is None else session_id
+    spec = RoundSpec(n=n, dim=dim, session_id=session, round_index=round_index)
     server = protocol.server(spec, rng=rng.child("server"))
     parties: dict[Party, ClientProtocol] = {
         i: protocol.client(spec, i, xs[i], rng=rng.child(f"client/{i}")) for i in range(n)

@@ -65,3 +65,10 @@ def test_the_input_phase_is_the_declared_one_or_else_the_last():
     assert sf.protocols.SecAggPlus.phases[sf.protocols.SecAggPlus.input_phase_index()] == "masked_input"
     with pytest.raises(ConfigurationError, match="nope"):
         Wrong.input_phase_index()
+
+
+def test_a_given_session_id_is_the_rounds():
+    session = bytes(range(32))
+    res = sf.simulate_aggregation(sf.protocols.Plain(), [np.ones(3)] * 2, seed=1, session_id=session)
+    assert res.spec.session_id == session
+    assert sf.simulate_aggregation(sf.protocols.Plain(), [np.ones(3)] * 2, seed=1).spec.session_id != session
