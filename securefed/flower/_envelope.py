@@ -2,10 +2,14 @@
 
 Layout (``protocols/flower.md``, "Envelope"): one ``ConfigRecord`` under the key
 ``"securefed"``. A request carries ``v, protocol, params, phase, round, n, dim,
-session, client, max_examples, payload`` (``max_examples`` > 0: weight the update by
-examples, capped there; 0: uniform); a reply carries ``v, phase, round, session, client,
-payload``. The input phase's request also carries the global model (``ArrayRecord``
-``"arrays"``) and the training configuration (``ConfigRecord`` ``"config"``).
+session, nonce, nodes, client, party, max_examples, payload`` (``nodes``: the round's
+node ids, ascending, 8 bytes each, client i being the i-th; ``session`` =
+SHA-256(label, nonce, nodes), so the session names its participants; ``party``: "" for
+client ``client``, else an auxiliary party's name with ``client`` 0; ``max_examples`` >
+0: weight the update by examples, capped there; 0: uniform); a reply carries ``v, phase,
+round, session, client, party, payload``. The input phase's request to a client also
+carries the global model (``ArrayRecord`` ``"arrays"``) and the training configuration
+(``ConfigRecord`` ``"config"``).
 
 Parsing is strict (exact keys and types); anything else is MessageRejected. The
 protocol's own header, inside ``payload``, binds round, session, phase and sender
@@ -15,8 +19,10 @@ again, so a forged envelope around a replayed payload is still refused.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-from collections.abc import Mapping
+import struct
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -24,23 +30,43 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from securefed.errors import MessageRejected
 from securefed.protocols.base import AggregationProtocol
 
-__all__ = ["KEY", "VERSION", "Reply", "Request", "describe", "parse_reply", "parse_request"]
+__all__ = ["KEY", "VERSION", "Reply", "Request", "describe", "pack_nodes", "parse_reply", "parse_request",
+           "session_id"]
 
 #: The record key of securefed's envelope in a Flower ``RecordDict``.
 KEY = "securefed"
 #: Envelope layout version.
-VERSION = 1
+VERSION = 2
 
 _REQUEST_FIELDS = {
     "v": int, "protocol": str, "params": str, "phase": str, "round": int, "n": int, "dim": int,
-    "session": bytes, "client": int, "max_examples": int, "payload": bytes,
+    "session": bytes, "nonce": bytes, "nodes": bytes, "client": int, "party": str, "max_examples": int,
+    "payload": bytes,
 }
-_REPLY_FIELDS = {"v": int, "phase": str, "round": int, "session": bytes, "client": int, "payload": bytes}
+_REPLY_FIELDS = {"v": int, "phase": str, "round": int, "session": bytes, "client": int, "party": str,
+                 "payload": bytes}
+_NODE = struct.Struct(">Q")
+_SESSION_LABEL = b"securefed/flower/session\x00"
 
 
-def describe(protocol: AggregationProtocol, n: int) -> str:
-    """``protocol.describe(n)`` as canonical JSON: what server and client must agree on."""
-    return json.dumps(protocol.describe(n), sort_keys=True, separators=(",", ":"), default=str)
+def describe(protocol: AggregationProtocol, n: int, privacy: Mapping[str, Any] | None = None) -> str:
+    """``protocol.describe(n)`` (plus the round's `privacy` settings) as canonical JSON: what server and
+    client must agree on."""
+    desc = protocol.describe(n) if privacy is None else {**protocol.describe(n), "privacy": dict(privacy)}
+    return json.dumps(desc, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def pack_nodes(nodes: Sequence[int]) -> bytes:
+    """The round's node ids (ascending) as 8-byte big-endian words."""
+    return b"".join(_NODE.pack(v) for v in nodes)
+
+
+def session_id(nonce: bytes, nodes: bytes) -> bytes:
+    """The round's session id: SHA-256 of a label, the server's 32-byte `nonce` and the packed node ids.
+
+    Every protocol message and signature binds the session, so a session has exactly one list
+    of participants: a server cannot show nodes different lists in one session."""
+    return hashlib.sha256(_SESSION_LABEL + nonce + nodes).digest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +80,19 @@ class Request:
     n: int
     dim: int
     session: bytes
+    nonce: bytes
+    nodes: bytes
     client: int
+    party: str
     max_examples: int
     payload: bytes
 
     def record(self) -> ConfigRecord:
         return ConfigRecord({"v": VERSION, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}})
+
+    def node_ids(self) -> tuple[int, ...]:
+        """The round's node ids, client i being the i-th."""
+        return tuple(v for (v,) in _NODE.iter_unpack(self.nodes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +103,7 @@ class Reply:
     round: int
     session: bytes
     client: int
+    party: str
     payload: bytes
 
     def record(self) -> ConfigRecord:
@@ -100,9 +134,15 @@ def parse_request(content: RecordDict, *, input_phase: bool) -> tuple[Request, A
     if set(content.keys()) != expected:
         raise MessageRejected("invalid request: unexpected records")
     req = Request(**_fields(content[KEY], _REQUEST_FIELDS, "request"))
-    if len(req.session) != 32 or req.n < 1 or req.dim < 1 or not 0 <= req.client < req.n or not 0 <= req.round < 2**32 \
-            or req.max_examples < 0:
+    if len(req.session) != 32 or len(req.nonce) != 32 or req.n < 1 or req.dim < 1 or not 0 <= req.client < req.n \
+            or not 0 <= req.round < 2**32 or req.max_examples < 0 or (req.party and req.client) \
+            or len(req.nodes) != _NODE.size * req.n:
         raise MessageRejected("invalid request: field out of range")
+    ids = req.node_ids()
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+        raise MessageRejected("invalid request: node ids not ascending")
+    if session_id(req.nonce, req.nodes) != req.session:
+        raise MessageRejected("invalid request: the session does not bind the round's nodes")
     if not input_phase:
         return req, None, None
     arrays, config = content["arrays"], content["config"]

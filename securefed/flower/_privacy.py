@@ -6,7 +6,9 @@ noise share inside the protocol's encoding (the round's protocol carries the
 mechanism as its encoder, with a rotation drawn from the round's public session id,
 so server and nodes build the same one); with :class:`~securefed.privacy.CentralDP`
 the server adds Gaussian noise to the decoded sum. Every included node weighs the
-same. See ``protocols/flower.md``, "Differential privacy".
+same. Provisioning, events and the budget's planned event are the trainer's own
+(:class:`securefed.privacy.client_level.ClientLevelMechanism`), not a copy. See
+``protocols/flower.md``, "Differential privacy".
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from securefed.errors import ConfigurationError
 from securefed.protocols.base import AggregationProtocol
 
 if TYPE_CHECKING:
-    from securefed.privacy import CentralDP, Clipping, DistributedDP, NoiseModule
+    from securefed.privacy import CentralDP, Clipping, DistributedDP
+    from securefed.privacy.client_level import ClientLevelMechanism
 
     Privacy = CentralDP | DistributedDP
 
-__all__ = ["check", "clipping", "noise", "round_protocol"]
+__all__ = ["check", "clipping", "describe", "mechanism", "round_protocol"]
 
 # securefed.privacy is imported only where a configuration is used: without DP, a node's
 # process (one per message) need not load it.
@@ -45,31 +48,35 @@ def check(config: object) -> None:
 
 def clipping(config: Privacy) -> Clipping:
     """The configuration's clipping module (a number means flat L2 clipping)."""
-    from securefed.privacy import Clipping, FlatClipping
+    from securefed.privacy.client_level import clipping_module
 
-    clip = config.clipping
-    return clip if isinstance(clip, Clipping) else FlatClipping(l2_clip=float(clip))
-
-
-def _distributed(config: DistributedDP, protocol: AggregationProtocol, dim: int) -> Any:
-    from securefed.privacy import DistributedDiscreteGaussian, DistributedSkellam
-
-    # As PrivacySession._encoder: noise provisioned for the protocol's threshold t = min_survivors(n).
-    cls = DistributedDiscreteGaussian if config.mechanism == "ddg" else DistributedSkellam
-    return cls(
-        l2_clip=clipping(config).bound, noise_multiplier=config.noise_multiplier, dimension=dim,
-        min_survivors=protocol.min_survivors, granularity=config.granularity, beta=config.beta,
-        rotation=config.rotation, wrap_probability=config.wrap_probability,
-    )
+    return clipping_module(config)
 
 
-def noise(config: Privacy, protocol: AggregationProtocol, dim: int) -> NoiseModule:
-    """The round's noise mechanism for updates of length `dim` (for events and central noise)."""
-    from securefed.privacy import CentralGaussian, DistributedDP
+def mechanism(config: Privacy, protocol: AggregationProtocol, dim: int) -> ClientLevelMechanism:
+    """The trainer's client-level mechanism (``securefed.privacy.client_level``) for updates of length `dim`:
+    noise provisioned for the t - C honest shares, events counting honest shares only, the planned
+    event the budget is checked against. Every node weighs the same and every available node trains
+    (q = 1)."""
+    from securefed.privacy.client_level import ClientLevelMechanism
 
-    if isinstance(config, DistributedDP):
-        return _distributed(config, protocol, dim)
-    return CentralGaussian(noise_multiplier=config.noise_multiplier, l2_clip=clipping(config).bound)
+    return ClientLevelMechanism(config, protocol=protocol, dimension=dim)
+
+
+def describe(config: Privacy | None, protocol: AggregationProtocol, n: int, dim: int) -> dict[str, Any] | None:
+    """What a node checks of the server's privacy settings for a round of n (None without privacy).
+
+    The clip and the noise every party assumes, and with distributed noise the honest shares
+    it is provisioned for: a node and a server that disagree would make the ledger wrong.
+    """
+    if config is None:
+        return None
+    mech = mechanism(config, protocol, dim)
+    out: dict[str, Any] = {"config": type(config).__name__, "noise_multiplier": config.noise_multiplier,
+                           "l2_clip": mech.l2_bound, "delta": config.delta}
+    if mech.distributed:
+        out.update(colluding=mech.colluding(n), honest_shares=mech.honest_survivors(n))
+    return out
 
 
 def round_protocol(protocol: AggregationProtocol, config: Privacy | None, *, session: bytes,
@@ -77,10 +84,8 @@ def round_protocol(protocol: AggregationProtocol, config: Privacy | None, *, ses
     """The protocol of the round with this `session` id: with distributed DP, carrying the noise as its encoder."""
     if config is None:
         return protocol
-    from securefed.privacy import DistributedDP
-
-    if not isinstance(config, DistributedDP):
+    mech = mechanism(config, protocol, dim)
+    if not mech.distributed:
         return protocol
-    mechanism = _distributed(config, protocol, dim)
     # The rotation comes from public round randomness every party knows: the session id.
-    return protocol.with_encoder(mechanism.for_round(derive_key(session, "flower/dp-rotation")))  # type: ignore[attr-defined]
+    return protocol.with_encoder(mech.encoder().for_round(derive_key(session, "flower/dp-rotation")))

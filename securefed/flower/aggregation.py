@@ -14,20 +14,22 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from securefed.crypto.random import RandomSource
+from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, MessageRejected, ProtocolAborted
-from securefed.flower import _envelope, _privacy
+from securefed.flower import _envelope, _identities, _privacy
 from securefed.protocols.base import (
     AggregationProtocol,
     AggregationResult,
     DropReason,
     DropRecord,
+    Party,
     RoundSpec,
     ServerView,
 )
@@ -45,18 +47,15 @@ _TTL_MARGIN = 5.0
 
 
 def input_phase(protocol: AggregationProtocol) -> str:
-    """The phase in which nodes train: the protocol's declared ``input_phase``, else its first phase.
-
-    Training before the first phase is always correct (the input is set before any
-    phase needs it), only earlier than necessary; a protocol that declares where its
-    input enters lets nodes that drop out before that phase skip training.
-    """
-    return protocol.input_phase or protocol.phases[0]
+    """The phase in which nodes train: the one carrying a client's input
+    (:meth:`~securefed.protocols.base.AggregationProtocol.input_phase_index`: ``input_phase``, else the last)."""
+    return protocol.phases[protocol.input_phase_index()]
 
 
-def message_type(protocol: AggregationProtocol, phase: str) -> str:
-    """``train`` for the input phase (the node trains then), ``query.<phase>`` for the others."""
-    return "train" if phase == input_phase(protocol) else f"query.{phase}"
+def message_type(protocol: AggregationProtocol, phase: str, party: int | str = 0) -> str:
+    """``train`` for a client's input phase (the node trains then), ``query.<phase>`` for the others
+    and for auxiliary parties (named `party`)."""
+    return "train" if phase == input_phase(protocol) and isinstance(party, int) else f"query.{phase}"
 
 
 def exchange(
@@ -122,8 +121,10 @@ class AggregationRound:
     reply makes its node a dropout, logged with the reason; it never raises for what a
     node sent), :meth:`finish_phase` closes the phase (ProtocolAborted when too few
     remain), :meth:`outcome` gives the result after the last phase. Client i is the
-    i-th smallest node id. ``privacy``: a ``CentralDP``/``DistributedDP`` configuration
-    (the nodes must have the same).
+    i-th smallest node id; the session id binds the node ids (``_envelope.session_id``).
+    ``privacy``: a ``CentralDP``/``DistributedDP`` configuration (the nodes must have the
+    same); ``auxiliary``: party name to the node that plays it (an HE ``"decryptor"``);
+    ``identities``: the federation's public identity keys by node id (active SecAgg).
     """
 
     def __init__(
@@ -137,12 +138,21 @@ class AggregationRound:
         max_payload_bytes: int | None = None,
         max_examples: int = 0,
         privacy: Any = None,
+        auxiliary: Mapping[str, int] | None = None,
+        identities: KeyDirectory | None = None,
     ) -> None:
         self.nodes = tuple(sorted(set(int(v) for v in nodes)))
         if not self.nodes:
             raise ProtocolAborted(AbortReason.NO_INPUTS, "no nodes to aggregate over")
-        self.spec = RoundSpec(n=len(self.nodes), dim=dim, session_id=rng.child("session").token_bytes(32),
+        self.auxiliary = {str(name): int(v) for name, v in (auxiliary or {}).items()}
+        if shared := set(self.auxiliary.values()) & set(self.nodes):
+            raise ConfigurationError(f"nodes {sorted(shared)} cannot be both clients and auxiliary parties")
+        self.nonce = rng.child("session").token_bytes(32)
+        self._node_bytes = _envelope.pack_nodes(self.nodes)
+        self.spec = RoundSpec(n=len(self.nodes), dim=dim, session_id=_envelope.session_id(self.nonce, self._node_bytes),
                               round_index=round_index)
+        if identities is not None:
+            protocol = _identities.bind(protocol, identities, self.nodes)
         #: The round's protocol (with distributed DP: carrying the round's noise encoder).
         self.protocol = _privacy.round_protocol(protocol, privacy, session=self.spec.session_id, dim=dim)
         self.server = self.protocol.server(self.spec, rng=rng.child("server"))
@@ -153,54 +163,69 @@ class AggregationRound:
         self.phase_seconds: dict[str, float] = {}
         self.bytes_from = dict.fromkeys(self.nodes, 0)
         self.bytes_to = dict.fromkeys(self.nodes, 0)
-        self._client = {node: i for i, node in enumerate(self.nodes)}
-        self._params = _envelope.describe(self.protocol, self.spec.n)
+        self._party: dict[int, Party] = {node: i for i, node in enumerate(self.nodes)}
+        self._party.update({node: name for name, node in self.auxiliary.items()})
+        self._params = _envelope.describe(self.protocol, self.spec.n,
+                                          _privacy.describe(privacy, protocol, self.spec.n, dim))
+
+    def node_of(self, party: Party) -> int:
+        """The node that plays `party` (a client index or an auxiliary party's name)."""
+        if isinstance(party, int):
+            return self.nodes[party]
+        if party not in self.auxiliary:
+            raise ConfigurationError(f"protocol {self.protocol.name!r} has the auxiliary party {party!r}: name the "
+                                     f"node that plays it (auxiliary={{{party!r}: node_id}})")
+        return self.auxiliary[party]
 
     def messages(self, phase: str, *, ttl: float, arrays: ArrayRecord | None = None,
                  config: ConfigRecord | None = None) -> list[Message]:
-        """The requests of `phase` to the nodes still in the round (`arrays`/`config` go with the input phase)."""
+        """The requests of `phase` to the parties still in the round (`arrays`/`config` go with a client's input phase)."""
         protocol, spec = self.protocol, self.spec
         out = []
         for party, payload in self.server.requests(phase).items():
-            if not isinstance(party, int):
-                raise ConfigurationError(f"protocol {protocol.name!r} has auxiliary parties ({party!r}); "
-                                         "the Flower runtime does not support them yet")
+            node = self.node_of(party)
+            client, name = (party, "") if isinstance(party, int) else (0, party)
             req = _envelope.Request(protocol.name, self._params, phase, spec.round_index, spec.n, spec.dim,
-                                    spec.session_id, party, self.max_examples, bytes(payload))
+                                    spec.session_id, self.nonce, self._node_bytes, client, name, self.max_examples,
+                                    bytes(payload))
             content = RecordDict({_envelope.KEY: req.record()})
-            if phase == input_phase(protocol):
+            kind = message_type(protocol, phase, party)
+            if kind == "train":
                 content["arrays"] = arrays if arrays is not None else ArrayRecord()
                 content["config"] = config if config is not None else ConfigRecord()
-            out.append(Message(content, self.nodes[party], message_type(protocol, phase), ttl=ttl,
-                               group_id=str(spec.round_index)))
-            self.bytes_to[self.nodes[party]] += len(payload)
+            out.append(Message(content, node, kind, ttl=ttl, group_id=str(spec.round_index)))
+            self.bytes_to[node] = self.bytes_to.get(node, 0) + len(payload)
         return out
 
-    def _drop(self, client: int, phase: str, reason: DropReason, detail: str) -> None:
-        self.drops[client] = DropRecord(phase, reason, detail)
-        log.warning("round %d, phase %s: node %d (client %d) dropped (%s): %s",
-                    self.spec.round_index, phase, self.nodes[client], client, reason.value, detail)
+    def _drop(self, party: Party, phase: str, reason: DropReason, detail: str) -> None:
+        if isinstance(party, int):
+            self.drops[party] = DropRecord(phase, reason, detail)
+            who = f"node {self.nodes[party]} (client {party}) dropped"
+        else:  # the protocol decides whether the round can go on without it (HE: it aborts)
+            who = f"node {self.auxiliary[party]} ({party}) failed"
+        log.warning("round %d, phase %s: %s (%s): %s", self.spec.round_index, phase, who, reason.value, detail)
 
     def receive(self, phase: str, node: int, reply: Message) -> None:
         """Take `node`'s reply in `phase`: into the aggregate, or the node becomes a dropout."""
-        client = self._client[node]
+        party = self._party[node]
+        client, name = (party, "") if isinstance(party, int) else (0, party)
         if reply.has_error():
             err = reply.error
             reason = DropReason.NO_REPLY if err.code in _UNREACHABLE else DropReason.REFUSED
-            self._drop(client, phase, reason, f"error reply {err.code}: {(err.reason or '')[:200]}")
+            self._drop(party, phase, reason, f"error reply {err.code}: {(err.reason or '')[:200]}")
             return
         try:
             if reply.metadata.src_node_id != node:
                 raise MessageRejected("invalid reply: sent by another node")
             env = _envelope.parse_reply(reply.content, max_payload=self.max_payload)
-            if (env.phase, env.round, env.session, env.client) != (phase, self.spec.round_index,
-                                                                     self.spec.session_id, client):
-                raise MessageRejected("invalid reply: envelope of another round, session, phase or client")
-            self.bytes_from[node] += len(env.payload)
-            self.view.digests.append((client, phase, hashlib.sha256(env.payload).hexdigest(), len(env.payload)))
-            self.server.receive(phase, client, env.payload)
+            if (env.phase, env.round, env.session, env.client, env.party) != (
+                    phase, self.spec.round_index, self.spec.session_id, client, name):
+                raise MessageRejected("invalid reply: envelope of another round, session, phase or party")
+            self.bytes_from[node] = self.bytes_from.get(node, 0) + len(env.payload)
+            self.view.digests.append((party, phase, hashlib.sha256(env.payload).hexdigest(), len(env.payload)))
+            self.server.receive(phase, party, env.payload)
         except MessageRejected as e:
-            self._drop(client, phase, DropReason.REJECTED, str(e))
+            self._drop(party, phase, DropReason.REJECTED, str(e))
 
     def finish_phase(self, phase: str) -> None:
         """Close `phase`: nodes that did not answer are dropouts. Raises ProtocolAborted."""
@@ -234,10 +259,15 @@ class GridAggregator:
     - ``max_payload_bytes``: larger replies are rejected before parsing (default
       ``64 * dim + 1 MiB``, room for CKKS at 8192 slots);
     - ``privacy``: ``securefed.privacy.CentralDP`` or ``DistributedDP`` (the nodes need
-      the same configuration); the caller adds central noise and accounts.
+      the same configuration); the caller adds central noise and accounts;
+    - ``auxiliary``: party name to the node id that plays it, for protocols with auxiliary
+      parties (``{"decryptor": node}`` for CKKS/BFV with a decryptor); that node is not a client;
+    - ``identities``: the federation's identity keys by node id (public keys suffice), for the
+      active SecAgg variants when participants change between rounds: each round verifies
+      against the directory of its own nodes (nodes build theirs from their own copy).
 
-    Raises ConfigurationError for protocols with auxiliary parties (not supported on
-    Flower yet). See ``protocols/flower.md``.
+    Raises ConfigurationError for a protocol whose auxiliary party has no node, or
+    identities for a protocol without ``with_identities``. See ``protocols/flower.md``.
     """
 
     def __init__(
@@ -249,8 +279,16 @@ class GridAggregator:
         poll_interval: float = 0.2,
         max_payload_bytes: int | None = None,
         privacy: Any = None,
+        auxiliary: Mapping[str, int] | None = None,
+        identities: KeyDirectory | None = None,
     ) -> None:
         _privacy.check(privacy)
+        if identities is not None and not isinstance(identities, KeyDirectory):
+            raise ConfigurationError("identities must be a securefed.crypto.signing.KeyDirectory keyed by node id")
+        if identities is not None and not hasattr(protocol, "with_identities"):
+            raise ConfigurationError(f"protocol {protocol.name!r} takes no identity keys (identities=)")
+        self.auxiliary = dict(auxiliary or {})
+        self.identities = identities
         for name, value in (("phase_timeout", phase_timeout), ("train_timeout", train_timeout),
                             ("poll_interval", poll_interval)):
             if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -285,7 +323,7 @@ class GridAggregator:
         """
         rnd = AggregationRound(self.protocol, nodes, round_index=round_index, dim=dim, rng=rng,
                                max_payload_bytes=self.max_payload_bytes, max_examples=max_examples,
-                               privacy=self.privacy)
+                               privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities)
         self.last_round = rnd
         for phase in rnd.protocol.phases:
             timeout = self.train_timeout if phase == input_phase(rnd.protocol) else self.phase_timeout

@@ -10,7 +10,7 @@ and masks or encrypts it: the trained model itself never leaves the node. See
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,9 +18,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from securefed.crypto.random import RandomSource
+from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
-from securefed.flower import _envelope, _model, _privacy
-from securefed.flower.aggregation import input_phase
+from securefed.flower import _envelope, _identities, _model, _privacy
+from securefed.flower.aggregation import message_type
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
 
 __all__ = ["SecureClient", "client_rng"]
@@ -35,12 +36,13 @@ _NOTHING = 4
 TrainFn = Callable[[Message, Context], Message]
 
 
-def client_rng(seed: int | None, session: bytes, client: int, phase: str) -> RandomSource:
+def client_rng(seed: int | None, session: bytes, client: int | str, phase: str) -> RandomSource:
     """A node's randomness for one phase: from ``os.urandom``, or, seeded (tests and simulation only),
-    derived from the seed, the round's session id, the client index and the phase."""
+    derived from the seed, the round's session id, the client index (or auxiliary party) and the phase."""
     if seed is None:
         return RandomSource()
-    return RandomSource(seed).child(f"flower/{session.hex()}/client/{client}/{phase}")
+    who = f"client/{client}" if isinstance(client, int) else f"party/{client}"
+    return RandomSource(seed).child(f"flower/{session.hex()}/{who}/{phase}")
 
 
 def _value(x: Any, context: Context) -> Any:
@@ -58,7 +60,14 @@ class SecureClient:
       the ``Context`` returning one), as on the server: the node clips its update and,
       with distributed DP, adds its noise share;
     - ``seed``: an int (or a function of the ``Context``) making the node's randomness
-      reproducible, for tests and simulation only; None (default) draws from the OS.
+      reproducible, for tests and simulation only; None (default) draws from the OS;
+    - ``auxiliary``: the auxiliary parties this node agrees to play when the server names it
+      (``{"decryptor"}``: it holds an HE round's secret key in its context and decrypts only
+      the aggregate), or a function of the ``Context`` returning them; default none;
+    - ``identities``: this node's copy of the federation's identity keys by node id (every
+      public key, its own signing key: ``KeyDirectory.restricted_to(node_id)``), or a function
+      of the ``Context``; each round's directory (client i: the round's i-th node) is built
+      from it, never from the server (active SecAgg with changing participants).
 
     :meth:`register` installs the handlers on a ``ClientApp``. Raises ConfigurationError
     for missing phases.
@@ -71,25 +80,29 @@ class SecureClient:
         phases: Sequence[str] | None = None,
         privacy: Any = None,
         seed: int | None | Callable[[Context], int | None] = None,
+        auxiliary: Collection[str] | Callable[[Context], Collection[str]] = (),
+        identities: KeyDirectory | Callable[[Context], KeyDirectory] | None = None,
     ) -> None:
         if not callable(privacy):
             _privacy.check(privacy)
         if isinstance(protocol, AggregationProtocol):
             phases = protocol.phases
-            self._input_phase = input_phase(protocol)
         elif phases is None:
             raise ConfigurationError("pass phases= with a protocol factory (the handlers are registered by phase)")
-        else:
-            self._input_phase = ""
         if not phases:
             raise ConfigurationError("the protocol has no phases")
+        if identities is not None and not (isinstance(identities, KeyDirectory) or callable(identities)):
+            raise ConfigurationError("identities must be a securefed.crypto.signing.KeyDirectory keyed by node id")
         self.protocol = protocol
         self.phases = tuple(phases)
         self.privacy = privacy
         self.seed = seed
+        self.auxiliary = auxiliary
+        self.identities = identities
 
     def register(self, app: ClientApp, train: TrainFn) -> None:
-        """Handle ``train`` (the input phase, where `train` runs) and ``query.<phase>`` for the other phases.
+        """Handle ``train`` (a client's input phase, where `train` runs) and ``query.<phase>`` for every phase
+        (the other phases, and every phase of an auxiliary party).
 
         `train` is an ordinary Flower training function: it receives the message with
         the global model (``content["arrays"]``) and config (``content["config"]``) and
@@ -103,8 +116,7 @@ class SecureClient:
 
         app.train()(on_train)
         for phase in self.phases:
-            if phase != self._input_phase:
-                app.query(phase)(self._query_handler())
+            app.query(phase)(self._query_handler())
 
     def _query_handler(self) -> Callable[[Message, Context], Message]:
         def on_query(msg: Message, context: Context) -> Message:
@@ -123,22 +135,37 @@ class SecureClient:
         is_train = msg.metadata.message_type == "train"
         try:
             req, arrays, config = _envelope.parse_request(msg.content, input_phase=is_train)
+            nodes = req.node_ids()
+            if req.party:
+                if req.party not in _value(self.auxiliary, context):
+                    raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                                          f"this node is not configured to play {req.party!r}")
+            elif nodes[req.client] != context.node_id:
+                raise MessageRejected("invalid request: the round's node list puts another node at this client index")
             privacy = _value(self.privacy, context)
             _privacy.check(privacy)
-            protocol = _privacy.round_protocol(_value(self.protocol, context), privacy, session=req.session,
-                                               dim=req.dim)
-            if req.protocol != protocol.name or req.params != _envelope.describe(protocol, req.n):
+            base = _value(self.protocol, context)
+            if (identities := _value(self.identities, context)) is not None:
+                try:
+                    base = _identities.bind(base, identities, nodes, None if req.party else context.node_id)
+                except ConfigurationError as e:
+                    raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"identity keys: {e}") from None
+            protocol = _privacy.round_protocol(base, privacy, session=req.session, dim=req.dim)
+            params = _envelope.describe(protocol, req.n, _privacy.describe(privacy, base, req.n, req.dim))
+            if req.protocol != protocol.name or req.params != params:
                 raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
                                       "the server asks for a protocol or parameters this node is not configured for")
-            if req.phase not in protocol.phases or (req.phase == input_phase(protocol)) != is_train:
+            if req.phase not in protocol.phases or (message_type(protocol, req.phase, req.party or req.client)
+                                                     != msg.metadata.message_type):
                 raise MessageRejected("invalid request: unknown phase or wrong message type for it")
             seed = _value(self.seed, context)
-            client = self._restore(context, protocol, req, seed)
+            party: int | str = req.party or req.client
+            state = self._restore(context, protocol, req, party, seed)
             try:
                 if is_train:
                     assert arrays is not None and config is not None and train is not None
-                    client.set_input(self._input(msg, context, train, arrays, req, privacy))
-                payload = client.handle(req.phase, req.payload)
+                    state.set_input(self._input(msg, context, train, arrays, req, privacy))
+                payload = state.handle(req.phase, req.payload)
             except (MessageRejected, ProtocolAborted, InvalidInput):
                 self._save(context, req, b"")  # refused: this node answers nothing more in this round
                 raise
@@ -147,37 +174,44 @@ class SecureClient:
         if req.phase == protocol.phases[-1]:
             context.state.pop(_envelope.KEY, None)
         else:
-            self._save(context, req, client.dump())
+            self._save(context, req, state.dump())
         if payload is None:
             return Message(Error(code=_NOTHING, reason="securefed: nothing to send in this phase"), reply_to=msg)
-        reply = _envelope.Reply(req.phase, req.round, req.session, req.client, bytes(payload))
+        reply = _envelope.Reply(req.phase, req.round, req.session, req.client, req.party, bytes(payload))
         return Message(RecordDict({_envelope.KEY: reply.record()}), reply_to=msg)
 
-    def _restore(self, context: Context, protocol: AggregationProtocol, req: _envelope.Request,
+    def _restore(self, context: Context, protocol: AggregationProtocol, req: _envelope.Request, party: int | str,
                  seed: int | None) -> ClientProtocol:
-        """The state machine for this request's round: new for the protocol's first phase, else the saved one.
+        """The state machine of `party` for this request's round: the saved one, or a new one.
 
-        A request of an older round than the saved state, or of a later phase without
-        saved state for its round and session, is refused (stale or out of phase).
+        New for the protocol's first phase (a new round, or the same one started again), or
+        when the node holds no state of this round (the first phase this party is addressed
+        in; its state machine refuses any phase it cannot start with). Refused: a request of
+        an older round than the saved state (stale), or one of a round whose saved state
+        belongs to another session or party (out of phase).
         """
-        rng = client_rng(seed, req.session, req.client, req.phase)
+        rng = client_rng(seed, req.session, party, req.phase)
         saved = context.state.get(_envelope.KEY)
-        if isinstance(saved, ConfigRecord) and req.round < saved["round"]:
+        saved = saved if isinstance(saved, ConfigRecord) else None
+        if saved is not None and req.round < saved["round"]:
             raise MessageRejected("invalid request: stale round")
-        if req.phase == protocol.phases[0]:
-            # A new round, or the same one started again (a restarted server): fresh state either way.
-            spec = RoundSpec(n=req.n, dim=req.dim, session_id=req.session, round_index=req.round)
-            return protocol.client(spec, req.client, rng=rng)
-        if not isinstance(saved, ConfigRecord) or (saved["round"], saved["session"], saved["client"]) != (
-                req.round, req.session, req.client):
-            raise MessageRejected("invalid request: no state for this round and session (out of phase)")
-        if not saved["state"]:
-            raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node left the round earlier")
-        return protocol.load_client(saved["state"], rng=rng)
+        if req.phase != protocol.phases[0] and saved is not None and saved["round"] == req.round:
+            if (saved["session"], saved["client"], saved["party"]) != (req.session, req.client, req.party):
+                raise MessageRejected("invalid request: no state for this round and session (out of phase)")
+            if not saved["state"]:
+                raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node left the round earlier")
+            return protocol.load_client(saved["state"], rng=rng)
+        spec = RoundSpec(n=req.n, dim=req.dim, session_id=req.session, round_index=req.round)
+        if isinstance(party, int):
+            return protocol.client(spec, party, rng=rng)
+        aux = protocol.auxiliary(spec, rng=rng)
+        if party not in aux:
+            raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"protocol {protocol.name!r} has no party {party!r}")
+        return aux[party]
 
     def _save(self, context: Context, req: _envelope.Request, state: bytes) -> None:
         context.state[_envelope.KEY] = ConfigRecord(
-            {"round": req.round, "session": req.session, "client": req.client, "state": state}
+            {"round": req.round, "session": req.session, "client": req.client, "party": req.party, "state": state}
         )
 
     def _input(self, msg: Message, context: Context, train: TrainFn, arrays: ArrayRecord,

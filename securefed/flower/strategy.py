@@ -21,8 +21,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from securefed.crypto.random import RandomSource
-from securefed.errors import AbortReason, ConfigurationError, PrivacyBudgetExceeded, ProtocolAborted
-from securefed.flower import _checkpoint, _model, _privacy
+from securefed.errors import AbortReason, ConfigurationError, ProtocolAborted
+from securefed.flower import _checkpoint, _identities, _model, _privacy
 from securefed.flower.aggregation import GridAggregator, RoundOutcome
 from securefed.protocols.base import (
     AggregationProtocol,
@@ -123,6 +123,11 @@ class SecureFedAvg:
       phase timeout per round until Flower notices its missed heartbeats (about a minute);
     - ``checkpoint_dir``: checkpoint there after every round and resume from it;
     - ``audit_log``, ``audit_key``: write the signed audit log (``securefed.audit``);
+    - ``auxiliary``: party name to the node id that plays it (``{"decryptor": node}`` for
+      CKKS/BFV with a decryptor); that node is never sampled as a client;
+    - ``identities``: the federation's identity keys by node id (public keys suffice), for
+      the active SecAgg variants: each round verifies against its own nodes' keys, so
+      participants may change between rounds; nodes without a key are not sampled;
     - ``seed``: reproducible sampling, session ids and server coins, for tests and
       simulation only (nodes need the same seed for theirs).
 
@@ -148,6 +153,8 @@ class SecureFedAvg:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         audit_log: str | os.PathLike[str] | None = None,
         audit_key: Any = None,
+        auxiliary: Mapping[str, int] | None = None,
+        identities: Any = None,
         seed: int | None = None,
     ) -> None:
         _privacy.check(privacy)
@@ -171,7 +178,8 @@ class SecureFedAvg:
         self.protocol = protocol
         self.privacy = privacy
         self.aggregator = GridAggregator(protocol, phase_timeout=phase_timeout, train_timeout=train_timeout,
-                                         poll_interval=poll_interval, privacy=privacy)
+                                         poll_interval=poll_interval, privacy=privacy, auxiliary=auxiliary,
+                                         identities=identities)
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
@@ -195,7 +203,9 @@ class SecureFedAvg:
     def _sample(self, grid: Grid, round_index: int, state: _RunState) -> list[int]:
         deadline = time.monotonic() + self.node_wait_timeout
         while True:
-            available = sorted(set(int(v) for v in grid.get_node_ids()))
+            available = sorted(set(int(v) for v in grid.get_node_ids()) - set(self.aggregator.auxiliary.values()))
+            if (keys := self.aggregator.identities) is not None:
+                available = [v for v in available if _identities.registered(keys, v)]
             rested = [v for v in available if state.cooldown.get(v, 0) < round_index]
             pool = rested if len(rested) >= self.min_available_nodes else available
             if len(pool) >= self.min_available_nodes:
@@ -335,34 +345,24 @@ class SecureFedAvg:
     # -- privacy ----------------------------------------------------------------------------
 
     def _check_budget(self, run: _Run, r: int, n: int, dim: int) -> None:
-        """PrivacyBudgetExceeded if a round of n nodes could take epsilon past the target."""
-        config = self.privacy
-        target = config.target_epsilon
-        if target is None:
-            return
-        noise = _privacy.noise(config, self.protocol, dim)
-        from securefed.privacy import DistributedDP
+        """PrivacyBudgetExceeded if a round of n nodes could take epsilon past the target (the trainer's check:
+        an event bounding every way the round can finish, ``securefed.privacy.client_level``)."""
+        from securefed.privacy.client_level import check_budget
 
-        # Distributed noise is provisioned for t = min_survivors(n): fewest included, largest epsilon.
-        worst = noise.survivors(n) if isinstance(config, DistributedDP) else n  # type: ignore[attr-defined]
-        eps = run.accountant.epsilon_after(noise.event(included=worst, n=n, round=r), config.delta)
-        if eps > target:
-            raise PrivacyBudgetExceeded(
-                f"round {r} could bring epsilon to {eps:.4g} at delta {config.delta:g}, above the target {target:g} "
-                f"(spent so far: {run.accountant.epsilon(config.delta):.4g} in {len(run.accountant)} events); "
-                "stop training, or raise target_epsilon or the noise"
-            )
+        mech = _privacy.mechanism(self.privacy, self.protocol, dim)
+        mech.honest_survivors(n)  # ConfigurationError for a round the colluders could fill, before anything is sent
+        check_budget(run.accountant, mech.planned_event(r, n), config=self.privacy, round=r)
 
     def _release(self, run: _Run, r: int, total: np.ndarray, included: int, n: int, dim: int,
                  rng: RandomSource) -> np.ndarray:
         """Noise the sum (central DP) and account for its release, written ahead of the round's commit."""
         from securefed.privacy import CentralGaussian
 
-        noise = _privacy.noise(self.privacy, self.protocol, dim)
+        mech = _privacy.mechanism(self.privacy, self.protocol, dim)
         total = np.array(total, dtype=np.float64, copy=True)
-        if isinstance(noise, CentralGaussian):
+        if isinstance(noise := mech.noise(), CentralGaussian):
             noise.add_to(total, rng.child("server-noise"))
-        event = noise.event(included=included, n=n, round=r)
+        event = mech.event(included=included, n=n, round=r)
         if self.checkpoint_dir is not None:
             _checkpoint.record_release(self.checkpoint_dir, event.to_dict())
         run.accountant.record(event)
@@ -378,6 +378,7 @@ class SecureFedAvg:
             "min_train_nodes": self.min_train_nodes, "weighting": self.weighting, "max_examples": self.max_examples,
             "server_lr": self.server_lr, "phase_timeout": self.aggregator.phase_timeout,
             "train_timeout": self.aggregator.train_timeout, "cooldown_rounds": self.cooldown_rounds, "seed": self.seed,
+            "auxiliary": self.aggregator.auxiliary,
         }
 
     def _audit_record(self, report: RoundReport, outcome: RoundOutcome | None,

@@ -13,6 +13,8 @@ from securefed.flower import SecureClient
 from securefed.protocols.base import AggregationProtocol
 
 SHAPES = ((2, 3), (4,))
+#: The first node id :func:`nodes` gives.
+FIRST = 1001
 
 
 def model(value: float = 0.0) -> ArrayRecord:
@@ -41,11 +43,12 @@ def client_app(
     phases: Sequence[str] | None = None,
     fail: Callable[[int, int], bool] | None = None,
     privacy: Any = None,
+    **client: Any,
 ) -> ClientApp:
     """A ClientApp whose node with ``partition-id`` p moves the model by ``updates(p, round)``.
 
     ``examples[p]`` is reported as num-examples (default 10); ``fail(p, round)`` makes
-    training raise.
+    training raise; `client` goes to :class:`SecureClient` (``auxiliary=``, ``identities=``).
     """
     app = ClientApp()
 
@@ -67,10 +70,10 @@ def client_app(
         n = 10 if examples is None else examples[p]
         return Message(RecordDict({"arrays": out, "metrics": MetricRecord({"num-examples": n})}), reply_to=msg)
 
-    SecureClient(protocol, phases=phases, seed=seed, privacy=privacy).register(app, train)
+    SecureClient(protocol, phases=phases, seed=seed, privacy=privacy, **client).register(app, train)
     return app
 
 
-def nodes(n: int, first: int = 1001) -> dict[int, dict[str, Any]]:
+def nodes(n: int, first: int = FIRST) -> dict[int, dict[str, Any]]:
     """Node id -> node_config for n nodes with partition ids 0..n-1."""
     return {first + p: {"partition-id": p, "num-partitions": n} for p in range(n)}

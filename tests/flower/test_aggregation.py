@@ -9,7 +9,7 @@ from hypothesis.extra.numpy import arrays
 import securefed as sf
 from securefed.crypto.random import RandomSource
 from securefed.errors import ConfigurationError, ProtocolAborted
-from securefed.flower import GridAggregator
+from securefed.flower import GridAggregator, _envelope
 from securefed.flower.testing import InProcessGrid
 from securefed.protocols.base import DropReason
 from tests.flower import apps
@@ -65,8 +65,12 @@ def test_dropouts_at_any_phase_give_what_the_simulation_gives(protocol, data):
         p = node - 1001
         return p not in drop_at or phases.index(phase_of(msg)) < phases.index(drop_at[p])
 
+    # The same session (the graph of SecAgg+ depends on it): Flower's binds the round's node ids.
+    nonce = RandomSource(0).child("session").token_bytes(32)
+    session = _envelope.session_id(nonce, _envelope.pack_nodes(list(apps.nodes(n))))
     try:
-        sim = sf.simulate_aggregation(protocol, [updates[p] for p in range(n)], dropouts=drop_at, seed=0)
+        sim = sf.simulate_aggregation(protocol, [updates[p] for p in range(n)], dropouts=drop_at, seed=0,
+                                      session_id=session)
     except ProtocolAborted:
         with pytest.raises(ProtocolAborted):
             run_round(protocol, apps.client_app(protocol, updates), n, deliver=deliver)
@@ -93,8 +97,6 @@ def test_a_node_whose_training_fails_is_a_refusing_dropout_and_the_round_goes_on
 
 def test_nodes_refuse_a_server_that_asks_for_another_protocol():
     """The node takes its protocol from its own configuration, never from the server."""
-    from securefed.flower import _envelope
-
     class Other(sf.protocols.Plain):
         def describe(self, n):
             return {**super().describe(n), "value_bits": 8}
@@ -124,6 +126,20 @@ def test_all_nodes_silent_aborts_and_auxiliary_parties_are_refused_clearly():
 
     with pytest.raises(ConfigurationError, match="auxiliary"):
         run_round(WithDecryptor(), app, 2)
+
+
+def test_nodes_train_in_the_phase_that_carries_the_input_as_the_verifier_and_simulation_say():
+    """An unset input_phase means the last phase (base.md), on Flower too."""
+    from securefed.flower.aggregation import message_type
+
+    class Unset(sf.protocols.Plain):
+        phases = ("hello", "upload")
+        input_phase = ""
+
+    assert message_type(Unset(), "upload") == "train" and message_type(Unset(), "hello") == "query.hello"
+    for cls in sf.protocols.REGISTRY.values():
+        phase = cls.phases[cls.input_phase_index()]
+        assert message_type(cls, phase) == "train" and message_type(cls, phase, "decryptor") == f"query.{phase}"
 
 
 @pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), "5"])

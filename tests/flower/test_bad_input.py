@@ -61,7 +61,7 @@ BAD = {
     "wrong type": lambda r: with_record(r, client="1"),
     "bool for int": lambda r: with_record(r, round=True),
     "unknown field": lambda r: with_record(r, extra=b"x"),
-    "other version": lambda r: with_record(r, v=2),
+    "other version": lambda r: with_record(r, v=_envelope.VERSION + 1),
     "extra record": lambda r: setattr(r, "content", RecordDict({**r.content, "arrays": ArrayRecord()})) or r,
     "no record": lambda r: setattr(r, "content", RecordDict()) or r,
     "oversized": lambda r: with_record(r, payload=bytes(4097)),
@@ -70,6 +70,7 @@ BAD = {
     "other session in envelope": lambda r: with_record(r, session=bytes(32)),
     "out of phase": lambda r: with_record(r, phase="unmasking"),
     "other client in envelope": lambda r: with_record(r, client=0),
+    "auxiliary party in envelope": lambda r: with_record(r, party="decryptor"),
     "forged sender": lambda r: r.metadata.__dict__.__setitem__("_src_node_id", FIRST) or r,
 }
 
@@ -265,7 +266,10 @@ def client_context(node=FIRST):
 
 @pytest.mark.parametrize("change", [
     {"protocol": "secagg+"}, {"params": "{}"}, {"round": -1}, {"session": b"short"}, {"client": 7},
-    {"max_examples": -1}, {"payload": None}, {"phase": "unmasking"}, {"n": 0},
+    {"max_examples": -1}, {"payload": None}, {"phase": "unmasking"}, {"n": 0}, {"v": 1},
+    # another node list or nonce than the session binds (a server showing nodes different lists)
+    {"nodes": (FIRST + 1).to_bytes(8, "big")}, {"nonce": bytes(32)}, {"nodes": bytes(16), "n": 2},
+    {"party": "decryptor"},  # a role this node was not configured to play
 ])
 def test_a_node_refuses_bad_requests_with_an_error_reply(change):
     protocol = sf.protocols.Plain()
@@ -282,11 +286,25 @@ def test_a_node_refuses_bad_requests_with_an_error_reply(change):
     assert reply.has_error() and reply.error.reason.startswith("securefed: ")
 
 
+def test_a_node_refuses_a_round_that_puts_another_node_at_its_client_index():
+    """The session binds the node list; a node also checks that the list names it at its index."""
+    protocol = sf.protocols.Plain()
+    client = SecureClient(protocol, seed=0)
+    InProcessGrid(apps.client_app(protocol, updates), apps.nodes(1))  # sets Flower's task identity
+    rnd = AggregationRound(protocol, [FIRST + 5, FIRST + 6], round_index=1, dim=apps.dim(), rng=RandomSource(0))
+    msg = rnd.messages("upload", ttl=60, arrays=apps.model(), config=ConfigRecord({"server-round": 1}))[0]
+    msg.metadata.__dict__["_message_id"] = "m"
+    assert msg.content[_envelope.KEY]["session"] == rnd.spec.session_id
+    reply = client.handle(msg, client_context(FIRST), lambda m, c: None)
+    assert reply.has_error() and "another node" in reply.error.reason
+
+
 def test_a_stale_request_leaves_the_nodes_round_state_alone():
     protocol = sf.protocols.Plain()
     client = SecureClient(protocol, seed=0)
     context = client_context()
-    saved = ConfigRecord({"round": 5, "session": bytes(32), "client": 0, "state": b"state of round 5"})
+    saved = ConfigRecord({"round": 5, "session": bytes(32), "client": 0, "party": "",
+                          "state": b"state of round 5"})
     context.state[_envelope.KEY] = saved
     grid = InProcessGrid(apps.client_app(protocol, updates), apps.nodes(1))  # sets Flower's task identity
     rnd = AggregationRound(protocol, [FIRST], round_index=4, dim=apps.dim(), rng=RandomSource(0))

@@ -1,16 +1,18 @@
 """Differential privacy on Flower: clipping on the nodes, noise, the accountant's ledger, the budget, and resume."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 import securefed as sf
 from securefed.audit import verify
+from securefed.crypto.random import RandomSource
 from securefed.errors import PrivacyBudgetExceeded
 from securefed.flower import SecureFedAvg, _checkpoint
 from securefed.flower.testing import InProcessGrid
-from securefed.privacy import Accountant, CentralDP, DistributedDP, event_from_dict
+from securefed.privacy import Accountant, CentralDP, DistributedDP, PrivacySession, event_from_dict
 from tests.flower import apps
 from tests.flower.test_resume import Crash, CrashingGrid
 
@@ -71,24 +73,56 @@ def test_central_dp_noises_on_the_server_and_records_gaussian_events(tmp_path):
     assert event["mechanism"] == "gaussian" and event["noise_multiplier"] == 0.7 and event["num_clients"] == N
 
 
-def test_the_budget_stops_the_run_before_the_round_that_would_exceed_it(tmp_path):
-    """Before round k the server checks the worst case: only t = min_survivors(n) of its n nodes included."""
-    from securefed.flower import _privacy
+@pytest.mark.parametrize(("colluding", "granularity"), [(0.0, None), (0.2, None), (0.0, 1.0)],
+                         ids=["fine", "colluding", "small shares"])
+def test_the_budget_check_and_ledger_are_the_trainers(tmp_path, colluding, granularity):
+    """Flower refuses exactly the round the trainer's PrivacySession refuses, and records the same events.
 
-    protocol = sf.protocols.SecAggPlus()
-    free = run(tmp_path / "free", protocol, ddg(), 2)
+    Round 2 loses a node (silent throughout), round 3 runs without it (cool-down): three rounds
+    with (n, included) = (5, 5), (5, 4), (4, 4). The session's planned event bounds every way a
+    round can finish (noise of t shares, and for shares this small, where the discrete Gaussian's
+    tau matters, tau of all n shares), and counts only honest shares."""
+    protocol, privacy = sf.protocols.SecAggPlus(), ddg(colluding_fraction=colluding, granularity=granularity)
+    silent = apps.FIRST + 1
+
+    def grid():
+        app = apps.client_app(protocol, updates, privacy=privacy)
+        return InProcessGrid(app, apps.nodes(N), deliver=lambda node, msg: not (
+            node == silent and msg.content["securefed"]["round"] == 2))
+
+    def session(ledger):
+        s = PrivacySession(privacy, protocol=protocol, population=N, clients_per_round=N, dimension=apps.dim(),
+                           local_steps=1, rng=RandomSource(0))
+        s.resume(ledger)
+        return s
+
+    free = run(tmp_path / "free", protocol, privacy, 3, grid=grid())
     ledger = _checkpoint.load(tmp_path / "free" / "ckpt")[0]["ledger"]
-    noise = _privacy.noise(ddg(), protocol, apps.dim())
-    t = noise.survivors(N)
-    planned = [Accountant.from_ledger(ledger[: k - 1]).epsilon_after(noise.event(included=t, n=N, round=k), 1e-5)
-               for k in (1, 2, 3)]
-    assert planned[0] < planned[1] < planned[2]
-    assert free.rounds[1].epsilon < planned[2]
-    target = (planned[1] + planned[2]) / 2
-    with pytest.raises(PrivacyBudgetExceeded, match="round 3"):
-        run(tmp_path / "capped", protocol, ddg(target_epsilon=target), 5)
+    shape = [(len(r.participants), len(r.included)) for r in free.rounds]
+    assert shape == [(5, 5), (5, 4), (4, 4)]
+    assert ledger == [session([]).mechanism().event(included=m, n=n, round=k).to_dict()
+                      for k, (n, m) in enumerate(shape, 1)]
+    assert [e["num_clients"] for e in ledger] == [m - math.ceil(colluding * n - 1e-9) for n, m in shape]
+    planned = [session(ledger[: k - 1]).accountant.epsilon_after(session([]).planned_event(k, n), privacy.delta)
+               for k, (n, _) in enumerate(shape, 1)]
+    assert all(r.epsilon < p for r, p in zip(free.rounds, planned))
+    # Stop at the first round whose planned spend exceeds every earlier one's (tau of fewer shares can
+    # make round 3's bound smaller than round 2's).
+    stop = next(k for k in (2, 3) if planned[k - 1] > max(planned[: k - 1]))
+    target = (max(planned[: stop - 1]) + planned[stop - 1]) / 2
+    capped = ddg(colluding_fraction=colluding, granularity=granularity, target_epsilon=target)
+    with pytest.raises(PrivacyBudgetExceeded, match=f"round {stop}"):
+        run(tmp_path / "capped", protocol, capped, 5, grid=grid())
     state, _, _ = _checkpoint.load(tmp_path / "capped" / "ckpt")
-    assert state["round"] == 2 and len(state["ledger"]) == 2
+    assert state["round"] == stop - 1 and state["ledger"] == ledger[: stop - 1]
+    # The trainer's session, holding the same ledger, refuses the same round and accepts the one before.
+    ref = PrivacySession(capped, protocol=protocol, population=N, clients_per_round=N, dimension=apps.dim(),
+                         local_steps=1, rng=RandomSource(0))
+    ref.resume(ledger[: stop - 2])
+    ref.before_round(stop - 1, shape[stop - 2][0])
+    ref.resume(ledger[: stop - 1])
+    with pytest.raises(PrivacyBudgetExceeded, match=f"round {stop}"):
+        ref.before_round(stop, shape[stop - 1][0])
 
 
 def test_nodes_with_other_privacy_settings_refuse(tmp_path):
