@@ -127,17 +127,17 @@ class DPSGD(NoiseModule):
         Spec: ``protocols/dp.md`` section 6.
         """
         params = {k: v for k, v in model.named_parameters() if v.requires_grad}
-        sums = {k: torch.zeros_like(v) for k, v in params.items()}
         if batch is None:
-            return [(params[k], g) for k, g in sums.items()], torch.zeros(0)
+            return [(v, torch.zeros_like(v)) for v in params.values()], torch.zeros(0)
+        sums: dict[str, torch.Tensor] = {}
         losses = []
         for norms, loss, weighted_sum in self._per_example(model, batch, loss_fn):
             # Opacus' factor: C / (norm + 1e-6) capped at 1 keeps every clipped norm strictly below C.
             factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             for k, g in weighted_sum(factor).items():
-                sums[k] += g
+                sums[k] = sums[k].add_(g) if k in sums else g
             losses.append(loss)
-        return [(params[k], g) for k, g in sums.items()], torch.cat(losses)
+        return [(v, sums[k]) for k, v in params.items()], torch.cat(losses)
 
     def _per_example(
         self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
