@@ -159,7 +159,9 @@ def table(results: dict) -> str:
                    f"{thr['client_step_1t_wall_s']} s / {thr['client_step_2t_wall_s']} s "
                    f"({thr['client_step_speedup']}x); server unpacking of one input "
                    f"{thr['server_unpack_1t_wall_s']} s / {thr['server_unpack_2t_wall_s']} s "
-                   f"({thr['server_unpack_speedup']}x).")
+                   f"({thr['server_unpack_speedup']}x). Python holds the GIL for "
+                   f"{100 * thr['mask_expansion_gil_held_share']:.1f}% of the masking work, which allows up to "
+                   f"{thr['mask_expansion_speedup_bound_2t']}x on two free cores.")
     out.append("")
     out.append("| benchmark | configurations | wall (s) | status |")
     out.append("|---|---|---|---|")

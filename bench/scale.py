@@ -19,7 +19,8 @@ prints one JSON line:
 - ``threads_d1e7_k10``: mask expansion of k + 1 = 11 AES-CTR streams over 10^7 uint32
   (``apply_masks``), the whole masked-input step of that client, and the server's unpacking
   of one masked input, with 1 and 2 threads: wall and process CPU seconds (best of 3) and
-  the wall-clock speedup.
+  the wall-clock speedup; and, independent of the machine's load, the share of the masking
+  time spent in Python holding the GIL, with the two-thread speedup it allows (Amdahl).
 
 Timings are wall clock (``*_wall_s``) and CPU seconds of the whole process, all threads
 (``*_cpu_s``). Run ``python bench/scale.py`` for every configuration (``--only NAME`` for
@@ -198,6 +199,24 @@ def _best(f, repeat: int = 3) -> tuple[float, float]:
     return min(runs)
 
 
+def _held_share(keys: list[bytes]) -> float:
+    """Share of a 32 Ki-element chunk's masking time spent in Python (holding the GIL), one thread."""
+    from securefed.crypto.masks import Masker
+
+    def per_chunk(chunk: int, reps: int) -> float:
+        masker = Masker(np.dtype(np.uint32), keys[:6], keys[6:], 0, chunk)
+        part = np.zeros(chunk, dtype=np.uint32)
+        best = float("inf")
+        for _ in range(5):
+            t = time.thread_time()
+            for _ in range(reps):
+                masker.apply(part)
+            best = min(best, (time.thread_time() - t) / reps)
+        return best
+
+    return per_chunk(64, 2000) / per_chunk(1 << 15, 50)
+
+
 def run_threads(d: int, k: int) -> dict:
     from securefed import parallel
     from securefed.crypto.masks import apply_masks
@@ -232,6 +251,11 @@ def run_threads(d: int, k: int) -> dict:
             out[f"server_unpack_{threads}t_wall_s"], out[f"server_unpack_{threads}t_cpu_s"] = round(wall, 4), round(cpu, 4)
     for part in ("mask_expansion", "client_step", "server_unpack"):
         out[f"{part}_speedup"] = round(out[f"{part}_1t_wall_s"] / out[f"{part}_2t_wall_s"], 3)
+    # What the GIL leaves to parallelize, whatever the machine's load: the Python share of a chunk's work
+    # (the same calls on 64-element chunks, where AES and numpy do almost nothing) bounds the speedup (Amdahl).
+    share = _held_share(keys)
+    out["mask_expansion_gil_held_share"] = round(share, 4)
+    out["mask_expansion_speedup_bound_2t"] = round(1 / (share + (1 - share) / 2), 3)
     out["load_average_1min"] = round(os.getloadavg()[0], 2)
     return out
 
