@@ -7,7 +7,7 @@ machine they came from into ``results.json``. From ``scale.py``'s lines this dra
 writes ``results.md`` (the table for the README, the acceptance figures and the machine).
 
     python bench/run_all.py                 # everything (about 25 minutes on 2 cores)
-    python bench/run_all.py --only scale    # some benchmarks (repeatable; --skip too)
+    python bench/run_all.py --only scale    # some benchmarks (repeatable; --skip too), merged into results.json
     python bench/run_all.py --quick         # a smoke run at small sizes (a few minutes)
 
 Run it on a quiet machine: every benchmark also reports its own load average.
@@ -68,7 +68,7 @@ def machine() -> dict:
 def run_bench(name: str, args: list[str]) -> dict:
     cmd = [sys.executable, str(HERE / f"{name}.py"), *args]
     load = os.getloadavg()[0]
-    t = time.perf_counter()
+    start, t = time.time(), time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S.get(name, 1800))
         code, out, err = proc.returncode, proc.stdout, proc.stderr
@@ -83,6 +83,7 @@ def run_bench(name: str, args: list[str]) -> dict:
             except json.JSONDecodeError:
                 pass
     return {"command": " ".join(["python", f"bench/{name}.py", *args]), "returncode": code,
+            "started": datetime.datetime.fromtimestamp(start, datetime.timezone.utc).isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - t, 1), "load_average_at_start": round(load, 2),
             "lines": lines, "stderr_tail": err[-3000:] if code else ""}
 
@@ -159,15 +160,16 @@ def table(results: dict) -> str:
                    f"{thr['client_step_1t_wall_s']} s / {thr['client_step_2t_wall_s']} s "
                    f"({thr['client_step_speedup']}x); server unpacking of one input "
                    f"{thr['server_unpack_1t_wall_s']} s / {thr['server_unpack_2t_wall_s']} s "
-                   f"({thr['server_unpack_speedup']}x). Python holds the GIL for "
-                   f"{100 * thr['mask_expansion_gil_held_share']:.1f}% of the masking work, which allows up to "
-                   f"{thr['mask_expansion_speedup_bound_2t']}x on two free cores.")
+                   f"({thr['server_unpack_speedup']}x).")
+        if "mask_expansion_gil_held_share" in thr:
+            out[-1] += (f" Python holds the GIL for {100 * thr['mask_expansion_gil_held_share']:.1f}% of the masking "
+                        f"work, which allows up to {thr['mask_expansion_speedup_bound_2t']}x on two free cores.")
     out.append("")
-    out.append("| benchmark | configurations | wall (s) | status |")
-    out.append("|---|---|---|---|")
+    out.append("| benchmark | configurations | wall (s) | load average at its start | status |")
+    out.append("|---|---|---|---|---|")
     for name, b in results["benchmarks"].items():
         status = "ok" if b["returncode"] == 0 else f"exit {b['returncode']}"
-        out.append(f"| `{b['command']}` | {len(b['lines'])} | {b['wall_s']} | {status} |")
+        out.append(f"| `{b['command']}` | {len(b['lines'])} | {b['wall_s']} | {b['load_average_at_start']} | {status} |")
     return "\n".join(out) + "\n"
 
 
@@ -196,6 +198,12 @@ def main() -> None:
             print(f"[run_all] {name} failed ({res['returncode']}):\n{res['stderr_tail']}", file=sys.stderr, flush=True)
     results["duration_s"] = round(time.perf_counter() - t, 1)
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "results.json"
+    if args.only and previous.exists():  # a partial run updates those benchmarks and keeps the others
+        kept = json.loads(previous.read_text())
+        if kept.get("quick") == args.quick and kept.get("machine", {}).get("cpu") == results["machine"]["cpu"]:
+            results["benchmarks"] = {**kept.get("benchmarks", {}), **results["benchmarks"]}
+            results["command"] = f"{kept.get('command')}; then {results['command']}"
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     drawn = plot(results, args.out / "scale.png")
     (args.out / "results.md").write_text(table(results))
