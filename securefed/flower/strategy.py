@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from securefed.crypto.random import RandomSource
+from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, ProtocolAborted
 from securefed.flower import _checkpoint, _identities, _model, _privacy
 from securefed.flower.aggregation import GridAggregator, RoundOutcome
@@ -154,7 +155,7 @@ class SecureFedAvg:
         audit_log: str | os.PathLike[str] | None = None,
         audit_key: Any = None,
         auxiliary: Mapping[str, int] | None = None,
-        identities: Any = None,
+        identities: KeyDirectory | None = None,
         seed: int | None = None,
     ) -> None:
         _privacy.check(privacy)
