@@ -169,7 +169,8 @@ def table(results: dict) -> str:
     out.append("|---|---|---|---|---|")
     for name, b in results["benchmarks"].items():
         status = "ok" if b["returncode"] == 0 else f"exit {b['returncode']}"
-        out.append(f"| `{b['command']}` | {len(b['lines'])} | {b['wall_s']} | {b['load_average_at_start']} | {status} |")
+        out.append(f"| `{b['command']}` | {len(b['lines'])} | {b['wall_s']} | {b['load_average_at_start']} "
+                   f"| {status} |")
     return "\n".join(out) + "\n"
 
 

@@ -217,6 +217,10 @@ def _held_share(keys: list[bytes]) -> float:
     return per_chunk(64, 2000) / per_chunk(1 << 15, 50)
 
 
+def _record(out: dict, name: str, wall: float, cpu: float) -> None:
+    out[f"{name}_wall_s"], out[f"{name}_cpu_s"] = round(wall, 4), round(cpu, 4)
+
+
 def run_threads(d: int, k: int) -> dict:
     from securefed import parallel
     from securefed.crypto.masks import apply_masks
@@ -244,11 +248,11 @@ def run_threads(d: int, k: int) -> dict:
         with parallel.options(threads=threads):
             apply_masks(buf[: 1 << 16], keys[:6], keys[6:])
             wall, cpu = _best(lambda: apply_masks(buf, keys[:6], keys[6:]))
-            out[f"mask_expansion_{threads}t_wall_s"], out[f"mask_expansion_{threads}t_cpu_s"] = round(wall, 4), round(cpu, 4)
+            _record(out, f"mask_expansion_{threads}t", wall, cpu)
             wall, cpu = min(step() for _ in range(3))
-            out[f"client_step_{threads}t_wall_s"], out[f"client_step_{threads}t_cpu_s"] = round(wall, 4), round(cpu, 4)
+            _record(out, f"client_step_{threads}t", wall, cpu)
             wall, cpu = _best(lambda: adder.add(memoryview(message)))
-            out[f"server_unpack_{threads}t_wall_s"], out[f"server_unpack_{threads}t_cpu_s"] = round(wall, 4), round(cpu, 4)
+            _record(out, f"server_unpack_{threads}t", wall, cpu)
     for part in ("mask_expansion", "client_step", "server_unpack"):
         out[f"{part}_speedup"] = round(out[f"{part}_1t_wall_s"] / out[f"{part}_2t_wall_s"], 3)
     # What the GIL leaves to parallelize, whatever the machine's load: the Python share of a chunk's work
