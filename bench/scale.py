@@ -133,7 +133,7 @@ def run_round(protocol: str, n: int, d: int) -> dict:
     err = _max_error(res.total, res.included, d)
     bound = proto.error_bound(n)
     upload = statistics.median(size for p, phase, _, size in res.server_view.digests
-                               if phase == (proto.input_phase or proto.phases[-1]))
+                               if phase == proto.phases[proto.input_phase_index()])
     return {
         "protocol": protocol, "n": n, "d": d, "threads": parallel.get_threads(),
         "round_wall_s": round(wall, 3), "round_cpu_s": round(cpu, 3), "input_making_s": round(make.seconds, 3),
