@@ -106,3 +106,25 @@ def test_bad_inputs():
         sf.Trainer("not a model", federation(), progress=False)
     with pytest.raises(ConfigurationError):
         sf.Trainer(model(), federation(), progress=False).fit(0)
+
+
+def test_torch_threads_are_set_for_training_and_restored():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return self.lin(x)
+
+    before = torch.get_num_threads()
+    sf.Trainer(Probe(), federation(), progress=False).fit(1)  # small model: one thread
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    seen.clear()
+    sf.Trainer(Probe(), federation(), progress=False, torch_threads=2).fit(1)
+    assert set(seen) == {2} and torch.get_num_threads() == before
+    with pytest.raises(ConfigurationError):
+        sf.Trainer(Probe(), federation(), progress=False, torch_threads=0)
