@@ -92,7 +92,7 @@ class _AdvertiseKeys(_State):
         if r.active:
             key = r.identities.signing_key(c.me)  # type: ignore[union-attr]
             out += signing.sign(key, advertise_message(r, c.me, c_pk, s_pk), purpose="secagg/advertise")
-        return r.message(ADVERTISE, c.me, out), _ShareKeys
+        return r.message(ADVERTISE, c.me, out + W.key_check(c.me, out)), _ShareKeys
 
 
 class _ShareKeys(_State):
@@ -102,14 +102,14 @@ class _ShareKeys(_State):
     def step(c: Client, body: memoryview) -> tuple[bytes, type[_State]]:
         t0 = time.process_time()
         r, d, me = c.round, c.data, c.me
-        rec = 2 * W.KEY + (W.SIG if r.active else 0)
+        rec = 2 * W.KEY + (W.SIG if r.active else 0) + W.CHECK
         ids, rows = W.parse_records(body, rec)
         if not np.isin(ids, r.graph.neighbors(me)).all():
             raise MessageRejected("invalid message: keys of a client that is not my neighbour")
         own = {kex.public_bytes(kex.load_private_key(d.c_sk)), kex.public_bytes(kex.load_private_key(d.s_sk))}
         peers: dict[int, tuple[bytes, bytes]] = {}
         for i, v in enumerate(ids.tolist()):
-            entry = rows[i].tobytes()
+            entry = W.check_keys(v, rows[i].tobytes())
             c_pk, s_pk = entry[: W.KEY], entry[W.KEY : 2 * W.KEY]
             if r.active:
                 signing.verify(r.identities.verify_key(v), entry[2 * W.KEY :],  # type: ignore[union-attr]

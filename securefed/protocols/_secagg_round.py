@@ -27,7 +27,7 @@ from securefed.protocols.secagg_params import GraphParameters
 
 PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmasking")
 ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASKING = range(5)
-VERSION = 1
+VERSION = 2
 SECRET_BYTES = 32  # bytes of b_u and of the X25519 mask key
 
 

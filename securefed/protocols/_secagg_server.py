@@ -106,8 +106,9 @@ class Server(ServerProtocol):
     def _share_requests(self) -> dict[Party, bytes]:
         r = self.round
         senders = np.array(sorted(self._keys), dtype=np.int64)
-        # One record (id, c_pk, s_pk[, sig]) per client that advertised; each request is a selection of rows.
-        keys = b"".join(b"".join(self._keys[v] if r.active else self._keys[v][:2]) for v in senders.tolist())
+        # One record (id, c_pk, s_pk[, sig], check) per client that advertised, forwarded as it came
+        # (so each neighbour checks it); each request is a selection of rows.
+        keys = b"".join(b"".join(self._keys[v]) for v in senders.tolist())
         table = W.record_table(senders, np.frombuffer(keys, dtype=np.uint8).reshape(senders.size, -1))
         advertised = self._members(senders)
         out: dict[Party, bytes] = {}
@@ -194,14 +195,16 @@ class Server(ServerProtocol):
 
     def _take_keys(self, u: int, body: memoryview) -> None:
         r = self.round
-        size = 2 * W.KEY + (W.SIG if r.active else 0)
+        size = 2 * W.KEY + (W.SIG if r.active else 0) + W.CHECK
         if len(body) != size:
             raise MessageRejected("invalid message: wrong length of advertised keys")
-        c_pk, s_pk, sig = bytes(body[: W.KEY]), bytes(body[W.KEY : 2 * W.KEY]), bytes(body[2 * W.KEY :])
+        record = bytes(body)
+        keys = W.check_keys(u, record)
+        c_pk, s_pk, sig = keys[: W.KEY], keys[W.KEY : 2 * W.KEY], keys[2 * W.KEY :]
         if r.active:
             signing.verify(r.identities.verify_key(u), sig, advertise_message(r, u, c_pk, s_pk),  # type: ignore[union-attr]
                            purpose="secagg/advertise")
-        self._keys[u] = (c_pk, s_pk, sig)
+        self._keys[u] = (c_pk, s_pk, sig, record[-W.CHECK :])
 
     def _take_shares(self, u: int, body: memoryview) -> None:
         r = self.round

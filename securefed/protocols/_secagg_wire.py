@@ -1,4 +1,4 @@
-"""Message bodies of SecAgg / SecAgg+ (layout version 1; the spec is ``protocols/secagg.md``).
+"""Message bodies of SecAgg / SecAgg+ (layout version 2; the spec is ``protocols/secagg.md``).
 
 Every message is the common header of :mod:`securefed.protocols._wire` followed by
 one of these bodies. Integers are big-endian; ``id`` is a client index (uint32);
@@ -7,8 +7,8 @@ ascending. Parsing is strict: wrong lengths, unsorted or repeated ids, non-zero
 padding bits all raise MessageRejected.
 
     advertise_keys     request  (empty)
-                       reply    c_pk[32] s_pk[32] [sig[64] if active]
-    share_keys         request  count, count x (id, c_pk[32], s_pk[32], [sig[64]])
+                       reply    c_pk[32] s_pk[32] [sig[64] if active] check[4]
+    share_keys         request  count, count x (id, c_pk[32], s_pk[32], [sig[64]], check[4])
                        reply    commit[32], count, count x (recipient id, sealed[100])
     masked_input       request  count, count x (sender id, sealed[100])
                        reply    the masked vector, bit-packed at the modulus width
@@ -18,12 +18,16 @@ padding bits all raise MessageRejected.
                        reply    count, count x (id, share[36])
 
 sealed = AES-GCM(nonce[12] || enc(b_share[36] || sk_share[36]) || tag[16]).
+check = CRC-32(id || c_pk || s_pk || [sig]) of the advertising client, big-endian: the server
+checks it on arrival and every neighbour on the forwarded record, because one corrupted key
+would silently break every mask its owner shares (no recovery can repair that).
 Bitmap: bit (i mod 8) of byte (i div 8) is client i; padding bits zero.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 
 import numpy as np
 
@@ -31,12 +35,15 @@ from securefed.crypto import aead, shamir
 from securefed.errors import MessageRejected
 
 __all__ = [
+    "CHECK",
     "COMMIT",
     "KEY",
     "SEALED",
     "SHARE",
     "SIG",
     "bitmap",
+    "check_keys",
+    "key_check",
     "parse_bitmap",
     "parse_records",
     "record_table",
@@ -49,7 +56,21 @@ SIG = 64
 COMMIT = 32
 SHARE = shamir.share_size(32)
 SEALED = aead.sealed_size(2 * SHARE)
+CHECK = 4
 _U32 = struct.Struct(">I")
+
+
+def key_check(party: int, keys: bytes) -> bytes:
+    """CRC-32 of ``id || keys`` (an advertised record without its check), 4 bytes big-endian."""
+    return _U32.pack(zlib.crc32(keys, zlib.crc32(_U32.pack(party))))
+
+
+def check_keys(party: int, record: bytes) -> bytes:
+    """The keys of an advertised `record` (``keys || check``) of `party`; MessageRejected if the check fails."""
+    keys = record[:-CHECK]
+    if key_check(party, keys) != record[-CHECK:]:
+        raise MessageRejected("invalid message: corrupted advertised keys")
+    return keys
 
 
 def records(entries: list[tuple[int, bytes]], prefix: bytes = b"") -> bytes:

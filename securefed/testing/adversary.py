@@ -345,7 +345,7 @@ class SubstitutePublicKey(Deviation):
         if phase != "share_keys":
             return sends
         out = []
-        rec = 2 * W.KEY + (W.SIG if ctx.round.active else 0)
+        rec = 2 * W.KEY + (W.SIG if ctx.round.active else 0) + W.CHECK
         forged = kex.public_bytes(kex.generate_private_key(RandomSource(b"server-mitm")))
         for s in sends:
             if s.party != self.target:
@@ -358,8 +358,9 @@ class SubstitutePublicKey(Deviation):
             entries = []
             for i, v in enumerate(ids.tolist()):
                 entry = rows[i].tobytes()
-                if v == self.victim:
-                    entry = forged + forged[::-1] + entry[2 * W.KEY :]
+                if v == self.victim:  # a malicious server recomputes the integrity check: only signatures stop it
+                    keys = forged + forged[::-1] + entry[2 * W.KEY : -W.CHECK]
+                    entry = keys + W.key_check(v, keys)
                 entries.append((v, entry))
             out.append(Send(s.party, ctx.message(phase, W.records(entries)), label=self.name))
         return out

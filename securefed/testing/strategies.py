@@ -67,7 +67,7 @@ def input_range(protocol: AggregationProtocol) -> float | None:
 
 def input_phase_index(protocol: AggregationProtocol) -> int:
     """Index in ``protocol.phases`` of the phase that carries a client's input (the last if unset)."""
-    return protocol.phases.index(protocol.input_phase) if protocol.input_phase else len(protocol.phases) - 1
+    return protocol.input_phase_index()
 
 
 def _dims(dim: int | st.SearchStrategy[int] | tuple[int, int]) -> st.SearchStrategy[int]:
