@@ -105,6 +105,9 @@ class PerLayerClipping(Clipping):
     """Each tensor clipped on its own: to ``layer_clips[i]``, or to l2_clip / sqrt(L) each for L tensors.
 
     The whole update then has norm <= sqrt(sum of squared layer clips) (= l2_clip when split evenly).
+    With explicit ``layer_clips``, ``bound`` carries a relative slack of 1e-12 so that the float64
+    norm of the whole update never exceeds it even when every tensor sits at its clip (the even
+    split instead shrinks each layer's clip by that much); the slack only adds noise.
     """
 
     def __init__(self, *, l2_clip: float | None = None, layer_clips: Sequence[float] | None = None) -> None:
@@ -122,7 +125,7 @@ class PerLayerClipping(Clipping):
         if self.layer_clips is None:
             assert self.l2_clip is not None
             return self.l2_clip
-        return math.sqrt(sum(c * c for c in self.layer_clips))
+        return math.sqrt(sum(c * c for c in self.layer_clips)) * (1.0 + 1e-12)
 
     def clips_for(self, layers: int) -> tuple[float, ...]:
         """The clip of each of `layers` tensors."""

@@ -57,9 +57,19 @@ def test_clipping_terminates_and_holds_for_subnormal_bounds():
 
 def test_per_layer_clipping_with_explicit_bounds():
     clip = PerLayerClipping(layer_clips=[3.0, 4.0])
-    assert clip.bound == 5.0
+    assert 5.0 < clip.bound <= 5.0 * (1 + 1e-12)  # slack for float64 rounding of the total norm
+    at_clips = clip.clip(np.array([3.0, 0.0, 0.0, 4.0]), [2, 2])  # every tensor exactly at its clip
+    assert at_clips.tolist() == [3.0, 0.0, 0.0, 4.0]
     y = clip.clip(np.array([30.0, 0.0, 0.0, 0.5]), [2, 2])
     np.testing.assert_allclose(y, [3.0, 0.0, 0.0, 0.5])
+    # Found by securefed.testing.check_clipper: with every tensor clipped to its own bound, the float64
+    # total came out one ulp above sqrt(sum of squared clips); the bound's slack absorbs that.
+    found = PerLayerClipping(layer_clips=[5.65, 2.96, 4.19])
+    x = np.array([1322.4574697668331, -13.914668524093733, 1041.8397592128222, 1402.2648267725224,
+                  1150.165636149692, -2365.3039062769744, 1228.683719203421, 339.62000824864265, 423.77135285334725])
+    y = found.clip(x, [3, 3, 3])
+    assert l2_norm(y) > math.sqrt(5.65**2 + 2.96**2 + 4.19**2)  # what the unslacked bound got wrong
+    assert l2_norm(y) <= found.bound
     with pytest.raises(ConfigurationError):
         clip.clip(np.zeros(6), [2, 2, 2])
     with pytest.raises(InvalidInput):
