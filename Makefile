@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/python -m securefed demo $(ARGS)
 
 test: $(STAMP)
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest $(ARGS)
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -n 2 $(ARGS)
 
 test-quick: $(STAMP)
 	HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -x -q $(ARGS)

@@ -11,3 +11,9 @@ PROFILE = load_profile()
 
 def pytest_report_header(config):
     return f"hypothesis profile: {PROFILE}"
+
+
+def pytest_collection_modifyitems(config, items):
+    # Slow multi-process tests mostly wait on Flower's polling: start them first so that,
+    # under pytest-xdist (`make test`), the other worker runs the rest of the suite meanwhile.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
