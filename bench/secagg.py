@@ -25,9 +25,9 @@ per phase the slowest client and the server (clients computing in parallel).
 Times are CPU seconds of the process, all threads (``time.process_time``: the parties run
 one after the other, so this is the CPU of the party measured, on every core it used), so that
 a shared machine's scheduling does not inflate them; ``*_wall_s`` fields give wall-clock
-seconds. Large vectors are split over ``--threads`` threads (``securefed.parallel``; default:
-the CPUs available): CPU seconds then add up the threads, wall seconds show what two cores
-save. ``server_over_floor`` is CPU over the single-thread floor's CPU; ``server_wall_over_floor``
+seconds. Large vectors are split over ``--threads`` threads (``securefed.parallel``; default 1,
+so that a party's CPU seconds compare with the single-thread floor): with more, CPU seconds
+add up the threads and wall seconds show what the cores save. ``server_over_floor`` is CPU over the single-thread floor's CPU; ``server_wall_over_floor``
 is wall clock over the floor's wall clock (measured in the same run). A client's masked-input
 step encodes, masks and packs in one pass (``client_mask_median_s``); ``client_quantize_median_s``
 is ``set_input`` (checking the input).
@@ -218,10 +218,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=list(CONFIGS), action="append", help="run only these configurations")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every d by this (smoke runs)")
-    ap.add_argument("--threads", type=int, help="threads for model-sized work (default: the CPUs available)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for model-sized work (default 1: the targets compare one core's work with "
+                         "the single-thread floor; on this VM two threads cost ~1.7x the CPU seconds for a "
+                         "1.4x wall-clock gain, see bench/scale.py)")
     args = ap.parse_args()
-    if args.threads:
-        configure(threads=args.threads)
+    configure(threads=args.threads)
     for name in args.only or CONFIGS:
         cfg = dict(CONFIGS[name])
         cfg["d"] = max(64, int(cfg["d"] * args.scale))
