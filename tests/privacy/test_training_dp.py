@@ -7,7 +7,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import TensorDataset
 
 import securefed as sf
 from securefed.audit import verify
@@ -25,23 +24,9 @@ from securefed.privacy import (
     SampleLevelDP,
     compute_epsilon,
 )
+from tests._toy import federation, model
 
 DELTA = 1e-5
-
-
-def federation(sizes=(30, 50, 20, 40), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(5, 3, generator=g)
-    out = []
-    for n in sizes:
-        x = torch.randn(n, 5, generator=g)
-        out.append(TensorDataset(x, (x @ w).argmax(dim=1)))
-    return out
-
-
-def model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
 
 
 def params(m):
