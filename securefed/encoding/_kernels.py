@@ -18,26 +18,6 @@ _TWO32 = 4294967296.0
 
 
 @njit(cache=True, nogil=True)
-def quantize_into(x, scale, bound, u32, mask, out):  # pragma: no cover - compiled
-    """out[i] = floor(x[i]*scale + U_i) mod 2^k, U_i = u32[i] / 2^32.
-
-    Returns the index of the first x[i] that is NaN or outside [-bound, bound], else -1.
-    """
-    for i in range(x.size):
-        xi = np.float64(x[i])
-        if not (xi >= -bound and xi <= bound):
-            return i
-        v = xi * scale
-        f = math.floor(v)
-        q = np.int64(f)
-        # (v - f) is exact; scaling by 2^32 is exact; so P(round up) = ceil(frac*2^32)/2^32.
-        if (v - f) * _TWO32 > np.float64(u32[i]):
-            q += 1
-        out[i] = np.uint64(q) & mask
-    return -1
-
-
-@njit(cache=True, nogil=True)
 def first_outside(x, bound):  # pragma: no cover - compiled
     """Index of the first x[i] that is NaN or outside [-bound, bound], else -1."""
     for i in range(x.size):
@@ -45,6 +25,27 @@ def first_outside(x, bound):  # pragma: no cover - compiled
         if not (xi >= -bound and xi <= bound):
             return i
     return -1
+
+
+@njit(cache=True, nogil=True)
+def quantize_into(x, scale, bound, u32, mask, out):  # pragma: no cover - compiled
+    """out[i] = floor(x[i]*scale + U_i) mod 2^k, U_i = u32[i] / 2^32.
+
+    Returns the index of the first x[i] that is NaN or outside [-bound, bound], else -1
+    (`out` is then unspecified). The loop has no early exit, so that it vectorizes: a bad
+    coordinate is noted, encoded as 0, and looked for again only when there is one.
+    """
+    ok = True
+    for i in range(x.size):
+        xi = np.float64(x[i])
+        inside = (xi >= -bound) & (xi <= bound)
+        ok &= inside
+        v = (xi if inside else 0.0) * scale
+        f = math.floor(v)
+        # (v - f) is exact; scaling by 2^32 is exact; so P(round up) = ceil(frac*2^32)/2^32.
+        q = np.int64(f) + np.int64((v - f) * _TWO32 > np.float64(u32[i]))
+        out[i] = np.uint64(q) & mask
+    return -1 if ok else first_outside(x, bound)
 
 
 @njit(cache=True, nogil=True)
