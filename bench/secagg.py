@@ -27,8 +27,9 @@ one after the other, so this is the CPU of the party measured, on every core it 
 a shared machine's scheduling does not inflate them; ``*_wall_s`` fields give wall-clock
 seconds. Large vectors are split over ``--threads`` threads (``securefed.parallel``; default 1,
 so that a party's CPU seconds compare with the single-thread floor): with more, CPU seconds
-add up the threads and wall seconds show what the cores save. ``server_over_floor`` is CPU over the single-thread floor's CPU; ``server_wall_over_floor``
-is wall clock over the floor's wall clock (measured in the same run). A client's masked-input
+add up the threads and wall seconds show what the cores save. ``server_over_floor`` is CPU
+over the single-thread floor's CPU; ``server_wall_over_floor`` is wall clock over the floor's
+wall clock (measured in the same run). A client's masked-input
 step encodes, masks and packs in one pass (``client_mask_median_s``); ``client_quantize_median_s``
 is ``set_input`` (checking the input).
 """
