@@ -15,4 +15,10 @@ def test_readme_has_python_examples():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index):
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "readme"})
+    ns = {"__name__": "readme"}
+    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), ns)
+    if "history" in ns:  # the quickstart: it trained, learned and stayed within its budget
+        history = ns["history"]
+        assert len(history.rounds) == 5 and history.final.included == tuple(range(10))
+        assert 0 < history.final.epsilon <= 60.0
+        assert history.final.metrics["eval_accuracy"] > 0.2  # ten classes: chance is 0.1
