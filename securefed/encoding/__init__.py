@@ -6,6 +6,7 @@ See ``protocols/encoding.md`` for the formats and ``proofs/encoding.md`` for the
 from securefed.encoding.fixedpoint import (
     FixedPoint,
     IntegerEncoder,
+    check_finite,
     check_vector,
     decode_error_bound,
     modulus_bits,
@@ -18,6 +19,7 @@ __all__ = [
     "FlatSpec",
     "IntegerEncoder",
     "ParamSpec",
+    "check_finite",
     "check_vector",
     "decode_error_bound",
     "flatten",

@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from securefed import parallel
 from securefed.crypto.random import RandomSource
 from securefed.encoding.packing import storage_dtype
 from securefed.errors import ConfigurationError, InvalidInput
@@ -69,7 +70,7 @@ def decode_error_bound(n: int, value_range: float, value_bits: int) -> float:
 
 
 def check_vector(x: object, dim: int | None = None) -> np.ndarray:
-    """Return `x` as a 1-D float array, or raise InvalidInput (type, shape, NaN/Inf)."""
+    """Return `x` as a 1-D float array, or raise InvalidInput (type, shape; see check_finite)."""
     if not isinstance(x, np.ndarray):
         raise InvalidInput(f"expected a 1-D numpy float array, got {type(x).__name__}")
     if x.ndim != 1 or x.dtype.kind != "f":
@@ -79,6 +80,14 @@ def check_vector(x: object, dim: int | None = None) -> np.ndarray:
     if dim is not None and x.size != dim:
         raise InvalidInput(f"expected a vector of length {dim}, got {x.size}")
     return x
+
+
+def check_finite(x: np.ndarray, what: str = "input") -> None:
+    """InvalidInput if the 1-D float array `x` holds a NaN or Inf; checked chunk by chunk
+    (no vector-sized boolean temporary)."""
+    step = parallel.get_chunk_size()
+    if not all(np.isfinite(x[lo : lo + step]).all() for lo in range(0, x.size, step)):
+        raise InvalidInput(f"{what} contains NaN or Inf; updates must be finite")
 
 
 class IntegerEncoder(abc.ABC):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from securefed.encoding.fixedpoint import check_vector
+from securefed.encoding.fixedpoint import check_finite, check_vector
 from securefed.errors import ConfigurationError, InvalidInput
 
 __all__ = ["AdaptiveClipping", "Clipping", "FlatClipping", "PerLayerClipping", "l2_norm"]
@@ -59,8 +59,7 @@ def _scale_to(x: np.ndarray, bound: float) -> np.ndarray:
 
 def _check_update(update: np.ndarray) -> np.ndarray:
     x = check_vector(update)
-    if not np.isfinite(x).all():
-        raise InvalidInput("update contains NaN or Inf; updates must be finite")
+    check_finite(x, "update")
     return x
 
 

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from securefed.crypto.random import RandomSource
-from securefed.encoding.fixedpoint import IntegerEncoder, check_vector
+from securefed.encoding.fixedpoint import IntegerEncoder, check_finite, check_vector
 from securefed.encoding.packing import storage_dtype
 from securefed.errors import ConfigurationError, InvalidInput
 from securefed.privacy import _bounds, sampling
@@ -198,8 +198,7 @@ class _DistributedNoise(IntegerEncoder, NoiseModule):
         Raises InvalidInput for a vector of the wrong length, NaN/Inf, or L2 norm above l2_clip.
         """
         x = check_vector(x, self.dimension)
-        if not np.isfinite(x).all():
-            raise InvalidInput("update contains NaN or Inf; updates must be finite")
+        check_finite(x, "update")
         norm = l2_norm(x)
         if norm > self.l2_clip:
             raise InvalidInput(

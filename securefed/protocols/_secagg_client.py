@@ -20,7 +20,7 @@ import numpy as np
 from securefed.crypto import aead, kex, shamir, signing
 from securefed.crypto.masks import mask_aes_key, pairwise_signs
 from securefed.crypto.random import RandomSource
-from securefed.encoding.fixedpoint import check_vector
+from securefed.encoding.fixedpoint import check_finite, check_vector
 from securefed.encoding.packing import packed_size
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
 from securefed.protocols import _secagg_wire as W
@@ -293,8 +293,7 @@ class Client(ClientProtocol):
             self.data.pending, self.data.encoded = x, None
             self.timings["quantize"] = time.process_time() - t0
             return
-        if not np.isfinite(x).all():
-            raise InvalidInput("input contains NaN or Inf; updates must be finite")
+        check_finite(x)
         y = r.encoder.encode(x, n=r.spec.n, rng=self.rng)
         self.timings["quantize"] = time.process_time() - t0
         if not isinstance(y, np.ndarray) or y.shape != (r.spec.dim,) or y.dtype != r.dtype:

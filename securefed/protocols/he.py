@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from securefed.crypto.random import RandomSource
-from securefed.encoding.fixedpoint import FixedPoint, IntegerEncoder, check_vector
+from securefed.encoding.fixedpoint import FixedPoint, IntegerEncoder, check_finite, check_vector
 from securefed.encoding.packing import pack, storage_dtype, unpack
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
 from securefed.protocols import _he_params as params
@@ -439,8 +439,7 @@ class BFV(_HEProtocol):
 
     def _prepare(self, x: np.ndarray, spec: RoundSpec, rng: RandomSource) -> np.ndarray:
         x = check_vector(x, spec.dim)
-        if not np.isfinite(x).all():
-            raise InvalidInput("input contains NaN or Inf; updates must be finite")
+        check_finite(x)
         return self._center(self.encoder.encode(x, n=spec.n, rng=rng).astype(np.uint64), spec)
 
     def _center(self, s: np.ndarray, spec: RoundSpec) -> np.ndarray:

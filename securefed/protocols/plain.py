@@ -13,7 +13,7 @@ import numpy as np
 
 from securefed import parallel
 from securefed.crypto.random import RandomSource
-from securefed.encoding.fixedpoint import check_vector
+from securefed.encoding.fixedpoint import check_finite, check_vector
 from securefed.errors import AbortReason, InvalidInput, MessageRejected, ProtocolAborted
 from securefed.protocols import _wire
 from securefed.protocols.base import (
@@ -68,12 +68,6 @@ class Plain(AggregationProtocol):
         return _PlainClient(spec, client, x)
 
 
-def _all_finite(x: np.ndarray) -> bool:
-    """No NaN or Inf in `x`, checked chunk by chunk (no vector-sized temporary)."""
-    step = parallel.get_chunk_size()
-    return all(np.isfinite(x[lo : lo + step]).all() for lo in range(0, x.size, step))
-
-
 def _header(spec: RoundSpec, sender: int, body_len: int) -> bytes:
     return _wire.pack_header(_TAG, _VERSION, 0, spec.round_index, spec.session_id, sender, body_len)
 
@@ -94,8 +88,7 @@ class _PlainClient(ClientProtocol):
 
     def set_input(self, x: np.ndarray) -> None:
         x = check_vector(x, self._spec.dim)
-        if not _all_finite(x):
-            raise InvalidInput("input contains NaN or Inf; updates must be finite")
+        check_finite(x)
         self._x = x
 
     def handle(self, phase: str, request: bytes) -> bytes | None:
@@ -151,8 +144,10 @@ class _PlainServer(ServerProtocol):
             if len(body) != 8 * self._spec.dim:
                 raise MessageRejected("invalid message: wrong vector length")
             x = np.frombuffer(body, dtype="<f8")
-            if not _all_finite(x):
-                raise MessageRejected("invalid message: non-finite values")
+            try:
+                check_finite(x)
+            except InvalidInput:
+                raise MessageRejected("invalid message: non-finite values") from None
         except MessageRejected as e:
             if isinstance(party, int) and 0 <= party < self._spec.n and party not in self._received:
                 self._dropped.setdefault(party, DropRecord(phase, DropReason.REJECTED, str(e)))
