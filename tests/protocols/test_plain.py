@@ -82,6 +82,26 @@ def test_plain_server_rejects_replay_and_tampering_without_touching_the_sum():
     np.testing.assert_array_equal(total, [1.0, 2.0, 3.0])
 
 
+def test_plain_client_uploads_once_and_server_rejects_non_finite_bodies():
+    from securefed.crypto.random import RandomSource
+    from securefed.protocols._wire import HEADER_SIZE
+    from securefed.protocols.base import RoundSpec
+
+    p = sf.protocols.Plain()
+    spec = RoundSpec(n=1, dim=3, session_id=bytes(32))
+    server = p.server(spec, rng=RandomSource(0))
+    req = server.requests("upload")[0]
+    client = p.client(spec, 0, np.array([1.0, 2.0, 3.0]), rng=RandomSource(1))
+    msg = client.handle("upload", req)
+    with pytest.raises(ProtocolAborted) as e:
+        client.handle("upload", req)  # the message was the input's only copy
+    assert e.value.reason is sf.errors.AbortReason.REQUEST_REFUSED
+    bad = msg[:HEADER_SIZE] + np.array([1.0, np.nan, 3.0], dtype="<f8").tobytes()
+    with pytest.raises(MessageRejected, match="non-finite"):
+        server.receive("upload", 0, bad)
+    assert set(server.dropped) == {0}
+
+
 @given(st.integers(1, 6), st.integers(1, 20), st.booleans(), st.data())
 def test_plain_client_state_survives_dump_and_load(n, dim, with_input, data):
     from securefed.crypto.random import RandomSource
