@@ -129,7 +129,7 @@ def _unpack_kernel(width: int, dtype: str):  # -> the compiled entry point for t
     vec = types.Array(types.uint32 if dtype == "uint32" else types.uint64, 1, "C")
     if width <= _BYTE_KERNEL_MAX:
         src = types.Array(types.uint8, 1, "C", readonly=True)
-        return _kernels().unpack_add_bytes.compile((src, types.IntegerLiteral(width), types.int64, vec))
+        return _kernels().unpack_add_range.compile((src, types.IntegerLiteral(width), types.int64, types.int64, vec))
     words = types.Array(types.uint64, 1, "C")
     return _kernels().unpack_add.compile((words, types.IntegerLiteral(width), types.int64, vec))
 
@@ -161,31 +161,23 @@ class UnpackAdder:
         if src.flags.writeable:  # the kernel is compiled for read-only bytes (a bytes message)
             src = src.view()
             src.flags.writeable = False
-        work = 1 if self.width <= _BYTE_KERNEL_MAX else 2
-        parallel.run_slabs(lambda lo, hi: self._add_range(src, lo, hi), parallel.slabs(self.count, work))
-
-    def _add_range(self, src: np.ndarray, lo: int, hi: int) -> None:
-        w, chunk = self.width, parallel.get_chunk_size()
-        if w > _BYTE_KERNEL_MAX:
-            scratch = np.empty(min(chunk, hi - lo) * w // 64 + 2, dtype=np.uint64)
-            raw = scratch.view(np.uint8)
-            for a in range(lo, hi, chunk):
-                b = min(a + chunk, hi)
-                b0, b1 = a * w // 8, packed_size(b, w)
-                raw[: b1 - b0] = src[b0:b1]
-                raw[b1 - b0 : b1 - b0 + 16] = 0
-                self._kernel(scratch, w, b - a, self.acc[a:b])
+        if self.width <= _BYTE_KERNEL_MAX:  # read in place, one kernel call per slab
+            ranges = parallel.slabs(self.count)
+            if len(ranges) == 1:  # (the common case of one thread: no closure, no pool)
+                self._kernel(src, self.width, 0, self.count, self.acc)
+            else:
+                parallel.run_slabs(lambda lo, hi: self._kernel(src, self.width, lo, hi, self.acc), ranges)
             return
-        # Fields whose 8-byte window lies inside the message are read in place; the last few
-        # (fewer than 16, from a byte boundary: 8 fields are w whole bytes) from a zero-padded copy.
-        safe = min(hi, max(lo, (8 * (src.size - 7) - 1) // w + 1)) if src.size >= 8 else lo
-        safe = max(lo, safe - safe % 8)
-        for a in range(lo, safe, chunk):
-            b = min(a + chunk, safe)
-            self._kernel(src[a * w // 8 :], w, b - a, self.acc[a:b])
-        if safe < hi:
-            q = safe * w // 8
-            tail = np.zeros(src.size - q + 8, dtype=np.uint8)
-            tail[: src.size - q] = src[q:]
-            tail.flags.writeable = False
-            self._kernel(tail, w, hi - safe, self.acc[safe:hi])
+        parallel.run_slabs(lambda lo, hi: self._add_wide(src, lo, hi), parallel.slabs(self.count, 2))
+
+    def _add_wide(self, src: np.ndarray, lo: int, hi: int) -> None:
+        """Fields wider than 56 bits: through a chunk-sized, zero-padded copy of the words."""
+        w, chunk = self.width, parallel.get_chunk_size()
+        scratch = np.empty(min(chunk, hi - lo) * w // 64 + 2, dtype=np.uint64)
+        raw = scratch.view(np.uint8)
+        for a in range(lo, hi, chunk):
+            b = min(a + chunk, hi)
+            b0, b1 = a * w // 8, packed_size(b, w)
+            raw[: b1 - b0] = src[b0:b1]
+            raw[b1 - b0 : b1 - b0 + 16] = 0
+            self._kernel(scratch, w, b - a, self.acc[a:b])

@@ -59,3 +59,28 @@ def unpack_add_bytes(b8, w, n, acc):  # pragma: no cover - compiled
              | (np.uint64(b8[q + 5]) << np.uint64(40)) | (np.uint64(b8[q + 6]) << np.uint64(48))
              | (np.uint64(b8[q + 7]) << np.uint64(56)))
         acc[i] += (x >> np.uint64(p & 7)) & mask
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _unpack_add_tail(b8, W, lo, hi, acc):  # pragma: no cover - compiled
+    """acc[i] += field i for i in [lo, hi), reading only the bytes `b8` has (the last fields)."""
+    mask = (np.uint64(1) << np.uint64(W)) - np.uint64(1)
+    for i in range(lo, hi):
+        p = i * W
+        q = p >> 3
+        x = np.uint64(0)
+        for k in range(min(8, b8.size - q)):
+            x |= np.uint64(b8[q + k]) << np.uint64(8 * k)
+        acc[i] += (x >> np.uint64(p & 7)) & mask
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def unpack_add_range(b8, w, lo, hi, acc):  # pragma: no cover - compiled
+    """acc[i] += field i of w <= 56 bits of the packed message `b8`, for i in [lo, hi); lo is a
+    multiple of 8 (so field lo starts on a byte). One call per message and slab: the fields whose
+    8-byte window lies inside `b8` go through :func:`unpack_add_bytes`, the last few byte by byte."""
+    W = literally(w)
+    safe = ((b8.size - 8) * 8) // W + 1 if b8.size >= 8 else 0
+    mid = min(max(lo, safe - safe % 8), hi)
+    unpack_add_bytes(b8[lo * W // 8 :], W, mid - lo, acc[lo:mid])
+    _unpack_add_tail(b8, W, mid, hi, acc)
