@@ -60,15 +60,19 @@ def _to_chunks(secret: bytes, chunks: int) -> list[int]:
     return [(v >> (CHUNK_BITS * i)) & _CHUNK_MASK for i in range(chunks)]
 
 
-def _from_chunks(values: Sequence[int], secret_len: int) -> bytes:
-    v = 0
-    for i, c in enumerate(values):
-        if c > _CHUNK_MASK:
-            raise MessageRejected("invalid shares")
-        v |= int(c) << (CHUNK_BITS * i)
-    if v >> (8 * secret_len):
+def _from_chunks(values: np.ndarray, secret_len: int) -> list[bytes]:
+    """The secrets whose chunks are the rows of `values` (shape (S, chunks), uint64), all at once.
+
+    MessageRejected("invalid shares") if a chunk exceeds 30 bits or a secret has bits above 8L.
+    """
+    if (values > np.uint64(_CHUNK_MASK)).any():
         raise MessageRejected("invalid shares")
-    return v.to_bytes(secret_len, "little")
+    shifts = np.arange(CHUNK_BITS, dtype=np.uint64)
+    bits = ((values[:, :, None] >> shifts) & np.uint64(1)).astype(np.uint8).reshape(values.shape[0], -1)
+    if bits[:, 8 * secret_len :].any():
+        raise MessageRejected("invalid shares")
+    raw = np.packbits(bits[:, : 8 * secret_len], axis=1, bitorder="little").tobytes()
+    return [raw[i : i + secret_len] for i in range(0, len(raw), secret_len)]
 
 
 def _evaluate(secrets: np.ndarray, coeffs: np.ndarray, xs: np.ndarray, p: int) -> np.ndarray:
@@ -167,7 +171,7 @@ def reconstruct(holders: Sequence[int], shares: np.ndarray, threshold: int, secr
         raise MessageRejected("invalid shares")
     lam = _lagrange_at_zero((h[:threshold] + 1).tolist(), PRIME)
     out = _combine(lam, ys, PRIME)
-    return [_from_chunks(row.tolist(), secret_len) for row in out]
+    return _from_chunks(out, secret_len)
 
 
 def share_to_bytes(share: np.ndarray) -> bytes:

@@ -61,7 +61,7 @@ class Server(ServerProtocol):
         self._dropped: dict[int, DropRecord] = {}
         self._keys: dict[int, tuple[bytes, bytes, bytes]] = {}  # U1: c_pk, s_pk, signature
         self._shares: dict[int, np.ndarray] = {}  # U2: each sender's sealed shares, one row per recipient
-        self._expect: dict[int, np.ndarray] = {}  # the ids each party's reply of this phase must list
+        self._expect: dict[int, W.Expected] = {}  # the ids each party's reply of this phase must list
         self._expect_shares: dict[int, np.ndarray] = {}  # the recipients of each sender's shares, ascending
         self._commit: dict[int, bytes] = {}
         self._u3: list[int] = []
@@ -71,6 +71,8 @@ class Server(ServerProtocol):
         self._adder = UnpackAdder(self._acc, rnd.width)
         self._aborted: ProtocolAborted | None = None
         self._result: tuple[np.ndarray, tuple[int, ...]] | None = None
+        self._phase_index = {name: i for i, name in enumerate(PHASES)}
+        self._take = (self._take_keys, self._take_shares, self._take_masked, self._take_signature, self._take_unmask)
 
     @property
     def dropped(self) -> Mapping[int, DropRecord]:
@@ -112,16 +114,23 @@ class Server(ServerProtocol):
         table = W.record_table(senders, np.frombuffer(keys, dtype=np.uint8).reshape(senders.size, -1))
         advertised = self._members(senders)
         out: dict[Party, bytes] = {}
-        everyone = np.arange(senders.size)
-        for i, u in enumerate(senders.tolist()):
-            if r.graph.complete:  # every other advertiser, in id order
-                rows = np.delete(everyone, i)
-            else:
-                nb = r.graph.neighbors(u)
-                rows = np.searchsorted(senders, nb[advertised[nb]])
+        if r.graph.complete:  # every other advertiser, in id order: the table without row i
+            raw, rec, m = memoryview(table.tobytes()), table.shape[1], senders.size
+            count = W.list_header(m - 1)
+            for i, u in enumerate(senders.tolist()):
+                if m < r.t:
+                    self._refusals[u] = "fewer than t of its neighbourhood advertised keys"
+                self._expect[u] = W.Expected(np.concatenate((senders[:i], senders[i + 1 :])))
+                body_len = 4 + (m - 1) * rec
+                out[u] = b"".join((r.header(SHARE_KEYS, _wire.SERVER, body_len), count, raw[: i * rec],
+                                   raw[(i + 1) * rec :]))
+            return out
+        for u in senders.tolist():
+            nb = r.graph.neighbors(u)
+            rows = np.searchsorted(senders, nb[advertised[nb]])
             if rows.size + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood advertised keys"
-            self._expect[u] = senders[rows]
+            self._expect[u] = W.Expected(senders[rows])
             out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.table_records(table, rows))
         return out
 
@@ -136,11 +145,13 @@ class Server(ServerProtocol):
         table = W.record_table(from_[order], np.concatenate([self._shares[v] for v in senders])[order])
         starts = np.searchsorted(recipients[order], senders)
         ends = np.searchsorted(recipients[order], senders, side="right")
+        raw, rec = memoryview(table.tobytes()), table.shape[1]
         out: dict[Party, bytes] = {}
         for u, a, b in zip(senders, starts.tolist(), ends.tolist()):
             if b - a + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood shared keys"
-            out[u] = r.message(MASKED_INPUT, _wire.SERVER, W.table_records(table, slice(a, b)))
+            out[u] = b"".join((r.header(MASKED_INPUT, _wire.SERVER, 4 + (b - a) * rec), W.list_header(b - a),
+                               raw[a * rec : b * rec]))
         return out
 
     def _consistency_requests(self) -> dict[Party, bytes]:
@@ -156,9 +167,13 @@ class Server(ServerProtocol):
         responders = sorted(self._sigs) if r.active else sorted(self._u3)
         shared = self._members(self._shares)
         everyone = np.flatnonzero(shared)
+        all_of_them = W.Expected(everyone)
         for u in responders:  # each answers for the clients whose shares it holds
-            self._expect[u] = everyone if r.graph.complete else r.graph.closed_neighborhood(u)[
-                shared[r.graph.closed_neighborhood(u)]]
+            if r.graph.complete:
+                self._expect[u] = all_of_them
+            else:
+                nb = r.graph.closed_neighborhood(u)
+                self._expect[u] = W.Expected(nb[shared[nb]])
         if not r.active:
             msg = r.message(UNMASKING, _wire.SERVER, survivors)
             return {u: msg for u in responders}
@@ -173,16 +188,14 @@ class Server(ServerProtocol):
     def receive(self, phase: str, party: Party, payload: bytes) -> None:
         if self._aborted is not None:
             raise self._aborted
-        p = PHASES.index(phase) if phase in PHASES else -1
+        p = self._phase_index.get(phase, -1)
         if p != self._open or party not in self._expected:
             raise MessageRejected("invalid message: out of phase or unexpected sender")
         if party in self._replied:
             raise MessageRejected("invalid message: replayed reply")
         assert isinstance(party, int)
         try:
-            body = self.round.body(payload, p, party)
-            (self._take_keys, self._take_shares, self._take_masked, self._take_signature, self._take_unmask)[p](
-                party, body)
+            self._take[p](party, self.round.body(payload, p, party))
         except MessageRejected as e:
             self._drop(party, DropRecord(phase, DropReason.REJECTED, str(e)))
             raise
@@ -316,9 +329,13 @@ class Server(ServerProtocol):
         """Secrets (v, 0) = b_v and (v, 1) = mask key of v from the first t holders' shares."""
         g, t = self.round.graph, self.round.t
         groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        answered = self._members(self._unmasked)
+        first = tuple(np.flatnonzero(answered)[:t].tolist()) if g.complete else ()
         for v, kind in targets:
-            holders = tuple(u for u in g.closed_neighborhood(v).tolist() if u in self._unmasked)[:t]
-            groups.setdefault(holders, []).append((v, kind))
+            if not g.complete:
+                nb = g.closed_neighborhood(v)
+                first = tuple(nb[answered[nb]][:t].tolist())
+            groups.setdefault(first, []).append((v, kind))
         out: dict[tuple[int, int], bytes] = {}
         for holders, group in groups.items():
             vs = np.array([v for v, _ in group])

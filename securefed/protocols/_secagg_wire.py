@@ -37,6 +37,7 @@ from securefed.errors import MessageRejected
 __all__ = [
     "CHECK",
     "COMMIT",
+    "Expected",
     "KEY",
     "SEALED",
     "SHARE",
@@ -44,6 +45,7 @@ __all__ = [
     "bitmap",
     "check_keys",
     "key_check",
+    "list_header",
     "parse_bitmap",
     "parse_records",
     "record_table",
@@ -73,6 +75,11 @@ def check_keys(party: int, record: bytes) -> bytes:
     return keys
 
 
+def list_header(m: int) -> bytes:
+    """The 4-byte count that opens a list body."""
+    return _U32.pack(m)
+
+
 def records(entries: list[tuple[int, bytes]], prefix: bytes = b"") -> bytes:
     """``prefix || count || (id || payload)*`` with `entries` already sorted by id."""
     out = [prefix, _U32.pack(len(entries))]
@@ -96,12 +103,23 @@ def table_records(table: np.ndarray, rows: np.ndarray | slice) -> bytes:
     return _U32.pack(chosen.shape[0]) + chosen.tobytes()
 
 
+class Expected:
+    """The ids a reply's record list must carry (ascending int64), with their wire bytes made once:
+    the server checks every reply of a phase against it with one bytes comparison."""
+
+    __slots__ = ("ids", "wire")
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids
+        self.wire = ids.astype(">u4").tobytes()
+
+
 def parse_records(body: memoryview, payload_size: int, offset: int = 0,
-                  expect: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  expect: Expected | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Parse a record list at `offset`: (ids as int64, payloads as a (count, payload_size) uint8 view).
 
     The list must end the body. Raises MessageRejected for a wrong length or ids
-    that are not strictly ascending, or, given `expect` (ascending int64), ids other than those.
+    that are not strictly ascending, or, given `expect`, ids other than those.
     """
     if len(body) < offset + 4:
         raise MessageRejected("invalid message: truncated list")
@@ -110,10 +128,10 @@ def parse_records(body: memoryview, payload_size: int, offset: int = 0,
     if len(body) != offset + 4 + count * rec:
         raise MessageRejected("invalid message: wrong list length")
     table = np.frombuffer(body, dtype=np.uint8, count=count * rec, offset=offset + 4).reshape(count, rec)
-    if expect is not None:  # one comparison of the raw id bytes (the server's hot path)
-        if count != expect.size or not np.array_equal(table[:, :4], expect.astype(">u4").view(np.uint8).reshape(-1, 4)):
+    if expect is not None:  # the server's hot path: one comparison of the raw id bytes
+        if count != expect.ids.size or table[:, :4].tobytes() != expect.wire:
             raise MessageRejected("invalid message: records for the wrong set of clients")
-        return expect, table[:, 4:]
+        return expect.ids, table[:, 4:]
     ids = table[:, :4].copy().view(">u4").reshape(count).astype(np.int64)
     if count > 1 and not (ids[1:] > ids[:-1]).all():
         raise MessageRejected("invalid message: ids not strictly ascending")
