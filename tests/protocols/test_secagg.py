@@ -273,6 +273,31 @@ def test_server_parses_strictly_and_a_rejected_message_leaves_the_sum_untouched(
     np.testing.assert_allclose(total, np.sum([xs[i] for i in included], axis=0), atol=protocol.error_bound(7))
 
 
+def _other_ids(reply, first, size, how):
+    """`reply` with its record list (ids from byte `first`, records of `size` bytes) naming other clients."""
+    out = bytearray(reply)
+    if how == "foreign id":
+        out[first : first + 4] = (0xFFFFFFFE).to_bytes(4, "big")
+    else:  # the same clients, the first two records swapped
+        a, b = slice(first, first + size), slice(first + size, first + 2 * size)
+        out[a], out[b] = reply[b], reply[a]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("protocol", [SecAgg(), SecAggPlus()], ids=["complete", "harary"])
+@pytest.mark.parametrize("phase", ["share_keys", "unmasking"])
+@pytest.mark.parametrize("how", ["foreign id", "swapped"])
+def test_a_reply_listing_other_clients_than_expected_is_rejected(protocol, phase, how):
+    xs = [np.linspace(-1, 1, 40) * (i / 9) for i in range(9)]
+    first, size = ((HEADER_SIZE + W.COMMIT + 4, 4 + W.SEALED) if phase == "share_keys"
+                   else (HEADER_SIZE + 4, 4 + W.SHARE))
+    (total, included), dropped = _drive(
+        protocol, xs, junk=lambda ph, u, reply: _other_ids(reply, first, size, how) if (ph, u) == (phase, 3) else None)
+    assert dropped[3].reason is sf.protocols.DropReason.REJECTED and "wrong set of clients" in dropped[3].detail
+    assert included == (tuple(i for i in range(9) if i != 3) if phase == "share_keys" else tuple(range(9)))
+    np.testing.assert_allclose(total, np.sum([xs[i] for i in included], axis=0), atol=protocol.error_bound(9))
+
+
 def test_replay_and_out_of_phase_messages_are_rejected():
     protocol = SecAgg()
     spec = RoundSpec(n=3, dim=2, session_id=bytes(32))
