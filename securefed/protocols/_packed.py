@@ -135,11 +135,11 @@ def _unpack_kernel(width: int, dtype: str):  # -> the compiled entry point for t
 
 
 class UnpackAdder:
-    """Adds packed vectors of ``acc.size`` values of `width` bits into `acc` (wrapping), chunk by chunk.
+    """Adds packed vectors of ``acc.size`` values of `width` bits into `acc` (wrapping), slab by slab.
 
-    Reads each message in place (widths up to 56 bits; wider ones through a chunk-sized
-    scratch buffer); rejects a message (wrong length, non-zero padding) before touching
-    the accumulator.
+    Reads each message in place, one kernel call per slab (widths up to 56 bits; wider
+    ones chunk by chunk through a chunk-sized scratch buffer); rejects a message (wrong
+    length, non-zero padding) before touching the accumulator.
     """
 
     def __init__(self, acc: np.ndarray, width: int) -> None:
@@ -162,13 +162,9 @@ class UnpackAdder:
             src = src.view()
             src.flags.writeable = False
         if self.width <= _BYTE_KERNEL_MAX:  # read in place, one kernel call per slab
-            ranges = parallel.slabs(self.count)
-            if len(ranges) == 1:  # (the common case of one thread: no closure, no pool)
-                self._kernel(src, self.width, 0, self.count, self.acc)
-            else:
-                parallel.run_slabs(lambda lo, hi: self._kernel(src, self.width, lo, hi, self.acc), ranges)
-            return
-        parallel.run_slabs(lambda lo, hi: self._add_wide(src, lo, hi), parallel.slabs(self.count, 2))
+            parallel.run_slabs(lambda lo, hi: self._kernel(src, self.width, lo, hi, self.acc), parallel.slabs(self.count))
+        else:
+            parallel.run_slabs(lambda lo, hi: self._add_wide(src, lo, hi), parallel.slabs(self.count, 2))
 
     def _add_wide(self, src: np.ndarray, lo: int, hi: int) -> None:
         """Fields wider than 56 bits: through a chunk-sized, zero-padded copy of the words."""

@@ -37,6 +37,7 @@ from securefed.protocols._secagg_round import (
     ADVERTISE,
     CONSISTENCY,
     MASKED_INPUT,
+    PHASE_INDEX,
     PHASES,
     SECRET_BYTES,
     SHARE_KEYS,
@@ -314,7 +315,7 @@ class Client(ClientProtocol):
         try:
             if state in (_Completed, _Aborted):
                 return state.step(self, memoryview(b""))[0]
-            if phase not in PHASES or PHASES.index(phase) != state.phase:
+            if PHASE_INDEX.get(phase) != state.phase:
                 raise MessageRejected(f"invalid message: out of phase ({phase!r}; expected {PHASES[state.phase]!r})")
             body = self.round.body(request, state.phase, _wire.SERVER)
             reply, self.state = state.step(self, body)

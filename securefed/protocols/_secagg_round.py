@@ -27,6 +27,7 @@ from securefed.protocols.secagg_params import GraphParameters
 
 PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmasking")
 ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASKING = range(5)
+PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
 VERSION = 2
 SECRET_BYTES = 32  # bytes of b_u and of the X25519 mask key
 
@@ -52,9 +53,9 @@ class Round:
     def dtype(self) -> np.dtype:
         return storage_dtype(self.width)
 
-    def message(self, phase: int, sender: int, body: bytes) -> bytes:
-        s = self.spec
-        return _wire.pack_header(self.tag, VERSION, phase, s.round_index, s.session_id, sender, len(body)) + body
+    def message(self, phase: int, sender: int, *body: bytes | memoryview) -> bytes:
+        """Header and the body made of the `body` pieces, joined in one copy."""
+        return b"".join((self.header(phase, sender, sum(len(b) for b in body)), *body))
 
     def header(self, phase: int, sender: int, body_len: int) -> bytes:
         s = self.spec

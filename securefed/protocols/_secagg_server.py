@@ -24,6 +24,7 @@ from securefed.protocols._secagg_round import (
     ADVERTISE,
     CONSISTENCY,
     MASKED_INPUT,
+    PHASE_INDEX,
     PHASES,
     SECRET_BYTES,
     SHARE_KEYS,
@@ -59,7 +60,7 @@ class Server(ServerProtocol):
         self._refusals: dict[int, str] = {}
         self._alive = set(range(n))
         self._dropped: dict[int, DropRecord] = {}
-        self._keys: dict[int, tuple[bytes, bytes, bytes]] = {}  # U1: c_pk, s_pk, signature
+        self._keys: dict[int, bytes] = {}  # U1: each advertised record (c_pk, s_pk[, sig], check), as checked
         self._shares: dict[int, np.ndarray] = {}  # U2: each sender's sealed shares, one row per recipient
         self._expect: dict[int, W.Expected] = {}  # the ids each party's reply of this phase must list
         self._expect_shares: dict[int, np.ndarray] = {}  # the recipients of each sender's shares, ascending
@@ -71,7 +72,6 @@ class Server(ServerProtocol):
         self._adder = UnpackAdder(self._acc, rnd.width)
         self._aborted: ProtocolAborted | None = None
         self._result: tuple[np.ndarray, tuple[int, ...]] | None = None
-        self._phase_index = {name: i for i, name in enumerate(PHASES)}
         self._take = (self._take_keys, self._take_shares, self._take_masked, self._take_signature, self._take_unmask)
 
     @property
@@ -92,7 +92,7 @@ class Server(ServerProtocol):
     def requests(self, phase: str) -> Mapping[Party, bytes]:
         if self._aborted is not None:
             raise self._aborted
-        if phase not in PHASES or PHASES.index(phase) != self._next or self._open is not None:
+        if PHASE_INDEX.get(phase) != self._next or self._open is not None:
             raise ProtocolAborted(AbortReason.INVALID_STATE, f"requests({phase!r}) out of order", phase=phase)
         p = self._next
         build = (self._advertise_requests, self._share_requests, self._masked_requests,
@@ -110,28 +110,22 @@ class Server(ServerProtocol):
         senders = np.array(sorted(self._keys), dtype=np.int64)
         # One record (id, c_pk, s_pk[, sig], check) per client that advertised, forwarded as it came
         # (so each neighbour checks it); each request is a selection of rows.
-        keys = b"".join(b"".join(self._keys[v]) for v in senders.tolist())
+        keys = b"".join(self._keys[v] for v in senders.tolist())
         table = W.record_table(senders, np.frombuffer(keys, dtype=np.uint8).reshape(senders.size, -1))
         advertised = self._members(senders)
+        raw, rec = memoryview(table.tobytes()), table.shape[1]
         out: dict[Party, bytes] = {}
-        if r.graph.complete:  # every other advertiser, in id order: the table without row i
-            raw, rec, m = memoryview(table.tobytes()), table.shape[1], senders.size
-            count = W.list_header(m - 1)
-            for i, u in enumerate(senders.tolist()):
-                if m < r.t:
-                    self._refusals[u] = "fewer than t of its neighbourhood advertised keys"
-                self._expect[u] = W.Expected(np.concatenate((senders[:i], senders[i + 1 :])))
-                body_len = 4 + (m - 1) * rec
-                out[u] = b"".join((r.header(SHARE_KEYS, _wire.SERVER, body_len), count, raw[: i * rec],
-                                   raw[(i + 1) * rec :]))
-            return out
-        for u in senders.tolist():
-            nb = r.graph.neighbors(u)
-            rows = np.searchsorted(senders, nb[advertised[nb]])
-            if rows.size + 1 < r.t:
+        for i, u in enumerate(senders.tolist()):
+            if r.graph.complete:  # every other advertiser, in id order: the table without row i
+                ids, pieces = np.concatenate((senders[:i], senders[i + 1 :])), (raw[: i * rec], raw[(i + 1) * rec :])
+            else:
+                nb = r.graph.neighbors(u)
+                chosen = np.searchsorted(senders, nb[advertised[nb]])
+                ids, pieces = senders[chosen], (table[chosen].tobytes(),)
+            if ids.size + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood advertised keys"
-            self._expect[u] = W.Expected(senders[rows])
-            out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.table_records(table, rows))
+            self._expect[u] = W.Expected(ids)
+            out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.list_header(ids.size), *pieces)
         return out
 
     def _masked_requests(self) -> dict[Party, bytes]:
@@ -150,8 +144,7 @@ class Server(ServerProtocol):
         for u, a, b in zip(senders, starts.tolist(), ends.tolist()):
             if b - a + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood shared keys"
-            out[u] = b"".join((r.header(MASKED_INPUT, _wire.SERVER, 4 + (b - a) * rec), W.list_header(b - a),
-                               raw[a * rec : b * rec]))
+            out[u] = r.message(MASKED_INPUT, _wire.SERVER, W.list_header(b - a), raw[a * rec : b * rec])
         return out
 
     def _consistency_requests(self) -> dict[Party, bytes]:
@@ -188,7 +181,7 @@ class Server(ServerProtocol):
     def receive(self, phase: str, party: Party, payload: bytes) -> None:
         if self._aborted is not None:
             raise self._aborted
-        p = self._phase_index.get(phase, -1)
+        p = PHASE_INDEX.get(phase, -1)
         if p != self._open or party not in self._expected:
             raise MessageRejected("invalid message: out of phase or unexpected sender")
         if party in self._replied:
@@ -217,7 +210,11 @@ class Server(ServerProtocol):
         if r.active:
             signing.verify(r.identities.verify_key(u), sig, advertise_message(r, u, c_pk, s_pk),  # type: ignore[union-attr]
                            purpose="secagg/advertise")
-        self._keys[u] = (c_pk, s_pk, sig, record[-W.CHECK :])
+        self._keys[u] = record
+
+    def _mask_public_key(self, v: int) -> bytes:
+        """s_pk of client v, from its advertised record."""
+        return self._keys[v][W.KEY : 2 * W.KEY]
 
     def _take_shares(self, u: int, body: memoryview) -> None:
         r = self.round
@@ -253,7 +250,7 @@ class Server(ServerProtocol):
     def finish_phase(self, phase: str) -> None:
         if self._aborted is not None:
             raise self._aborted
-        p = PHASES.index(phase) if phase in PHASES else -1
+        p = PHASE_INDEX.get(phase, -1)
         if p != self._open:
             raise ProtocolAborted(AbortReason.INVALID_STATE, f"finish_phase({phase!r}) out of order", phase=phase)
         for u in sorted(self._expected - self._replied):
@@ -313,12 +310,12 @@ class Server(ServerProtocol):
         u3 = set(survivors)
         for v in dropped:
             sk = kex.load_private_key(secrets[v, 1])
-            if kex.public_bytes(sk) != self._keys[v][1]:
+            if kex.public_bytes(sk) != self._mask_public_key(v):
                 raise self._abort(AbortReason.RECONSTRUCTION_FAILED,
                                   f"client {v}'s mask key does not match its public key", UNMASKING)
             for u in r.graph.neighbors(v).tolist():
                 if u in u3:  # y_u holds +PRG(s_uv) if v > u, -PRG(s_uv) if v < u: take it out
-                    (sub if v > u else add).append(mask_key(r, sk, self._keys[u][1], v, u))
+                    (sub if v > u else add).append(mask_key(r, sk, self._mask_public_key(u), v, u))
         apply_masks(self._acc, add, sub)
         if r.width < 8 * self._acc.itemsize:
             self._acc &= self._acc.dtype.type((1 << r.width) - 1)
@@ -330,12 +327,9 @@ class Server(ServerProtocol):
         g, t = self.round.graph, self.round.t
         groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         answered = self._members(self._unmasked)
-        first = tuple(np.flatnonzero(answered)[:t].tolist()) if g.complete else ()
         for v, kind in targets:
-            if not g.complete:
-                nb = g.closed_neighborhood(v)
-                first = tuple(nb[answered[nb]][:t].tolist())
-            groups.setdefault(first, []).append((v, kind))
+            nb = g.closed_neighborhood(v)
+            groups.setdefault(tuple(nb[answered[nb]][:t].tolist()), []).append((v, kind))
         out: dict[tuple[int, int], bytes] = {}
         for holders, group in groups.items():
             vs = np.array([v for v, _ in group])

@@ -50,7 +50,6 @@ __all__ = [
     "parse_records",
     "record_table",
     "records",
-    "table_records",
 ]
 
 KEY = 32
@@ -95,12 +94,6 @@ def record_table(ids: np.ndarray, payloads: np.ndarray) -> np.ndarray:
     table[:, :4] = ids.astype(">u4").view(np.uint8).reshape(-1, 4)
     table[:, 4:] = payloads
     return table
-
-
-def table_records(table: np.ndarray, rows: np.ndarray | slice) -> bytes:
-    """``count || records`` of the selected `rows` of a :func:`record_table` (a list body)."""
-    chosen = table[rows]
-    return _U32.pack(chosen.shape[0]) + chosen.tobytes()
 
 
 class Expected:
