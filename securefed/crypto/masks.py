@@ -30,19 +30,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securefed import parallel
-from securefed.crypto.prg import new_stream
+from securefed.crypto.prg import new_stream, zero_bytes
 
 __all__ = ["MASK_KEY_BYTES", "Masker", "apply_masks", "mask_aes_key", "pairwise_signs"]
 
 MASK_KEY_BYTES = 16
-_zeros = np.zeros(0, dtype=np.uint8)  # read-only input of every keystream expansion, shared by all threads
-
-
-def _zero_bytes(n: int) -> memoryview:
-    global _zeros
-    if _zeros.size < n:
-        _zeros = np.zeros(n, dtype=np.uint8)
-    return memoryview(_zeros)[:n]
 
 
 def mask_aes_key(seed: bytes) -> bytes:
@@ -70,7 +62,7 @@ class Masker:
         self._streams += [(new_stream(k, start * itemsize), np.subtract) for k in subtract]
         self._scratch = np.empty(chunk, dtype=dtype)
         self._raw = memoryview(self._scratch.view(np.uint8))
-        self._zeros = _zero_bytes(chunk * itemsize)
+        self._zeros = zero_bytes(chunk * itemsize)
 
     def apply(self, part: np.ndarray) -> None:
         """``part += the masks' next len(part) words`` (wrapping), in place."""

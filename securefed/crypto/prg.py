@@ -15,13 +15,21 @@ from __future__ import annotations
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["CHUNK_BYTES", "keystream_into", "new_stream"]
+__all__ = ["CHUNK_BYTES", "keystream_into", "new_stream", "zero_bytes"]
 
 #: 256 KiB: large enough to reach AES-NI throughput, small enough for L2.
 CHUNK_BYTES = 1 << 18
 
 _ZERO_IV = bytes(16)
-_ZEROS = np.zeros(CHUNK_BYTES, dtype=np.uint8)
+_zeros = np.zeros(CHUNK_BYTES, dtype=np.uint8)  # the plaintext of every expansion, shared by all threads
+
+
+def zero_bytes(n: int) -> memoryview:
+    """`n` zero bytes (read-only use): the input that CTR mode turns into `n` bytes of keystream."""
+    global _zeros
+    if _zeros.size < n:
+        _zeros = np.zeros(n, dtype=np.uint8)
+    return memoryview(_zeros)[:n]
 
 
 def new_stream(key: bytes, offset: int = 0):  # -> CipherContext (cryptography's type is private)
@@ -43,6 +51,7 @@ def keystream_into(stream, out: np.ndarray) -> None:
         raise ValueError("keystream_into needs a C-contiguous buffer")
     view = memoryview(out.reshape(-1).view(np.uint8))
     total = len(view)
+    zeros = zero_bytes(min(CHUNK_BYTES, total))
     for off in range(0, total, CHUNK_BYTES):
         n = min(CHUNK_BYTES, total - off)
-        stream.update_into(_ZEROS[:n], view[off : off + n])
+        stream.update_into(zeros[:n], view[off : off + n])
