@@ -39,9 +39,6 @@ def _kernels():  # numba loads on first use, keeping `import securefed` fast
 
     return k
 
-#: Elements per chunk: the rounding uniforms for one chunk (256 KiB) stay in cache.
-CHUNK = 1 << 16
-
 #: Largest value_bits: beyond float64's 53-bit significand more bits carry no information.
 MAX_VALUE_BITS = 53
 
@@ -180,15 +177,11 @@ class FixedPoint(IntegerEncoder):
             out = np.empty(x.size, dtype=dtype)
         elif out.shape != x.shape or out.dtype != dtype:
             raise InvalidInput(f"out must have shape {x.shape} and dtype {dtype}")
-        mask = np.uint64((1 << k) - 1)
-        u = np.empty(min(CHUNK, x.size), dtype=np.uint32)
-        kern = _kernels()
-        for lo in range(0, x.size, CHUNK):
-            hi = min(lo + CHUNK, x.size)
-            rng.fill(u[: hi - lo])
-            bad = kern.quantize_into(x[lo:hi], self.scale, self.value_range, u, mask, out[lo:hi])
-            if bad >= 0:
-                raise self._bad_value(x, lo + bad)
+        step = parallel.get_chunk_size()  # the rounding uniforms of a chunk stay in cache
+        u = np.empty(min(step, x.size), dtype=np.uint32)
+        for lo in range(0, x.size, step):
+            hi = min(lo + step, x.size)
+            self.encode_chunk(x[lo:hi], rng.fill(u[: hi - lo]), n=n, out=out[lo:hi], offset=lo)
         return out
 
     def check(self, x: np.ndarray) -> None:
