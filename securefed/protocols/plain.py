@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from securefed import parallel
 from securefed.crypto.random import RandomSource
 from securefed.encoding.fixedpoint import check_finite, check_vector
 from securefed.errors import AbortReason, InvalidInput, MessageRejected, ProtocolAborted
@@ -100,15 +99,9 @@ class _PlainClient(ClientProtocol):
         if self._x is None:
             raise InvalidInput("no input vector: call set_input before the upload phase")
         x, self._x, self._sent = self._x, None, True  # sent: the message is the only copy kept
-        # The float64 body is written straight into the message (converted chunk by chunk), not built apart.
-        dim = self._spec.dim
-        out = bytearray(_wire.HEADER_SIZE + 8 * dim)
-        out[: _wire.HEADER_SIZE] = _header(self._spec, self._id, 8 * dim)
-        body = np.frombuffer(out, dtype="<f8", offset=_wire.HEADER_SIZE)
-        step = parallel.get_chunk_size()
-        for lo in range(0, dim, step):
-            body[lo : lo + step] = x[lo : lo + step]
-        return bytes(out)
+        # A float64 input is joined to the header without a copy of its own (float32 is converted first).
+        body = np.ascontiguousarray(x, dtype="<f8")
+        return b"".join((_header(self._spec, self._id, body.nbytes), body.data))
 
     def dump(self) -> bytes:
         s = self._spec
