@@ -22,6 +22,7 @@ rotation or on k (wrapping is post-processing); they only protect the sum's accu
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -104,7 +105,6 @@ class _DistributedNoise(IntegerEncoder, NoiseModule):
         self.rotation_seed = bytes(rotation_seed)
         self.wrap_probability = wrap_probability
         self.min_survivors = min_survivors
-        self._rotation = HadamardRotation(self.dimension, self.rotation_seed) if self.rotation else None
         scaled = self.l2_clip / self.granularity
         self._scaled_clip = scaled
         self._rounded_l2 = _bounds.rounded_l2_bound(scaled, self.dimension, self.beta)
@@ -127,12 +127,18 @@ class _DistributedNoise(IntegerEncoder, NoiseModule):
         """Integer-domain standard deviation of one client's noise share in a round of n."""
         return self.noise_multiplier * self._scaled_clip / math.sqrt(self.survivors(n))
 
+    @functools.cached_property
+    def _rotation(self) -> HadamardRotation | None:
+        # Built on first encode/decode: accounting-only copies (events, budgets) never draw the
+        # model-sized signs.
+        return HadamardRotation(self.dimension, self.rotation_seed) if self.rotation else None
+
     def for_round(self, rotation_seed: bytes) -> _DistributedNoise:
         """The same mechanism with the rotation drawn from this round's public randomness."""
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
         clone.rotation_seed = bytes(rotation_seed)
-        clone._rotation = HadamardRotation(self.dimension, clone.rotation_seed) if self.rotation else None
+        clone.__dict__.pop("_rotation", None)  # drawn again from the new seed when first used
         return clone
 
     def event(self, *, included: int, n: int, sampling_rate: float = 1.0, round: int | None = None) -> PrivacyEvent:
@@ -163,9 +169,10 @@ class _DistributedNoise(IntegerEncoder, NoiseModule):
     def _signal_bound(self, n: int, per_coordinate: float) -> float:
         """Bound on |sum of n rounded, rotated inputs| per coordinate (probability per_coordinate)."""
         worst = n * self._scaled_clip
-        if self._rotation is not None:
+        if self.rotation:
             # Hoeffding over the random signs: variance proxy ||sum||^2 / B <= (n c')^2 / B.
-            flat = worst * math.sqrt(2.0 * math.log(2.0 / per_coordinate) / self._rotation.block)
+            block = 1 << (self.dimension.bit_length() - 1)  # the rotation's Hadamard block
+            flat = worst * math.sqrt(2.0 * math.log(2.0 / per_coordinate) / block)
             worst = min(worst, flat)
         return worst + n  # each client's rounding moves a coordinate by less than 1
 
