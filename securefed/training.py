@@ -329,7 +329,7 @@ class Trainer:
         dp = self.privacy_session
         participants = self._sample() if dp is None else dp.sample(self._round, self._sample)
         if dp is not None:
-            if not dp.runnable(self.protocol, len(participants)):
+            if not dp.runnable(len(participants)):
                 return self._skipped_round()
             try:
                 dp.before_round(self._round, len(participants))

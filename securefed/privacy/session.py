@@ -27,11 +27,11 @@ import numpy as np
 from securefed.crypto.random import RandomSource
 from securefed.errors import ConfigurationError
 from securefed.privacy.accountant import Accountant
-from securefed.privacy.client_level import ClientLevelMechanism, check_budget
-from securefed.privacy.clipping import AdaptiveClipping, Clipping, FlatClipping
+from securefed.privacy.client_level import ClientLevelMechanism, check_budget, clipping_module
+from securefed.privacy.clipping import AdaptiveClipping, Clipping
 from securefed.privacy.config import CentralDP, DistributedDP, PrivacyConfig, SampleLevelDP
 from securefed.privacy.events import PrivacyEvent
-from securefed.privacy.noise import CentralGaussian, NoiseModule
+from securefed.privacy.noise import CentralGaussian
 
 if TYPE_CHECKING:
     from securefed.privacy.dpsgd import DPSGD  # torch: loaded only for sample-level DP
@@ -69,8 +69,7 @@ class PrivacySession:
                                sampling_rate=config.sampling_rate)
             self.dimension = dimension
             return
-        clip = config.clipping
-        self.clipping = copy.deepcopy(clip) if isinstance(clip, Clipping) else FlatClipping(l2_clip=clip)
+        self.clipping = copy.deepcopy(clipping_module(config))  # adaptive state is the session's own
         self._update_multiplier = config.noise_multiplier
         if isinstance(self.clipping, AdaptiveClipping):
             expected = max(1.0, self.sampling_rate * population)
@@ -107,9 +106,6 @@ class PrivacySession:
         return ClientLevelMechanism(self.config, protocol=self._protocol, dimension=self.dimension,
                                     l2_bound=self._bound, sampling_rate=self.sampling_rate)
 
-    def _noise(self) -> NoiseModule:
-        return self.dpsgd if self.dpsgd is not None else self.mechanism().noise()
-
     def _event(self, *, included: int, n: int, round: int) -> PrivacyEvent:
         if self.dpsgd is not None:
             return self.dpsgd.event(included=included, n=n, round=round,
@@ -125,8 +121,8 @@ class PrivacySession:
         coins = self._rng.child(f"sample/{round}").fill(np.empty(self.population, dtype=np.uint64))
         return np.flatnonzero(coins < np.uint64(self.sampling_rate * 2.0**64)).tolist()
 
-    def runnable(self, protocol: Any, n: int) -> bool:
-        """Whether a Poisson sample of n participants can make a round of `protocol`.
+    def runnable(self, n: int) -> bool:
+        """Whether a Poisson sample of n participants can make a round of the session's protocol.
 
         A sample that is empty, or smaller than the protocol accepts (SecAgg needs a few
         clients), runs nothing and releases nothing; whether it happens depends only on the
@@ -136,10 +132,8 @@ class PrivacySession:
             return False
         if not self.client_level or self.sampling_rate >= 1.0:
             return True  # fixed cohorts: a protocol that cannot run them is a configuration error
-        try:
-            protocol.min_survivors(n)
-            if isinstance(self.config, DistributedDP):
-                self.mechanism().honest_survivors(n)
+        try:  # the protocol's minimum size, and the honest shares distributed noise needs
+            self.mechanism().honest_survivors(n)
         except ConfigurationError:
             return False
         return True
@@ -179,7 +173,7 @@ class PrivacySession:
         metrics: dict[str, float] = {}
         total = np.array(total, dtype=np.float64, copy=True)
         if isinstance(self.config, CentralDP):
-            assert isinstance(noise := self._noise(), CentralGaussian)
+            assert isinstance(noise := self.mechanism().noise(), CentralGaussian)
             noise.add_to(total, self._rng.child(f"round/{round}/server-noise"))
         if self.clipping is not None:
             metrics["l2_clip"] = self.clipping.bound
@@ -198,8 +192,8 @@ class PrivacySession:
         return self.accountant.epsilon(self.config.delta)
 
     def unaudited_ledger(self) -> list[dict[str, Any]]:
-        """The ledger entries not yet handed to the audit log (the last round's, and those of empty
-        rounds before it, which write no entry of their own); marks them handed over."""
+        """The ledger entries not yet handed to the audit log (those of the last finished round; none
+        after an abort); marks them handed over."""
         out = self.accountant.ledger[self._audited:]
         self._audited = len(self.accountant)
         return out
