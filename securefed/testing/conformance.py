@@ -625,13 +625,13 @@ def _run_group(suite: _Suite, group: str) -> None:
     try:
         getattr(suite, group)()
     except _Violation as v:
-        raise _report(suite, v) from None
+        raise _report(suite.name, v) from None
     except Exception as e:  # hypothesis may wrap the failure (flaky, multiple errors)
         inner = _find_violation(e)
         if inner is None:
             raise
         extra = [*getattr(e, "__notes__", []), f"({type(e).__name__}: {str(e).splitlines()[0]})"]
-        raise _report(suite, inner, extra) from None
+        raise _report(suite.name, inner, extra) from None
 
 
 def _find_violation(e: BaseException) -> _Violation | None:
@@ -644,11 +644,12 @@ def _find_violation(e: BaseException) -> _Violation | None:
     return None
 
 
-def _report(suite: _Suite, v: _Violation, extra_notes: Sequence[str] = ()) -> ConformanceError:
+def _report(name: str, v: _Violation, extra_notes: Sequence[str] = ()) -> ConformanceError:
+    """The ConformanceError for violation `v` of the suite `name`, with hypothesis' counterexample notes."""
     notes = [*getattr(v, "__notes__", []), *extra_notes]
     body = "\n".join(f"    {line}" for note_ in notes for line in str(note_).splitlines())
     return ConformanceError(
-        v.prop, f"{suite.name} violates {v.prop!r}: {v.detail}" + (f"\n  counterexample:\n{body}" if body else ""))
+        v.prop, f"{name} violates {v.prop!r}: {v.detail}" + (f"\n  counterexample:\n{body}" if body else ""))
 
 
 def conformance_tests(

@@ -50,7 +50,7 @@ from securefed.encoding.fixedpoint import IntegerEncoder
 from securefed.encoding.packing import storage_dtype
 from securefed.errors import InvalidInput
 from securefed.privacy.clipping import Clipping, l2_norm
-from securefed.testing.conformance import ConformanceError
+from securefed.testing.conformance import ConformanceError, _find_violation, _report, _Violation
 
 __all__ = ["CLIPPER_PROPERTIES", "NOISE_PROPERTIES", "check_clipper", "check_noise"]
 
@@ -59,12 +59,6 @@ NOISE_PROPERTIES = ("unbiased", "variance")
 
 _EPS = 2.0**-52
 _TINY = 2.0**-1074
-
-
-class _Violation(Exception):
-    def __init__(self, prop: str, detail: str) -> None:
-        super().__init__(f"[{prop}] {detail}")
-        self.prop, self.detail = prop, detail
 
 
 def _vectors(tensors: tuple[int, int], max_size: int) -> st.SearchStrategy[tuple[np.ndarray, list[int]]]:
@@ -185,20 +179,11 @@ def check_clipper(
 
     try:
         prop()
-    except _Violation as v:
-        raise _report(repr(factory()), v) from None
-    except Exception as e:  # hypothesis may wrap the failure (flaky)
-        inner = next((x for x in getattr(e, "exceptions", ()) if isinstance(x, _Violation)), None)
-        if inner is None:
+    except Exception as e:  # a violation, possibly wrapped by hypothesis (flaky)
+        v = _find_violation(e)
+        if v is None:
             raise
-        raise _report(repr(factory()), inner) from None
-
-
-def _report(name: str, v: _Violation) -> ConformanceError:
-    notes = getattr(v, "__notes__", [])
-    body = "\n".join(f"    {line}" for n in notes for line in str(n).splitlines())
-    return ConformanceError(v.prop, f"{name} violates {v.prop!r}: {v.detail}"
-                            + (f"\n  counterexample:\n{body}" if body else ""))
+        raise _report(repr(factory()), v) from None
 
 
 # -- noise ----------------------------------------------------------------------------------------
