@@ -211,15 +211,3 @@ def test_lazy_inputs_are_checked_when_used():
     with pytest.raises(IndexError):
         inputs[3]
 
-
-def test_a_plain_client_lets_its_input_go_once_sent_and_refuses_a_second_upload():
-    from securefed.errors import ProtocolAborted
-
-    protocol = sf.protocols.Plain()
-    spec = RoundSpec(n=2, dim=3, session_id=bytes(32))
-    server = protocol.server(spec, rng=RandomSource(0))
-    client = protocol.client(spec, 0, np.ones(3), rng=RandomSource(0))
-    request = server.requests("upload")[0]
-    assert client.handle("upload", request)
-    with pytest.raises(ProtocolAborted):
-        client.handle("upload", request)

@@ -8,6 +8,7 @@ from securefed.crypto import aead
 from securefed.protocols import BFV, CKKS, Plain, SecAgg, SecAggPlus
 from securefed.protocols import _secagg_client
 from securefed.testing.adversary import AskAgain, DropEveryone, ReplayOldShares, old_shares, run_round
+from tests.testing.test_broken_protocols import AnswersBothSecrets
 
 N = 6
 XS = [np.linspace(-1, 1, 4) * (i - 2) / 4 for i in range(N)]
@@ -77,18 +78,6 @@ def test_a_party_answers_one_request_per_phase(protocol, phase, party, flip):
 
 
 def test_ask_again_is_reported_against_a_client_that_answers_twice():
-    class Again(_secagg_client.Client):
-        def handle(self, phase, request):
-            if self.state is _secagg_client._Completed:
-                self.state = _secagg_client._Unmasking
-            return super().handle(phase, request)
-
-    class Leaky(SecAgg):
-        def client(self, spec, client, x=None, *, rng):
-            c = Again(self._round(spec), client, rng)
-            c.set_input(x)
-            return c
-
     dev = AskAgain("unmasking", index=0, flip=-7)  # client 1's bit in the survivor bitmap (its last byte)
-    run = run_round(Leaky(), XS, [dev], seed=5)
+    run = run_round(AnswersBothSecrets(), XS, [dev], seed=5)
     assert "answered a second, different request in phase 'unmasking'" in dev.violation(run)
