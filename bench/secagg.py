@@ -32,9 +32,10 @@ seconds. Large vectors are split over ``--threads`` threads (``securefed.paralle
 so that a party's CPU seconds compare with the single-thread floor): with more, CPU seconds
 add up the threads and wall seconds show what the cores save. ``server_over_floor`` is CPU
 over the single-thread floor's CPU; ``server_wall_over_floor`` is wall clock over the floor's
-wall clock (measured in the same run). A client's masked-input
-step encodes, masks and packs in one pass (``client_mask_median_s``); ``client_quantize_median_s``
-is ``set_input`` (checking the input).
+wall clock (measured in the same run). ``client_mask_median_s`` is the client's whole
+masked-input step (opening its peers' sealed shares, then encoding, masking and packing in one
+pass), so the masking ratio counts more than the masking itself; ``client_quantize_median_s`` is
+``set_input`` (checking the input), and the whole step is the two together.
 """
 
 from __future__ import annotations
@@ -213,11 +214,8 @@ def run(name: str, protocol: str, n: int, d: int, drop: float, memory: bool = Fa
         server_floor_streams=server_streams,
         server_over_floor=round(meter.seconds / server_floor, 3),
         server_wall_over_floor=round(meter.wall / server_floor_wall, 3),
-        meets_targets=bool(mask <= 1.5 * client_floor and step <= 3 * client_floor
-                           and meter.seconds <= 2 * server_floor),
-        server_meets_target_wall=bool(meter.wall <= 2 * server_floor_wall),
     )
-    return out
+    return _judge(out)
 
 
 def combine(lines: list[dict]) -> dict:
@@ -231,6 +229,11 @@ def combine(lines: list[dict]) -> dict:
     out["rounds"] = len(lines)
     for k in _RATIOS:
         out[k + "_range"] = [min(x[k] for x in lines), max(x[k] for x in lines)]
+    return _judge(out)
+
+
+def _judge(out: dict) -> dict:
+    """`out` with the issue's targets judged on its ratios to the floor."""
     out["meets_targets"] = bool(out["client_mask_over_floor"] <= 1.5 and out["client_step_over_floor"] <= 3
                                 and out["server_over_floor"] <= 2)
     out["server_meets_target_wall"] = bool(out["server_wall_over_floor"] <= 2)
