@@ -6,10 +6,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from securefed.flower import SecureClient
+from securefed.crypto.random import RandomSource
+from securefed.flower import GridAggregator, SecureClient
 from securefed.protocols.base import AggregationProtocol
 
 SHAPES = ((2, 3), (4,))
@@ -28,6 +29,18 @@ def model(value: float = 0.0) -> ArrayRecord:
 
 def dim() -> int:
     return sum(int(np.prod(s)) for s in SHAPES)
+
+
+def aggregator(protocol: AggregationProtocol, **options: Any) -> GridAggregator:
+    """A GridAggregator for in-process grids: every reply is ready at the first pull, so short
+    timeouts only cut the wait for silent nodes."""
+    return GridAggregator(protocol, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01, **options)
+
+
+def run(agg: GridAggregator, grid: Any, members: Sequence[int], *, round_index: int = 1, seed: int = 0) -> Any:
+    """One round of `agg` on `grid` with `members`, starting from :func:`model`."""
+    return agg.run(grid, list(members), round_index=round_index, dim=dim(), rng=RandomSource(seed),
+                   arrays=model(), config=ConfigRecord({"server-round": round_index}))
 
 
 def vector(record: ArrayRecord) -> np.ndarray:

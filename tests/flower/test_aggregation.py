@@ -21,10 +21,7 @@ def phase_of(msg):
 
 def run_round(protocol, app, n, *, deliver=None, tamper=None, round_index=1, seed=0):
     grid = InProcessGrid(app, apps.nodes(n), deliver=deliver, tamper=tamper)
-    # In process every reply is ready at the first pull: short timeouts only cut the wait for silent nodes.
-    agg = GridAggregator(protocol, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01)
-    return agg.run(grid, grid.get_node_ids(), round_index=round_index, dim=apps.dim(), rng=RandomSource(seed),
-                   arrays=apps.model(), config=sf.flower.strategy.ConfigRecord({"server-round": round_index}))
+    return apps.run(apps.aggregator(protocol), grid, grid.get_node_ids(), round_index=round_index, seed=seed)
 
 
 vectors = arrays(np.float32, apps.dim(), elements=st.floats(-1e3, 1e3, width=32)).map(lambda a: a.astype(np.float64))

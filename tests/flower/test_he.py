@@ -47,11 +47,8 @@ def test_a_round_with_a_decryptor_node_sums_what_the_simulation_sums(kind):
     protocol = PROTOCOLS[kind]()
     seen = {}
     grid = grid_with_decryptor(protocol, seen)
-    agg = GridAggregator(protocol, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01,
-                         auxiliary={"decryptor": DECRYPTOR})
     clients = list(apps.nodes(N))
-    out = agg.run(grid, clients, round_index=1, dim=apps.dim(), rng=RandomSource(3), arrays=apps.model(),
-                  config=ConfigRecord({"server-round": 1}))
+    out = apps.run(apps.aggregator(protocol, auxiliary={"decryptor": DECRYPTOR}), grid, clients, seed=3)
     sim = sf.simulate_aggregation(protocol, [updates(p, 1) for p in range(N)], seed=0)
     exact = sum(updates(p, 1) for p in range(N))
     assert out.included_nodes == tuple(clients) and not out.dropped_nodes
@@ -81,20 +78,15 @@ def test_the_strategy_never_samples_the_decryptor_and_the_audit_log_verifies(tmp
 def test_a_node_not_configured_as_decryptor_refuses_and_the_round_aborts():
     protocol = sf.protocols.CKKS(value_range=1.0)
     grid = grid_with_decryptor(protocol, role=set())
-    agg = GridAggregator(protocol, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01,
-                         auxiliary={"decryptor": DECRYPTOR})
     with pytest.raises(ProtocolAborted, match="public key"):
-        agg.run(grid, list(apps.nodes(N)), round_index=1, dim=apps.dim(), rng=RandomSource(3), arrays=apps.model(),
-                config=ConfigRecord({"server-round": 1}))
+        apps.run(apps.aggregator(protocol, auxiliary={"decryptor": DECRYPTOR}), grid, apps.nodes(N), seed=3)
 
 
 def test_a_protocol_with_a_decryptor_needs_its_node():
     protocol = sf.protocols.CKKS(value_range=1.0)
     grid = grid_with_decryptor(protocol)
-    agg = GridAggregator(protocol, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01)
     with pytest.raises(sf.errors.ConfigurationError, match="decryptor"):
-        agg.run(grid, list(apps.nodes(N)), round_index=1, dim=apps.dim(), rng=RandomSource(3), arrays=apps.model(),
-                config=ConfigRecord({"server-round": 1}))
+        apps.run(apps.aggregator(protocol), grid, apps.nodes(N), seed=3)
     with pytest.raises(sf.errors.ConfigurationError, match="both"):
         GridAggregator(protocol, auxiliary={"decryptor": apps.FIRST}).run(
             grid, list(apps.nodes(N)), round_index=1, dim=apps.dim(), rng=RandomSource(3))
@@ -117,10 +109,7 @@ def test_a_clients_first_phase_may_be_the_upload_but_never_over_another_sessions
 
     app = apps.client_app(protocol, updates, auxiliary=decryptor_role)
     grid = InProcessGrid(app, {**apps.nodes(N), DECRYPTOR: {"role": "decryptor"}}, deliver=capture)
-    GridAggregator(protocol, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01,
-                   auxiliary={"decryptor": DECRYPTOR}).run(
-        grid, list(apps.nodes(N)), round_index=1, dim=apps.dim(), rng=RandomSource(3), arrays=apps.model(),
-        config=ConfigRecord({"server-round": 1}))
+    apps.run(apps.aggregator(protocol, auxiliary={"decryptor": DECRYPTOR}), grid, apps.nodes(N), seed=3)
     msg = captured["msg"]
 
     def train(m, c):  # the model unchanged: an update of zeros

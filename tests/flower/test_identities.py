@@ -3,12 +3,11 @@ identity directory (client i: the round's i-th node) from its own copy of the fe
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
 
 import securefed as sf
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
-from securefed.flower import GridAggregator, SecureFedAvg, _envelope
+from securefed.flower import SecureFedAvg, _envelope
 from securefed.flower.testing import InProcessGrid
 from securefed.protocols.base import DropReason
 from tests.flower import apps
@@ -45,11 +44,9 @@ def test_two_rounds_with_different_participants_and_a_wrongly_signed_reply_dropp
 
     app = apps.client_app(protocol, updates, identities=lambda context: keys.restricted_to(context.node_id))
     grid = InProcessGrid(app, apps.nodes(TOTAL), tamper=tamper)
-    agg = GridAggregator(protocol, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01,
-                         identities=keys.public_only())
+    agg = apps.aggregator(protocol, identities=keys.public_only())
     rounds = {1: nodes[:6], rnd2: nodes[1:]}  # node FIRST + 1 is client 1, then client 0; FIRST + 6 joins
-    outs = {r: agg.run(grid, members, round_index=r, dim=apps.dim(), rng=RandomSource(r), arrays=apps.model(),
-                       config=ConfigRecord({"server-round": r})) for r, members in rounds.items()}
+    outs = {r: apps.run(agg, grid, members, round_index=r, seed=r) for r, members in rounds.items()}
     assert outs[1].included_nodes == tuple(rounds[1]) and not outs[1].dropped_nodes
     np.testing.assert_allclose(outs[1].result.total, np.full(apps.dim(), sum(range(1, 7)) / 8),
                                atol=protocol.error_bound(6))
@@ -69,10 +66,8 @@ def test_without_per_round_binding_a_changed_participant_set_breaks_the_signatur
         adversary="active", identities=keys.restricted_to(min(ctx.node_id - FIRST, 5))), updates,
         phases=server_side.phases)
     grid = InProcessGrid(app, apps.nodes(TOTAL))
-    agg = GridAggregator(server_side, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01)
     with pytest.raises(sf.errors.ProtocolAborted):  # no node holds the signing key of its new index
-        agg.run(grid, nodes[1:], round_index=2, dim=apps.dim(), rng=RandomSource(2), arrays=apps.model(),
-                config=ConfigRecord({"server-round": 2}))
+        apps.run(apps.aggregator(server_side), grid, nodes[1:], round_index=2, seed=2)
 
 
 def test_the_strategy_samples_only_nodes_with_identity_keys():
