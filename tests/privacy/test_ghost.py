@@ -15,14 +15,22 @@ def mse(out, target):
     return ((out - target) ** 2).mean()
 
 
-def run(model, batch, loss_fn, *, ghost, clip=1.0, chunk_floats=2**26):
-    """Per-example norms, clipped sums (by parameter name) and losses from one path."""
+def dpsgd(*, ghost, clip=1.0, chunk_floats=2**26):
     dp = DPSGD(noise_multiplier=1.0, max_grad_norm=clip, sampling_rate=0.5)
     dp.ghost_clipping, dp.chunk_floats = ghost, chunk_floats
-    norms = torch.cat([n for n, _, _ in dp._per_example(model, batch, loss_fn)])
+    return dp
+
+
+def norms_of(dp, model, batch, loss_fn):
+    """Per-example gradient norms on `dp`'s path."""
+    return torch.cat([n for n, _, _ in dp._per_example(model, batch, loss_fn)])
+
+
+def sums_of(dp, model, batch, loss_fn):
+    """Clipped sums (by parameter name) and per-example losses on `dp`'s path."""
     grads, losses = dp.clipped_sum(model, batch, loss_fn)
     names = {id(p): k for k, p in model.named_parameters()}
-    return norms, {names[id(p)]: g for p, g in grads}, losses
+    return {names[id(p)]: g for p, g in grads}, losses
 
 
 def covered(model, batch, loss_fn):
@@ -37,12 +45,14 @@ def trainable(model):
 
 def assert_paths_agree(model, batch, loss_fn, *, chunk_floats=2**26):
     """Both paths at a clip between the smallest and largest per-example norm: same norms, sums, losses."""
-    ref_norms, _, _ = run(model, batch, loss_fn, ghost=False)
+    ref_norms = norms_of(dpsgd(ghost=False), model, batch, loss_fn)
     clip = math.sqrt(float(ref_norms.min()) * float(ref_norms.max())) or 1.0
     if len(ref_norms) > 1 and float(ref_norms.min()) < 0.99 * float(ref_norms.max()):
         assert bool((ref_norms < clip).any()) and bool((ref_norms > clip).any())  # both sides of C
-    norms, grads, losses = run(model, batch, loss_fn, ghost=True, clip=clip, chunk_floats=chunk_floats)
-    _, ref_grads, ref_losses = run(model, batch, loss_fn, ghost=False, clip=clip)
+    ghost = dpsgd(ghost=True, clip=clip, chunk_floats=chunk_floats)
+    norms = norms_of(ghost, model, batch, loss_fn)
+    grads, losses = sums_of(ghost, model, batch, loss_fn)
+    ref_grads, ref_losses = sums_of(dpsgd(ghost=False, clip=clip), model, batch, loss_fn)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys() == trainable(model)
     for k, g in ref_grads.items():
