@@ -230,15 +230,14 @@ def _record(out: dict, name: str, wall: float, cpu: float) -> None:
 def run_threads(d: int, k: int) -> dict:
     from securefed import parallel
     from securefed.crypto.masks import apply_masks
-    from securefed.encoding import pack
-    from securefed.protocols._packed import UnpackAdder
+    from securefed.protocols._packed import UnpackAdder, column_pack
 
     keys = [bytes([i]) * 16 for i in range(k + 1)]
     buf = np.zeros(d, dtype=np.uint32)
     x = _Inputs(d)(0)
     width = 20
     acc = np.zeros(d, dtype=np.uint32)
-    message = pack(np.arange(d, dtype=np.uint32) & np.uint32((1 << width) - 1), width).tobytes()
+    message = column_pack(np.arange(d, dtype=np.uint32) & np.uint32((1 << width) - 1), width)
     adder = UnpackAdder(acc, width)
     out: dict = {"d": d, "neighbours": k, "streams": k + 1}
 

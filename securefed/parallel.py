@@ -104,18 +104,18 @@ def options(*, threads: int | None = None, chunk_size: int | None = None) -> Ite
         _local.reset(token)
 
 
-def slabs(size: int, work_per_element: int = 1) -> list[tuple[int, int]]:
+def slabs(size: int, work_per_element: int = 1, align: int = ALIGN) -> list[tuple[int, int]]:
     """Split ``range(size)`` into contiguous ``(lo, hi)`` slabs, one per thread that pays for itself.
 
-    Boundaries are multiples of :data:`ALIGN`; each slab but one carries at least
-    :data:`MIN_SLAB_WORK` units of work (``work_per_element`` per element).
+    Boundaries are multiples of `align` (a multiple of :data:`ALIGN`); each slab but one
+    carries at least :data:`MIN_SLAB_WORK` units of work (``work_per_element`` per element).
     """
     if size <= 0:
         return []
     want = min(get_threads(), max(1, size * max(1, work_per_element) // MIN_SLAB_WORK))
-    blocks = -(-size // ALIGN)
+    blocks = -(-size // align)
     want = max(1, min(want, blocks))
-    bounds = [min(size, (blocks * i // want) * ALIGN) for i in range(want + 1)]
+    bounds = [min(size, (blocks * i // want) * align) for i in range(want + 1)]
     return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
 

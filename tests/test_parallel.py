@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from securefed import parallel
 
 
-@given(st.integers(0, 10**6), st.integers(1, 5), st.integers(1, 64))
-def test_slabs_cover_the_range_in_order_on_aligned_boundaries(size, threads, work):
+@given(st.integers(0, 10**6), st.integers(1, 5), st.integers(1, 64), st.sampled_from([None, 64, 1 << 15]))
+def test_slabs_cover_the_range_in_order_on_aligned_boundaries(size, threads, work, align):
     with parallel.options(threads=threads):
-        slabs = parallel.slabs(size, work)
+        slabs = parallel.slabs(size, work) if align is None else parallel.slabs(size, work, align=align)
     assert len(slabs) <= threads
     assert [b for s in slabs for b in s] == sorted(b for s in slabs for b in s)
     covered = [i for lo, hi in slabs for i in (lo, hi)]
@@ -20,7 +20,7 @@ def test_slabs_cover_the_range_in_order_on_aligned_boundaries(size, threads, wor
         assert covered[0] == 0 and covered[-1] == size
         assert all(hi > lo for lo, hi in slabs)
         assert all(slabs[i][1] == slabs[i + 1][0] for i in range(len(slabs) - 1))
-        assert all(lo % parallel.ALIGN == 0 for lo, _ in slabs)
+        assert all(lo % (align or parallel.ALIGN) == 0 for lo, _ in slabs)
     else:
         assert slabs == []
 

@@ -39,6 +39,7 @@ from securefed.protocols._he_parties import (
     _sender_id,
 )
 from securefed.protocols._he_tenseal import Ring
+from securefed.protocols._packed import column_pack, column_unpack
 from securefed.protocols.base import ClientProtocol, DropRecord, Party, RoundSpec
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def _masked_vector(masking: Any, spec: RoundSpec, client: int, message: bytes) -
     body = _wire.unpack_message(message, tag=masking._TAG, version=secagg_round.VERSION,
                                 phase=secagg_round.MASKED_INPUT, round_index=spec.round_index,
                                 session_id=spec.session_id, sender=client)
-    return unpack(body, masking.encoder.modulus_bits(spec.n), spec.dim).astype(np.uint64)
+    return column_unpack(body, masking.encoder.modulus_bits(spec.n), spec.dim).astype(np.uint64)
 
 
 class MaskedClient(ClientProtocol):
@@ -182,9 +183,11 @@ class MaskedServer(HEServer):
         """The masking server sums masked inputs mod 2^k: give it the released sum once, zeros otherwise."""
         assert self._released is not None
         s = self._spec
-        zeros = bytes(packed_size(s.dim, self._masking.encoder.modulus_bits(s.n)))
+        k = self._masking.encoder.modulus_bits(s.n)
+        zeros = bytes(packed_size(s.dim, k))
+        released = column_pack(unpack(self._released, k, s.dim), k)  # from the released layout to the masked input's
         for i, c in enumerate(self._included):
-            body = self._released if i == 0 else zeros
+            body = released if i == 0 else zeros
             header = _wire.pack_header(self._masking._TAG, secagg_round.VERSION, secagg_round.MASKED_INPUT,
                                        s.round_index, s.session_id, c, len(body))
             self._inner.receive("masked_input", c, header + body)

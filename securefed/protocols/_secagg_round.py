@@ -28,7 +28,7 @@ from securefed.protocols.secagg_params import GraphParameters
 PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmasking")
 ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASKING = range(5)
 PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
-VERSION = 2
+VERSION = 3  # 3: masked vectors column-packed (2: packed as encoding.pack)
 SECRET_BYTES = 32  # bytes of b_u and of the X25519 mask key
 
 

@@ -1,8 +1,8 @@
 """The server of SecAgg / SecAgg+: routes keys and shares, sums masked inputs in place, unmasks the sum.
 
 Memory: one modular accumulator of the vector's length plus O(n x degree) small
-state (keys, sealed shares, revealed shares); masked inputs are added chunk by
-chunk as they arrive and never kept. Before asking anyone to unmask, the server
+state (keys, sealed shares, revealed shares); masked inputs are added block by
+block as they arrive and never kept. Before asking anyone to unmask, the server
 checks that every secret it will need has t holders left, so a round that cannot
 finish aborts before any share is revealed. See ``protocols/secagg.md`` (server).
 """
@@ -326,10 +326,13 @@ class Server(ServerProtocol):
         """Secrets (v, 0) = b_v and (v, 1) = mask key of v from the first t holders' shares."""
         g, t = self.round.graph, self.round.t
         groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        answered = self._members(self._unmasked)
-        for v, kind in targets:
-            nb = g.closed_neighborhood(v)
-            groups.setdefault(tuple(nb[answered[nb]][:t].tolist()), []).append((v, kind))
+        if g.complete:  # everyone holds a share of everything: one group, the first t responders
+            groups[tuple(sorted(self._unmasked)[:t])] = targets
+        else:
+            answered = self._members(self._unmasked)
+            for v, kind in targets:
+                nb = g.closed_neighborhood(v)
+                groups.setdefault(tuple(nb[answered[nb]][:t].tolist()), []).append((v, kind))
         out: dict[tuple[int, int], bytes] = {}
         for holders, group in groups.items():
             vs = np.array([v for v, _ in group])

@@ -91,6 +91,7 @@ from securefed import errors
 from securefed.crypto.random import RandomSource
 from securefed.encoding.fixedpoint import IntegerEncoder
 from securefed.encoding.packing import pack
+from securefed.protocols._packed import column_pack
 from securefed.errors import ConfigurationError, InvalidInput, ProtocolAborted
 from securefed.protocols.base import AggregationProtocol, AggregationResult, DropReason, simulate_aggregation
 from securefed.testing import _driver, adversary
@@ -541,6 +542,7 @@ def _representations(protocol: AggregationProtocol, x: np.ndarray, n: int) -> li
             k = enc.modulus_bits(n)
             reps += [(f"encoded {a.dtype} {order}", a.astype(a.dtype.newbyteorder(order)).tobytes()) for order in "<>"]
             reps.append((f"encoded, packed at {k} bits", bytes(pack(a, k))))
+            reps.append((f"encoded, column-packed at {k} bits", column_pack(a, k)))
     return [(name, r) for name, r in reps if len(r) >= 8]
 
 

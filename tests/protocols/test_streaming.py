@@ -20,23 +20,35 @@ from securefed.crypto.random import RandomSource
 from securefed.encoding import FixedPoint, pack, unpack
 from securefed.encoding import _kernels as encoding_kernels
 from securefed.errors import InvalidInput
-from securefed.protocols._packed import UnpackAdder, encoded_source, masked_message, materialize, stored_source
+from securefed.protocols import _packed
+from securefed.protocols._packed import (
+    BLOCK,
+    UnpackAdder,
+    column_pack,
+    column_unpack,
+    encoded_source,
+    masked_message,
+    materialize,
+    stored_source,
+)
 from securefed.protocols.base import LazyInputs, RoundSpec
 from securefed.protocols.secagg import PHASES
 
-SETTINGS = [(1, 64), (2, 64), (3, 192), (2, 1 << 15)]
+#: (threads, chunk size, column block): small blocks put block and slab boundaries inside small vectors.
+SETTINGS = [(1, 64, 128), (2, 64, 256), (3, 192, 128), (2, 1 << 15, BLOCK)]
 
 
 @contextlib.contextmanager
-def split(threads, chunk):
-    """These settings, and even tiny vectors split over the threads, so that slab boundaries are exercised."""
-    before = parallel.MIN_SLAB_WORK
-    parallel.MIN_SLAB_WORK = 1
+def split(threads, chunk, block=BLOCK):
+    """These settings, and even tiny vectors split over the threads, so that slab boundaries are exercised.
+    `block` replaces the layout's block size (a wire constant) to put many blocks in a small vector."""
+    before = parallel.MIN_SLAB_WORK, _packed.BLOCK
+    parallel.MIN_SLAB_WORK, _packed.BLOCK = 1, block
     try:
         with parallel.options(threads=threads, chunk_size=chunk):
             yield
     finally:
-        parallel.MIN_SLAB_WORK = before
+        parallel.MIN_SLAB_WORK, _packed.BLOCK = before
 
 
 def keystream(key, count, dtype):
@@ -89,15 +101,14 @@ def test_masked_message_is_the_whole_vector_computation_at_every_chunk_size_and_
     rounding = rng.token_bytes(16)
     masks = [mask_aes_key(rng.token_bytes(16 if i % 2 else 32)) for i in range(keys)]
     add, sub = masks[: keys // 2 + 1], masks[keys // 2 + 1:]
-    threads, chunk = setting
-    with split(threads, chunk):
+    with split(*setting):
         msg = masked_message(encoded_source(x, enc, n, rounding), size, k, dtype, add, sub, prefix=b"hdr")
         stored = materialize(encoded_source(x, enc, n, rounding), size, dtype)
         again = masked_message(stored_source(stored), size, k, dtype, add, sub, prefix=b"")
-    want = reference_masked_vector(x, enc, n, rounding, add, sub)
-    assert msg[:3] == b"hdr"
-    np.testing.assert_array_equal(unpack(msg[3:], k, size), want)
-    assert bytes(pack(want, k)) == msg[3:] == again
+        want = reference_masked_vector(x, enc, n, rounding, add, sub)
+        assert msg[:3] == b"hdr"
+        np.testing.assert_array_equal(column_unpack(msg[3:], k, size), want)
+        assert column_pack(want, k) == msg[3:] == again
     np.testing.assert_array_equal(stored, reference_masked_vector(x, enc, n, rounding, [], []))
 
 
@@ -116,17 +127,70 @@ def test_unpack_adder_adds_any_width_read_in_place_at_any_alignment(width, size,
     top = (1 << width) - 1
     acc = gen.integers(0, np.iinfo(dtype).max, size, dtype=dtype, endpoint=True)
     want = acc.copy()
-    threads, chunk = setting
-    with split(threads, chunk):
+    with split(*setting):
         adder = UnpackAdder(acc, width)
         for _ in range(messages):
             v = gen.integers(0, top, size, dtype=np.uint64, endpoint=True).astype(dtype)
-            data = bytes(offset) + bytes(pack(v, width))  # the body starts at any byte of the message
+            data = bytes(offset) + column_pack(v, width)  # the body starts at any byte of the message
             body = memoryview(data)[offset:]
             adder.check(body)
             adder.add(body)
             want += v
     np.testing.assert_array_equal(acc, want)
+
+
+def spec_column_pack(values, width, block):
+    """The layout as protocols/secagg.md ("Masked vectors") words it, bit by bit with Python integers."""
+    f = 32 if width <= 32 else 64
+    out = bytearray()
+    lo, count = 0, len(values)
+    while count - lo >= f:
+        size = min(block, (count - lo) // f * f)
+        c = size // f
+        words = [0] * (width * c)
+        for j in range(f):
+            for m in range(c):
+                x, bit = int(values[lo + j * c + m]), j * width
+                for b in range(width):  # bit b of the field is bit j*w + b of column m's stream
+                    if x >> b & 1:
+                        k, r = divmod(bit + b, f)
+                        words[k * c + m] |= 1 << r
+        out += b"".join(word.to_bytes(f // 8, "little") for word in words)
+        lo += size
+    stream = sum(int(v) << (i * width) for i, v in enumerate(values[lo:]))
+    return bytes(out) + stream.to_bytes(((count - lo) * width + 7) // 8, "little")
+
+
+@given(width=st.integers(1, 64), size=st.integers(1, 700), block=st.sampled_from([128, 256]),
+       seed=st.integers(0, 2**32))
+def test_the_column_layout_is_the_one_the_spec_describes_and_unpacks_strictly(width, size, block, seed):
+    dtype = np.uint32 if width <= 32 else np.uint64
+    v = np.random.default_rng(seed).integers(0, (1 << width) - 1, size, dtype=np.uint64, endpoint=True).astype(dtype)
+    with split(1, 64, block):
+        data = column_pack(v, width)
+        assert data == spec_column_pack(v, width, block)
+        assert len(data) == (size * width + 7) // 8  # exactly the bits of the values, as encoding.pack
+        np.testing.assert_array_equal(column_unpack(data, width, size), v)
+        with pytest.raises(InvalidInput):
+            column_unpack(data + b"\x00", width, size)
+        if size * width % 8:  # a padding bit set
+            with pytest.raises(InvalidInput):
+                column_unpack(data[:-1] + bytes([data[-1] | 0x80]), width, size)
+
+
+@pytest.mark.parametrize("width", [1, 22, 32, 33, 64])
+def test_a_vector_of_several_real_blocks_packs_and_adds_like_the_reference(width):
+    size = 2 * BLOCK + 1000 + 7  # two whole blocks, a block of 31 (or 15) columns, a tail
+    dtype = np.uint32 if width <= 32 else np.uint64
+    v = np.random.default_rng(width).integers(0, (1 << width) - 1, size, dtype=np.uint64, endpoint=True).astype(dtype)
+    acc = np.arange(size, dtype=dtype)
+    with split(2, 1 << 12):
+        msg = masked_message(stored_source(v), size, width, np.dtype(dtype), [], [], prefix=b"h")
+        assert msg[1:] == column_pack(v, width)
+        adder = UnpackAdder(acc, width)
+        adder.check(memoryview(msg)[1:])
+        adder.add(memoryview(msg)[1:])
+    np.testing.assert_array_equal(acc, np.arange(size, dtype=dtype) + v)
 
 
 @pytest.mark.parametrize("protocol", [sf.protocols.SecAgg, sf.protocols.SecAggPlus])
