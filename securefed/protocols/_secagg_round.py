@@ -8,6 +8,7 @@ rounds or between SecAgg and SecAgg+. See ``protocols/secagg.md`` (derivations).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import struct
 
@@ -28,6 +29,7 @@ from securefed.protocols.secagg_params import GraphParameters
 PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmasking")
 ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASKING = range(5)
 PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
+_SHA256 = hashes.SHA256()
 VERSION = 3  # 3: masked vectors column-packed (2: packed as encoding.pack)
 SECRET_BYTES = 32  # bytes of b_u and of the X25519 mask key
 
@@ -68,6 +70,10 @@ class Round:
 
     def context(self) -> bytes:
         """Tag, session and round: bound into every signature, commitment and self-mask key."""
+        return self._context
+
+    @functools.cached_property
+    def _context(self) -> bytes:
         return self.tag + self.spec.session_id + struct.pack(">I", self.spec.round_index)
 
 
@@ -81,7 +87,7 @@ def commitment(r: Round, party: int, b: bytes) -> bytes:
 
 def self_mask_key(r: Round, party: int, b: bytes) -> bytes:
     info = b"securefed/secagg/self-mask\x00" + r.context() + struct.pack(">I", party)
-    return HKDF(algorithm=hashes.SHA256(), length=16, salt=None, info=info).derive(b)
+    return HKDF(algorithm=_SHA256, length=16, salt=None, info=info).derive(b)
 
 
 def mask_key(r: Round, sk: kex.X25519PrivateKey, peer_pk: bytes, a: int, b: int) -> bytes:

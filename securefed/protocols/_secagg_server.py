@@ -10,6 +10,7 @@ finish aborts before any share is revealed. See ``protocols/secagg.md`` (server)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import numpy as np
@@ -41,10 +42,15 @@ __all__ = ["Server"]
 
 @dataclasses.dataclass
 class _Unmasked:
-    """One responder's shares: for each target id (ascending), a 9-element uint32 share."""
+    """One responder's reply, checked: its shares are read only if it is among the holders used."""
 
     ids: np.ndarray
-    shares: np.ndarray
+    body: memoryview
+
+    @functools.cached_property
+    def shares(self) -> np.ndarray:
+        """For each target id (ascending), its 9-word share (a uint32 view of the reply)."""
+        return W.list_rows(self.body, W.SHARE).view("<u4")
 
 
 class Server(ServerProtocol):
@@ -61,9 +67,9 @@ class Server(ServerProtocol):
         self._alive = set(range(n))
         self._dropped: dict[int, DropRecord] = {}
         self._keys: dict[int, bytes] = {}  # U1: each advertised record (c_pk, s_pk[, sig], check), as checked
-        self._shares: dict[int, np.ndarray] = {}  # U2: each sender's sealed shares, one row per recipient
+        self._shares: dict[int, memoryview] = {}  # U2: each sender's share_keys reply body (checked)
         self._expect: dict[int, W.Expected] = {}  # the ids each party's reply of this phase must list
-        self._expect_shares: dict[int, np.ndarray] = {}  # the recipients of each sender's shares, ascending
+        self._expect_shares: dict[int, W.Expected] = {}  # the recipients of each sender's shares, ascending
         self._commit: dict[int, bytes] = {}
         self._u3: list[int] = []
         self._sigs: dict[int, bytes] = {}  # U4 (active)
@@ -114,38 +120,63 @@ class Server(ServerProtocol):
         table = W.record_table(senders, np.frombuffer(keys, dtype=np.uint8).reshape(senders.size, -1))
         advertised = self._members(senders)
         raw, rec = memoryview(table.tobytes()), table.shape[1]
+        wire = senders.astype(">u4").tobytes()
         out: dict[Party, bytes] = {}
         for i, u in enumerate(senders.tolist()):
             if r.graph.complete:  # every other advertiser, in id order: the table without row i
-                ids, pieces = np.concatenate((senders[:i], senders[i + 1 :])), (raw[: i * rec], raw[(i + 1) * rec :])
+                count, pieces = senders.size - 1, (raw[: i * rec], raw[(i + 1) * rec :])
+                self._expect[u] = W.Expected(wire=wire[: 4 * i] + wire[4 * i + 4 :])
             else:
                 nb = r.graph.neighbors(u)
                 chosen = np.searchsorted(senders, nb[advertised[nb]])
-                ids, pieces = senders[chosen], (table[chosen].tobytes(),)
-            if ids.size + 1 < r.t:
+                count, pieces = chosen.size, (table[chosen].tobytes(),)
+                self._expect[u] = W.Expected(senders[chosen])
+            if count + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood advertised keys"
-            self._expect[u] = W.Expected(ids)
-            out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.list_header(ids.size), *pieces)
+            out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.list_header(count), *pieces)
         return out
 
     def _masked_requests(self) -> dict[Party, bytes]:
         r = self.round
         senders = sorted(self._shares)
-        # Every sealed share as a (sender id, sealed) record, grouped by recipient and ordered by sender.
-        counts = [self._expect_shares[v].size for v in senders]
-        recipients = np.concatenate([self._expect_shares[v] for v in senders])
+        table, spans = (self._route_complete if r.graph.complete else self._route)(senders)
+        raw, rec = memoryview(table.reshape(-1)), table.shape[-1]
+        out: dict[Party, bytes] = {}
+        for u, pieces in zip(senders, spans):
+            count = sum(b - a for a, b in pieces)
+            if count + 1 < r.t:
+                self._refusals[u] = "fewer than t of its neighbourhood shared keys"
+            out[u] = r.message(MASKED_INPUT, _wire.SERVER, W.list_header(count), *[raw[a * rec : b * rec] for a, b in pieces])
+        return out
+
+    def _route(self, senders: list[int]) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
+        """Every sealed share as a (sender id, sealed) record, grouped by recipient and ordered by sender:
+        the table and, per sender in turn as a recipient, the (start, end) rows of its records."""
+        counts = [self._expect_shares[v].ids.size for v in senders]
+        recipients = np.concatenate([self._expect_shares[v].ids for v in senders])
         from_ = np.repeat(np.array(senders, dtype=np.int64), counts)
         order = np.lexsort((from_, recipients))
-        table = W.record_table(from_[order], np.concatenate([self._shares[v] for v in senders])[order])
+        rows = np.concatenate([W.list_rows(self._shares[v], W.SEALED, W.COMMIT) for v in senders])
+        table = W.record_table(from_[order], rows[order])
         starts = np.searchsorted(recipients[order], senders)
         ends = np.searchsorted(recipients[order], senders, side="right")
-        raw, rec = memoryview(table.tobytes()), table.shape[1]
-        out: dict[Party, bytes] = {}
-        for u, a, b in zip(senders, starts.tolist(), ends.tolist()):
-            if b - a + 1 < r.t:
-                self._refusals[u] = "fewer than t of its neighbourhood shared keys"
-            out[u] = r.message(MASKED_INPUT, _wire.SERVER, W.list_header(b - a), raw[a * rec : b * rec])
-        return out
+        return table, [[(a, b)] for a, b in zip(starts.tolist(), ends.tolist())]
+
+    def _route_complete(self, senders: list[int]) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
+        """:meth:`_route` on the complete graph, with arrays: sender i's shares are for every other
+        advertiser in id order (so every reply has the same length), the one for sender j at j's place
+        among them; the table is the (recipient, sender) transpose, its diagonal left out."""
+        s = np.array(senders, dtype=np.int64)
+        n = s.size
+        replies = np.frombuffer(b"".join(self._shares[v] for v in senders), dtype=np.uint8).reshape(n, -1)
+        records = replies[:, W.COMMIT + 4 :].reshape(n, -1, 4 + W.SEALED)
+        place = np.searchsorted(np.array(sorted(self._keys), dtype=np.int64), s)  # among the advertisers
+        col = place[None, :] - (place[None, :] > place[:, None])  # sender i's record for recipient j
+        np.fill_diagonal(col, 0)
+        table = np.empty((n, n, 4 + W.SEALED), dtype=np.uint8)  # (recipient, sender, record)
+        table[:, :, :4] = s.astype(">u4").view(np.uint8).reshape(1, n, 4)
+        table[:, :, 4:] = records[np.arange(n)[:, None], col, 4:].transpose(1, 0, 2)
+        return table, [[(j * n, j * n + j), (j * n + j + 1, (j + 1) * n)] for j in range(n)]
 
     def _consistency_requests(self) -> dict[Party, bytes]:
         r = self.round
@@ -220,10 +251,10 @@ class Server(ServerProtocol):
         r = self.round
         if len(body) < W.COMMIT:
             raise MessageRejected("invalid message: truncated shares")
-        ids, rows = W.parse_records(body, W.SEALED, offset=W.COMMIT, expect=self._expect[u])
+        W.check_list(body, W.SEALED, self._expect[u], offset=W.COMMIT)
         self._commit[u] = bytes(body[: W.COMMIT])
-        self._shares[u] = rows
-        self._expect_shares[u] = ids
+        self._shares[u] = body
+        self._expect_shares[u] = self._expect[u]
 
     def _take_masked(self, u: int, body: memoryview) -> None:
         self._adder.check(body)
@@ -239,11 +270,8 @@ class Server(ServerProtocol):
         self._sigs[u] = bytes(body)
 
     def _take_unmask(self, u: int, body: memoryview) -> None:
-        ids, rows = W.parse_records(body, W.SHARE, expect=self._expect[u])
-        shares = np.ascontiguousarray(rows).view("<u4").astype(np.uint32, copy=False)
-        if shares.size and shares.max() >= shamir.PRIME:
-            raise MessageRejected("invalid share")
-        self._unmasked[u] = _Unmasked(ids, shares)
+        W.check_list(body, W.SHARE, self._expect[u], share_words=W.SHARE // 4)
+        self._unmasked[u] = _Unmasked(self._expect[u].ids, body)
 
     # closing phases --------------------------------------------------------------------------
 

@@ -44,8 +44,10 @@ __all__ = [
     "SIG",
     "bitmap",
     "check_keys",
+    "check_list",
     "key_check",
     "list_header",
+    "list_rows",
     "parse_bitmap",
     "parse_records",
     "record_table",
@@ -98,21 +100,55 @@ def record_table(ids: np.ndarray, payloads: np.ndarray) -> np.ndarray:
 
 class Expected:
     """The ids a reply's record list must carry (ascending int64), with their wire bytes made once:
-    the server checks every reply of a phase against it with one bytes comparison."""
+    the server checks every reply of a phase against it (:func:`check_list`)."""
 
-    __slots__ = ("ids", "wire")
+    __slots__ = ("_ids", "_u8", "wire")
 
-    def __init__(self, ids: np.ndarray) -> None:
-        self.ids = ids
-        self.wire = ids.astype(">u4").tobytes()
+    def __init__(self, ids: np.ndarray | None = None, wire: bytes | None = None) -> None:
+        """From the ids, or from their wire bytes (4 per id, big-endian; the ids are then read when asked for)."""
+        self._ids = ids
+        self.wire = ids.astype(">u4").tobytes() if wire is None else wire
+        self._u8 = np.frombuffer(self.wire, dtype=np.uint8)
+
+    @property
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = np.frombuffer(self.wire, dtype=">u4").astype(np.int64)
+        return self._ids
 
 
-def parse_records(body: memoryview, payload_size: int, offset: int = 0,
-                  expect: Expected | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _kernels():  # numba loads on first use, keeping `import securefed` fast
+    from securefed.protocols import _secagg_wire_kernels as k
+
+    return k
+
+
+_REASONS = ("", "invalid message: wrong list length", "invalid message: records for the wrong set of clients",
+            "invalid share")
+
+
+def check_list(body: memoryview, payload_size: int, expect: Expected, offset: int = 0, share_words: int = 0) -> None:
+    """MessageRejected unless the record list at `offset` ends `body`, carries exactly `expect`'s ids in
+    order, and the first `share_words` little-endian uint32 words of every payload are below the Shamir
+    prime (one compiled pass: the server's per-reply check). Read it with :func:`list_rows`."""
+    status = _kernels().check_list(np.frombuffer(body, dtype=np.uint8), offset, 4 + payload_size, expect._u8,
+                                   share_words, shamir.PRIME)
+    if status:
+        raise MessageRejected(_REASONS[status])
+
+
+def list_rows(body: memoryview | bytes, payload_size: int, offset: int = 0) -> np.ndarray:
+    """The payloads of a record list already checked, as a (count, payload_size) uint8 view of `body`."""
+    count = (len(body) - offset - 4) // (4 + payload_size)
+    table = np.frombuffer(body, dtype=np.uint8, count=count * (4 + payload_size), offset=offset + 4)
+    return table.reshape(count, 4 + payload_size)[:, 4:]
+
+
+def parse_records(body: memoryview, payload_size: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Parse a record list at `offset`: (ids as int64, payloads as a (count, payload_size) uint8 view).
 
     The list must end the body. Raises MessageRejected for a wrong length or ids
-    that are not strictly ascending, or, given `expect`, ids other than those.
+    that are not strictly ascending.
     """
     if len(body) < offset + 4:
         raise MessageRejected("invalid message: truncated list")
@@ -121,10 +157,6 @@ def parse_records(body: memoryview, payload_size: int, offset: int = 0,
     if len(body) != offset + 4 + count * rec:
         raise MessageRejected("invalid message: wrong list length")
     table = np.frombuffer(body, dtype=np.uint8, count=count * rec, offset=offset + 4).reshape(count, rec)
-    if expect is not None:  # the server's hot path: one comparison of the raw id bytes
-        if count != expect.ids.size or table[:, :4].tobytes() != expect.wire:
-            raise MessageRejected("invalid message: records for the wrong set of clients")
-        return expect.ids, table[:, 4:]
     ids = table[:, :4].copy().view(">u4").reshape(count).astype(np.int64)
     if count > 1 and not (ids[1:] > ids[:-1]).all():
         raise MessageRejected("invalid message: ids not strictly ascending")

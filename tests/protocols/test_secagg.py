@@ -299,6 +299,49 @@ def test_a_reply_listing_other_clients_than_expected_is_rejected(protocol, phase
     np.testing.assert_allclose(total, np.sum([xs[i] for i in included], axis=0), atol=protocol.error_bound(9))
 
 
+@pytest.mark.parametrize("word", [shamir.PRIME, 0xFFFFFFFF])
+def test_an_unmasking_share_at_or_above_the_prime_is_rejected_on_arrival(word):
+    xs = [np.linspace(-1, 1, 40) * (i / 9) for i in range(9)]
+
+    def junk(phase, u, reply):
+        if (phase, u) != ("unmasking", 3):
+            return None
+        bad = bytearray(reply)
+        at = HEADER_SIZE + 4 + (4 + W.SHARE) + 4 + 4 * 5  # the 6th word of the second record's share
+        bad[at : at + 4] = word.to_bytes(4, "little")
+        return bytes(bad)
+
+    (total, included), dropped = _drive(SecAgg(), xs, junk=junk)
+    assert dropped[3].reason is sf.protocols.DropReason.REJECTED and dropped[3].detail == "invalid share"
+    assert included == tuple(range(9))  # its masked input was in; its shares are simply not used
+    np.testing.assert_allclose(total, np.sum(xs, axis=0), atol=SecAgg().error_bound(9))
+
+
+@pytest.mark.parametrize("gone", [(), (2,), (0, 5)])
+def test_complete_graph_routing_of_sealed_shares_is_the_general_routing(gone):
+    """The server's array transpose for the complete graph forwards exactly what the general
+    (sorted) routing does, also when some advertisers never shared their keys."""
+    protocol, n = SecAgg(), 8
+    spec = RoundSpec(n=n, dim=5, session_id=bytes(range(32)))
+    server = protocol.server(spec, rng=RandomSource(0))
+    clients = [protocol.client(spec, i, np.zeros(5), rng=RandomSource(i + 1)) for i in range(n)]
+    for phase in PHASES[:2]:
+        for u, req in server.requests(phase).items():
+            reply = clients[u].handle(phase, req)
+            if not (phase == "share_keys" and u in gone):
+                server.receive(phase, u, reply)
+        server.finish_phase(phase)
+    senders = sorted(server._shares)
+    assert senders == [i for i in range(n) if i not in gone]
+    routed = []
+    for route in (server._route, server._route_complete):
+        table, spans = route(senders)
+        raw, rec = table.reshape(-1).tobytes(), table.shape[-1]
+        routed.append([b"".join(raw[a * rec : b * rec] for a, b in pieces) for pieces in spans])
+    assert routed[0] == routed[1]
+    assert all(len(r) == (len(senders) - 1) * (4 + W.SEALED) for r in routed[0])
+
+
 def test_replay_and_out_of_phase_messages_are_rejected():
     protocol = SecAgg()
     spec = RoundSpec(n=3, dim=2, session_id=bytes(32))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
 
 import securefed as sf
 from securefed.errors import ConfigurationError, InvalidInput
@@ -121,9 +122,9 @@ def test_configurations_of_an_unknown_class_are_refused():
         sfst.configurations(type("Mine", (AggregationProtocol,), {}))
 
 
-def _transcript(protocol=None, n=3):
+def _transcript(protocol=None, n=3, seed=2):
     xs = [np.full(2, 0.25 * (i + 1)) for i in range(n)]
-    return _driver.run(protocol or SecAgg(), xs, seed=2).replies
+    return _driver.run(protocol or SecAgg(), xs, seed=seed).replies
 
 
 @given(data=st.data())
@@ -163,9 +164,10 @@ def test_tamperings_alter_what_they_say(data):
 def test_tamperings_need_another_round_for_other_round():
     transcript = _transcript(Plain())
     assert sfst.tamperings(transcript, kinds=["other_round", "other_phase"]).is_empty
-    other = _transcript(Plain())
+    other = _transcript(Plain(), seed=3)  # another session: none of its replies is one of this round's
     t = find(sfst.tamperings(transcript, other_round=other, kinds=["other_round"]), lambda t: True, settings=FIND)
     assert t.arg in [payload for _, _, payload in other]
+    assert t.arg not in [payload for _, _, payload in transcript]
     with pytest.raises(ValueError, match="unknown tampering kinds"):
         sfst.tamperings(transcript, kinds=["garble"])
 
@@ -181,7 +183,7 @@ def test_deviations_apply_to_their_protocols(protocol, expected):
     strategy = sfst.deviations(protocol, 5)
     for cls in expected:
         find(strategy, lambda d, cls=cls: type(d) is cls, settings=FIND)
-    with pytest.raises(Exception):  # noqa: B017 - hypothesis' NoSuchExample
+    with pytest.raises(NoSuchExample):
         find(strategy, lambda d: type(d) not in expected,
              settings=settings(FIND, max_examples=30))
 
