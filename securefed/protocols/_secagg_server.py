@@ -139,7 +139,7 @@ class Server(ServerProtocol):
     def _masked_requests(self) -> dict[Party, bytes]:
         r = self.round
         senders = sorted(self._shares)
-        table, spans = (self._route_complete if r.graph.complete else self._route)(senders)
+        table, spans = (self._route_complete if r.graph.complete and len(senders) > 1 else self._route)(senders)
         raw, rec = memoryview(table.reshape(-1)), table.shape[-1]
         out: dict[Party, bytes] = {}
         for u, pieces in zip(senders, spans):
