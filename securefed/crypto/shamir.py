@@ -89,33 +89,47 @@ def _evaluate(secrets: np.ndarray, coeffs: np.ndarray, xs: np.ndarray, p: int) -
     return acc
 
 
+def _row_products(m: np.ndarray, p: int) -> np.ndarray:
+    """The product modulo p of each row of `m` (uint64, entries below p < 2^32): log2 of its width in
+    vector steps, halving the columns each time."""
+    pp = np.uint64(p)
+    while m.shape[1] > 1:
+        if m.shape[1] % 2:
+            m = np.concatenate((m, np.ones((m.shape[0], 1), dtype=np.uint64)), axis=1)
+        m = m[:, 0::2] * m[:, 1::2] % pp
+    return m[:, 0]
+
+
 def _lagrange_at_zero(xs: Sequence[int], p: int) -> np.ndarray:
     """Coefficients l_i with f(0) = sum l_i f(x_i) mod p, for distinct non-zero `xs`.
 
-    l_i = prod_{j != i} x_j / (x_j - x_i): the products run as t vector steps in
-    uint64 (p < 2^32), and the t denominators are inverted with one exponentiation
-    (Montgomery's trick).
+    l_i = prod_{j != i} x_j / (x_j - x_i) = P / (x_i prod_{j != i} (x_j - x_i)), P the product of
+    all x_j. The t denominators are row products of the table of differences (its diagonal set
+    to 1; at most 2^20 entries at a time), a few vector steps whatever t (the server computes one
+    set per group of holders, up to one per secret on a Harary graph), and they are inverted with
+    one exponentiation (Montgomery's trick).
     """
     x = np.asarray(xs, dtype=np.int64) % p
     t = x.size
-    num = np.ones(t, dtype=np.uint64)
-    den = np.ones(t, dtype=np.uint64)
-    pp = np.uint64(p)
-    for j in range(t):
-        xj = np.full(t, x[j], dtype=np.uint64)
-        dj = ((x[j] - x) % p).astype(np.uint64)
-        xj[j] = dj[j] = 1
-        num = num * xj % pp
-        den = den * dj % pp
-    d = [int(v) for v in den]
+    total = 1
+    for v in x.tolist():
+        total = total * v % p
+    d = np.empty(t, dtype=np.uint64)
+    rows = max(1, (1 << 20) // t)
+    for a in range(0, t, rows):
+        b = min(a + rows, t)
+        diff = ((x[None, :] - x[a:b, None]) % p).astype(np.uint64)
+        diff[np.arange(b - a), np.arange(a, b)] = x[a:b].astype(np.uint64)  # x_i in place of x_i - x_i = 0
+        d[a:b] = _row_products(diff, p)
+    den = d.tolist()
     prefix = [1] * (t + 1)
-    for i, v in enumerate(d):
+    for i, v in enumerate(den):
         prefix[i + 1] = prefix[i] * v % p
     inv = pow(prefix[t], p - 2, p)
     out = [0] * t
     for i in range(t - 1, -1, -1):
-        out[i] = int(num[i]) * (inv * prefix[i] % p) % p
-        inv = inv * d[i] % p
+        out[i] = total * (inv * prefix[i] % p) % p
+        inv = inv * den[i] % p
     return np.array(out, dtype=np.uint64)
 
 

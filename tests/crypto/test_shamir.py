@@ -81,3 +81,12 @@ def test_share_parsing_is_strict():
         shamir.split([bytes(32)], 2, [0, 0, 1], RandomSource(1))
     with pytest.raises(ValueError):
         shamir.split([bytes(32)], 4, [0, 1, 2], RandomSource(1))
+
+
+@pytest.mark.parametrize("t", [1, 7, 300, 1500])  # 1500: the table of differences in several blocks of rows
+def test_lagrange_coefficients_interpolate_at_zero_for_any_threshold(t):
+    p = shamir.PRIME
+    xs = [int(v) for v in np.random.default_rng(t).choice(np.arange(1, 1 << 24), size=t, replace=False)]
+    lam = [int(v) for v in shamir._lagrange_at_zero(xs, p)]
+    for k in sorted({0, min(1, t - 1), t // 2, t - 1}):  # sum l_i x_i^k is f(0) for f = z^k, degree < t
+        assert sum(l * pow(x, k, p) for l, x in zip(lam, xs)) % p == (1 if k == 0 else 0)
