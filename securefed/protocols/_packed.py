@@ -104,13 +104,14 @@ def materialize(source: Source, size: int, dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def _word_bits(width: int) -> int:
-    return 32 if width <= 32 else 64
+def _words(width: int) -> np.dtype:
+    """The little-endian words of the column layout: the storage dtype of `width` (F = its bits)."""
+    return storage_dtype(width).newbyteorder("<")
 
 
 def _pieces(count: int, width: int) -> list[tuple[int, int, int]]:
     """The layout of `count` values: (first value, values, columns) per block, then the tail (columns 0)."""
-    f = _word_bits(width)
+    f = 8 * _words(width).itemsize
     out = [(lo, BLOCK, BLOCK // f) for lo in range(0, count - count % BLOCK, BLOCK)]
     rest = count % BLOCK
     if rest >= f:
@@ -122,8 +123,8 @@ def _pieces(count: int, width: int) -> list[tuple[int, int, int]]:
 
 def column_pack(values: np.ndarray, width: int) -> bytes:
     """`values` (unsigned, each below 2^width) in the column layout; the reference, in numpy."""
-    f = _word_bits(width)
-    words = np.dtype(f"<u{f // 8}")
+    words = _words(width)
+    f = 8 * words.itemsize
     out = []
     for lo, size, c in _pieces(values.size, width):
         v = values[lo : lo + size]
@@ -137,17 +138,17 @@ def column_pack(values: np.ndarray, width: int) -> bytes:
 
 def column_unpack(data: bytes | memoryview, width: int, count: int) -> np.ndarray:
     """Inverse of :func:`column_pack` (storage dtype of `width`); InvalidInput for a wrong length or padding."""
-    raw = bytes(data)
+    raw = memoryview(data).cast("B")  # read in place: slices of it are views
     if len(raw) != packed_size(count, width):
         raise InvalidInput(f"packed vector has {len(raw)} bytes, expected {packed_size(count, width)}")
-    f = _word_bits(width)
-    words = np.dtype(f"<u{f // 8}")
+    words = _words(width)
+    f = 8 * words.itemsize
     out = np.empty(count, dtype=storage_dtype(width))
     for lo, size, c in _pieces(count, width):
         b0, b1 = lo * width // 8, packed_size(lo + size, width)
         if c:
             cols = np.ascontiguousarray(np.frombuffer(raw[b0:b1], dtype=words).reshape(width, c).T)
-            out[lo : lo + size] = unpack(cols.tobytes(), width, size).reshape(c, f).T.reshape(-1)
+            out[lo : lo + size] = unpack(cols.view(np.uint8).reshape(-1), width, size).reshape(c, f).T.reshape(-1)
         else:
             out[lo : lo + size] = unpack(raw[b0:b1], width, size)
     return out
@@ -188,7 +189,7 @@ def masked_message(source: Source, size: int, width: int, dtype: np.dtype, add: 
     if np.dtype(dtype) != storage_dtype(width):
         raise ValueError(f"a {width}-bit masked vector is computed in {storage_dtype(width)}, not {dtype}")
     out = np.empty(packed_size(size, width), dtype=np.uint8)
-    words = np.dtype(f"<u{_word_bits(width) // 8}")
+    words = _words(width)
     chunk = parallel.get_chunk_size()
     kernel, mask = _pack_kernel(width), _mask(width)
     layout = _pieces(size, width)
@@ -225,7 +226,7 @@ class UnpackAdder:
             raise ValueError(f"a {width}-bit sum accumulates in {storage_dtype(width)}, not {acc.dtype}")
         self.acc, self.width, self.count = acc, width, acc.size
         self.size = packed_size(acc.size, width)
-        self._words = np.dtype(f"<u{_word_bits(width) // 8}")
+        self._words = _words(width)
         self._full = acc.size - acc.size % BLOCK  # the whole blocks end here
         self._rest = _pieces(acc.size, width)[self._full // BLOCK :]  # a block of fewer columns, a tail
         self._in_columns = acc.size - sum(n for _, n, c in self._rest if not c)
@@ -253,7 +254,7 @@ class UnpackAdder:
                                parallel.slabs(self.count, 1, align=BLOCK))
 
     def _slab(self, body: memoryview, words: np.ndarray, kernel, lo: int, hi: int) -> None:
-        w, acc, f = self.width, self.acc, _word_bits(self.width)
+        w, acc, f = self.width, self.acc, 8 * self._words.itemsize
         top = min(hi, self._full)
         if top > lo:  # every whole block of the slab in one call
             kernel(words[lo * w // f : top * w // f], w, BLOCK // f, (top - lo) // BLOCK, self._mask, acc[lo:top])
