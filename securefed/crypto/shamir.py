@@ -5,9 +5,10 @@ into ``ceil(8L / 30)`` chunks of 30 bits (32 bytes: 9 chunks); each chunk is an
 element of GF(p), p = 2^31 - 1, shared with its own random polynomial of degree
 t - 1 (Shamir 1979). Holder h gets the evaluations at x = h + 1, one per chunk:
 a share is ``4 * chunks`` bytes (36 for a 32-byte secret), little-endian uint32
-values below p. Products of two field elements fit in 62 bits, so evaluation and
-interpolation run vectorized in uint64 numpy arrays over all secrets, chunks and
-holders at once. Fewer than t shares are uniformly distributed whatever the secret
+values below p. Products of two field elements fit in 62 bits: evaluation runs vectorized
+in uint64 numpy arrays over all secrets, chunks and holders at once; reconstruction
+(interpolation at zero, the chunks back to bytes, the checks below) is one compiled pass
+(``_shamir_kernels``), as the server runs it once per round for every secret. Fewer than t shares are uniformly distributed whatever the secret
 (``tests/crypto/test_shamir.py`` checks it exhaustively over small fields).
 
 Reconstruction uses the first t shares given and checks that every chunk is a
@@ -60,21 +61,6 @@ def _to_chunks(secret: bytes, chunks: int) -> list[int]:
     return [(v >> (CHUNK_BITS * i)) & _CHUNK_MASK for i in range(chunks)]
 
 
-def _from_chunks(values: np.ndarray, secret_len: int) -> list[bytes]:
-    """The secrets whose chunks are the rows of `values` (shape (S, chunks), uint64), all at once.
-
-    MessageRejected("invalid shares") if a chunk exceeds 30 bits or a secret has bits above 8L.
-    """
-    if (values > np.uint64(_CHUNK_MASK)).any():
-        raise MessageRejected("invalid shares")
-    shifts = np.arange(CHUNK_BITS, dtype=np.uint64)
-    bits = ((values[:, :, None] >> shifts) & np.uint64(1)).astype(np.uint8).reshape(values.shape[0], -1)
-    if bits[:, 8 * secret_len :].any():
-        raise MessageRejected("invalid shares")
-    raw = np.packbits(bits[:, : 8 * secret_len], axis=1, bitorder="little").tobytes()
-    return [raw[i : i + secret_len] for i in range(0, len(raw), secret_len)]
-
-
 def _evaluate(secrets: np.ndarray, coeffs: np.ndarray, xs: np.ndarray, p: int) -> np.ndarray:
     """f(x) for each x in `xs`: f has constant term `secrets` (shape S) and `coeffs[j]` for x^(j+1).
 
@@ -89,64 +75,32 @@ def _evaluate(secrets: np.ndarray, coeffs: np.ndarray, xs: np.ndarray, p: int) -
     return acc
 
 
-def _row_products(m: np.ndarray, p: int) -> np.ndarray:
-    """The product modulo p of each row of `m` (uint64, entries below p < 2^32): log2 of its width in
-    vector steps, halving the columns each time."""
-    pp = np.uint64(p)
-    while m.shape[1] > 1:
-        if m.shape[1] % 2:
-            m = np.concatenate((m, np.ones((m.shape[0], 1), dtype=np.uint64)), axis=1)
-        m = m[:, 0::2] * m[:, 1::2] % pp
-    return m[:, 0]
+def _kernels():  # numba loads on first use, keeping `import securefed` fast
+    from securefed.crypto import _shamir_kernels as k
+
+    return k
 
 
 def _lagrange_at_zero(xs: Sequence[int], p: int) -> np.ndarray:
-    """Coefficients l_i with f(0) = sum l_i f(x_i) mod p, for distinct non-zero `xs`.
-
-    l_i = prod_{j != i} x_j / (x_j - x_i) = P / (x_i prod_{j != i} (x_j - x_i)), P the product of
-    all x_j. The t denominators are row products of the table of differences (its diagonal set
-    to 1; at most 2^20 entries at a time), a few vector steps whatever t (the server computes one
-    set per group of holders, up to one per secret on a Harary graph), and they are inverted with
-    one exponentiation (Montgomery's trick).
-    """
-    x = np.asarray(xs, dtype=np.int64) % p
-    t = x.size
-    total = 1
-    for v in x.tolist():
-        total = total * v % p
-    d = np.empty(t, dtype=np.uint64)
-    rows = max(1, (1 << 20) // t)
-    for a in range(0, t, rows):
-        b = min(a + rows, t)
-        diff = ((x[None, :] - x[a:b, None]) % p).astype(np.uint64)
-        diff[np.arange(b - a), np.arange(a, b)] = x[a:b].astype(np.uint64)  # x_i in place of x_i - x_i = 0
-        d[a:b] = _row_products(diff, p)
-    den = d.tolist()
-    prefix = [1] * (t + 1)
-    for i, v in enumerate(den):
-        prefix[i + 1] = prefix[i] * v % p
-    inv = pow(prefix[t], p - 2, p)
-    out = [0] * t
-    for i in range(t - 1, -1, -1):
-        out[i] = total * (inv * prefix[i] % p) % p
-        inv = inv * den[i] % p
-    return np.array(out, dtype=np.uint64)
+    """Coefficients l_i with f(0) = sum l_i f(x_i) mod p, for distinct non-zero `xs` (compiled: O(t^2)
+    products and one exponentiation, Montgomery's trick for the t inverses)."""
+    return _kernels().lagrange_at_zero(np.asarray(xs, dtype=np.int64).astype(np.uint64) % np.uint64(p), np.uint64(p))
 
 
 def _combine(lam: np.ndarray, ys: np.ndarray, p: int) -> np.ndarray:
-    """sum_i lam_i * ys[i] mod p over the first axis (ys uint64 < p)."""
-    pp = np.uint64(p)
-    prod = lam.reshape((-1,) + (1,) * (ys.ndim - 1)) * ys % pp
-    return prod.sum(axis=0, dtype=np.uint64) % pp  # t * 2^31 < 2^64 for any t < 2^33
+    """sum_i lam_i * ys[i] mod p over the first axis (ys below p, shape (t, S[, C]))."""
+    y = np.asarray(ys, dtype=np.uint64)
+    shaped = y.reshape(y.shape[0], y.shape[1] if y.ndim > 1 else 1, -1)
+    return _kernels().combine(np.asarray(lam, dtype=np.uint64), shaped, np.uint64(p)).reshape(y.shape[1:])
 
 
-def _check_holders(holders: Sequence[int]) -> np.ndarray:
-    h = np.asarray(holders, dtype=np.int64)
-    if h.ndim != 1 or h.size == 0:
+def _check_holders(holders: Sequence[int]) -> list[int]:
+    if np.ndim(holders) != 1 or not len(holders):
         raise ValueError("holders must be a non-empty sequence of party indices")
-    if h.min() < 0 or h.max() > PRIME - 2:
+    h = [int(v) for v in holders]
+    if min(h) < 0 or max(h) > PRIME - 2:
         raise ValueError(f"holder indices must be in [0, {PRIME - 2}]")
-    if np.unique(h).size != h.size:
+    if len(set(h)) != len(h):
         raise ValueError("holder indices must be distinct")
     return h
 
@@ -157,7 +111,7 @@ def split(secrets: Sequence[bytes], threshold: int, holders: Sequence[int], rng:
     Returns uint32 shares of shape ``(len(holders), len(secrets), chunk_count(L))``:
     ``out[i, s]`` is holder ``holders[i]``'s share of ``secrets[s]``.
     """
-    h = _check_holders(holders)
+    h = np.array(_check_holders(holders), dtype=np.int64)
     if not 1 <= threshold <= h.size:
         raise ValueError(f"threshold must be in [1, {h.size}], got {threshold}")
     if not secrets or len({len(s) for s in secrets}) != 1:
@@ -175,17 +129,22 @@ def reconstruct(holders: Sequence[int], shares: np.ndarray, threshold: int, secr
     MessageRejected("invalid shares") when the result is not a valid secret.
     """
     h = _check_holders(holders)
-    if h.size < threshold:
-        raise ValueError(f"need {threshold} shares to reconstruct, got {h.size}")
+    if len(h) < threshold:
+        raise ValueError(f"need {threshold} shares to reconstruct, got {len(h)}")
     ys = np.asarray(shares)
-    if ys.ndim != 3 or ys.shape[0] != h.size or ys.shape[2] != chunk_count(secret_len):
+    if ys.ndim != 3 or ys.shape[0] != len(h) or ys.shape[2] != chunk_count(secret_len):
         raise ValueError("shares must have shape (holders, secrets, chunks)")
-    ys = ys[:threshold].astype(np.uint64)
-    if (ys >= np.uint64(PRIME)).any():
+    ys = ys[:threshold]
+    if ys.dtype != np.uint32:  # wider values must not wrap on the way to the check below p
+        if (ys < 0).any() or (ys >= PRIME).any():
+            raise MessageRejected("invalid shares")
+        ys = ys.astype(np.uint32)
+    out = np.empty((ys.shape[1], secret_len), dtype=np.uint8)
+    x = np.array(h[:threshold], dtype=np.uint64) + np.uint64(1)
+    if _kernels().reconstruct(x, np.ascontiguousarray(ys), np.uint64(PRIME), CHUNK_BITS, out):
         raise MessageRejected("invalid shares")
-    lam = _lagrange_at_zero((h[:threshold] + 1).tolist(), PRIME)
-    out = _combine(lam, ys, PRIME)
-    return _from_chunks(out, secret_len)
+    raw = out.tobytes()
+    return [raw[i : i + secret_len] for i in range(0, len(raw), secret_len)]
 
 
 def share_to_bytes(share: np.ndarray) -> bytes:

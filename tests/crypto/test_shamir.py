@@ -90,3 +90,21 @@ def test_lagrange_coefficients_interpolate_at_zero_for_any_threshold(t):
     lam = [int(v) for v in shamir._lagrange_at_zero(xs, p)]
     for k in sorted({0, min(1, t - 1), t // 2, t - 1}):  # sum l_i x_i^k is f(0) for f = z^k, degree < t
         assert sum(l * pow(x, k, p) for l, x in zip(lam, xs)) % p == (1 if k == 0 else 0)
+
+
+@pytest.mark.parametrize("chunks", [[0] * 8 + [1 << 16], [1 << 30] + [0] * 8, None],
+                         ids=["a bit above the secret's 256", "a chunk of 31 bits", "a share not below the prime"])
+def test_reconstruction_rejects_shares_that_give_no_valid_secret(chunks):
+    """Shares that interpolate to chunks no secret has (or a share outside the field) are refused."""
+    holders, t = [0, 1, 2, 3], 3
+    if chunks is None:
+        shares = shamir.split([bytes(range(32))], t, holders, RandomSource(4))
+        shares[1, 0, 3] = shamir.PRIME
+    else:
+        coeffs = RandomSource(5).integers_below(shamir.PRIME, (t - 1) * 9).reshape(t - 1, 1, 9)
+        values = np.array([chunks], dtype=np.uint64)
+        shares = shamir._evaluate(values, coeffs, np.array(holders) + 1, shamir.PRIME).astype(np.uint32)
+    with pytest.raises(MessageRejected, match="invalid shares"):
+        shamir.reconstruct(holders[:t], shares[:t], t, 32)
+    ok = shamir.split([bytes(range(32))], t, holders, RandomSource(4))
+    assert shamir.reconstruct(holders[1:], ok[1:], t, 32) == [bytes(range(32))]
