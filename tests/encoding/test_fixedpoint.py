@@ -105,3 +105,19 @@ def test_bad_encoder_parameters(kwargs):
 
 def test_modulus_is_value_bits_plus_ceil_log2_n():
     assert [modulus_bits(16, n) for n in (1, 2, 3, 4, 5, 1024, 1025)] == [16, 17, 18, 18, 19, 26, 27]
+
+
+@given(k=st.integers(2, 64), wide=st.booleans(), data=st.data())
+def test_decode_centres_the_low_k_bits_of_each_word(k, wide, data):
+    """decode reads each word modulo 2^k as a signed value in [-2^(k-1), 2^(k-1)) (the int32 path for
+    k <= 32 and the int64 one agree with this integer reading, bits above k ignored)."""
+    dtype = np.uint64 if wide or k > 32 else np.uint32
+    top = 2 ** (8 * np.dtype(dtype).itemsize) - 1
+    edges = [0, 1, 2 ** (k - 1) - 1, 2 ** (k - 1), 2**k - 1, top]
+    s = np.array(edges + data.draw(st.lists(st.integers(0, top), max_size=40)), dtype=dtype)
+    enc = FixedPoint(value_range=1.0, value_bits=min(53, max(2, k - 1)))
+    n = 2 ** (k - enc.value_bits)  # so that modulus_bits(n) == k
+    assert enc.modulus_bits(n) == k
+    low = [int(v) % 2**k for v in s.tolist()]
+    want = [float(v - 2**k if v >= 2 ** (k - 1) else v) * (1.0 / enc.scale) for v in low]
+    assert enc.decode(s, n=n).tolist() == want
