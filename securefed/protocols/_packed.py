@@ -170,7 +170,7 @@ def _unpack_kernel(width: int, aligned: bool):  # -> the compiled unpack-add loo
     word = types.uint32 if width <= 32 else types.uint64
     src = types.Array(word, 1, "C", readonly=True, aligned=aligned)
     return _kernels().unpack_add_columns.compile(
-        (src, types.IntegerLiteral(width), types.int64, types.int64, word, types.Array(word, 1, "C")))
+        (src, types.IntegerLiteral(width), types.int64, types.int64, types.int64, word, types.Array(word, 1, "C")))
 
 
 def _mask(width: int) -> np.unsignedinteger:
@@ -228,9 +228,12 @@ class UnpackAdder:
         self.size = packed_size(acc.size, width)
         self._words = _words(width)
         self._full = acc.size - acc.size % BLOCK  # the whole blocks end here
-        self._rest = _pieces(acc.size, width)[self._full // BLOCK :]  # a block of fewer columns, a tail
-        self._in_columns = acc.size - sum(n for _, n, c in self._rest if not c)
+        rest = _pieces(acc.size, width)[self._full // BLOCK :]  # a block of fewer columns, a tail
+        self._last = sum(c for _, _, c in rest)  # columns of the short block (0: none)
+        self._in_columns = acc.size - sum(n for _, n, c in rest if not c)
+        self._nwords = self._in_columns * width // (8 * self._words.itemsize)
         self._mask = _mask(width)
+        self._single = acc.size < 2 * parallel.MIN_SLAB_WORK  # one slab (what slabs() gives), called directly
 
     def check(self, body: memoryview) -> None:
         """MessageRejected unless `body` is exactly one packed vector with zero padding."""
@@ -242,12 +245,12 @@ class UnpackAdder:
 
     def add(self, body: memoryview) -> None:
         """``acc += column_unpack(body)``; call :meth:`check` first."""
-        words = np.frombuffer(body, dtype=self._words, count=self._in_columns * self.width // (8 * self._words.itemsize))
+        words = np.frombuffer(body, dtype=self._words, count=self._nwords)
         if words.flags.writeable:  # the kernel is compiled for read-only words (a bytes message)
             words = words.view()
             words.flags.writeable = False
         kernel = _unpack_kernel(self.width, bool(words.flags.aligned))
-        if self.count < 2 * parallel.MIN_SLAB_WORK:  # one slab (what slabs() gives), without its cost per message
+        if self._single:
             self._slab(body, words, kernel, 0, self.count)
         else:
             parallel.run_slabs(lambda lo, hi: self._slab(body, words, kernel, lo, hi),
@@ -255,12 +258,10 @@ class UnpackAdder:
 
     def _slab(self, body: memoryview, words: np.ndarray, kernel, lo: int, hi: int) -> None:
         w, acc, f = self.width, self.acc, 8 * self._words.itemsize
-        top = min(hi, self._full)
-        if top > lo:  # every whole block of the slab in one call
-            kernel(words[lo * w // f : top * w // f], w, BLOCK // f, (top - lo) // BLOCK, self._mask, acc[lo:top])
-        if hi == self.count:
-            for a, n, c in self._rest:
-                if c:
-                    kernel(words[a * w // f : (a + n) * w // f], w, c, 1, self._mask, acc[a : a + n])
-                else:
-                    acc[a:] += unpack(body[a * w // 8 :], w, n)
+        end = self._in_columns if hi == self.count else hi  # the last slab also takes the short block
+        last = self._last if hi == self.count else 0
+        if end > lo:  # the slab's blocks in one call
+            kernel(words[lo * w // f : end * w // f], w, BLOCK // f, (min(hi, self._full) - lo) // BLOCK, last,
+                   self._mask, acc[lo:end])
+        if hi == self.count and end < hi:  # a tail of fewer than F values, packed as encoding.pack does
+            acc[end:] += unpack(body[end * w // 8 :], w, hi - end)

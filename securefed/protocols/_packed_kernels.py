@@ -36,26 +36,28 @@ def pack_columns(v, w, c, mask, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def unpack_add_columns(words, w, c, blocks, mask, acc):  # pragma: no cover - compiled
-    """acc += the values of `blocks` consecutive column blocks of c columns (see pack_columns)."""
+def unpack_add_columns(words, w, c, blocks, last, mask, acc):  # pragma: no cover - compiled
+    """acc += the values of `blocks` consecutive column blocks of c columns, then of one block of
+    `last` columns if `last` > 0 (see pack_columns): a message's blocks in one call."""
     W = literally(w)
     F = 32 if W <= 32 else 64
     word = acc.dtype.type
-    for b in range(blocks):
-        src = words[b * W * c : (b + 1) * W * c]
-        dst = acc[b * F * c : (b + 1) * F * c]
+    for b in range(blocks + (1 if last > 0 else 0)):
+        cols = c if b < blocks else last
+        src = words[b * W * c : b * W * c + W * cols]
+        dst = acc[b * F * c : b * F * c + F * cols]
         for j in range(F):
             p = j * W
             k = p // F
             off = p % F
-            a = dst[j * c : (j + 1) * c]
-            lo = src[k * c : (k + 1) * c]
+            a = dst[j * cols : (j + 1) * cols]
+            lo = src[k * cols : (k + 1) * cols]
             down = word(off)
             if off + W > F:
-                hi = src[(k + 1) * c : (k + 2) * c]
+                hi = src[(k + 1) * cols : (k + 2) * cols]
                 up = word(F - off)
-                for m in range(c):
+                for m in range(cols):
                     a[m] += ((lo[m] >> down) | (hi[m] << up)) & mask
             else:
-                for m in range(c):
+                for m in range(cols):
                     a[m] += (lo[m] >> down) & mask
