@@ -105,9 +105,10 @@ class _ShareKeys(_State):
         r, d, me = c.round, c.data, c.me
         rec = 2 * W.KEY + (W.SIG if r.active else 0) + W.CHECK
         ids, rows = W.parse_records(body, rec)
-        if not np.isin(ids, r.graph.neighbors(me)).all():
+        if not np.isin(ids, r.graph.closed_neighborhood(me)).all():
             raise MessageRejected("invalid message: keys of a client that is not my neighbour")
-        own = {kex.public_bytes(kex.load_private_key(d.c_sk)), kex.public_bytes(kex.load_private_key(d.s_sk))}
+        mine = kex.public_bytes(kex.load_private_key(d.c_sk)) + kex.public_bytes(kex.load_private_key(d.s_sk))
+        own = {mine[: W.KEY], mine[W.KEY :]}
         peers: dict[int, tuple[bytes, bytes]] = {}
         for i, v in enumerate(ids.tolist()):
             entry = W.check_keys(v, rows[i].tobytes())
@@ -115,10 +116,16 @@ class _ShareKeys(_State):
             if r.active:
                 signing.verify(r.identities.verify_key(v), entry[2 * W.KEY :],  # type: ignore[union-attr]
                                advertise_message(r, v, c_pk, s_pk), purpose="secagg/advertise")
+            if v == me:  # my own record comes back as I sent it, or the server changed my keys
+                if c_pk + s_pk != mine:
+                    raise MessageRejected("invalid message: my own advertised keys were altered")
+                continue
             if c_pk in own or s_pk in own or c_pk == s_pk:
                 raise MessageRejected("invalid message: repeated public keys")
             own.update((c_pk, s_pk))
             peers[v] = (c_pk, s_pk)
+        if me not in ids.tolist():
+            raise MessageRejected("invalid message: my own advertised keys are missing")
         holders = sorted([*peers, me])
         if len(holders) < r.t:
             raise refuse(AbortReason.TOO_FEW_SURVIVORS,

@@ -14,7 +14,7 @@ import struct
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from securefed.crypto import kex
 from securefed.crypto.signing import KeyDirectory
@@ -30,7 +30,7 @@ PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "
 ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASKING = range(5)
 PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
 _SHA256 = hashes.SHA256()
-VERSION = 3  # 3: masked vectors column-packed (2: packed as encoding.pack)
+VERSION = 4  # 4: share_keys requests list the recipient too; 3: masked vectors column-packed
 SECRET_BYTES = 32  # bytes of b_u and of the X25519 mask key
 
 
@@ -65,8 +65,8 @@ class Round:
 
     def body(self, data: bytes, phase: int, sender: int) -> memoryview:
         s = self.spec
-        return _wire.unpack_message(data, tag=self.tag, version=VERSION, phase=phase,
-                                    round_index=s.round_index, session_id=s.session_id, sender=sender)
+        return _wire.split_message(data, _wire.header_prefix(self.tag, VERSION, phase, s.round_index, s.session_id,
+                                                             sender))
 
     def context(self) -> bytes:
         """Tag, session and round: bound into every signature, commitment and self-mask key."""
@@ -86,8 +86,10 @@ def commitment(r: Round, party: int, b: bytes) -> bytes:
 
 
 def self_mask_key(r: Round, party: int, b: bytes) -> bytes:
+    # b is 32 uniformly random bytes, a key already: HKDF's expand step alone (RFC 5869, 3.3) binds
+    # the context; the extract step is for inputs that are not uniform, such as X25519 outputs.
     info = b"securefed/secagg/self-mask\x00" + r.context() + struct.pack(">I", party)
-    return HKDF(algorithm=_SHA256, length=16, salt=None, info=info).derive(b)
+    return HKDFExpand(algorithm=_SHA256, length=16, info=info).derive(b)
 
 
 def mask_key(r: Round, sk: kex.X25519PrivateKey, peer_pk: bytes, a: int, b: int) -> bytes:

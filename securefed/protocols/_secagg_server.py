@@ -67,6 +67,7 @@ class Server(ServerProtocol):
         self._alive = set(range(n))
         self._dropped: dict[int, DropRecord] = {}
         self._keys: dict[int, bytes] = {}  # U1: each advertised record (c_pk, s_pk[, sig], check), as checked
+        self._key_record = 2 * W.KEY + (W.SIG if rnd.active else 0) + W.CHECK
         self._shares: dict[int, memoryview] = {}  # U2: each sender's share_keys reply body (checked)
         self._expect: dict[int, W.Expected] = {}  # the ids each party's reply of this phase must list
         self._expect_shares: dict[int, W.Expected] = {}  # the recipients of each sender's shares, ascending
@@ -115,68 +116,67 @@ class Server(ServerProtocol):
         r = self.round
         senders = np.array(sorted(self._keys), dtype=np.int64)
         # One record (id, c_pk, s_pk[, sig], check) per client that advertised, forwarded as it came
-        # (so each neighbour checks it); each request is a selection of rows.
-        keys = b"".join(self._keys[v] for v in senders.tolist())
-        table = W.record_table(senders, np.frombuffer(keys, dtype=np.uint8).reshape(senders.size, -1))
-        advertised = self._members(senders)
-        raw, rec = memoryview(table.tobytes()), table.shape[1]
-        wire = senders.astype(">u4").tobytes()
+        # (so each neighbour checks it); u gets the rows of U1 ∩ N[u], its own included.
+        complete = r.graph.complete
         out: dict[Party, bytes] = {}
+        if complete:  # everyone gets the same list: one message, as in the paper's broadcast
+            msg = r.message(SHARE_KEYS, _wire.SERVER, W.records([(v, self._keys[v]) for v in senders.tolist()]))
+            everyone = W.Expected(senders)
+        else:
+            keys = b"".join(self._keys[v] for v in senders.tolist())
+            table = W.record_table(senders, np.frombuffer(keys, dtype=np.uint8).reshape(senders.size, -1))
+            advertised = self._members(senders)
         for i, u in enumerate(senders.tolist()):
-            if r.graph.complete:  # every other advertiser, in id order: the table without row i
-                count, pieces = senders.size - 1, (raw[: i * rec], raw[(i + 1) * rec :])
-                self._expect[u] = W.Expected(wire=wire[: 4 * i] + wire[4 * i + 4 :])
+            if complete:  # u's shares go to everyone else
+                count = senders.size
+                self._expect[u] = W.Expected.all_but(everyone, i)
+                out[u] = msg
             else:
-                nb = r.graph.neighbors(u)
+                nb = r.graph.closed_neighborhood(u)
                 chosen = np.searchsorted(senders, nb[advertised[nb]])
-                count, pieces = chosen.size, (table[chosen].tobytes(),)
-                self._expect[u] = W.Expected(senders[chosen])
-            if count + 1 < r.t:
+                count = chosen.size
+                self._expect[u] = W.Expected(senders[chosen[chosen != i]])
+                out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.list_header(count), table[chosen].reshape(-1))
+            if count < r.t:  # u and its peers are the holders of its shares
                 self._refusals[u] = "fewer than t of its neighbourhood advertised keys"
-            out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.list_header(count), *pieces)
         return out
 
     def _masked_requests(self) -> dict[Party, bytes]:
         r = self.round
         senders = sorted(self._shares)
-        table, spans = (self._route_complete if r.graph.complete and len(senders) > 1 else self._route)(senders)
-        raw, rec = memoryview(table.reshape(-1)), table.shape[-1]
+        bodies = (self._route_complete if r.graph.complete and len(senders) > 1 else self._route)(senders)
         out: dict[Party, bytes] = {}
-        for u, pieces in zip(senders, spans):
-            count = sum(b - a for a, b in pieces)
+        for u, (count, pieces) in zip(senders, bodies):
             if count + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood shared keys"
-            out[u] = r.message(MASKED_INPUT, _wire.SERVER, W.list_header(count), *[raw[a * rec : b * rec] for a, b in pieces])
+            out[u] = r.message(MASKED_INPUT, _wire.SERVER, *pieces)
         return out
 
-    def _route(self, senders: list[int]) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
+    def _route(self, senders: list[int]) -> list[tuple[int, tuple[bytes | memoryview, ...]]]:
         """Every sealed share as a (sender id, sealed) record, grouped by recipient and ordered by sender:
-        the table and, per sender in turn as a recipient, the (start, end) rows of its records."""
+        per sender in turn as a recipient, the count of its records and the pieces of its request body."""
         counts = [self._expect_shares[v].ids.size for v in senders]
         recipients = np.concatenate([self._expect_shares[v].ids for v in senders])
         from_ = np.repeat(np.array(senders, dtype=np.int64), counts)
         order = np.lexsort((from_, recipients))
         rows = np.concatenate([W.list_rows(self._shares[v], W.SEALED, W.COMMIT) for v in senders])
         table = W.record_table(from_[order], rows[order])
-        starts = np.searchsorted(recipients[order], senders)
-        ends = np.searchsorted(recipients[order], senders, side="right")
-        return table, [[(a, b)] for a, b in zip(starts.tolist(), ends.tolist())]
+        raw, rec = memoryview(table.reshape(-1)), table.shape[-1]
+        starts = np.searchsorted(recipients[order], senders).tolist()
+        ends = np.searchsorted(recipients[order], senders, side="right").tolist()
+        return [(b - a, (W.list_header(b - a), raw[a * rec : b * rec])) for a, b in zip(starts, ends)]
 
-    def _route_complete(self, senders: list[int]) -> tuple[np.ndarray, list[list[tuple[int, int]]]]:
-        """:meth:`_route` on the complete graph, with arrays: sender i's shares are for every other
-        advertiser in id order (so every reply has the same length), the one for sender j at j's place
-        among them; the table is the (recipient, sender) transpose, its diagonal left out."""
+    def _route_complete(self, senders: list[int]) -> list[tuple[int, tuple[bytes | memoryview, ...]]]:
+        """:meth:`_route` on the complete graph, in one compiled pass: sender i's shares are for every
+        other advertiser in id order (so every reply has the same length), the one for sender j at j's
+        place among them; row j of the table is j's whole request body."""
         s = np.array(senders, dtype=np.int64)
         n = s.size
         replies = np.frombuffer(b"".join(self._shares[v] for v in senders), dtype=np.uint8).reshape(n, -1)
-        records = replies[:, W.COMMIT + 4 :].reshape(n, -1, 4 + W.SEALED)
         place = np.searchsorted(np.array(sorted(self._keys), dtype=np.int64), s)  # among the advertisers
-        col = place[None, :] - (place[None, :] > place[:, None])  # sender i's record for recipient j
-        np.fill_diagonal(col, 0)
-        table = np.empty((n, n, 4 + W.SEALED), dtype=np.uint8)  # (recipient, sender, record)
-        table[:, :, :4] = s.astype(">u4").view(np.uint8).reshape(1, n, 4)
-        table[:, :, 4:] = records[np.arange(n)[:, None], col, 4:].transpose(1, 0, 2)
-        return table, [[(j * n, j * n + j), (j * n + j + 1, (j + 1) * n)] for j in range(n)]
+        table = W.route_complete(replies, W.COMMIT, place, s)
+        raw, size = memoryview(table.reshape(-1)), table.shape[1]
+        return [(n - 1, (raw[j * size : (j + 1) * size],)) for j in range(n)]
 
     def _consistency_requests(self) -> dict[Party, bytes]:
         r = self.round
@@ -232,13 +232,12 @@ class Server(ServerProtocol):
 
     def _take_keys(self, u: int, body: memoryview) -> None:
         r = self.round
-        size = 2 * W.KEY + (W.SIG if r.active else 0) + W.CHECK
-        if len(body) != size:
+        if len(body) != self._key_record:
             raise MessageRejected("invalid message: wrong length of advertised keys")
         record = bytes(body)
         keys = W.check_keys(u, record)
-        c_pk, s_pk, sig = keys[: W.KEY], keys[W.KEY : 2 * W.KEY], keys[2 * W.KEY :]
         if r.active:
+            c_pk, s_pk, sig = keys[: W.KEY], keys[W.KEY : 2 * W.KEY], keys[2 * W.KEY :]
             signing.verify(r.identities.verify_key(u), sig, advertise_message(r, u, c_pk, s_pk),  # type: ignore[union-attr]
                            purpose="secagg/advertise")
         self._keys[u] = record
@@ -353,6 +352,7 @@ class Server(ServerProtocol):
     def _reconstruct(self, targets: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """Secrets (v, 0) = b_v and (v, 1) = mask key of v from the first t holders' shares."""
         g, t = self.round.graph, self.round.t
+        targets = sorted(targets)  # each group's ids ascending, as in every holder's reply
         groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         if g.complete:  # everyone holds a share of everything: one group, the first t responders
             groups[tuple(sorted(self._unmasked)[:t])] = targets
@@ -364,8 +364,9 @@ class Server(ServerProtocol):
         out: dict[tuple[int, int], bytes] = {}
         for holders, group in groups.items():
             vs = np.array([v for v, _ in group])
-            stacked = np.stack([self._unmasked[h].shares[np.searchsorted(self._unmasked[h].ids, vs)] for h in holders])
-            shares = stacked.reshape(len(holders), len(group), shamir.chunk_count(SECRET_BYTES))
+            # vs is a sorted subset of every holder's ids: of the same size, it is all of them in order
+            shares = np.stack([x.shares if x.ids.size == vs.size else x.shares[np.searchsorted(x.ids, vs)]
+                               for x in (self._unmasked[h] for h in holders)])
             try:
                 values = shamir.reconstruct(list(holders), shares, t, SECRET_BYTES)
             except MessageRejected:

@@ -52,6 +52,7 @@ __all__ = [
     "parse_records",
     "record_table",
     "records",
+    "route_complete",
 ]
 
 KEY = 32
@@ -61,6 +62,7 @@ SHARE = shamir.share_size(32)
 SEALED = aead.sealed_size(2 * SHARE)
 CHECK = 4
 _U32 = struct.Struct(">I")
+assert (COMMIT + 4) % 4 == 0 and SEALED % 4 == 0  # route_complete moves 4-byte words
 
 
 def key_check(party: int, keys: bytes) -> bytes:
@@ -99,28 +101,43 @@ def record_table(ids: np.ndarray, payloads: np.ndarray) -> np.ndarray:
 
 
 class Expected:
-    """The ids a reply's record list must carry (ascending int64), with their wire bytes made once:
-    the server checks every reply of a phase against it (:func:`check_list`)."""
+    """The ids a reply's record list must carry (ascending), as their wire bytes: the server checks
+    every reply of a phase against it (:func:`check_list`). ``Expected(ids)``, or
+    ``Expected.all_but(other, i)``: the ids of `other` without its i-th (on the complete graph, one
+    list of everyone serves every client)."""
 
-    __slots__ = ("_ids", "_u8", "wire")
+    __slots__ = ("_ids", "_skip", "_u8")
 
-    def __init__(self, ids: np.ndarray | None = None, wire: bytes | None = None) -> None:
-        """From the ids, or from their wire bytes (4 per id, big-endian; the ids are then read when asked for)."""
-        self._ids = ids
-        self.wire = ids.astype(">u4").tobytes() if wire is None else wire
-        self._u8 = np.frombuffer(self.wire, dtype=np.uint8)
+    def __init__(self, ids: np.ndarray) -> None:
+        self._ids: np.ndarray | None = ids
+        self._u8 = np.frombuffer(ids.astype(">u4").tobytes(), dtype=np.uint8)
+        self._skip = -1
+
+    @classmethod
+    def all_but(cls, other: Expected, i: int) -> Expected:
+        out = cls.__new__(cls)
+        out._ids, out._u8, out._skip = None, other._u8, i
+        return out
 
     @property
     def ids(self) -> np.ndarray:
+        """The ids, ascending int64."""
         if self._ids is None:
-            self._ids = np.frombuffer(self.wire, dtype=">u4").astype(np.int64)
+            every = self._u8.view(">u4").astype(np.int64)
+            self._ids = np.delete(every, self._skip)
         return self._ids
 
 
-def _kernels():  # numba loads on first use, keeping `import securefed` fast
-    from securefed.protocols import _secagg_wire_kernels as k
+_loaded = None
 
-    return k
+
+def _kernels():  # numba loads on first use, keeping `import securefed` fast
+    global _loaded
+    if _loaded is None:
+        from securefed.protocols import _secagg_wire_kernels
+
+        _loaded = _secagg_wire_kernels
+    return _loaded
 
 
 _REASONS = ("", "invalid message: wrong list length", "invalid message: records for the wrong set of clients",
@@ -131,10 +148,23 @@ def check_list(body: memoryview, payload_size: int, expect: Expected, offset: in
     """MessageRejected unless the record list at `offset` ends `body`, carries exactly `expect`'s ids in
     order, and the first `share_words` little-endian uint32 words of every payload are below the Shamir
     prime (one compiled pass: the server's per-reply check). Read it with :func:`list_rows`."""
-    status = _kernels().check_list(np.frombuffer(body, dtype=np.uint8), offset, 4 + payload_size, expect._u8,
-                                   share_words, shamir.PRIME)
+    status = _kernels().check_list(body, offset, 4 + payload_size, expect._u8, expect._skip, share_words, shamir.PRIME)
     if status:
         raise MessageRejected(_REASONS[status])
+
+
+def route_complete(replies: np.ndarray, offset: int, place: np.ndarray, senders: np.ndarray) -> np.ndarray:
+    """The masked_input request bodies of the complete graph, one per row (uint8): row j lists, ordered by
+    sender, ``(sender id, sealed)`` for each share addressed to ``senders[j]``. Row i of `replies` is sender
+    i's share_keys body (checked), its record list at `offset`, for every other advertiser in id order;
+    `place` is each sender's index among the advertisers."""
+    n, rec = senders.size, 4 + SEALED
+    out = np.empty((n, 4 + (n - 1) * rec), dtype=np.uint8)
+    out[:, :4] = np.frombuffer(list_header(n - 1), dtype=np.uint8)
+    # every offset and size is a multiple of 4 bytes: the kernel moves words
+    _kernels().route_complete(replies.view("<u4"), (offset + 4) // 4, rec // 4, place,
+                              senders.astype(">u4").view("<u4"), out.view("<u4"))
+    return out
 
 
 def list_rows(body: memoryview | bytes, payload_size: int, offset: int = 0) -> np.ndarray:

@@ -9,23 +9,25 @@ OK, WRONG_LENGTH, WRONG_IDS, INVALID_SHARE = range(4)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def check_list(body, offset, rec, expect, share_words, prime):  # pragma: no cover - compiled
-    """Status of the record list at `offset` of `body` (uint8): it must end the body, its records of
-    `rec` bytes must carry the big-endian ids `expect` (uint8, 4 per id) in that order, and the first
-    `share_words` little-endian uint32 words after each id must be below `prime`."""
-    n = body.size
+def check_list(body, offset, rec, expect, skip, share_words, prime):  # pragma: no cover - compiled
+    """Status of the record list at `offset` of `body` (bytes, a memoryview): it must end the body, its records of
+    `rec` bytes must carry the big-endian ids `expect` (uint8, 4 per id) in that order, the one at
+    index `skip` left out (-1: none), and the first `share_words` little-endian uint32 words after
+    each id must be below `prime`."""
+    n = len(body)
     if n < offset + 4:
         return WRONG_LENGTH
     count = ((np.int64(body[offset]) << 24) | (np.int64(body[offset + 1]) << 16) | (np.int64(body[offset + 2]) << 8)
              | np.int64(body[offset + 3]))
     if n != offset + 4 + count * rec:
         return WRONG_LENGTH
-    if 4 * count != expect.size:
+    if 4 * (count + (1 if skip >= 0 else 0)) != expect.size:
         return WRONG_IDS
     for i in range(count):
         o = offset + 4 + i * rec
-        if (body[o] != expect[4 * i] or body[o + 1] != expect[4 * i + 1] or body[o + 2] != expect[4 * i + 2]
-                or body[o + 3] != expect[4 * i + 3]):
+        e = 4 * (i + 1 if 0 <= skip <= i else i)
+        if (body[o] != expect[e] or body[o + 1] != expect[e + 1] or body[o + 2] != expect[e + 2]
+                or body[o + 3] != expect[e + 3]):
             return WRONG_IDS
     for i in range(count):
         o = offset + 8 + i * rec
@@ -36,3 +38,23 @@ def check_list(body, offset, rec, expect, share_words, prime):  # pragma: no cov
             if v >= prime:
                 return INVALID_SHARE
     return OK
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def route_complete(replies, offset, rec, place, ids, out):  # pragma: no cover - compiled
+    """The records of the masked_input request bodies on the complete graph, in 4-byte words: row j of
+    `out` (n x (1 + (n-1) rec)) gets, after its first word (the count, left to the caller), the
+    ``(id, sealed)`` records of the shares addressed to sender j, ordered by sender. Row i of `replies` is sender i's share_keys body, whose records (recipient id, sealed) of
+    `rec` words start at word `offset` and list every other advertiser in id order; `place` is each
+    sender's index among the advertisers and `ids` the senders' ids as they are on the wire."""
+    n = replies.shape[0]
+    for i in range(n):  # each reply read once, in order
+        r = replies[i]
+        for j in range(n):
+            if i == j:
+                continue
+            src = offset + (place[j] - (1 if place[j] > place[i] else 0)) * rec  # j's record in i's list
+            pos = 1 + (i - (1 if i > j else 0)) * rec  # i's record in j's request
+            row = out[j]
+            row[pos] = ids[i]
+            row[pos + 1 : pos + rec] = r[src + 1 : src + rec]

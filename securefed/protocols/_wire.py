@@ -19,10 +19,12 @@ import struct
 
 from securefed.errors import MessageRejected
 
-__all__ = ["HEADER_SIZE", "SERVER", "pack_header", "unpack_message"]
+__all__ = ["HEADER_SIZE", "SERVER", "header_prefix", "pack_header", "split_message", "unpack_message"]
 
 SERVER = 0xFFFFFFFF
 _HDR = struct.Struct(">4sBBI32sII")
+_PREFIX = struct.Struct(">4sBBI32sI")  # the header without its length
+_LENGTH = struct.Struct(">I")
 HEADER_SIZE = _HDR.size
 
 
@@ -53,5 +55,26 @@ def unpack_message(
     if got[:6] != (tag, version, phase, round_index, session_id, sender):
         raise MessageRejected("invalid message: wrong protocol, version, phase, round, session or sender")
     if got[6] != len(mv) - HEADER_SIZE:
+        raise MessageRejected("invalid message: wrong length")
+    return mv[HEADER_SIZE:]
+
+
+def header_prefix(tag: bytes, version: int, phase: int, round_index: int, session_id: bytes, sender: int) -> bytes:
+    """The header's first bytes, everything but the body length: what :func:`split_message` expects."""
+    return _PREFIX.pack(tag, version, phase, round_index, session_id, sender)
+
+
+def split_message(data: bytes | bytearray | memoryview, prefix: bytes) -> memoryview:
+    """:func:`unpack_message` with the expected fields already packed by :func:`header_prefix` (one
+    comparison of bytes: the check a server runs on every reply)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MessageRejected("invalid message: not bytes")
+    mv = memoryview(data)
+    if len(mv) < HEADER_SIZE:
+        raise MessageRejected("invalid message: truncated header")
+    head = data if isinstance(data, bytes) else bytes(mv[:HEADER_SIZE])
+    if not head.startswith(prefix):
+        raise MessageRejected("invalid message: wrong protocol, version, phase, round, session or sender")
+    if _LENGTH.unpack_from(head, _PREFIX.size)[0] != len(mv) - HEADER_SIZE:
         raise MessageRejected("invalid message: wrong length")
     return mv[HEADER_SIZE:]

@@ -166,7 +166,7 @@ class _MaskedAggregation(AggregationProtocol):
         bitmap = (n + 7) // 8
         return {
             "advertise_keys": (hdr, hdr + 2 * W.KEY + sig + W.CHECK),
-            "share_keys": (hdr + 4 + p * (4 + 2 * W.KEY + sig + W.CHECK), hdr + W.COMMIT + 4 + p * (4 + W.SEALED)),
+            "share_keys": (hdr + 4 + (p + 1) * (4 + 2 * W.KEY + sig + W.CHECK), hdr + W.COMMIT + 4 + p * (4 + W.SEALED)),
             "masked_input": (hdr + 4 + p * (4 + W.SEALED), hdr + packed_size(dim, self._encoder.modulus_bits(n))),
             "consistency_check": (hdr + bitmap, hdr + W.SIG) if sig else (0, 0),
             "unmasking": (hdr + bitmap + (4 + (p + 1) * (4 + W.SIG) if sig else 0), hdr + 4 + (p + 1) * (4 + W.SHARE)),

@@ -375,7 +375,8 @@ class SubstitutePublicKey(Deviation):
 class DropEveryone(Deviation):
     """Tell `target` in `phase` that every other client dropped.
 
-    ``share_keys`` / ``masked_input``: an empty key or share list; ``consistency_check`` /
+    ``share_keys``: a key list of `target`'s own record alone; ``masked_input``: an empty share
+    list; ``consistency_check`` /
     ``unmasking``: a survivor list of `target` alone. A client that went on would give the
     server its shares alone (or an input masked only by its self mask); an honest one refuses
     and sends nothing more.
@@ -397,7 +398,11 @@ class DropEveryone(Deviation):
             if s.party != self.target:
                 out.append(s)
                 continue
-            if phase in ("share_keys", "masked_input"):
+            if phase == "share_keys":  # its own record alone (the list always carries it)
+                rec = 2 * W.KEY + (W.SIG if ctx.round.active else 0) + W.CHECK
+                ids, rows = W.parse_records(ctx.body(phase, s.request), rec)
+                body = W.records([(v, rows[i].tobytes()) for i, v in enumerate(ids.tolist()) if v == self.target])
+            elif phase == "masked_input":
                 body = W.records([])
             else:
                 _, rest = _survivor_bits(ctx, s.request, phase)

@@ -299,6 +299,26 @@ def test_a_reply_listing_other_clients_than_expected_is_rejected(protocol, phase
     np.testing.assert_allclose(total, np.sum([xs[i] for i in included], axis=0), atol=protocol.error_bound(9))
 
 
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=12, unique=True).map(sorted), st.data())
+def test_a_record_list_is_checked_against_all_but_one_of_a_shared_list(ids, data):
+    """Expected.all_but (one list of everyone for the complete graph): exactly the other ids, in order."""
+    i = data.draw(st.integers(0, len(ids) - 1))
+    expect = W.Expected.all_but(W.Expected(np.array(ids, dtype=np.int64)), i)
+    others = ids[:i] + ids[i + 1 :]
+    assert expect.ids.tolist() == others
+    body = lambda listed: memoryview(W.records([(v, bytes(W.SEALED)) for v in listed]))
+    W.check_list(body(others), W.SEALED, expect)
+    wrong = [ids, [ids[i]]]  # the skipped id listed too, or alone
+    if others:
+        gone = data.draw(st.sampled_from(others))
+        wrong.append([v for v in others if v != gone])  # one missing
+    if len(others) > 1:
+        wrong.append(others[::-1])
+    for listed in wrong:
+        with pytest.raises(MessageRejected):
+            W.check_list(body(listed), W.SEALED, expect)
+
+
 @pytest.mark.parametrize("word", [shamir.PRIME, 0xFFFFFFFF])
 def test_an_unmasking_share_at_or_above_the_prime_is_rejected_on_arrival(word):
     xs = [np.linspace(-1, 1, 40) * (i / 9) for i in range(9)]
@@ -319,7 +339,7 @@ def test_an_unmasking_share_at_or_above_the_prime_is_rejected_on_arrival(word):
 
 @pytest.mark.parametrize("gone", [(), (2,), (0, 5)])
 def test_complete_graph_routing_of_sealed_shares_is_the_general_routing(gone):
-    """The server's array transpose for the complete graph forwards exactly what the general
+    """The server's compiled routing for the complete graph forwards exactly what the general
     (sorted) routing does, also when some advertisers never shared their keys."""
     protocol, n = SecAgg(), 8
     spec = RoundSpec(n=n, dim=5, session_id=bytes(range(32)))
@@ -335,11 +355,50 @@ def test_complete_graph_routing_of_sealed_shares_is_the_general_routing(gone):
     assert senders == [i for i in range(n) if i not in gone]
     routed = []
     for route in (server._route, server._route_complete):
-        table, spans = route(senders)
-        raw, rec = table.reshape(-1).tobytes(), table.shape[-1]
-        routed.append([b"".join(raw[a * rec : b * rec] for a, b in pieces) for pieces in spans])
+        routed.append([(count, b"".join(pieces)) for count, pieces in route(senders)])
     assert routed[0] == routed[1]
-    assert all(len(r) == (len(senders) - 1) * (4 + W.SEALED) for r in routed[0])
+    assert all(count == len(senders) - 1 and len(body) == 4 + count * (4 + W.SEALED) for count, body in routed[0])
+
+
+@pytest.mark.parametrize("protocol", [SecAgg(), SecAggPlus(), SecAgg(adversary="active")],
+                         ids=["complete", "harary", "active"])
+def test_share_keys_request_lists_the_recipient_and_its_own_record_must_be_intact(protocol):
+    """Each client gets the records of its closed neighbourhood, its own as it sent it (on the
+    complete graph one message for all, the paper's broadcast); a request that drops or alters the
+    recipient's own record is rejected."""
+    n = 9
+    spec = RoundSpec(n=n, dim=5, session_id=bytes(range(32)))
+    rnd = protocol._round(spec)
+    server = protocol.server(spec, rng=RandomSource(0))
+    clients = [protocol.client(spec, i, np.zeros(5), rng=RandomSource(i + 1)) for i in range(n)]
+    advertised = {}
+    for u, req in server.requests("advertise_keys").items():
+        advertised[u] = rnd.body(clients[u].handle("advertise_keys", req), 0, u).tobytes()
+        server.receive("advertise_keys", u, rnd.message(0, u, advertised[u]))
+    server.finish_phase("advertise_keys")
+    reqs = server.requests("share_keys")
+    rec = len(advertised[0])
+    for u, req in reqs.items():
+        ids, rows = W.parse_records(rnd.body(req, 1, sf.protocols._wire.SERVER), rec)
+        assert ids.tolist() == rnd.graph.closed_neighborhood(u).tolist()
+        assert rows[ids.tolist().index(u)].tobytes() == advertised[u]
+    if rnd.graph.complete:
+        assert len(set(reqs.values())) == 1
+    u = 4
+    ids, rows = W.parse_records(rnd.body(reqs[u], 1, sf.protocols._wire.SERVER), rec)
+    entries = [(v, rows[i].tobytes()) for i, v in enumerate(ids.tolist())]
+    mine = ids.tolist().index(u)
+    altered = bytearray(entries[mine][1])
+    altered[5] ^= 1  # another c_pk, its check recomputed as a malicious server would (active: the signature fails)
+    keys = bytes(altered[: -W.CHECK])
+    forged = list(entries)
+    forged[mine] = (u, keys + W.key_check(u, keys))
+    altered_why = "invalid signature" if rnd.active else "own advertised keys were altered"
+    for bad, why in ((forged, altered_why), ([e for e in entries if e[0] != u], "own advertised keys are missing")):
+        c = protocol.client(spec, u, np.zeros(5), rng=RandomSource(u + 1))
+        c.handle("advertise_keys", rnd.message(0, sf.protocols._wire.SERVER, b""))
+        with pytest.raises(MessageRejected, match=why):
+            c.handle("share_keys", rnd.message(1, sf.protocols._wire.SERVER, W.records(bad)))
 
 
 def test_replay_and_out_of_phase_messages_are_rejected():
