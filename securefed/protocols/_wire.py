@@ -46,17 +46,7 @@ def unpack_message(
     sender: int,
 ) -> memoryview:
     """Check the header of `data` against what is expected; return the body (a view, no copy)."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise MessageRejected("invalid message: not bytes")
-    mv = memoryview(data)
-    if len(mv) < HEADER_SIZE:
-        raise MessageRejected("invalid message: truncated header")
-    got = _HDR.unpack_from(mv)
-    if got[:6] != (tag, version, phase, round_index, session_id, sender):
-        raise MessageRejected("invalid message: wrong protocol, version, phase, round, session or sender")
-    if got[6] != len(mv) - HEADER_SIZE:
-        raise MessageRejected("invalid message: wrong length")
-    return mv[HEADER_SIZE:]
+    return split_message(data, header_prefix(tag, version, phase, round_index, session_id, sender))
 
 
 def header_prefix(tag: bytes, version: int, phase: int, round_index: int, session_id: bytes, sender: int) -> bytes:
@@ -65,8 +55,8 @@ def header_prefix(tag: bytes, version: int, phase: int, round_index: int, sessio
 
 
 def split_message(data: bytes | bytearray | memoryview, prefix: bytes) -> memoryview:
-    """:func:`unpack_message` with the expected fields already packed by :func:`header_prefix` (one
-    comparison of bytes: the check a server runs on every reply)."""
+    """:func:`unpack_message` with the expected fields packed by :func:`header_prefix`: one comparison
+    of bytes (the check a server runs on every reply) instead of unpacking them."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MessageRejected("invalid message: not bytes")
     mv = memoryview(data)
