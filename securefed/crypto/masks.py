@@ -66,10 +66,12 @@ class Masker:
 
     def apply(self, part: np.ndarray) -> None:
         """``part += the masks' next len(part) words`` (wrapping), in place."""
-        words = self._scratch[: part.size]
-        nbytes = part.size * part.itemsize
+        words, zeros, raw = self._scratch, self._zeros, self._raw
+        if part.size != words.size:  # (a whole chunk, the usual case, needs no slicing)
+            nbytes = part.size * part.itemsize
+            words, zeros, raw = words[: part.size], zeros[:nbytes], raw[:nbytes]
         for stream, op in self._streams:
-            stream.update_into(self._zeros[:nbytes], self._raw[:nbytes])
+            stream.update_into(zeros, raw)
             op(part, words, out=part)
 
 
@@ -86,9 +88,14 @@ def apply_masks(out: np.ndarray, add: Iterable[bytes] = (), subtract: Iterable[b
     minus = [mask_aes_key(k) for k in subtract]
     if not (plus or minus) or out.size == 0:
         return out
-    chunk = parallel.get_chunk_size()
+    size = parallel.get_chunk_size()
 
     def slab(lo: int, hi: int) -> None:
+        # Chunks of about the configured size, all alike: a short last chunk would cost a call per key
+        # for little work (10^5 words in chunks of 2^15: three of 33,344, not three of 32,768 and one of 1,696).
+        pieces = max(1, round((hi - lo) / size))
+        chunk = -(-(hi - lo) // pieces)  # rounded up to a multiple of ALIGN: keystreams start on AES blocks
+        chunk = -(-chunk // parallel.ALIGN) * parallel.ALIGN
         masker = Masker(out.dtype, plus, minus, lo, min(chunk, hi - lo))
         for a in range(lo, hi, chunk):
             masker.apply(out[a : min(a + chunk, hi)])

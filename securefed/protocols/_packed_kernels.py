@@ -36,9 +36,11 @@ def pack_columns(v, w, c, mask, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def unpack_add_columns(words, w, c, blocks, last, mask, acc):  # pragma: no cover - compiled
+def unpack_add_columns(words, w, c, blocks, last, acc):  # pragma: no cover - compiled
     """acc += the values of `blocks` consecutive column blocks of c columns, then of one block of
-    `last` columns if `last` > 0 (see pack_columns): a message's blocks in one call."""
+    `last` columns if `last` > 0 (see pack_columns): a message's blocks in one call. Only the low w
+    bits of acc are the sum: a field is added with the bits above it in its word (carries only go
+    up, so they change nothing below bit w; one mask fewer per value), and the caller reduces acc."""
     W = literally(w)
     F = 32 if W <= 32 else 64
     word = acc.dtype.type
@@ -57,7 +59,7 @@ def unpack_add_columns(words, w, c, blocks, last, mask, acc):  # pragma: no cove
                 hi = src[(k + 1) * cols : (k + 2) * cols]
                 up = word(F - off)
                 for m in range(cols):
-                    a[m] += ((lo[m] >> down) | (hi[m] << up)) & mask
+                    a[m] += (lo[m] >> down) | (hi[m] << up)
             else:
                 for m in range(cols):
-                    a[m] += (lo[m] >> down) & mask
+                    a[m] += lo[m] >> down

@@ -64,9 +64,16 @@ class Round:
         return _wire.pack_header(self.tag, VERSION, phase, s.round_index, s.session_id, sender, body_len)
 
     def body(self, data: bytes, phase: int, sender: int) -> memoryview:
-        s = self.spec
-        return _wire.split_message(data, _wire.header_prefix(self.tag, VERSION, phase, s.round_index, s.session_id,
-                                                             sender))
+        prefix = self._prefixes.get((phase, sender))
+        if prefix is None:  # packed once per phase and sender: the server checks every reply's header
+            s = self.spec
+            prefix = _wire.header_prefix(self.tag, VERSION, phase, s.round_index, s.session_id, sender)
+            self._prefixes[phase, sender] = prefix
+        return _wire.split_message(data, prefix)
+
+    @functools.cached_property
+    def _prefixes(self) -> dict[tuple[int, int], bytes]:
+        return {}
 
     def context(self) -> bytes:
         """Tag, session and round: bound into every signature, commitment and self-mask key."""

@@ -146,10 +146,15 @@ class Server(ServerProtocol):
         senders = sorted(self._shares)
         bodies = (self._route_complete if r.graph.complete and len(senders) > 1 else self._route)(senders)
         out: dict[Party, bytes] = {}
+        heads: dict[int, bytes] = {}  # one header per body length (on the complete graph, one)
         for u, (count, pieces) in zip(senders, bodies):
             if count + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood shared keys"
-            out[u] = r.message(MASKED_INPUT, _wire.SERVER, *pieces)
+            size = sum(len(p) for p in pieces)
+            head = heads.get(size)
+            if head is None:
+                head = heads[size] = r.header(MASKED_INPUT, _wire.SERVER, size)
+            out[u] = b"".join((head, *pieces))
         return out
 
     def _route(self, senders: list[int]) -> list[tuple[int, tuple[bytes | memoryview, ...]]]:
@@ -167,16 +172,17 @@ class Server(ServerProtocol):
         return [(b - a, (W.list_header(b - a), raw[a * rec : b * rec])) for a, b in zip(starts, ends)]
 
     def _route_complete(self, senders: list[int]) -> list[tuple[int, tuple[bytes | memoryview, ...]]]:
-        """:meth:`_route` on the complete graph, in one compiled pass: sender i's shares are for every
-        other advertiser in id order (so every reply has the same length), the one for sender j at j's
-        place among them; row j of the table is j's whole request body."""
+        """:meth:`_route` on the complete graph: sender i's shares are for every other advertiser in id
+        order (so every reply has the same length), the one for sender j at j's place among them; one
+        compiled pass finds each record's place, one gather copies them."""
         s = np.array(senders, dtype=np.int64)
         n = s.size
-        replies = np.frombuffer(b"".join(self._shares[v] for v in senders), dtype=np.uint8).reshape(n, -1)
+        start = W.COMMIT + 4  # the records of a share_keys reply
+        records = np.frombuffer(b"".join(self._shares[v][start:] for v in senders), dtype=np.uint8)
         place = np.searchsorted(np.array(sorted(self._keys), dtype=np.int64), s)  # among the advertisers
-        table = W.route_complete(replies, W.COMMIT, place, s)
-        raw, size = memoryview(table.reshape(-1)), table.shape[1]
-        return [(n - 1, (raw[j * size : (j + 1) * size],)) for j in range(n)]
+        table = W.route_complete(records.reshape(-1, 4 + W.SEALED), place, s)
+        raw, size, count = memoryview(table.reshape(-1)), table.shape[1], W.list_header(n - 1)
+        return [(n - 1, (count, raw[j * size : (j + 1) * size])) for j in range(n)]
 
     def _consistency_requests(self) -> dict[Party, bytes]:
         r = self.round

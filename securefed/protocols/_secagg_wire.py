@@ -62,7 +62,7 @@ SHARE = shamir.share_size(32)
 SEALED = aead.sealed_size(2 * SHARE)
 CHECK = 4
 _U32 = struct.Struct(">I")
-assert (COMMIT + 4) % 4 == 0 and SEALED % 4 == 0  # route_complete moves 4-byte words
+assert SEALED % 4 == 0  # route_complete writes each record's id as a 4-byte word
 
 
 def key_check(party: int, keys: bytes) -> bytes:
@@ -153,18 +153,19 @@ def check_list(body: memoryview, payload_size: int, expect: Expected, offset: in
         raise MessageRejected(_REASONS[status])
 
 
-def route_complete(replies: np.ndarray, offset: int, place: np.ndarray, senders: np.ndarray) -> np.ndarray:
-    """The masked_input request bodies of the complete graph, one per row (uint8): row j lists, ordered by
-    sender, ``(sender id, sealed)`` for each share addressed to ``senders[j]``. Row i of `replies` is sender
-    i's share_keys body (checked), its record list at `offset`, for every other advertiser in id order;
-    `place` is each sender's index among the advertisers."""
+def route_complete(records: np.ndarray, place: np.ndarray, senders: np.ndarray) -> np.ndarray:
+    """The masked_input request bodies of the complete graph without their count, one per row (uint8):
+    row j lists, ordered by sender, ``(sender id, sealed)`` for each share addressed to ``senders[j]``.
+    `records` holds every sender's share_keys records (recipient id, sealed), sender after sender, one
+    per row; each sender has one for every other advertiser, in id order; `place` is each sender's
+    index among the advertisers."""
     n, rec = senders.size, 4 + SEALED
-    out = np.empty((n, 4 + (n - 1) * rec), dtype=np.uint8)
-    out[:, :4] = np.frombuffer(list_header(n - 1), dtype=np.uint8)
-    # every offset and size is a multiple of 4 bytes: the kernel moves words
-    _kernels().route_complete(replies.view("<u4"), (offset + 4) // 4, rec // 4, place,
-                              senders.astype(">u4").view("<u4"), out.view("<u4"))
-    return out
+    order = np.empty(n * (n - 1), dtype=np.int64)
+    ids = np.empty(n * (n - 1), dtype=np.uint32)
+    _kernels().route_complete(place, records.shape[0] // n, senders.astype(">u4").view("<u4"), order, ids)
+    out = np.take(records, order, axis=0)  # rows are copied whole: a memcpy each
+    out.view("<u4")[:, 0] = ids  # the sender's id where the recipient's was
+    return out.reshape(n, (n - 1) * rec)
 
 
 def list_rows(body: memoryview | bytes, payload_size: int, offset: int = 0) -> np.ndarray:

@@ -41,20 +41,18 @@ def check_list(body, offset, rec, expect, skip, share_words, prime):  # pragma: 
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def route_complete(replies, offset, rec, place, ids, out):  # pragma: no cover - compiled
-    """The records of the masked_input request bodies on the complete graph, in 4-byte words: row j of
-    `out` (n x (1 + (n-1) rec)) gets, after its first word (the count, left to the caller), the
-    ``(id, sealed)`` records of the shares addressed to sender j, ordered by sender. Row i of `replies` is sender i's share_keys body, whose records (recipient id, sealed) of
-    `rec` words start at word `offset` and list every other advertiser in id order; `place` is each
-    sender's index among the advertisers and `ids` the senders' ids as they are on the wire."""
-    n = replies.shape[0]
-    for i in range(n):  # each reply read once, in order
-        r = replies[i]
-        for j in range(n):
+def route_complete(place, per, ids, order, senders):  # pragma: no cover - compiled
+    """Where the masked_input requests of the complete graph take their records from: entry
+    ``j * (n-1) + c`` (recipient j's c-th record, senders ascending) gets the row of the share
+    sender i addressed to j among all senders' records (`per` each: i's list holds every other
+    advertiser in id order; `place` is each sender's index among the advertisers) and i's id as on
+    the wire."""
+    n = place.size
+    for j in range(n):
+        pj = place[j]
+        for i in range(n):
             if i == j:
                 continue
-            src = offset + (place[j] - (1 if place[j] > place[i] else 0)) * rec  # j's record in i's list
-            pos = 1 + (i - (1 if i > j else 0)) * rec  # i's record in j's request
-            row = out[j]
-            row[pos] = ids[i]
-            row[pos + 1 : pos + rec] = r[src + 1 : src + rec]
+            at = j * (n - 1) + i - (1 if i > j else 0)
+            order[at] = i * per + pj - (1 if pj > place[i] else 0)
+            senders[at] = ids[i]

@@ -57,14 +57,18 @@ def header_prefix(tag: bytes, version: int, phase: int, round_index: int, sessio
 def split_message(data: bytes | bytearray | memoryview, prefix: bytes) -> memoryview:
     """:func:`unpack_message` with the expected fields packed by :func:`header_prefix`: one comparison
     of bytes (the check a server runs on every reply) instead of unpacking them."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    if isinstance(data, bytes):
+        head = data
+    elif isinstance(data, (bytearray, memoryview)):
+        data = memoryview(data)
+        head = bytes(data[:HEADER_SIZE])
+    else:
         raise MessageRejected("invalid message: not bytes")
-    mv = memoryview(data)
-    if len(mv) < HEADER_SIZE:
+    size = len(data)
+    if size < HEADER_SIZE:
         raise MessageRejected("invalid message: truncated header")
-    head = data if isinstance(data, bytes) else bytes(mv[:HEADER_SIZE])
     if not head.startswith(prefix):
         raise MessageRejected("invalid message: wrong protocol, version, phase, round, session or sender")
-    if _LENGTH.unpack_from(head, _PREFIX.size)[0] != len(mv) - HEADER_SIZE:
+    if _LENGTH.unpack_from(head, _PREFIX.size)[0] != size - HEADER_SIZE:
         raise MessageRejected("invalid message: wrong length")
-    return mv[HEADER_SIZE:]
+    return memoryview(data)[HEADER_SIZE:]

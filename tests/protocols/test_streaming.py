@@ -136,7 +136,7 @@ def test_unpack_adder_adds_any_width_read_in_place_at_any_alignment(width, size,
             adder.check(body)
             adder.add(body)
             want += v
-    np.testing.assert_array_equal(acc, want)
+    np.testing.assert_array_equal(acc & top, want & top)  # the sum is the low `width` bits
 
 
 def spec_column_pack(values, width, block):
@@ -190,7 +190,8 @@ def test_a_vector_of_several_real_blocks_packs_and_adds_like_the_reference(width
         adder = UnpackAdder(acc, width)
         adder.check(memoryview(msg)[1:])
         adder.add(memoryview(msg)[1:])
-    np.testing.assert_array_equal(acc, np.arange(size, dtype=dtype) + v)
+    top = dtype((1 << width) - 1)
+    np.testing.assert_array_equal(acc & top, (np.arange(size, dtype=dtype) + v) & top)
 
 
 @pytest.mark.parametrize("protocol", [sf.protocols.SecAgg, sf.protocols.SecAggPlus])
