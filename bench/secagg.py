@@ -6,7 +6,8 @@ One JSON line per configuration:
   the clients dropping after share_keys (their masks are removed by the server);
 - ``secagg_n50_d1e5``: SecAgg (complete graph), n = 50, d = 10^5;
 - ``secagg+_n1000_d1e6_memory``: SecAggPlus, n = 1000, d = 10^6: the server's peak memory
-  (tracemalloc over the server's calls: what it keeps plus its largest transient).
+  (tracemalloc over the server's calls: what it keeps plus its largest transient, plus the
+  clients' masked inputs it holds back to add four at a time).
 
 Every party runs in this process, one after the other; each is timed on its own. In the
 timing configurations the server takes each phase's replies back to back once the clients
@@ -42,6 +43,7 @@ pass), so the masking ratio counts more than the masking itself; ``client_quanti
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 import resource
@@ -54,7 +56,7 @@ import numpy as np
 from securefed.parallel import configure, get_threads
 from securefed.crypto.prg import keystream_into, new_stream
 from securefed.crypto.random import RandomSource
-from securefed.protocols._packed import UnpackAdder
+from securefed.protocols._packed import GROUP, UnpackAdder
 from securefed.protocols.base import RoundSpec, simulate_aggregation
 from securefed.protocols.secagg import PHASES, SecAgg, SecAggPlus
 
@@ -84,22 +86,25 @@ def floor_seconds(streams: int, d: int, repeat: int = 5) -> tuple[float, float]:
 
 
 class _ServerMeter:
-    """Times the server's calls and, optionally, its memory (kept + largest transient)."""
+    """Times the server's calls and, optionally, its memory (kept + largest transient + the clients'
+    messages it holds: `held()` bytes, allocated by the clients, so not in its own allocations)."""
 
     def __init__(self, memory: bool) -> None:
         self.seconds, self.wall, self.memory, self.kept, self.peak = 0.0, 0.0, memory, 0, 0
+        self.held = lambda: 0
 
     def __call__(self, f, *args, **kwargs):
         if self.memory:
             tracemalloc.reset_peak()
             before = tracemalloc.get_traced_memory()[0]
+            held = self.held()
         t, c = time.perf_counter(), time.process_time()
         out = f(*args, **kwargs)
         self.seconds += time.process_time() - c
         self.wall += time.perf_counter() - t
         if self.memory:
             now, top = tracemalloc.get_traced_memory()
-            self.peak = max(self.peak, self.kept + top - before)
+            self.peak = max(self.peak, self.kept + top - before + max(held, self.held()))
             self.kept += now - before
         return out
 
@@ -113,13 +118,18 @@ def run(name: str, protocol: str, n: int, d: int, drop: float, memory: bool = Fa
     data = np.random.default_rng(seed)
     # warm-up: load every compiled kernel (a small round, and the unpacking kernel of this width)
     simulate_aggregation(proto, [np.zeros(64)] * min(n, 40), seed=1)
-    UnpackAdder(np.zeros(64, dtype=np.uint32), proto.encoder.modulus_bits(n))
+    warm = UnpackAdder(np.zeros(64, dtype=np.uint32), proto.encoder.modulus_bits(n))
+    for _ in range(GROUP):  # (held back, then added GROUP at a time)
+        warm.add(memoryview(bytes(warm.size)))
 
     if memory:
         tracemalloc.start()
     meter = _ServerMeter(memory)
     t_round = time.perf_counter()
     server = meter(proto.server, spec, rng=rng.child("server"))
+    # masked inputs the server holds back to add GROUP at a time (the clients' bytes, counted as its own)
+    meter.held = lambda: server._adder.held_bytes if getattr(server, "_adder", None) is not None else 0
+    recent: collections.deque = collections.deque(maxlen=GROUP)  # so that they are freed outside its calls
     clients = {i: proto.client(spec, i, rng=rng.child(f"client/{i}")) for i in range(n)}
     client_seconds = {i: 0.0 for i in range(n)}
     exact = np.zeros(d)  # the plain sum of the included inputs, to check the result
@@ -149,6 +159,7 @@ def run(name: str, protocol: str, n: int, d: int, drop: float, memory: bool = Fa
                 upload = len(reply)
             if memory:  # stream: the server takes each reply as it comes
                 meter(server.receive, phase, u, reply)
+                recent.append(reply)
             else:  # as from the network: the server takes the phase's replies back to back
                 replies.append((u, reply))
             del reply
@@ -156,6 +167,7 @@ def run(name: str, protocol: str, n: int, d: int, drop: float, memory: bool = Fa
         meter(lambda: [server.receive(phase, u, reply) for u, reply in replies])
         del replies
         meter(server.finish_phase, phase)
+        recent.clear()
         parallel += slowest + meter.seconds - server_before
     total, included = server.result()
     round_total = time.perf_counter() - t_round

@@ -43,7 +43,7 @@ from securefed.encoding.fixedpoint import IntegerEncoder
 from securefed.encoding.packing import pack, packed_size, storage_dtype, unpack
 from securefed.errors import InvalidInput, MessageRejected
 
-__all__ = ["BLOCK", "ROUNDING_KEY_BYTES", "Source", "UnpackAdder", "column_pack", "column_unpack", "encoded_source",
+__all__ = ["BLOCK", "GROUP", "HOLD_BYTES", "ROUNDING_KEY_BYTES", "Source", "UnpackAdder", "column_pack", "column_unpack", "encoded_source",
            "masked_message", "materialize", "stored_source"]
 
 #: The rounding uniforms of a streamed encoding: AES-128-CTR under a fresh 16-byte key, one uint32 per coordinate.
@@ -174,6 +174,20 @@ def _unpack_kernel(width: int, aligned: bool):  # -> the compiled unpack-add loo
         (src, types.IntegerLiteral(width), types.int64, types.int64, types.int64, types.Array(word, 1, "C")))
 
 
+def _unpack_group_kernel(width: int):  # -> the compiled loop adding GROUP messages in one pass
+    return _group_kernel(width <= 32)
+
+
+@cache
+def _group_kernel(u32: bool):
+    from numba.core import types
+
+    word = types.uint32 if u32 else types.uint64
+    src = types.Array(word, 1, "C", readonly=True, aligned=False)  # (any alignment: the messages' vary)
+    return _kernels().unpack_add_columns4.compile(
+        (src, src, src, src, types.int64, types.int64, types.int64, types.int64, types.Array(word, 1, "C")))
+
+
 def _mask(width: int) -> np.unsignedinteger:
     dtype = storage_dtype(width)
     return dtype.type((1 << width) - 1)
@@ -215,6 +229,12 @@ def masked_message(source: Source, size: int, width: int, dtype: np.dtype, add: 
     return b"".join((prefix, memoryview(out)))
 
 
+#: Messages an :class:`UnpackAdder` adds in one pass over its accumulator.
+GROUP = 4
+#: The largest message it holds back for a group (holding GROUP - 1 of them costs their memory).
+HOLD_BYTES = 8 << 20
+
+
 class UnpackAdder:
     """Adds column-packed vectors of ``acc.size`` values of `width` bits into `acc` modulo 2^width.
 
@@ -222,6 +242,11 @@ class UnpackAdder:
     message (wrong length, non-zero padding) before touching the accumulator. Only the low
     `width` bits of `acc` are the sum (the bits above are left as they fall): reduce it with
     ``acc &= 2^width - 1`` before reading it.
+
+    Messages of at most :data:`HOLD_BYTES` that live in immutable ``bytes`` are held back and
+    added :data:`GROUP` at a time: one pass over the accumulator instead of four (at 10^5 values
+    of 22 bits with the messages coming from memory, 50 messages in 1.1 ms instead of 1.6 ms).
+    :meth:`flush` adds what is held; :attr:`held_bytes` is its size.
     """
 
     def __init__(self, acc: np.ndarray, width: int) -> None:
@@ -239,6 +264,13 @@ class UnpackAdder:
         f = 8 * self._words.itemsize
         # the arguments of a one-slab call, fixed for every message
         self._whole = (width, BLOCK // f, self._full // BLOCK, self._last, acc[: self._in_columns])
+        self._hold = self.size <= HOLD_BYTES
+        self._pending: list[tuple[memoryview, np.ndarray]] = []
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of messages accepted by :meth:`add` and not yet in the accumulator."""
+        return len(self._pending) * self.size
 
     def check(self, body: memoryview) -> None:
         """MessageRejected unless `body` is exactly one packed vector with zero padding."""
@@ -248,30 +280,51 @@ class UnpackAdder:
         if used and body[-1] >> used:
             raise MessageRejected("invalid message: non-zero padding bits")
 
-    def add(self, body: memoryview) -> None:
-        """``acc += column_unpack(body)`` modulo 2^width; call :meth:`check` first."""
+    def add(self, body: memoryview, *, more: int | None = None) -> None:
+        """``acc += column_unpack(body)`` modulo 2^width, now or with the next messages (see
+        :meth:`flush`); call :meth:`check` first. `more`: how many messages the caller still
+        expects after this one (None: unknown); a message is held only if its group can fill."""
         words = np.frombuffer(body, dtype=self._words, count=self._nwords)
-        if words.flags.writeable:  # the kernel is compiled for read-only words (a bytes message)
+        if words.flags.writeable:  # the kernels are compiled for read-only words (a bytes message)
             words = words.view()
             words.flags.writeable = False
-        kernel = _unpack_kernel(self.width, bool(words.flags.aligned))
-        if self._single:
-            kernel(words, *self._whole)
-            if self._in_columns < self.count:  # a tail of fewer than F values, packed as encoding.pack does
-                self._tail(body)
+        # only immutable bytes can wait: the caller may reuse a writeable buffer once add() returns
+        if (self._hold and isinstance(body, memoryview) and isinstance(body.obj, bytes)
+                and (more is None or len(self._pending) + 1 + more >= GROUP)):
+            self._pending.append((body, words))
+            if len(self._pending) == GROUP:
+                group, self._pending = self._pending, []
+                self._add(group, _unpack_group_kernel(self.width))
         else:
-            parallel.run_slabs(lambda lo, hi: self._slab(body, words, kernel, lo, hi),
-                               parallel.slabs(self.count, 1, align=BLOCK))
+            self._add([(body, words)], _unpack_kernel(self.width, bool(words.flags.aligned)))
 
-    def _slab(self, body: memoryview, words: np.ndarray, kernel, lo: int, hi: int) -> None:
+    def flush(self) -> None:
+        """Add the messages held back: `acc` is then the sum of every message passed to :meth:`add`."""
+        pending, self._pending = self._pending, []
+        for body, words in pending:
+            self._add([(body, words)], _unpack_kernel(self.width, bool(words.flags.aligned)))
+
+    def _add(self, messages: list[tuple[memoryview, np.ndarray]], kernel) -> None:
+        words = [w for _, w in messages]
+        if self._single:
+            kernel(*words, *self._whole)
+            for body, _ in messages:
+                if self._in_columns < self.count:  # a tail of fewer than F values, packed as encoding.pack does
+                    self._tail(body)
+        else:
+            parallel.run_slabs(lambda lo, hi: self._slab(messages, kernel, lo, hi),
+                               parallel.slabs(self.count, len(messages), align=BLOCK))
+
+    def _slab(self, messages: list[tuple[memoryview, np.ndarray]], kernel, lo: int, hi: int) -> None:
         w, acc, f = self.width, self.acc, 8 * self._words.itemsize
         end = self._in_columns if hi == self.count else hi  # the last slab also takes the short block
         last = self._last if hi == self.count else 0
         if end > lo:  # the slab's blocks in one call
-            kernel(words[lo * w // f : end * w // f], w, BLOCK // f, (min(hi, self._full) - lo) // BLOCK, last,
-                   acc[lo:end])
+            kernel(*[x[lo * w // f : end * w // f] for _, x in messages], w, BLOCK // f,
+                   (min(hi, self._full) - lo) // BLOCK, last, acc[lo:end])
         if hi == self.count and end < hi:
-            self._tail(body)
+            for body, _ in messages:
+                self._tail(body)
 
     def _tail(self, body: memoryview) -> None:
         """Add the tail of fewer than F values, packed as :func:`securefed.encoding.pack` does."""

@@ -1,8 +1,10 @@
 """The server of SecAgg / SecAgg+: routes keys and shares, sums masked inputs in place, unmasks the sum.
 
 Memory: one modular accumulator of the vector's length plus O(n x degree) small
-state (keys, sealed shares, revealed shares); masked inputs are added block by
-block as they arrive and never kept. Before asking anyone to unmask, the server
+state (keys, sealed shares, revealed shares); masked inputs are added as they arrive,
+four at a time in one pass over the accumulator (so up to three accepted inputs of at
+most 8 MiB each are held, while enough replies are expected to fill the group, until the
+fourth comes or the phase ends), and never kept. Before asking anyone to unmask, the server
 checks that every secret it will need has t holders left, so a round that cannot
 finish aborts before any share is revealed. See ``protocols/secagg.md`` (server).
 """
@@ -263,7 +265,8 @@ class Server(ServerProtocol):
 
     def _take_masked(self, u: int, body: memoryview) -> None:
         self._adder.check(body)
-        self._adder.add(body)
+        # (held for a group of four only while enough replies are still expected to fill it)
+        self._adder.add(body, more=len(self._expected) - len(self._replied) - 1)
         self._u3.append(u)
 
     def _take_signature(self, u: int, body: memoryview) -> None:
@@ -295,7 +298,8 @@ class Server(ServerProtocol):
         elif p == SHARE_KEYS:
             self._need(len(self._shares), "clients shared their keys", p)
         elif p == MASKED_INPUT:
-            self._adder = None  # type: ignore[assignment]  # its scratch buffer is not needed any more
+            self._adder.flush()  # the inputs it held back for a group
+            self._adder = None  # type: ignore[assignment]
             self._need(len(self._u3), "masked inputs arrived", p)
         elif p == CONSISTENCY:
             if self.round.active:

@@ -23,6 +23,7 @@ from securefed.errors import InvalidInput
 from securefed.protocols import _packed
 from securefed.protocols._packed import (
     BLOCK,
+    GROUP,
     UnpackAdder,
     column_pack,
     column_unpack,
@@ -115,13 +116,14 @@ def test_masked_message_is_the_whole_vector_computation_at_every_chunk_size_and_
 @given(
     width=st.integers(1, 64),
     size=st.integers(1, 2000),
-    messages=st.integers(1, 3),
+    messages=st.integers(1, 10),
     offset=st.integers(0, 9),
     setting=st.sampled_from(SETTINGS),
     seed=st.integers(0, 2**32),
+    data=st.data(),
 )
 def test_unpack_adder_adds_any_width_read_in_place_at_any_alignment(width, size, messages,
-                                                                    offset, setting, seed):
+                                                                    offset, setting, seed, data):
     gen = np.random.default_rng(seed)
     dtype = np.uint32 if width <= 32 else np.uint64
     top = (1 << width) - 1
@@ -129,14 +131,41 @@ def test_unpack_adder_adds_any_width_read_in_place_at_any_alignment(width, size,
     want = acc.copy()
     with split(*setting):
         adder = UnpackAdder(acc, width)
-        for _ in range(messages):
+        for i in range(messages):
             v = gen.integers(0, top, size, dtype=np.uint64, endpoint=True).astype(dtype)
-            data = bytes(offset) + column_pack(v, width)  # the body starts at any byte of the message
-            body = memoryview(data)[offset:]
+            # the body starts at any byte of the message, in bytes (may be held back for a group of
+            # GROUP) or in a writeable buffer (added at once: its owner may reuse it)
+            raw = bytes(offset) + column_pack(v, width)
+            writeable = data.draw(st.booleans(), label=f"writeable {i}")
+            body = memoryview(bytearray(raw) if writeable else raw)[offset:]
             adder.check(body)
+            held = adder.held_bytes
             adder.add(body)
+            if writeable:
+                body.obj[:] = bytes(len(body.obj))  # reused by its owner: must not change the sum
+            assert adder.held_bytes == held if writeable else adder.held_bytes in (0, held + adder.size)
+            assert adder.held_bytes <= (GROUP - 1) * adder.size
             want += v
+        adder.flush()
+        assert adder.held_bytes == 0
     np.testing.assert_array_equal(acc & top, want & top)  # the sum is the low `width` bits
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 6, 9])
+def test_unpack_adder_holds_a_message_only_while_its_group_can_fill(count):
+    """With `more` (the messages still expected) counting down, every group of GROUP is added in one
+    pass and the rest at once: nothing is left held when the last message has been added."""
+    width, size = 22, 300
+    vs = [np.random.default_rng(i).integers(0, 1 << width, size).astype(np.uint32) for i in range(count)]
+    acc = np.zeros(size, dtype=np.uint32)
+    adder = UnpackAdder(acc, width)
+    for i, v in enumerate(vs):
+        adder.add(memoryview(column_pack(v, width)), more=count - 1 - i)
+        grouped = i < count - count % GROUP  # (the last count % GROUP cannot fill a group)
+        assert adder.held_bytes == ((i + 1) % GROUP * adder.size if grouped else 0)
+    assert adder.held_bytes == 0
+    np.testing.assert_array_equal(acc & np.uint32((1 << width) - 1), np.sum(vs, axis=0, dtype=np.uint32)
+                                  & np.uint32((1 << width) - 1))
 
 
 def spec_column_pack(values, width, block):
@@ -188,10 +217,13 @@ def test_a_vector_of_several_real_blocks_packs_and_adds_like_the_reference(width
         msg = masked_message(stored_source(v), size, width, np.dtype(dtype), [], [], prefix=b"h")
         assert msg[1:] == column_pack(v, width)
         adder = UnpackAdder(acc, width)
-        adder.check(memoryview(msg)[1:])
-        adder.add(memoryview(msg)[1:])
+        for _ in range(GROUP + 1):  # a group of GROUP in one pass, then one held back until flush()
+            adder.check(memoryview(msg)[1:])
+            adder.add(memoryview(msg)[1:])
+        assert adder.held_bytes == adder.size
+        adder.flush()
     top = dtype((1 << width) - 1)
-    np.testing.assert_array_equal(acc & top, (np.arange(size, dtype=dtype) + v) & top)
+    np.testing.assert_array_equal(acc & top, (np.arange(size, dtype=dtype) + (GROUP + 1) * v) & top)
 
 
 @pytest.mark.parametrize("protocol", [sf.protocols.SecAgg, sf.protocols.SecAggPlus])
