@@ -6,8 +6,8 @@ is the AES-128-CTR keystream under a zero IV, read as little-endian words of the
 buffer's dtype (uint32 or uint64), so it is uniform modulo 2^32 or 2^64 and hence
 modulo any 2^k below. Each key must be used for one mask only.
 
-:func:`apply_masks` walks the buffer in chunks (:func:`securefed.parallel.get_chunk_size`
-elements): each chunk of the output stays in cache while every key's keystream for
+:func:`apply_masks` walks the buffer in chunks (about :func:`securefed.parallel.get_chunk_size`
+elements, all alike): each chunk of the output stays in cache while every key's keystream for
 that chunk is written into one small scratch buffer and added or subtracted; no mask
 of full length is ever allocated (memory O(chunk) per thread whatever the number of
 keys). Large buffers are split into slabs processed by threads
@@ -94,8 +94,8 @@ def apply_masks(out: np.ndarray, add: Iterable[bytes] = (), subtract: Iterable[b
         # Chunks of about the configured size, all alike: a short last chunk would cost a call per key
         # for little work (10^5 words in chunks of 2^15: three of 33,344, not three of 32,768 and one of 1,696).
         pieces = max(1, round((hi - lo) / size))
-        chunk = -(-(hi - lo) // pieces)  # rounded up to a multiple of ALIGN: keystreams start on AES blocks
-        chunk = -(-chunk // parallel.ALIGN) * parallel.ALIGN
+        chunk = -(-(hi - lo) // pieces)
+        chunk = -(-chunk // parallel.ALIGN) * parallel.ALIGN  # (a multiple of ALIGN: keystreams start on AES blocks)
         masker = Masker(out.dtype, plus, minus, lo, min(chunk, hi - lo))
         for a in range(lo, hi, chunk):
             masker.apply(out[a : min(a + chunk, hi)])

@@ -174,12 +174,8 @@ def _unpack_kernel(width: int, aligned: bool):  # -> the compiled unpack-add loo
         (src, types.IntegerLiteral(width), types.int64, types.int64, types.int64, types.Array(word, 1, "C")))
 
 
-def _unpack_group_kernel(width: int):  # -> the compiled loop adding GROUP messages in one pass
-    return _group_kernel(width <= 32)
-
-
 @cache
-def _group_kernel(u32: bool):
+def _unpack_group_kernel(u32: bool):  # -> the compiled loop adding GROUP messages in one pass
     from numba.core import types
 
     word = types.uint32 if u32 else types.uint64
@@ -294,22 +290,27 @@ class UnpackAdder:
             self._pending.append((body, words))
             if len(self._pending) == GROUP:
                 group, self._pending = self._pending, []
-                self._add(group, _unpack_group_kernel(self.width))
+                self._add(group)
         else:
-            self._add([(body, words)], _unpack_kernel(self.width, bool(words.flags.aligned)))
+            self._add([(body, words)])
 
     def flush(self) -> None:
         """Add the messages held back: `acc` is then the sum of every message passed to :meth:`add`."""
         pending, self._pending = self._pending, []
-        for body, words in pending:
-            self._add([(body, words)], _unpack_kernel(self.width, bool(words.flags.aligned)))
+        for message in pending:
+            self._add([message])
 
-    def _add(self, messages: list[tuple[memoryview, np.ndarray]], kernel) -> None:
+    def _add(self, messages: list[tuple[memoryview, np.ndarray]]) -> None:
+        """Add one message, or GROUP in one pass."""
         words = [w for _, w in messages]
+        if len(messages) == GROUP:
+            kernel = _unpack_group_kernel(self.width <= 32)
+        else:
+            kernel = _unpack_kernel(self.width, bool(words[0].flags.aligned))
         if self._single:
             kernel(*words, *self._whole)
-            for body, _ in messages:
-                if self._in_columns < self.count:  # a tail of fewer than F values, packed as encoding.pack does
+            if self._in_columns < self.count:  # a tail of fewer than F values, packed as encoding.pack does
+                for body, _ in messages:
                     self._tail(body)
         else:
             parallel.run_slabs(lambda lo, hi: self._slab(messages, kernel, lo, hi),
