@@ -56,9 +56,9 @@ def decode_into(s, k, inv_scale, out):  # pragma: no cover - compiled
             out[i] = np.float64(np.int64(np.uint64(s[i]))) * inv_scale
         return
     if k <= 32:  # in int32 (a shift up and an arithmetic shift down centre it): AVX2 converts int32 to double
-        sh = np.uint32(32 - k)
-        for i in range(s.size):
-            out[i] = np.float64(np.int32(np.uint32(s[i]) << sh) >> np.int32(sh)) * inv_scale
+        sh, ish = np.uint32(32 - k), np.int32(32 - k)
+        for i in range(s.size):  # (shifts as ufuncs: numba's operators would widen them to int64)
+            out[i] = np.float64(np.right_shift(np.int32(np.left_shift(np.uint32(s[i]), sh)), ish)) * inv_scale
         return
     mod = np.int64(1) << np.int64(k)
     half = np.int64(1) << np.int64(k - 1)

@@ -7,7 +7,12 @@ loop is a plain loop over columns that LLVM vectorizes (the shifts are loop-inva
 
 from __future__ import annotations
 
+import numpy as np
 from numba import literally, njit
+
+# Scalar arithmetic through the ufuncs: they keep the words' own type (uint32), where numba's
+# operators widen integers narrower than 64 bits, so LLVM would vectorize with 4 lanes, not 8.
+_add, _and, _or, _shl, _shr = np.add, np.bitwise_and, np.bitwise_or, np.left_shift, np.right_shift
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -27,12 +32,12 @@ def pack_columns(v, w, c, mask, out):  # pragma: no cover - compiled
         lo = out[k * c : (k + 1) * c]
         up = word(off)
         for m in range(c):
-            lo[m] |= (x[m] & mask) << up
+            lo[m] = _or(lo[m], _shl(_and(x[m], mask), up))
         if off + W > F:
             hi = out[(k + 1) * c : (k + 2) * c]
             down = word(F - off)
             for m in range(c):
-                hi[m] |= (x[m] & mask) >> down
+                hi[m] = _or(hi[m], _shr(_and(x[m], mask), down))
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -59,10 +64,10 @@ def unpack_add_columns(words, w, c, blocks, last, acc):  # pragma: no cover - co
                 hi = src[(k + 1) * cols : (k + 2) * cols]
                 up = word(F - off)
                 for m in range(cols):
-                    a[m] += (lo[m] >> down) | (hi[m] << up)
+                    a[m] = _add(a[m], _or(_shr(lo[m], down), _shl(hi[m], up)))
             else:
                 for m in range(cols):
-                    a[m] += lo[m] >> down
+                    a[m] = _add(a[m], _shr(lo[m], down))
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -95,8 +100,11 @@ def unpack_add_columns4(w0, w1, w2, w3, w, c, blocks, last, acc):  # pragma: no 
                 h0, h1, h2, h3 = s0[lo:hi], s1[lo:hi], s2[lo:hi], s3[lo:hi]
                 up = word(F - off)
                 for m in range(cols):
-                    a[m] += ((((l0[m] >> down) | (h0[m] << up)) + ((l1[m] >> down) | (h1[m] << up)))
-                             + (((l2[m] >> down) | (h2[m] << up)) + ((l3[m] >> down) | (h3[m] << up))))
+                    a[m] = _add(a[m], _add(_add(_or(_shr(l0[m], down), _shl(h0[m], up)),
+                                                _or(_shr(l1[m], down), _shl(h1[m], up))),
+                                           _add(_or(_shr(l2[m], down), _shl(h2[m], up)),
+                                                _or(_shr(l3[m], down), _shl(h3[m], up)))))
             else:
                 for m in range(cols):
-                    a[m] += ((l0[m] >> down) + (l1[m] >> down)) + ((l2[m] >> down) + (l3[m] >> down))
+                    a[m] = _add(a[m], _add(_add(_shr(l0[m], down), _shr(l1[m], down)),
+                                           _add(_shr(l2[m], down), _shr(l3[m], down))))

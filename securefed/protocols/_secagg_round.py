@@ -83,19 +83,29 @@ class Round:
     def _context(self) -> bytes:
         return self.tag + self.spec.session_id + struct.pack(">I", self.spec.round_index)
 
+    @functools.cached_property
+    def _commit_prefix(self) -> hashlib._Hash:
+        return hashlib.sha256(b"securefed/secagg/commit\x00" + self._context)
+
+    @functools.cached_property
+    def _self_mask_info(self) -> bytes:
+        return b"securefed/secagg/self-mask\x00" + self._context
+
 
 def advertise_message(r: Round, party: int, c_pk: bytes, s_pk: bytes) -> bytes:
     return r.context() + struct.pack(">I", party) + c_pk + s_pk
 
 
 def commitment(r: Round, party: int, b: bytes) -> bytes:
-    return hashlib.sha256(b"securefed/secagg/commit\x00" + r.context() + struct.pack(">I", party) + b).digest()
+    h = r._commit_prefix.copy()  # (the server checks one per survivor: the prefix is hashed once)
+    h.update(struct.pack(">I", party) + b)
+    return h.digest()
 
 
 def self_mask_key(r: Round, party: int, b: bytes) -> bytes:
     # b is 32 uniformly random bytes, a key already: HKDF's expand step alone (RFC 5869, 3.3) binds
     # the context; the extract step is for inputs that are not uniform, such as X25519 outputs.
-    info = b"securefed/secagg/self-mask\x00" + r.context() + struct.pack(">I", party)
+    info = r._self_mask_info + struct.pack(">I", party)
     return HKDFExpand(algorithm=_SHA256, length=16, info=info).derive(b)
 
 

@@ -317,20 +317,27 @@ class Server(ServerProtocol):
 
     def _targets(self) -> tuple[list[int], list[int]]:
         """(survivors whose b_u is needed, dropped clients whose mask key is needed)."""
-        g, u3 = self.round.graph, self._members(self._u3)
-        dropped = [v for v in sorted(self._shares) if not u3[v] and u3[g.neighbors(v)].any()]
-        return sorted(self._u3), dropped
+        g, survivors = self.round.graph, sorted(self._u3)
+        gone = sorted(set(self._shares).difference(survivors))  # shared keys, sent no masked input
+        if not gone:
+            return survivors, []
+        u3 = self._members(survivors)
+        return survivors, [v for v in gone if u3[g.neighbors(v)].any()]
 
     def _check_reconstructible(self, responders: set[int], phase: int) -> None:
         """Abort before anything is revealed unless every needed secret has t holders among `responders`."""
         g, t = self.round.graph, self.round.t
-        alive = self._members(responders)
         survivors, dropped = self._targets()
-        for v in survivors + dropped:
-            holders = len(responders) if g.complete else int(alive[g.closed_neighborhood(v)].sum())
-            if holders < t:
+        needed = survivors + dropped
+        if g.complete:  # every responder holds a share of every secret: the first stands for all
+            counts = [(needed[0], len(responders))] if needed else []
+        else:
+            alive = self._members(responders)
+            counts = [(v, int(alive[g.closed_neighborhood(v)].sum())) for v in needed]
+        for v, count in counts:
+            if count < t:
                 raise self._abort(AbortReason.TOO_FEW_SURVIVORS,
-                                  f"client {v}'s secrets have {holders} holders left; t = {t} are needed", phase)
+                                  f"client {v}'s secrets have {count} holders left; t = {t} are needed", phase)
 
     def _unmask(self) -> None:
         r = self.round
