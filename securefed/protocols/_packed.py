@@ -241,7 +241,8 @@ class UnpackAdder:
 
     Messages of at most :data:`HOLD_BYTES` that live in immutable ``bytes`` are held back and
     added :data:`GROUP` at a time: one pass over the accumulator instead of four (at 10^5 values
-    of 22 bits with the messages coming from memory, 50 messages in 1.1 ms instead of 1.6 ms).
+    of 22 bits with the messages coming from memory, 50 messages in 1.1 ms instead of 1.6 ms; the
+    group loop alone, 48 messages: 0.74 ms with them in cache, 1.0-1.1 ms from memory).
     :meth:`flush` adds what is held; :attr:`held_bytes` is its size.
     """
 
