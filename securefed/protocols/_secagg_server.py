@@ -146,10 +146,16 @@ class Server(ServerProtocol):
     def _masked_requests(self) -> dict[Party, bytes]:
         r = self.round
         senders = sorted(self._shares)
-        bodies = (self._route_complete if r.graph.complete and len(senders) > 1 else self._route)(senders)
+        if r.graph.complete and len(senders) > 1:  # bodies all of one length: one header, one copy each
+            table = self._route_complete(senders)
+            if len(senders) < r.t:
+                self._refusals.update(dict.fromkeys(senders, "fewer than t of its neighbourhood shared keys"))
+            head = r.header(MASKED_INPUT, _wire.SERVER, 4 + table.shape[1]) + W.list_header(len(senders) - 1)
+            raw, size = memoryview(table.reshape(-1)), table.shape[1]
+            return {u: head + raw[j * size : (j + 1) * size] for j, u in enumerate(senders)}
         out: dict[Party, bytes] = {}
-        heads: dict[int, bytes] = {}  # one header per body length (on the complete graph, one)
-        for u, (count, pieces) in zip(senders, bodies):
+        heads: dict[int, bytes] = {}  # one header per body length
+        for u, (count, pieces) in zip(senders, self._route(senders)):
             if count + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood shared keys"
             size = sum(len(p) for p in pieces)
@@ -173,18 +179,16 @@ class Server(ServerProtocol):
         ends = np.searchsorted(recipients[order], senders, side="right").tolist()
         return [(b - a, (W.list_header(b - a), raw[a * rec : b * rec])) for a, b in zip(starts, ends)]
 
-    def _route_complete(self, senders: list[int]) -> list[tuple[int, tuple[bytes | memoryview, ...]]]:
-        """:meth:`_route` on the complete graph: sender i's shares are for every other advertiser in id
-        order (so every reply has the same length), the one for sender j at j's place among them; one
-        compiled pass finds each record's place, one gather copies them."""
+    def _route_complete(self, senders: list[int]) -> np.ndarray:
+        """:meth:`_route` on the complete graph, as a table: row j is sender j's request body without its
+        count (the n - 1 records addressed to it). Sender i's shares are for every other advertiser in
+        id order (so every reply has the same length), the one for sender j at j's place among them;
+        one compiled pass finds each record's place, one gather copies them."""
         s = np.array(senders, dtype=np.int64)
-        n = s.size
         start = W.COMMIT + 4  # the records of a share_keys reply
         records = np.frombuffer(b"".join(self._shares[v][start:] for v in senders), dtype=np.uint8)
         place = np.searchsorted(np.array(sorted(self._keys), dtype=np.int64), s)  # among the advertisers
-        table = W.route_complete(records.reshape(-1, 4 + W.SEALED), place, s)
-        raw, size, count = memoryview(table.reshape(-1)), table.shape[1], W.list_header(n - 1)
-        return [(n - 1, (count, raw[j * size : (j + 1) * size])) for j in range(n)]
+        return W.route_complete(records.reshape(-1, 4 + W.SEALED), place, s)
 
     def _consistency_requests(self) -> dict[Party, bytes]:
         r = self.round
@@ -199,11 +203,10 @@ class Server(ServerProtocol):
         responders = sorted(self._sigs) if r.active else sorted(self._u3)
         shared = self._members(self._shares)
         everyone = np.flatnonzero(shared)
-        all_of_them = W.Expected(everyone)
-        for u in responders:  # each answers for the clients whose shares it holds
-            if r.graph.complete:
-                self._expect[u] = all_of_them
-            else:
+        if r.graph.complete:  # each answers for the clients whose shares it holds: on this graph, all
+            self._expect.update(dict.fromkeys(responders, W.Expected(everyone)))
+        else:
+            for u in responders:
                 nb = r.graph.closed_neighborhood(u)
                 self._expect[u] = W.Expected(nb[shared[nb]])
         if not r.active:

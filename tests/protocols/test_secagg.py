@@ -16,6 +16,8 @@ from securefed.encoding import FixedPoint, packed_size
 from securefed.protocols._packed import column_pack, column_unpack
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
 from securefed.protocols import _secagg_wire as W
+from securefed.protocols import _wire
+from securefed.protocols._secagg_round import MASKED_INPUT
 from securefed.protocols._wire import HEADER_SIZE
 from securefed.protocols.base import RoundSpec
 from securefed.protocols.masking_graph import MaskingGraph
@@ -353,11 +355,15 @@ def test_complete_graph_routing_of_sealed_shares_is_the_general_routing(gone):
         server.finish_phase(phase)
     senders = sorted(server._shares)
     assert senders == [i for i in range(n) if i not in gone]
-    routed = []
-    for route in (server._route, server._route_complete):
-        routed.append([(count, b"".join(pieces)) for count, pieces in route(senders)])
-    assert routed[0] == routed[1]
-    assert all(count == len(senders) - 1 and len(body) == 4 + count * (4 + W.SEALED) for count, body in routed[0])
+    general = [(count, b"".join(pieces)) for count, pieces in server._route(senders)]
+    count = W.list_header(len(senders) - 1)
+    assert general == [(len(senders) - 1, count + row.tobytes()) for row in server._route_complete(senders)]
+    assert all(len(body) == 4 + (len(senders) - 1) * (4 + W.SEALED) for _, body in general)
+    # and the requests carry them behind one header
+    requests = server._masked_requests()
+    assert sorted(requests) == senders
+    for u, (_, body) in zip(senders, general):
+        assert requests[u] == server.round.message(MASKED_INPUT, _wire.SERVER, body)
 
 
 @pytest.mark.parametrize("protocol", [SecAgg(), SecAggPlus(), SecAgg(adversary="active")],
