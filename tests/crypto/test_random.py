@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -50,3 +52,36 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         RandomSource(0).integers_below(0, 3)
     assert len(derive_key(b"k", "label", 16)) == 16
+
+
+def _draw_in_child(rng: RandomSource, how: str) -> bytes:
+    """Fork; the child draws 32 bytes from `rng` (directly or through a child source) and sends them back."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        try:
+            src = rng.child("after-fork") if how == "child" else rng
+            os.write(w, src.token_bytes(32) if how != "fill" else src.fill(np.empty(4, np.uint64)).tobytes())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    assert len(out) == 32
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("how", ["token", "child", "fill"])
+def test_forked_processes_draw_different_keys(how):
+    parent = RandomSource()
+    parent.token_bytes(7)  # a stream already in use when the process forks
+    a, b = _draw_in_child(parent, how), _draw_in_child(parent, how)
+    mine = parent.child("after-fork").token_bytes(32) if how == "child" else parent.token_bytes(32)
+    assert len({a, b, mine}) == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_seeded_source_stays_reproducible_across_fork():
+    assert _draw_in_child(RandomSource(5), "token") == RandomSource(5).token_bytes(32)
