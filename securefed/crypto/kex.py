@@ -6,7 +6,8 @@ party ids, so both ends get the same key. The HKDF ``info`` is
     b"securefed/kex/" + label + b"\\x00" + session_id + party_bytes(lo) + party_bytes(hi)
 
 with ``lo, hi`` the two parties in canonical order, so a key never carries over
-between purposes, sessions or pairs (Bonawitz et al. 2017, Sec. 3; fcp/secagg
+between purposes, sessions or pairs (``session_id`` may be any context bytes: SecAgg
+passes its tag, session id and round index) (Bonawitz et al. 2017, Sec. 3; fcp/secagg
 hashes the ECDH secret into the AES key the same way). See ``protocols/secagg.md``.
 """
 

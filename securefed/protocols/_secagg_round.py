@@ -76,7 +76,7 @@ class Round:
         return {}
 
     def context(self) -> bytes:
-        """Tag, session and round: bound into every signature, commitment and self-mask key."""
+        """Tag, session and round: bound into every signature, commitment and derived key."""
         return self._context
 
     @functools.cached_property
@@ -109,12 +109,13 @@ def self_mask_key(r: Round, party: int, b: bytes) -> bytes:
     return HKDFExpand(algorithm=_SHA256, length=16, info=info).derive(b)
 
 
+# Both bind the whole context (tag, session, round), like every other derivation of the round.
 def mask_key(r: Round, sk: kex.X25519PrivateKey, peer_pk: bytes, a: int, b: int) -> bytes:
-    return kex.agree(sk, peer_pk, label="secagg/mask", session_id=r.spec.session_id, party_a=a, party_b=b, length=16)
+    return kex.agree(sk, peer_pk, label="secagg/mask", session_id=r.context(), party_a=a, party_b=b, length=16)
 
 
 def channel_key(r: Round, sk: kex.X25519PrivateKey, peer_pk: bytes, a: int, b: int) -> bytes:
-    return kex.agree(sk, peer_pk, label="secagg/channel", session_id=r.spec.session_id, party_a=a, party_b=b)
+    return kex.agree(sk, peer_pk, label="secagg/channel", session_id=r.context(), party_a=a, party_b=b)
 
 
 def refuse(reason: AbortReason, message: str, phase: int) -> ProtocolAborted:

@@ -193,9 +193,11 @@ def test_shares_in_the_server_view_are_aes_gcm_ciphertexts_of_the_clients_shares
         ids, sealed = W.parse_records(memoryview(d.reply)[HEADER_SIZE + W.COMMIT :], W.SEALED)
         for i, v in enumerate(ids.tolist()):
             blob = sealed[i].tobytes()
-            # the key is the X25519 agreement of u's channel key with v's advertised one ...
+            # the key is the X25519 agreement of u's channel key with v's advertised one, bound to the
+            # tag, session and round (protocols/secagg.md, derivations) ...
+            ctx = b"SFSA" + spec.session_id + spec.round_index.to_bytes(4, "big")
             key = kex.agree(kex.load_private_key(run.clients[u].data.c_sk), _advertised(run, v)[0],
-                            label="secagg/channel", session_id=spec.session_id, party_a=u, party_b=v)
+                            label="secagg/channel", session_id=ctx, party_a=u, party_b=v)
             ad = aead.associated_data(purpose="secagg/shares", session_id=spec.session_id,
                                       round_index=spec.round_index, sender=u, recipient=v)
             # ... and standard AES-GCM opens it to the shares v holds for u
