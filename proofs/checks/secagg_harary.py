@@ -79,7 +79,7 @@ def exact_harary_range(n: int, k: int, threat: ThreatModel) -> tuple[int, int] |
             break
         t2 = y
         below += w[y] if y <= k else 0
-    lo = (k + t1) // 2 + 1 if threat.active else t1 + 1
+    lo = (k + 1 + t1) // 2 + 1 if threat.active else t1 + 1  # 2t > (k + 1) + t1: k + 1 holders
     return max(lo, 2), min(t2, k + 1)
 
 

@@ -3,11 +3,14 @@
 - For every n <= 10^4 and a grid of threat models, the complete-graph threshold that
   securefed picks satisfies the rules (exact integer arithmetic, independent of the
   code's own formulas) and is the smallest that does.
-- z3, for all integers: with 2t > k + c, no split of the honest holders gives the
-  server t shares of both secrets of one client (Lemma 4); fcp's active rule
-  t > ceil((n + gamma n) / 2) implies 2t > (n - 1) + ceil(gamma n) (Lemma 4 for the
-  complete graph, whose k = n - 1); t > C keeps a coalition of C clients below t
-  shares (Lemma 3); t <= n - D survives D dropouts (Lemma 6).
+- z3, for all integers: a client's secrets have k + 1 holders (its k neighbours and
+  itself: it reveals its own b-share when listed as a survivor). With 2t > k + 1 + c,
+  no split of the honest holders gives the server t shares of both secrets of one
+  client (Lemma 4), and the bound is tight; the old rule 2t > k + c, which counted k
+  holders, admits a split. fcp's active rule t > ceil((n + gamma n) / 2) implies
+  2t > n + ceil(gamma n) (Lemma 4 for the complete graph, whose k + 1 = n); t > C keeps
+  a coalition of C clients below t shares (Lemma 3); t <= n - D survives D dropouts
+  (Lemma 6).
 - The modulus never wraps: n inputs of |q| <= 2^(b-1) - 1 sum to magnitude below
   2^(k-1), k = b + ceil(log2 n), for every n <= 10^4 and b <= 53 with k <= 64.
 """
@@ -57,22 +60,39 @@ def _prove(claim) -> None:
     assert solver.check() == z3.unsat, solver.model()
 
 
+def _split(k, c, a, b, owner):
+    """a honest holders reveal b_v-shares, b honest holders s_v-shares (disjoint, Lemma 4(a)); `owner`
+    (0 or 1): the victim's own b-share, revealed when it is listed as a survivor; c corrupt holders."""
+    holders = z3.And(a >= 0, b >= 0, c >= 0, k >= 0, z3.Or(owner == 0, owner == 1),
+                     a + b + c <= k)  # the k other holders: a + b honest ones, c corrupt
+    return holders
+
+
 def check_no_split_yields_both_secrets() -> None:
-    k, c, t, a, b = z3.Ints("k c t a b")
-    honest_split = z3.And(a >= 0, b >= 0, c >= 0, a + b + c <= k)
-    both = z3.And(a + c >= t, b + c >= t)
-    _prove(z3.Implies(z3.And(honest_split, 2 * t > k + c), z3.Not(both)))
-    # and the bound is tight: with 2t <= k + c some split yields both
+    k, c, t, a, b, o = z3.Ints("k c t a b o")
+    both = z3.And(a + o + c >= t, b + c >= t)  # t shares of b_v (owner included) and of s_v
+    _prove(z3.Implies(z3.And(_split(k, c, a, b, o), 2 * t > k + 1 + c), z3.Not(both)))
+    # tight: with 2t <= k + 1 + c some split yields both
     solver = z3.Solver()
-    solver.add(honest_split, 2 * t <= k + c, t >= 1, both)
+    solver.add(_split(k, c, a, b, o), 2 * t <= k + 1 + c, t >= 1, both)
     assert solver.check() == z3.sat
+
+
+def check_the_old_rule_admits_a_split() -> None:
+    """The rule 2t > k + c (k holders, the owner forgotten) lets a split through: issue 18's attack."""
+    k, c, t, a, b, o = z3.Ints("k c t a b o")
+    solver = z3.Solver()
+    solver.add(_split(k, c, a, b, o), 2 * t > k + c, t >= 2, a + o + c >= t, b + c >= t)
+    assert solver.check() == z3.sat
+    m = solver.model()
+    assert 2 * m[t].as_long() == m[k].as_long() + 1 + m[c].as_long()  # exactly the boundary case
 
 
 def check_active_rule_implies_the_split_lemma() -> None:
     n, t, c, h = z3.Ints("n t c h")
     g = z3.Real("g")  # gamma * n
     rule = z3.And(n >= 1, g >= 0, g < n, c >= g, c < g + 1, 2 * h >= n + g, 2 * h < n + g + 2, t > h)
-    _prove(z3.Implies(rule, 2 * t > (n - 1) + c))
+    _prove(z3.Implies(rule, 2 * t > n + c))  # the complete graph: k + 1 = n holders
 
 
 def check_semi_honest_rule_and_liveness() -> None:
@@ -96,6 +116,7 @@ def check_modulus_never_wraps(max_n: int = 10_000) -> int:
 if __name__ == "__main__":
     print("complete-graph thresholds checked:", check_complete_graph_thresholds_every_n())
     check_no_split_yields_both_secrets()
+    check_the_old_rule_admits_a_split()
     check_active_rule_implies_the_split_lemma()
     check_semi_honest_rule_and_liveness()
     print("z3 lemmas proved; modulus cases:", check_modulus_never_wraps())

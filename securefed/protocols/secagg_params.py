@@ -20,9 +20,10 @@ split over two events, failure probability below 2^-20):
 - the graph of honest survivors stays connected except with probability < 2^-41
   (union bound over pairs of gaps of k/2 consecutive bad clients on the ring);
 - X ~ Hypergeometric(n - 1, C, k), the corrupt neighbours of a client; t1 is the
-  smallest x with P(X > x) <= 2^-41 / n. Semi-honest: t > t1; active: 2t > k + t1
-  (then no split of the honest neighbours gives the server t shares of both
-  secrets of one client);
+  smallest x with P(X > x) <= 2^-41 / n. Semi-honest: t > t1; active: 2t > k + 1 + t1
+  (a client's secrets have k + 1 holders, its own share included: it reveals its own
+  b-share when listed as a survivor; then no split of the honest holders gives the
+  server t shares of both secrets of one client);
 - Y ~ Hypergeometric(n - 1, n - D - 1, k), the surviving neighbours; t2 is the
   largest y with P(Y < y) <= 2^-20 / n; t <= t2;
 - feasible only if gamma + delta <= 0.9 (semi-honest) or gamma + 2 delta <= 0.9 (active).
@@ -238,7 +239,8 @@ def harary_threshold_range(
     lf = _log_factorials(n) if _lf is None else _lf
     t1 = _upper_quantile(lf, n - 1, min(c, n - 1), k, _LOG_SECURITY - math.log(n))
     t2 = _lower_quantile(lf, n - 1, max(n - d - 1, 0), k, _LOG_CORRECTNESS - math.log(n))
-    lo = (k + t1) // 2 + 1 if threat.active else t1 + 1
+    # active: 2t > (k + 1) + t1, the k + 1 holders counting the client itself (proofs/secagg.md, Lemma 4)
+    lo = (k + 1 + t1) // 2 + 1 if threat.active else t1 + 1
     return max(lo, 2), min(t2, k + 1)
 
 
@@ -298,7 +300,7 @@ def _harary_problems(n: int, k: int, t: int | None, threat: ThreatModel) -> list
 
 def _harary_justification(n: int, k: int, t: int, threat: ThreatModel) -> str:
     c, d = threat.corrupt(n), threat.dropouts(n)
-    rule = "2t > k + t1" if threat.active else "t > t1"
+    rule = "2t > k + 1 + t1" if threat.active else "t > t1"
     return (
         f"random Harary graph of degree {k}: survivors' graph connected w.p. >= 1 - 2^-41 with {c} corrupt "
         f"+ {d} dropouts; {rule} for t1 corrupt neighbours (w.p. >= 1 - 2^-41/n); >= {t} neighbours "
