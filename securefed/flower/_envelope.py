@@ -2,9 +2,11 @@
 
 Layout (``protocols/flower.md``, "Envelope"): one ``ConfigRecord`` under the key
 ``"securefed"``. A request carries ``v, protocol, params, phase, round, n, dim,
-session, nonce, nodes, client, party, max_examples, payload`` (``nodes``: the round's
-node ids, ascending, 8 bytes each, client i being the i-th; ``session`` =
-SHA-256(label, nonce, nodes), so the session names its participants; ``party``: "" for
+session, nonce, nodes, client, party, max_examples, payload, beacon`` (``nodes``: the
+round's node ids, ascending, 8 bytes each, client i being the i-th; ``session`` =
+SHA-256(label, nonce, nodes), so the session names its participants, or, in a round
+with the graph beacon (``_beacon``), the session the beacon derives from that one,
+whose hashes ``beacon`` carries; ``party``: "" for
 client ``client``, else an auxiliary party's name with ``client`` 0; ``max_examples`` >
 0: weight the update by examples, capped there; 0: uniform); a reply carries ``v, phase,
 round, session, client, party, payload``. The input phase's request to a client also
@@ -28,6 +30,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from securefed.errors import MessageRejected
+from securefed.flower import _beacon
 from securefed.protocols.base import AggregationProtocol
 
 __all__ = ["KEY", "VERSION", "Reply", "Request", "describe", "pack_nodes", "parse_reply", "parse_request",
@@ -36,12 +39,12 @@ __all__ = ["KEY", "VERSION", "Reply", "Request", "describe", "pack_nodes", "pars
 #: The record key of securefed's envelope in a Flower ``RecordDict``.
 KEY = "securefed"
 #: Envelope layout version.
-VERSION = 2
+VERSION = 3
 
 _REQUEST_FIELDS = {
     "v": int, "protocol": str, "params": str, "phase": str, "round": int, "n": int, "dim": int,
     "session": bytes, "nonce": bytes, "nodes": bytes, "client": int, "party": str, "max_examples": int,
-    "payload": bytes,
+    "payload": bytes, "beacon": bytes,
 }
 _REPLY_FIELDS = {"v": int, "phase": str, "round": int, "session": bytes, "client": int, "party": str,
                  "payload": bytes}
@@ -86,6 +89,9 @@ class Request:
     party: str
     max_examples: int
     payload: bytes
+    #: Empty without the graph beacon; else SHA-256(L) || SHA-256(R), plus every signed reveal in the
+    #: protocol's first phase (``_beacon``). The beacon's own requests carry none.
+    beacon: bytes = b""
 
     def record(self) -> ConfigRecord:
         return ConfigRecord({"v": VERSION, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}})
@@ -141,7 +147,11 @@ def parse_request(content: RecordDict, *, input_phase: bool) -> tuple[Request, A
     ids = req.node_ids()
     if any(b <= a for a, b in zip(ids, ids[1:])):
         raise MessageRejected("invalid request: node ids not ascending")
-    if session_id(req.nonce, req.nodes) != req.session:
+    pre = session_id(req.nonce, req.nodes)
+    if req.beacon:
+        list_hash, reveals_hash, _ = _beacon.split_field(req.beacon, req.n)
+        pre = _beacon.session(pre, req.round, list_hash, reveals_hash)
+    if pre != req.session:
         raise MessageRejected("invalid request: the session does not bind the round's nodes")
     if not input_phase:
         return req, None, None

@@ -17,7 +17,7 @@ from securefed.crypto.signing import KeyDirectory
 from securefed.errors import ConfigurationError
 from securefed.protocols.base import AggregationProtocol
 
-__all__ = ["bind", "registered"]
+__all__ = ["bind", "directory", "registered"]
 
 
 def registered(federation: KeyDirectory, node: int) -> bool:
@@ -27,6 +27,14 @@ def registered(federation: KeyDirectory, node: int) -> bool:
     except ConfigurationError:
         return False
     return True
+
+
+def directory(federation: KeyDirectory, nodes: Sequence[int], me: int | None = None) -> KeyDirectory:
+    """The round's directory: client i has the key of node ``nodes[i]`` in `federation`; with `me` (this
+    node's id) its signing key at its index. Raises ConfigurationError for a node without a key."""
+    public = {i: federation.verify_key(v) for i, v in enumerate(nodes)}
+    private = {} if me is None else {list(nodes).index(me): federation.signing_key(me)}
+    return KeyDirectory(public, private)
 
 
 def bind(protocol: AggregationProtocol, federation: KeyDirectory, nodes: Sequence[int],
@@ -39,6 +47,4 @@ def bind(protocol: AggregationProtocol, federation: KeyDirectory, nodes: Sequenc
     with_identities = getattr(protocol, "with_identities", None)
     if with_identities is None:
         raise ConfigurationError(f"protocol {protocol.name!r} takes no identity keys (identities=)")
-    public = {i: federation.verify_key(v) for i, v in enumerate(nodes)}
-    private = {} if me is None else {list(nodes).index(me): federation.signing_key(me)}
-    return with_identities(KeyDirectory(public, private))  # type: ignore[no-any-return]
+    return with_identities(directory(federation, nodes, me))  # type: ignore[no-any-return]

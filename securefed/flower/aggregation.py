@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, MessageRejected, ProtocolAborted
-from securefed.flower import _envelope, _identities, _privacy
+from securefed.flower import _beacon, _envelope, _identities, _privacy
 from securefed.protocols.base import (
     AggregationProtocol,
     AggregationResult,
@@ -31,6 +31,7 @@ from securefed.protocols.base import (
     DropRecord,
     Party,
     RoundSpec,
+    ServerProtocol,
     ServerView,
 )
 
@@ -149,13 +150,21 @@ class AggregationRound:
             raise ConfigurationError(f"nodes {sorted(shared)} cannot be both clients and auxiliary parties")
         self.nonce = rng.child("session").token_bytes(32)
         self._node_bytes = _envelope.pack_nodes(self.nodes)
-        self.spec = RoundSpec(n=len(self.nodes), dim=dim, session_id=_envelope.session_id(self.nonce, self._node_bytes),
-                              round_index=round_index)
+        #: The session id of the server's nonce and the node list (the beacon's, when the round has one).
+        self.pre_session = _envelope.session_id(self.nonce, self._node_bytes)
+        self.beacon: _beacon.ServerBeacon | None = None
+        if _beacon.required(protocol, len(self.nodes)):
+            if identities is None:
+                raise ConfigurationError(
+                    f"{protocol.name} with an active adversary on a Harary graph runs the graph beacon on Flower, "
+                    "whose reveals are signed: pass the federation's identity keys by node id (identities=)")
+            if self.auxiliary:
+                raise ConfigurationError("the graph beacon covers clients only: this protocol has no auxiliary parties")
+            self.beacon = _beacon.ServerBeacon(self.pre_session, round_index, self.nodes,
+                                               _identities.directory(identities, self.nodes))
         if identities is not None:
             protocol = _identities.bind(protocol, identities, self.nodes)
-        #: The round's protocol (with distributed DP: carrying the round's noise encoder).
-        self.protocol = _privacy.round_protocol(protocol, privacy, session=self.spec.session_id, dim=dim)
-        self.server = self.protocol.server(self.spec, rng=rng.child("server"))
+        self._base, self._privacy, self._rng = protocol, privacy, rng
         self.max_payload = max_payload_bytes or 64 * dim + (1 << 20)
         self.max_examples = max_examples
         self.view = ServerView()
@@ -165,8 +174,22 @@ class AggregationRound:
         self.bytes_to = dict.fromkeys(self.nodes, 0)
         self._party: dict[int, Party] = {node: i for i, node in enumerate(self.nodes)}
         self._party.update({node: name for name, node in self.auxiliary.items()})
-        self._params = _envelope.describe(self.protocol, self.spec.n,
-                                          _privacy.describe(privacy, protocol, self.spec.n, dim))
+        self.server: ServerProtocol | None = None
+        self._start(RoundSpec(n=len(self.nodes), dim=dim, session_id=self.pre_session, round_index=round_index),
+                    server=self.beacon is None)
+        #: Every exchange of the round: the beacon's (when the round has one), then the protocol's phases.
+        self.phases: tuple[str, ...] = (_beacon.PHASES if self.beacon else ()) + tuple(self.protocol.phases)
+
+    def _start(self, spec: RoundSpec, *, server: bool) -> None:
+        """The round's protocol for session ``spec.session_id`` (with distributed DP, its noise encoder) and,
+        with `server`, the protocol's server."""
+        self.spec = spec
+        #: The round's protocol (with distributed DP: carrying the round's noise encoder).
+        self.protocol = _privacy.round_protocol(self._base, self._privacy, session=spec.session_id, dim=spec.dim)
+        self._params = _envelope.describe(self.protocol, spec.n,
+                                          _privacy.describe(self._privacy, self._base, spec.n, spec.dim))
+        if server:
+            self.server = self.protocol.server(spec, rng=self._rng.child("server"))
 
     def node_of(self, party: Party) -> int:
         """The node that plays `party` (a client index or an auxiliary party's name)."""
@@ -179,22 +202,30 @@ class AggregationRound:
 
     def messages(self, phase: str, *, ttl: float, arrays: ArrayRecord | None = None,
                  config: ConfigRecord | None = None) -> list[Message]:
-        """The requests of `phase` to the parties still in the round (`arrays`/`config` go with a client's input phase)."""
+        """The requests of `phase` to the parties still in the round (`arrays`/`config` go with a client's input
+        phase); `phase` is one of :attr:`phases` (the graph beacon's or the protocol's)."""
         protocol, spec = self.protocol, self.spec
+        if phase in _beacon.PHASES and self.beacon is not None:
+            requests: Mapping[Party, bytes] = self.beacon.requests(phase)
+            beacon = b""
+        else:
+            assert self.server is not None, "the graph beacon runs before the protocol's phases"
+            requests = self.server.requests(phase)
+            beacon = b"" if self.beacon is None else self.beacon.field(first=phase == protocol.phases[0])
         out = []
-        for party, payload in self.server.requests(phase).items():
+        for party, payload in requests.items():
             node = self.node_of(party)
             client, name = (party, "") if isinstance(party, int) else (0, party)
             req = _envelope.Request(protocol.name, self._params, phase, spec.round_index, spec.n, spec.dim,
                                     spec.session_id, self.nonce, self._node_bytes, client, name, self.max_examples,
-                                    bytes(payload))
+                                    bytes(payload), beacon)
             content = RecordDict({_envelope.KEY: req.record()})
             kind = message_type(protocol, phase, party)
             if kind == "train":
                 content["arrays"] = arrays if arrays is not None else ArrayRecord()
                 content["config"] = config if config is not None else ConfigRecord()
             out.append(Message(content, node, kind, ttl=ttl, group_id=str(spec.round_index)))
-            self.bytes_to[node] = self.bytes_to.get(node, 0) + len(payload)
+            self.bytes_to[node] = self.bytes_to.get(node, 0) + len(payload) + len(beacon)
         return out
 
     def _drop(self, party: Party, phase: str, reason: DropReason, detail: str) -> None:
@@ -223,13 +254,30 @@ class AggregationRound:
                 raise MessageRejected("invalid reply: envelope of another round, session, phase or party")
             self.bytes_from[node] = self.bytes_from.get(node, 0) + len(env.payload)
             self.view.digests.append((party, phase, hashlib.sha256(env.payload).hexdigest(), len(env.payload)))
-            self.server.receive(phase, party, env.payload)
+            if phase in _beacon.PHASES and self.beacon is not None:
+                assert isinstance(party, int)
+                self.beacon.receive(phase, party, env.payload)
+            else:
+                assert self.server is not None, "the graph beacon runs before the protocol's phases"
+                self.server.receive(phase, party, env.payload)
         except MessageRejected as e:
             self._drop(party, phase, DropReason.REJECTED, str(e))
 
     def finish_phase(self, phase: str) -> None:
-        """Close `phase`: nodes that did not answer are dropouts. Raises ProtocolAborted."""
+        """Close `phase`: nodes that did not answer are dropouts. Raises ProtocolAborted.
+
+        After the graph beacon's last phase the protocol's session id is the beacon's, and its server starts."""
         try:
+            if phase in _beacon.PHASES and self.beacon is not None:
+                for client, node in enumerate(self.nodes):
+                    got = self.beacon.commitments if phase == _beacon.COMMIT else self.beacon.reveals
+                    if client not in got and client not in self.drops:
+                        self._drop(client, phase, DropReason.NO_REPLY, "sent nothing")
+                self.beacon.finish(phase)
+                if phase == _beacon.REVEAL:
+                    self._start(dataclasses.replace(self.spec, session_id=self.beacon.session), server=True)
+                return
+            assert self.server is not None, "the graph beacon runs before the protocol's phases"
             self.server.finish_phase(phase)
         except ProtocolAborted as e:
             e.phase = e.phase or phase
@@ -238,11 +286,13 @@ class AggregationRound:
     @property
     def dropped_nodes(self) -> dict[int, DropRecord]:
         """Node id to the phase and reason it left the round, so far."""
-        dropped = {**self.server.dropped, **self.drops}
+        dropped = {**(self.server.dropped if self.server is not None else {}), **self.drops}
         return {self.nodes[c]: d for c, d in dropped.items() if isinstance(c, int)}
 
     def outcome(self) -> RoundOutcome:
         """The result after the last phase. Raises ProtocolAborted when no input reached the aggregate."""
+        if self.server is None:
+            raise ProtocolAborted(AbortReason.INVALID_STATE, "the round has not run its protocol's phases")
         total, included = self.server.result()
         if not included:
             raise ProtocolAborted(AbortReason.NO_INPUTS, "no client input reached the aggregate")
@@ -325,7 +375,7 @@ class GridAggregator:
                                max_payload_bytes=self.max_payload_bytes, max_examples=max_examples,
                                privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities)
         self.last_round = rnd
-        for phase in rnd.protocol.phases:
+        for phase in rnd.phases:
             timeout = self.train_timeout if phase == input_phase(rnd.protocol) else self.phase_timeout
             messages = rnd.messages(phase, ttl=timeout + _TTL_MARGIN, arrays=arrays, config=config)
             t0 = time.perf_counter()

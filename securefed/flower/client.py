@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
-from securefed.flower import _envelope, _identities, _model, _privacy
+from securefed.flower import _beacon, _envelope, _identities, _model, _privacy
 from securefed.flower.aggregation import message_type
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
 
@@ -115,7 +115,7 @@ class SecureClient:
             return self.handle(msg, context, train)
 
         app.train()(on_train)
-        for phase in self.phases:
+        for phase in (*self.phases, *_beacon.PHASES):  # the graph beacon's exchanges come as queries too
             app.query(phase)(self._query_handler())
 
     def _query_handler(self) -> Callable[[Message, Context], Message]:
@@ -136,32 +136,21 @@ class SecureClient:
         try:
             req, arrays, config = _envelope.parse_request(msg.content, input_phase=is_train)
             nodes = req.node_ids()
-            if req.party:
-                if req.party not in _value(self.auxiliary, context):
-                    raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
-                                          f"this node is not configured to play {req.party!r}")
-            elif nodes[req.client] != context.node_id:
-                raise MessageRejected("invalid request: the round's node list puts another node at this client index")
-            privacy = _value(self.privacy, context)
-            _privacy.check(privacy)
-            base = _value(self.protocol, context)
-            if (identities := _value(self.identities, context)) is not None:
-                try:
-                    base = _identities.bind(base, identities, nodes, None if req.party else context.node_id)
-                except ConfigurationError as e:
-                    raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"identity keys: {e}") from None
-            protocol = _privacy.round_protocol(base, privacy, session=req.session, dim=req.dim)
-            params = _envelope.describe(protocol, req.n, _privacy.describe(privacy, base, req.n, req.dim))
-            if req.protocol != protocol.name or req.params != params:
-                raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
-                                      "the server asks for a protocol or parameters this node is not configured for")
-            if req.phase not in protocol.phases or (message_type(protocol, req.phase, req.party or req.client)
-                                                     != msg.metadata.message_type):
+            protocol, privacy, identities = self._configure(context, req, nodes)
+            beacon = not req.party and _beacon.required(protocol, req.n)
+            if (req.phase not in protocol.phases and req.phase not in _beacon.PHASES) or (
+                    message_type(protocol, req.phase, req.party or req.client) != msg.metadata.message_type):
                 raise MessageRejected("invalid request: unknown phase or wrong message type for it")
             seed = _value(self.seed, context)
+            if req.phase in _beacon.PHASES:
+                return self._beacon_reply(msg, context, req, beacon, identities, seed)
+            if req.beacon and not beacon:
+                raise MessageRejected("invalid request: a graph beacon in a round whose protocol needs none")
             party: int | str = req.party or req.client
             state = self._restore(context, protocol, req, party, seed)
             try:
+                if beacon:
+                    self._check_beacon(context, req, nodes, identities, first=req.phase == protocol.phases[0])
                 if is_train:
                     assert arrays is not None and config is not None and train is not None
                     state.set_input(self._input(msg, context, train, arrays, req, privacy))
@@ -179,6 +168,67 @@ class SecureClient:
             return Message(Error(code=_NOTHING, reason="securefed: nothing to send in this phase"), reply_to=msg)
         reply = _envelope.Reply(req.phase, req.round, req.session, req.client, req.party, bytes(payload))
         return Message(RecordDict({_envelope.KEY: reply.record()}), reply_to=msg)
+
+    def _configure(self, context: Context, req: _envelope.Request,
+                   nodes: Sequence[int]) -> tuple[AggregationProtocol, Any, KeyDirectory | None]:
+        """The node's own round protocol, privacy and identities; refuses a request whose party, protocol or
+        parameters this node is not configured for."""
+        if req.party:
+            if req.party not in _value(self.auxiliary, context):
+                raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"this node is not configured to play {req.party!r}")
+        elif nodes[req.client] != context.node_id:
+            raise MessageRejected("invalid request: the round's node list puts another node at this client index")
+        privacy = _value(self.privacy, context)
+        _privacy.check(privacy)
+        base = _value(self.protocol, context)
+        if (identities := _value(self.identities, context)) is not None:
+            try:
+                base = _identities.bind(base, identities, nodes, None if req.party else context.node_id)
+            except ConfigurationError as e:
+                raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"identity keys: {e}") from None
+        protocol = _privacy.round_protocol(base, privacy, session=req.session, dim=req.dim)
+        params = _envelope.describe(protocol, req.n, _privacy.describe(privacy, base, req.n, req.dim))
+        if req.protocol != protocol.name or req.params != params:
+            raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                                  "the server asks for a protocol or parameters this node is not configured for")
+        return protocol, privacy, identities
+
+    @staticmethod
+    def _beacon_identities(identities: KeyDirectory | None) -> KeyDirectory:
+        if identities is None:
+            raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                                  "active SecAgg+ on a Harary graph runs the graph beacon on Flower, whose reveals "
+                                  "are signed: give this node the federation's identity keys (identities=)")
+        return identities
+
+    def _beacon_reply(self, msg: Message, context: Context, req: _envelope.Request, required: bool,
+                      identities: KeyDirectory | None, seed: int | None) -> Message:
+        """Answer ``graph_commit`` (the commitment) or ``graph_reveal`` (rho and its signature): ``_beacon``."""
+        if not required:
+            raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                                  "this round's protocol needs no graph beacon (it is not active SecAgg+ on a "
+                                  "Harary graph): the server asks for a beacon this node does not run")
+        keys = self._beacon_identities(identities)
+        if req.phase == _beacon.COMMIT:
+            rng = client_rng(seed, req.session, req.client, req.phase)
+            payload = _beacon.node_commit(context.state, req, context.node_id, rng)
+        else:
+            payload = _beacon.node_reveal(context.state, req, context.node_id, keys.signing_key(context.node_id))
+        reply = _envelope.Reply(req.phase, req.round, req.session, req.client, "", payload)
+        return Message(RecordDict({_envelope.KEY: reply.record()}), reply_to=msg)
+
+    def _check_beacon(self, context: Context, req: _envelope.Request, nodes: Sequence[int],
+                      identities: KeyDirectory | None, *, first: bool) -> None:
+        """A protocol request of a beacon round: in the first phase, the beacon's reveals and derived session
+        (``_beacon.node_check``); later, the session of this node's saved state of the round."""
+        keys = _identities.directory(self._beacon_identities(identities), nodes)
+        if first:
+            _beacon.node_check(context.state, req, _envelope.session_id(req.nonce, req.nodes), nodes, keys)
+            return
+        saved = context.state.get(_envelope.KEY)
+        if not req.beacon or not isinstance(saved, ConfigRecord) or (saved["round"], saved["session"]) != (
+                req.round, req.session):
+            raise MessageRejected("invalid request: no state of this beacon round and session (out of phase)")
 
     def _restore(self, context: Context, protocol: AggregationProtocol, req: _envelope.Request, party: int | str,
                  seed: int | None) -> ClientProtocol:
