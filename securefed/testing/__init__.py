@@ -8,6 +8,8 @@
 ``strategies``              hypothesis strategies: updates, populations, dropouts, configurations,
                             malformed messages, deviating servers
 ``adversary``               a server that deviates in named ways, and what honest clients must do
+``coalition``               the server with up to C corrupt clients: search for plans that unmask
+                            an honest client's input, and run them end to end
 ``load_profile``            the ``ci`` / ``dev`` hypothesis profiles (``HYPOTHESIS_PROFILE``)
 ==========================  =====================================================================
 
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from securefed.testing.profiles import load_profile, register_profiles
 
 if TYPE_CHECKING:
-    from securefed.testing import adversary, strategies
+    from securefed.testing import adversary, coalition, strategies
     from securefed.testing.conformance import PROPERTIES, ConformanceError, check_protocol, conformance_tests
     from securefed.testing.privacy import check_clipper, check_noise
 
@@ -34,6 +36,7 @@ __all__ = [
     "check_clipper",
     "check_noise",
     "check_protocol",
+    "coalition",
     "conformance_tests",
     "load_profile",
     "register_profiles",
@@ -53,6 +56,6 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("adversary", "strategies"):
+    if name in ("adversary", "coalition", "strategies"):
         return importlib.import_module(f"securefed.testing.{name}")
     raise AttributeError(f"module 'securefed.testing' has no attribute {name!r}")

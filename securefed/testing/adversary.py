@@ -5,7 +5,8 @@ but every request the honest server produces passes through a list of
 :class:`Deviation` objects first. A deviation may rewrite, drop, add or repeat
 requests (the replies to added requests go to the deviation, not to the honest
 server) and sees every reply. The run records each delivery: what was sent, what
-came back, and what the client raised if it refused.
+came back, and what the client raised if it refused. ``run_round(..., corrupt=...)`` hands the
+deviations the clients the adversary controls (:attr:`RoundContext.corrupt`).
 
 Deviations for SecAgg / SecAgg+ (Bonawitz et al. 2017, Sec. 4 and 6):
 
@@ -19,7 +20,10 @@ Deviations for SecAgg / SecAgg+ (Bonawitz et al. 2017, Sec. 4 and 6):
 - :class:`DropEveryone`: the server claims that every other client dropped (an empty key
   or share list, or a survivor list of the client alone);
 - :class:`ReplayOldShares`: the server sends a client the shares its peers sealed to it
-  in an earlier round (see :func:`old_shares`).
+  in an earlier round (see :func:`old_shares`);
+- :class:`SplitSurvivorLists` (active, with corrupt clients: :mod:`securefed.testing.coalition`):
+  the server and C corrupt clients show two groups of a victim's holders two consistent survivor
+  lists, one with the victim and one without, to reconstruct both of its secrets.
 
 For every protocol, :class:`AskAgain` sends a party a second request in a phase it has
 answered (byte-identical, or with one bit flipped). Each deviation's :meth:`Deviation.violation`
@@ -34,18 +38,27 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+import itertools
+import struct
 from typing import ClassVar
 
 import numpy as np
 
 from securefed.crypto import kex
 from securefed.crypto.random import RandomSource
-from securefed.errors import MessageRejected, ProtocolAborted, SecureFedError
 from securefed.protocols import _secagg_wire as W
 from securefed.protocols import _wire
-from securefed.protocols.base import AggregationProtocol, ClientProtocol, Party, RoundSpec, ServerProtocol
+from securefed.protocols.base import AggregationProtocol, RoundSpec
+from securefed.testing._harness import (
+    AdversarialRun,
+    Delivery,
+    Deviation,
+    RoundContext,
+    Send,
+    round_spec,
+    run_round,
+)
+from securefed.testing.coalition import SplitSurvivorLists
 
 __all__ = [
     "AdversarialRun",
@@ -56,158 +69,15 @@ __all__ = [
     "DropEveryone",
     "InconsistentSurvivorLists",
     "ReplayOldShares",
+    "RoundContext",
     "Send",
+    "SplitSurvivorLists",
     "SubstitutePublicKey",
     "UnmaskBelowThreshold",
     "old_shares",
+    "round_spec",
     "run_round",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class Send:
-    """One request to deliver; ``forward``: the reply goes to the honest server."""
-
-    party: Party
-    request: bytes
-    forward: bool = True
-    label: str = "honest"
-
-
-@dataclasses.dataclass(frozen=True)
-class Delivery:
-    """A request delivered to a client and the outcome: a reply, silence, or a refusal."""
-
-    phase: str
-    party: Party
-    label: str
-    request: bytes
-    reply: bytes | None
-    error: SecureFedError | None
-
-    @property
-    def refused(self) -> bool:
-        return self.error is not None
-
-
-class RoundContext:
-    """What a deviation may use: the round's spec and parameters and message builders."""
-
-    def __init__(self, protocol: AggregationProtocol, spec: RoundSpec) -> None:
-        self.protocol, self.spec = protocol, spec
-        # The SecAgg family's round (graph, threshold, framing); None for other protocols.
-        round_for = getattr(protocol, "_round", None)
-        self.round = round_for(spec) if round_for is not None else None
-        self.phases = protocol.phases
-
-    def message(self, phase: str, body: bytes) -> bytes:
-        """A server message of `phase` with `body` (valid header)."""
-        return self.round.message(self.phases.index(phase), _wire.SERVER, body)
-
-    def body(self, phase: str, data: bytes, sender: Party = _wire.SERVER) -> memoryview:
-        return self.round.body(data, self.phases.index(phase), sender)
-
-
-class Deviation:
-    """A named way for the server to depart from the protocol.
-
-    Override :meth:`requests` to rewrite one phase's requests (default: unchanged)
-    and :meth:`observe` to see deliveries (default: nothing).
-    """
-
-    name: ClassVar[str] = "honest"
-
-    def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
-        return sends
-
-    def observe(self, delivery: Delivery) -> None:
-        return None
-
-    def violation(self, run: AdversarialRun) -> str | None:
-        """What honest parties did wrong against this deviation in `run` (None: they behaved)."""
-        return None
-
-
-@dataclasses.dataclass
-class AdversarialRun:
-    """Everything that happened in one adversarial round."""
-
-    spec: RoundSpec
-    server: ServerProtocol
-    clients: dict[Party, ClientProtocol]
-    deliveries: list[Delivery]
-    aborted: ProtocolAborted | None = None
-    result: tuple[np.ndarray, tuple[int, ...]] | None = None
-
-    def outcomes(self, phase: str, party: Party, label: str | None = None) -> list[Delivery]:
-        return [d for d in self.deliveries if d.phase == phase and d.party == party
-                and (label is None or d.label == label)]
-
-    def refused(self, phase: str, party: Party, label: str | None = None) -> bool:
-        """Whether `party` refused every matching request of `phase` (and at least one was sent)."""
-        out = self.outcomes(phase, party, label)
-        return bool(out) and all(d.refused for d in out)
-
-
-def run_round(
-    protocol: AggregationProtocol,
-    inputs: Sequence[np.ndarray],
-    deviations: Sequence[Deviation] = (),
-    *,
-    seed: int | bytes = 0,
-    dropouts: Mapping[int, str] | None = None,
-) -> AdversarialRun:
-    """One round of `protocol` with the server's requests rewritten by `deviations`.
-
-    Honest clients answer; refusals (ProtocolAborted, MessageRejected) are recorded,
-    not raised. Once the honest server aborts, the deviations still run the remaining
-    phases (a malicious server ignores its own abort rules) and ``aborted`` holds why.
-    """
-    n, dim = len(inputs), int(np.asarray(inputs[0]).size)
-    rng = RandomSource(seed)
-    spec = RoundSpec(n=n, dim=dim, session_id=rng.child("session").token_bytes(32))
-    server = protocol.server(spec, rng=rng.child("server"))
-    clients: dict[Party, ClientProtocol] = {
-        i: protocol.client(spec, i, np.asarray(inputs[i]), rng=rng.child(f"client/{i}")) for i in range(n)
-    }
-    clients.update(protocol.auxiliary(spec, rng=rng.child("auxiliary")))
-    ctx = RoundContext(protocol, spec)
-    run = AdversarialRun(spec, server, clients, [])
-    drop_at = {c: protocol.phases.index(p) for c, p in (dropouts or {}).items()}
-    for p, phase in enumerate(protocol.phases):
-        honest: Mapping[Party, bytes] = {}
-        if run.aborted is None:
-            try:
-                honest = server.requests(phase)
-            except ProtocolAborted as e:
-                run.aborted = e
-        sends = [Send(party, req) for party, req in honest.items()]
-        for dev in deviations:
-            sends = dev.requests(ctx, phase, sends)
-        for s in sends:
-            if isinstance(s.party, int) and drop_at.get(s.party, len(protocol.phases)) <= p:
-                continue
-            try:
-                reply, error = clients[s.party].handle(phase, s.request), None
-            except (ProtocolAborted, MessageRejected) as e:
-                reply, error = None, e
-            delivery = Delivery(phase, s.party, s.label, s.request, reply, error)
-            run.deliveries.append(delivery)
-            for dev in deviations:
-                dev.observe(delivery)
-            if reply is not None and s.forward and run.aborted is None:
-                try:
-                    server.receive(phase, s.party, reply)
-                except MessageRejected:
-                    pass
-        if run.aborted is None:
-            try:
-                server.finish_phase(phase)
-            except ProtocolAborted as e:
-                run.aborted = e
-    if run.aborted is None:
-        run.result = server.result()
-    return run
 
 
 # -- SecAgg / SecAgg+ deviations ----------------------------------------------------------------
@@ -283,7 +153,10 @@ class InconsistentSurvivorLists(Deviation):
 
     In unmasking, ``mode="swap"`` shows each client the list (and signatures) of the
     other group; ``mode="foreign_signatures"`` shows each its own list with the other
-    group's signatures. An honest client refuses both.
+    group's signatures. An honest client refuses both. The two lists differ by construction:
+    when `victim` sent no masked input (it dropped), the survivor at index ``victim`` modulo
+    their number is left out instead (else both groups would sign the same list, and a client
+    answering valid signatures on it would be reported for no fault).
     """
 
     name = "inconsistent_survivor_lists"
@@ -300,8 +173,10 @@ class InconsistentSurvivorLists(Deviation):
             out = []
             for s in sends:
                 survivors, _ = _survivor_bits(ctx, s.request, phase)
+                members = survivors.tolist()
+                left_out = self.victim if self.victim in members or not members else members[self.victim % len(members)]
                 lists = {False: W.bitmap(survivors, ctx.spec.n),
-                         True: W.bitmap([v for v in survivors.tolist() if v != self.victim], ctx.spec.n)}
+                         True: W.bitmap([v for v in members if v != left_out], ctx.spec.n)}
                 self._lists = lists
                 mine = s.party in self.group
                 out.append(Send(s.party, ctx.message(phase, lists[mine]), forward=not mine, label=self.name))
@@ -429,9 +304,13 @@ def old_shares(protocol: AggregationProtocol, n: int, dim: int, target: int, *, 
 
 
 class ReplayOldShares(Deviation):
-    """In masked_input, send `target` the shares its peers sealed to it in an earlier round (the honest
-    round with `old_seed`, see :func:`old_shares`), framed as this round's.
+    """In masked_input, send `target` the shares its peers sealed to it in an earlier round, framed as this
+    round's: the honest round (see :func:`old_shares`) whose seed is :meth:`old_round_seed`.
 
+    The old round is another round by construction: its seed is derived from this round's
+    session id, a label and `old_seed`, so its session differs from this one whatever
+    `old_seed` is (hypothesis shrinks `old_seed` and the round's seed alike; were the old
+    round this one, its shares would be this round's and the client right to take them).
     An honest client cannot open them (the AEAD binds session, round, sender and recipient)
     and refuses to send its masked input.
     """
@@ -444,11 +323,20 @@ class ReplayOldShares(Deviation):
     def requests(self, ctx: RoundContext, phase: str, sends: list[Send]) -> list[Send]:
         if phase != "masked_input" or all(s.party != self.target for s in sends):
             return sends
-        old = old_shares(ctx.protocol, ctx.spec.n, ctx.spec.dim, self.target, seed=self.old_seed)
+        old = old_shares(ctx.protocol, ctx.spec.n, ctx.spec.dim, self.target, seed=self.old_round_seed(ctx.spec))
         if not old:
             return sends
         return [s if s.party != self.target else
                 Send(s.party, ctx.message(phase, old), forward=False, label=self.name) for s in sends]
+
+    def old_round_seed(self, spec: RoundSpec) -> bytes:
+        """The seed of the replayed round: derived from `spec`'s session id, so never this round's seed."""
+        tag = self.old_seed if isinstance(self.old_seed, bytes) else str(self.old_seed).encode()
+        for attempt in itertools.count():
+            seed = b"securefed/testing/old-round\x00" + spec.session_id + struct.pack(">I", attempt) + tag
+            if round_spec(spec.n, spec.dim, seed).session_id != spec.session_id:  # (a hash collision otherwise)
+                return seed
+        raise AssertionError("unreachable")
 
     def violation(self, run: AdversarialRun) -> str | None:
         return _refused_then_silent(run, self.target, "masked_input", self.name)

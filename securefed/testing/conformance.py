@@ -63,6 +63,21 @@ Properties (the names are stable; ``n`` is the round size, ``t = min_survivors(n
     claims everyone dropped, no use of replayed old shares, and (active) no answer to inconsistent
     survivor lists or substituted keys. ``handle`` may refuse only with MessageRejected or
     ProtocolAborted.
+``coalition``
+    The server with C = ``threat_model.corrupt(n)`` corrupt clients whose state it reads and
+    whose messages it writes (:mod:`securefed.testing.coalition`) cannot unmask an honest
+    client's input. For an active protocol of the SecAgg family, for each n: the plans that
+    show two groups of a victim's holders two survivor lists, one with it and one without,
+    with the corrupt clients signing both (:class:`~securefed.testing.adversary.SplitSurvivorLists`),
+    searched on the round's graph (every victim, corrupt set and labelling for n <= 12; the
+    victim's neighbourhood above), and up to ``min(max_examples, 3)`` of those the client rules
+    let through run end to end; a violation is a run that reconstructs b_v and s_v, checks them
+    against the commitment and the public key, and recovers the victim's true input. For a
+    semi-honest one: no client has t corrupt holders of its shares. Corrupt sets are chosen knowing
+    the graph, with at most :func:`~securefed.testing.coalition.corrupt_holders_bound` corrupt
+    holders per victim (C on the complete graph; Bell et al.'s t1 on a random graph, which the
+    threat model draws independently of the corruption).
+    Deterministic (the rounds' seeds are the round sizes). Other protocols pass.
 
 Choices: inputs are drawn within the declared value range (``value_range=`` or the protocol's
 ``value_range`` / ``encoder.value_range``; [-1, 1] when it declares none); sender binding is the
@@ -94,7 +109,7 @@ from securefed.encoding.packing import pack
 from securefed.protocols._packed import column_pack
 from securefed.errors import ConfigurationError, InvalidInput, ProtocolAborted
 from securefed.protocols.base import AggregationProtocol, AggregationResult, DropReason, simulate_aggregation
-from securefed.testing import _driver, adversary
+from securefed.testing import _driver, adversary, coalition
 from securefed.testing import strategies as sfst
 
 __all__ = ["PROPERTIES", "ConformanceError", "check_protocol", "conformance_tests"]
@@ -110,6 +125,7 @@ PROPERTIES = (
     "no_clear_input",
     "determinism",
     "honest_client",
+    "coalition",
 )
 
 #: Which hypothesis test checks which properties (some share their rounds).
@@ -123,6 +139,7 @@ _GROUPS = {
     "no_clear_input": ("no_clear_input",),
     "determinism": ("determinism",),
     "honest_client": ("honest_client",),
+    "coalition": ("coalition",),
 }
 
 _WINDOW = 16
@@ -525,6 +542,34 @@ class _Suite:
                 raise _Violation("honest_client", f"against {deviation!r}: {problem}")
 
         prop()
+
+    def coalition(self) -> None:
+        if not coalition.applies(self.probe):
+            return
+        runs = max(1, min(3, self.settings.max_examples))
+        for n in self.sizes:
+            protocol = self.factory()
+            if not protocol.threat_model.active:  # type: ignore[attr-defined]
+                self._semi_honest_coalition(protocol, n)
+                continue
+            dim = min(self.dimension[1], 8)
+            report = coalition.search(self.factory, n, seed=n, dim=dim, runs=runs)
+            if report.leak is not None:
+                plan, rec, err = report.leak
+                v = _Violation("coalition", f"n={n}: the server with {report.corrupt} corrupt clients "
+                                            f"{list(plan.corrupt)} unmasked client {plan.victim}'s input "
+                                            f"(max error {err:.3g} from the true input): {rec.detail}")
+                v.add_note(f"{plan!r}, seed={n}, dim={dim} ({report.summary()})")
+                raise v
+
+    def _semi_honest_coalition(self, protocol: AggregationProtocol, n: int) -> None:
+        t = protocol.min_survivors(n)
+        degree = protocol.parameters(n).degree  # type: ignore[attr-defined]
+        bits = int(protocol.describe(n).get("statistical_security_bits", 40))
+        c = coalition.corrupt_holders_bound(n, degree, coalition.coalition_size(protocol, n), bits)
+        if c >= t:
+            raise _Violation("coalition", f"n={n}: {c} corrupt neighbours of a client hold t = {t} "
+                                          "shares of its secrets (semi-honest needs t > corrupt holders)")
 
 
 def _representations(protocol: AggregationProtocol, x: np.ndarray, n: int) -> list[tuple[str, bytes]]:
