@@ -1,7 +1,10 @@
 """The privacy accountant: composes events, converts to (epsilon, delta), keeps the ledger.
 
 Gaussian events go to Google's dp-accounting (``RdpAccountant``/``PLDAccountant``,
-add-or-remove-one neighbours), so a Gaussian-only ledger gives exactly its numbers.
+add-or-remove-one neighbours). At fractional RDP orders of a subsampled Gaussian, where
+dp-accounting's series is loose or gives up (infinity), the RDP comes from
+:func:`securefed.privacy._bounds.sampled_gaussian_log_a` (the signed series Opacus sums,
+truncated so that it stays an upper bound); integer orders and PLD are dp-accounting's.
 The distributed discrete Gaussian and Skellam events, which dp-accounting lacks,
 get their RDP curves from :mod:`securefed.privacy._bounds` at the same orders and
 compose with the rest by adding RDP. See ``proofs/dp.md`` section 5.
@@ -84,7 +87,14 @@ def _event_rdp(key: PrivacyEvent) -> np.ndarray:
             acc.compose(_dp_event(key))
         finally:
             absl.setLevel(level)
-        out = np.asarray(acc.rdp, dtype=np.float64)
+        out = np.asarray(acc.rdp, dtype=np.float64).copy()
+        if 0.0 < key.sampling_rate < 1.0:
+            # dp-accounting sums the fractional orders' series without their signs, and gives up
+            # (infinity) where it converges slowly (small orders at z near 1): these orders take the
+            # signed series' upper bound instead (Mironov et al. 2019, as Opacus; proofs/dp.md 5.2).
+            for k in np.flatnonzero(orders != np.round(orders)):
+                log_a = _bounds.sampled_gaussian_log_a(key.sampling_rate, key.noise_multiplier, float(orders[k]))
+                out[k] = min(out[k], key.steps * log_a / (float(orders[k]) - 1.0))
     else:
         # DDG's bound (Proposition 14) holds at every real order; Skellam's theorem and Zhu-Wang's
         # amplification are for integer orders, where a fractional order takes the value at its

@@ -2,13 +2,22 @@ import json
 import math
 
 import dp_accounting as dpa
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import securefed as sf
 from securefed.errors import ConfigurationError, InvalidInput
-from securefed.privacy import Accountant, DDGEvent, GaussianEvent, SkellamEvent, compute_epsilon, event_from_dict
+from securefed.privacy import (
+    Accountant,
+    DDGEvent,
+    GaussianEvent,
+    SkellamEvent,
+    compute_epsilon,
+    event_from_dict,
+    rdp_orders,
+)
 
 rates = st.floats(1e-3, 1.0)
 multipliers = st.floats(0.5, 20.0)
@@ -25,11 +34,27 @@ def dpa_event(q, z, t):
 
 @settings(max_examples=25)  # each example runs dp-accounting twice (~50 ms each)
 @given(rates, multipliers, steps, deltas)
-def test_gaussian_rdp_equals_dp_accounting(q, z, t, delta):
+def test_gaussian_rdp_is_dp_accounting_or_tighter(q, z, t, delta):
+    """dp-accounting's RDP at every integer order; at fractional orders of a subsampled Gaussian its series
+    (unsigned, or infinite where it gives up) is replaced by the signed one, which is never larger.
+    tests/privacy/test_accountant_reference.py compares with Opacus and with quadrature."""
     ref = dpa.rdp.RdpAccountant()
     ref.compose(dpa_event(q, z, t))
     ours = compute_epsilon(noise_multiplier=z, sampling_rate=q, steps=t, delta=delta)
-    assert ours == pytest.approx(ref.get_epsilon(delta), rel=1e-6, abs=1e-12)
+    assert ours <= ref.get_epsilon(delta) * (1 + 1e-9) + 1e-12
+    if q == 1.0:  # no sampling: the closed form alpha / (2 z^2) at every order
+        assert ours == pytest.approx(ref.get_epsilon(delta), rel=1e-6, abs=1e-12)
+
+
+def test_integer_orders_are_dp_accountings():
+    acc = Accountant("rdp")
+    acc.record(GaussianEvent(noise_multiplier=1.0, sampling_rate=0.25, steps=599))
+    ref = dpa.rdp.RdpAccountant(orders=list(rdp_orders()))
+    ref.compose(dpa_event(0.25, 1.0, 599))
+    integer = rdp_orders() == np.round(rdp_orders())
+    assert np.array_equal(acc._rdp[integer], np.asarray(ref._rdp)[integer])
+    assert np.all(acc._rdp <= np.asarray(ref._rdp))
+    assert np.isinf(np.asarray(ref._rdp)[:6]).all() and np.isfinite(acc._rdp).all()  # orders 1.1-1.6
 
 
 @settings(max_examples=6)  # PLD composition takes ~0.1-1 s per example
@@ -50,13 +75,13 @@ def test_abadi_et_al_2016_setting():
 
 @settings(max_examples=10)
 @given(st.lists(st.tuples(rates, multipliers, st.integers(1, 100)), min_size=1, max_size=3), deltas)
-def test_rdp_composition_adds_like_dp_accounting(events, delta):
+def test_rdp_composition_adds_and_is_dp_accounting_or_tighter(events, delta):
     ref = dpa.rdp.RdpAccountant()
     acc = Accountant("rdp")
     for q, z, t in events:
         ref.compose(dpa_event(q, z, t))
         acc.record(GaussianEvent(noise_multiplier=z, sampling_rate=q, steps=t))
-    assert acc.epsilon(delta) == pytest.approx(ref.get_epsilon(delta), rel=1e-6, abs=1e-12)
+    assert acc.epsilon(delta) <= ref.get_epsilon(delta) * (1 + 1e-9) + 1e-12
 
 
 def ddg(**kw):
