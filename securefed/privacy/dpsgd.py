@@ -88,12 +88,11 @@ class DPSGD(NoiseModule):
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             raise ConfigurationError("DP-SGD cannot train batch normalization layers; use GroupNorm or LayerNorm")
         size = len(dataset)  # type: ignore[arg-type]
-        threshold = np.uint64(min(self.sampling_rate * 2.0**64, 2.0**64 - 1))
         total_loss, count = 0.0, 0
         model.train()
         for step in range(steps):
-            coins = rng.child(f"sample/{step}").fill(np.empty(size, dtype=np.uint64))
-            idx = np.flatnonzero(coins < threshold) if self.sampling_rate < 1.0 else np.arange(size)
+            # sampling_rate = 1 takes every example (every accepted rate runs: proofs/dp.md section 8).
+            idx = sampling.poisson_sample(rng.child(f"sample/{step}"), size, self.sampling_rate)
             losses = self.step(model, _batch(dataset, idx), loss_fn=loss_fn, optimizer=optimizer,
                                expected_batch=self.sampling_rate * size, rng=rng.child(f"noise/{step}"))
             total_loss += float(losses.sum())

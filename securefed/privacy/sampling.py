@@ -18,7 +18,7 @@ import numpy as np
 from securefed.crypto.random import RandomSource
 from securefed.errors import ConfigurationError
 
-__all__ = ["discrete_gaussian", "gaussian", "poisson", "skellam"]
+__all__ = ["discrete_gaussian", "gaussian", "poisson", "poisson_sample", "skellam"]
 
 
 def _kernels():  # numba loads on first use, keeping `import securefed` fast
@@ -36,6 +36,25 @@ def _check(name: str, value: float, size: int) -> None:
 
 def _words(rng: RandomSource, count: int) -> np.ndarray:
     return rng.fill(np.empty(count, dtype=np.uint64))
+
+
+def poisson_sample(rng: RandomSource, size: int, rate: float) -> np.ndarray:
+    """Indices (ascending, int64) of a Poisson sample of range(size): each in independently with probability `rate`.
+
+    One 64-bit word per index, in when below ``floor(rate * 2^64)`` (an exact integer threshold, so
+    P(in) = rate up to 2^-64); `rate` = 1 takes every index (no word is drawn) and 0 none.
+    """
+    if not (isinstance(rate, (int, float)) and 0.0 <= rate <= 1.0):
+        raise ConfigurationError(f"the sampling rate must be in [0, 1], got {rate!r}")
+    if not isinstance(size, (int, np.integer)) or size < 0:
+        raise ConfigurationError(f"size must be an integer >= 0, got {size!r}")
+    if rate >= 1.0:
+        return np.arange(size, dtype=np.int64)
+    if rate <= 0.0 or size == 0:
+        return np.zeros(0, dtype=np.int64)
+    # rate < 1 is at most 1 - 2^-53, so rate * 2^64 <= 2^64 - 2^11: exact in float64 and below 2^64.
+    threshold = np.uint64(int(float(rate) * 2.0**64))
+    return np.flatnonzero(_words(rng, int(size)) < threshold).astype(np.int64)
 
 
 def gaussian(rng: RandomSource, std: float, size: int) -> np.ndarray:

@@ -110,3 +110,37 @@ def test_batch_norm_is_refused():
 def test_bad_parameters(kwargs):
     with pytest.raises(ConfigurationError):
         DPSGD(**{**dict(noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.1), **kwargs})
+
+
+def test_sampling_rate_one_trains_on_every_example(monkeypatch):
+    """Every accepted rate runs: q = 1 used to overflow building the threshold (2.0**64 - 1 == 2.0**64)."""
+    sizes = []
+    real = DPSGD.clipped_sum
+
+    def spy(self, model, b, fn):
+        sizes.append(0 if b is None else len(b[1]))
+        return real(self, model, b, fn)
+
+    monkeypatch.setattr(DPSGD, "clipped_sum", spy)
+    x, y = batch(12)
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=1.0)
+    loss = dp.train(model, TensorDataset(x, y), loss_fn=loss_fn, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                    steps=3, rng=RandomSource(0))
+    assert dp.steps_per_epoch == 1 and sizes == [12, 12, 12] and math.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_trainer_with_sample_level_dp_at_rate_one():
+    import securefed as sf
+    from securefed.privacy import SampleLevelDP, compute_epsilon
+    from tests._toy import federation
+    from tests._toy import model as toy_model
+
+    t = sf.Trainer(toy_model(), federation(), privacy=SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0,
+                                                                    sampling_rate=1.0, delta=1e-5),
+                   progress=False, seed=1, clients_per_round=2)
+    h = t.fit(rounds=2)
+    assert [e["sampling_rate"] for e in t.accountant.ledger] == [1.0, 1.0]
+    assert h.final.epsilon == pytest.approx(compute_epsilon(noise_multiplier=1.0, steps=2, delta=1e-5), rel=1e-9)

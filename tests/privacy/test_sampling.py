@@ -100,3 +100,23 @@ def test_zero_parameters_and_empty_sizes():
 def test_bad_parameters_are_refused(call):
     with pytest.raises(ConfigurationError):
         call(RandomSource(0))
+
+
+@pytest.mark.parametrize("rate", [1.0, 1 - 2**-53, 0.5, 2**-60, 0.0])
+def test_poisson_sample_takes_every_accepted_rate(rate):
+    idx = sampling.poisson_sample(RandomSource(1), 10_000, rate)
+    assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0)
+    if rate == 1.0:
+        assert idx.tolist() == list(range(10_000))
+    elif rate == 0.0 or rate < 1e-9:
+        assert idx.size == 0
+    elif rate > 0.9:
+        assert idx.size == 10_000  # misses one index with probability ~1e-12
+    else:
+        assert abs(idx.size - 5_000) < 5 * 50
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, math.nan, "1"])
+def test_poisson_sample_refuses_bad_rates(rate):
+    with pytest.raises(ConfigurationError):
+        sampling.poisson_sample(RandomSource(1), 10, rate)
