@@ -162,6 +162,7 @@ class SecureClient:
             return Message(Error(code=_REFUSED, reason=f"securefed: {type(e).__name__}: {e}"), reply_to=msg)
         if req.phase == protocol.phases[-1]:
             context.state.pop(_envelope.KEY, None)
+            context.state.pop(_beacon.STATE_KEY, None)
         else:
             self._save(context, req, state.dump())
         if payload is None:

@@ -15,7 +15,7 @@ import securefed as sf
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import ConfigurationError, ProtocolAborted
-from securefed.flower import _beacon, _envelope
+from securefed.flower import SecureFedAvg, _beacon, _envelope
 from securefed.flower.aggregation import AggregationRound
 from securefed.flower.testing import InProcessGrid
 from securefed.protocols.base import DropReason
@@ -308,3 +308,13 @@ def test_what_the_beacon_costs_per_node():
     for node in NODES:
         assert out.bytes_to[node] == sum(d for d, _ in sizes.values()) + 32 * N + 64 + 96 * N + 64 * later
         assert out.bytes_from[node] == sum(u for _, u in sizes.values()) + 32 + 96
+
+
+def test_the_strategy_runs_the_beacon_and_nodes_keep_no_beacon_state_after_the_round():
+    g = grid()
+    strategy = SecureFedAvg(protocol=PROTOCOL, weighting="uniform", seed=4, phase_timeout=0.05, train_timeout=0.05,
+                            poll_interval=0.01, identities=KEYS.public_only())
+    res = strategy.start(g, apps.model(), num_rounds=2)
+    assert [r.included for r in res.rounds] == [tuple(NODES)] * 2
+    assert all("seconds_graph_commit" in r.metrics and "seconds_graph_reveal" in r.metrics for r in res.rounds)
+    assert all(_beacon.STATE_KEY not in g.context(v).state and _envelope.KEY not in g.context(v).state for v in NODES)
