@@ -148,7 +148,8 @@ def splits(graph: MaskingGraph, t: int, corrupt: int, *, exhaustive: bool | None
     corrupt set of size C, every labelling of the honest clients within distance 2 of the victim
     (the others' signatures reach no holder of its shares). Targeted (larger rounds): the
     victims given (default: client 0; the graphs are vertex-transitive, so one stands for all),
-    corrupt sets among the victim's neighbours, labellings exhaustive up to 2^18 (sampled above).
+    corrupt sets of the victim's neighbours (as many as allowed), labellings exhaustive up to 2^18
+    (a fixed sample above).
     A (victim, corrupt set) is skipped when its c corrupt holders exceed `max_corrupt_holders`
     (None: no bound; :func:`search` passes :func:`corrupt_holders_bound`, so that a graph-aware
     choice of corrupt clients stays within the threat model) or when 2t > k + 1 + c: its
@@ -156,10 +157,14 @@ def splits(graph: MaskingGraph, t: int, corrupt: int, *, exhaustive: bool | None
     """
     n, k = graph.n, graph.degree
     exhaustive = n <= EXHAUSTIVE_MAX_N if exhaustive is None else exhaustive
+    most = min(corrupt, k, k if max_corrupt_holders is None else max_corrupt_holders)
+    if 2 * t > k + 1 + most:  # no corrupt set can do it: skip the enumeration
+        return
     for v in (range(n) if victims is None and exhaustive else victims or [0]):
         nbrs = graph.neighbors(v).tolist()
         pool = [u for u in range(n) if u != v] if exhaustive else nbrs
-        for ks in itertools.combinations(pool, min(corrupt, len(pool))):
+        size = min(corrupt, len(pool)) if exhaustive else most  # (targeted: corrupt holders only)
+        for ks in itertools.combinations(pool, size):
             c = len(set(ks) & set(nbrs))
             if 2 * t > k + 1 + c or (max_corrupt_holders is not None and c > max_corrupt_holders):
                 continue

@@ -3,6 +3,7 @@ and a readable counterexample (the acceptance of issue 6). Each variant breaks o
 protocol and nothing else.
 """
 
+import math
 import os
 
 import numpy as np
@@ -12,6 +13,7 @@ from securefed.errors import MessageRejected
 from securefed.protocols import Plain, SecAgg, SecAggPlus
 from securefed.protocols import _secagg_client as secagg_client
 from securefed.protocols import plain as plain_module
+from securefed.protocols import secagg_params
 from securefed.protocols._secagg_client import Client, _Completed, _Unmasking
 from securefed.testing import ConformanceError, check_protocol
 
@@ -231,3 +233,40 @@ def test_rejected_messages_leave_no_trace_in_the_round(monkeypatch):
 
     text = caught(lambda: _plain_with(Forgets), "malformed_messages", unprotected=True, max_examples=20)
     assert "is not recorded as dropped" in text
+
+
+# -- a threshold rule that counts k holders of a client's secrets, not k + 1 (issue 18) ---------------
+
+
+class OldThresholdRule(SecAggPlus):
+    """SecAgg+ with the active rule before issue 18, lo = (k + t1) // 2 + 1 (2t > k + t1): it forgets that a
+    client holds, and reveals when listed as a survivor, its own b-share. Same degree search, same t1 and t2."""
+
+    def _resolve(self, n):
+        threat = self.threat_model
+        lf = secagg_params._log_factorials(n)
+        c, d = threat.corrupt(n), threat.dropouts(n)
+        for k in range(2, n - 1, 2):
+            if secagg_params._log_disconnect(n, k, c + d) >= secagg_params._LOG_SECURITY:
+                continue
+            t1 = secagg_params._upper_quantile(lf, n - 1, min(c, n - 1), k, secagg_params._LOG_SECURITY - math.log(n))
+            t2 = secagg_params._lower_quantile(lf, n - 1, max(n - d - 1, 0), k,
+                                               secagg_params._LOG_CORRECTNESS - math.log(n))
+            lo, hi = max((k + t1) // 2 + 1, 2), min(t2, k + 1)
+            if lo <= hi:
+                return secagg_params.GraphParameters(n, k, lo, False, "2t > k + t1 (issue 18's broken rule)")
+        return secagg_params.complete_graph_parameters(n, threat)
+
+
+@pytest.mark.parametrize("n,degree,t", [(6, 4, 3), (10, 4, 3), (24, 10, 7)])
+def test_a_threshold_rule_that_forgets_the_owners_share(n, degree, t):
+    """The coalition property finds issue 18's attack end to end: the server and C = ceil(0.1 n) corrupt clients
+    split the victim's honest holders over two survivor lists, reconstruct b_v and s_v, and unmask its input."""
+    broken = OldThresholdRule(adversary="active")
+    assert (broken.parameters(n).degree, broken.parameters(n).threshold) == (degree, t)
+    with pytest.raises(ConformanceError) as info:
+        check_protocol(lambda: OldThresholdRule(adversary="active"), properties=["coalition"], clients=(n, n))
+    text = str(info.value)
+    assert info.value.property == "coalition" and "violates 'coalition'" in text
+    assert f"n={n}: the server with {-(-n // 10)} corrupt clients" in text
+    assert "both secrets checked, input unmasked" in text and "Split(victim=" in text
