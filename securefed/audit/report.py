@@ -141,6 +141,9 @@ def _verdict(res: VerificationResult, pinned: bool) -> str:
         key = "pinned by the auditor" if pinned else "taken from entry 1 (not pinned: proves integrity, not authorship)"
         eps = ("no differential privacy" if res.epsilon is None
                else f"epsilon {res.epsilon:.6g} at delta {res.delta:g} ({_e(res.accountant)} accountant), recomputed")
+        if res.seeded_secrets:
+            eps += (". <b>SEEDED SECRETS</b>: noise, sampling and protocol keys derived from a public seed; "
+                    "the epsilon is VOID and the aggregation was not secret (a simulation)")
         return (f'<div class="ok"><b>VERIFIED</b>: schema, hash chain, signatures, round rules, protocol conditions '
                 f'and privacy spend all check. {eps}.<br>Public key <code>{_e(res.public_key)}</code>, {key}.<br>'
                 f'Head (hash of the last entry) <code>{_e(res.head)}</code>; '
@@ -156,17 +159,19 @@ def render_report(
     *,
     pubkey: PublicKeyLike | None = None,
     allow_incomplete: bool = False,
+    allow_seeded: bool = False,
 ) -> VerificationResult:
     """Verify the log at `log` and write an HTML report of it to `output`; returns the verification.
 
-    The report is written whether or not the log verifies, and says which. Raises
+    `allow_incomplete` and `allow_seeded` as for :func:`~securefed.audit.verify`. The
+    report is written whether or not the log verifies, and says which. Raises
     InvalidInput when the log cannot be read. See ``protocols/audit.md`` section "Report".
     """
     try:
         data = Path(log).read_bytes()
     except OSError as e:
         raise InvalidInput(f"cannot read the audit log {os.fspath(log)!r}: {e.strerror or e}") from e
-    res = verify_data(data, pubkey, allow_incomplete=allow_incomplete)
+    res = verify_data(data, pubkey, allow_incomplete=allow_incomplete, allow_seeded=allow_seeded)
     entries = read_entries(data)
     # Entries that fail the schema are listed among the failures, not rendered.
     valid = [e for e in entries if validator().is_valid(e)]

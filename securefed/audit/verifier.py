@@ -53,7 +53,9 @@ class VerificationResult:
     entries; ``epsilon``: the privacy spend recomputed from the whole log's DP events
     (None without DP); ``privacy``: the declared accounting (accountant, delta, and
     optionally the RDP conversion); ``head``: hash of the last entry (pin it to detect truncation);
-    ``complete``: the log ends with run_end; ``ledger``: the DP events in order.
+    ``complete``: the log ends with run_end; ``ledger``: the DP events in order;
+    ``seeded_secrets``: some session declared secrets derived from a public seed, so
+    ``epsilon`` (the accounting of the events) does not describe a private run: it is void.
     """
 
     failures: tuple[Failure, ...]
@@ -67,6 +69,12 @@ class VerificationResult:
     head: str | None
     complete: bool
     ledger: tuple[dict[str, Any], ...]
+    seeded_secrets: bool = False
+
+    @property
+    def epsilon_void(self) -> bool:
+        """True when the log declares DP but its noise and sampling came from a public seed."""
+        return self.seeded_secrets and self.privacy is not None
 
     @property
     def delta(self) -> float | None:
@@ -92,6 +100,9 @@ class VerificationResult:
             return "\n".join([f"FAILED: {len(self.failures)} problem(s)"] + [f"  {f}" for f in self.failures])
         eps = "no differential privacy" if self.epsilon is None else (
             f"epsilon {self.epsilon:.6g} at delta {self.delta:g} ({self.accountant}, recomputed)")
+        if self.seeded_secrets:
+            eps += ("; SEEDED SECRETS: noise, sampling and protocol keys derived from a public seed, "
+                    "so the epsilon is VOID and the aggregation was not secret (a simulation)")
         state = "complete" if self.complete else "incomplete (no run_end)"
         return (f"OK: {self.entries} entries, {self.rounds} rounds ({self.aborted} aborted), {state}; {eps}\n"
                 f"  public key {self.public_key}\n  head       {self.head}")
@@ -146,12 +157,14 @@ def _conversion(privacy: dict[str, Any]) -> dict[str, Any]:
 class _Checker:
     """Walks the entries once, in order, collecting failures."""
 
-    def __init__(self, pubkey: Ed25519PublicKey | None, allow_incomplete: bool) -> None:
+    def __init__(self, pubkey: Ed25519PublicKey | None, allow_incomplete: bool, allow_seeded: bool = False) -> None:
         self.failures: list[Failure] = []
         self.pinned = pubkey
         self.key: Ed25519PublicKey | None = pubkey
         self.key_hex = None if pubkey is None else public_hex(pubkey)
         self.allow_incomplete = allow_incomplete
+        self.allow_seeded = allow_seeded
+        self.seeded = False
         self.prev, self.seq = GENESIS, 1
         self.entries, self.rounds, self.aborted = 0, 0, 0
         self.last_round: int | None = None
@@ -246,11 +259,13 @@ class _Checker:
             if number != 1:
                 self.fail(number, "type", "run_start only as the first entry", kind)
             self._declare_privacy(number, body["privacy"])
+            self._secrets(number, body)
             self.in_session = True
         elif kind == "resume":
             if body["public_key"] != self.key_hex:
                 self.fail(number, "body.public_key", f"the log's key {self.key_hex}", body["public_key"])
             self._declare_privacy(number, body["privacy"])
+            self._secrets(number, body)
             self.in_session = True
         elif kind == "run_end":
             self._need_session(number, kind)
@@ -273,6 +288,16 @@ class _Checker:
     def _need_session(self, number: int, kind: str) -> None:
         if not self.in_session:
             self.fail(number, "type", "run_start or resume before " + kind, f"{kind} after run_end")
+
+    def _secrets(self, number: int, body: dict[str, Any]) -> None:
+        """A session whose secrets derive from a public seed voids the log's epsilon (and its secrecy)."""
+        if body.get("seeded_secrets") is not True:
+            return
+        self.seeded = True
+        if not self.allow_seeded:
+            self.fail(number, "body.seeded_secrets",
+                      "secrets from OS randomness (seeded ones void the epsilon and the aggregation's secrecy; "
+                      "accept a simulation's log with allow_seeded)", True)
 
     def _declare_privacy(self, number: int, privacy: Any) -> None:
         if self.privacy is ...:
@@ -413,15 +438,16 @@ class _Checker:
             last_round=self.last_round, epsilon=None if self.eps is None or self.eps_broken else self.eps.value,
             privacy=None if self.eps is None else self.eps.privacy, public_key=self.key_hex,
             head=actual_head, complete=complete,
-            ledger=tuple(self.eps.ledger) if self.eps is not None else (),
+            ledger=tuple(self.eps.ledger) if self.eps is not None else (), seeded_secrets=self.seeded,
         )
 
 
 def verify_data(
-    data: bytes, pubkey: PublicKeyLike | None = None, *, allow_incomplete: bool = False, head: str | None = None
+    data: bytes, pubkey: PublicKeyLike | None = None, *, allow_incomplete: bool = False, head: str | None = None,
+    allow_seeded: bool = False,
 ) -> VerificationResult:
     """:func:`verify` on the bytes of a log."""
-    checker = _Checker(None if pubkey is None else load_public_key(pubkey), allow_incomplete)
+    checker = _Checker(None if pubkey is None else load_public_key(pubkey), allow_incomplete, allow_seeded)
     for number, line, complete in iter_lines(data):
         if not complete:
             checker.entries, checker.torn = number, True
@@ -438,13 +464,17 @@ def verify(
     *,
     allow_incomplete: bool = False,
     head: str | None = None,
+    allow_seeded: bool = False,
 ) -> VerificationResult:
     """Check the audit log at `path` end to end; the result is true only if every check passed.
 
     `pubkey` pins the server's audit key (a key, 64 hex digits, or a PEM/hex file);
     without it the key in entry 1 is used, which proves integrity but not authorship.
     `allow_incomplete` accepts a log without a final run_end (a crashed or running
-    job); `head` pins the hash of the last entry, which detects a cut log.
+    job); `head` pins the hash of the last entry, which detects a cut log. A session that
+    declares ``seeded_secrets`` (noise, sampling and keys from a public seed) fails the check:
+    its epsilon is void; `allow_seeded` accepts such a simulation's log (``seeded_secrets`` and
+    :meth:`VerificationResult.summary` still say the epsilon is void).
     Raises InvalidInput when the file cannot be read and ConfigurationError for a bad
     `pubkey`. See ``protocols/audit.md`` section "Verification".
     """
@@ -452,5 +482,5 @@ def verify(
         data = Path(path).read_bytes()
     except OSError as e:
         raise InvalidInput(f"cannot read the audit log {os.fspath(path)!r}: {e.strerror or e}") from e
-    return verify_data(data, pubkey, allow_incomplete=allow_incomplete, head=head)
+    return verify_data(data, pubkey, allow_incomplete=allow_incomplete, head=head, allow_seeded=allow_seeded)
 

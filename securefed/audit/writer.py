@@ -106,7 +106,7 @@ class AuditWriter:
         self._privacy: Any = ...
         self._epsilon: float | None = None
         if self.resumed:
-            res = verify_data(data[:cut], self._key.public_key(), allow_incomplete=True)
+            res = verify_data(data[:cut], self._key.public_key(), allow_incomplete=True, allow_seeded=True)
             if not res.ok:
                 raise ConfigurationError(
                     f"the audit log {self.path} does not verify, refusing to append to it:\n{res.summary()}"
@@ -143,19 +143,29 @@ class AuditWriter:
         os.fsync(self._fd)
         self._prev, self._seq = entry_hash(line), self._seq + 1
 
-    def start(self, *, config: Mapping[str, Any], privacy: Mapping[str, Any] | None = None) -> None:
+    def start(
+        self, *, config: Mapping[str, Any], privacy: Mapping[str, Any] | None = None,
+        seeded_secrets: bool | None = None,
+    ) -> None:
         """Begin a session: run_start for a new log, resume for an existing one.
 
         `config`: the run's configuration (JSON-able); `privacy`: ``{"accountant":
         "rdp"|"pld", "delta": float}`` (and ``"conversion"`` for a non-default RDP
-        conversion) when rounds carry DP events, fixed for the log's life. Raises ConfigurationError inside a session or when `privacy`
-        differs from what the log declared.
+        conversion) when rounds carry DP events, fixed for the log's life;
+        `seeded_secrets`: whether the session's noise, sampling and protocol keys derive
+        from a public seed (recorded as ``seeded_secrets``; the verifier then declares the
+        epsilon void); None records nothing (a runtime that does not say). Raises
+        ConfigurationError inside a session or when `privacy` differs from what the log declared.
         """
+        if seeded_secrets is not None and not isinstance(seeded_secrets, bool):
+            raise ConfigurationError(f"seeded_secrets must be True, False or None, got {seeded_secrets!r}")
         if self.in_session:
             raise ConfigurationError("an audit session is already open: end it first")
         priv = None if privacy is None else json_safe(dict(privacy))
         common = {"public_key": self.public_key, "software": software_versions(), "config": json_safe(config),
                   "privacy": priv}
+        if seeded_secrets is not None:
+            common["seeded_secrets"] = seeded_secrets
         if self._privacy is not ... and priv != self._privacy:
             raise ConfigurationError(f"the audit log declares privacy {self._privacy}, this run {priv}; they must match")
         if self._seq == 1:
@@ -255,9 +265,12 @@ class AuditWriter:
         self.in_session = False
 
     @contextlib.contextmanager
-    def session(self, *, config: Mapping[str, Any], privacy: Mapping[str, Any] | None = None) -> Iterator[AuditWriter]:
+    def session(
+        self, *, config: Mapping[str, Any], privacy: Mapping[str, Any] | None = None,
+        seeded_secrets: bool | None = None,
+    ) -> Iterator[AuditWriter]:
         """:meth:`start`, then :meth:`end` with the status the block ended with (the exception propagates)."""
-        self.start(config=config, privacy=privacy)
+        self.start(config=config, privacy=privacy, seeded_secrets=seeded_secrets)
         try:
             yield self
         except KeyboardInterrupt:
