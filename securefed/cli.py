@@ -22,8 +22,9 @@ def _demo(args: argparse.Namespace) -> int:
     def line(r: object) -> None:
         m = r.metrics  # type: ignore[attr-defined]
         eps = "" if r.epsilon is None else f"  eps {r.epsilon:.3f}"  # type: ignore[attr-defined]
+        loss = "" if r.loss is None else f"  loss {r.loss:.4f}"  # type: ignore[attr-defined]  # None under DP
         console.print(
-            f"round {r.round:3d}/{args.rounds}  loss {r.loss:.4f}  acc {m['eval_accuracy']:.4f}  "  # type: ignore[attr-defined]
+            f"round {r.round:3d}/{args.rounds}{loss}  acc {m['eval_accuracy']:.4f}  "  # type: ignore[attr-defined]
             f"included {len(r.included)}  upload {m['upload_bytes_per_client'] / 1024:.1f} KiB/client{eps}"  # type: ignore[attr-defined]
         )
 
@@ -48,11 +49,13 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
     from securefed.audit import verify
 
-    res = verify(args.log, args.pubkey, allow_incomplete=args.allow_incomplete, head=args.head)
+    res = verify(args.log, args.pubkey, allow_incomplete=args.allow_incomplete, head=args.head,
+                 allow_seeded=args.allow_seeded)
     if args.json:
         print(json.dumps({"ok": res.ok, "failures": [vars(f) for f in res.failures], "entries": res.entries,
                           "rounds": res.rounds, "aborted": res.aborted, "epsilon": res.epsilon, "privacy": res.privacy,
-                          "public_key": res.public_key, "head": res.head, "complete": res.complete}))
+                          "public_key": res.public_key, "head": res.head, "complete": res.complete,
+                          "seeded_secrets": res.seeded_secrets, "epsilon_void": res.epsilon_void}))
     else:
         print(res.summary())
     return 0 if res.ok else 1
@@ -61,7 +64,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
 def _audit_report(args: argparse.Namespace) -> int:
     from securefed.audit.report import render_report
 
-    res = render_report(args.log, args.output, pubkey=args.pubkey, allow_incomplete=args.allow_incomplete)
+    res = render_report(args.log, args.output, pubkey=args.pubkey, allow_incomplete=args.allow_incomplete,
+                        allow_seeded=args.allow_seeded)
     print(f"wrote {args.output}: " + ("the log verified" if res.ok else
                                        f"the log FAILED verification ({len(res.failures)} problems, listed in the report)"))
     return 0 if res.ok else 1
@@ -78,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=20, help="training rounds (default 20)")
     demo.add_argument("--protocol", choices=PROTOCOLS, default="secagg+", help="aggregation protocol (default secagg+)")
     demo.add_argument("--no-dp", action="store_true", help="train without differential privacy")
-    demo.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the data split, model initialisation and local shuffling (default 0); noise, "
+                           "sampling and protocol keys always come from the OS")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--audit-log", metavar="PATH", help="write a signed audit log of every round to PATH")
     demo.set_defaults(func=_demo)
@@ -86,11 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     pin = "pin the server's audit key: 64 hex digits, or a PEM or hex file (LOG.pub)"
     incomplete = "accept a log without a final run_end (a crashed or running job)"
+    seeded = ("accept the log of a simulation whose secrets came from a public seed "
+              "(its epsilon is still reported VOID)")
     verify = audit_sub.add_parser("verify", help="check an audit log; exit 0 only if every check passes")
     verify.add_argument("log", help="the audit log (JSON Lines)")
     verify.add_argument("--pubkey", metavar="KEY", help=pin)
     verify.add_argument("--head", metavar="HASH", help="pin the hash of the last entry (detects a cut log)")
     verify.add_argument("--allow-incomplete", action="store_true", help=incomplete)
+    verify.add_argument("--allow-seeded", action="store_true", help=seeded)
     verify.add_argument("--json", action="store_true", help="print the result as one JSON object")
     verify.set_defaults(func=_audit_verify)
     report = audit_sub.add_parser("report", help="verify an audit log and write a self-contained HTML report")
@@ -98,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", required=True, metavar="FILE", help="the HTML file to write")
     report.add_argument("--pubkey", metavar="KEY", help=pin)
     report.add_argument("--allow-incomplete", action="store_true", help=incomplete)
+    report.add_argument("--allow-seeded", action="store_true", help=seeded)
     report.set_defaults(func=_audit_report)
     return parser
 

@@ -134,8 +134,14 @@ def run_demo(
     on_round: Callable[[object], None] | None = None,
     clients: int = 10,
     audit_log: str | os.PathLike[str] | None = None,
+    reproducible_secrets: bool = False,
 ) -> DemoResult:
-    """Train the demo federation and return its summary; `audit_log` writes a signed audit log there."""
+    """Train the demo federation and return its summary; `audit_log` writes a signed audit log there.
+
+    `seed` fixes the data split, the model's initialisation and local shuffling; the noise, the
+    sampling and the protocol's keys and masks come from the OS unless `reproducible_secrets`
+    (simulation only: the epsilon is then void, see :class:`~securefed.training.Trainer`).
+    """
     from securefed.training import Trainer
 
     proto = make_protocol(protocol)
@@ -143,7 +149,7 @@ def run_demo(
     datasets, test = digits_federation(clients=clients, seed=seed)
     trainer = Trainer(
         make_model(seed), datasets, protocol=proto, local_epochs=2, batch_size=16, lr=0.1,
-        eval_dataset=test, seed=seed, progress=progress, on_round=on_round, audit_log=audit_log,
+        eval_dataset=test, seed=seed, reproducible_secrets=reproducible_secrets, progress=progress, on_round=on_round, audit_log=audit_log,
         privacy=privacy, server_lr=DP_SERVER_LR if dp else 1.0,
     )
     t0 = time.perf_counter()

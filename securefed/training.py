@@ -5,6 +5,13 @@ old trainable parameters), aggregate through the protocol, apply the mean update
 Weights reach the server only inside the aggregate: a participant pre-scales its
 update by its weight and appends the weight as one extra coordinate; the server
 divides the summed update by the summed weight.
+
+Randomness: ``seed`` makes the public randomness reproducible (local shuffling, and
+the choice of participants without DP). The secret randomness (DP noise, participant
+sampling under DP, DP-SGD's sampling and noise, every protocol key, mask and rounding
+coin) comes from the OS unless ``reproducible_secrets=True`` asks for a simulation
+whose secrets derive from the seed; such a run says so everywhere (a warning,
+``history.seeded_secrets``, the audit log) and its epsilon is void.
 """
 
 from __future__ import annotations
@@ -12,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -28,7 +35,7 @@ from securefed.errors import ConfigurationError, InvalidInput, PrivacyBudgetExce
 from securefed.protocols.base import AggregationProtocol, AggregationResult, simulate_aggregation
 from securefed.protocols.plain import Plain
 
-__all__ = ["History", "RoundRecord", "Trainer"]
+__all__ = ["History", "RoundRecord", "SeededSecretsWarning", "Trainer", "progress_status"]
 
 log = logging.getLogger("securefed.training")
 
@@ -40,13 +47,15 @@ DropoutSchedule = Callable[[int, Sequence[int]], Mapping[int, str]]
 class RoundRecord:
     """One round of training.
 
-    ``loss``: mean local training loss of the participants (example-weighted);
-    ``metrics``: evaluation results and round statistics; ``epsilon``: privacy
-    spent so far (None without DP); ``included``: participants in the aggregate.
+    ``loss``: mean local training loss of the participants (example-weighted); None
+    under DP (an exact function of the participants' data, so it is not released);
+    ``metrics``: evaluation results on the public ``eval_dataset`` and round statistics;
+    ``epsilon``: privacy spent so far (None without DP); ``included``: participants in
+    the aggregate.
     """
 
     round: int
-    loss: float
+    loss: float | None
     metrics: dict[str, float]
     epsilon: float | None
     included: tuple[int, ...]
@@ -54,9 +63,15 @@ class RoundRecord:
 
 @dataclasses.dataclass
 class History:
-    """What :meth:`Trainer.fit` did, round by round."""
+    """What :meth:`Trainer.fit` did, round by round.
+
+    ``seeded_secrets``: True when the run's secret randomness (noise, sampling under DP,
+    protocol keys and masks) derived from the public seed (``reproducible_secrets=True``):
+    its epsilon and its secure aggregation are void.
+    """
 
     rounds: list[RoundRecord] = dataclasses.field(default_factory=list)
+    seeded_secrets: bool = False
 
     @property
     def final(self) -> RoundRecord:
@@ -92,8 +107,169 @@ def _select(model: nn.Module, parameters: Sequence[str] | Callable[[str, nn.Para
     return names
 
 
+def _check_arguments(
+    model: Any, datasets: Sequence[Dataset], algorithm: str, weighting: str | None, privacy: Any,
+    clients_per_round: int | None,
+) -> tuple[str, int]:
+    """Validate the trainer's basic arguments; returns (weighting, clients per round)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInput("model must be a torch.nn.Module")
+    if len(datasets) == 0:
+        raise InvalidInput("datasets must hold one dataset per participant")
+    if algorithm not in ("fedavg", "fedsgd"):
+        raise ConfigurationError(f"algorithm must be 'fedavg' or 'fedsgd', got {algorithm!r}")
+    if weighting not in (None, "examples", "uniform"):
+        raise ConfigurationError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+    if privacy is not None and weighting == "examples":
+        raise ConfigurationError("with differential privacy every participant weighs the same: weighting='uniform'")
+    n = len(datasets)
+    k = n if clients_per_round is None else clients_per_round
+    if not 1 <= k <= n:
+        raise ConfigurationError(f"clients_per_round must be in [1, {n}], got {clients_per_round}")
+    if min(len(d) for d in datasets) == 0:  # type: ignore[arg-type]
+        raise InvalidInput("every participant needs at least one example")
+    return weighting or ("examples" if privacy is None else "uniform"), k
+
+
+def _default_threads(model: nn.Module, torch_threads: int | None) -> int | None:
+    """``torch_threads``, or 1 for models under 10^6 parameters (None: torch's own setting)."""
+    if torch_threads is not None and (not isinstance(torch_threads, int) or torch_threads < 1):
+        raise ConfigurationError(f"torch_threads must be a positive integer, got {torch_threads!r}")
+    small = sum(p.numel() for p in model.parameters()) < 10**6
+    return torch_threads if torch_threads is not None else (1 if small else None)
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` (None: unchanged) for the block, then restored."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _only_trainable(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Freeze trainable parameters outside `names` for the block (no gradients, no steps)."""
+    chosen = set(names)
+    others = [p for name, p in model.named_parameters() if p.requires_grad and name not in chosen]
+    for p in others:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in others:
+            p.requires_grad_(True)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+              ) -> dict[str, float]:
+    """Mean loss (and accuracy for class logits) of `model` on `dataset`."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for xb, yb in DataLoader(dataset, batch_size=1024):
+        out = model(xb)
+        total_loss += float(loss_fn(out, yb)) * len(yb)
+        if out.ndim == 2 and yb.ndim == 1:
+            correct += int((out.argmax(dim=1) == yb).sum())
+        count += len(yb)
+    metrics = {"eval_loss": total_loss / count}
+    if out.ndim == 2 and yb.ndim == 1:
+        metrics["eval_accuracy"] = correct / count
+    return metrics
+
+
+def _client_dropouts(schedule: DropoutSchedule | None, round: int, participants: list[int]) -> dict[int, str]:
+    """The schedule's dropouts of this round as ``{client index in the round: phase}``."""
+    if schedule is None:
+        return {}
+    index = {p: i for i, p in enumerate(participants)}
+    return {index[p]: phase for p, phase in schedule(round, participants).items() if p in index}
+
+
+def _describe(t: Trainer) -> dict[str, Any]:
+    """The trainer's configuration as its audit log records it."""
+    return {
+        "trainer": type(t).__name__, "model": type(t.model).__name__,
+        "trainable_parameters": int(sum(p.numel() for p in t._params().values())),
+        "participants": len(t.datasets), "clients_per_round": t.clients_per_round,
+        "algorithm": t.algorithm, "local_epochs": t.local_epochs, "batch_size": t.batch_size,
+        "lr": t.lr, "momentum": t.momentum, "server_lr": t.server_lr, "weighting": t.weighting,
+        "protocol": repr(t.protocol), "privacy": repr(t.privacy), "seed": t.seed,
+        "reproducible_secrets": t.reproducible_secrets,
+    }
+
+
+def _sgd(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
+         loader: DataLoader, epochs: int, seed: int) -> float:
+    """`epochs` passes of minibatch SGD over `loader` (torch's global RNG seeded for the block); the mean loss."""
+    total, count = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            for xb, yb in loader:
+                opt.zero_grad()
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(yb)
+                count += len(yb)
+    return total / max(count, 1)
+
+
+def progress_status(record: RoundRecord) -> str:
+    """One round in a few words for a progress display: what may be shown (no loss under DP)."""
+    acc, parts = record.metrics.get("eval_accuracy"), []
+    if record.loss is not None:
+        parts.append(f"loss {record.loss:.4f}")
+    if acc is not None:
+        parts.append(f"acc {acc:.3f}")
+    if record.epsilon is not None:
+        parts.append(f"eps {record.epsilon:.3f}")
+    return "  ".join(parts)
+
+
+def _fit_with_progress(trainer: Trainer, rounds: int) -> None:
+    """Run `rounds` rounds of `trainer` under a rich progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), transient=False,
+    ) as bar:
+        task = bar.add_task(f"training ({trainer.protocol.name})", total=rounds, status="")
+        for _ in range(rounds):
+            bar.update(task, advance=1, status=progress_status(trainer.run_round()))
+
+
+class SeededSecretsWarning(UserWarning):
+    """A run whose secret randomness derives from a public seed: for tests and simulation only."""
+
+
 def _seed_bytes(seed: int | None, label: str) -> bytes | None:
     return None if seed is None else derive_key(seed.to_bytes(8, "big"), label)
+
+
+def _secret_source(seed: int | None, reproducible_secrets: bool) -> RandomSource:
+    """The trainer's secret randomness: from the OS, or (simulation only) derived from `seed`."""
+    if not isinstance(reproducible_secrets, bool):
+        raise ConfigurationError(f"reproducible_secrets must be True or False, got {reproducible_secrets!r}")
+    if not reproducible_secrets:
+        return RandomSource()
+    if seed is None:
+        raise ConfigurationError("reproducible_secrets=True derives the secrets from the seed: pass seed=<int> too")
+    message = (
+        f"Trainer(seed={seed}, reproducible_secrets=True): the DP noise, the sampling of participants and every "
+        "protocol key and mask derive from the public seed, so anyone who knows it can subtract the noise and "
+        "unmask the updates; the run's epsilon and secure aggregation are void (tests and simulation only)"
+    )
+    warnings.warn(message, SeededSecretsWarning, stacklevel=3)
+    log.warning("securefed: %s", message)
+    return RandomSource(_seed_bytes(seed, "trainer/secrets"))
 
 
 class Trainer:
@@ -126,15 +302,20 @@ class Trainer:
       example counts would reveal data sizes;
     - ``loss_fn``: default cross-entropy; ``eval_dataset``: held-out data for metrics;
     - ``dropouts``: a schedule ``(round, participants) -> {participant: phase}``;
-    - ``seed``: makes sampling, local shuffling and protocol randomness reproducible;
+    - ``seed``: makes the public randomness reproducible: local shuffling and, without DP, the
+      choice of participants (default 0; None draws it from the OS too);
+    - ``reproducible_secrets``: False (default): noise, sampling under DP, DP-SGD's coins and
+      every protocol key and mask come from the OS, whatever the seed. True derives them from
+      ``seed`` too (tests and simulation only, like Opacus without ``secure_mode``): a
+      :class:`SeededSecretsWarning`, ``history.seeded_secrets`` and the audit log say so, and
+      the epsilon is void;
     - ``progress``: show a rich progress bar; ``on_round``: called with each round's record;
     - ``audit_log``: write a signed audit log of every round there (an existing log is
       verified and continued, and round numbers go on after its last round);
       ``audit_key``: its Ed25519 key or PEM file (default ``PATH.key``); see ``protocols/audit.md``;
     - ``torch_threads``: torch's intra-op threads while participants train and the model is
-      evaluated; default 1 for models under 10^6 parameters (on small layers the threads cost
-      more than they give: the demo's rounds are ~5x faster on one thread on 2 cores), else
-      torch's own setting.
+      evaluated; default 1 for models under 10^6 parameters (the demo's rounds run ~5x faster
+      on one thread on 2 cores), else torch's own setting.
     """
 
     def __init__(
@@ -157,29 +338,15 @@ class Trainer:
         eval_dataset: Dataset | None = None,
         dropouts: DropoutSchedule | None = None,
         seed: int | None = 0,
+        reproducible_secrets: bool = False,
         progress: bool = True,
         on_round: Callable[[RoundRecord], None] | None = None,
         audit_log: str | os.PathLike[str] | None = None,
         audit_key: Any = None,
         torch_threads: int | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise InvalidInput("model must be a torch.nn.Module")
-        if len(datasets) == 0:
-            raise InvalidInput("datasets must hold one dataset per participant")
-        if algorithm not in ("fedavg", "fedsgd"):
-            raise ConfigurationError(f"algorithm must be 'fedavg' or 'fedsgd', got {algorithm!r}")
-        if weighting not in (None, "examples", "uniform"):
-            raise ConfigurationError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
-        if privacy is not None and weighting == "examples":
-            raise ConfigurationError("with differential privacy every participant weighs the same: weighting='uniform'")
-        weighting = weighting or ("examples" if privacy is None else "uniform")
+        mode, k = _check_arguments(model, datasets, algorithm, weighting, privacy, clients_per_round)
         n = len(datasets)
-        k = n if clients_per_round is None else clients_per_round
-        if not 1 <= k <= n:
-            raise ConfigurationError(f"clients_per_round must be in [1, {n}], got {clients_per_round}")
-        if min(len(d) for d in datasets) == 0:  # type: ignore[arg-type]
-            raise InvalidInput("every participant needs at least one example")
         self.model = model
         self.datasets = list(datasets)
         self.protocol = protocol if protocol is not None else Plain()
@@ -191,7 +358,7 @@ class Trainer:
         self.lr = lr
         self.momentum = momentum
         self.server_lr = server_lr
-        self.weighting = weighting
+        self.weighting = mode
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.eval_dataset = eval_dataset
         self.dropouts = dropouts
@@ -199,12 +366,12 @@ class Trainer:
         self.progress = progress
         self.on_round = on_round
         self._names = _select(model, parameters)
-        if torch_threads is not None and (not isinstance(torch_threads, int) or torch_threads < 1):
-            raise ConfigurationError(f"torch_threads must be a positive integer, got {torch_threads!r}")
-        small = sum(p.numel() for p in model.parameters()) < 10**6
-        self.torch_threads = torch_threads if torch_threads is not None else (1 if small else None)
+        self.torch_threads = _default_threads(model, torch_threads)
         self._max_examples = max(len(d) for d in self.datasets)  # type: ignore[arg-type]
-        self._rng = RandomSource(_seed_bytes(seed, "trainer"))
+        #: Whether the secret randomness derives from ``seed`` (see ``reproducible_secrets``).
+        self.reproducible_secrets = reproducible_secrets
+        self._secrets = _secret_source(seed, reproducible_secrets)
+        self._rng = RandomSource(_seed_bytes(seed, "trainer"))  # public: shuffling, sampling without DP
         self._round = 0
         #: The audit log's writer (``audit_log=``), or None.
         self.audit = None
@@ -221,11 +388,11 @@ class Trainer:
             self.privacy_session = PrivacySession(
                 privacy, protocol=self.protocol, population=n, clients_per_round=k,
                 dimension=sum(p.numel() for p in self._params().values()),
-                local_steps=1 if algorithm == "fedsgd" else local_epochs, rng=self._rng.child("privacy"),
+                local_steps=1 if algorithm == "fedsgd" else local_epochs, rng=self._secrets.child("privacy"),
             )
             if self.audit is not None and self.audit.ledger:
                 self.privacy_session.resume(self.audit.ledger)
-        self.history = History()
+        self.history = History(seeded_secrets=reproducible_secrets)
 
     @property
     def accountant(self) -> Any:
@@ -245,51 +412,17 @@ class Trainer:
         gen = torch.Generator()
         gen.manual_seed(int.from_bytes(self._rng.child(f"round/{self._round}/client/{client}").token_bytes(8), "big") >> 1)
         full = self.algorithm == "fedsgd"
-        loader = DataLoader(data, batch_size=len(data) if full else self.batch_size, shuffle=not full, generator=gen)
+        size = len(data) if full else self.batch_size  # type: ignore[arg-type]
+        loader = DataLoader(data, batch_size=size, shuffle=not full, generator=gen)
         opt = torch.optim.SGD(list(self._params().values()), lr=self.lr, momentum=self.momentum)
         self.model.train()
         dp = self.privacy_session
         if dp is not None and dp.local_training:
             loss = dp.train_locally(self.model, data, self.loss_fn, opt,
-                                    self._rng.child(f"round/{self._round}/client/{client}/dp-sgd"))
+                                    self._secrets.child(f"round/{self._round}/client/{client}/dp-sgd"))
             return flatten(self._params())[0] - start, loss
-        total, count = 0.0, 0
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(gen.initial_seed())
-            for _ in range(1 if full else self.local_epochs):
-                for xb, yb in loader:
-                    opt.zero_grad()
-                    loss = self.loss_fn(self.model(xb), yb)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * len(yb)
-                    count += len(yb)
-        new, _ = flatten(self._params())
-        return new - start, total / max(count, 1)
-
-    @contextlib.contextmanager
-    def _threads(self) -> Iterator[None]:
-        """torch's intra-op thread count set to ``torch_threads`` for the block, then restored."""
-        before = torch.get_num_threads()
-        if self.torch_threads is not None:
-            torch.set_num_threads(self.torch_threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-    @contextlib.contextmanager
-    def _only_selected_trainable(self) -> Iterator[None]:
-        """Freeze trainable parameters outside the selection while participants train (no gradients, no steps)."""
-        chosen = set(self._names)
-        others = [p for name, p in self.model.named_parameters() if p.requires_grad and name not in chosen]
-        for p in others:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in others:
-                p.requires_grad_(True)
+        loss = _sgd(self.model, self.loss_fn, opt, loader, 1 if full else self.local_epochs, gen.initial_seed())
+        return flatten(self._params())[0] - start, loss
 
     def _load(self, vector: np.ndarray, spec: Any) -> None:
         params = self._params()
@@ -297,29 +430,27 @@ class Trainer:
             for name, value in unflatten(vector, spec).items():  # type: ignore[union-attr]
                 params[name].copy_(value)
 
-    def _round_seed(self, label: str) -> bytes | None:
-        return _seed_bytes(self.seed, f"round/{self._round}/{label}")
+    def _secret_seed(self, label: str) -> bytes | None:
+        """The protocol's seed for this round: None (OS randomness) unless the secrets are reproducible."""
+        if not self.reproducible_secrets:
+            return None
+        return _seed_bytes(self.seed, f"secrets/round/{self._round}/{label}")
 
     # -- rounds -------------------------------------------------------------------------
 
-    def _sample(self) -> list[int]:
+    def _sample(self, rng: RandomSource) -> list[int]:
         n = len(self.datasets)
         if self.clients_per_round == n:
             return list(range(n))
-        keys = self._rng.child(f"sample/{self._round}").integers_below(2**63, n)
+        keys = rng.child(f"sample/{self._round}").integers_below(2**63, n)
         return sorted(np.argsort(keys, kind="stable")[: self.clients_per_round].tolist())
 
     def _aggregate(
         self, inputs: list[np.ndarray], participants: list[int], protocol: AggregationProtocol
     ) -> AggregationResult:
-        drops: dict[int, str] = {}
-        if self.dropouts is not None:
-            index = {p: i for i, p in enumerate(participants)}
-            for p, phase in self.dropouts(self._round, participants).items():
-                if p in index:
-                    drops[index[p]] = phase
+        drops = _client_dropouts(self.dropouts, self._round, participants)
         return simulate_aggregation(
-            protocol, inputs, drops, seed=self._round_seed("aggregation"), record="digest",
+            protocol, inputs, drops, seed=self._secret_seed("aggregation"), record="digest",
             round_index=self._round,
         )
 
@@ -327,7 +458,8 @@ class Trainer:
         """Run one round and return its record (also appended to ``history``)."""
         self._round += 1
         dp = self.privacy_session
-        participants = self._sample() if dp is None else dp.sample(self._round, self._sample)
+        participants = (self._sample(self._rng) if dp is None
+                        else dp.sample(self._round, lambda: self._sample(self._secrets)))
         if dp is not None:
             if not dp.runnable(len(participants)):
                 return self._skipped_round()
@@ -341,7 +473,7 @@ class Trainer:
         start = start.copy()
         weighted = self.weighting == "examples"
         inputs, losses, weights = [], [], []
-        with self._only_selected_trainable(), self._threads():
+        with _only_trainable(self.model, self._names), _threads(self.torch_threads):
             for c in participants:
                 delta, loss = self._local_update(c, start, spec)
                 w = len(self.datasets[c]) / self._max_examples if weighted else 1.0  # type: ignore[arg-type]
@@ -374,15 +506,18 @@ class Trainer:
         )
         metrics["dropped"] = float(len(participants) - len(included))
         metrics.update({} if dp is None else dp.metrics)
-        loss = float(np.average(losses, weights=weights))
-        record = RoundRecord(self._round, loss, metrics, None if dp is None else dp.epsilon(), included)
+        # Under DP the loss is an exact function of private data: not released (protocols/dp.md 2).
+        mean_loss = float(np.average(losses, weights=weights)) if dp is None else None
+        record = RoundRecord(self._round, mean_loss, metrics, None if dp is None else dp.epsilon(), included)
         self.history.rounds.append(record)
         if self.audit is not None:
             self._audit_begin()
             self.audit.round(self._round, protocol=protocol, result=res, participants=participants,
-                             metrics={"loss": loss, **metrics}, dp_events=[] if dp is None else dp.unaudited_ledger(),
+                             metrics=metrics if mean_loss is None else {"loss": mean_loss, **metrics},
+                             dp_events=[] if dp is None else dp.unaudited_ledger(),
                              epsilon=record.epsilon)
-        log.info("round %d: loss %.4f %s included %s", self._round, loss, metrics, included)
+        shown = "" if mean_loss is None else f"loss {mean_loss:.4f} "  # under DP: not released
+        log.info("round %d: %s%s included %s", self._round, shown, metrics, included)
         if self.on_round is not None:
             self.on_round(record)
         return record
@@ -391,49 +526,29 @@ class Trainer:
         """A Poisson sample too small for the protocol (or empty): no update, nothing released or spent."""
         assert self.privacy_session is not None
         metrics = {**self.evaluate(), "skipped": 1.0}
-        record = RoundRecord(self._round, math.nan, metrics, self.privacy_session.epsilon(), ())
+        record = RoundRecord(self._round, None, metrics, self.privacy_session.epsilon(), ())
         self.history.rounds.append(record)
         log.info("round %d: the sample was too small for %s; skipped", self._round, self.protocol.name)
         if self.on_round is not None:
             self.on_round(record)
         return record
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss and accuracy on ``eval_dataset`` (empty dict without one)."""
+        """Loss and accuracy on ``eval_dataset`` (empty dict without one): public data, released as is."""
         if self.eval_dataset is None:
             return {}
-        self.model.eval()
-        total_loss, correct, count = 0.0, 0, 0
-        with self._threads():
-            for xb, yb in DataLoader(self.eval_dataset, batch_size=1024):
-                out = self.model(xb)
-                total_loss += float(self.loss_fn(out, yb)) * len(yb)
-                if out.ndim == 2 and yb.ndim == 1:
-                    correct += int((out.argmax(dim=1) == yb).sum())
-                count += len(yb)
-        metrics = {"eval_loss": total_loss / count}
-        if out.ndim == 2 and yb.ndim == 1:
-            metrics["eval_accuracy"] = correct / count
-        return metrics
+        with _threads(self.torch_threads):
+            return _evaluate(self.model, self.eval_dataset, self.loss_fn)
 
     def _audit_begin(self) -> None:
         """Open an audit session (run_start or resume) unless one is open."""
         if self.audit is not None and not self.audit.in_session:
-            self.audit.start(config=self._audit_config(), privacy=self._audit_privacy())
+            self.audit.start(**self._audit_header())
 
-    def _audit_privacy(self) -> dict[str, Any] | None:
-        return None if self.privacy_session is None else self.privacy_session.audit_settings()
-
-    def _audit_config(self) -> dict[str, Any]:
-        return {
-            "trainer": type(self).__name__, "model": type(self.model).__name__,
-            "trainable_parameters": int(sum(p.numel() for p in self._params().values())),
-            "participants": len(self.datasets), "clients_per_round": self.clients_per_round,
-            "algorithm": self.algorithm, "local_epochs": self.local_epochs, "batch_size": self.batch_size,
-            "lr": self.lr, "momentum": self.momentum, "server_lr": self.server_lr, "weighting": self.weighting,
-            "protocol": repr(self.protocol), "privacy": repr(self.privacy), "seed": self.seed,
-        }
+    def _audit_header(self) -> dict[str, Any]:
+        """What a session of the audit log opens with: configuration, privacy settings, seeded secrets."""
+        privacy = None if self.privacy_session is None else self.privacy_session.audit_settings()
+        return {"config": _describe(self), "privacy": privacy, "seeded_secrets": self.reproducible_secrets}
 
     def fit(self, rounds: int = 10) -> History:
         """Train for `rounds` rounds; returns the history (every round so far).
@@ -445,24 +560,13 @@ class Trainer:
             raise ConfigurationError(f"rounds must be a positive integer, got {rounds!r}")
         if self.audit is None or self.audit.in_session:
             return self._fit(rounds)
-        with self.audit.session(config=self._audit_config(), privacy=self._audit_privacy()):
+        with self.audit.session(**self._audit_header()):
             return self._fit(rounds)
 
     def _fit(self, rounds: int) -> History:
-        if not self.progress:
+        if self.progress:
+            _fit_with_progress(self, rounds)
+        else:
             for _ in range(rounds):
                 self.run_round()
-            return self.history
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), transient=False,
-        ) as bar:
-            task = bar.add_task(f"training ({self.protocol.name})", total=rounds, status="")
-            for _ in range(rounds):
-                r = self.run_round()
-                acc = r.metrics.get("eval_accuracy")
-                status = f"loss {r.loss:.4f}" + ("" if acc is None else f"  acc {acc:.3f}")
-                bar.update(task, advance=1, status=status)
         return self.history
