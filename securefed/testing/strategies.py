@@ -546,8 +546,12 @@ def deviations(protocol: AggregationProtocol, n: int) -> st.SearchStrategy[Any]:
 
     Every protocol: :class:`~securefed.testing.adversary.AskAgain` in any phase. SecAgg and
     SecAgg+ (and subclasses) also: both secrets of a peer, a survivor list below t, everyone
-    dropped, replayed old shares (from an honest round with another seed), and for
-    the active variant inconsistent survivor lists and a substituted public key.
+    dropped, replayed old shares (from an honest round that differs from this one by
+    construction, whatever ``old_seed`` is), and for the active variant inconsistent survivor
+    lists (two different lists by construction) and a substituted public key. Every drawn value
+    may shrink to the round's own (0, the first client): no deviation may then become the
+    honest protocol. The coalition (:mod:`securefed.testing.coalition`) is not drawn here: it is
+    the property ``"coalition"``.
     """
     from securefed.protocols.secagg import _MaskedAggregation
     from securefed.testing import adversary as adv
