@@ -17,7 +17,7 @@ from securefed.privacy.clipping import Clipping, FlatClipping
 from securefed.privacy.config import CentralDP, DistributedDP, PrivacyConfig
 from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam, _DistributedNoise
 from securefed.privacy.events import DDGEvent, PrivacyEvent
-from securefed.privacy.noise import CentralGaussian, NoiseModule
+from securefed.privacy.noise import CentralGaussian, NoiseModule, encoding_margin
 
 __all__ = ["ClientLevelMechanism", "check_budget", "clipping_module"]
 
@@ -32,7 +32,7 @@ class ClientLevelMechanism:
     """The noise and accounting of client-level rounds of `protocol` on updates of length `dimension`.
 
     - ``config``: :class:`~securefed.privacy.CentralDP` (the server adds Gaussian noise of std
-      z C) or :class:`~securefed.privacy.DistributedDP` (each client adds an integer share
+      z (C + the encoding's rounding margin), :attr:`contribution_bound`) or :class:`~securefed.privacy.DistributedDP` (each client adds an integer share
       provisioned for the t - C honest shares a finished round is sure to sum, t =
       ``protocol.min_survivors(n)``, C = ceil(colluding_fraction n));
     - ``l2_bound``: the round's L2 bound C (default: the clipping module's bound);
@@ -84,11 +84,24 @@ class ClientLevelMechanism:
             rotation=config.rotation, wrap_probability=config.wrap_probability,
         )
 
+    @property
+    def contribution_bound(self) -> float:
+        """The L2 bound on what one client adds to the decoded sum: the sensitivity noise is provisioned for.
+
+        Central noise: C plus the protocol's :func:`~securefed.privacy.noise.encoding_margin` (the
+        fixed-point encoder's stochastic rounding moves a clipped update by up to sqrt(d) steps, and
+        the noise std z (C + margin) covers it). Distributed noise: C; its encoder accounts its own
+        rounding in the event (``contribution_bound`` of the encoder). ``proofs/dp.md`` section 2.
+        """
+        if self.distributed:
+            return self.l2_bound
+        return self.l2_bound + encoding_margin(self.protocol, self.dimension)
+
     def noise(self) -> NoiseModule:
-        """The round's noise: the distributed encoder, or the server's Gaussian of std z C."""
+        """The round's noise: the distributed encoder, or the server's Gaussian of std z (C + encoding margin)."""
         if self.distributed:
             return self.encoder()
-        return CentralGaussian(noise_multiplier=self.config.noise_multiplier, l2_clip=self.l2_bound)
+        return CentralGaussian(noise_multiplier=self.config.noise_multiplier, l2_clip=self.contribution_bound)
 
     def event(self, *, included: int, n: int, round: int | None = None) -> PrivacyEvent:
         """The event of a round of n whose sum holds `included` clients' inputs (only honest shares count)."""

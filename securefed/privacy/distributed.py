@@ -199,10 +199,20 @@ class _DistributedNoise(IntegerEncoder, NoiseModule):
     def _noise(self, rng: RandomSource, sigma: float, size: int) -> np.ndarray:
         raise NotImplementedError
 
-    def encode(self, x: np.ndarray, *, n: int, rng: RandomSource) -> np.ndarray:
-        """One client's noisy, rounded, scaled (and rotated) update modulo 2^k.
+    @property
+    def contribution_bound(self) -> float:
+        """The L2 bound, in the integer domain, on one client's :meth:`quantize` output: the sensitivity
+        its privacy event is accounted with (``_bounds.rounded_l2_bound``: c / gamma + sqrt(d), or the
+        conditional bound when beta > 0). ``proofs/dp.md`` section 3."""
+        return self._rounded_l2
 
-        Raises InvalidInput for a vector of the wrong length, NaN/Inf, or L2 norm above l2_clip.
+    def quantize(self, x: np.ndarray, *, rng: RandomSource) -> np.ndarray:
+        """One client's update rotated, scaled by 1/granularity and randomly rounded (int64), before noise.
+
+        Its L2 norm is at most :attr:`contribution_bound` whatever the rounding draws: the scaled
+        vector is brought within c / gamma in float64 with room for the dot product's rounding, and
+        each coordinate then moves by less than 1. Raises InvalidInput for a vector of the wrong
+        length, NaN/Inf, or L2 norm above l2_clip.
         """
         x = check_vector(x, self.dimension)
         check_finite(x, "update")
@@ -212,10 +222,26 @@ class _DistributedNoise(IntegerEncoder, NoiseModule):
                 f"update has L2 norm {norm:.6g} above l2_clip {self.l2_clip:g}; clip it first "
                 "(securefed.privacy clipping) or configure a larger l2_clip"
             )
-        k = self.modulus_bits(n)
         y = self._rotation.forward(x) if self._rotation is not None else x.astype(np.float64)
         y *= 1.0 / self.granularity
-        rounded = self._round(y, rng.child("rounding"))
+        # The rotation and the scaling round in float64, so ||y|| may exceed c / gamma by a few ulps; a
+        # computed norm <= target keeps the exact one <= c / gamma (a sum of d squares errs by < d 2^-53).
+        target = self._scaled_clip * (1.0 - (self.dimension + 2) * 2.0**-53)
+        scaled = l2_norm(y)
+        if scaled > target:
+            y *= target / scaled
+            while l2_norm(y) > target:
+                y = np.nextafter(y, 0.0)
+        return self._round(y, rng.child("rounding"))
+
+    def encode(self, x: np.ndarray, *, n: int, rng: RandomSource) -> np.ndarray:
+        """One client's noisy, rounded, scaled (and rotated) update modulo 2^k: :meth:`quantize` plus its
+        noise share.
+
+        Raises InvalidInput for a vector of the wrong length, NaN/Inf, or L2 norm above l2_clip.
+        """
+        k = self.modulus_bits(n)
+        rounded = self.quantize(x, rng=rng)
         rounded += self._noise(rng.child("noise"), self.local_sigma(n), self.dimension)
         mask = np.uint64((1 << k) - 1) if k < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
         return (rounded.view(np.uint64) & mask).astype(storage_dtype(k))

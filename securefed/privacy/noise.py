@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,24 @@ from securefed.errors import ConfigurationError
 from securefed.privacy import sampling
 from securefed.privacy.events import GaussianEvent, PrivacyEvent
 
-__all__ = ["CentralGaussian", "NoiseModule"]
+__all__ = ["CentralGaussian", "NoiseModule", "encoding_margin"]
+
+
+def encoding_margin(protocol: Any, dimension: int) -> float:
+    """How far, in L2, a protocol's encoding can move one client's update of `dimension` coordinates.
+
+    ``sqrt(d) * protocol.error_bound(1)``: each coordinate of a single decoded input is within
+    ``error_bound(1)`` of the input (for the fixed-point encoder, one step 1/s of stochastic
+    rounding plus float64 slack; 0 for :class:`~securefed.protocols.Plain`). Central noise is
+    provisioned for the clip plus this margin, so what a client adds to the decoded sum stays
+    within the sensitivity the accountant is told (``proofs/dp.md`` section 2).
+    """
+    if isinstance(dimension, bool) or not isinstance(dimension, (int, np.integer)) or dimension < 1:
+        raise ConfigurationError(f"dimension must be a positive integer, got {dimension!r}")
+    error = float(protocol.error_bound(1))
+    if not (math.isfinite(error) and error >= 0):
+        raise ConfigurationError(f"protocol {protocol!r} declares an error bound of {error!r}; it must be finite")
+    return math.sqrt(int(dimension)) * error
 
 
 class NoiseModule(abc.ABC):
