@@ -40,7 +40,11 @@ __all__ = ["PrivacySession"]
 
 
 class PrivacySession:
-    """The privacy state of one :class:`~securefed.training.Trainer` (``trainer.privacy_session``)."""
+    """The privacy state of one :class:`~securefed.training.Trainer` (``trainer.privacy_session``).
+
+    `rng` is the session's secret randomness (Poisson coins, central noise, DP-SGD's coins, rotation
+    seeds): the trainer passes a source keyed from the OS unless ``reproducible_secrets=True``.
+    """
 
     def __init__(
         self, config: PrivacyConfig, *, protocol: Any, population: int, clients_per_round: int, dimension: int,
