@@ -26,6 +26,7 @@ nodes shown different lists refuse before any key is advertised.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -170,20 +171,41 @@ class ServerBeacon:
 # -- the node's side ----------------------------------------------------------------------------
 
 
-def _saved(state: RecordDict, req: Request, *, pre: bytes) -> ConfigRecord:
-    saved = state.get(STATE_KEY)
-    if not isinstance(saved, ConfigRecord) or (saved["round"], saved["session"], saved["client"]) != (
-            req.round, pre, req.client):
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """A node's beacon of one round: its rho and, once revealed, the list it revealed for (empty rho: refused)."""
+
+    round: int
+    session: bytes
+    client: int
+    rho: bytes
+    list_hash: bytes
+    commitments: bytes
+
+    @classmethod
+    def load(cls, state: RecordDict) -> _State | None:
+        saved = state.get(STATE_KEY)
+        if not isinstance(saved, ConfigRecord):
+            return None
+        fields = {f.name: saved.get(f.name) for f in dataclasses.fields(cls)}
+        if any(type(fields[k]) is not (int if k in ("round", "client") else bytes) for k in fields):
+            return None
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+def _saved(state: RecordDict, req: Request, *, pre: bytes) -> _State:
+    saved = _State.load(state)
+    if saved is None or (saved.round, saved.session, saved.client) != (req.round, pre, req.client):
         raise MessageRejected("invalid request: this node holds no graph commitment for this round and session "
                               "(out of phase: the beacon starts with graph_commit)")
-    if not saved["rho"]:
+    if not saved.rho:
         raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node refused this round's graph beacon earlier")
     return saved
 
 
 def _store(state: RecordDict, req: Request, pre: bytes, rho: bytes, list_hash: bytes, listing: bytes) -> None:
-    state[STATE_KEY] = ConfigRecord({"round": req.round, "session": pre, "client": req.client, "rho": rho,
-                                     "list_hash": list_hash, "commitments": listing})
+    record = _State(req.round, pre, req.client, rho, list_hash, listing)
+    state[STATE_KEY] = ConfigRecord(dataclasses.asdict(record))
 
 
 def tombstone(state: RecordDict, req: Request, pre: bytes) -> None:
@@ -195,8 +217,8 @@ def node_commit(state: RecordDict, req: Request, node: int, rng: RandomSource) -
     """``graph_commit``: draw rho, keep it in `state`, answer the commitment (a new commit replaces an older one)."""
     if req.payload:
         raise MessageRejected("invalid graph_commit request: non-empty payload")
-    saved = state.get(STATE_KEY)
-    if isinstance(saved, ConfigRecord) and req.round < saved["round"]:
+    saved = _State.load(state)
+    if saved is not None and req.round < saved.round:
         raise MessageRejected("invalid request: stale round")
     rho = rng.token_bytes(RHO)
     _store(state, req, req.session, rho, b"", b"")
@@ -207,7 +229,7 @@ def node_reveal(state: RecordDict, req: Request, node: int, key: Ed25519PrivateK
     """``graph_reveal``: check the commitment list (n entries, this node's unchanged), keep it, answer rho and
     the signature over the list. One list per commitment: another list is refused."""
     saved = _saved(state, req, pre=req.session)
-    listing, n, rho = req.payload, req.n, saved["rho"]
+    listing, n, rho = req.payload, req.n, saved.rho
     try:
         if len(listing) != n * HASH:
             raise MessageRejected(f"invalid graph_reveal request: the commitment list must have {n} entries")
@@ -215,7 +237,7 @@ def node_reveal(state: RecordDict, req: Request, node: int, key: Ed25519PrivateK
             raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
                                   "graph beacon: the server's commitment list changes this node's commitment")
         list_hash = hashlib.sha256(listing).digest()
-        if saved["list_hash"] and saved["list_hash"] != list_hash:
+        if saved.list_hash and saved.list_hash != list_hash:
             raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
                                   "graph beacon: the server asks this node to reveal for a second, different list")
     except (MessageRejected, ProtocolAborted):
@@ -242,15 +264,15 @@ def node_check(state: RecordDict, req: Request, pre: bytes, nodes: Sequence[int]
         raise
 
 
-def _check_reveals(saved: ConfigRecord, req: Request, pre: bytes, nodes: Sequence[int], keys: KeyDirectory) -> None:
+def _check_reveals(saved: _State, req: Request, pre: bytes, nodes: Sequence[int], keys: KeyDirectory) -> None:
     list_hash, reveals_hash, reveals = split_field(req.beacon, req.n)
-    if reveals is None or not saved["list_hash"] or list_hash != saved["list_hash"]:
+    if reveals is None or not saved.list_hash or list_hash != saved.list_hash:
         raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
                               "graph beacon: the request's commitment list is not the one this node revealed for")
-    listing = saved["commitments"]
+    listing = saved.commitments
     for i, (rho, sig) in enumerate(reveals):
         _verify_reveal(keys, i, pre, req.round, nodes[i], list_hash, listing[i * HASH:(i + 1) * HASH], rho, sig)
-    if reveals[req.client][0] != saved["rho"]:
+    if reveals[req.client][0] != saved.rho:
         raise MessageRejected("invalid graph beacon: this node's reveal was replaced")
     if req.session != session(pre, req.round, list_hash, reveals_hash):
         raise MessageRejected("invalid request: the session id is not the one the graph beacon gives")

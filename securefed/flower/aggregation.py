@@ -126,6 +126,10 @@ class AggregationRound:
     ``privacy``: a ``CentralDP``/``DistributedDP`` configuration (the nodes must have the
     same); ``auxiliary``: party name to the node that plays it (an HE ``"decryptor"``);
     ``identities``: the federation's public identity keys by node id (active SecAgg).
+    Active SecAgg+ on a Harary graph first runs the graph beacon (``_beacon``, spec section 12):
+    :attr:`phases` is then ``("graph_commit", "graph_reveal", *protocol.phases)`` and the
+    protocol's session id, and so its graph, is the beacon's, not the nonce's (:attr:`pre_session`).
+    Raises ConfigurationError for such a round without `identities`.
     """
 
     def __init__(
@@ -206,7 +210,7 @@ class AggregationRound:
         phase); `phase` is one of :attr:`phases` (the graph beacon's or the protocol's)."""
         protocol, spec = self.protocol, self.spec
         if phase in _beacon.PHASES and self.beacon is not None:
-            requests: Mapping[Party, bytes] = self.beacon.requests(phase)
+            requests: Mapping[Party, bytes] = {c: b for c, b in self.beacon.requests(phase).items()}
             beacon = b""
         else:
             assert self.server is not None, "the graph beacon runs before the protocol's phases"
@@ -314,7 +318,9 @@ class GridAggregator:
       parties (``{"decryptor": node}`` for CKKS/BFV with a decryptor); that node is not a client;
     - ``identities``: the federation's identity keys by node id (public keys suffice), for the
       active SecAgg variants when participants change between rounds: each round verifies
-      against the directory of its own nodes (nodes build theirs from their own copy).
+      against the directory of its own nodes (nodes build theirs from their own copy); needed
+      by active SecAgg+ on a Harary graph, whose rounds start with the graph beacon (its reveals
+      are signed; spec section 12).
 
     Raises ConfigurationError for a protocol whose auxiliary party has no node, or
     identities for a protocol without ``with_identities``. See ``protocols/flower.md``.

@@ -67,7 +67,10 @@ class SecureClient:
     - ``identities``: this node's copy of the federation's identity keys by node id (every
       public key, its own signing key: ``KeyDirectory.restricted_to(node_id)``), or a function
       of the ``Context``; each round's directory (client i: the round's i-th node) is built
-      from it, never from the server (active SecAgg with changing participants).
+      from it, never from the server (active SecAgg with changing participants). Needed by active
+      SecAgg+ on a Harary graph: the node then commits to and reveals, signed, the randomness
+      the round's session id and masking graph derive from (the graph beacon, spec section 12),
+      and refuses a round whose beacon is missing or does not check out.
 
     :meth:`register` installs the handlers on a ``ClientApp``. Raises ConfigurationError
     for missing phases.

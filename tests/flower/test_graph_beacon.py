@@ -181,7 +181,7 @@ def test_nodes_refuse_a_server_that_skips_the_beacon():
     """advertise_keys with the server's own session (no beacon field), to nodes that never saw a beacon."""
     rnd = beacon_round()
     run_beacon(rnd, grid())
-    skip = lambda node, msg: edit(msg, beacon=b"", session=rnd.pre_session)  # noqa: E731
+    skip = lambda node, msg: edit(msg, beacon=b"", session=rnd.pre_session)
     refused_everywhere(exchange(rnd, grid(), "advertise_keys", skip), "the server skipped it")
     with pytest.raises(ProtocolAborted):
         rnd.finish_phase("advertise_keys")
