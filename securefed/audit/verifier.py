@@ -296,8 +296,7 @@ class _Checker:
         self.seeded = True
         if not self.allow_seeded:
             self.fail(number, "body.seeded_secrets",
-                      "secrets from OS randomness (seeded ones void the epsilon and the aggregation's secrecy; "
-                      "accept a simulation's log with allow_seeded)", True)
+                      "secrets from the OS (seeded ones void the epsilon; allow_seeded accepts a simulation)", True)
 
     def _declare_privacy(self, number: int, privacy: Any) -> None:
         if self.privacy is ...:
