@@ -95,7 +95,7 @@ from typing import Any
 import numpy as np
 
 try:
-    from hypothesis import HealthCheck, Phase, assume, given, note, settings
+    from hypothesis import HealthCheck, Phase, assume, given, note, seed, settings
     from hypothesis import strategies as st
 except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
@@ -202,6 +202,7 @@ class _Suite:
         message_phases: Collection[str] | None,
         settings_: settings,
         wanted: Collection[str] = PROPERTIES,
+        seed_: int | None = None,
     ) -> None:
         self.factory = factory
         self.probe = factory()
@@ -223,6 +224,7 @@ class _Suite:
             raise ValueError(f"message_phases {sorted(unknown)} are not phases of {self.probe.phases}")
         self.message_phases = None if message_phases is None else set(message_phases)
         self.settings = settings_
+        self.seed = seed_
         self.wanted = set(wanted)
         shown = repr(self.probe)
         kind = type(self.probe).__name__
@@ -234,6 +236,10 @@ class _Suite:
         except ConfigurationError:
             return False
         return True
+
+    def run(self, prop: Callable[[], None]) -> None:
+        """Run the hypothesis test `prop`, from the suite's seed when one was given."""
+        (prop if self.seed is None else seed(self.seed)(prop))()
 
     # -- strategies -----------------------------------------------------------------------------
 
@@ -361,7 +367,7 @@ class _Suite:
                                                      f"{e}, expected InvalidInput") from e
             raise _Violation("input_validation", f"client {i}'s input with {what} was accepted; expected InvalidInput")
 
-        prop()
+        self.run(prop)
 
     def correctness(self) -> None:
         @self.settings
@@ -374,7 +380,7 @@ class _Suite:
             if "liveness" in self.wanted:
                 self._liveness(case, res)
 
-        prop()
+        self.run(prop)
 
     def _liveness(self, case: Case, res: AggregationResult | None) -> None:
         if not case.dropouts and res is not None and tuple(res.included) != tuple(range(case.n)):
@@ -395,7 +401,7 @@ class _Suite:
                                           f"n - min_survivors = {case.n - t} clients dropped by the input phase; "
                                           "expected ProtocolAborted")
 
-        prop()
+        self.run(prop)
 
     def _messages(self, prop_name: str, kinds: Sequence[str]) -> None:
         # Two clients or more where the protocol allows: one client can hardly be confused with another.
@@ -420,7 +426,7 @@ class _Suite:
                                    alter=tampering.alter)
             self._check_tampered(prop_name, protocol_b, case, honest, tampered, tampering)
 
-        prop()
+        self.run(prop)
 
     def malformed_messages(self) -> None:
         self._messages("malformed_messages", sfst.MALFORMED_KINDS)
@@ -482,7 +488,7 @@ class _Suite:
                                 f"from {party!r}, at byte {at[0]} (bytes {at[1]}..{at[1] + at[2] - 1} of the input)")
 
         if not self.unprotected:
-            prop()
+            self.run(prop)
 
     def _random_inputs(self, protocol: AggregationProtocol, case: Case, data_seed: int) -> list[np.ndarray]:
         gen = np.random.default_rng(data_seed)  # test data, not a secret
@@ -523,7 +529,7 @@ class _Suite:
                 raise _Violation("determinism", f"the same seed gave different server views: {where} "
                                                 "(pass deterministic_view=False if a backend draws its own randomness)")
 
-        prop()
+        self.run(prop)
 
     def honest_client(self) -> None:
         @self.settings
@@ -541,7 +547,7 @@ class _Suite:
             if problem:
                 raise _Violation("honest_client", f"against {deviation!r}: {problem}")
 
-        prop()
+        self.run(prop)
 
     def coalition(self) -> None:
         if not coalition.applies(self.probe):
@@ -601,7 +607,7 @@ def _find_window(payload: bytes, rep: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _settings(max_examples: int | None) -> settings:
+def _settings(max_examples: int | None, seed_: int | None = None) -> settings:
     # No "explain" phase: it reruns a failing case hundreds of times to annotate it.
     kw: dict[str, Any] = {"deadline": None, "database": None, "report_multiple_bugs": False,
                           "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
@@ -609,6 +615,8 @@ def _settings(max_examples: int | None) -> settings:
                                                     HealthCheck.filter_too_much]}
     if max_examples is not None:
         kw["max_examples"] = max_examples
+    if seed_ is not None:  # a derandomized profile would ignore the seed
+        kw["derandomize"] = False
     return settings(**kw)
 
 
@@ -634,6 +642,7 @@ def check_protocol(
     message_phases: Collection[str] | None = None,
     properties: Collection[str] | None = None,
     max_examples: int | None = None,
+    seed: int | None = None,
 ) -> None:
     """Check the conformance properties (module docstring) of the protocol `protocol_factory` makes.
 
@@ -647,7 +656,9 @@ def check_protocol(
       backends with their own randomness, e.g. TenSEAL);
     - `message_phases`: alter only replies of these phases in the message properties (default all);
     - `properties`: a subset of :data:`PROPERTIES` (default all); `max_examples`: examples per
-      property (default: the loaded hypothesis profile's).
+      property (default: the loaded hypothesis profile's);
+    - `seed`: draw the examples from this hypothesis seed (not derandomized), so that a
+      fixed list of seeds reproduces randomized runs (default: the profile decides).
 
     Raises ConformanceError (an AssertionError) for the first property that fails, with the
     smallest counterexample hypothesis found. Do not call it inside a ``@given`` test.
@@ -659,7 +670,7 @@ def check_protocol(
     suite = _Suite(_factory(protocol_factory), clients=clients, dimension=dimension, value_range=value_range,
                    unprotected=unprotected, must_finish=must_finish or _no_dropouts,
                    deterministic_view=deterministic_view, message_phases=message_phases,
-                   settings_=_settings(max_examples), wanted=wanted)
+                   settings_=_settings(max_examples, seed), wanted=wanted, seed_=seed)
     if not suite.sizes:
         raise ConformanceError("configuration", f"{suite.name} refuses every round size in clients={clients}; "
                                                 "widen the range")
