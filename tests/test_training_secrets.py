@@ -17,7 +17,7 @@ from securefed.audit.keys import key_paths
 from securefed.cli import main
 from securefed.crypto.random import RandomSource
 from securefed.errors import ConfigurationError
-from securefed.privacy import CentralDP, SampleLevelDP, sampling
+from securefed.privacy import CentralDP, DistributedDP, SampleLevelDP, sampling
 from securefed.training import SeededSecretsWarning, _seed_bytes, progress_status
 from tests._toy import federation, model
 
@@ -78,6 +78,42 @@ def test_protocol_masks_are_secret_by_default():
         first = run(seed=3, reproducible_secrets=True)
     with pytest.warns(SeededSecretsWarning):
         np.testing.assert_array_equal(first, run(seed=3, reproducible_secrets=True))
+
+
+MECHANISMS = {
+    "central": (CentralDP(noise_multiplier=1.0, clipping=0.5), sf.protocols.Plain),
+    "distributed": (DistributedDP(noise_multiplier=1.0, clipping=0.5), lambda: sf.protocols.SecAgg(threshold=3)),
+    "dp-sgd": (SampleLevelDP(noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.25), sf.protocols.Plain),
+}
+
+
+@pytest.mark.parametrize("kind", list(MECHANISMS))
+def test_every_mechanism_draws_fresh_noise_by_default_and_a_simulation_repeats(kind):
+    privacy, protocol = MECHANISMS[kind]
+
+    def run(**kw):
+        m = model()
+        sf.Trainer(m, federation(), protocol=protocol(), privacy=privacy, progress=False, **kw).fit(1)
+        return torch.nn.utils.parameters_to_vector(m.parameters()).detach().numpy()
+
+    assert not np.array_equal(run(seed=3), run(seed=3))
+    with pytest.warns(SeededSecretsWarning):
+        first = run(seed=3, reproducible_secrets=True)
+    with pytest.warns(SeededSecretsWarning):
+        np.testing.assert_array_equal(first, run(seed=3, reproducible_secrets=True))
+
+
+def test_poisson_samples_are_secret_by_default():
+    def samples(**kw):
+        t = sf.Trainer(model(), federation(), privacy=CentralDP(noise_multiplier=1.0), clients_per_round=2,
+                       algorithm="fedsgd", progress=False, **kw)
+        return [t.run_round().included for _ in range(12)]
+
+    assert samples(seed=3) != samples(seed=3)  # equal by chance with probability below 1e-14
+    with pytest.warns(SeededSecretsWarning):
+        first = samples(seed=3, reproducible_secrets=True)
+    with pytest.warns(SeededSecretsWarning):
+        assert samples(seed=3, reproducible_secrets=True) == first
 
 
 def test_a_seeded_run_is_flagged_by_the_warning_the_history_the_log_and_verify(tmp_path, caplog, capsys):
