@@ -30,15 +30,10 @@ from securefed.errors import AbortReason, InvalidInput, MessageRejected, Protoco
 from securefed.protocols import _he_tenseal as backend
 from securefed.protocols import _secagg_round as secagg_round
 from securefed.protocols import _wire
-from securefed.protocols._he_parties import (
-    DECRYPTOR,
-    HEServer,
-    _blobs,
-    _Framer,
-    _Reader,
-    _sender_id,
-)
+from securefed.protocols._he_parties import signed_upload, verified_public
+from securefed.protocols._he_server import HEServer
 from securefed.protocols._he_tenseal import Ring
+from securefed.protocols._he_wire import DECRYPTOR, Framer, Reader, sender_id
 from securefed.protocols._packed import column_pack, column_unpack
 from securefed.protocols.base import ClientProtocol, DropRecord, Party, RoundSpec
 
@@ -71,7 +66,7 @@ class MaskedClient(ClientProtocol):
 
     def __init__(self, protocol: BFV, spec: RoundSpec, ring: Ring, client: int, inner: ClientProtocol) -> None:
         self._p, self._spec, self._ring, self._id, self._inner = protocol, spec, ring, client, inner
-        self._frame = _Framer(protocol, spec)
+        self._frame = Framer(protocol, spec)
         self._uploaded = False
 
     def set_input(self, x: np.ndarray) -> None:
@@ -87,21 +82,21 @@ class MaskedClient(ClientProtocol):
             return None if reply is None else self._frame.message(phase, self._id, [reply])
         if self._uploaded:
             raise MessageRejected("invalid message: this client already uploaded")
-        reader = _Reader(payload)
-        public = bytes(reader.blob())
+        reader = Reader(payload)
+        public, ctx = verified_public(self._p, self._spec, self._ring, reader)
         inner_request = bytes(reader.rest())
-        ctx = backend.load_context(public, self._ring, secret=False)
         masked = _masked_vector(self._p.masking, self._spec, self._id,
                                 self._inner.handle("masked_input", inner_request))
         values = self._p._center(masked, self._spec)
         parts = backend.encrypt_chunks(ctx, self._ring, values)
         self._uploaded = True
-        return self._frame.message(phase, self._id, [backend.key_id(public), *_blobs(parts)])
+        return self._frame.message(phase, self._id, signed_upload(self._p, self._spec, self._id,
+                                                                  backend.key_id(public), parts))
 
     def dump(self) -> bytes:
-        from securefed.protocols._he_parties import _F_INNER, _ROLE_CLIENT, _dump
+        from securefed.protocols._he_state import F_INNER, ROLE_CLIENT, dump
 
-        return _dump(self._p, self._spec, _ROLE_CLIENT, self._id, int(self._uploaded), {_F_INNER: self._inner.dump()})
+        return dump(self._p, self._spec, ROLE_CLIENT, self._id, int(self._uploaded), {F_INNER: self._inner.dump()})
 
 
 class MaskedServer(HEServer):
@@ -139,10 +134,10 @@ class MaskedServer(HEServer):
         if party == DECRYPTOR or phase in ("upload", "decrypt"):
             super()._dispatch(phase, party, payload)
             return
-        message = bytes(self._frame.payload(payload, phase, _sender_id(party)))
+        message = bytes(self._frame.payload(payload, phase, sender_id(party)))
         self._inner.receive(INNER_PHASE[phase], party, message)  # it records its own drops
 
-    def _receive_decrypt(self, party: Party, reader: _Reader) -> None:
+    def _receive_decrypt(self, party: Party, reader: Reader) -> None:
         released = bytes(reader.rest())
         if len(released) != self._p._released_size(self._spec):
             raise MessageRejected("invalid message: wrong length of the sum")

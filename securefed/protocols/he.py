@@ -6,20 +6,25 @@ drops is simply absent from the sum: there is no recovery round. Phases:
 ``("setup", "keys", "upload", "decrypt")``. Who holds the key (``key_holder``):
 
 - ``"decryptor"`` (default): a separate party, ``"decryptor"``, makes a fresh key pair each
-  round, gives the server the public context and later decrypts the aggregate once.
+  round, signs the public context it gives the server, and later decrypts one sum once.
   Safe while the server and the decryptor do not collude.
-- ``"clients"``: the lowest-index client makes the key and sends the secret key to every
-  other client sealed under X25519 + HKDF + AES-GCM (the server relays ciphertext only);
-  every included client decrypts the aggregate. Safe while the server colludes with no client.
+- ``"clients"``: the lowest-index client (the dealer) makes the key and sends the secret key to
+  every other client sealed under X25519 + HKDF + AES-GCM (the server relays ciphertext only);
+  the dealer alone decrypts the sum. Safe while the server colludes with no client.
 - ``"masked"`` (BFV only): a decryptor holds the key and SecAgg+'s pairwise masks are added to
   the encoded input before encryption, so even the decryptor with the server sees only masked
   inputs; dropouts are then recovered as in SecAgg+ (phases ``consistency_check``, ``unmasking``).
+
+Against an active server, a key holder decrypts only a sum it formed itself from uploads their
+clients signed (Ed25519, ``identities=``) for this round and key, never a ciphertext the server
+hands it: crafted ciphertexts would decrypt to the secret key (``securefed.testing.he_attacks``).
 
 See ``protocols/he.md`` (messages, key flows, parameters) and ``proofs/he.md``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -27,16 +32,46 @@ from typing import Any, Literal
 import numpy as np
 
 from securefed.crypto.random import RandomSource
-from securefed.encoding.fixedpoint import FixedPoint, IntegerEncoder, check_finite, check_vector
+from securefed.crypto.signing import (
+    KeyDirectory,
+    generate_signing_key,
+    verify_key_bytes,
+)
+from securefed.encoding.fixedpoint import (
+    FixedPoint,
+    IntegerEncoder,
+    check_finite,
+    check_vector,
+)
 from securefed.encoding.packing import pack, storage_dtype, unpack
-from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
+from securefed.errors import (
+    AbortReason,
+    ConfigurationError,
+    InvalidInput,
+    MessageRejected,
+    ProtocolAborted,
+)
 from securefed.protocols import _he_params as params
 from securefed.protocols._he_tenseal import Ring
-from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec, ServerProtocol
+from securefed.protocols._he_wire import DECRYPTOR_ID
+from securefed.protocols.base import (
+    AggregationProtocol,
+    ClientProtocol,
+    RoundSpec,
+    ServerProtocol,
+)
 
 __all__ = ["BFV", "CKKS", "KeyHolder"]
 
 KeyHolder = Literal["decryptor", "clients", "masked"]
+log = logging.getLogger("securefed.protocols.he")
+
+
+def _simulated_directory(n: int) -> KeyDirectory:
+    """Identity keys for clients 0..n-1 and the decryptor, all held here (simulation only)."""
+    rng = RandomSource()
+    private = {i: generate_signing_key(rng.child(f"identity/{i}")) for i in [*range(n), DECRYPTOR_ID]}
+    return KeyDirectory({i: verify_key_bytes(k) for i, k in private.items()}, private)
 
 
 class _HEProtocol(AggregationProtocol):
@@ -47,7 +82,12 @@ class _HEProtocol(AggregationProtocol):
     key_holders: tuple[str, ...] = ("decryptor", "clients")
     _TAG = b""
 
-    def __init__(self, key_holder: str, poly_modulus_degree: int, coeff_mod_bit_sizes: Sequence[int] | None) -> None:
+    def __init__(self, key_holder: str, poly_modulus_degree: int, coeff_mod_bit_sizes: Sequence[int] | None,
+                 identities: KeyDirectory | None = None) -> None:
+        if identities is not None and not isinstance(identities, KeyDirectory):
+            raise ConfigurationError("identities must be a securefed.crypto.signing.KeyDirectory")
+        self.identities = identities
+        self._simulated_pki: dict[int, KeyDirectory] = {}  # shared by copies (with_encoder): one PKI per run
         if key_holder not in self.key_holders:
             raise ConfigurationError(
                 f"{type(self).__name__} key_holder must be one of {self.key_holders}, got {key_holder!r}"
@@ -57,6 +97,26 @@ class _HEProtocol(AggregationProtocol):
         self.coeff_mod_bit_sizes = (
             None if coeff_mod_bit_sizes is None else params.check_ring(poly_modulus_degree, coeff_mod_bit_sizes)
         )
+
+    def directory(self, n: int) -> KeyDirectory:
+        """The identity keys in force for a round of n: clients 0..n-1 and, unless in ``"clients"`` mode,
+        the decryptor (id ``0xFFFFFFFE``). Without ``identities=``, a simulated PKI (simulation only: every
+        signing key is in this process). ConfigurationError when the directory lacks a key."""
+        if self.identities is None:
+            if n not in self._simulated_pki:
+                log.warning("%s without identities=: generating a simulated PKI (simulation only)", self.name)
+                self._simulated_pki[n] = _simulated_directory(n)
+            return self._simulated_pki[n]
+        if not self.identities.covers(n):
+            raise ConfigurationError(f"the identity directory does not cover clients 0..{n - 1}")
+        if self.key_holder != "clients":
+            try:
+                self.identities.verify_key(DECRYPTOR_ID)
+            except ConfigurationError:
+                raise ConfigurationError(
+                    f"the identity directory has no key for the decryptor (id {DECRYPTOR_ID:#x}): clients could "
+                    "not tell its public context from one the server made") from None
+        return self.identities
 
     # -- scheme hooks (implemented by CKKS and BFV) --------------------------------------
 
@@ -85,8 +145,9 @@ class _HEProtocol(AggregationProtocol):
     # -- AggregationProtocol ------------------------------------------------------------
 
     def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
-        from securefed.protocols._he_parties import HEServer
+        from securefed.protocols._he_server import HEServer
 
+        self.directory(spec.n)  # a missing identity key is a ConfigurationError before the round
         return HEServer(self, spec, self._ring(spec.n))
 
     def client(
@@ -108,7 +169,7 @@ class _HEProtocol(AggregationProtocol):
 
     def load_client(self, data: bytes, *, rng: RandomSource) -> ClientProtocol:
         """Restore a client or decryptor saved by ``dump()``; InvalidInput for anything else."""
-        from securefed.protocols._he_parties import load_party
+        from securefed.protocols._he_state import load_party
 
         return load_party(self, data, rng)
 
@@ -148,8 +209,8 @@ class _HEProtocol(AggregationProtocol):
 def _refuse(why: str) -> ProtocolAborted:
     return ProtocolAborted(
         AbortReason.REQUEST_REFUSED,
-        f"the key holder refuses to release the aggregate: {why}; an upload was out of range or not an "
-        "honest encryption",
+        f"the key holder refuses to release the aggregate: {why}; a signed upload was out of range (a client "
+        "encrypted a value outside value_range)",
     )
 
 
@@ -169,7 +230,9 @@ class CKKS(_HEProtocol):
       noise (Li and Micciancio 2021: raw CKKS decryptions leak the secret key);
     - ``poly_modulus_degree`` N (default 8192, N/2 slots per ciphertext) and
       ``coeff_mod_bit_sizes`` (default [60, 40, 60]), checked against the 128-bit table;
-    - ``key_holder``: ``"decryptor"`` or ``"clients"`` (module docstring).
+    - ``key_holder``: ``"decryptor"`` or ``"clients"`` (module docstring);
+    - ``identities``: a :class:`~securefed.crypto.signing.KeyDirectory` with every client's and (except
+      in ``"clients"`` mode) the decryptor's (id ``0xFFFFFFFE``) key; None: a simulated PKI (simulation only).
 
     The encoding scale is derived per round: 2^(floor(log2 q) - 2 - ceil(log2(n c))), the largest
     that keeps the sum below q/4; ConfigurationError when it cannot put the noise 2^20 deviations
@@ -187,10 +250,11 @@ class CKKS(_HEProtocol):
         precision_bits: int = 40,
         poly_modulus_degree: int = 8192,
         coeff_mod_bit_sizes: Sequence[int] = (60, 40, 60),
+        identities: KeyDirectory | None = None,
     ) -> None:
         if key_holder == "masked":
             raise ConfigurationError("key_holder='masked' needs exact integer sums: use BFV")
-        super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes)
+        super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes, identities)
         self.value_range = _check_range(value_range)
         if not isinstance(precision_bits, int) or not 1 <= precision_bits <= 52:
             raise ConfigurationError(f"precision_bits must be an integer in [1, 52], got {precision_bits!r}")
@@ -294,7 +358,8 @@ class BFV(_HEProtocol):
       holds n summands (worst case, no failure probability);
     - ``key_holder``: ``"decryptor"``, ``"clients"`` or ``"masked"``; ``masking``: the masking
       protocol of masked mode (default ``SecAggPlus()``; its threshold and threat model apply,
-      its encoder is replaced by this protocol's).
+      its encoder is replaced by this protocol's);
+    - ``identities``: as for :class:`CKKS`.
 
     Phases: ``("setup", "keys", "upload", "decrypt", "consistency_check", "unmasking")``; the last
     two do work only in masked mode. See ``protocols/he.md`` ("BFV parameters", "Masked mode").
@@ -315,8 +380,9 @@ class BFV(_HEProtocol):
         poly_modulus_degree: int = 8192,
         coeff_mod_bit_sizes: Sequence[int] | None = None,
         masking: AggregationProtocol | None = None,
+        identities: KeyDirectory | None = None,
     ) -> None:
-        super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes)
+        super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes, identities)
         if encoder is None:
             if value_range is None:
                 raise ConfigurationError("BFV needs value_range (the bound on each input coordinate) or an encoder")
@@ -346,9 +412,11 @@ class BFV(_HEProtocol):
 
     def with_encoder(self, encoder: Any) -> BFV:
         """A copy carrying `encoder`; ConfigurationError if its sums of n values cannot fit a 60-bit prime."""
-        return BFV(encoder=encoder, key_holder=self.key_holder,  # type: ignore[arg-type]
-                   poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
-                   masking=self._masking_given)
+        other = BFV(encoder=encoder, key_holder=self.key_holder,  # type: ignore[arg-type]
+                    poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
+                    masking=self._masking_given, identities=self.identities)
+        other._simulated_pki = self._simulated_pki  # server and clients of one run must share the simulated PKI
+        return other
 
     def min_survivors(self, n: int) -> int:
         return 1 if self.masking is None else self.masking.min_survivors(n)

@@ -18,17 +18,24 @@ from hypothesis import strategies as st
 import securefed as sf
 from securefed.crypto.random import RandomSource
 from securefed.encoding import FixedPoint, IntegerEncoder, storage_dtype
-from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
+from securefed.errors import (
+    AbortReason,
+    ConfigurationError,
+    InvalidInput,
+    MessageRejected,
+    ProtocolAborted,
+)
 from securefed.protocols import _he_params as params
 from securefed.protocols import _he_parties as parties
 from securefed.protocols import _he_tenseal as backend
+from securefed.protocols import _he_wire as wire
 from securefed.protocols import _wire
 from securefed.protocols.base import RoundSpec
 from securefed.protocols.he import BFV, CKKS
 
 PHASES = ("setup", "keys", "upload", "decrypt")
 UPLOAD = PHASES.index("upload")
-PAYLOAD = _wire.HEADER_SIZE + parties.CHECK_BYTES  # where a message's payload starts
+PAYLOAD = _wire.HEADER_SIZE + wire.CHECK_BYTES  # where a message's payload starts
 
 
 class Integers(IntegerEncoder):
@@ -53,10 +60,14 @@ class Integers(IntegerEncoder):
         return 0.0
 
 
+held = {}  # party -> the last secret key it held in the latest drive()
+
+
 def drive(protocol, xs, *, dropouts=None, seed=0, on_reply=None, restore=False):
     """simulate_aggregation's loop, exposing the parties, every request and reply, and a reply hook.
 
     ``restore=True`` saves and restores every party before each message it handles (as Flower does).
+    A key holder forgets its key when it decrypts: ``held[who]`` keeps the last key each party held.
     """
     dropouts = dropouts or {}
     n, d = len(xs), xs[0].size
@@ -66,6 +77,7 @@ def drive(protocol, xs, *, dropouts=None, seed=0, on_reply=None, restore=False):
     party = {i: protocol.client(spec, i, xs[i], rng=rng.child(f"client/{i}")) for i in range(n)}
     party.update(protocol.auxiliary(spec, rng=rng.child("auxiliary")))
     log = []
+    held.clear()
     for p, phase in enumerate(protocol.phases):
         for who, request in server.requests(phase).items():
             if who in dropouts and protocol.phases.index(dropouts[who]) <= p:
@@ -76,6 +88,8 @@ def drive(protocol, xs, *, dropouts=None, seed=0, on_reply=None, restore=False):
                 reply = party[who].handle(phase, request)
             except (MessageRejected, ProtocolAborted):
                 reply = None
+            if getattr(party[who], "_secret", None) is not None:
+                held[who] = party[who]._secret
             if on_reply is not None:
                 reply = on_reply(phase, who, reply)
             log.append((phase, who, request, reply))
@@ -91,13 +105,19 @@ def drive(protocol, xs, *, dropouts=None, seed=0, on_reply=None, restore=False):
 
 def reframe(protocol, spec, phase, sender, items):
     """A well-formed message (header and checksum) around a payload an attacker or a bug produced."""
-    return parties._Framer(protocol, spec).message(phase, sender, items)
+    return wire.Framer(protocol, spec).message(phase, sender, items)
+
+
+def signed_upload(proto, spec, client, kid, blobs):
+    """An upload message `client` signed (a faulty or corrupt client): the server checks what is inside."""
+    return reframe(proto, spec, "upload", client, parties.signed_upload(proto, spec, client, kid, blobs))
 
 
 def upload_parts(message):
-    """(key id, ciphertext blobs) of an upload message."""
+    """(key id, ciphertext blobs) of an upload message (``signature || key id || blobs``)."""
     body = memoryview(message)[PAYLOAD:]
-    reader = parties._Reader(body)
+    reader = wire.Reader(body)
+    reader.take(64)
     kid = bytes(reader.take(32))
     return kid, [bytes(reader.blob()) for _ in range(reader.u32())]
 
@@ -242,7 +262,8 @@ def test_server_context_cannot_decrypt_and_carries_no_secret(proto):
     fields = proto_fields(public)
     assert 3 not in fields  # TenSEALContextProto.private_context: absent
     assert {1} <= proto_fields(fields[2][0]).keys() <= {1, 2, 3}  # a public key; no relin (4) or Galois (5) keys
-    secret = party[parties.DECRYPTOR]._secret
+    secret = held[parties.DECRYPTOR]
+    assert party[parties.DECRYPTOR]._secret is None  # forgotten once it decrypted
     assert secret_key_blob(secret)[1000:1256] not in public
     ctx = ts.context_from(public)
     assert not ctx.has_secret_key() and not ctx.has_galois_keys() and ctx.is_public()
@@ -261,11 +282,14 @@ def test_server_context_cannot_decrypt_and_carries_no_secret(proto):
 def test_in_decryptor_mode_no_client_ever_holds_the_secret_key(proto):
     xs = [np.zeros(20)] * 3
     *_, party, log = drive(proto, xs)
-    needle = secret_key_blob(party[parties.DECRYPTOR]._secret)[1000:1256]
+    needle = secret_key_blob(held[parties.DECRYPTOR])[1000:1256]
     to_clients = [req for _, who, req, _ in log if isinstance(who, int)]
     assert to_clients and all(needle not in req for req in to_clients)
     assert all(needle not in party[c].dump() for c in range(3))
-    assert needle in party[parties.DECRYPTOR].dump()  # the check would see it if it were there
+    assert needle not in party[parties.DECRYPTOR].dump()  # spent: the key is gone
+    dec = proto.auxiliary(RoundSpec(n=3, dim=20, session_id=bytes(32)), rng=RandomSource(0))[parties.DECRYPTOR]
+    keyed = dec.handle("setup", reframe(proto, RoundSpec(n=3, dim=20, session_id=bytes(32)), "setup", _wire.SERVER, []))
+    assert keyed and secret_key_blob(dec._secret)[1000:1256] in dec.dump()  # the check would see it if it were there
 
 
 # -- H6: bad input is refused and leaves the accumulator untouched ----------------------------------------
@@ -310,15 +334,15 @@ def test_rejected_uploads_leave_the_sum_untouched(foreign_ckks):
     other_params = backend.encrypt_chunks(backend.new_context(CKKS(coeff_mod_bit_sizes=(60, 50, 60))._ring(8)),
                                           CKKS(coeff_mod_bit_sizes=(60, 50, 60))._ring(8), xs[3])
     other_scale = backend.encrypt_chunks(foreign_ckks, CKKS(value_range=1.0)._ring(8), xs[4])
-    bad = {
+    bad = {  # signed by their clients: the server's checks of the content reject them
         1: up[1][:-1],  # truncated
-        2: reframe(proto, spec, "upload", 2, [backend.key_id(backend.public_bytes(foreign_ckks)),
-                                              *parties._blobs(other_key)]),  # another context: its own key id
-        3: reframe(proto, spec, "upload", 3, [kid, *parties._blobs(other_params)]),  # another parameter set
-        4: reframe(proto, spec, "upload", 4, [kid, *parties._blobs(other_scale)]),  # another scale
-        5: reframe(proto, spec, "upload", 5, [kid, *parties._blobs(blobs[:1])]),  # too few ciphertexts
-        6: reframe(proto, spec, "upload", 6, [kid, *parties._blobs(blobs[::-1])]),  # chunks of the wrong size
-        7: reframe(proto, spec, "upload", 7, [kid, *parties._blobs(blobs + blobs[:1])]),  # too many
+        2: signed_upload(proto, spec, 2, backend.key_id(backend.public_bytes(foreign_ckks)),
+                         other_key),  # another context: its own key id
+        3: signed_upload(proto, spec, 3, kid, other_params),  # another parameter set
+        4: signed_upload(proto, spec, 4, kid, other_scale),  # another scale
+        5: signed_upload(proto, spec, 5, kid, blobs[:1]),  # too few ciphertexts
+        6: signed_upload(proto, spec, 6, kid, blobs[::-1]),  # chunks of the wrong size
+        7: reframe(proto, spec, "upload", 7, [bytes(64), kid, *wire.blobs(blobs)]),  # unsigned
     }
     server.receive("upload", 0, up[0])
     for c, message in bad.items():
@@ -342,8 +366,8 @@ def test_an_out_of_range_encryption_makes_the_key_holder_refuse_not_a_silent_wro
         evil = np.full(6, 8.0)  # outside value_range (the honest client's check is bypassed), inside q
     else:
         evil = np.full(6, 2 ** (proto.encoder.modulus_bits(3) + 2), dtype=np.int64)
-    forged = reframe(proto, spec, "upload", 2,
-                     [backend.key_id(server.public_context), *parties._blobs(backend.encrypt_chunks(ctx, ring, evil))])
+    forged = signed_upload(proto, spec, 2, backend.key_id(server.public_context),  # a corrupt client's
+                           backend.encrypt_chunks(ctx, ring, evil))
     server.receive("upload", 0, uploads[0])
     server.receive("upload", 2, forged)  # the server cannot tell
     server.finish_phase("upload")
@@ -398,16 +422,18 @@ def test_vectors_fill_every_slot_and_ckks_upload_is_within_15x_fp32():
     assert [ts.bfv_vector_from(ctx, b).size() for b in upload_parts(upload)[1]] == [8192, 1]
 
 
-def test_server_keeps_no_upload_and_one_accumulator():
+def test_server_keeps_each_upload_once_as_bytes_and_hands_them_over():
     proto = CKKS()
     xs = [np.ones(5000)] * 3
     _, server, dec, uploads = _server_with(proto, xs)
     for i, up in enumerate(uploads):
         before = sys.getrefcount(up)
         server.receive("upload", i, up)
-        assert sys.getrefcount(up) == before  # nothing retained a reference to the upload
-        assert len(server._acc) == 2  # one accumulator of ceil(5000/4096) ciphertexts
+        assert sys.getrefcount(up) == before  # nothing retained a reference to the message
+        assert [c for c, _ in server._uploads] == list(range(i + 1))  # the signed payload, as bytes
+        assert all(type(u) is bytes and len(u) < len(uploads[c]) for c, u in server._uploads)
     total, _ = _finish(server, dec)
+    assert server._uploads is None  # the decrypt request holds the only copy
     assert np.allclose(total, 3.0)
 
 
@@ -618,10 +644,11 @@ def test_clients_mode_server_relays_only_sealed_keys():
     xs = [np.full(10, float(i)) for i in range(4)]
     total, included, server, party, log = drive(proto, xs)
     assert included == (0, 1, 2, 3) and np.allclose(total, 6.0)
-    needle = secret_key_blob(party[0]._secret)[1000:1256]  # client 0 dealt the key
+    needle = secret_key_blob(held[0])[1000:1256]  # client 0 dealt the key
     assert all(needle not in req for *_, req, _ in log)
     assert all(needle not in reply for *_, reply in log if reply is not None)
-    assert all(party[c]._secret == party[0]._secret for c in range(4))  # every client can decrypt
+    assert all(held[c] == held[0] for c in range(4))  # every client received the key
+    assert party[0]._secret is None and all(party[c]._secret == held[0] for c in (1, 2, 3))  # the dealer spent it
 
 
 def test_clients_mode_tampered_sealed_key_is_refused():
@@ -644,25 +671,25 @@ def test_clients_mode_tampered_sealed_key_is_refused():
 def test_clients_mode_dealer_dropout_aborts_and_late_dropouts_are_fine():
     proto = CKKS(key_holder="clients")
     xs = [np.ones(5)] * 4
-    with pytest.raises(ProtocolAborted) as e:
-        sf.simulate_aggregation(proto, xs, dropouts={0: "keys"}, seed=0)
-    assert e.value.reason is AbortReason.REQUEST_REFUSED
-    res = sf.simulate_aggregation(proto, xs, dropouts={0: "setup", 1: "decrypt", 2: "upload"}, seed=0)
-    assert res.included == (1, 3) and np.allclose(res.total, 2.0)  # client 1 dealt, then left after uploading
-    assert res.dropped[1].phase == "decrypt" and res.dropped[2].phase == "upload"
+    for phase in ("keys", "upload", "decrypt"):  # the dealer alone decrypts: it must stay to the end
+        with pytest.raises(ProtocolAborted) as e:
+            sf.simulate_aggregation(proto, xs, dropouts={0: phase}, seed=0)
+        assert e.value.reason is AbortReason.REQUEST_REFUSED
+    res = sf.simulate_aggregation(proto, xs, dropouts={0: "setup", 3: "decrypt", 2: "upload"}, seed=0)
+    assert res.included == (1, 3) and np.allclose(res.total, 2.0)  # client 1 dealt; 3 left after uploading
+    assert res.dropped[2].phase == "upload" and 3 not in res.dropped  # nothing was asked of 3 after its upload
 
 
-def test_clients_mode_disagreeing_decryptions_abort():
-    def lie(phase, who, reply):
-        if phase == "decrypt" and who == 1:
-            return reframe(proto, spec, "decrypt", 1, [np.zeros(5).tobytes()])
-        return reply
-
+def test_clients_mode_only_the_dealer_decrypts_once():
+    # Two key holders decrypting different subsets would hand the server their difference.
     proto = CKKS(key_holder="clients")
-    spec = RoundSpec(n=3, dim=5, session_id=RandomSource(0).child("session").token_bytes(32))
-    with pytest.raises(ProtocolAborted) as e:
-        drive(proto, [np.ones(5)] * 3, on_reply=lie)
-    assert e.value.reason is AbortReason.CONSISTENCY_CHECK_FAILED
+    total, included, _, party, log = drive(proto, [np.ones(5)] * 3)
+    asked = [who for phase, who, _, _ in log if phase == "decrypt"]
+    assert asked == [0] and included == (0, 1, 2) and np.allclose(total, 3.0)
+    request = next(req for phase, _, req, _ in log if phase == "decrypt")
+    for c in (0, 1, 2):  # the dealer has spent its key; the others never decrypt
+        with pytest.raises(MessageRejected, match="out of order"):
+            party[c].handle("decrypt", request)
 
 
 # -- packaging -------------------------------------------------------------------------------------------------
@@ -728,7 +755,7 @@ def test_in_masked_mode_a_decrypted_single_upload_is_uniform(masked):
     xs = [np.zeros(d)] + [np.full(d, 0.5)] * (n - 1)
     _, _, server, party, log = drive(proto, xs)
     upload = next(reply for phase, who, _, reply in log if phase == "upload" and who == 0)
-    secret = ts.context_from(party[parties.DECRYPTOR]._secret)
+    secret = ts.context_from(held[parties.DECRYPTOR])
     k = proto.encoder.modulus_bits(n)
     values = np.array(ts.bfv_vector_from(secret, upload_parts(upload)[1][0]).decrypt()) & ((1 << k) - 1)
     p = _chi2_pvalue(values, k)
@@ -772,7 +799,10 @@ def test_masked_mode_parameters_and_description():
 
 @pytest.mark.parametrize("mode", ["decryptor", "masked"])
 def test_bfv_carries_the_distributed_dp_encoders(mode):
-    from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam
+    from securefed.privacy.distributed import (
+        DistributedDiscreteGaussian,
+        DistributedSkellam,
+    )
 
     n, d = 5, 256
     xs = [np.random.default_rng(i).normal(0, 0.05, d) for i in range(n)]
