@@ -42,7 +42,7 @@ from securefed.errors import MessageRejected, SecureFedError
 from securefed.protocols import _secagg_wire as W
 from securefed.protocols import _wire
 from securefed.protocols._packed import column_unpack
-from securefed.protocols._secagg_round import SECRET_BYTES, commitment, mask_key, self_mask_key
+from securefed.protocols._secagg_round import SECRET_BYTES, Round, commitment, mask_key, self_mask_key
 from securefed.protocols.base import AggregationProtocol
 from securefed.protocols.masking_graph import MaskingGraph
 from securefed.testing._harness import AdversarialRun, Delivery, Deviation, RoundContext, Send, round_spec, run_round
@@ -208,6 +208,12 @@ def _labellings(graph: MaskingGraph, t: int, v: int, corrupt: tuple[int, ...]) -
 # -- the deviation ------------------------------------------------------------------------------------
 
 
+def _secagg_round(ctx: RoundContext) -> Round:
+    if not isinstance(ctx.round, Round):
+        raise ValueError(f"{ctx.protocol!r} is not of the SecAgg family: no coalition plan applies")
+    return ctx.round
+
+
 @dataclasses.dataclass(frozen=True)
 class Recovery:
     """What the coalition got from one run: shares of each secret, the checks, and the input if unmasked."""
@@ -222,6 +228,7 @@ class Recovery:
 
     @property
     def both_secrets(self) -> bool:
+        """Whether b_v and s_v were both reconstructed and passed the server's checks."""
         return self.b_valid and self.s_valid
 
 
@@ -254,6 +261,7 @@ class SplitSurvivorLists(Deviation):
 
     @classmethod
     def from_split(cls, split: Split) -> SplitSurvivorLists:
+        """The deviation that carries out `split`."""
         return cls(split.victim, split.corrupt, split.group_a, split.group_b)
 
     def __repr__(self) -> str:
@@ -282,7 +290,7 @@ class SplitSurvivorLists(Deviation):
     def _unmasking(self, ctx: RoundContext) -> list[Send]:
         if not self._lists:
             return []
-        r, v = ctx.round, self.split.victim
+        r, v = _secagg_round(ctx), self.split.victim
         for w, client in ctx.corrupt.items():  # the coalition reads what its clients hold, and signs for them
             held = getattr(getattr(client, "data", None), "held", {})
             if v in held:
@@ -333,7 +341,7 @@ class SplitSurvivorLists(Deviation):
         s = _reconstruct(s_from, t)
         if ctx is None or not t:
             return Recovery(len(b_from), len(s_from), t, False, False, None, "the deviation never ran")
-        v, r = self.split.victim, ctx.round
+        v, r = self.split.victim, _secagg_round(ctx)
         b_ok = b is not None and commitment(r, v, b) == self._victim.get("commitment")
         s_ok = s is not None and v in self._keys and \
             kex.public_bytes(kex.load_private_key(s)) == self._keys[v]
@@ -345,7 +353,7 @@ class SplitSurvivorLists(Deviation):
 
     def _unmask(self, ctx: RoundContext, b: bytes, s_sk: bytes) -> np.ndarray:
         """The victim's input: its masked vector minus its self mask and every pairwise mask."""
-        r, v = ctx.round, self.split.victim
+        r, v = _secagg_round(ctx), self.split.victim
         peers, _ = W.parse_records(memoryview(self._victim["shares_in"]), W.SEALED)
         sk = kex.load_private_key(s_sk)
         keys = [mask_key(r, sk, self._keys[u], v, u) for u in peers.tolist()]
@@ -422,10 +430,10 @@ def search(protocol_factory: Callable[[], AggregationProtocol], n: int, *, seed:
     if not applies(protocol) or not protocol.threat_model.active:  # type: ignore[attr-defined]
         raise ValueError("the coalition search needs an active protocol of the SecAgg family")
     spec = round_spec(n, dim, seed)
-    rnd = RoundContext(protocol, spec).round
+    rnd = _secagg_round(RoundContext(protocol, spec))
     graph, t, c = rnd.graph, rnd.t, coalition_size(protocol, n)
     exhaustive = n <= EXHAUSTIVE_MAX_N if exhaustive is None else exhaustive
-    found, chosen, seen = 0, [], set()
+    found, chosen, seen = 0, list[Split](), set[tuple[int, tuple[int, ...]]]()
     bound = corrupt_holders_bound(n, graph.degree, c, int(protocol.describe(n).get("statistical_security_bits", 40)))
     for plan in splits(graph, t, c, exhaustive=exhaustive, max_corrupt_holders=bound):
         found += 1
