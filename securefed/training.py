@@ -300,7 +300,8 @@ class Trainer:
       aggregate) or ``"uniform"``; default ``"examples"``, and ``"uniform"`` (the only
       choice) with privacy: DP-FedAvg bounds each participant's influence, and
       example counts would reveal data sizes;
-    - ``loss_fn``: default cross-entropy; ``eval_dataset``: held-out data for metrics;
+    - ``loss_fn``: default cross-entropy; ``eval_dataset``: the server's own held-out data for metrics,
+      released as is (never a participant's data); under DP the training loss is not released;
     - ``dropouts``: a schedule ``(round, participants) -> {participant: phase}``;
     - ``seed``: makes the public randomness reproducible: local shuffling and, without DP, the
       choice of participants (default 0; None draws it from the OS too);
