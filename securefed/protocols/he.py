@@ -24,6 +24,7 @@ See ``protocols/he.md`` (messages, key flows, parameters) and ``proofs/he.md``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -65,6 +66,23 @@ __all__ = ["BFV", "CKKS", "KeyHolder"]
 
 KeyHolder = Literal["decryptor", "clients", "masked"]
 log = logging.getLogger("securefed.protocols.he")
+
+
+def _with_decryptor(clients: KeyDirectory, own: KeyDirectory) -> KeyDirectory:
+    """`clients` plus the decryptor's keys from `own`, where `own` has them (public, and private if held)."""
+    try:
+        vk = own.verify_key(DECRYPTOR_ID)
+    except ConfigurationError:
+        return clients
+    n = len(clients)
+    public = {i: clients.verify_key(i) for i in range(n)}
+    private = {}
+    for party, keys in ((DECRYPTOR_ID, own), *((i, clients) for i in range(n))):
+        try:
+            private[party] = keys.signing_key(party)
+        except ConfigurationError:
+            pass
+    return KeyDirectory({**public, DECRYPTOR_ID: vk}, private)
 
 
 def _simulated_directory(n: int) -> KeyDirectory:
@@ -117,6 +135,19 @@ class _HEProtocol(AggregationProtocol):
                     f"the identity directory has no key for the decryptor (id {DECRYPTOR_ID:#x}): clients could "
                     "not tell its public context from one the server made") from None
         return self.identities
+
+    def with_identities(self, identities: KeyDirectory) -> _HEProtocol:
+        """A copy verifying clients 0..n-1 against `identities` (a round's directory, as Flower builds it
+        from node ids); the decryptor's key, which such a directory lacks, is kept from this protocol's
+        own ``identities``. ConfigurationError for anything but a KeyDirectory."""
+        if not isinstance(identities, KeyDirectory):
+            raise ConfigurationError("identities must be a securefed.crypto.signing.KeyDirectory")
+        merged = identities
+        if self.identities is not None and self.key_holder != "clients":
+            merged = _with_decryptor(identities, self.identities)
+        other = copy.copy(self)
+        other.identities = merged
+        return other
 
     # -- scheme hooks (implemented by CKKS and BFV) --------------------------------------
 
@@ -416,6 +447,14 @@ class BFV(_HEProtocol):
                     poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
                     masking=self._masking_given, identities=self.identities)
         other._simulated_pki = self._simulated_pki  # server and clients of one run must share the simulated PKI
+        return other
+
+    def with_identities(self, identities: KeyDirectory) -> BFV:
+        """As :meth:`CKKS.with_identities`; in masked mode the masking protocol gets them too."""
+        other = super().with_identities(identities)
+        assert isinstance(other, BFV)
+        if other.masking is not None:
+            other.masking = other.masking.with_identities(identities)
         return other
 
     def min_survivors(self, n: int) -> int:

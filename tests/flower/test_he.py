@@ -13,6 +13,7 @@ from securefed.flower.testing import InProcessGrid
 from tests.flower import apps
 
 N = 4
+PHASES_CKKS = sf.protocols.CKKS.phases
 DECRYPTOR = 2001  # a node id that is no client's
 
 
@@ -126,3 +127,38 @@ def test_a_clients_first_phase_may_be_the_upload_but_never_over_another_sessions
         assert reply.has_error() == refused, reply.error.reason if reply.has_error() else ""
         if refused:
             assert "out of phase" in reply.error.reason and dict(context.state[_envelope.KEY]) == dict(saved)
+
+
+def test_a_round_with_real_identity_keys_and_a_signing_decryptor_node():
+    """No simulated PKI: nodes hold their own signing keys by node id, the decryptor node its own; the
+    round's directory is bound per round (with_identities) and keeps the decryptor's key."""
+    from securefed.crypto.signing import (
+        KeyDirectory,
+        generate_signing_key,
+        verify_key_bytes,
+    )
+    from securefed.protocols._he_wire import DECRYPTOR_ID
+
+    nodes = list(apps.nodes(N))
+    keys = KeyDirectory.generate(N, RandomSource(9))
+    fed = KeyDirectory({v: keys.verify_key(i) for i, v in enumerate(nodes)},
+                       {v: keys.signing_key(i) for i, v in enumerate(nodes)})
+    sk = generate_signing_key(RandomSource(4))
+    dec_public = KeyDirectory({DECRYPTOR_ID: verify_key_bytes(sk)})
+    dec_private = KeyDirectory({DECRYPTOR_ID: verify_key_bytes(sk)}, {DECRYPTOR_ID: sk})
+
+    def protocol(context):
+        own = dec_private if context.node_config.get("role") == "decryptor" else dec_public
+        return sf.protocols.CKKS(value_range=1.0, identities=own)
+
+    def identities(context):
+        return fed.public_only() if context.node_id == DECRYPTOR else fed.restricted_to(context.node_id)
+
+    app = apps.client_app(protocol, updates, auxiliary=decryptor_role, identities=identities, phases=PHASES_CKKS)
+    grid = InProcessGrid(app, {**apps.nodes(N), DECRYPTOR: {"role": "decryptor"}})
+    server_side = sf.protocols.CKKS(value_range=1.0, identities=dec_public)
+    agg = apps.aggregator(server_side, auxiliary={"decryptor": DECRYPTOR}, identities=fed.public_only())
+    out = apps.run(agg, grid, nodes, seed=3)
+    assert out.included_nodes == tuple(nodes) and not out.dropped_nodes
+    np.testing.assert_allclose(out.result.total, sum(updates(p, 1) for p in range(N)), rtol=0,
+                               atol=server_side.error_bound(N))

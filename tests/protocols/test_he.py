@@ -813,3 +813,134 @@ def test_bfv_carries_the_distributed_dp_encoders(mode):
         res = sf.simulate_aggregation(proto, xs, seed=3)
         noise = res.total - np.sum(xs, axis=0)
         assert 0.8 < np.std(noise) < 1.2  # the sum of the n shares has std z c = 1 (rotation and rounding aside)
+
+
+# -- H15: an active server can neither hand out its own key nor have anything but a signed sum decrypted ----
+
+
+def until_decrypt(protocol, xs, seed=0):
+    """An honest round up to the decrypt phase: the spec, server, parties and the request to the key holder."""
+    rng = RandomSource(seed)
+    spec = RoundSpec(n=len(xs), dim=xs[0].size, session_id=rng.child("session").token_bytes(32))
+    server = protocol.server(spec, rng=rng.child("server"))
+    party = {i: protocol.client(spec, i, xs[i], rng=rng.child(f"client/{i}")) for i in range(len(xs))}
+    party.update(protocol.auxiliary(spec, rng=rng.child("auxiliary")))
+    for phase in protocol.phases[: protocol.phases.index("decrypt")]:
+        for who, request in server.requests(phase).items():
+            server.receive(phase, who, party[who].handle(phase, request))
+        server.finish_phase(phase)
+    [(holder, request)] = server.requests("decrypt").items()
+    return spec, server, party, holder, request
+
+
+def decrypt_entries(request):
+    """[(client, upload)] of a decrypt request."""
+    reader = wire.Reader(memoryview(request)[PAYLOAD:])
+    return [(reader.u32(), bytes(reader.blob())) for _ in range(reader.u32())]
+
+
+def decrypt_request(protocol, spec, entries):
+    items = [wire.u32(len(entries))]
+    for c, up in entries:
+        items += [wire.u32(c), wire.u32(len(up)), up]
+    return reframe(protocol, spec, "decrypt", _wire.SERVER, items)
+
+
+@pytest.mark.parametrize("proto", [CKKS(), BFV(value_range=1.0, key_holder="masked")], ids=["ckks", "bfv-masked"])
+def test_clients_refuse_a_public_context_the_decryptor_did_not_sign(proto):
+    xs = [np.ones(4)] * 3
+    spec, server, party, _, _ = until_decrypt(proto, xs)
+    own = backend.public_bytes(backend.new_context(proto._ring(3)))  # the server's context: it holds the key
+    client = proto.client(spec, 0, xs[0], rng=RandomSource(5))
+    for sig in (bytes(64), server._public_sig):  # no signature; the decryptor's, for its own context
+        request = reframe(proto, spec, "upload", _wire.SERVER, [wire.u32(len(own)), own, sig])
+        with pytest.raises(MessageRejected, match="signature"):
+            client.handle("upload", request)
+    # The decryptor's signed context of another session is refused too (the signature binds the session).
+    other = RoundSpec(n=3, dim=4, session_id=bytes(32))
+    request = reframe(proto, other, "upload", _wire.SERVER, server._public_items())
+    with pytest.raises(MessageRejected, match="signature"):
+        proto.client(other, 0, xs[0], rng=RandomSource(6)).handle("upload", request)
+
+
+def test_clients_mode_refuses_substituted_exchange_keys():
+    from securefed.crypto import kex
+
+    proto = CKKS(key_holder="clients")
+    spec = RoundSpec(n=3, dim=4, session_id=bytes(range(32)))
+    server = proto.server(spec, rng=RandomSource(1))
+    party = {i: proto.client(spec, i, np.ones(4), rng=RandomSource(10 + i)) for i in range(3)}
+    for who, request in server.requests("setup").items():
+        server.receive("setup", who, party[who].handle("setup", request))
+    server.finish_phase("setup")
+    mine = kex.public_bytes(kex.generate_private_key(RandomSource(99)))
+    honest = server.requests("keys")[0]
+    request = bytearray(honest)
+    at = request.index(server._kex_keys[2][:32])
+    request[at : at + 32] = mine  # client 2's key replaced: the secret key would be sealed to the server
+    with pytest.raises(MessageRejected, match="signature"):
+        party[0].handle("keys", reframe(proto, spec, "keys", _wire.SERVER, [bytes(request[PAYLOAD:])]))
+    server.receive("keys", 0, party[0].handle("keys", honest))  # nothing was dealt: the honest request still works
+    server.finish_phase("keys")
+    # The dealer's key replaced in a client's upload request: the server would deal its own key.
+    upload = bytearray(server.requests("upload")[1])
+    at = upload.index(server._kex_keys[0][:32])
+    upload[at : at + 32] = mine
+    with pytest.raises(MessageRejected, match="signature"):
+        party[1].handle("upload", reframe(proto, spec, "upload", _wire.SERVER, [bytes(upload[PAYLOAD:])]))
+
+
+def test_an_upload_is_bound_to_its_client_and_round():
+    proto = CKKS()
+    spec, server, dec, uploads = _server_with(proto, [np.ones(4)] * 3)
+    as_other = reframe(proto, spec, "upload", 1, [bytes(memoryview(uploads[0])[PAYLOAD:])])
+    with pytest.raises(MessageRejected, match="signature"):
+        server.receive("upload", 1, as_other)  # client 0's upload passed off as client 1's
+    other_round = RoundSpec(n=3, dim=4, session_id=spec.session_id, round_index=1)
+    _, later, _, _ = _server_with(proto, [np.ones(4)] * 3)
+    replay = reframe(proto, other_round, "upload", 0, [bytes(memoryview(uploads[0])[PAYLOAD:])])
+    with pytest.raises(MessageRejected):
+        later.receive("upload", 0, replay)
+
+
+@pytest.mark.parametrize("proto", [CKKS(), BFV(value_range=1.0, key_holder="clients")], ids=["ckks", "bfv-clients"])
+def test_the_key_holder_sums_only_signed_uploads_and_a_refusal_spends_its_key(proto):
+    spec, server, party, holder, request = until_decrypt(proto, [np.full(4, 0.5)] * 3)
+    entries = decrypt_entries(request)
+    relabelled = decrypt_request(proto, spec, [(c + 1, up) for c, up in entries[:2]])  # 0's upload as 1's, ...
+    with pytest.raises(MessageRejected, match="signature"):
+        party[holder].handle("decrypt", relabelled)
+    with pytest.raises(MessageRejected, match="out of order"):
+        party[holder].handle("decrypt", request)  # the honest request comes too late: the key is spent
+    assert party[holder]._secret is None
+
+
+def test_the_key_holder_enforces_the_minimum_count():
+    proto = BFV(value_range=1.0, key_holder="masked")
+    spec, server, party, holder, request = until_decrypt(proto, [np.full(4, 0.5)] * 5)
+    t = proto.min_survivors(5)
+    short = decrypt_request(proto, spec, decrypt_entries(request)[: t - 1])
+    with pytest.raises(ProtocolAborted, match=f"fewer than the {t}") as e:
+        party[holder].handle("decrypt", short)
+    assert e.value.reason is AbortReason.REQUEST_REFUSED
+
+
+def test_identities_need_the_decryptor_s_key_and_flower_s_per_round_binding_keeps_it():
+    from securefed.crypto.signing import (
+        KeyDirectory,
+        generate_signing_key,
+        verify_key_bytes,
+    )
+
+    clients = KeyDirectory.generate(3, RandomSource(1))
+    with pytest.raises(ConfigurationError, match="decryptor"):
+        sf.simulate_aggregation(CKKS(identities=clients), [np.ones(2)] * 3, seed=0)
+    assert sf.simulate_aggregation(CKKS(key_holder="clients", identities=clients), [np.ones(2)] * 3,
+                                   seed=0).included == (0, 1, 2)  # clients mode: no decryptor
+    sk = generate_signing_key(RandomSource(2))
+    own = KeyDirectory({wire.DECRYPTOR_ID: verify_key_bytes(sk)}, {wire.DECRYPTOR_ID: sk})
+    bound = BFV(value_range=1.0, key_holder="masked", identities=own).with_identities(clients)
+    assert bound.directory(3).verify_key(wire.DECRYPTOR_ID) == verify_key_bytes(sk)
+    assert sf.simulate_aggregation(bound, [np.ones(2)] * 3, seed=0).included == (0, 1, 2)
+    with pytest.raises(ConfigurationError):
+        CKKS(identities="keys")
