@@ -38,7 +38,7 @@ import numpy as np
 
 from securefed.crypto import kex, shamir, signing
 from securefed.crypto.masks import apply_masks, pairwise_signs
-from securefed.errors import MessageRejected, SecureFedError
+from securefed.errors import ConfigurationError, MessageRejected, SecureFedError
 from securefed.protocols import _secagg_wire as W
 from securefed.protocols import _wire
 from securefed.protocols._packed import column_unpack
@@ -84,7 +84,7 @@ class Split:
     def __post_init__(self) -> None:
         a, b, k = set(self.group_a), set(self.group_b), set(self.corrupt)
         if self.victim not in a or a & b or (a | b) & k:
-            raise ValueError("the victim must be in group_a; groups and corrupt clients must be disjoint")
+            raise ConfigurationError("the victim must be in group_a; groups and corrupt clients must be disjoint")
 
 
 def applies(protocol: AggregationProtocol) -> bool:
@@ -210,7 +210,7 @@ def _labellings(graph: MaskingGraph, t: int, v: int, corrupt: tuple[int, ...]) -
 
 def _secagg_round(ctx: RoundContext) -> Round:
     if not isinstance(ctx.round, Round):
-        raise ValueError(f"{ctx.protocol!r} is not of the SecAgg family: no coalition plan applies")
+        raise ConfigurationError(f"{ctx.protocol!r} is not of the SecAgg family: no coalition plan applies")
     return ctx.round
 
 
@@ -423,12 +423,12 @@ def search(protocol_factory: Callable[[], AggregationProtocol], n: int, *, seed:
     when `count`; else until `runs` are chosen), runs up to `runs` of them end to end (one per victim and corrupt set first)
     with random inputs in the protocol's value range, and stops at the first run whose
     recovered vector matches the victim's input. Needs an active protocol of the SecAgg
-    family (:func:`applies`); ValueError otherwise.
+    family (:func:`applies`); ConfigurationError otherwise.
     """
     t0 = time.perf_counter()
     protocol = protocol_factory()
     if not applies(protocol) or not protocol.threat_model.active:  # type: ignore[attr-defined]
-        raise ValueError("the coalition search needs an active protocol of the SecAgg family")
+        raise ConfigurationError("the coalition search needs an active protocol of the SecAgg family")
     spec = round_spec(n, dim, seed)
     rnd = _secagg_round(RoundContext(protocol, spec))
     graph, t, c = rnd.graph, rnd.t, coalition_size(protocol, n)
