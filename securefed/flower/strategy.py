@@ -263,7 +263,8 @@ class SecureFedAvg:
                 return self._run(grid, run, num_rounds, train_config, evaluate_fn, None)
             settings = None if self.privacy is None else {"accountant": self.privacy.accountant,
                                                           "delta": self.privacy.delta}
-            with audit.session(config=self._audit_config(num_rounds), privacy=settings):
+            with audit.session(config=self._audit_config(num_rounds), privacy=settings,
+                               seeded_secrets=self.seed is not None):
                 self._reconcile_audit(audit, run)
                 return self._run(grid, run, num_rounds, train_config, evaluate_fn, audit)
         finally:

@@ -72,8 +72,8 @@ def test_the_strategy_never_samples_the_decryptor_and_the_audit_log_verifies(tmp
     assert all(r.included == tuple(apps.nodes(N)) and r.aborted is None for r in res.rounds)
     mean = np.mean([updates(p, 1) for p in range(N)], axis=0)
     np.testing.assert_allclose(apps.vector(res.arrays), 2 * mean, atol=1e-6)  # float32 model
-    audit = verify(tmp_path / "audit.jsonl")
-    assert audit.ok, audit.summary()
+    audit = verify(tmp_path / "audit.jsonl", allow_seeded=True)  # a seeded (test) run
+    assert audit.ok and audit.seeded_secrets, audit.summary()
 
 
 def test_a_node_not_configured_as_decryptor_refuses_and_the_round_aborts():

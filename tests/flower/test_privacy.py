@@ -49,8 +49,8 @@ def test_distributed_dp_in_secagg_plus_clips_noises_and_accounts_for_who_was_inc
     acc = Accountant.from_ledger(state["ledger"], "rdp")
     assert res.rounds[-1].epsilon == pytest.approx(acc.epsilon(privacy.delta), rel=1e-12)
     assert 0 < res.rounds[0].epsilon < res.rounds[1].epsilon
-    audit = verify(tmp_path / "audit.jsonl")
-    assert audit.ok, audit.summary()
+    audit = verify(tmp_path / "audit.jsonl", allow_seeded=True)  # a seeded (test) run
+    assert audit.ok and audit.seeded_secrets, audit.summary()
     assert audit.epsilon == pytest.approx(res.rounds[-1].epsilon, rel=1e-9)
     assert list(audit.ledger) == state["ledger"]
     # Each round moved the model by the mean of the clipped updates plus noise of std z C / N per coordinate;
@@ -146,8 +146,8 @@ def test_a_resumed_run_has_the_ledger_of_an_uninterrupted_one(tmp_path, crash_ro
     assert state["ledger"] == ref_ledger  # same events, none twice
     assert [r.round for r in res.rounds] == [1, 2, 3]
     assert res.rounds[-1].epsilon == pytest.approx(ref.rounds[-1].epsilon, rel=1e-12)
-    audit = verify(tmp_path / "audit.jsonl")
-    assert audit.ok, audit.summary()
+    audit = verify(tmp_path / "audit.jsonl", allow_seeded=True)  # a seeded (test) run
+    assert audit.ok and audit.seeded_secrets, audit.summary()
     assert list(audit.ledger) == ref_ledger
     # Seeded, the rerun repeats the interrupted round exactly: the same model as the uninterrupted run.
     np.testing.assert_array_equal(apps.vector(res.arrays), apps.vector(ref.arrays))
@@ -173,6 +173,6 @@ def test_an_aggregate_released_before_a_crash_stays_in_the_ledger(tmp_path, monk
     assert [e["round"] for e in state["ledger"]] == [1, 2, 2, 3]
     assert not (tmp_path / "ckpt" / "released.json").exists()
     assert res.rounds[-1].epsilon == pytest.approx(Accountant.from_ledger(state["ledger"]).epsilon(privacy.delta))
-    audit = verify(tmp_path / "audit.jsonl")
-    assert audit.ok, audit.summary()
+    audit = verify(tmp_path / "audit.jsonl", allow_seeded=True)  # a seeded (test) run
+    assert audit.ok and audit.seeded_secrets, audit.summary()
     assert [e["round"] for e in audit.ledger] == [1, 2, 2, 3]
