@@ -32,10 +32,24 @@ TARGET_RATIO = 1.15
 TARGET_CKKS_EXPANSION = 15.0
 
 
+def _identities():
+    """Identity keys from a fixed seed, so the server's process and the parties' hold the same PKI (a bench
+    only: anyone can derive these keys)."""
+    from securefed.crypto.random import RandomSource
+    from securefed.crypto.signing import KeyDirectory, generate_signing_key, verify_key_bytes
+    from securefed.protocols._he_wire import DECRYPTOR_ID
+
+    rng = RandomSource(0)
+    private = {i: generate_signing_key(rng.child(f"identity/{i}")) for i in [*range(256), DECRYPTOR_ID]}
+    return KeyDirectory({i: verify_key_bytes(k) for i, k in private.items()}, private)
+
+
 def _proto(scheme: str):
     from securefed.protocols.he import BFV, CKKS
 
-    return CKKS(value_range=1.0) if scheme == "ckks" else BFV(value_range=1.0, value_bits=16)
+    ids = _identities()
+    return CKKS(value_range=1.0, identities=ids) if scheme == "ckks" else BFV(value_range=1.0, value_bits=16,
+                                                                              identities=ids)
 
 
 def _peak_rss_mb() -> float:
