@@ -36,7 +36,11 @@ def _identities():
     """Identity keys from a fixed seed, so the server's process and the parties' hold the same PKI (a bench
     only: anyone can derive these keys)."""
     from securefed.crypto.random import RandomSource
-    from securefed.crypto.signing import KeyDirectory, generate_signing_key, verify_key_bytes
+    from securefed.crypto.signing import (
+        KeyDirectory,
+        generate_signing_key,
+        verify_key_bytes,
+    )
     from securefed.protocols._he_wire import DECRYPTOR_ID
 
     rng = RandomSource(0)
