@@ -220,6 +220,10 @@ class HEServer(ServerProtocol):
                                   "rerun the round", phase=phase)
         elif phase == "upload" and not self._uploaded:
             raise ProtocolAborted(AbortReason.NO_INPUTS, "no client uploaded an input", phase=phase)
+        elif phase == "upload" and len(self._uploaded) < (need := self._p.min_survivors(self._spec.n)):
+            # The key holder would refuse: abort before asking it anything.
+            raise ProtocolAborted(AbortReason.TOO_FEW_SURVIVORS, f"only {len(self._uploaded)} uploads arrived; "
+                                  f"the round needs {need}", phase=phase)
         elif phase == "decrypt" and self._released is None:
             who = f"the dealer (client {self._dealer})" if self._clients_mode else "the decryptor"
             raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"{who} did not decrypt the aggregate", phase=phase)

@@ -101,9 +101,14 @@ class _HEProtocol(AggregationProtocol):
     _TAG = b""
 
     def __init__(self, key_holder: str, poly_modulus_degree: int, coeff_mod_bit_sizes: Sequence[int] | None,
-                 identities: KeyDirectory | None = None) -> None:
+                 identities: KeyDirectory | None = None, min_clients: int = 1) -> None:
         if identities is not None and not isinstance(identities, KeyDirectory):
             raise ConfigurationError("identities must be a securefed.crypto.signing.KeyDirectory")
+        if not isinstance(min_clients, int) or isinstance(min_clients, bool) or min_clients < 1:
+            raise ConfigurationError(f"min_clients must be an integer >= 1, got {min_clients!r}")
+        if min_clients != 1 and key_holder == "masked":
+            raise ConfigurationError("in masked mode the masking protocol's threshold is the minimum: leave min_clients=1")
+        self.min_clients = min_clients
         self.identities = identities
         self._simulated_pki: dict[int, KeyDirectory] = {}  # shared by copies (with_encoder): one PKI per run
         if key_holder not in self.key_holders:
@@ -179,6 +184,7 @@ class _HEProtocol(AggregationProtocol):
         from securefed.protocols._he_server import HEServer
 
         self.directory(spec.n)  # a missing identity key is a ConfigurationError before the round
+        self.min_survivors(spec.n)
         return HEServer(self, spec, self._ring(spec.n))
 
     def client(
@@ -205,8 +211,11 @@ class _HEProtocol(AggregationProtocol):
         return load_party(self, data, rng)
 
     def min_survivors(self, n: int) -> int:
-        """One: the server sums whatever arrives; dropouts need no recovery (masked BFV: its masking's)."""
-        return 1
+        """``min_clients`` (default 1): dropouts need no recovery, and the key holder decrypts no sum of fewer
+        uploads (masked BFV: its masking's threshold). ConfigurationError if n < min_clients."""
+        if n < self.min_clients:
+            raise ConfigurationError(f"a round of {n} clients cannot reach min_clients={self.min_clients}")
+        return self.min_clients
 
     def describe(self, n: int) -> dict[str, Any]:
         ring = self._ring(n)
@@ -214,6 +223,7 @@ class _HEProtocol(AggregationProtocol):
             "protocol": self.name,
             "n": n,
             "min_survivors": self.min_survivors(n),
+            "min_clients": self.min_clients,
             "key_holder": self.key_holder,
             "poly_modulus_degree": ring.poly_modulus_degree,
             "coeff_mod_bit_sizes": list(ring.coeff_mod_bit_sizes),
@@ -226,8 +236,10 @@ class _HEProtocol(AggregationProtocol):
         problems = []
         if desc.get("key_holder") not in cls.key_holders:
             problems.append(f"key_holder {desc.get('key_holder')!r} is not one of {cls.key_holders}")
-        if desc.get("key_holder") != "masked" and desc.get("min_survivors") != 1:
-            problems.append(f"min_survivors is {desc.get('min_survivors')!r}, expected 1")
+        want = desc.get("min_clients", 1)
+        if desc.get("key_holder") != "masked" and (desc.get("min_survivors") != want or not isinstance(want, int)
+                                                   or want < 1):
+            problems.append(f"min_survivors is {desc.get('min_survivors')!r}, expected min_clients = {want!r}")
         try:
             params.check_ring(desc["poly_modulus_degree"], desc["coeff_mod_bit_sizes"])
         except ConfigurationError as e:
@@ -263,7 +275,9 @@ class CKKS(_HEProtocol):
       ``coeff_mod_bit_sizes`` (default [60, 40, 60]), checked against the 128-bit table;
     - ``key_holder``: ``"decryptor"`` or ``"clients"`` (module docstring);
     - ``identities``: a :class:`~securefed.crypto.signing.KeyDirectory` with every client's and (except
-      in ``"clients"`` mode) the decryptor's (id ``0xFFFFFFFE``) key; None: a simulated PKI (simulation only).
+      in ``"clients"`` mode) the decryptor's (id ``0xFFFFFFFE``) key; None: a simulated PKI (simulation only);
+    - ``min_clients``: the fewest uploads a round may sum (default 1): an active server can leave uploads
+      out, so this is the smallest set whose sum it can learn.
 
     The encoding scale is derived per round: 2^(floor(log2 q) - 2 - ceil(log2(n c))), the largest
     that keeps the sum below q/4; ConfigurationError when it cannot put the noise 2^20 deviations
@@ -282,10 +296,11 @@ class CKKS(_HEProtocol):
         poly_modulus_degree: int = 8192,
         coeff_mod_bit_sizes: Sequence[int] = (60, 40, 60),
         identities: KeyDirectory | None = None,
+        min_clients: int = 1,
     ) -> None:
         if key_holder == "masked":
             raise ConfigurationError("key_holder='masked' needs exact integer sums: use BFV")
-        super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes, identities)
+        super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes, identities, min_clients)
         self.value_range = _check_range(value_range)
         if not isinstance(precision_bits, int) or not 1 <= precision_bits <= 52:
             raise ConfigurationError(f"precision_bits must be an integer in [1, 52], got {precision_bits!r}")
@@ -295,7 +310,8 @@ class CKKS(_HEProtocol):
     def __repr__(self) -> str:
         return (f"CKKS(key_holder={self.key_holder!r}, value_range={self.value_range!r}, "
                 f"precision_bits={self.precision_bits}, poly_modulus_degree={self.poly_modulus_degree}, "
-                f"coeff_mod_bit_sizes={list(self.coeff_mod_bit_sizes or ())})")
+                f"coeff_mod_bit_sizes={list(self.coeff_mod_bit_sizes or ())}"
+                + (f", min_clients={self.min_clients})" if self.min_clients != 1 else ")"))
 
     def _params(self, n: int) -> params.CKKSRound:
         assert self.coeff_mod_bit_sizes is not None
@@ -390,7 +406,7 @@ class BFV(_HEProtocol):
     - ``key_holder``: ``"decryptor"``, ``"clients"`` or ``"masked"``; ``masking``: the masking
       protocol of masked mode (default ``SecAggPlus()``; its threshold and threat model apply,
       its encoder is replaced by this protocol's);
-    - ``identities``: as for :class:`CKKS`.
+    - ``identities``, ``min_clients``: as for :class:`CKKS` (``min_clients`` not in masked mode).
 
     Phases: ``("setup", "keys", "upload", "decrypt", "consistency_check", "unmasking")``; the last
     two do work only in masked mode. See ``protocols/he.md`` ("BFV parameters", "Masked mode").
@@ -412,8 +428,9 @@ class BFV(_HEProtocol):
         coeff_mod_bit_sizes: Sequence[int] | None = None,
         masking: AggregationProtocol | None = None,
         identities: KeyDirectory | None = None,
+        min_clients: int = 1,
     ) -> None:
-        super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes, identities)
+        super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes, identities, min_clients)
         if encoder is None:
             if value_range is None:
                 raise ConfigurationError("BFV needs value_range (the bound on each input coordinate) or an encoder")
@@ -439,13 +456,14 @@ class BFV(_HEProtocol):
     def __repr__(self) -> str:
         return (f"BFV(encoder={self.encoder!r}, key_holder={self.key_holder!r}, "
                 f"poly_modulus_degree={self.poly_modulus_degree}, coeff_mod_bit_sizes={self.coeff_mod_bit_sizes}"
-                + (f", masking={self.masking!r})" if self.masking is not None else ")"))
+                + (f", masking={self.masking!r}" if self.masking is not None else "")
+                + (f", min_clients={self.min_clients})" if self.min_clients != 1 else ")"))
 
     def with_encoder(self, encoder: Any) -> BFV:
         """A copy carrying `encoder`; ConfigurationError if its sums of n values cannot fit a 60-bit prime."""
         other = BFV(encoder=encoder, key_holder=self.key_holder,  # type: ignore[arg-type]
                     poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
-                    masking=self._masking_given, identities=self.identities)
+                    masking=self._masking_given, identities=self.identities, min_clients=self.min_clients)
         other._simulated_pki = self._simulated_pki  # server and clients of one run must share the simulated PKI
         return other
 
@@ -458,7 +476,7 @@ class BFV(_HEProtocol):
         return other
 
     def min_survivors(self, n: int) -> int:
-        return 1 if self.masking is None else self.masking.min_survivors(n)
+        return super().min_survivors(n) if self.masking is None else self.masking.min_survivors(n)
 
     def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
         if self.masking is None:

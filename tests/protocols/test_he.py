@@ -944,3 +944,27 @@ def test_identities_need_the_decryptor_s_key_and_flower_s_per_round_binding_keep
     assert sf.simulate_aggregation(bound, [np.ones(2)] * 3, seed=0).included == (0, 1, 2)
     with pytest.raises(ConfigurationError):
         CKKS(identities="keys")
+
+
+def test_min_clients_bounds_the_smallest_sum_an_active_server_can_have_decrypted():
+    proto = CKKS(min_clients=3)
+    res = sf.simulate_aggregation(proto, [np.ones(3)] * 4, dropouts={1: "upload"}, seed=0)
+    assert res.included == (0, 2, 3) and np.allclose(res.total, 3.0)
+    with pytest.raises(ProtocolAborted) as e:  # the server asks the decryptor nothing
+        sf.simulate_aggregation(proto, [np.ones(3)] * 4, dropouts={1: "upload", 2: "upload"}, seed=0)
+    assert e.value.reason is AbortReason.TOO_FEW_SURVIVORS
+    spec, server, party, holder, request = until_decrypt(BFV(value_range=1.0, min_clients=3), [np.ones(3)] * 4)
+    short = decrypt_request(BFV(value_range=1.0, min_clients=3), spec, decrypt_entries(request)[:2])
+    with pytest.raises(ProtocolAborted, match="fewer than the 3"):  # the key holder's own check
+        party[holder].handle("decrypt", short)
+    desc = proto.describe(4)
+    assert desc["min_survivors"] == 3 == desc["min_clients"] and CKKS.check_description(desc) == []
+    assert CKKS.check_description({**desc, "min_survivors": 1})
+    assert BFV(value_range=1.0, min_clients=2).with_encoder(Integers(20)).min_survivors(4) == 2
+    for bad in (0, True, 2.0, "3"):
+        with pytest.raises(ConfigurationError):
+            CKKS(min_clients=bad)
+    with pytest.raises(ConfigurationError):
+        BFV(value_range=1.0, key_holder="masked", min_clients=2)
+    with pytest.raises(ConfigurationError):
+        sf.simulate_aggregation(CKKS(min_clients=5), [np.ones(3)] * 4, seed=0)
