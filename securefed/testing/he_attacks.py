@@ -132,13 +132,14 @@ def ckks_key_recovery(protocol: Any, inputs: Sequence[np.ndarray], *, seed: int 
 
     Needs at least two full ciphertexts per upload (``dim >= N``: any real model)."""
     r = _honest_until_decrypt(protocol, inputs, seed)
-    ring, seal = protocol._ring(r.spec.n), r.seal
+    desc, seal = protocol.describe(r.spec.n), r.seal  # the public parameters: slots, scale
+    slots, scale_bits = desc["slots"], desc["scale_bits"]
     template = r.blobs(0)
-    if r.spec.dim < ring.slots * 2:
+    if r.spec.dim < slots * 2:
         raise ValueError("the CKKS attack needs dim >= N (two full ciphertexts)")
     limit = r.spec.n * protocol.value_range  # the range check allows n inputs' range when n clients are listed
-    shrink = max(0, int(np.ceil(np.log2(6 * np.sqrt(ring.poly_modulus_degree) / limit))))
-    const = 1 << (ring.scale_bits - shrink)
+    shrink = max(0, int(np.ceil(np.log2(6 * np.sqrt(desc['poly_modulus_degree']) / limit))))
+    const = 1 << (scale_bits - shrink)
     real = _constant_times_one(seal, template[0], const)
     imag = _constant_times_i(seal, template[1], const)
     request = r.request([real, imag, *template[2:]], extra=r.spec.n - 1)
@@ -147,10 +148,10 @@ def ckks_key_recovery(protocol: Any, inputs: Sequence[np.ndarray], *, seed: int 
         return AttackOutcome(None, victim, None, None, refused, 1)
     z = np.frombuffer(released, dtype="<f8")
     scale = 2.0**shrink
-    sigma = scale * (z[: ring.slots] - 1j * z[ring.slots : 2 * ring.slots])  # Re sigma(s), -Im sigma(s)
+    sigma = scale * (z[:slots] - 1j * z[slots : 2 * slots])  # Re sigma(s), -Im sigma(s)
     key_ntt = _encode(seal, template[0], sigma, 1.0)  # SEAL's own inverse embedding: s, in NTT form
     key = _key_coefficients(seal, template[0], key_ntt)
-    decrypted = _ckks_decrypt(seal, r.blobs(victim), key_ntt, ring.scale, r.spec.dim, template)
+    decrypted = _ckks_decrypt(seal, r.blobs(victim), key_ntt, 2.0**scale_bits, r.spec.dim, template)
     error = float(np.max(np.abs(decrypted - r.inputs[victim])))
     return AttackOutcome(tuple(key), victim, error, decrypted, None, 1)
 
