@@ -147,7 +147,7 @@ def poisson_subsampled_rdp(orders: np.ndarray, q: float, base: np.ndarray) -> np
 
 def _binomial_terms(alpha: float, count: int) -> tuple[np.ndarray, np.ndarray]:
     """log|C(alpha, i)| and the sign of C(alpha, i) for i = 0..count-1 (generalized binomial coefficients)."""
-    from scipy.special import gammaln
+    from scipy.special import gammaln  # type: ignore[import-untyped]
 
     i = np.arange(count, dtype=np.float64)
     log_abs = gammaln(alpha + 1.0) - gammaln(i + 1.0) - gammaln(alpha - i + 1.0)
@@ -170,7 +170,7 @@ def sampled_gaussian_log_a(q: float, sigma: float, alpha: float, *, rtol: float 
     total; float rounding is covered by adding `rtol` times the sum of the magnitudes.
     ``proofs/dp.md`` section 5.
     """
-    from scipy.special import log_ndtr
+    from scipy.special import log_ndtr  # type: ignore[import-untyped]
 
     if not (0.0 < q < 1.0) or sigma <= 0 or alpha <= 1.0:
         raise ValueError(f"need 0 < q < 1, sigma > 0, alpha > 1; got q={q!r}, sigma={sigma!r}, alpha={alpha!r}")

@@ -20,6 +20,10 @@ magnitudes, split into tensors by a drawn layout) and checks, for ``out = clip(x
                     variance (n granularity^2 / 4 for the distributed encoders), within z standard
                     errors of the sample variance; the declared variance is what the module's privacy
                     event tells the accountant, ``(event.noise_multiplier * l2_clip)^2``
+``audit``           a one-run empirical privacy audit (:mod:`securefed.testing.privacy_audit`,
+                    Steinke, Nasr and Jagielski 2023) of one release with canaries of norm l2_clip
+                    (distributed encoders: one client per canary, over several rounds) finds a lower
+                    bound on epsilon no larger than the accountant's epsilon of the module's event
 
 Two kinds of noise module are understood: central ones with ``add_to(total, rng)`` and
 ``stddev`` (:class:`~securefed.privacy.CentralGaussian`), and distributed ones that are integer
@@ -55,7 +59,7 @@ from securefed.testing.conformance import ConformanceError, _find_violation, _re
 __all__ = ["CLIPPER_PROPERTIES", "NOISE_PROPERTIES", "check_clipper", "check_noise"]
 
 CLIPPER_PROPERTIES = ("output", "norm_bound", "scaling_only", "passthrough", "idempotent")
-NOISE_PROPERTIES = ("unbiased", "variance")
+NOISE_PROPERTIES = ("unbiased", "variance", "audit")
 
 _EPS = 2.0**-52
 _TINY = 2.0**-1074
@@ -233,6 +237,27 @@ def _samples(module: Any, n: int, dimension: int, rounds: int, seed: int) -> tup
                     f"event(); got {type(module).__name__}")
 
 
+def _audit(module: Any, canaries: int, seed: int, delta: float) -> None:
+    """The ``audit`` property: the one-run audit's lower bound stays below the accountant's epsilon."""
+    from securefed.testing import privacy_audit as pa
+
+    if isinstance(module, IntegerEncoder):
+        d = int(module.dimension)
+        mechanism = pa.in_rounds(pa.distributed_mechanism(module, clients=d), d)
+        event = module.event(included=d, n=d)  # type: ignore[attr-defined]
+    else:
+        mechanism, event = pa.central_mechanism(module), module.event(included=1, n=1)
+    # The auditor does not know the module's key: the reference run draws from another seed, so
+    # only noise that ignores the source it is given (or depends on the data) repeats.
+    result = pa.audit_epsilon(mechanism, canaries=canaries, delta=delta, seed=seed, noise_seed=seed + 1,
+                              reference_seed=seed + 2)
+    epsilon = pa.accounted_epsilon(event, delta)
+    if result.epsilon_lower_bound > epsilon:
+        raise _Violation("audit", f"the one-run audit shows {result}, above the accountant's epsilon "
+                                  f"{epsilon:.4g} for the module's event: its output reveals the canaries more "
+                                  "than the event allows")
+
+
 def check_noise(
     module: Any,
     *,
@@ -241,14 +266,18 @@ def check_noise(
     rounds: int = 400,
     seed: int = 0,
     z: float = 6.0,
+    audit_canaries: int = 512,
+    audit_delta: float = 1e-5,
 ) -> None:
-    """Check that a noise module's noise is unbiased and has the variance its privacy event declares.
+    """Check that a noise module's noise is unbiased, has the variance its privacy event declares, and
+    survives a one-run privacy audit.
 
     `n` clients (distributed modules) or summands, vectors of `dimension` (a distributed
     encoder's own dimension wins), `rounds` independent draws from the CSPRNG seeded with
-    `seed`; `z` standard errors of tolerance. Deterministic for a given seed. Raises
-    ConformanceError naming ``"unbiased"`` or ``"variance"``; TypeError for a module of
-    another kind. See the module docstring.
+    `seed`; `z` standard errors of tolerance; `audit_canaries` canaries for the audit at
+    `audit_delta` (0 skips it). Deterministic for a given seed. Raises ConformanceError naming
+    ``"unbiased"``, ``"variance"`` or ``"audit"``; TypeError for a module of another kind.
+    See the module docstring.
     """
     name = repr(module)
     try:
@@ -273,6 +302,8 @@ def check_noise(
         if var - z * se > hi:
             raise _Violation("variance", f"measured variance {var:.6g} (+- {se:.2g}) is above the declared "
                                          f"{lo:.6g} plus rounding {rounding:.3g}: the noise is not what is declared")
+        if audit_canaries:
+            _audit(module, audit_canaries, seed, audit_delta)
     except _Violation as v:
         raise _report(name, v) from None
 

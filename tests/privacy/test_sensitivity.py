@@ -16,8 +16,14 @@ import pytest
 import securefed as sf
 from securefed.crypto.random import RandomSource
 from securefed.encoding.packing import storage_dtype
-from securefed.privacy import CentralDP, DistributedDiscreteGaussian, DistributedSkellam, FlatClipping, l2_norm
-from securefed.privacy import _bounds
+from securefed.privacy import (
+    CentralDP,
+    DistributedDiscreteGaussian,
+    DistributedSkellam,
+    FlatClipping,
+    _bounds,
+    l2_norm,
+)
 from securefed.privacy.client_level import ClientLevelMechanism
 from securefed.privacy.rotation import HadamardRotation
 

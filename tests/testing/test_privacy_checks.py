@@ -165,3 +165,26 @@ def test_broken_noise_is_caught(module, prop):
 def test_check_noise_refuses_modules_it_cannot_drive():
     with pytest.raises(TypeError, match="central module"):
         check_noise(object())
+
+
+class SignNoise(CentralGaussian):
+    """Noise of the declared mean and variance but not Gaussian: +-std with a fair coin (a broken sampler).
+    The moments pass; the canaries land on separate points, which the one-run audit reads off."""
+
+    def add_to(self, total, rng):
+        coins = rng.fill(np.empty(total.size, dtype=np.uint8)) & 1
+        total += self.stddev * (2.0 * coins - 1.0)
+        return total
+
+
+def test_noise_of_the_right_variance_but_the_wrong_law_fails_the_audit():
+    with pytest.raises(ConformanceError) as info:
+        check_noise(SignNoise(noise_multiplier=2.0, l2_clip=1.0))
+    assert info.value.property == "audit" and "one-run audit" in str(info.value)
+    check_noise(SignNoise(noise_multiplier=2.0, l2_clip=1.0), audit_canaries=0)  # the moments alone pass
+
+
+def test_the_audit_property_is_listed():
+    from securefed.testing.privacy import NOISE_PROPERTIES
+
+    assert NOISE_PROPERTIES == ("unbiased", "variance", "audit")
