@@ -40,12 +40,10 @@ def he_decryptor_liveness(n, dropouts):
 
 
 def he_clients_liveness(n, dropouts):
-    """HE with client key holders: the dealer (lowest client that advertised) must deliver the key, and one
-    client must upload and decrypt (protocols/he.md, "clients" mode: a dealer lost in "keys" aborts the round)."""
+    """HE with client key holders: the dealer (lowest client that advertised) deals the key and is the one
+    client that decrypts the verified sum, so it must stay to the end (protocols/he.md, "clients" mode)."""
     advertised = [c for c in range(n) if dropouts.get(c) != "setup"]
-    if not advertised or dropouts.get(min(advertised)) == "keys":
-        return False
-    return any(c not in dropouts for c in range(n))
+    return bool(advertised) and min(advertised) not in dropouts
 
 
 HE = dict(clients=(1, 3), dimension=(1, 3), deterministic_view=False, max_examples=3)
