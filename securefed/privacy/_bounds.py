@@ -192,6 +192,6 @@ def sampled_gaussian_log_a(q: float, sigma: float, alpha: float, *, rtol: float 
         upper = partial + max(float(t0[last]), 0.0) + max(float(t1[last]), 0.0)
         magnitude = float(np.abs(t0).sum() + np.abs(t1).sum())
         small = max(abs(float(t0[last])), abs(float(t1[last]))) <= rtol * upper
-        if small or count >= 1 << 22:  # the bound holds either way; a longer sum only tightens it
+        if small or count >= 1 << 18:  # the bound holds either way; a longer sum only tightens it
             return top + math.log(upper + rtol * magnitude)
         count *= 4
