@@ -149,3 +149,15 @@ def test_conditional_rounding_stays_within_its_bound(beta):
     for seed in range(50):
         q = enc.quantize(x, rng=RandomSource(seed))
         assert l2_norm(q.astype(np.float64)) <= enc.contribution_bound
+
+
+def test_ckks_contribution_within_its_error_bound():
+    """CKKS encodes approximately: the decoded update moves by its error bound at most, which the margin covers."""
+    d = 64
+    protocol = sf.protocols.CKKS()
+    mech = ClientLevelMechanism(CentralDP(noise_multiplier=1.0, clipping=0.01), protocol=protocol, dimension=d)
+    assert mech.contribution_bound == pytest.approx(0.01 + math.sqrt(d) * protocol.error_bound(1), rel=1e-15)
+    x = FlatClipping(l2_clip=0.01).clip(np.random.default_rng(2).normal(size=d))
+    for seed in range(3):
+        res = sf.simulate_aggregation(protocol, [x, np.zeros(d), np.zeros(d)], seed=seed)
+        assert l2_norm(res.total) <= mech.contribution_bound
