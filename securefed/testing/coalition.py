@@ -57,6 +57,7 @@ __all__ = [
     "coalition_size",
     "corrupt_holders_bound",
     "execute",
+    "find_leak",
     "predict",
     "search",
     "splits",
@@ -455,6 +456,31 @@ def search(protocol_factory: Callable[[], AggregationProtocol], n: int, *, seed:
                 break
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def find_leak(protocol_factory: Callable[[], AggregationProtocol], n: int, *, dim: int = 4,
+              runs: int = 1) -> tuple[str, str] | None:
+    """What the ``"coalition"`` property checks in a round of n: None, or (violation, note).
+
+    Active protocols: :func:`search` with seed n, up to `runs` plans end to end. Semi-honest ones
+    follow the protocol, so the coalition only pools shares: it needs t corrupt holders of one
+    client's shares (at most :func:`corrupt_holders_bound` of them).
+    """
+    protocol = protocol_factory()
+    if not protocol.threat_model.active:  # type: ignore[attr-defined]
+        t = protocol.min_survivors(n)
+        bits = int(protocol.describe(n).get("statistical_security_bits", 40))
+        c = corrupt_holders_bound(n, protocol.parameters(n).degree,  # type: ignore[attr-defined]
+                                  coalition_size(protocol, n), bits)
+        return None if c < t else (f"n={n}: {c} corrupt neighbours of a client hold t = {t} shares of its "
+                                   "secrets (semi-honest needs t > corrupt holders)", "")
+    report = search(protocol_factory, n, seed=n, dim=dim, runs=runs)
+    if report.leak is None:
+        return None
+    plan, rec, err = report.leak
+    return (f"n={n}: the server with {report.corrupt} corrupt clients {list(plan.corrupt)} unmasked client "
+            f"{plan.victim}'s input (max error {err:.3g} from the true input): {rec.detail}",
+            f"{plan!r}, seed={n}, dim={dim} ({report.summary()})")
 
 
 def execute(protocol: AggregationProtocol, inputs: Sequence[np.ndarray], plan: Split, *, seed: int = 0) -> Recovery:

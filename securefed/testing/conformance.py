@@ -554,28 +554,12 @@ class _Suite:
             return
         runs = max(1, min(3, self.settings.max_examples))
         for n in self.sizes:
-            protocol = self.factory()
-            if not protocol.threat_model.active:  # type: ignore[attr-defined]
-                self._semi_honest_coalition(protocol, n)
-                continue
-            dim = min(self.dimension[1], 8)
-            report = coalition.search(self.factory, n, seed=n, dim=dim, runs=runs)
-            if report.leak is not None:
-                plan, rec, err = report.leak
-                v = _Violation("coalition", f"n={n}: the server with {report.corrupt} corrupt clients "
-                                            f"{list(plan.corrupt)} unmasked client {plan.victim}'s input "
-                                            f"(max error {err:.3g} from the true input): {rec.detail}")
-                v.add_note(f"{plan!r}, seed={n}, dim={dim} ({report.summary()})")
+            found = coalition.find_leak(self.factory, n, dim=min(self.dimension[1], 8), runs=runs)
+            if found is not None:
+                v = _Violation("coalition", found[0])
+                if found[1]:
+                    v.add_note(found[1])
                 raise v
-
-    def _semi_honest_coalition(self, protocol: AggregationProtocol, n: int) -> None:
-        t = protocol.min_survivors(n)
-        degree = protocol.parameters(n).degree  # type: ignore[attr-defined]
-        bits = int(protocol.describe(n).get("statistical_security_bits", 40))
-        c = coalition.corrupt_holders_bound(n, degree, coalition.coalition_size(protocol, n), bits)
-        if c >= t:
-            raise _Violation("coalition", f"n={n}: {c} corrupt neighbours of a client hold t = {t} "
-                                          "shares of its secrets (semi-honest needs t > corrupt holders)")
 
 
 def _representations(protocol: AggregationProtocol, x: np.ndarray, n: int) -> list[tuple[str, bytes]]:
