@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECK_BYTES",
+    "DEALER",
     "DECRYPTOR",
     "DECRYPTOR_ID",
     "HEClient",
@@ -42,6 +43,12 @@ __all__ = [
     "signed_upload",
     "verified_public",
 ]
+
+#: The key dealer of a "clients" mode round: client 0, fixed by the round's public data, so that no
+#: client deals unless it is client 0 and none accepts another dealer's key. A dealer chosen from the
+#: advertisers the server lists (once the lowest) let an active server make every client a dealer of
+#: its own key list, and so have n keys and n decryptions in one round (proofs/he.md, H15).
+DEALER = 0
 
 #: HKDF label and AEAD purpose of the secret key sent from the dealer to each client ("clients" mode).
 _KEY_PURPOSE = "he/secret-key"
@@ -87,7 +94,7 @@ class HEClient(ClientProtocol):
         self._kex_key: kex.X25519PrivateKey | None = None
         self._secret: bytes | None = None  # secret-only context ("clients" mode, once the key arrived)
         self._key_id: bytes | None = None
-        self._dealer = False  # whether this client made the key (and is the round's only decrypter)
+        self._dealer = False  # whether this client (client 0) made the key (and is the round's only decrypter)
         if x is not None:
             self.set_input(x)
 
@@ -121,8 +128,10 @@ class HEClient(ClientProtocol):
         raise MessageRejected(f"invalid message: {phase!r} is out of order for this client")
 
     def _deal(self, reader: Reader) -> bytes:
-        """The dealer (lowest-index advertiser) makes the key and seals the secret part to every other client."""
+        """The dealer (client 0, always) makes the key and seals the secret part to every other client listed."""
         assert self._kex_key is not None
+        if self._id != DEALER:
+            raise MessageRejected(f"invalid message: only client {DEALER} deals the key of a round")
         s, ids = self._spec, self._p.directory(self._spec.n)
         count = reader.u32()
         peers = {}
@@ -135,8 +144,8 @@ class HEClient(ClientProtocol):
             auth.verify(ids, self._p._TAG, s, j, pk, sig, purpose=auth.KEX)  # else the server gets the key
             peers[j] = pk
         reader.end()
-        if peers.get(self._id) != kex.public_bytes(self._kex_key) or min(peers) != self._id:
-            raise MessageRejected("invalid message: this client is not the dealer of this key list")
+        if peers.get(self._id) != kex.public_bytes(self._kex_key):
+            raise MessageRejected("invalid message: the key list lacks this client's own exchange key")
         ctx = backend.new_context(self._ring)
         public = backend.public_bytes(ctx)
         self._secret, self._key_id = backend.secret_bytes(ctx), backend.key_id(public)
@@ -173,7 +182,11 @@ class HEClient(ClientProtocol):
         if self._stage == DEALT:
             if dealer != self._id or len(sealed):
                 raise MessageRejected("invalid message: the dealer gets no sealed key")
-        elif dealer == self._id or not len(sealed) or dealer >= self._spec.n:
+        elif self._id == DEALER:
+            raise MessageRejected(f"invalid message: client {DEALER} uploads only under the key it dealt")
+        elif dealer != DEALER:
+            raise MessageRejected(f"invalid message: the key of a round is client {DEALER}'s, not client {dealer}'s")
+        elif not len(sealed):
             raise MessageRejected("invalid message: no sealed key for this client")
         else:
             auth.verify(self._p.directory(self._spec.n), self._p._TAG, self._spec, dealer, dealer_pk, dealer_sig,

@@ -18,6 +18,7 @@ from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
 from securefed.protocols import _he_auth as auth
 from securefed.protocols import _he_tenseal as backend
 from securefed.protocols import _wire
+from securefed.protocols._he_parties import DEALER
 from securefed.protocols._he_tenseal import Ring
 from securefed.protocols._he_wire import (
     DECRYPTOR,
@@ -211,13 +212,23 @@ class HEServer(ServerProtocol):
             if self._clients_mode:
                 if not self._kex_keys:
                     raise ProtocolAborted(AbortReason.NO_INPUTS, "no client advertised a key", phase=phase)
-                self._dealer = min(self._kex_keys)
+                if DEALER not in self._kex_keys:
+                    # The dealer is fixed (clients refuse any other), so without it nobody can make the key.
+                    raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                                          f"client {DEALER}, the key dealer of every clients-mode round, did not "
+                                          "advertise an exchange key; rerun the round", phase=phase)
+                self._dealer = DEALER
             elif self._public is None:
                 raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "the decryptor sent no public key", phase=phase)
         elif phase == "keys" and self._clients_mode and self._public is None:
             raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
                                   f"the key dealer (client {self._dealer}) left before delivering the key; "
                                   "rerun the round", phase=phase)
+        elif phase == "upload" and self._clients_mode and self._dealer in self._dropped:
+            # Only the dealer decrypts (one key, one decryption): abort before sending anyone's uploads on.
+            raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                                  f"the key dealer (client {self._dealer}) left before decrypting; rerun the round",
+                                  phase=phase)
         elif phase == "upload" and not self._uploaded:
             raise ProtocolAborted(AbortReason.NO_INPUTS, "no client uploaded an input", phase=phase)
         elif phase == "upload" and len(self._uploaded) < (need := self._p.min_survivors(self._spec.n)):

@@ -123,8 +123,8 @@ def _load_client(protocol: _HEProtocol, spec: RoundSpec, party: int, stage: int,
     allowed = {_F_VALUES_F8, _F_VALUES_I8, _F_KEX, _F_SECRET, _F_KEY_ID, _F_DEALER}
     if (set(fields) - allowed or (_F_VALUES_F8 in fields and _F_VALUES_I8 in fields)
             or (_F_KEX in fields) != want_kex or has_secret != want_secret or (_F_SECRET in fields) != has_secret
-            or (dealer and (not clients_mode or stage < parties.DEALT)) or fields.get(_F_DEALER, b"") != b""
-            or (stage in (parties.DEALT, parties.DECRYPTED) and not dealer)
+            or dealer != (clients_mode and party == parties.DEALER and stage >= parties.DEALT)
+            or fields.get(_F_DEALER, b"") != b"" or (stage in (parties.DEALT, parties.DECRYPTED) and not dealer)
             or (not clients_mode and stage not in (parties.FRESH, parties.UPLOADED))):
         raise bad
     client = HEClient(protocol, spec, protocol._ring(spec.n), party, None, rng)

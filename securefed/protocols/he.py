@@ -8,9 +8,11 @@ drops is simply absent from the sum: there is no recovery round. Phases:
 - ``"decryptor"`` (default): a separate party, ``"decryptor"``, makes a fresh key pair each
   round, signs the public context it gives the server, and later decrypts one sum once.
   Safe while the server and the decryptor do not collude.
-- ``"clients"``: the lowest-index client (the dealer) makes the key and sends the secret key to
+- ``"clients"``: client 0, always (the dealer), makes the key and sends the secret key to
   every other client sealed under X25519 + HKDF + AES-GCM (the server relays ciphertext only);
-  the dealer alone decrypts the sum. Safe while the server colludes with no client.
+  the dealer alone decrypts the sum, so a round without client 0 aborts. No other client deals or
+  takes another client's key: a dealer the server could pick per key list gave it one key and
+  one decryption per client. Safe while the server colludes with no client.
 - ``"masked"`` (BFV only): a decryptor holds the key and SecAgg+'s pairwise masks are added to
   the encoded input before encryption, so even the decryptor with the server sees only masked
   inputs; dropouts are then recovered as in SecAgg+ (phases ``consistency_check``, ``unmasking``).

@@ -15,6 +15,12 @@ ciphertexts it crafted:
 The crafted ciphertexts ride in the decrypt request's layout, inside a signed upload of client 0
 (its signature kept). A key holder that checks signatures refuses; one that decrypts whatever it is
 given (the behaviour before the fix) hands over its key. Each attack reports what it got.
+
+A third attack needs no crafted ciphertext: in ``"clients"`` mode, when the dealer was the lowest
+client of the key list the server sent (before the fix), the server could send each group of
+clients its own key list and so make one dealer per group, each decrypting its own group's signed
+uploads (``clients_mode_partition``): every input in one round with ``min_clients = 1``. The
+dealer is now client 0, fixed, and every other client refuses to deal or to take another's key.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from securefed.protocols import _wire
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
 from securefed.testing._seal_raw import SealRing
 
-__all__ = ["AttackOutcome", "bfv_key_recovery", "ckks_key_recovery"]
+__all__ = ["AttackOutcome", "PartitionOutcome", "bfv_key_recovery", "ckks_key_recovery", "clients_mode_partition"]
 
 _SIG, _KEY_ID = 64, 32
 _DECRYPTOR = "decryptor"
@@ -309,3 +315,100 @@ def _bfv_decrypt(seal: SealRing, chunks: list[bytes], key: Sequence[int], dim: i
         size = seal.tenseal.bfv_vector_from(seal.context, chunk).size()
         out.append(np.array(slots[:size], dtype=np.int64))
     return np.concatenate(out)[:dim]
+
+
+# -- "clients" mode: one dealer per group ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionOutcome:
+    """What the multi-dealer attack obtained in one round: one release per key list that a client dealt."""
+
+    groups: tuple[tuple[int, ...], ...]  # the key lists the server sent, each to its lowest client
+    released: dict[tuple[int, ...], np.ndarray]  # key list -> the decoded sum its dealer released
+    errors: dict[tuple[int, ...], float]  # key list -> max |release - the exact sum of its clients' inputs|
+    refused: tuple[str, ...]  # every refusal, "client i, phase: Type: message"
+
+    @property
+    def decryptions(self) -> int:
+        """Sums released in the round: more than one is what the protocol must rule out."""
+        return len(self.released)
+
+    @property
+    def exposed(self) -> tuple[int, ...]:
+        """The clients whose input was released on its own."""
+        return tuple(sorted(g[0] for g in self.released if len(g) == 1))
+
+
+def clients_mode_partition(protocol: Any, inputs: Sequence[np.ndarray], *, seed: int = 0,
+                           group_size: int | None = None) -> PartitionOutcome:
+    """An active server equivocating in a ``"clients"`` mode round's keys phase, through the parties' ``handle()``.
+
+    Setup is honest (every client advertises its signed X25519 key). The server cuts the clients
+    into groups of `group_size` consecutive ids (default ``min_survivors(n)``, the smallest sum a
+    key holder releases; a short remainder joins the last group) and sends each group's lowest
+    client a keys request listing that group alone, with its members' genuine signed keys; it
+    relays each dealer's public context and sealed keys to its group only, then asks each dealer to
+    decrypt its own group's signed uploads. The server signs nothing and holds no private key: it
+    only relays what honest parties signed. Against a dealer chosen as the lowest of the list it
+    receives, each group gets its own key and decryption (every input alone with ``min_clients = 1``);
+    against a fixed dealer every other would-be dealer refuses, leaving at most one release."""
+    from securefed.protocols._he_wire import Framer, Reader, u32
+
+    rng = RandomSource(seed)
+    n, dim = len(inputs), inputs[0].size
+    spec = RoundSpec(n=n, dim=dim, session_id=rng.child("session").token_bytes(32))
+    frame = Framer(protocol, spec)
+    clients = {i: protocol.client(spec, i, inputs[i], rng=rng.child(f"client/{i}")) for i in range(n)}
+    refused: list[str] = []
+
+    def ask(client: int, phase: str, items: list[bytes]) -> memoryview | None:
+        try:
+            reply = clients[client].handle(phase, frame.message(phase, _wire.SERVER, items))
+        except (MessageRejected, ProtocolAborted) as e:
+            refused.append(f"client {client}, {phase}: {type(e).__name__}: {e}")
+            return None
+        assert reply is not None
+        return memoryview(reply)[_wire.HEADER_SIZE + 4 :]
+
+    signed_kex = {}  # client -> X25519 key || its signature, as the honest setup replies carry them
+    for i in range(n):
+        reply = ask(i, "setup", [])
+        if reply is not None:
+            signed_kex[i] = bytes(reply)
+    size = group_size or protocol.min_survivors(n)
+    groups = [list(range(lo, min(lo + size, n))) for lo in range(0, n, size)]
+    if len(groups) > 1 and len(groups[-1]) < size:
+        groups[-2] += groups.pop()
+    released: dict[tuple[int, ...], np.ndarray] = {}
+    errors: dict[tuple[int, ...], float] = {}
+    for group in groups:
+        dealer = group[0]
+        items = [u32(len(group))]
+        for j in group:
+            items += [u32(j), signed_kex[j]]
+        reply = ask(dealer, "keys", items)
+        if reply is None:
+            continue
+        r = Reader(reply)
+        public = bytes(r.blob())
+        sealed = {}
+        for _ in range(r.u32()):
+            j = r.u32()
+            sealed[j] = bytes(r.blob())
+        uploads = []
+        for j in group:
+            upload = ask(j, "upload", [u32(len(public)), public, u32(dealer), signed_kex[dealer], sealed.get(j, b"")])
+            if upload is not None:
+                uploads.append((j, bytes(upload)))
+        items = [u32(len(uploads))]
+        for j, up in uploads:
+            items += [u32(j), u32(len(up)), up]
+        release = ask(dealer, "decrypt", items)
+        if release is None:
+            continue
+        total = protocol._total(release, spec, len(uploads))
+        key = tuple(j for j, _ in uploads)
+        released[key] = total
+        errors[key] = float(np.max(np.abs(total - sum(inputs[j] for j in key))))
+    return PartitionOutcome(tuple(tuple(g) for g in groups), released, errors, tuple(refused))

@@ -591,6 +591,29 @@ def test_ckks_release_is_independent_of_the_encryption_noise():
     assert released[0] == released[1]
 
 
+def test_ckks_release_at_an_exact_grid_midpoint_depends_on_the_noise():
+    # H4 as measured: float32 inputs of magnitude in [2^-18, 2^-17) are odd multiples of 2^-41, so half of them
+    # sit exactly on a midpoint of the 2^-40 output grid, nobody having put them there. At the default
+    # parameters (n = 10: scale 2^86) the rounding of those slots follows the noise from one encryption to the
+    # next; every other slot is released as rint(x) every time.
+    proto = CKKS()
+    spec = RoundSpec(n=10, dim=4096, session_id=bytes(32))
+    ring = proto._ring(10)
+    ctx = backend.new_context(ring)
+    gen = np.random.default_rng(0)
+    x = (gen.uniform(2**-18, 2**-17, 4096) * gen.choice([-1, 1], 4096)).astype(np.float32).astype(np.float64)
+    midpoint = np.ldexp(np.abs(x), 40) % 1 == 0.5
+    assert 1800 < midpoint.sum() < 2300
+    released = []
+    for _ in range(4):  # four encryptions of the same input: only SEAL's noise differs
+        vec = backend.load_chunk(ctx, ring, backend.encrypt_chunks(ctx, ring, x)[0], 4096)
+        released.append(np.frombuffer(proto._release(np.array(vec.decrypt()), spec, 1), "<f8"))
+    released = np.array(released)
+    changed = (released != released[0]).any(axis=0)
+    assert changed.sum() > 200 and not changed[~midpoint].any()  # measured: 861 and 921 of 4096 changed
+    assert (released[:, ~midpoint] == np.ldexp(np.rint(np.ldexp(x[~midpoint], 40)), -40)).all()
+
+
 # -- H9: saved states --------------------------------------------------------------------------------------
 
 
@@ -671,13 +694,55 @@ def test_clients_mode_tampered_sealed_key_is_refused():
 def test_clients_mode_dealer_dropout_aborts_and_late_dropouts_are_fine():
     proto = CKKS(key_holder="clients")
     xs = [np.ones(5)] * 4
-    for phase in ("keys", "upload", "decrypt"):  # the dealer alone decrypts: it must stay to the end
-        with pytest.raises(ProtocolAborted) as e:
+    # The dealer is client 0, always, and alone decrypts: it must stay to the end; nobody stands in for it.
+    for phase, says in (("setup", "did not advertise"), ("keys", "before delivering the key"),
+                        ("upload", "before decrypting"), ("decrypt", "did not decrypt")):
+        with pytest.raises(ProtocolAborted, match=says) as e:
             sf.simulate_aggregation(proto, xs, dropouts={0: phase}, seed=0)
-        assert e.value.reason is AbortReason.REQUEST_REFUSED
-    res = sf.simulate_aggregation(proto, xs, dropouts={0: "setup", 3: "decrypt", 2: "upload"}, seed=0)
-    assert res.included == (1, 3) and np.allclose(res.total, 2.0)  # client 1 dealt; 3 left after uploading
-    assert res.dropped[2].phase == "upload" and 3 not in res.dropped  # nothing was asked of 3 after its upload
+        assert e.value.reason is AbortReason.REQUEST_REFUSED and e.value.phase == phase
+    res = sf.simulate_aggregation(proto, xs, dropouts={1: "setup", 3: "decrypt", 2: "upload"}, seed=0)
+    assert res.included == (0, 3) and np.allclose(res.total, 2.0)  # 3 left after uploading
+    assert res.dropped[1].phase == "setup" and res.dropped[2].phase == "upload"
+    assert 3 not in res.dropped  # nothing was asked of 3 after its upload
+
+
+@pytest.mark.parametrize("proto", [CKKS(key_holder="clients"), BFV(value_range=1.0, key_holder="clients")],
+                         ids=["ckks", "bfv"])
+def test_clients_mode_only_client_0_deals_and_every_client_refuses_another_dealer(proto):
+    # Once the lowest advertiser of the list the server sent dealt: an active server made every client the dealer
+    # of its own list, with one key and one decryption each (tests/testing/test_he_attacks.py, the partition).
+    spec = RoundSpec(n=3, dim=4, session_id=bytes(range(32)))
+    server = proto.server(spec, rng=RandomSource(1))
+    party = {i: proto.client(spec, i, np.full(4, 0.25), rng=RandomSource(10 + i)) for i in range(3)}
+    for who, request in server.requests("setup").items():
+        server.receive("setup", who, party[who].handle("setup", request))
+    server.finish_phase("setup")
+
+    def keys_request(listed):
+        items = [wire.u32(len(listed))]
+        for c in listed:
+            items += [wire.u32(c), server._kex_keys[c]]
+        return reframe(proto, spec, "keys", _wire.SERVER, items)
+
+    for c, listed in ((1, (1,)), (1, (1, 2)), (2, (0, 1, 2))):  # lowest of its list, or not: client 1 or 2 never deals
+        with pytest.raises(MessageRejected, match="only client 0 deals"):
+            party[c].handle("keys", keys_request(listed))
+    # Client 1's upload request naming client 1 (or 2) as the dealer, with its genuine signed key, is refused.
+    server.receive("keys", 0, party[0].handle("keys", server.requests("keys")[0]))
+    server.finish_phase("keys")
+    honest = server.requests("upload")
+    for dealer in (1, 2):
+        items = server._public_items() + [wire.u32(dealer), server._kex_keys[dealer], server._sealed[1]]
+        with pytest.raises(MessageRejected, match="client 0's, not client"):
+            party[1].handle("upload", reframe(proto, spec, "upload", _wire.SERVER, items))
+    server.receive("upload", 1, party[1].handle("upload", honest[1]))  # refused requests took nothing
+    assert party[0]._dealer and not party[1]._dealer and not party[2]._dealer
+    # A saved state claiming the dealer's flag for another client is refused.
+    flag = bytes([7]) + bytes(8)  # field 7 (empty, the last key): "this client dealt the key"
+    dealt = party[0].dump()
+    assert dealt.endswith(flag) and proto.load_client(dealt, rng=RandomSource(2))._dealer
+    with pytest.raises(InvalidInput):
+        proto.load_client(party[1].dump() + flag, rng=RandomSource(2))
 
 
 def test_clients_mode_only_the_dealer_decrypts_once():

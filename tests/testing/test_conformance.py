@@ -40,10 +40,10 @@ def he_decryptor_liveness(n, dropouts):
 
 
 def he_clients_liveness(n, dropouts):
-    """HE with client key holders: the dealer (lowest client that advertised) deals the key and is the one
-    client that decrypts the verified sum, so it must stay to the end (protocols/he.md, "clients" mode)."""
-    advertised = [c for c in range(n) if dropouts.get(c) != "setup"]
-    return bool(advertised) and min(advertised) not in dropouts
+    """HE with client key holders: client 0, always the dealer, makes the key and is the one client that
+    decrypts the verified sum (its own upload in it), so the round finishes exactly when client 0 does not
+    drop at all; no other client stands in for it (protocols/he.md, "clients" mode)."""
+    return n >= 1 and 0 not in dropouts
 
 
 HE = dict(clients=(1, 3), dimension=(1, 3), deterministic_view=False, max_examples=3)
