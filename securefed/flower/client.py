@@ -6,6 +6,14 @@ user's ordinary Flower training function, turns the trained model into an update
 vector (weighted as the server asked), and hands it to the protocol, which encodes
 and masks or encrypts it: the trained model itself never leaves the node. See
 ``protocols/flower.md``, "Client".
+
+A node gives at most one input per round index as a client, and releases at most one
+decryption (or other auxiliary output) per round index as an auxiliary party, whatever the
+session: ``context.state[GIVEN_KEY]`` records, per role, the last round index in which it
+did and the session it did it in; it refuses to start a round again in which it already
+gave (a server rerunning one round over different subsets of nodes would otherwise get
+each input by differencing sums) and any round index below one in which it gave
+(``protocols/flower.md``, section 5, "One input per round index").
 """
 
 from __future__ import annotations
@@ -24,7 +32,12 @@ from securefed.flower import _beacon, _envelope, _identities, _model, _privacy
 from securefed.flower.aggregation import message_type
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
 
-__all__ = ["SecureClient", "client_rng"]
+__all__ = ["GIVEN_KEY", "SecureClient", "client_rng"]
+
+#: ``context.state`` key of the node's record of what it gave: a ``ConfigRecord`` holding, per role
+#: (``"client"`` or the auxiliary party's name), ``"<role>/round"`` (the last round index in which
+#: it gave its input, or released its output) and ``"<role>/session"`` (the session it did it in).
+GIVEN_KEY = "securefed.given"
 
 # Flower's error code for an app that raised (flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION):
 # the server records the node as having refused.
@@ -145,6 +158,12 @@ class SecureClient:
                     message_type(protocol, req.phase, req.party or req.client) != msg.metadata.message_type):
                 raise MessageRejected("invalid request: unknown phase or wrong message type for it")
             seed = _value(self.seed, context)
+            role = req.party or "client"
+            # An auxiliary party gives in every phase after its first (the decryptor: its one decryption),
+            # a client when its input phase's handle returns: recorded per role (GIVEN_KEY).
+            aux_gives = bool(req.party) and req.phase != protocol.phases[0]
+            self._once(context, req, role, start=req.phase == protocol.phases[0] or req.phase in _beacon.PHASES,
+                       is_input=is_train)
             if req.phase in _beacon.PHASES:
                 return self._beacon_reply(msg, context, req, beacon, identities, seed)
             if req.beacon and not beacon:
@@ -157,7 +176,11 @@ class SecureClient:
                 if is_train:
                     assert arrays is not None and config is not None and train is not None
                     state.set_input(self._input(msg, context, train, arrays, req, privacy))
+                elif aux_gives:  # counted before its state machine checks anything (a refused decryption too)
+                    self._record(context, req, role)
                 payload = state.handle(req.phase, req.payload)
+                if is_train:  # the input is the state machine's now: given in this round
+                    self._record(context, req, role)
             except (MessageRejected, ProtocolAborted, InvalidInput):
                 self._save(context, req, b"")  # refused: this node answers nothing more in this round
                 raise
@@ -172,6 +195,43 @@ class SecureClient:
             return Message(Error(code=_NOTHING, reason="securefed: nothing to send in this phase"), reply_to=msg)
         reply = _envelope.Reply(req.phase, req.round, req.session, req.client, req.party, bytes(payload))
         return Message(RecordDict({_envelope.KEY: reply.record()}), reply_to=msg)
+
+    @staticmethod
+    def _once(context: Context, req: _envelope.Request, role: str, *, start: bool, is_input: bool) -> None:
+        """Refuse what could make this node give a second input (or output) for one round index.
+
+        Refused, changing nothing: any request of a round index below the largest one in which this node
+        gave anything, in any role (a rollback); in a round index in which it already gave in this `role`:
+        a `start` of the round (the protocol's first phase or a graph beacon exchange) and a client's
+        input phase (`is_input`), whatever the session, and every request of another session. What is
+        left are the later phases of the session it gave in, which its state machine answers once each
+        (``protocols/flower.md``, section 5, "One input per round index")."""
+        given = context.state.get(GIVEN_KEY)
+        if not isinstance(given, ConfigRecord):
+            return
+        last = max((v for k, v in given.items() if k.endswith("/round") and isinstance(v, int)), default=None)
+        if last is not None and req.round < last:
+            raise MessageRejected(f"invalid request: stale round {req.round} (this node already gave its input "
+                                  f"or output in round {last}; round indices only go forward)")
+        if given.get(f"{role}/round") != req.round:
+            return
+        session = given.get(f"{role}/session")
+        if start or is_input or session != req.session:
+            shown = session.hex()[:16] if isinstance(session, bytes) else "?"
+            what = "input" if role == "client" else f"{role} output"
+            raise ProtocolAborted(
+                AbortReason.REQUEST_REFUSED,
+                f"this node already gave its {what} in round {req.round} (session "
+                f"{shown}): it gives at most one per round index, so it refuses "
+                "to run that round again (a second one would let the server difference two sums)")
+
+    @staticmethod
+    def _record(context: Context, req: _envelope.Request, role: str) -> None:
+        given = context.state.get(GIVEN_KEY)
+        given = ConfigRecord(dict(given)) if isinstance(given, ConfigRecord) else ConfigRecord()
+        given[f"{role}/round"] = req.round
+        given[f"{role}/session"] = req.session
+        context.state[GIVEN_KEY] = given
 
     def _configure(self, context: Context, req: _envelope.Request,
                    nodes: Sequence[int]) -> tuple[AggregationProtocol, Any, KeyDirectory | None]:
@@ -238,7 +298,8 @@ class SecureClient:
                  seed: int | None) -> ClientProtocol:
         """The state machine of `party` for this request's round: the saved one, or a new one.
 
-        New for the protocol's first phase (a new round, or the same one started again), or
+        New for the protocol's first phase (a new round, or the same one started again before
+        this party gave anything in it: :meth:`_once` has refused the rest), or
         when the node holds no state of this round (the first phase this party is addressed
         in; its state machine refuses any phase it cannot start with). Refused: a request of
         an older round than the saved state (stale), or one of a round whose saved state

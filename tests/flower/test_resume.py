@@ -1,4 +1,9 @@
-"""Checkpoints and resume: a restarted run continues from the last committed round, losing and repeating nothing."""
+"""Checkpoints and resume: a restarted run continues from the last committed round, losing and repeating nothing.
+
+A node gives at most one input per round index (protocols/flower.md, section 5): when the server
+dies after some nodes gave their input to a round, those nodes refuse the rerun of that round, which
+goes on with the others or aborts; the run goes on with the next round.
+"""
 
 import json
 
@@ -20,11 +25,12 @@ class Crash(BaseException):
 
 
 class CrashingGrid(InProcessGrid):
-    """Dies when the server pushes the requests of phase `phase` of round `round`."""
+    """Dies when the server pushes the requests of phase `phase` of round `round`, after the first
+    `delivered` of them reached their nodes (default none)."""
 
-    def __init__(self, *args, crash_at=None, **kwargs):
+    def __init__(self, *args, crash_at=None, delivered=0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.crash_at = crash_at
+        self.crash_at, self.delivered = crash_at, delivered
 
     def push_messages(self, messages):
         messages = list(messages)
@@ -32,6 +38,7 @@ class CrashingGrid(InProcessGrid):
             rec = messages[0].content["securefed"]
             if (rec["round"], rec["phase"]) == self.crash_at:
                 self.crash_at = None
+                super().push_messages(messages[: self.delivered])
                 raise Crash
         return super().push_messages(messages)
 
@@ -126,7 +133,39 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
     assert state["round"] == 1
     assert not list((tmp_path / "ckpt").glob(".*.tmp"))  # no temporary file left behind
     res = strategy(tmp_path, protocol).start(grid, apps.model(), num_rounds=ROUNDS)
-    check_like_uninterrupted(res, ref, tmp_path)
+    # Every node gave its input to round 2 before the crash (the server had summed them): each refuses
+    # the rerun of round 2 (one input per round index: a second sum over other nodes would give inputs
+    # by difference), so round 2 aborts, leaving the model as round 1 left it, and round 3 runs.
+    assert [r.round for r in res.rounds] == list(range(1, ROUNDS + 1))
+    nodes = tuple(apps.nodes(N))
+    assert [(r.participants, r.included) for r in res.rounds] == [(nodes, nodes), (nodes, ()), (nodes, nodes)]
+    assert res.rounds[0].included == ref.rounds[0].included  # round 1 as committed before the crash
+    assert res.rounds[1].aborted == "no_inputs"
+    assert {v: (d.phase, d.reason.value) for v, d in res.rounds[1].dropped.items()} == dict.fromkeys(
+        nodes, ("upload", "refused"))
+    assert all("already gave its input in round 2" in d.detail for d in res.rounds[1].dropped.values())
+    rounds, types = audit_rounds(tmp_path / "audit.jsonl")
+    assert rounds == [1, 3] and "round_aborted" in types and "resume" in types
+    assert verify(tmp_path / "audit.jsonl", allow_seeded=True).ok
+    start = apps.vector(apps.model())
+    expected = start + sum(np.mean([updates(p, r) for p in range(N)], axis=0) for r in (1, 3))
+    np.testing.assert_allclose(apps.vector(res.arrays), expected, rtol=0, atol=1e-6)
+
+
+def test_a_rerun_after_a_crash_mid_upload_goes_on_without_the_nodes_that_gave_their_input(tmp_path):
+    """The server dies after two of four nodes uploaded in round 2: the rerun includes only the other two."""
+    protocol = sf.protocols.Plain()
+    grid = CrashingGrid(apps.client_app(protocol, updates), apps.nodes(N), crash_at=(2, "upload"), delivered=2)
+    with pytest.raises(Crash):
+        strategy(tmp_path, protocol).start(grid, apps.model(), num_rounds=ROUNDS)
+    res = strategy(tmp_path, protocol).start(grid, apps.model(), num_rounds=ROUNDS)
+    nodes = tuple(apps.nodes(N))
+    assert [r.round for r in res.rounds] == list(range(1, ROUNDS + 1))
+    second = res.rounds[1]
+    assert second.participants == nodes and second.included == nodes[2:] and second.aborted is None
+    assert {v: d.reason.value for v, d in second.dropped.items()} == dict.fromkeys(nodes[:2], "refused")
+    assert res.rounds[2].included  # the run goes on
+    assert verify(tmp_path / "audit.jsonl", allow_seeded=True).ok
 
 
 def test_a_finished_run_restarted_does_nothing_more_and_a_longer_one_continues(tmp_path):
