@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,7 +52,12 @@ def _scale_to(x: np.ndarray, bound: float) -> np.ndarray:
     if not math.isfinite(norm):  # finite entries whose norm overflows: bring them to [-1, 1] first
         out /= float(np.max(np.abs(out)))
         norm = l2_norm(out)
-    out *= bound / norm
+    factor = bound / norm
+    if factor >= sys.float_info.min:  # a normal factor: one rounding per coordinate
+        out *= factor
+    else:  # it underflows (a huge update, a tiny clip: 1e-30 / 1e305) and would zero the update: two steps
+        out /= norm
+        out *= bound
     while l2_norm(out) > bound:  # a step or two: the scaled norm is bound * (1 +- 1e-15)
         out = np.nextafter(out, 0.0)  # one ulp toward zero, so even subnormals shrink
     return out

@@ -114,3 +114,11 @@ def test_bad_updates_are_refused(x):
 def test_bad_parameters_are_refused(make):
     with pytest.raises(ConfigurationError):
         make()
+
+
+def test_a_huge_update_under_a_tiny_clip_keeps_its_direction():
+    """bound / norm underflows to zero here (1e-30 / 2e305): the update must still come out scaled, not zeroed
+    (the CI profile's clipper check found it and then spent its time shrinking it)."""
+    out = FlatClipping(l2_clip=1e-30).clip(np.array([1.99e305, 1.0, -1e305]))
+    assert 0 < l2_norm(out) <= 1e-30
+    assert out[0] > 0 > out[2] and out[0] == pytest.approx(1.99 / np.hypot(1.99, 1.0) * 1e-30, rel=1e-12)
