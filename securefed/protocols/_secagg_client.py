@@ -201,6 +201,33 @@ def _check_survivors(c: Client, survivors: np.ndarray, phase: int) -> None:
                       phase)
 
 
+def _check_signatures(c: Client, survivors: np.ndarray, body: memoryview, nb: int) -> None:
+    """Active unmasking: every signature valid and from a listed client, t of them from my neighbourhood, and
+    a quorum over the whole round (so that no other list can also carry one: proofs/secagg.md, Lemma 7)."""
+    r, me = c.round, c.me
+    ids, sigs = W.parse_records(body, W.SIG, offset=nb)
+    listed = set(survivors.tolist())
+    if any(v not in listed for v in ids.tolist()):
+        raise refuse(AbortReason.CONSISTENCY_CHECK_FAILED, "a signature from a client the list does not name",
+                     UNMASKING)
+    statement = r.context() + c.data.signed
+    for i, v in enumerate(ids.tolist()):
+        try:
+            signing.verify(r.identities.verify_key(v), sigs[i].tobytes(),  # type: ignore[union-attr]
+                           statement, purpose="secagg/survivors")
+        except MessageRejected:
+            raise refuse(AbortReason.CONSISTENCY_CHECK_FAILED,
+                         f"client {v}'s signature on the survivor list is invalid", UNMASKING) from None
+    near = np.isin(ids, r.graph.closed_neighborhood(me)).sum()
+    if near < r.t:
+        raise refuse(AbortReason.CONSISTENCY_CHECK_FAILED,
+                     f"only {near} signed survivor lists from my neighbourhood; t = {r.t} are needed", UNMASKING)
+    if ids.size < r.quorum:
+        raise refuse(AbortReason.CONSISTENCY_CHECK_FAILED,
+                     f"only {ids.size} clients signed the survivor list; a quorum of {r.quorum} is needed "
+                     "(else another list could carry t signatures elsewhere)", UNMASKING)
+
+
 class _Consistency(_State):
     phase = CONSISTENCY
 
@@ -228,21 +255,7 @@ class _Unmasking(_State):
             if bytes(body[:nb]) != d.signed:
                 raise refuse(AbortReason.CONSISTENCY_CHECK_FAILED,
                               "the survivor list differs from the one I signed in the consistency check", UNMASKING)
-            ids, sigs = W.parse_records(body, W.SIG, offset=nb)
-            allowed = set(r.graph.closed_neighborhood(me).tolist()) & set(survivors.tolist())
-            if any(v not in allowed for v in ids.tolist()):
-                raise refuse(AbortReason.CONSISTENCY_CHECK_FAILED, "a signature from outside my surviving neighbourhood",
-                              UNMASKING)
-            for i, v in enumerate(ids.tolist()):
-                try:
-                    signing.verify(r.identities.verify_key(v), sigs[i].tobytes(),  # type: ignore[union-attr]
-                                   r.context() + d.signed, purpose="secagg/survivors")
-                except MessageRejected:
-                    raise refuse(AbortReason.CONSISTENCY_CHECK_FAILED,
-                                  f"client {v}'s signature on the survivor list is invalid", UNMASKING) from None
-            if ids.size < r.t:
-                raise refuse(AbortReason.CONSISTENCY_CHECK_FAILED,
-                              f"only {ids.size} signed survivor lists; t = {r.t} are needed", UNMASKING)
+            _check_signatures(c, survivors, body, nb)
         elif len(body) != nb:
             raise MessageRejected("invalid message: wrong unmasking request length")
         _check_survivors(c, survivors, UNMASKING)

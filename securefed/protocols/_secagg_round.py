@@ -46,10 +46,19 @@ class Round:
     encoder: IntegerEncoder
     active: bool
     identities: KeyDirectory | None
+    #: Active rounds: valid signatures, from anyone listed, that an unmasking request must carry on the
+    #: survivor list (floor((n + C) / 2) + 1: two lists with a quorum each share an honest signer, so every
+    #: honest client that unmasks holds the same list). 0: no such check (semi-honest).
+    quorum: int = 0
 
     @property
     def t(self) -> int:
         return self.params.threshold
+
+    @property
+    def survivors_needed(self) -> int:
+        """Fewest signers of the survivor list with which the round can still unmask: max(t, quorum)."""
+        return max(self.params.threshold, self.quorum)
 
     @property
     def dtype(self) -> np.dtype:

@@ -91,10 +91,10 @@ class Server(ServerProtocol):
         self._aborted = ProtocolAborted(reason, message, phase=PHASES[phase])
         return self._aborted
 
-    def _need(self, count: int, what: str, phase: int) -> None:
-        if count < self.round.t:
-            raise self._abort(AbortReason.TOO_FEW_SURVIVORS,
-                              f"only {count} {what}; the round needs t = {self.round.t}", phase)
+    def _need(self, count: int, what: str, phase: int, need: int | None = None) -> None:
+        need = self.round.t if need is None else need
+        if count < need:
+            raise self._abort(AbortReason.TOO_FEW_SURVIVORS, f"only {count} {what}; the round needs {need}", phase)
 
     # requests --------------------------------------------------------------------------------
 
@@ -212,11 +212,9 @@ class Server(ServerProtocol):
         if not r.active:
             msg = r.message(UNMASKING, _wire.SERVER, survivors)
             return {u: msg for u in responders}
-        out: dict[Party, bytes] = {}
-        for u in responders:
-            signers = [v for v in r.graph.closed_neighborhood(u).tolist() if v in self._sigs]
-            out[u] = r.message(UNMASKING, _wire.SERVER, W.records([(v, self._sigs[v]) for v in signers], survivors))
-        return out
+        # Every signature to everyone: a client checks the quorum over the whole round (one message for all).
+        msg = r.message(UNMASKING, _wire.SERVER, W.records(sorted(self._sigs.items()), survivors))
+        return dict.fromkeys(responders, msg)
 
     # replies ---------------------------------------------------------------------------------
 
@@ -306,7 +304,7 @@ class Server(ServerProtocol):
             self._need(len(self._u3), "masked inputs arrived", p)
         elif p == CONSISTENCY:
             if self.round.active:
-                self._need(len(self._sigs), "clients signed the survivor list", p)
+                self._need(len(self._sigs), "clients signed the survivor list", p, self.round.survivors_needed)
             self._check_reconstructible(set(self._sigs) if self.round.active else set(self._u3), p)
         else:
             self._need(len(self._unmasked), "clients answered the unmasking request", p)

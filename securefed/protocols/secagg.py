@@ -127,7 +127,16 @@ class _MaskedAggregation(AggregationProtocol):
         return self._params[n]
 
     def min_survivors(self, n: int) -> int:
-        return self.parameters(n).threshold
+        return max(self.parameters(n).threshold, self.quorum(n))
+
+    def quorum(self, n: int) -> int:
+        """Active: floor((n + C)/2) + 1 signatures on the survivor list, from the whole round; 0 otherwise.
+
+        Two survivor lists that each carry a quorum share more than C signers, so an honest client
+        signed both, which it never does: every honest client that unmasks holds the same list
+        (``proofs/secagg.md``, Lemma 7). On the complete graph t already exceeds it.
+        """
+        return (n + self._threat.corrupt(n)) // 2 + 1 if self._threat.active else 0
 
     def error_bound(self, n: int) -> float:
         return self._encoder.error_bound(n)
@@ -169,7 +178,8 @@ class _MaskedAggregation(AggregationProtocol):
             "share_keys": (hdr + 4 + (p + 1) * (4 + 2 * W.KEY + sig + W.CHECK), hdr + W.COMMIT + 4 + p * (4 + W.SEALED)),
             "masked_input": (hdr + 4 + p * (4 + W.SEALED), hdr + packed_size(dim, self._encoder.modulus_bits(n))),
             "consistency_check": (hdr + bitmap, hdr + W.SIG) if sig else (0, 0),
-            "unmasking": (hdr + bitmap + (4 + (p + 1) * (4 + W.SIG) if sig else 0), hdr + 4 + (p + 1) * (4 + W.SHARE)),
+            # active: every signer's signature (n when nobody dropped), for the quorum check
+            "unmasking": (hdr + bitmap + (4 + n * (4 + W.SIG) if sig else 0), hdr + 4 + (p + 1) * (4 + W.SHARE)),
         }
 
     def describe(self, n: int) -> dict[str, Any]:
@@ -177,7 +187,8 @@ class _MaskedAggregation(AggregationProtocol):
         return {
             "protocol": self.name,
             "n": n,
-            "min_survivors": p.threshold,
+            "min_survivors": self.min_survivors(n),
+            "survivor_quorum": self.quorum(n),
             "threshold": p.threshold,
             "threshold_requested": None if self._threshold is None else str(self._threshold),
             "threshold_justification": p.justification,
@@ -210,8 +221,11 @@ class _MaskedAggregation(AggregationProtocol):
             out.append(f"protocol is {description.get('protocol')!r}, expected {cls.name!r}")
         if cls is SecAgg and not complete:
             out.append("SecAgg uses the complete graph")
-        if int(description.get("min_survivors", t)) != t:
-            out.append("min_survivors differs from the threshold")
+        quorum = (n + threat.corrupt(n)) // 2 + 1 if threat.active else 0
+        if int(description.get("survivor_quorum", quorum)) != quorum:
+            out.append(f"survivor_quorum is not floor((n + C)/2) + 1 = {quorum} (active) or 0")
+        if int(description.get("min_survivors", max(t, quorum))) != max(t, quorum):
+            out.append("min_survivors differs from max(threshold, survivor_quorum)")
         if not 1 <= k <= 64:
             out.append(f"modulus_bits {k} outside [1, 64]")
         enc = description.get("encoder")
@@ -240,7 +254,8 @@ class _MaskedAggregation(AggregationProtocol):
         graph = (MaskingGraph.complete_graph(spec.n) if p.complete
                  else MaskingGraph.harary(spec.n, p.degree, spec.session_id))
         width = self._encoder.modulus_bits(spec.n)
-        r = Round(spec, self._TAG, p, graph, width, self._encoder, self._threat.active, self._directory(spec.n))
+        r = Round(spec, self._TAG, p, graph, width, self._encoder, self._threat.active, self._directory(spec.n),
+                  self.quorum(spec.n))
         self._round_cache = (spec, r)
         return r
 

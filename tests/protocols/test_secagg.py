@@ -568,7 +568,9 @@ def test_threshold_and_degree_overrides_are_checked_against_the_threat_model():
 def test_describe_records_the_parameters_and_check_description_audits_them(protocol):
     for n in (10, 100, 1000):
         desc = protocol.describe(n)
-        assert desc["protocol"] == protocol.name and desc["threshold"] == protocol.min_survivors(n)
+        assert desc["protocol"] == protocol.name and desc["threshold"] == protocol.parameters(n).threshold
+        assert desc["min_survivors"] == protocol.min_survivors(n) == max(desc["threshold"], desc["survivor_quorum"])
+        assert type(protocol).check_description(dict(desc, survivor_quorum=0)) or not desc["survivor_quorum"]
         assert desc["modulus_bits"] == 16 + int(np.ceil(np.log2(n)))
         assert desc["threshold_justification"] and desc["adversary"] == protocol.threat_model.adversary
         assert type(protocol).check_description(desc) == []
