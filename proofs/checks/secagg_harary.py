@@ -61,6 +61,8 @@ def _weights(pop: int, good: int, draws: int) -> list[int]:
 def exact_harary_range(n: int, k: int, threat: ThreatModel) -> tuple[int, int] | None:
     """Thresholds (lo, hi) that degree k allows, from the conditions in exact arithmetic; None if it may disconnect."""
     c, d = threat.corrupt(n), threat.dropouts(n)
+    if threat.active and n - d < (n + c) // 2 + 1:
+        return None  # the survivors cannot reach the signature quorum of the active variant, whatever k is
     bad = c + d
     if k <= bad and Fraction(n * (n - k - 1), 2) * Fraction(math.comb(bad, k), math.comb(n, k)) >= Fraction(1, 2**41):
         return None

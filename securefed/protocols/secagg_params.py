@@ -26,7 +26,9 @@ split over two events, failure probability below 2^-20):
   server t shares of both secrets of one client);
 - Y ~ Hypergeometric(n - 1, n - D - 1, k), the surviving neighbours; t2 is the
   largest y with P(Y < y) <= 2^-20 / n; t <= t2;
-- feasible only if gamma + delta <= 0.9 (semi-honest) or gamma + 2 delta <= 0.9 (active).
+- feasible only if gamma + delta <= 0.9 (semi-honest) or gamma + 2 delta <= 0.9 (active);
+- active: n - D >= floor((n + C)/2) + 1, the quorum of signatures on the survivor list that
+  every unmasking client checks (``SecAggPlus.quorum``).
 
 If no even k < n - 1 works, SecAgg+ uses the complete graph and its rules.
 See ``protocols/secagg.md`` (parameters) and ``proofs/secagg.md`` (Lemmas 4-6).
@@ -269,7 +271,7 @@ def harary_parameters(
         t = lo if threshold is None else threshold
         return GraphParameters(n, degree, t, False, _harary_justification(n, degree, t, threat))
     lf = _log_factorials(n)
-    for k in range(2, n - 1, 2):
+    for k in range(2, n - 1, 2) if _quorum_live(n, threat) else ():
         rng = harary_threshold_range(n, k, threat, lf)
         if rng is None or rng[0] > rng[1]:
             continue
@@ -288,14 +290,23 @@ def _harary_problems(n: int, k: int, t: int | None, threat: ThreatModel) -> list
         return [f"with {threat.corrupt(n) + threat.dropouts(n)} bad clients the survivors' graph may "
                 "disconnect with probability >= 2^-41: raise the degree"]
     lo, hi = rng
-    if t is None:
-        return [] if lo <= hi else [f"no threshold is allowed (needs {lo} <= t <= {hi}): raise the degree"]
     out = []
+    if not _quorum_live(n, threat):
+        out.append(f"liveness: {n - threat.dropouts(n)} survivors cannot reach the signature quorum "
+                   f"floor((n + C)/2) + 1 = {(n + threat.corrupt(n)) // 2 + 1} of the active variant: lower the "
+                   "fractions or add clients")
+    if t is None:
+        return out + ([] if lo <= hi else [f"no threshold is allowed (needs {lo} <= t <= {hi}): raise the degree"])
     if t < lo:
         out.append(f"threshold {t} < {lo}: corrupt neighbours could reach it (security 2^-40)")
     if t > hi:
         out.append(f"threshold {t} > {hi}: too few neighbours survive w.p. > 2^-20 (liveness)")
     return out
+
+
+def _quorum_live(n: int, threat: ThreatModel) -> bool:
+    """Active: n - D survivors still reach the quorum floor((n + C)/2) + 1 of survivor-list signatures."""
+    return not threat.active or n - threat.dropouts(n) >= (n + threat.corrupt(n)) // 2 + 1
 
 
 def _harary_justification(n: int, k: int, t: int, threat: ThreatModel) -> str:
