@@ -88,6 +88,18 @@ def check_the_old_rule_admits_a_split() -> None:
     assert 2 * m[t].as_long() == m[k].as_long() + 1 + m[c].as_long()  # exactly the boundary case
 
 
+def check_quorum_lists_share_an_honest_signer() -> None:
+    """Lemma 7 (1): two survivor lists signed by q = floor((n + C)/2) + 1 clients each share more than C
+    signers, so at least one honest client signed both; and the quorum stays within reach of n - D
+    survivors when gamma + 2 delta < 1 (here as C + 2D < n, the finder checks the exact counts)."""
+    n, c, q, s1, s2, both = z3.Ints("n c q s1 s2 both")
+    quorum = z3.And(n >= 1, c >= 0, c < n, 2 * q >= n + c + 1, 2 * q <= n + c + 2)  # q = floor((n+C)/2) + 1
+    lists = z3.And(s1 >= q, s2 >= q, s1 <= n, s2 <= n, both >= s1 + s2 - n)  # inclusion-exclusion
+    _prove(z3.Implies(z3.And(quorum, lists), both > c))
+    d = z3.Int("d")
+    _prove(z3.Implies(z3.And(quorum, d >= 0, c + 2 * d + 2 <= n), n - d >= q))
+
+
 def check_active_rule_implies_the_split_lemma() -> None:
     n, t, c, h = z3.Ints("n t c h")
     g = z3.Real("g")  # gamma * n
@@ -117,6 +129,7 @@ if __name__ == "__main__":
     print("complete-graph thresholds checked:", check_complete_graph_thresholds_every_n())
     check_no_split_yields_both_secrets()
     check_the_old_rule_admits_a_split()
+    check_quorum_lists_share_an_honest_signer()
     check_active_rule_implies_the_split_lemma()
     check_semi_honest_rule_and_liveness()
     print("z3 lemmas proved; modulus cases:", check_modulus_never_wraps())

@@ -30,7 +30,7 @@ PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "
 ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASKING = range(5)
 PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
 _SHA256 = hashes.SHA256()
-VERSION = 4  # 4: share_keys requests list the recipient too; 3: masked vectors column-packed
+VERSION = 5  # 5: active unmasking carries every signature; 4: share_keys lists the recipient; 3: column packing
 SECRET_BYTES = 32  # bytes of b_u and of the X25519 mask key
 
 
