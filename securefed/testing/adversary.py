@@ -23,7 +23,10 @@ Deviations for SecAgg / SecAgg+ (Bonawitz et al. 2017, Sec. 4 and 6):
   in an earlier round (see :func:`old_shares`);
 - :class:`SplitSurvivorLists` (active, with corrupt clients: :mod:`securefed.testing.coalition`):
   the server and C corrupt clients show two groups of a victim's holders two consistent survivor
-  lists, one with the victim and one without, to reconstruct both of its secrets.
+  lists, one with the victim and one without, to reconstruct both of its secrets;
+- :class:`IsolateVictim` (active, with corrupt clients: :mod:`securefed.testing.coalition`): the
+  victim masks only with its corrupt neighbours and a few honest partners, which two survivor lists
+  show as survivors to the victim and as dropped to their other holders.
 
 For every protocol, :class:`AskAgain` sends a party a second request in a phase it has
 answered (byte-identical, or with one bit flipped). Each deviation's :meth:`Deviation.violation`
@@ -57,7 +60,7 @@ from securefed.testing._harness import (
     round_spec,
     run_round,
 )
-from securefed.testing.coalition import SplitSurvivorLists
+from securefed.testing.coalition import IsolateVictim, SplitSurvivorLists
 
 __all__ = [
     "AdversarialRun",
@@ -67,6 +70,7 @@ __all__ = [
     "Deviation",
     "DropEveryone",
     "InconsistentSurvivorLists",
+    "IsolateVictim",
     "ReplayOldShares",
     "RoundContext",
     "Send",

@@ -240,7 +240,14 @@ def test_rejected_messages_leave_no_trace_in_the_round(monkeypatch):
 
 class OldThresholdRule(SecAggPlus):
     """SecAgg+ with the active rule before issue 18, lo = (k + t1) // 2 + 1 (2t > k + t1): it forgets that a
-    client holds, and reveals when listed as a survivor, its own b-share. Same degree search, same t1 and t2."""
+    client holds, and reveals when listed as a survivor, its own b-share. Same degree search, same t1 and t2.
+
+    It also drops the survivor-list quorum (``quorum(n) = 0``: clients count only the t signatures from their
+    own neighbourhood, as before the isolation fix), since issue 18's acceptance asks that the old rule's split
+    be found end to end; with the quorum, the two lists of a split cannot both carry one."""
+
+    def quorum(self, n):
+        return 0
 
     def _resolve(self, n):
         threat = self.threat_model

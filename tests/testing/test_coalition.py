@@ -74,19 +74,19 @@ def test_predictions_are_exactly_the_runs_that_leak():
 
 
 def test_the_closest_plans_fail_against_the_shipped_rule():
-    """n = 10, degree 6, t = 5, one corrupt holder: over every labelling of the other 8 clients, no plan gets t
-    shares of both secrets; the plans closest to it (most shares of s_v with t of b_v, and the reverse) fail
-    end to end with the shares predict() counts."""
+    """n = 10, degree 6, t = 5, quorum 6, one corrupt holder: over every labelling of the other 8 clients, no plan
+    gets t shares of both secrets; the plans closest to it (most shares of s_v with t of b_v, and the reverse) fail
+    end to end with the shares predict() counts (the quorum included)."""
     protocol = SecAggPlus(adversary="active")
     graph, t = graph_and_t(protocol, 10)
-    assert (graph.degree, t) == (6, 5)
+    assert (graph.degree, t, protocol.quorum(10)) == (6, 5, 6)
     victim, corrupt = 0, (int(graph.neighbors(0)[0]),)
     others = [u for u in range(10) if u != victim and u not in corrupt]
     plans = []
     for bits in range(1 << len(others)):
         a = tuple(sorted((victim, *[u for j, u in enumerate(others) if bits >> j & 1])))
         plan = Split(victim, corrupt, a, tuple(u for j, u in enumerate(others) if not bits >> j & 1))
-        plans.append((predict(graph, t, plan), plan))
+        plans.append((predict(graph, t, plan, protocol.quorum(10)), plan))
     assert all(min(got) < t for got, _ in plans)
     xs = inputs(10)
     for side in (0, 1):
