@@ -61,6 +61,7 @@ from securefed.testing._harness import AdversarialRun, Delivery, Deviation, Roun
 
 __all__ = [
     "EXHAUSTIVE_MAX_N",
+    "ISOLATION_BUDGET",
     "CoalitionReport",
     "IsolateVictim",
     "Isolation",
@@ -86,6 +87,8 @@ __all__ = [
 EXHAUSTIVE_MAX_N = 12
 #: Labellings tried per (victim, corrupt set): all of them up to 2^18, a fixed sample of 2^18 beyond.
 _MAX_LABEL_BITS = 18
+#: Partner sets :func:`isolations` tries per search by default (about 1.5 s when it runs out).
+ISOLATION_BUDGET = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -631,7 +634,8 @@ def predict_isolation(graph: MaskingGraph, t: int, plan: Isolation, quorum: int 
 
 def isolations(graph: MaskingGraph, t: int, corrupt: int, *, victims: Sequence[int] | None = None,
                corrupt_sets: Sequence[Sequence[int]] | None = None, quorum: int = 0,
-               max_corrupt_holders: int | None = None) -> Iterator[Isolation]:
+               max_corrupt_holders: int | None = None, budget: int | None = ISOLATION_BUDGET,
+               stats: dict[str, int] | None = None) -> Iterator[Isolation]:
     """The template plans (:func:`isolation_plan`) with which the coalition gets t shares of b_v and of every s_w.
 
     For each corrupt set (default: clients 0..C-1, chosen before the graph is drawn, then, when
@@ -641,7 +645,13 @@ def isolations(graph: MaskingGraph, t: int, corrupt: int, *, victims: Sequence[i
     2^(honest neighbours) partner sets per victim: cheap for the degrees of SecAgg+ at small n.
     `quorum`: the signatures a list needs over the whole round (0: the neighbourhood rule alone).
     Plans whose victim or partner has more than `max_corrupt_holders` corrupt neighbours are skipped.
+    Partner sets are grown depth first and cut as soon as a partner has too few holders left for s_w;
+    at most `budget` sets are tried in all (None: no limit): exhaustive for the default parameters up to
+    n = 60 or so well within it, a bounded sample beyond. `stats`, if given, receives ``tried`` and
+    ``complete`` (1 when the enumeration finished within the budget).
     """
+    stats = {} if stats is None else stats
+    stats.update(tried=0, complete=0)
     n = graph.n
     c = min(int(corrupt), n - 1)
     pairs: list[tuple[tuple[int, ...], int]] = []
@@ -666,16 +676,38 @@ def isolations(graph: MaskingGraph, t: int, corrupt: int, *, victims: Sequence[i
         honest = [u for u in graph.neighbors(v).tolist() if u not in ks]
         # s_w's holders that can answer list 1: its corrupt neighbours and its honest ones but v and the partners
         room = {w: (kb & open_[w]).bit_count() + (open_[w] & ~kb & ~(1 << v)).bit_count() for w in honest}
-        for size in range(max(0, t - 1 - cv), len(honest) + 1):
-            for w in itertools.combinations(honest, size):
-                wb = _bits(w)
-                if any(room[u] - (open_[u] & wb).bit_count() < t for u in w):
-                    continue
-                if max_corrupt_holders is not None and any((kb & open_[u]).bit_count() > max_corrupt_holders
-                                                           for u in w):
-                    continue
-                if _template_leaks(open_, closed, t, v, kb, wb, everyone, quorum):
-                    yield isolation_plan(graph, v, ks, w)
+        if max_corrupt_holders is not None:
+            honest = [u for u in honest if (kb & open_[u]).bit_count() <= max_corrupt_holders]
+        # a partner with more than room - t partners among its neighbours has fewer than t holders left for s_w
+        cap = {u: room[u] - t for u in honest}
+        for w in _partner_sets([u for u in honest if cap[u] >= 0], open_, cap, max(0, t - 1 - cv), stats, budget):
+            if _template_leaks(open_, closed, t, v, kb, _bits(w), everyone, quorum):
+                yield isolation_plan(graph, v, ks, w)
+    if budget is None or stats["tried"] < budget:
+        stats["complete"] = 1
+
+
+def _partner_sets(pool: list[int], open_: list[int], cap: dict[int, int], least: int, stats: dict[str, int],
+                  budget: int | None) -> Iterator[tuple[int, ...]]:
+    """The subsets of `pool` with at least `least` members, each with at most cap[u] neighbours in the subset
+    (depth first; a member over its cap stays over it as the subset grows, so the branch is cut). Counts the
+    sets tried in ``stats["tried"]`` and stops at `budget`."""
+    def grow(start: int, chosen: list[int], wb: int) -> Iterator[tuple[int, ...]]:
+        if len(chosen) >= least:
+            yield tuple(chosen)
+        for i in range(start, len(pool)):
+            if len(chosen) + len(pool) - i < least:
+                return
+            if budget is not None and stats["tried"] >= budget:
+                return
+            stats["tried"] += 1
+            u = pool[i]
+            grown = wb | 1 << u
+            if all((open_[x] & grown).bit_count() <= cap[x] for x in (*chosen, u)):
+                chosen.append(u)
+                yield from grow(i + 1, chosen, grown)
+                chosen.pop()
+    yield from grow(0, [], 0)
 
 
 def _template_leaks(open_: list[int], closed: list[int], t: int, v: int, kb: int, wb: int, everyone: int,
@@ -880,14 +912,16 @@ def execute_isolation(protocol: AggregationProtocol, inputs: Sequence[np.ndarray
 
 def search_isolation(protocol_factory: Callable[[], AggregationProtocol], n: int, *, seed: int = 0, dim: int = 4,
                      runs: int = 1, victims: Sequence[int] | None = None,
-                     corrupt_sets: Sequence[Sequence[int]] | None = None) -> CoalitionReport:
+                     corrupt_sets: Sequence[Sequence[int]] | None = None,
+                     budget: int | None = ISOLATION_BUDGET) -> CoalitionReport:
     """Search a round of n for an isolation plan (:func:`isolations`) and run up to `runs` end to end.
 
     The plans are those the neighbourhood rule lets through (``quorum=0``): against a protocol whose clients
     also demand a quorum of signatures, they are run all the same and must be refused. ``candidates``: the
     plans found (the search stops at `runs`, one per victim and corrupt set). Corrupt clients: 0..C-1,
     chosen before the graph (see :func:`isolations`); graph-aware sets within :func:`corrupt_holders_bound`
-    when `victims` is given.
+    when `victims` is given. ``exhaustive`` in the report: the enumeration finished within `budget` partner
+    sets (else it stopped there: no plan found is then no proof that none exists).
     """
     t0 = time.perf_counter()
     protocol = protocol_factory()
@@ -899,8 +933,8 @@ def search_isolation(protocol_factory: Callable[[], AggregationProtocol], n: int
     bound = corrupt_holders_bound(n, graph.degree, c, int(protocol.describe(n).get("statistical_security_bits", 40)))
     chosen: list[Isolation] = []
     seen: set[tuple[int, tuple[int, ...]]] = set()
-    found = 0
-    for plan in isolations(graph, t, c, victims=victims, corrupt_sets=corrupt_sets,
+    found, stats = 0, dict[str, int]()
+    for plan in isolations(graph, t, c, victims=victims, corrupt_sets=corrupt_sets, budget=budget, stats=stats,
                            max_corrupt_holders=None if victims is None and corrupt_sets is None else bound):
         found += 1
         if (plan.victim, plan.corrupt) not in seen:
@@ -908,7 +942,8 @@ def search_isolation(protocol_factory: Callable[[], AggregationProtocol], n: int
             seen.add((plan.victim, plan.corrupt))
         if len(chosen) >= runs:
             break
-    report = CoalitionReport(protocol.name, n, t, graph.degree, c, False, found, [], None, seed, 0.0)
+    report = CoalitionReport(protocol.name, n, t, graph.degree, c, bool(stats.get("complete")), found, [], None,
+                             seed, 0.0)
     inputs = _inputs(protocol, n, dim, seed)
     tol = float(protocol.error_bound(1))
     for plan in chosen:

@@ -152,3 +152,14 @@ def test_an_isolation_plan_keeps_its_parties_apart():
         Isolation(0, (1,), (1,), ((0, 1),), ((0, 0),))
     with pytest.raises(ConfigurationError):
         Isolation(0, (1,), (2,), ((0, 2),), ((0, 1),))
+
+
+def test_the_search_reports_whether_it_finished_within_its_budget():
+    r = round_of(SecAggPlus(adversary="active"), 20, 0)
+    full, cut = {}, {}
+    plans = list(isolations(r.graph, r.t, 2, budget=None, stats=full))
+    assert full["complete"] == 1 and full["tried"] > 10 and plans
+    assert len(list(isolations(r.graph, r.t, 2, budget=10, stats=cut))) <= len(plans)
+    assert cut == {"tried": 10, "complete": 0}
+    report = coalition.search_isolation(lambda: SecAggPlus(adversary="active"), 41, seed=41)
+    assert report.exhaustive and report.candidates == 0 and report.leak is None
