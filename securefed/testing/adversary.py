@@ -24,7 +24,7 @@ Deviations for SecAgg / SecAgg+ (Bonawitz et al. 2017, Sec. 4 and 6):
 - :class:`SplitSurvivorLists` (active, with corrupt clients: :mod:`securefed.testing.coalition`):
   the server and C corrupt clients show two groups of a victim's holders two consistent survivor
   lists, one with the victim and one without, to reconstruct both of its secrets;
-- :class:`IsolateVictim` (active, with corrupt clients: :mod:`securefed.testing.coalition`): the
+- :class:`IsolateVictim` (active, with corrupt clients: :mod:`securefed.testing.isolation`): the
   victim masks only with its corrupt neighbours and a few honest partners, which two survivor lists
   show as survivors to the victim and as dropped to their other holders.
 
@@ -60,7 +60,8 @@ from securefed.testing._harness import (
     round_spec,
     run_round,
 )
-from securefed.testing.coalition import IsolateVictim, SplitSurvivorLists
+from securefed.testing.coalition import SplitSurvivorLists
+from securefed.testing.isolation import IsolateVictim
 
 __all__ = [
     "AdversarialRun",

@@ -109,7 +109,7 @@ from securefed.encoding.packing import pack
 from securefed.protocols._packed import column_pack
 from securefed.errors import ConfigurationError, InvalidInput, ProtocolAborted
 from securefed.protocols.base import AggregationProtocol, AggregationResult, DropReason, simulate_aggregation
-from securefed.testing import _driver, adversary, coalition
+from securefed.testing import _driver, adversary, isolation
 from securefed.testing import strategies as sfst
 
 __all__ = ["PROPERTIES", "ConformanceError", "check_protocol", "conformance_tests"]
@@ -550,11 +550,11 @@ class _Suite:
         self.run(prop)
 
     def coalition(self) -> None:
-        if not coalition.applies(self.probe):
+        if not isolation.applies(self.probe):
             return
         runs = max(1, min(3, self.settings.max_examples))
         for n in self.sizes:
-            found = coalition.find_leak(self.factory, n, dim=min(self.dimension[1], 8), runs=runs)
+            found = isolation.find_leak(self.factory, n, dim=min(self.dimension[1], 8), runs=runs)
             if found is not None:
                 v = _Violation("coalition", found[0])
                 if found[1]:

@@ -1,4 +1,4 @@
-"""The red team's isolation attack on active SecAgg+ (securefed/testing/coalition.py: IsolateVictim).
+"""The red team's isolation attack on active SecAgg+ (securefed/testing/isolation.py: IsolateVictim).
 
 The server forwards the victim only the shares of its corrupt neighbours and of a few honest partners W, so it
 masks with them alone; the victim and W sign a list that names them (and drops the victim's other honest
@@ -16,9 +16,15 @@ import pytest
 
 from securefed.errors import ConfigurationError
 from securefed.protocols import SecAggPlus
-from securefed.testing import ConformanceError, adversary, check_protocol, coalition
+from securefed.testing import (
+    ConformanceError,
+    adversary,
+    check_protocol,
+    coalition,
+    isolation,
+)
 from securefed.testing.adversary import RoundContext, round_spec, run_round
-from securefed.testing.coalition import (
+from securefed.testing.isolation import (
     IsolateVictim,
     Isolation,
     execute_isolation,
@@ -49,7 +55,7 @@ def red_team_inputs(n, seed, dim=8):
 
 def test_the_kit_exposes_the_isolation_attack():
     assert adversary.IsolateVictim is IsolateVictim
-    assert {"IsolateVictim", "Isolation", "isolations", "search_isolation"} <= set(coalition.__all__)
+    assert {"IsolateVictim", "Isolation", "isolations", "search_isolation"} <= set(isolation.__all__)
 
 
 def test_the_red_team_plan_at_n20_unmasks_the_victim_without_the_quorum():
@@ -140,7 +146,7 @@ def test_the_coalition_property_passes_the_quorum():
     """Sizes where the neighbourhood rule alone lets a plan through (12-20, 31): the property runs one
     end to end against the shipped protocol, and its clients refuse."""
     for n in (12, 20, 31):
-        report = coalition.search_isolation(lambda: SecAggPlus(adversary="active"), n, seed=n, dim=8)
+        report = isolation.search_isolation(lambda: SecAggPlus(adversary="active"), n, seed=n, dim=8)
         assert report.leak is None and all(rec.input is None for _, rec in report.executed)
     check_protocol(lambda: SecAggPlus(adversary="active"), properties=["coalition"], clients=(12, 20))
 
@@ -161,5 +167,5 @@ def test_the_search_reports_whether_it_finished_within_its_budget():
     assert full["complete"] == 1 and full["tried"] > 10 and plans
     assert len(list(isolations(r.graph, r.t, 2, budget=10, stats=cut))) <= len(plans)
     assert cut == {"tried": 10, "complete": 0}
-    report = coalition.search_isolation(lambda: SecAggPlus(adversary="active"), 41, seed=41)
+    report = isolation.search_isolation(lambda: SecAggPlus(adversary="active"), 41, seed=41)
     assert report.exhaustive and report.candidates == 0 and report.leak is None
