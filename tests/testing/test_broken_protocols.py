@@ -109,7 +109,9 @@ class _AddsWhatParses(plain_module._PlainServer):
 
 def test_an_accumulator_that_keeps_part_of_a_rejected_message():
     text = caught(lambda: _plain_with(_AddsWhatParses), "malformed_messages", unprotected=True, max_examples=100)
-    assert "bytes cut" in text and "the total differs" in text
+    # a truncated or an extended upload both expose it (whole floats added before the length check); a
+    # randomized profile may shrink to either
+    assert "the total differs" in text and ("bytes cut" in text or "kind='extend'" in text)
 
 
 def _plain_with(server_cls):
