@@ -87,6 +87,7 @@ __all__ = [
     "predict",
     "random_inputs",
     "reconstruct",
+    "run_plans",
     "search",
     "secagg_round",
     "splits",
@@ -482,17 +483,26 @@ def search(protocol_factory: Callable[[], AggregationProtocol], n: int, *, seed:
         if found >= limit or (not count and len(chosen) >= runs):
             break
     report = CoalitionReport(protocol.name, n, t, graph.degree, c, exhaustive, found, [], None, seed, 0.0)
-    inputs = random_inputs(protocol, n, dim, seed)
+    return run_plans(report, protocol_factory, chosen, execute, dim=dim, started=t0)
+
+
+def run_plans(report: CoalitionReport, protocol_factory: Callable[[], AggregationProtocol], plans: Sequence[Any],
+              execute_plan: Callable[..., Recovery], *, dim: int, started: float) -> CoalitionReport:
+    """Run `plans` end to end (``execute_plan(protocol, inputs, plan, seed=...)``) on random inputs in the
+    protocol's value range; ``report.leak`` is the first whose recovered vector is the victim's input within
+    the encoder's quantization step. Fills ``report.executed`` and ``report.seconds``."""
+    protocol = protocol_factory()
+    inputs = random_inputs(protocol, report.n, dim, report.seed)
     tol = float(protocol.error_bound(1))
-    for plan in chosen:
-        rec = execute(protocol_factory(), inputs, plan, seed=seed)
+    for plan in plans:
+        rec = execute_plan(protocol_factory(), inputs, plan, seed=report.seed)
         report.executed.append((plan, rec))
         if rec.input is not None:
             err = float(np.max(np.abs(rec.input - inputs[plan.victim])))
             if err <= tol:
                 report.leak = (plan, rec, err)
                 break
-    report.seconds = time.perf_counter() - t0
+    report.seconds = time.perf_counter() - started
     return report
 
 

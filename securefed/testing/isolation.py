@@ -45,8 +45,8 @@ from securefed.testing.coalition import (
     applies,
     coalition_size,
     corrupt_holders_bound,
-    random_inputs,
     reconstruct,
+    run_plans,
     search,
     secagg_round,
 )
@@ -477,18 +477,7 @@ def search_isolation(protocol_factory: Callable[[], AggregationProtocol], n: int
             break
     report = CoalitionReport(protocol.name, n, t, graph.degree, c, bool(stats.get("complete")), found, [], None,
                              seed, 0.0)
-    inputs = random_inputs(protocol, n, dim, seed)
-    tol = float(protocol.error_bound(1))
-    for plan in chosen:
-        rec = execute_isolation(protocol_factory(), inputs, plan, seed=seed)
-        report.executed.append((plan, rec))
-        if rec.input is not None:
-            err = float(np.max(np.abs(rec.input - inputs[plan.victim])))
-            if err <= tol:
-                report.leak = (plan, rec, err)
-                break
-    report.seconds = time.perf_counter() - t0
-    return report
+    return run_plans(report, protocol_factory, chosen, execute_isolation, dim=dim, started=t0)
 
 
 def find_leak(protocol_factory: Callable[[], AggregationProtocol], n: int, *, dim: int = 4,
