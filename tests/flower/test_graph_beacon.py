@@ -199,16 +199,21 @@ def test_nodes_refuse_a_forged_reveal_before_advertising_keys():
     refused_everywhere(exchange(rnd, g, "advertise_keys", with_field(rnd, bytes(field))), "does not open")
 
 
-def test_nodes_refuse_a_forged_commitment():
-    """Shown to every node, the forged entry makes its owner refuse to reveal (the round aborts in graph_reveal);
-    shown to one node only, that node's reveal is signed over another list: if the server forwards it anyway,
-    every node refuses before advertising keys."""
+def committed_with_a_forged_listing():
+    """A fresh round after graph_commit, and its reveal request's listing with node 2's commitment replaced."""
     g = grid()
     rnd = beacon_round()
     exchange(rnd, g, _beacon.COMMIT)
     rnd.finish_phase(_beacon.COMMIT)
     (listing,) = set(rnd.beacon.requests(_beacon.REVEAL).values())
-    forged = listing[:2 * _beacon.HASH] + os.urandom(_beacon.HASH) + listing[3 * _beacon.HASH:]
+    return g, rnd, listing[:2 * _beacon.HASH] + os.urandom(_beacon.HASH) + listing[3 * _beacon.HASH:]
+
+
+def test_nodes_refuse_a_forged_commitment():
+    """Shown to every node, the forged entry makes its owner refuse to reveal (the round aborts in graph_reveal);
+    shown to one node only, that node's reveal is signed over another list: if the server forwards it anyway,
+    every node refuses before advertising keys."""
+    g, rnd, forged = committed_with_a_forged_listing()
     replies = exchange(rnd, g, _beacon.REVEAL, lambda node, msg: edit(msg, payload=forged))
     assert [v for v, r in replies.items() if r.has_error()] == [FIRST + 2]
     assert "changes this node's commitment" in replies[FIRST + 2].error.reason
@@ -216,12 +221,7 @@ def test_nodes_refuse_a_forged_commitment():
         rnd.finish_phase(_beacon.REVEAL)
     assert e.value.phase == _beacon.REVEAL and rnd.dropped_nodes[FIRST + 2].reason == DropReason.REFUSED
 
-    g = grid()
-    rnd = beacon_round()
-    exchange(rnd, g, _beacon.COMMIT)
-    rnd.finish_phase(_beacon.COMMIT)
-    (listing,) = set(rnd.beacon.requests(_beacon.REVEAL).values())
-    forged = listing[:2 * _beacon.HASH] + os.urandom(_beacon.HASH) + listing[3 * _beacon.HASH:]
+    g, rnd, forged = committed_with_a_forged_listing()
     replies = exchange(rnd, g, _beacon.REVEAL, lambda node, msg: edit(msg, payload=forged) if node == FIRST + 5 else msg)
     assert not any(r.has_error() for r in replies.values())  # node 5 revealed, signing the list it saw
     assert {v: d.reason for v, d in rnd.dropped_nodes.items()} == {FIRST + 5: DropReason.REJECTED}
