@@ -1,4 +1,4 @@
-"""The one error hierarchy of securefed.
+"""The one error hierarchy of securefed, and its one warning.
 
 Every error the library raises on purpose derives from :class:`SecureFedError`.
 Messages say what was wrong and what to do; a failed integrity check says only
@@ -17,6 +17,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "ProtocolAborted",
     "SecureFedError",
+    "SeededSecretsWarning",
 ]
 
 
@@ -62,3 +63,10 @@ class MessageRejected(SecureFedError):
 
 class PrivacyBudgetExceeded(SecureFedError):
     """The next step would spend more privacy than the budget allows."""
+
+
+class SeededSecretsWarning(UserWarning):
+    """A run whose secret randomness derives from a public seed: for tests and simulation only.
+
+    Here (torch-free) so that the Trainer (``securefed.training.SeededSecretsWarning``, the same class) and
+    a Flower node (``securefed.flower.SecureClient``) warn with one class."""

@@ -31,7 +31,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from securefed.crypto.random import RandomSource, derive_key
 from securefed.encoding import flatten, unflatten
-from securefed.errors import ConfigurationError, InvalidInput, PrivacyBudgetExceeded, ProtocolAborted
+from securefed.errors import (
+    ConfigurationError,
+    InvalidInput,
+    PrivacyBudgetExceeded,
+    ProtocolAborted,
+    SeededSecretsWarning,
+)
 from securefed.protocols.base import AggregationProtocol, AggregationResult, simulate_aggregation
 from securefed.protocols.plain import Plain
 
@@ -244,10 +250,6 @@ def _fit_with_progress(trainer: Trainer, rounds: int) -> None:
         task = bar.add_task(f"training ({trainer.protocol.name})", total=rounds, status="")
         for _ in range(rounds):
             bar.update(task, advance=1, status=progress_status(trainer.run_round()))
-
-
-class SeededSecretsWarning(UserWarning):
-    """A run whose secret randomness derives from a public seed: for tests and simulation only."""
 
 
 def _seed_bytes(seed: int | None, label: str) -> bytes | None:
