@@ -40,7 +40,10 @@ def main() -> None:
     args = parser.parse_args()
     n, dim = args.nodes, args.dim
     degree = n - 1 if n % 2 else n - 2  # SecAgg+'s degree is even; for n = 5 the complete graph
-    with tempfile.TemporaryDirectory() as tmp, LoopbackFederation(Path(tmp) / "fed", num_nodes=n) as fed:
+    # The nodes' protocol setting (SecAgg+'s degree) is their own: node_config, with the server's copy in run_config.
+    nodes = [{"partition-id": i, "num-partitions": n, "degree": degree} for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp, LoopbackFederation(Path(tmp) / "fed", num_nodes=n,
+                                                                  node_configs=nodes) as fed:
         t = time.perf_counter()
         ours = run_app(fed, "securefed", {"num-nodes": n, "dim": dim, "degree": degree, "timeout": args.timeout},
                        Path(tmp) / "securefed.json", 3 * args.timeout)

@@ -14,25 +14,41 @@ did and the session it did it in; it refuses to start a round again in which it 
 gave (a server rerunning one round over different subsets of nodes would otherwise get
 each input by differencing sums) and any round index below one in which it gave
 (``protocols/flower.md``, section 5, "One input per round index").
+
+The node's security settings (protocol and threat model, DP, seeding, expected federation
+size, roles, keys) are the node's: its setting factories see a :class:`NodeContext`, whose
+``run_config`` (chosen by whoever submits ``flwr run``, the server side) cannot be read
+(``protocols/flower.md``, section 5, "Trust boundaries").
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
-from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
+from securefed.errors import (
+    AbortReason,
+    ConfigurationError,
+    InvalidInput,
+    MessageRejected,
+    ProtocolAborted,
+    SeededSecretsWarning,
+)
 from securefed.flower import _beacon, _envelope, _identities, _model, _privacy
 from securefed.flower.aggregation import message_type
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
 
-__all__ = ["GIVEN_KEY", "SecureClient", "client_rng"]
+__all__ = ["GIVEN_KEY", "NodeContext", "SecureClient", "client_rng"]
+
+log = logging.getLogger("securefed.flower.client")
 
 #: ``context.state`` key of the node's record of what it gave: a ``ConfigRecord`` holding, per role
 #: (``"client"`` or the auxiliary party's name), ``"<role>/round"`` (the last round index in which
@@ -62,6 +78,69 @@ def _value(x: Any, context: Context) -> Any:
     return x(context) if callable(x) and not isinstance(x, AggregationProtocol) else x
 
 
+class NodeContext(Context):
+    """What :class:`SecureClient`'s setting factories see of a Flower ``Context``: all of it but ``run_config``.
+
+    ``run_config`` is the run's configuration, chosen by whoever submits ``flwr run``: the server
+    side. A node's security settings (protocol and threat model, DP on or off and its parameters,
+    seeding, the expected federation size, its roles and keys) come from ``node_config`` (the
+    SuperNode's ``--node-config``) or the node's own code, so reading ``run_config`` here raises
+    ConfigurationError: a factory cannot take them from the server, even by mistake. ``state`` is
+    the node's own (the same object). The training function gets the real ``Context``.
+    """
+
+    def __init__(self, context: Context) -> None:
+        # Not Context.__init__: it assigns run_config, which this view refuses.
+        self.run_id = context.run_id
+        self.node_id = context.node_id
+        self.node_config = context.node_config
+        self.state = context.state
+        self.series_id = context.series_id
+
+    @property  # type: ignore[override]
+    def run_config(self) -> UserConfig:
+        raise ConfigurationError(
+            "a node's security settings (protocol, privacy, seed, expected federation size, auxiliary roles, "
+            "identities) must come from context.node_config (flower-supernode --node-config) or the node's "
+            "own code, never from context.run_config, which the server side chooses")
+
+    @run_config.setter
+    def run_config(self, value: UserConfig) -> None:
+        raise ConfigurationError("a node's security settings cannot be given a run_config")
+
+    def __repr__(self) -> str:
+        return f"NodeContext(run_id={self.run_id}, node_id={self.node_id}, node_config={self.node_config!r})"
+
+
+def _seed(value: Any) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigurationError(f"seed must be an int or None, got {value!r}")
+    return value
+
+
+def _num_nodes(value: Any) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigurationError(f"num_nodes (the federation size this node expects) must be a positive int or "
+                                 f"None, got {value!r}")
+    return value
+
+
+_LOGGED_SEEDS: set[int] = set()  # seeds this process has logged a warning for
+
+
+def _warn_seeded(seed: int) -> None:
+    """Warn on every seeded request (Python's default filter shows it once per process); log it once."""
+    message = (
+        f"SecureClient(seed={seed}): this node's keys, masks, DP noise shares and beacon randomness derive from "
+        "the seed, so anyone who knows it can recompute them and unmask this node's update: secure aggregation "
+        "and DP are void for this node (tests and simulation only; a deployment leaves the seed unset)"
+    )
+    warnings.warn(message, SeededSecretsWarning, stacklevel=4)
+    if seed not in _LOGGED_SEEDS:
+        _LOGGED_SEEDS.add(seed)
+        log.warning("securefed: %s", message)
+
+
 class SecureClient:
     """Runs `protocol`'s client side in a Flower ``ClientApp``.
 
@@ -73,7 +152,11 @@ class SecureClient:
       the ``Context`` returning one), as on the server: the node clips its update and,
       with distributed DP, adds its noise share;
     - ``seed``: an int (or a function of the ``Context``) making the node's randomness
-      reproducible, for tests and simulation only; None (default) draws from the OS;
+      reproducible, for tests and simulation only: a seeded node warns (``SeededSecretsWarning``,
+      shown once per process by Python's default filter) and logs it; None (default) draws from the OS;
+    - ``num_nodes``: the federation size this node expects (an int, or a function of the
+      ``Context``): it refuses a round over more nodes (more than its threat model's corrupt
+      fraction and its DP provisioning were made for); None (default): no bound;
     - ``auxiliary``: the auxiliary parties this node agrees to play when the server names it
       (``{"decryptor"}``: it holds an HE round's secret key in its context and decrypts only
       the aggregate), or a function of the ``Context`` returning them; default none;
@@ -84,6 +167,9 @@ class SecureClient:
       SecAgg+ on a Harary graph: the node then commits to and reveals, signed, the randomness
       the round's session id and masking graph derive from (the graph beacon, spec section 12),
       and refuses a round whose beacon is missing or does not check out.
+
+    Every function above is called with a :class:`NodeContext`, whose ``run_config`` (the server's)
+    cannot be read: a node's security settings are its own (``node_config`` or its code).
 
     :meth:`register` installs the handlers on a ``ClientApp``. Raises ConfigurationError
     for missing phases.
@@ -98,9 +184,14 @@ class SecureClient:
         seed: int | None | Callable[[Context], int | None] = None,
         auxiliary: Collection[str] | Callable[[Context], Collection[str]] = (),
         identities: KeyDirectory | Callable[[Context], KeyDirectory] | None = None,
+        num_nodes: int | Callable[[Context], int | None] | None = None,
     ) -> None:
         if not callable(privacy):
             _privacy.check(privacy)
+        if not callable(seed):
+            _seed(seed)
+        if not callable(num_nodes):
+            _num_nodes(num_nodes)
         if isinstance(protocol, AggregationProtocol):
             phases = protocol.phases
         elif phases is None:
@@ -115,6 +206,7 @@ class SecureClient:
         self.seed = seed
         self.auxiliary = auxiliary
         self.identities = identities
+        self.num_nodes = num_nodes
 
     def register(self, app: ClientApp, train: TrainFn) -> None:
         """Handle ``train`` (a client's input phase, where `train` runs) and ``query.<phase>`` for every phase
@@ -152,12 +244,13 @@ class SecureClient:
         try:
             req, arrays, config = _envelope.parse_request(msg.content, input_phase=is_train)
             nodes = req.node_ids()
-            protocol, privacy, identities = self._configure(context, req, nodes)
+            node = NodeContext(context)  # what the setting factories see: no run_config
+            protocol, privacy, identities = self._configure(node, req, nodes)
             beacon = not req.party and _beacon.required(protocol, req.n)
             if (req.phase not in protocol.phases and req.phase not in _beacon.PHASES) or (
                     message_type(protocol, req.phase, req.party or req.client) != msg.metadata.message_type):
                 raise MessageRejected("invalid request: unknown phase or wrong message type for it")
-            seed = _value(self.seed, context)
+            seed = self._node_seed(node)
             role = req.party or "client"
             # An auxiliary party gives in every phase after its first (the decryptor: its one decryption),
             # a client when its input phase's handle returns: recorded per role (GIVEN_KEY).
@@ -175,7 +268,7 @@ class SecureClient:
                     self._check_beacon(context, req, nodes, identities, first=req.phase == protocol.phases[0])
                 if is_train:
                     assert arrays is not None and config is not None and train is not None
-                    state.set_input(self._input(msg, context, train, arrays, req, privacy))
+                    state.set_input(_input(msg, context, train, arrays, req, privacy))
                 elif aux_gives:  # counted before its state machine checks anything (a refused decryption too)
                     self._record(context, req, role)
                 payload = state.handle(req.phase, req.payload)
@@ -233,10 +326,22 @@ class SecureClient:
         given[f"{role}/session"] = req.session
         context.state[GIVEN_KEY] = given
 
-    def _configure(self, context: Context, req: _envelope.Request,
+    def _node_seed(self, node: NodeContext) -> int | None:
+        seed = _seed(_value(self.seed, node))
+        if seed is not None:
+            _warn_seeded(seed)
+        return seed
+
+    def _configure(self, context: NodeContext, req: _envelope.Request,
                    nodes: Sequence[int]) -> tuple[AggregationProtocol, Any, KeyDirectory | None]:
-        """The node's own round protocol, privacy and identities; refuses a request whose party, protocol or
-        parameters this node is not configured for."""
+        """The node's own round protocol, privacy and identities; refuses a request whose size, party, protocol
+        or parameters this node is not configured for."""
+        limit = _num_nodes(_value(self.num_nodes, context))
+        if limit is not None and req.n > limit:
+            raise ProtocolAborted(
+                AbortReason.REQUEST_REFUSED,
+                f"the server asks for a round of {req.n} nodes; this node expects a federation of at most {limit} "
+                "(num_nodes): its threat model and DP provisioning were not made for more")
         if req.party:
             if req.party not in _value(self.auxiliary, context):
                 raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"this node is not configured to play {req.party!r}")
@@ -329,32 +434,33 @@ class SecureClient:
             {"round": req.round, "session": req.session, "client": req.client, "party": req.party, "state": state}
         )
 
-    def _input(self, msg: Message, context: Context, train: TrainFn, arrays: ArrayRecord,
-               req: _envelope.Request, privacy: Any) -> np.ndarray:
-        """Train, then the update vector: (trained - global), weighted as the request says."""
-        reply = train(msg, context)
-        if not isinstance(reply, Message) or not reply.has_content() or "arrays" not in reply.content:
-            raise InvalidInput("the training function must return a Message with the trained model in 'arrays'")
-        trained = reply.content["arrays"]
-        if not isinstance(trained, ArrayRecord):
-            raise InvalidInput("'arrays' in the training reply must be an ArrayRecord")
-        _model.same_layout(arrays, trained)
-        start, spec = _model.flatten_record(arrays)
-        new, _ = _model.flatten_record(trained)
-        update = new.astype(np.float64) - start.astype(np.float64)
-        if privacy is not None:
-            if req.max_examples:
-                raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
-                                      "with differential privacy every node weighs the same; the server asks otherwise")
-            update = _privacy.clipping(privacy).clip(update, [p.size for p in spec.params])
-        elif req.max_examples:
-            metrics = reply.content.get("metrics")
-            examples = metrics.get("num-examples") if isinstance(metrics, MetricRecord) else None
-            if not isinstance(examples, int) or examples < 1:
-                raise InvalidInput("weighting by examples: the training reply needs MetricRecord 'metrics' "
-                                   "with a positive int 'num-examples'")
-            w = min(examples, req.max_examples) / req.max_examples
-            update = np.append(update * w, w)
-        if update.size != req.dim:
-            raise InvalidInput(f"the update has {update.size} values, the round expects {req.dim}")
-        return update
+
+def _input(msg: Message, context: Context, train: TrainFn, arrays: ArrayRecord, req: _envelope.Request,
+           privacy: Any) -> np.ndarray:
+    """Train, then the update vector: (trained - global), weighted as the request says."""
+    reply = train(msg, context)
+    if not isinstance(reply, Message) or not reply.has_content() or "arrays" not in reply.content:
+        raise InvalidInput("the training function must return a Message with the trained model in 'arrays'")
+    trained = reply.content["arrays"]
+    if not isinstance(trained, ArrayRecord):
+        raise InvalidInput("'arrays' in the training reply must be an ArrayRecord")
+    _model.same_layout(arrays, trained)
+    start, spec = _model.flatten_record(arrays)
+    new, _ = _model.flatten_record(trained)
+    update = new.astype(np.float64) - start.astype(np.float64)
+    if privacy is not None:
+        if req.max_examples:
+            raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                                  "with differential privacy every node weighs the same; the server asks otherwise")
+        update = _privacy.clipping(privacy).clip(update, [p.size for p in spec.params])
+    elif req.max_examples:
+        metrics = reply.content.get("metrics")
+        examples = metrics.get("num-examples") if isinstance(metrics, MetricRecord) else None
+        if not isinstance(examples, int) or examples < 1:
+            raise InvalidInput("weighting by examples: the training reply needs MetricRecord 'metrics' "
+                               "with a positive int 'num-examples'")
+        w = min(examples, req.max_examples) / req.max_examples
+        update = np.append(update * w, w)
+    if update.size != req.dim:
+        raise InvalidInput(f"the update has {update.size} values, the round expects {req.dim}")
+    return update

@@ -37,9 +37,18 @@ def app_defaults():
     return tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
+#: Each node's own settings (its --node-config): seeded, for the comparison with one process. The run
+#: configuration carries the server's copy; nodes never read it for their security.
+NODE_SETTINGS = {"seed": 7, "dp": True, "num-nodes": NODES}
+
+
+def node_config(partition):
+    return {"partition-id": partition, "num-partitions": NODES, **NODE_SETTINGS}
+
+
 def run_config(tmp_path, name):
     return {
-        "num-server-rounds": 3, "seed": 7, "min-nodes": 2, "dp": True, "num-nodes": NODES,
+        "num-server-rounds": 3, "min-nodes": 2, **NODE_SETTINGS,
         # Generous for 2 busy cores; only the killed node's phase waits the whole phase-timeout.
         "phase-timeout": 45.0, "train-timeout": 45.0,
         "checkpoint-dir": str(tmp_path / name / "ckpt"), "audit-log": str(tmp_path / name / "audit.jsonl"),
@@ -56,7 +65,7 @@ def wait_for(predicate, timeout, what):
 
 @pytest.fixture
 def federation(tmp_path):
-    fed = LoopbackFederation(tmp_path / "fed", num_nodes=NODES)
+    fed = LoopbackFederation(tmp_path / "fed", num_nodes=NODES, node_configs=[node_config(p) for p in range(NODES)])
     try:
         fed.start()
         yield fed
@@ -81,7 +90,7 @@ def in_process_reference(tmp_path, cfg, node_ids, victim, protocol):
             dead = rec["round"] > 2 or (rec["round"] == 2 and protocol.phases.index(rec["phase"]) >= masked)
             return not (node == victim and dead)
 
-        nodes = {v: {"partition-id": p, "num-partitions": NODES} for p, v in node_ids.items()}
+        nodes = {v: node_config(p) for p, v in node_ids.items()}
         cfg = {**app_defaults(), **cfg}
         grid = InProcessGrid(client_app.app, nodes, run_config=cfg, deliver=deliver)
         server_app.app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg))
@@ -92,8 +101,7 @@ def in_process_reference(tmp_path, cfg, node_ids, victim, protocol):
 def test_three_rounds_of_secagg_plus_across_processes_survive_a_killed_node(federation, tmp_path):
     fed = federation
     assert {host for host, _ in fed.listening()} == {"127.0.0.1"}
-    rogue = fed.start_node(NODES, register=False, node_config={"partition-id": 0, "num-partitions": NODES},
-                           name="rogue")
+    rogue = fed.start_node(NODES, register=False, node_config=node_config(0), name="rogue")
     cfg = run_config(tmp_path, "deployed")
     (tmp_path / "deployed").mkdir()
     run_id = fed.run(APP, cfg)

@@ -24,13 +24,17 @@ def example():
         sys.path.remove(str(APP))
 
 
+NODE_SETTINGS = ("seed", "dp", "num-nodes")  # each node's own (node_config); the server has its copy in run_config
+
+
 def run(example, tmp_path, **overrides):
     client_app, server_app, _ = example
     cfg = {"num-server-rounds": 2, "seed": 1, "min-nodes": 2, "dp": True, "num-nodes": 3, "phase-timeout": 0.05,
            "train-timeout": 0.05, "local-epochs": 2, "batch-size": 16, "lr": 0.1,
            "checkpoint-dir": str(tmp_path / "ckpt"), "audit-log": str(tmp_path / "audit.jsonl"), **overrides}
-    grid = InProcessGrid(client_app.app, {11 + p: {"partition-id": p, "num-partitions": 3} for p in range(3)},
-                         run_config=cfg)
+    mine = {k: cfg[k] for k in NODE_SETTINGS}  # the nodes seeded by their own settings (a test run)
+    grid = InProcessGrid(client_app.app,
+                         {11 + p: {"partition-id": p, "num-partitions": 3, **mine} for p in range(3)}, run_config=cfg)
     server_app.app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg))
     return _checkpoint.load(tmp_path / "ckpt")[0]
 

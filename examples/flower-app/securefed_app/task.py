@@ -1,4 +1,10 @@
-"""What server and nodes share: the protocol, the model, the data split and local training."""
+"""What server and nodes share: the protocol, the model, the data split and local training.
+
+The settings that protect a node (``seed``, ``dp``, ``num-nodes``) are the node's own: a node
+reads them from its ``node_config`` (:func:`node_settings`), never from the run config, which
+the server side chooses; the server reads its copy from the run config, and nodes refuse a
+round whose settings differ from theirs.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,24 @@ import numpy as np
 
 import securefed as sf
 
+#: A node's settings when its ``--node-config`` leaves them out: no seed, DP on, a federation of 5.
+NODE_DEFAULTS: dict[str, Any] = {"seed": -1, "dp": True, "num-nodes": 5}
+
+
+def node_settings(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """This node's ``seed``, ``dp`` and ``num-nodes``: from its node_config, else :data:`NODE_DEFAULTS`."""
+    out = {k: node_config.get(k, v) for k, v in NODE_DEFAULTS.items()}
+    if type(out["seed"]) is not int or type(out["dp"]) is not bool or type(out["num-nodes"]) is not int \
+            or out["num-nodes"] < 1:
+        raise sf.errors.ConfigurationError(
+            f"node settings seed={out['seed']!r} dp={out['dp']!r} num-nodes={out['num-nodes']!r}: seed must be an "
+            "int (-1: none), dp true or false, num-nodes a positive int (flower-supernode --node-config)")
+    return out
+
 
 def seed(config: Mapping[str, Any]) -> int | None:
-    """The run's seed, or None (``seed = -1``): seeds are for tests and simulation only."""
+    """The seed in `config` (a node's :func:`node_settings`, or the server's run config), or None (``seed = -1``):
+    seeds are for tests and simulation only."""
     value = int(config["seed"])
     return None if value < 0 else value
 

@@ -67,5 +67,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": new, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
 
 
-SecureClient(lambda context: protocol(context.run_config), phases=sf.protocols.SecAggPlus.phases).register(
+# The node's protocol is its own: from its node_config (--node-config "... degree=4"), not the server's run config.
+SecureClient(lambda context: protocol(context.node_config), phases=sf.protocols.SecAggPlus.phases).register(
     client, train)
