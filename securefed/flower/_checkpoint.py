@@ -1,4 +1,4 @@
-"""Atomic checkpoints of a Flower run: the model, the round reached, the ledger and the history.
+"""Signed, atomic checkpoints of a Flower run: the model, the round reached, the ledger and the history.
 
 A directory holds ``model-NNNNNN.npz`` (the arrays, written first) and
 ``state.json`` (written to a temporary file, fsynced, then renamed over the old
@@ -7,27 +7,78 @@ the new one, never a mix. No pickle: arrays load with ``allow_pickle=False``.
 ``released.json`` is a write-ahead record of DP releases (aggregates decoded) not
 yet committed: a crash after a release and before its commit cannot hide it from
 the ledger.
-See ``protocols/flower.md``, "Resume".
+
+Both JSON files are signed with the server's Ed25519 key (the audit key when there is
+an audit log): whoever can write the folder but does not hold the key cannot reset the
+ledger, forge the record the audit log is completed from, or point ``model`` elsewhere.
+``state.json`` binds the model file's SHA-256, a counter that grows with every commit
+and resume, and the audit log's head at the commit. See ``protocols/flower.md``, "Resume".
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from flwr.app import Array, ArrayRecord
 
+from securefed.audit.keys import KeyLike, load_or_create_key, public_hex
+from securefed.audit.log import canonical
 from securefed.errors import ConfigurationError
 
-__all__ = ["load", "record_release", "released", "save"]
+__all__ = ["Checkpoint", "load", "load_key", "record_release", "released", "save", "touch"]
 
-VERSION = 1
+VERSION = 2
 _STATE = "state.json"
 _RELEASED = "released.json"
+_MODEL = re.compile(r"model-[0-9]{6}\.npz")
+#: Domain separation: a checkpoint signature is never an audit entry's, nor the other way round.
+_CONTEXT = {_STATE: b"securefed/checkpoint/state/v1\n", _RELEASED: b"securefed/checkpoint/released/v1\n"}
+
+#: ``state.json``'s committed body, as :func:`load` returns it.
+Checkpoint = dict
+
+
+def load_key(directory: str | os.PathLike[str], key: KeyLike | None) -> Ed25519PrivateKey:
+    """The key that signs the checkpoints in `directory`: `key` (a key or a PEM file), or ``DIR.key``
+    beside the folder, created (0600, with ``DIR.pub``) for a new checkpoint folder.
+
+    Raises ConfigurationError when the folder holds a checkpoint but its key file is missing.
+    """
+    d = Path(directory).absolute()
+    if key is not None:
+        return load_or_create_key(d, key)
+    private = d.with_name(d.name + ".key")
+    if not private.exists() and (d / _STATE).exists():
+        raise ConfigurationError(f"the checkpoint in {d} exists but its key {private} does not; pass "
+                                 "checkpoint_key= (the key that signed it) or start with an empty folder")
+    if private.exists():
+        return load_or_create_key(d, private)
+    new = Ed25519PrivateKey.generate()
+    pem = new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, pem)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    pub = new.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    private.with_suffix(".pub").write_bytes(pub)
+    return new
 
 
 def _fsync_dir(path: Path) -> None:
@@ -38,7 +89,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -52,16 +103,54 @@ def _write_atomic(path: Path, write: Any) -> None:
     _fsync_dir(path.parent)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_signed(path: Path, body: Any, key: Ed25519PrivateKey) -> None:
+    sig = key.sign(_CONTEXT[path.name] + canonical({"body": body})).hex()
+    data = canonical({"body": body, "key": public_hex(key), "sig": sig})
+    _write_atomic(path, lambda f: f.write(data))
+
+
+def _read_signed(path: Path, public: Ed25519PublicKey | None) -> Any:
+    """The body of a signed file, its signature checked with `public` (None: unchecked, for tests and reports)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigurationError(f"cannot read {path}: {e}") from None
+    if not isinstance(doc, dict) or set(doc) != {"body", "key", "sig"} or not isinstance(doc["sig"], str):
+        raise ConfigurationError(f"{path} is not a signed securefed checkpoint file (version {VERSION}); "
+                                 "start with an empty folder or restore the file this server wrote")
+    if public is not None:
+        try:
+            public.verify(bytes.fromhex(doc["sig"]), _CONTEXT[path.name] + canonical({"body": doc["body"]}))
+        except (InvalidSignature, ValueError):
+            raise ConfigurationError(
+                f"{path} is not signed by this server's checkpoint key ({public_hex(public)[:16]}...): it was "
+                "changed or written by someone else; restore the file the server wrote, never edit it") from None
+    return doc["body"]
+
+
 def save(
     directory: str | os.PathLike[str],
     *,
+    key: Ed25519PrivateKey,
     round_index: int,
+    counter: int,
     arrays: ArrayRecord,
-    state: dict[str, Any],
+    state: Mapping[str, Any],
+    audit_head: Mapping[str, Any] | None = None,
     aggregate: np.ndarray | None = None,
 ) -> None:
-    """Commit round `round_index`: `arrays`, the JSON-able `state` and optionally the round's
-    decoded `aggregate` (kept until the audit log has recorded it); older model files are removed after."""
+    """Commit round `round_index`: `arrays`, the JSON-able `state` and optionally the round's decoded
+    `aggregate` (kept until the audit log has recorded it), signed with `key`; `counter` (greater than the
+    last one) and `audit_head` (``{"seq", "sha256"}`` of the log's last entry) are bound to it. Older model
+    files are removed after."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     model = f"model-{round_index:06d}.npz"
@@ -69,56 +158,116 @@ def save(
     # Positional arrays (arr_0, arr_1, ...): array names may be anything, even savez's own keywords.
     extra = [] if aggregate is None else [np.asarray(aggregate, dtype="<f8")]
     _write_atomic(d / model, lambda f: np.savez(f, *(arrays[name].numpy() for name in names), *extra))
-    body = {"version": VERSION, "round": round_index, "model": model, "names": names,
-            "aggregate": aggregate is not None, **state}
-    data = json.dumps(body, sort_keys=True, allow_nan=False).encode()
-    _write_atomic(d / _STATE, lambda f: f.write(data))
+    body = {**state, "version": VERSION, "round": round_index, "counter": counter, "model": model,
+            "model_sha256": _sha256(d / model), "names": names, "aggregate": aggregate is not None,
+            "audit_head": None if audit_head is None else dict(audit_head)}
+    _write_signed(d / _STATE, body, key)
     (d / _RELEASED).unlink(missing_ok=True)  # committed: the ledger in state.json has them now
     for old in d.glob("model-*.npz"):
         if old.name != model:
             old.unlink(missing_ok=True)
 
 
-def record_release(directory: str | os.PathLike[str], event: dict[str, Any]) -> None:
-    """Append the DP `event` of an aggregate just released to the write-ahead record (atomically)."""
+def touch(directory: str | os.PathLike[str], state: Mapping[str, Any], *, key: Ed25519PrivateKey,
+          counter: int) -> None:
+    """Rewrite the committed `state` (as :func:`load` returned it) with a new `counter` (a resume), signed."""
+    _write_signed(Path(directory) / _STATE, {**state, "counter": counter}, key)
+
+
+def record_release(directory: str | os.PathLike[str], event: Mapping[str, Any], *, key: Ed25519PrivateKey,
+                   round_index: int) -> None:
+    """Append the DP `event` of an aggregate just released to the write-ahead record (atomically, signed),
+    tied to the committed round `round_index` it follows (0: none)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    events = released(d) + [event]
-    data = json.dumps(events, sort_keys=True, allow_nan=False).encode()
-    _write_atomic(d / _RELEASED, lambda f: f.write(data))
+    events = released(d, key.public_key(), round_index=round_index) + [dict(event)]
+    _write_signed(d / _RELEASED, {"round": round_index, "events": events}, key)
 
 
-def released(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """DP events recorded ahead of a commit that has not happened (empty after every commit)."""
+def released(directory: str | os.PathLike[str], public: Ed25519PublicKey | None, *,
+             round_index: int) -> list[dict[str, Any]]:
+    """DP events recorded ahead of a commit that has not happened (empty after every commit).
+
+    Raises ConfigurationError for a record not signed by `public` or not following committed round `round_index`.
+    """
     path = Path(directory) / _RELEASED
     if not path.exists():
         return []
-    try:
-        events = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigurationError(f"cannot read {path}: {e}") from e
-    if not isinstance(events, list):
-        raise ConfigurationError(f"{path} is not a list of events")
-    return events
+    body = _read_signed(path, public)
+    if not isinstance(body, dict) or set(body) != {"round", "events"} or not isinstance(body["events"], list) \
+            or not all(isinstance(e, dict) for e in body["events"]):
+        raise ConfigurationError(f"{path} is not a list of DP events")
+    if body["round"] != round_index:
+        raise ConfigurationError(f"{path} follows round {body['round']!r}, not the checkpoint's round {round_index}: "
+                                 "it belongs to another state of the run; restore the files the server wrote")
+    return list(body["events"])
 
 
-def load(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], ArrayRecord, np.ndarray | None] | None:
+def load(directory: str | os.PathLike[str], public: Ed25519PublicKey | None = None,
+         ) -> tuple[Checkpoint, ArrayRecord, np.ndarray | None] | None:
     """The last committed ``(state, arrays, aggregate)`` in `directory`, or None when there is none.
 
-    Raises ConfigurationError for a checkpoint this version cannot read.
+    `public`: the key that must have signed it (None reads it unchecked: tests and inspection only).
+    Raises ConfigurationError for a checkpoint that is not signed by `public`, malformed, or that this
+    version cannot read.
     """
     d = Path(directory)
     if not (d / _STATE).exists():
         return None
+    state = _read_signed(d / _STATE, public)
+    _check_state(state, d)
+    path = d / state["model"]
+    if _sha256(path) != state["model_sha256"]:
+        raise ConfigurationError(f"{path} is not the model file the checkpoint committed (SHA-256 differs)")
     try:
-        state = json.loads((d / _STATE).read_text())
-        if state.get("version") != VERSION:
-            raise ConfigurationError(f"checkpoint {d} has version {state.get('version')!r}, expected {VERSION}")
-        with np.load(d / state["model"], allow_pickle=False) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             arrays = ArrayRecord()
             for i, name in enumerate(state["names"]):
                 arrays[name] = Array(np.ascontiguousarray(npz[f"arr_{i}"]))
             aggregate = npz[f"arr_{len(state['names'])}"] if state["aggregate"] else None
     except (OSError, KeyError, ValueError) as e:
-        raise ConfigurationError(f"cannot read the checkpoint in {d}: {e}") from e
+        raise ConfigurationError(f"cannot read the checkpoint's model {path}: {e}") from e
     return state, arrays, aggregate
+
+
+def _is_int(x: Any, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _check_state(state: Any, d: Path) -> None:
+    """ConfigurationError unless `state` has the fields and types a committed checkpoint has."""
+    def bad(what: str) -> ConfigurationError:
+        return ConfigurationError(f"the checkpoint in {d} is malformed: {what}; restore the file the server wrote")
+
+    if not isinstance(state, dict):
+        raise bad("state.json is not an object")
+    if state.get("version") != VERSION:
+        raise ConfigurationError(f"checkpoint {d} has version {state.get('version')!r}, expected {VERSION}")
+    if not _is_int(state.get("round"), 1) or not _is_int(state.get("counter"), 1):
+        raise bad("round and counter must be positive integers")
+    if not isinstance(state.get("model"), str) or not _MODEL.fullmatch(state["model"]) or \
+            state["model"] != f"model-{state['round']:06d}.npz":
+        raise bad(f"model must be the plain file name model-{state['round']:06d}.npz, got {state.get('model')!r}")
+    if not isinstance(state.get("model_sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", state["model_sha256"]):
+        raise bad("model_sha256 must be 64 hex digits")
+    if not isinstance(state.get("names"), list) or not all(isinstance(n, str) for n in state["names"]):
+        raise bad("names must be a list of strings")
+    if not isinstance(state.get("aggregate"), bool):
+        raise bad("aggregate must be true or false")
+    head = state.get("audit_head")
+    if head is not None and not (isinstance(head, dict) and set(head) == {"seq", "sha256"} and
+                                 _is_int(head["seq"]) and isinstance(head["sha256"], str)):
+        raise bad("audit_head must be null or {seq, sha256}")
+    cooldown = state.get("cooldown")
+    if not isinstance(cooldown, dict) or not all(k.isdigit() and _is_int(v) for k, v in cooldown.items()):
+        raise bad("cooldown must map node ids to round numbers")
+    for field in ("history", "ledger"):
+        if not isinstance(state.get(field), list) or not all(isinstance(x, dict) for x in state[field]):
+            raise bad(f"{field} must be a list of objects")
+    if len(state["history"]) != state["round"]:
+        raise bad(f"the history has {len(state['history'])} rounds, the checkpoint is at round {state['round']}")
+    for event in state["ledger"]:
+        if not all(not isinstance(v, float) or math.isfinite(v) for v in event.values()):
+            raise bad("a ledger event holds a non-finite number")
+    if state.get("audit") is not None and not isinstance(state["audit"], dict):
+        raise bad("audit must be null or an object")

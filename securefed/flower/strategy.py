@@ -23,15 +23,12 @@ from flwr.serverapp.strategy import Result
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, ProtocolAborted
-from securefed.flower import _checkpoint, _identities, _model, _privacy
+from securefed.flower import _checkpoint, _identities, _model, _privacy, _resume
 from securefed.flower.aggregation import GridAggregator, RoundOutcome
 from securefed.protocols.base import (
     AggregationProtocol,
-    AggregationResult,
     DropReason,
     DropRecord,
-    RoundSpec,
-    ServerView,
 )
 
 __all__ = ["RoundReport", "SecureFedAvg", "SecureResult"]
@@ -98,8 +95,12 @@ class _RunState:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> _RunState:
-        return cls(data["round"], {int(k): v for k, v in data["cooldown"].items()},
-                   [RoundReport.from_json(r) for r in data["history"]], list(data["ledger"]), data["audit"])
+        try:
+            return cls(data["round"], {int(k): v for k, v in data["cooldown"].items()},
+                       [RoundReport.from_json(r) for r in data["history"]], list(data["ledger"]), data["audit"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigurationError(f"the checkpoint's state is malformed ({type(e).__name__}: {e}); "
+                                     "restore the files the server wrote") from None
 
 
 class SecureFedAvg:
@@ -122,7 +123,11 @@ class SecureFedAvg:
     - ``cooldown_rounds``: a node that dropped out is not sampled for that many rounds
       (while enough others are available): a crashed node would otherwise cost a full
       phase timeout per round until Flower notices its missed heartbeats (about a minute);
-    - ``checkpoint_dir``: checkpoint there after every round and resume from it;
+    - ``checkpoint_dir``: checkpoint there after every round and resume from it; the checkpoint
+      is signed with ``checkpoint_key`` (an Ed25519 key or PEM file), by default the audit key
+      with an audit log, else ``DIR.key`` beside the folder (created for a new folder): keep
+      it where only the server can read it. A checkpoint that was changed, or that disagrees
+      with the audit log (cut, replaced, rolled back), is refused (ConfigurationError);
     - ``audit_log``, ``audit_key``: write the signed audit log (``securefed.audit``);
     - ``auxiliary``: party name to the node id that plays it (``{"decryptor": node}`` for
       CKKS/BFV with a decryptor); that node is never sampled as a client;
@@ -154,6 +159,7 @@ class SecureFedAvg:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         audit_log: str | os.PathLike[str] | None = None,
         audit_key: Any = None,
+        checkpoint_key: Any = None,
         auxiliary: Mapping[str, int] | None = None,
         identities: KeyDirectory | None = None,
         seed: int | None = None,
@@ -192,6 +198,7 @@ class SecureFedAvg:
         self.checkpoint_dir = checkpoint_dir
         self.audit_log = audit_log
         self.audit_key = audit_key
+        self.checkpoint_key = checkpoint_key
         self.seed = seed
         if seed is not None:
             log.warning("securefed: seeded run: keys and coins are predictable; for tests and simulation only")
@@ -204,7 +211,7 @@ class SecureFedAvg:
     def _sample(self, grid: Grid, round_index: int, state: _RunState) -> list[int]:
         deadline = time.monotonic() + self.node_wait_timeout
         while True:
-            available = sorted(set(int(v) for v in grid.get_node_ids()) - set(self.aggregator.auxiliary.values()))
+            available = sorted({int(v) for v in grid.get_node_ids()} - set(self.aggregator.auxiliary.values()))
             if (keys := self.aggregator.identities) is not None:
                 available = [v for v in available if _identities.registered(keys, v)]
             rested = [v for v in available if state.cooldown.get(v, 0) < round_index]
@@ -219,8 +226,8 @@ class SecureFedAvg:
         k = min(len(pool), max(self.min_train_nodes, int(len(pool) * self.fraction_train)))
         if k == len(pool):
             return pool
-        keys = self._rng(f"round/{round_index}/sample").integers_below(2**63, len(pool))
-        return sorted(pool[i] for i in np.argsort(keys, kind="stable")[:k])
+        coins = self._rng(f"round/{round_index}/sample").integers_below(2**63, len(pool))
+        return sorted(pool[i] for i in np.argsort(coins, kind="stable")[:k])
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -241,35 +248,54 @@ class SecureFedAvg:
         """
         if not isinstance(num_rounds, int) or num_rounds < 1:
             raise ConfigurationError(f"num_rounds must be a positive int, got {num_rounds!r}")
-        run = _Run(initial_arrays, _RunState(), None, [])
-        if self.checkpoint_dir is not None:
-            if (ckpt := _checkpoint.load(self.checkpoint_dir)) is not None:
-                raw, run.arrays, run.aggregate = ckpt
-                run.state = _RunState.from_json(raw)
-                log.info("securefed: resuming after round %d from %s", run.state.round, self.checkpoint_dir)
-            # Aggregates decoded after the last commit were released all the same: they stay in the ledger.
-            run.pending = _checkpoint.released(self.checkpoint_dir)
-        if self.privacy is not None:
-            from securefed.privacy import Accountant
-
-            run.accountant = Accountant.from_ledger(run.state.ledger + run.pending, self.privacy.accountant)
-        audit = None
-        if self.audit_log is not None:
-            from securefed.audit import AuditWriter
-
-            audit = AuditWriter(self.audit_log, key=self.audit_key)
+        audit, key = self._open_audit(), None
         try:
+            run = _Run(initial_arrays, _RunState(), None, [])
+            if self.checkpoint_dir is not None:
+                key = self._checkpoint_signer(audit)
+                restored = _resume.restore(self.checkpoint_dir, key, audit)
+                run.key, run.counter, run.pending = key, restored.counter, restored.pending
+                if restored.state is not None:
+                    assert restored.arrays is not None
+                    run.state, run.arrays, run.aggregate = (_RunState.from_json(restored.state), restored.arrays,
+                                                            restored.aggregate)
+                    log.info("securefed: resuming after round %d from %s", run.state.round, self.checkpoint_dir)
+            if self.privacy is not None:
+                from securefed.privacy import Accountant
+
+                run.accountant = Accountant.from_ledger(run.state.ledger + run.pending, self.privacy.accountant)
             if audit is None:
                 return self._run(grid, run, num_rounds, train_config, evaluate_fn, None)
             settings = None if self.privacy is None else {"accountant": self.privacy.accountant,
                                                           "delta": self.privacy.delta}
+            resumed = None if self.checkpoint_dir is None else restored.audit_checkpoint()
             with audit.session(config=self._audit_config(num_rounds), privacy=settings,
-                               seeded_secrets=self.seed is not None):
-                self._reconcile_audit(audit, run)
+                               seeded_secrets=self.seed is not None, checkpoint=resumed):
+                if self.checkpoint_dir is not None:
+                    _resume.reconcile(audit, restored, protocol=self.protocol, privacy=self.privacy)
+                elif audit.last_round:
+                    raise ConfigurationError(f"the audit log {self.audit_log} already records rounds and this run "
+                                             "has no checkpoint to continue from; use a new audit log")
                 return self._run(grid, run, num_rounds, train_config, evaluate_fn, audit)
         finally:
             if audit is not None:
                 audit.close()
+
+    def _open_audit(self) -> Any:
+        if self.audit_log is None:
+            return None
+        from securefed.audit import AuditWriter
+
+        return AuditWriter(self.audit_log, key=self.audit_key)
+
+    def _checkpoint_signer(self, audit: Any) -> Any:
+        """The key that signs the checkpoints: ``checkpoint_key``, else the audit key, else ``DIR.key``."""
+        assert self.checkpoint_dir is not None
+        if self.checkpoint_key is None and audit is not None:
+            from securefed.audit.keys import load_or_create_key
+
+            return load_or_create_key(audit.path, self.audit_key)
+        return _checkpoint.load_key(self.checkpoint_dir, self.checkpoint_key)
 
     def _run(self, grid: Grid, run: _Run, num_rounds: int, train_config: ConfigRecord | None,
              evaluate_fn: EvaluateFn | None, audit: Any) -> SecureResult:
@@ -291,13 +317,20 @@ class SecureFedAvg:
                 state.cooldown[node] = r + self.cooldown_rounds
             if run.accountant is not None:
                 state.ledger = run.accountant.ledger
-            state.audit = self._audit_record(report, outcome, run.pending) if audit is not None else None
+            state.audit = _resume.audit_record(report, outcome) if audit is not None else None
             run.pending = []
             if self.checkpoint_dir is not None:
-                _checkpoint.save(self.checkpoint_dir, round_index=r, arrays=run.arrays, state=state.to_json(),
+                run.counter += 1
+                seq, head = audit.head if audit is not None else (0, "")
+                _checkpoint.save(self.checkpoint_dir, key=run.key, round_index=r, counter=run.counter,
+                                 arrays=run.arrays, state=state.to_json(),
+                                 audit_head=None if audit is None else {"seq": seq, "sha256": head},
                                  aggregate=None if outcome is None or audit is None else outcome.result.total)
             if audit is not None:
-                self._write_audit(audit, state.audit, None if outcome is None else outcome.result.total)
+                assert state.audit is not None
+                _resume.write_round(audit, state.audit, None if outcome is None else outcome.result.total,
+                                    protocol=self.protocol, privacy=self.privacy, ledger=state.ledger,
+                                    epsilon=report.epsilon)
         return result
 
     def _round(self, grid: Grid, r: int, run: _Run, train_config: ConfigRecord | None,
@@ -366,7 +399,7 @@ class SecureFedAvg:
             noise.add_to(total, rng.child("server-noise"))
         event = mech.event(included=included, n=n, round=r)
         if self.checkpoint_dir is not None:
-            _checkpoint.record_release(self.checkpoint_dir, event.to_dict())
+            _checkpoint.record_release(self.checkpoint_dir, event.to_dict(), key=run.key, round_index=run.state.round)
         run.accountant.record(event)
         run.pending.append(event.to_dict())
         return total
@@ -383,53 +416,6 @@ class SecureFedAvg:
             "auxiliary": self.aggregator.auxiliary,
         }
 
-    def _audit_record(self, report: RoundReport, outcome: RoundOutcome | None,
-                      events: list[dict[str, Any]]) -> dict[str, Any]:
-        """What the audit log needs for this round, JSON-able, so a resumed run can write it."""
-        rec: dict[str, Any] = {"round": report.round, "participants": list(report.participants),
-                               "metrics": report.metrics, "aborted": report.aborted, "dp_events": events,
-                               "epsilon": report.epsilon}
-        if outcome is not None:
-            res = outcome.result
-            rec.update(
-                n=res.spec.n, dim=res.spec.dim, session=res.spec.session_id.hex(),
-                included=list(res.included),
-                digests=[list(d) for d in res.server_view.digests],
-                dropped={str(c): [d.phase, d.reason.value, d.detail] for c, d in res.dropped.items()},
-            )
-        return rec
-
-    def _write_audit(self, audit: Any, rec: dict[str, Any], total: np.ndarray | None) -> None:
-        dp = {"dp_events": rec["dp_events"], "epsilon": rec["epsilon"]}
-        if rec["aborted"] is not None:
-            error = ProtocolAborted(AbortReason(rec["aborted"]), "round aborted")
-            audit.round_aborted(rec["round"], protocol=self.protocol, participants=rec["participants"], error=error,
-                                **dp)
-            return
-        assert total is not None
-        session = bytes.fromhex(rec["session"])
-        spec = RoundSpec(n=rec["n"], dim=rec["dim"], session_id=session, round_index=rec["round"])
-        view = ServerView(digests=[(c, p, h, s) for c, p, h, s in rec["digests"]])
-        dropped = {int(c): DropRecord(p, DropReason(r), d) for c, (p, r, d) in rec["dropped"].items()}
-        result = AggregationResult(total, tuple(rec["included"]), view, dropped, spec)
-        protocol = _privacy.round_protocol(self.protocol, self.privacy, session=session, dim=rec["dim"])
-        audit.round(rec["round"], protocol=protocol, result=result, participants=rec["participants"],
-                    metrics=rec["metrics"], **dp)
-
-    def _reconcile_audit(self, audit: Any, run: _Run) -> None:
-        """Bring the audit log level with the checkpoint: write the committed round it lacks."""
-        state = run.state
-        last = audit.last_round or 0
-        if last == state.round:
-            return
-        if last == state.round - 1 and state.audit is not None and state.audit["round"] == state.round:
-            self._write_audit(audit, state.audit, run.aggregate)
-            return
-        raise ConfigurationError(
-            f"the audit log ends at round {last} but the checkpoint at round {state.round}: "
-            "they belong to different runs; use the audit log of this checkpoint or a new one"
-        )
-
 
 @dataclasses.dataclass
 class _Run:
@@ -440,7 +426,9 @@ class _Run:
     aggregate: np.ndarray | None
     pending: list[dict[str, Any]]
     accountant: Any = None
+    key: Any = None  # the checkpoint's signing key
+    counter: int = 0  # the checkpoint counter: grows with every commit and resume
 
 
-def _evals(report: RoundReport) -> dict[str, float]:
+def _evals(report: RoundReport) -> dict[str, int | float | list[int] | list[float]]:
     return {k.removeprefix("eval_"): v for k, v in report.metrics.items() if k.startswith("eval_")}

@@ -12,7 +12,13 @@ from securefed.crypto.random import RandomSource
 from securefed.errors import PrivacyBudgetExceeded
 from securefed.flower import SecureFedAvg, _checkpoint
 from securefed.flower.testing import InProcessGrid
-from securefed.privacy import Accountant, CentralDP, DistributedDP, PrivacySession, event_from_dict
+from securefed.privacy import (
+    Accountant,
+    CentralDP,
+    DistributedDP,
+    PrivacySession,
+    event_from_dict,
+)
 from tests.flower import apps
 from tests.flower.test_resume import Crash, CrashingGrid
 
@@ -167,7 +173,8 @@ def test_an_aggregate_released_before_a_crash_stays_in_the_ledger(tmp_path, monk
     with pytest.raises(Crash):
         run(tmp_path, protocol, privacy, 3)
     monkeypatch.setattr(_checkpoint, "save", real)
-    assert [e["round"] for e in json.loads((tmp_path / "ckpt" / "released.json").read_text())] == [2]
+    released = json.loads((tmp_path / "ckpt" / "released.json").read_text())["body"]  # signed: body, key, sig
+    assert released["round"] == 1 and [e["round"] for e in released["events"]] == [2]
     res = run(tmp_path, protocol, privacy, 3)
     state, _, _ = _checkpoint.load(tmp_path / "ckpt")
     assert [e["round"] for e in state["ledger"]] == [1, 2, 2, 3]

@@ -13,7 +13,7 @@ import pytest
 import securefed as sf
 from securefed.audit import verify
 from securefed.errors import ConfigurationError
-from securefed.flower import SecureFedAvg, _checkpoint
+from securefed.flower import SecureFedAvg, _checkpoint, _resume
 from securefed.flower.testing import InProcessGrid
 from tests.flower import apps
 
@@ -95,18 +95,18 @@ def test_a_run_that_dies_mid_round_resumes_with_the_same_rounds_and_model(tmp_pa
 def test_a_run_that_dies_between_checkpoint_and_audit_entry_writes_the_entry_on_resume(tmp_path, monkeypatch):
     protocol = sf.protocols.Plain()
     ref = uninterrupted(tmp_path, protocol)
-    real = SecureFedAvg._write_audit
+    real = _resume.write_round
 
-    def dying(self, audit, rec, total):
+    def dying(audit, rec, total, **kw):
         if rec["round"] == 2:
             raise Crash
-        return real(self, audit, rec, total)
+        return real(audit, rec, total, **kw)
 
     grid = InProcessGrid(apps.client_app(protocol, updates), apps.nodes(N))
-    monkeypatch.setattr(SecureFedAvg, "_write_audit", dying)
+    monkeypatch.setattr(_resume, "write_round", dying)
     with pytest.raises(Crash):
         strategy(tmp_path, protocol).start(grid, apps.model(), num_rounds=ROUNDS)
-    monkeypatch.setattr(SecureFedAvg, "_write_audit", real)
+    monkeypatch.setattr(_resume, "write_round", real)
     assert _checkpoint.load(tmp_path / "ckpt")[0]["round"] == 2
     assert audit_rounds(tmp_path / "audit.jsonl")[0] == [1]
     res = strategy(tmp_path, protocol).start(grid, apps.model(), num_rounds=ROUNDS)
@@ -120,7 +120,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
     real = _checkpoint.os.replace
 
     def dying(src, dst):
-        if str(dst).endswith("state.json") and json.loads(open(src).read())["round"] == 2:
+        if str(dst).endswith("state.json") and json.loads(open(src).read())["body"]["round"] == 2:
             raise Crash
         return real(src, dst)
 

@@ -1,0 +1,183 @@
+"""Resuming a Flower run: the signed checkpoint, checked against the audit log, and the log completed from it.
+
+The checkpoint (``_checkpoint``) is signed with the server's key; on resume it must
+also agree with the audit log: the log holds, unchanged, the entry whose hash the
+checkpoint recorded as the log's head at its commit; the log is not ahead of it; and
+the ledger in the log, plus the DP events of the committed round the log may still
+lack, is the checkpoint's ledger. What the server then writes to the log (DP events,
+epsilon) it derives from that ledger, never from a field of the checkpoint taken as
+is. See ``protocols/flower.md``, section 8, "Trust boundaries".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ArrayRecord
+
+from securefed.audit.log import canonical, entry_hash, iter_lines
+from securefed.errors import AbortReason, ConfigurationError, ProtocolAborted
+from securefed.flower import _checkpoint, _privacy
+from securefed.protocols.base import (
+    AggregationProtocol,
+    AggregationResult,
+    DropReason,
+    DropRecord,
+    RoundSpec,
+    ServerView,
+)
+
+__all__ = ["Restored", "reconcile", "restore", "write_round"]
+
+
+@dataclasses.dataclass
+class Restored:
+    """What a resumed run starts from: the committed checkpoint (None: a new run), the events released
+    after it, and this session's checkpoint counter (bumped by the resume)."""
+
+    state: dict[str, Any] | None = None
+    arrays: ArrayRecord | None = None
+    aggregate: np.ndarray | None = None
+    pending: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    counter: int = 0
+
+    def audit_checkpoint(self) -> dict[str, Any] | None:
+        """The ``checkpoint`` field of the audit log's resume entry: round, counter and the head it recorded."""
+        if self.state is None:
+            return None
+        return {"round": self.state["round"], "counter": self.counter, "head": self.state["audit_head"]}
+
+
+def restore(directory: str | os.PathLike[str], key: Ed25519PrivateKey, audit: Any) -> Restored:
+    """Load and check the checkpoint in `directory` (signed by `key`) against the open `audit` writer (or None).
+
+    A checkpoint found is re-signed with the next counter before anything else happens, so every resume
+    is counted. Raises ConfigurationError for a checkpoint or log that was changed, cut or rolled back.
+    """
+    loaded = _checkpoint.load(directory, key.public_key())
+    if loaded is None:
+        # Aggregates decoded before the first commit were released all the same: they stay in the ledger.
+        return Restored(pending=_checkpoint.released(directory, key.public_key(), round_index=0))
+    state, arrays, aggregate = loaded
+    pending = _checkpoint.released(directory, key.public_key(), round_index=state["round"])
+    if audit is not None:
+        _check_log(state, audit)
+    counter = state["counter"] + 1
+    _checkpoint.touch(directory, state, key=key, counter=counter)
+    return Restored({**state, "counter": counter}, arrays, aggregate, pending, counter)
+
+
+def _entry_hash_at(path: Path, seq: int) -> str | None:
+    """SHA-256 of entry `seq` of the log at `path` (complete lines only), or None when it has fewer."""
+    data = path.read_bytes()
+    for number, line, complete in iter_lines(data):
+        if number == seq and complete:
+            return entry_hash(line)
+    return None
+
+
+def _same(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> bool:
+    return [canonical(dict(e)) for e in a] == [canonical(dict(e)) for e in b]
+
+
+def _check_log(state: Mapping[str, Any], audit: Any) -> None:
+    """ConfigurationError unless the open audit log is the one the checkpoint was committed against."""
+    head, r = state["audit_head"], state["round"]
+    last = audit.last_round or 0
+    if head is None:
+        if last:
+            raise ConfigurationError(f"the audit log {audit.path} has rounds but the checkpoint was committed "
+                                     "without an audit log: they belong to different runs")
+        return
+    if head["seq"] and _entry_hash_at(audit.path, head["seq"]) != head["sha256"]:
+        raise ConfigurationError(
+            f"the audit log {audit.path} is shorter than, or differs from, the log the checkpoint of round {r} "
+            f"was committed against (its entry {head['seq']} should hash to {head['sha256'][:16]}...): it was "
+            "cut or replaced; restore the log that goes with this checkpoint")
+    if last > r:
+        raise ConfigurationError(
+            f"the audit log {audit.path} records round {last} but the checkpoint is at round {r}: the "
+            "checkpoint was rolled back (or the log belongs to another run); restore the latest checkpoint")
+    logged, ledger = list(audit.ledger), state["ledger"]
+    if last == r:
+        extra = 0  # the log has the committed round: the ledgers are equal
+    elif last == r - 1 and isinstance(state.get("audit"), dict) and state["audit"].get("round") == r:
+        extra = len(ledger) - len(logged)  # the round's events (and any released before it) are not logged yet
+    else:
+        raise ConfigurationError(
+            f"the audit log ends at round {last} but the checkpoint at round {r}: "
+            "they belong to different runs; use the audit log of this checkpoint or a new one")
+    if extra < 0 or (last == r and len(ledger) != len(logged)) or not _same(logged, ledger[:len(logged)]):
+        raise ConfigurationError(
+            f"the checkpoint's privacy ledger ({len(ledger)} events) does not extend the audit log's "
+            f"({len(logged)} events) by the events of the round the log lacks: one of them was changed; "
+            "refusing to resume (restore the files the server wrote)")
+    released = state["audit"] is not None and state["audit"].get("aborted") is None
+    if last == r - 1 and ledger and released and not any(e.get("round") == r for e in ledger[len(logged):]):
+        raise ConfigurationError(f"the checkpoint's privacy ledger has no event of round {r}, whose aggregate was "
+                                 "released: it was changed; refusing to resume (restore the files the server wrote)")
+
+
+def audit_record(report: Any, outcome: Any) -> dict[str, Any]:
+    """What the audit log needs for a round, JSON-able, kept in the signed checkpoint until the log has it."""
+    rec: dict[str, Any] = {"round": report.round, "participants": list(report.participants),
+                           "metrics": report.metrics, "aborted": report.aborted}
+    if outcome is not None:
+        res = outcome.result
+        rec.update(
+            n=res.spec.n, dim=res.spec.dim, session=res.spec.session_id.hex(),
+            included=list(res.included),
+            digests=[list(d) for d in res.server_view.digests],
+            dropped={str(c): [d.phase, d.reason.value, d.detail] for c, d in res.dropped.items()},
+        )
+    return rec
+
+
+def write_round(audit: Any, rec: Mapping[str, Any], total: np.ndarray | None, *, protocol: AggregationProtocol,
+                privacy: Any, ledger: Sequence[Mapping[str, Any]], epsilon: float | None) -> None:
+    """Write round `rec` to `audit`: its DP events are the `ledger`'s beyond what the log holds, and
+    `epsilon` that of the whole `ledger` (the server's own accounting, never a recorded claim)."""
+    dp: dict[str, Any] = {"dp_events": [], "epsilon": None}
+    if privacy is not None:
+        dp = {"dp_events": list(ledger[len(audit.ledger):]), "epsilon": epsilon}
+    if rec["aborted"] is not None:
+        error = ProtocolAborted(AbortReason(rec["aborted"]), "round aborted")
+        audit.round_aborted(rec["round"], protocol=protocol, participants=rec["participants"], error=error, **dp)
+        return
+    if total is None:
+        raise ConfigurationError(f"the checkpoint of round {rec['round']} lacks the aggregate its audit entry needs")
+    session = bytes.fromhex(rec["session"])
+    spec = RoundSpec(n=rec["n"], dim=rec["dim"], session_id=session, round_index=rec["round"])
+    view = ServerView(digests=[(c, p, h, s) for c, p, h, s in rec["digests"]])
+    dropped = {int(c): DropRecord(p, DropReason(r), d) for c, (p, r, d) in rec["dropped"].items()}
+    result = AggregationResult(total, tuple(rec["included"]), view, dropped, spec)
+    audit.round(rec["round"], protocol=_privacy.round_protocol(protocol, privacy, session=session, dim=rec["dim"]),
+                result=result, participants=rec["participants"], metrics=rec["metrics"], **dp)
+
+
+def reconcile(audit: Any, restored: Restored, *, protocol: AggregationProtocol, privacy: Any) -> None:
+    """Bring the audit log level with the checkpoint (already checked by :func:`restore`): write the
+    committed round it lacks."""
+    state = restored.state
+    last = audit.last_round or 0
+    if state is None:
+        if last:
+            raise ConfigurationError(
+                f"the audit log ends at round {last} but there is no checkpoint: "
+                "they belong to different runs; use the audit log of this checkpoint or a new one")
+        return
+    if last == state["round"]:
+        return
+    epsilon = None
+    if privacy is not None:
+        from securefed.privacy import Accountant
+
+        epsilon = Accountant.from_ledger(state["ledger"], privacy.accountant).epsilon(privacy.delta)
+    write_round(audit, state["audit"], restored.aggregate, protocol=protocol, privacy=privacy,
+                ledger=state["ledger"], epsilon=epsilon)
