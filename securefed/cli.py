@@ -50,14 +50,19 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from securefed.audit import verify
 
     res = verify(args.log, args.pubkey, allow_incomplete=args.allow_incomplete, head=args.head,
-                 allow_seeded=args.allow_seeded)
+                 allow_seeded=args.allow_seeded, pinned=args.pin or (), min_counter=args.min_counter)
     if args.json:
         print(json.dumps({"ok": res.ok, "failures": [vars(f) for f in res.failures], "entries": res.entries,
                           "rounds": res.rounds, "aborted": res.aborted, "epsilon": res.epsilon, "privacy": res.privacy,
-                          "public_key": res.public_key, "head": res.head, "complete": res.complete,
-                          "seeded_secrets": res.seeded_secrets, "epsilon_void": res.epsilon_void}))
+                          "public_key": res.public_key, "key_pinned": res.key_pinned, "head": res.head,
+                          "head_seq": res.head_seq, "pin": res.pin, "checkpoint_counter": res.checkpoint_counter,
+                          "complete": res.complete, "seeded_secrets": res.seeded_secrets,
+                          "epsilon_void": res.epsilon_void}))
     else:
         print(res.summary())
+        if args.pubkey is None:  # the verdict rests on the key the log itself carries
+            print("  note: no --pubkey: the signing key was taken from the log itself and is not pinned, so this "
+                  "proves integrity only against the key inside the log; pin LOG.pub received out of band")
     return 0 if res.ok else 1
 
 
@@ -98,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("log", help="the audit log (JSON Lines)")
     verify.add_argument("--pubkey", metavar="KEY", help=pin)
     verify.add_argument("--head", metavar="HASH", help="pin the hash of the last entry (detects a cut log)")
+    verify.add_argument("--pin", metavar="SEQ:SHA256", action="append",
+                        help="a head seen before (as verify prints it): the log must still hold entry SEQ with that "
+                             "hash, so a log cut and regrown (a rollback) fails; repeatable")
+    verify.add_argument("--min-counter", metavar="N", type=int,
+                        help="the last checkpoint counter in the log must be at least N (a counter seen outside the log)")
     verify.add_argument("--allow-incomplete", action="store_true", help=incomplete)
     verify.add_argument("--allow-seeded", action="store_true", help=seeded)
     verify.add_argument("--json", action="store_true", help="print the result as one JSON object")

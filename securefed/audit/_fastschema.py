@@ -7,15 +7,17 @@ semantics as ``jsonschema``'s draft 2020-12 validator for these keywords (bool i
 number, 1.0 is an integer, const/enum/uniqueItems compare bool apart from 0 and 1).
 A keyword outside the subset raises at compile time, so the schema cannot outgrow it
 silently. ``tests/audit/test_log.py`` checks agreement with ``jsonschema`` on random entries.
+:func:`explain` names the failing fields when ``jsonschema`` is not installed.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["compile_schema"]
+__all__ = ["compile_schema", "explain"]
 
 Check = Callable[[Any], bool]
 
@@ -128,3 +130,40 @@ def compile_schema(schema: Mapping[str, Any]) -> Check:
                 return False
         return True
     return every
+
+
+def explain(schema: Mapping[str, Any], instance: Any, path: str = "") -> list[tuple[str, str, Any]]:
+    """Why `instance` fails `schema`: ``(field, rule, found)`` for the innermost failing parts.
+
+    Coarser than ``jsonschema``'s errors (a failing leaf is named with its whole sub-schema), but
+    needs nothing outside the package, so a plain install can say which field is wrong.
+    Empty when `instance` passes.
+    """
+    if compile_schema(schema)(instance):
+        return []
+    here = path or "(entry)"
+    out: list[tuple[str, str, Any]] = []
+    props = schema.get("properties", {})
+    if isinstance(instance, dict):
+        for key in schema.get("required", []):
+            if key not in instance:
+                out.append((_join(path, key), "a required field", "nothing"))
+        extra = schema.get("additionalProperties", True)
+        for key, value in instance.items():
+            if key in props:
+                out.extend(explain(props[key], value, _join(path, key)))
+            elif extra is False:
+                out.append((_join(path, key), f"only the fields {sorted(props)}", "an unknown field"))
+            elif isinstance(extra, Mapping):
+                out.extend(explain(extra, value, _join(path, key)))
+    elif isinstance(instance, list) and "items" in schema:
+        for i, value in enumerate(instance):
+            out.extend(explain(schema["items"], value, _join(path, str(i))))
+    if not out:  # the failure is at this level: name the rule it breaks
+        rule = {k: v for k, v in schema.items() if k not in _ANNOTATIONS and k not in ("properties", "items")}
+        out.append((here, json.dumps(rule, sort_keys=True), instance))
+    return out
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

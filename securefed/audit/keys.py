@@ -17,7 +17,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from securefed.errors import ConfigurationError
 
-__all__ = ["KeyLike", "PublicKeyLike", "key_paths", "load_or_create_key", "load_public_key", "public_hex"]
+__all__ = [
+    "KeyLike", "PublicKeyLike", "key_paths", "load_or_create_key", "load_public_key", "open_log", "prepare_log_path",
+    "public_hex",
+]
 
 #: A private key, or a path to its PEM file.
 KeyLike = Ed25519PrivateKey | str | os.PathLike[str]
@@ -25,6 +28,37 @@ KeyLike = Ed25519PrivateKey | str | os.PathLike[str]
 PublicKeyLike = Ed25519PublicKey | str | os.PathLike[str]
 
 _HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def prepare_log_path(path: str | os.PathLike[str]) -> Path:
+    """`path` as a Path for an audit log, its folder created (with parents) when missing.
+
+    Raises ConfigurationError when `path` is not a path, names a directory, or its folder
+    cannot be created (a component is a file, no permission).
+    """
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise ConfigurationError(f"the audit log must be a path (str or os.PathLike), got {type(path).__name__}")
+    log = Path(path)
+    if os.fspath(path) == "" or log.is_dir():
+        raise ConfigurationError(f"the audit log {os.fspath(path)!r} is a directory; give a file in it, "
+                                 f"e.g. {os.fspath(log / 'audit.jsonl')!r}")
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocking = next((p for p in (log.parent, *log.parent.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking is not None else (e.strerror or str(e))
+        raise ConfigurationError(f"cannot create the audit log's folder {log.parent}: {why}; "
+                                 "choose a folder you can write to") from e
+    return log
+
+
+def open_log(log: Path) -> int:
+    """A file descriptor on `log` for appending (created 0644 when missing); ConfigurationError when it cannot be."""
+    try:
+        return os.open(log, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as e:
+        raise ConfigurationError(f"cannot open the audit log {log} for writing: {e.strerror or e}; "
+                                 "choose a file in a folder you can write to") from e
 
 
 def key_paths(log: Path) -> tuple[Path, Path]:
@@ -61,12 +95,17 @@ def load_or_create_key(log: Path, key: KeyLike | None) -> Ed25519PrivateKey:
     """The signing key for `log`: `key` itself, the PEM file it names, or ``LOG.key``.
 
     Without `key`, ``LOG.key`` is loaded, or created (with ``LOG.pub``) when the log
-    does not exist yet. Raises ConfigurationError when the key cannot be loaded, or
-    when the log exists but its key file does not.
+    does not exist yet. Raises ConfigurationError when `key` is of another type, when
+    the key cannot be loaded or written, or when the log exists but its key file does not.
     """
     if isinstance(key, Ed25519PrivateKey):
         return key
     if key is not None:
+        if not isinstance(key, (str, os.PathLike)) or not isinstance(os.fspath(key), str):
+            raise ConfigurationError(
+                f"the audit key must be an Ed25519PrivateKey or the path of its PEM file, got {type(key).__name__}"
+                + ("; to use PEM bytes, load them with cryptography's serialization.load_pem_private_key"
+                   if isinstance(key, bytes) else ""))
         return _load_private(Path(key))
     private, public = key_paths(log)
     if private.exists():
@@ -77,10 +116,14 @@ def load_or_create_key(log: Path, key: KeyLike | None) -> Ed25519PrivateKey:
         )
     new = Ed25519PrivateKey.generate()
     pem = new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write_new(private, pem, 0o600)
     pub = new.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    public.unlink(missing_ok=True)
-    _write_new(public, pub, 0o644)
+    try:
+        _write_new(private, pem, 0o600)
+        public.unlink(missing_ok=True)
+        _write_new(public, pub, 0o644)
+    except OSError as e:
+        raise ConfigurationError(f"cannot write the audit key {e.filename or private}: {e.strerror or e}; choose a "
+                                 "folder you can write to for the audit log, or pass audit_key") from e
     return new
 
 

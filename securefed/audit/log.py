@@ -20,8 +20,10 @@ from typing import Any
 __all__ = [
     "FORMAT_VERSION",
     "GENESIS",
+    "KINDS",
     "SIGNING_CONTEXT",
     "canonical",
+    "conforms",
     "entry_hash",
     "entry_schema",
     "fast_check",
@@ -29,6 +31,7 @@ __all__ = [
     "json_safe",
     "read_entries",
     "schema",
+    "schema_errors",
     "signed_bytes",
     "validator",
 ]
@@ -39,6 +42,8 @@ FORMAT_VERSION = 1
 GENESIS = "0" * 64
 #: Domain separation: an audit signature can never be mistaken for any other Ed25519 signature.
 SIGNING_CONTEXT = b"securefed/audit/v1\n"
+#: The entry types, in the order a session uses them.
+KINDS = ("run_start", "resume", "round", "round_aborted", "run_end")
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
@@ -116,7 +121,8 @@ def schema() -> dict[str, Any]:
 @functools.cache
 def validator(kind: str | None = None) -> Any:
     """A ``jsonschema`` validator of :func:`schema`, or of :func:`entry_schema` for `kind`
-    (``jsonschema`` is installed with ``securefed[audit]``)."""
+    (``jsonschema`` is installed with ``securefed[audit]``; writing and verifying do not need
+    it: they use :func:`fast_check`, :func:`conforms` and :func:`schema_errors`)."""
     from jsonschema import Draft202012Validator
 
     return Draft202012Validator(schema() if kind is None else entry_schema(kind))
@@ -129,6 +135,42 @@ def fast_check(kind: str) -> Callable[[Any], bool]:
     from securefed.audit._fastschema import compile_schema
 
     return compile_schema(entry_schema(kind))
+
+
+def conforms(entry: Any) -> bool:
+    """Whether :func:`schema` accepts `entry`, by the compiled check (no ``jsonschema`` needed)."""
+    kind = entry.get("type") if isinstance(entry, dict) else None
+    return isinstance(kind, str) and kind in KINDS and fast_check(kind)(entry)
+
+
+def schema_errors(entry: Any, limit: int = 5) -> list[tuple[str, str, Any]]:
+    """Why :func:`schema` rejects `entry`: up to `limit` ``(field, rule, found)``; empty if it accepts.
+
+    ``jsonschema`` (the reference, ``securefed[audit]``) decides and words the errors when it is
+    installed; without it the compiled check decides and :func:`securefed.audit._fastschema.explain`
+    names the fields.
+    """
+    try:
+        full = validator()
+    except ImportError:
+        if conforms(entry):
+            return []
+        from securefed.audit._fastschema import explain
+
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if isinstance(kind, str) and kind in KINDS:
+            return explain(entry_schema(kind), entry)[:limit]
+        envelope = entry_schema("run_start")  # the envelope's rules, with any type and any body
+        envelope["properties"].update(type=schema()["properties"]["type"], body={"type": "object"})
+        return explain(envelope, entry)[:limit]
+    errors = sorted(full.iter_errors(entry), key=lambda e: list(map(str, e.absolute_path)))
+    return [(".".join(str(p) for p in e.absolute_path) or "(entry)", f"{e.validator} {_brief(e.validator_value)}",
+             e.instance) for e in errors[:limit]]
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def entry_schema(kind: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from securefed.audit.keys import PublicKeyLike
-from securefed.audit.log import read_entries, validator
+from securefed.audit.log import conforms, read_entries
 from securefed.audit.verifier import VerificationResult, verify_data
 from securefed.errors import InvalidInput
 
@@ -146,7 +146,7 @@ def _verdict(res: VerificationResult, pinned: bool) -> str:
                     "the epsilon is VOID and the aggregation was not secret (a simulation)")
         return (f'<div class="ok"><b>VERIFIED</b>: schema, hash chain, signatures, round rules, protocol conditions '
                 f'and privacy spend all check. {eps}.<br>Public key <code>{_e(res.public_key)}</code>, {key}.<br>'
-                f'Head (hash of the last entry) <code>{_e(res.head)}</code>; '
+                f'Head (number and hash of the last entry; pin it next time) <code>{_e(res.pin)}</code>; '
                 f'{"complete (ends with run_end)" if res.complete else "INCOMPLETE: no final run_end"}.</div>')
     rows = [[_e(f.entry), f"<code>{_e(f.field)}</code>", _e(f.expected), _e(f.found)] for f in res.failures]
     return (f'<div class="bad"><b>VERIFICATION FAILED</b>: {len(res.failures)} problem(s). '
@@ -174,7 +174,7 @@ def render_report(
     res = verify_data(data, pubkey, allow_incomplete=allow_incomplete, allow_seeded=allow_seeded)
     entries = read_entries(data)
     # Entries that fail the schema are listed among the failures, not rendered.
-    valid = [e for e in entries if validator().is_valid(e)]
+    valid = [e for e in entries if conforms(e)]  # the compiled check: no jsonschema needed
     rounds = [e for e in valid if e["type"] in ("round", "round_aborted")]
     starts = [e for e in valid if e["type"] in ("run_start", "resume", "run_end")]
     first = valid[0]["body"] if valid and valid[0]["type"] == "run_start" else {}

@@ -19,8 +19,18 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from securefed.audit._history import History, parse_pins
 from securefed.audit.keys import PublicKeyLike, load_public_key, public_hex
-from securefed.audit.log import GENESIS, canonical, entry_hash, fast_check, iter_lines, signed_bytes, validator
+from securefed.audit.log import (
+    GENESIS,
+    KINDS,
+    canonical,
+    entry_hash,
+    fast_check,
+    iter_lines,
+    schema_errors,
+    signed_bytes,
+)
 from securefed.errors import InvalidInput
 
 __all__ = ["EPSILON_RTOL", "Failure", "VerificationResult", "verify", "verify_data"]
@@ -29,7 +39,6 @@ __all__ = ["EPSILON_RTOL", "Failure", "VerificationResult", "verify", "verify_da
 #: across library versions and platforms; any real misstatement is far larger).
 EPSILON_RTOL = 1e-6
 _MAX_SCHEMA_ERRORS = 5
-_KINDS = ("run_start", "resume", "round", "round_aborted", "run_end")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +61,13 @@ class VerificationResult:
     ``entries``: complete lines read; ``rounds``/``aborted``: round and round_aborted
     entries; ``epsilon``: the privacy spend recomputed from the whole log's DP events
     (None without DP); ``privacy``: the declared accounting (accountant, delta, and
-    optionally the RDP conversion); ``head``: hash of the last entry (pin it to detect truncation);
+    optionally the RDP conversion); ``head``: hash of the last entry and ``head_seq`` its number
+    (:attr:`pin` is both, ``"SEQ:SHA256"``, to pass as ``pinned`` next time);
     ``complete``: the log ends with run_end; ``ledger``: the DP events in order;
     ``seeded_secrets``: some session declared secrets derived from a public seed, so
-    ``epsilon`` (the accounting of the events) does not describe a private run: it is void.
+    ``epsilon`` (the accounting of the events) does not describe a private run: it is void;
+    ``checkpoint_counter``: the counter of the last checkpoint a session named (None if none);
+    ``key_pinned``: the caller pinned the key (else it came from entry 1: integrity, not authorship).
     """
 
     failures: tuple[Failure, ...]
@@ -70,6 +82,14 @@ class VerificationResult:
     complete: bool
     ledger: tuple[dict[str, Any], ...]
     seeded_secrets: bool = False
+    head_seq: int = 0
+    checkpoint_counter: int | None = None
+    key_pinned: bool = False
+
+    @property
+    def pin(self) -> str | None:
+        """The head as ``"SEQ:SHA256"``: what an auditor keeps and passes as ``--pin`` next time."""
+        return None if self.head is None else f"{self.head_seq}:{self.head}"
 
     @property
     def epsilon_void(self) -> bool:
@@ -104,8 +124,11 @@ class VerificationResult:
             eps += ("; SEEDED SECRETS: noise, sampling and protocol keys derived from a public seed, "
                     "so the epsilon is VOID and the aggregation was not secret (a simulation)")
         state = "complete" if self.complete else "incomplete (no run_end)"
+        key = "pinned" if self.key_pinned else "NOT PINNED: taken from the log itself"
+        counter = "" if self.checkpoint_counter is None else f"\n  checkpoint counter {self.checkpoint_counter}"
         return (f"OK: {self.entries} entries, {self.rounds} rounds ({self.aborted} aborted), {state}; {eps}\n"
-                f"  public key {self.public_key}\n  head       {self.head}")
+                f"  public key {self.public_key} ({key})\n  head       {self.pin}  (keep it; next time: --pin {self.pin})"
+                + counter)
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -174,6 +197,7 @@ class _Checker:
         self.privacy: Any = ...  # Ellipsis: not declared yet
         self.eps: _Epsilon | None = None
         self.eps_broken = False
+        self.history = History()  # entry hashes, for pins and checkpoint heads
 
     def fail(self, entry: int, field: str, expected: Any, found: Any) -> None:
         self.failures.append(Failure(entry, field, _short(expected), _short(found)))
@@ -200,13 +224,12 @@ class _Checker:
             self.fail(number, "(encoding)", "canonical JSON (sorted keys, no spaces, ASCII, finite numbers)",
                       "other bytes")
         kind = obj.get("type")
-        valid = fast_check(kind)(obj) if isinstance(kind, str) and kind in _KINDS else False
-        if not valid:  # jsonschema is the reference: it decides, and says what is wrong
-            errors = sorted(validator().iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+        valid = fast_check(kind)(obj) if isinstance(kind, str) and kind in KINDS else False
+        if not valid:  # jsonschema, when installed, is the reference: it decides, and says what is wrong
+            errors = schema_errors(obj, _MAX_SCHEMA_ERRORS)
             valid = not errors
-            for err in errors[:_MAX_SCHEMA_ERRORS]:
-                field = ".".join(str(p) for p in err.absolute_path) or "(entry)"
-                self.fail(number, field, f"{err.validator} {_short(err.validator_value, 60)}", err.instance)
+            for field, rule, found in errors:
+                self.fail(number, field, rule, found)
         self._advance(number, line, obj)
         if valid:
             self._semantics(number, obj)
@@ -225,6 +248,7 @@ class _Checker:
             if isinstance(seq, int) and not isinstance(seq, bool):
                 self.seq = seq  # resynchronise: one deletion or insertion is reported once
         self.prev = entry_hash(line)
+        self.history.append(self.prev)
         self.seq += 1
 
     def _take_key(self, obj: dict[str, Any]) -> None:
@@ -258,15 +282,11 @@ class _Checker:
         if kind == "run_start":
             if number != 1:
                 self.fail(number, "type", "run_start only as the first entry", kind)
-            self._declare_privacy(number, body["privacy"])
-            self._secrets(number, body)
-            self.in_session = True
+            self._session(number, body)
         elif kind == "resume":
             if body["public_key"] != self.key_hex:
                 self.fail(number, "body.public_key", f"the log's key {self.key_hex}", body["public_key"])
-            self._declare_privacy(number, body["privacy"])
-            self._secrets(number, body)
-            self.in_session = True
+            self._session(number, body)
         elif kind == "run_end":
             self._need_session(number, kind)
             self._run_end(number, body)
@@ -284,6 +304,16 @@ class _Checker:
                     self.fail(number, "body.phase", f"one of {body['phases']}", body["phase"])
             self._dp(number, body["dp"])
         self.last_type = kind
+
+    def _session(self, number: int, body: dict[str, Any]) -> None:
+        """run_start or resume: privacy, secrets, and the checkpoint the session continued from."""
+        self._declare_privacy(number, body["privacy"])
+        self._secrets(number, body)
+        checkpoint = body.get("checkpoint")
+        for field, expected, found in self.history.checkpoint_problems(checkpoint, number):
+            self.fail(number, field, expected, found)
+        self.history.take_checkpoint(checkpoint, number)
+        self.in_session = True
 
     def _need_session(self, number: int, kind: str) -> None:
         if not self.in_session:
@@ -421,7 +451,8 @@ class _Checker:
         ):
             self.fail(number, "body.epsilon", f"{eps!r} (recomputed)", claimed)
 
-    def result(self, head: str | None) -> VerificationResult:
+    def result(self, head: str | None, pinned: Sequence[tuple[int, str]] = (),
+               min_counter: int | None = None) -> VerificationResult:
         if self.entries == 0:
             self.fail(1, "type", "run_start as the first entry", "an empty log")
         complete = self.last_type == "run_end" and not self.in_session
@@ -432,20 +463,26 @@ class _Checker:
         actual_head = self.prev if self.entries else None
         if head is not None and head != actual_head:
             self.fail(max(self.entries, 1), "(head)", f"the pinned head {head}", actual_head)
+        for failure in self.history.witness_problems(pinned, min_counter, self.entries):
+            self.fail(*failure)
         return VerificationResult(
             failures=tuple(self.failures), entries=self.entries, rounds=self.rounds, aborted=self.aborted,
             last_round=self.last_round, epsilon=None if self.eps is None or self.eps_broken else self.eps.value,
             privacy=None if self.eps is None else self.eps.privacy, public_key=self.key_hex,
             head=actual_head, complete=complete,
             ledger=tuple(self.eps.ledger) if self.eps is not None else (), seeded_secrets=self.seeded,
+            head_seq=len(self.history), checkpoint_counter=self.history.counter, key_pinned=self.pinned is not None,
         )
 
 
 def verify_data(
     data: bytes, pubkey: PublicKeyLike | None = None, *, allow_incomplete: bool = False, head: str | None = None,
-    allow_seeded: bool = False,
+    allow_seeded: bool = False, pinned: Sequence[tuple[int, str] | str] = (), min_counter: int | None = None,
 ) -> VerificationResult:
     """:func:`verify` on the bytes of a log."""
+    pins = parse_pins(pinned)
+    if min_counter is not None and (isinstance(min_counter, bool) or not isinstance(min_counter, int)):
+        raise InvalidInput(f"min_counter must be an integer, got {min_counter!r}")
     checker = _Checker(None if pubkey is None else load_public_key(pubkey), allow_incomplete, allow_seeded)
     for number, line, complete in iter_lines(data):
         if not complete:
@@ -454,7 +491,7 @@ def verify_data(
                          f"{len(line)} bytes without one (a torn write or a cut log)")
             break
         checker.entry(number, line)
-    return checker.result(head)
+    return checker.result(head, pins, min_counter)
 
 
 def verify(
@@ -464,22 +501,29 @@ def verify(
     allow_incomplete: bool = False,
     head: str | None = None,
     allow_seeded: bool = False,
+    pinned: Sequence[tuple[int, str] | str] = (),
+    min_counter: int | None = None,
 ) -> VerificationResult:
     """Check the audit log at `path` end to end; the result is true only if every check passed.
 
     `pubkey` pins the server's audit key (a key, 64 hex digits, or a PEM/hex file);
     without it the key in entry 1 is used, which proves integrity but not authorship.
     `allow_incomplete` accepts a log without a final run_end (a crashed or running
-    job); `head` pins the hash of the last entry, which detects a cut log. A session that
+    job); `head` pins the hash of the last entry, which detects a cut log. `pinned`: heads an
+    auditor saw earlier, ``(seq, sha256)`` pairs or ``"SEQ:SHA256"`` (:attr:`VerificationResult.pin`):
+    the log must hold entry SEQ with that hash, so a log cut below it and regrown (a rollback
+    together with an older checkpoint) fails; `min_counter`: the last checkpoint counter named in
+    the log must be at least this (a counter witnessed outside the log). A session that
     declares ``seeded_secrets`` (noise, sampling and keys from a public seed) fails the check:
     its epsilon is void; `allow_seeded` accepts such a simulation's log (``seeded_secrets`` and
     :meth:`VerificationResult.summary` still say the epsilon is void).
-    Raises InvalidInput when the file cannot be read and ConfigurationError for a bad
-    `pubkey`. See ``protocols/audit.md`` section "Verification".
+    Raises InvalidInput when the file cannot be read or a pin is malformed, and ConfigurationError
+    for a bad `pubkey`. See ``protocols/audit.md`` sections "Verification" and "Trust boundaries".
     """
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise InvalidInput(f"cannot read the audit log {os.fspath(path)!r}: {e.strerror or e}") from e
-    return verify_data(data, pubkey, allow_incomplete=allow_incomplete, head=head, allow_seeded=allow_seeded)
+    return verify_data(data, pubkey, allow_incomplete=allow_incomplete, head=head, allow_seeded=allow_seeded,
+                       pinned=pinned, min_counter=min_counter)
 

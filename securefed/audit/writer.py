@@ -20,8 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from securefed.audit.keys import KeyLike, load_or_create_key, public_hex
-from securefed.audit.log import FORMAT_VERSION, GENESIS, canonical, entry_hash, json_safe, signed_bytes, validator
+from securefed.audit._history import History, checkpoint_record
+from securefed.audit.keys import KeyLike, load_or_create_key, open_log, prepare_log_path, public_hex
+from securefed.audit.log import (
+    FORMAT_VERSION,
+    GENESIS,
+    canonical,
+    entry_hash,
+    fast_check,
+    iter_lines,
+    json_safe,
+    schema_errors,
+    signed_bytes,
+)
 from securefed.audit.verifier import verify_data
 from securefed.errors import ConfigurationError, InvalidInput, ProtocolAborted
 from securefed.protocols.base import AggregationProtocol, AggregationResult, Party
@@ -69,16 +80,18 @@ class AuditWriter:
 
     Entries, one method each: :meth:`start` (run_start, or resume for an existing
     log), :meth:`round`, :meth:`round_aborted`, :meth:`end` (run_end); :meth:`session`
-    wraps start and end. Raises ConfigurationError when the existing log does not
-    verify, the key does not match, or another writer holds the log.
+    wraps start and end. :attr:`head` is the log's head ``(seq, sha256)``, for a checkpoint
+    to record when it is saved (and name again through ``start(checkpoint=...)``). Raises
+    ConfigurationError when the existing log does not verify, the key does not match, or
+    another writer holds the log.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, key: KeyLike | None = None) -> None:
-        self.path = Path(path)
+        self.path = prepare_log_path(path)  # its folder created when missing
         self._key = load_or_create_key(self.path, key)
         #: The audit key's public half, 64 hex digits (as entry 1 records it).
         self.public_key = public_hex(self._key)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = open_log(self.path)
         try:
             if fcntl is not None:
                 try:
@@ -101,6 +114,7 @@ class AuditWriter:
         #: DP events already in the log, in order (restore an accountant from it on resume).
         self.ledger: list[dict[str, Any]] = []
         self._prev, self._seq, self._rounds = GENESIS, 1, 0
+        self._history = History()  # entry hashes and the last checkpoint counter, for start(checkpoint=)
         #: The last round recorded (None before any).
         self.last_round: int | None = None
         self._privacy: Any = ...
@@ -114,6 +128,9 @@ class AuditWriter:
             self._prev, self._seq, self._rounds = res.head or GENESIS, res.entries + 1, res.rounds
             self.last_round, self.ledger, self._epsilon = res.last_round, list(res.ledger), res.epsilon
             self._privacy = res.privacy
+            for _, line, _ in iter_lines(data[:cut]):
+                self._history.append(entry_hash(line))
+            self._history.counter = res.checkpoint_counter
         if torn:
             os.ftruncate(self._fd, cut)
             os.fsync(self._fd)
@@ -133,19 +150,30 @@ class AuditWriter:
             line = canonical(entry)
         except ValueError as e:
             raise InvalidInput(f"audit entry {kind!r} is not JSON without NaN/Inf: {e}") from e
-        error = next(iter(validator(kind).iter_errors(entry)), None)
-        if error is not None:
-            where = ".".join(map(str, error.absolute_path))
-            raise InvalidInput(f"audit entry {kind!r} does not match the schema at {where}: {error.message}")
+        if not fast_check(kind)(entry):  # the compiled check: a plain install has no jsonschema
+            problems = "; ".join(f"{field}: expected {rule}, found {found!r}" for field, rule, found in
+                                 schema_errors(entry)) or "rejected by the compiled check"
+            raise InvalidInput(f"audit entry {kind!r} does not match the audit schema (securefed/audit/schema.json): "
+                               f"{problems}")
         view = memoryview(line + b"\n")
         while view:
             view = view[os.write(self._fd, view):]
         os.fsync(self._fd)
         self._prev, self._seq = entry_hash(line), self._seq + 1
+        self._history.append(self._prev)
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """``(seq, sha256)`` of the last entry written or loaded; ``(0, GENESIS)`` for an empty log.
+
+        A checkpoint records it when saved, and a run resumed from that checkpoint passes it back
+        in ``start(checkpoint=...)``; an auditor pins it (``audit verify --pin SEQ:SHA256``).
+        """
+        return self._seq - 1, self._prev
 
     def start(
         self, *, config: Mapping[str, Any], privacy: Mapping[str, Any] | None = None,
-        seeded_secrets: bool | None = None,
+        seeded_secrets: bool | None = None, checkpoint: Mapping[str, Any] | None = None,
     ) -> None:
         """Begin a session: run_start for a new log, resume for an existing one.
 
@@ -154,8 +182,15 @@ class AuditWriter:
         conversion) when rounds carry DP events, fixed for the log's life;
         `seeded_secrets`: whether the session's noise, sampling and protocol keys derive
         from a public seed (recorded as ``seeded_secrets``; the verifier then declares the
-        epsilon void); None records nothing (a runtime that does not say). Raises
-        ConfigurationError inside a session or when `privacy` differs from what the log declared.
+        epsilon void); None records nothing (a runtime that does not say).
+        `checkpoint`: the checkpoint this run continues from, ``{"round": int, "counter": int,
+        "head": {"seq": int, "sha256": str}}`` (its last round, its monotonic counter, and
+        :attr:`head` as it was when the checkpoint was saved), recorded in the entry.
+        Raises ConfigurationError inside a session, when `privacy` differs from what the log
+        declared, or when the checkpoint does not continue this log: its counter does not exceed
+        the log's last checkpoint counter (an older checkpoint was restored) or its head is not
+        an entry of this log (another history, or a log cut below it); InvalidInput for a
+        malformed checkpoint. See ``protocols/audit.md`` section "Trust boundaries".
         """
         if seeded_secrets is not None and not isinstance(seeded_secrets, bool):
             raise ConfigurationError(f"seeded_secrets must be True, False or None, got {seeded_secrets!r}")
@@ -168,6 +203,15 @@ class AuditWriter:
             common["seeded_secrets"] = seeded_secrets
         if self._privacy is not ... and priv != self._privacy:
             raise ConfigurationError(f"the audit log declares privacy {self._privacy}, this run {priv}; they must match")
+        if checkpoint is not None:
+            common["checkpoint"] = record = checkpoint_record(checkpoint)
+            problems = self._history.checkpoint_problems(record, self._seq)
+            if problems:
+                raise ConfigurationError(
+                    f"the checkpoint (round {record['round']}, counter {record['counter']}) does not continue the "
+                    f"audit log {self.path}: " + "; ".join(f"{field}: expected {expected}, found {found}"
+                                                         for field, expected, found in problems)
+                    + ". Restore the checkpoint and log that belong together, or start a new log")
         if self._seq == 1:
             self._append("run_start", {"run_id": secrets.token_hex(16), **common})
             self._epsilon = None if priv is None else 0.0
@@ -176,6 +220,7 @@ class AuditWriter:
             self._append("resume", {**common, "discarded_bytes": count, "discarded_sha256": digest})
             self._discarded = (0, None)
         self._privacy = priv
+        self._history.take_checkpoint(checkpoint, self._seq - 1)
         self.in_session = True
 
     def _dp(self, events: Sequence[Mapping[str, Any]], epsilon: float | None) -> dict[str, Any] | None:
@@ -267,10 +312,10 @@ class AuditWriter:
     @contextlib.contextmanager
     def session(
         self, *, config: Mapping[str, Any], privacy: Mapping[str, Any] | None = None,
-        seeded_secrets: bool | None = None,
+        seeded_secrets: bool | None = None, checkpoint: Mapping[str, Any] | None = None,
     ) -> Iterator[AuditWriter]:
         """:meth:`start`, then :meth:`end` with the status the block ended with (the exception propagates)."""
-        self.start(config=config, privacy=privacy, seeded_secrets=seeded_secrets)
+        self.start(config=config, privacy=privacy, seeded_secrets=seeded_secrets, checkpoint=checkpoint)
         try:
             yield self
         except KeyboardInterrupt:
