@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from securefed import _trainer_checks as checks
 from securefed.crypto.random import RandomSource, derive_key
 from securefed.encoding import flatten, unflatten
 from securefed.errors import (
@@ -114,33 +115,29 @@ def _select(model: nn.Module, parameters: Sequence[str] | Callable[[str, nn.Para
 
 
 def _check_arguments(
-    model: Any, datasets: Sequence[Dataset], algorithm: str, weighting: str | None, privacy: Any,
+    model: Any, datasets: list[Dataset], algorithm: str, weighting: str | None, privacy: Any,
     clients_per_round: int | None,
 ) -> tuple[str, int]:
     """Validate the trainer's basic arguments; returns (weighting, clients per round)."""
     if not isinstance(model, nn.Module):
-        raise InvalidInput("model must be a torch.nn.Module")
-    if len(datasets) == 0:
-        raise InvalidInput("datasets must hold one dataset per participant")
-    if algorithm not in ("fedavg", "fedsgd"):
+        raise InvalidInput(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(algorithm, str) or algorithm not in ("fedavg", "fedsgd"):
         raise ConfigurationError(f"algorithm must be 'fedavg' or 'fedsgd', got {algorithm!r}")
-    if weighting not in (None, "examples", "uniform"):
+    if not (weighting is None or isinstance(weighting, str) and weighting in ("examples", "uniform")):
         raise ConfigurationError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
     if privacy is not None and weighting == "examples":
         raise ConfigurationError("with differential privacy every participant weighs the same: weighting='uniform'")
     n = len(datasets)
-    k = n if clients_per_round is None else clients_per_round
+    k = n if clients_per_round is None else checks.integer("clients_per_round", clients_per_round, 1)
     if not 1 <= k <= n:
         raise ConfigurationError(f"clients_per_round must be in [1, {n}], got {clients_per_round}")
-    if min(len(d) for d in datasets) == 0:  # type: ignore[arg-type]
-        raise InvalidInput("every participant needs at least one example")
     return weighting or ("examples" if privacy is None else "uniform"), k
 
 
 def _default_threads(model: nn.Module, torch_threads: int | None) -> int | None:
     """``torch_threads``, or 1 for models under 10^6 parameters (None: torch's own setting)."""
-    if torch_threads is not None and (not isinstance(torch_threads, int) or torch_threads < 1):
-        raise ConfigurationError(f"torch_threads must be a positive integer, got {torch_threads!r}")
+    if torch_threads is not None:
+        torch_threads = checks.integer("torch_threads", torch_threads, 1)
     small = sum(p.numel() for p in model.parameters()) < 10**6
     return torch_threads if torch_threads is not None else (1 if small else None)
 
@@ -189,12 +186,18 @@ def _evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tenso
     return metrics
 
 
-def _client_dropouts(schedule: DropoutSchedule | None, round: int, participants: list[int]) -> dict[int, str]:
-    """The schedule's dropouts of this round as ``{client index in the round: phase}``."""
+def _client_dropouts(schedule: DropoutSchedule | None, round: int, participants: list[int],
+                     population: int) -> dict[int, str]:
+    """The schedule's dropouts of this round as ``{client index in the round: phase}``.
+
+    A participant of the population left out of this round's sample is ignored (a schedule
+    may be written for the whole population); one outside the population is an error.
+    """
     if schedule is None:
         return {}
+    drops = checks.dropouts(schedule(round, list(participants)), round, population)
     index = {p: i for i, p in enumerate(participants)}
-    return {index[p]: phase for p, phase in schedule(round, participants).items() if p in index}
+    return {index[p]: phase for p, phase in drops.items() if p in index}
 
 
 def _describe(t: Trainer) -> dict[str, Any]:
@@ -252,6 +255,36 @@ def _fit_with_progress(trainer: Trainer, rounds: int) -> None:
             bar.update(task, advance=1, status=progress_status(trainer.run_round()))
 
 
+def _round_inputs(t: Trainer, participants: list[int], start: np.ndarray, spec: Any
+                  ) -> tuple[list[np.ndarray], list[float], list[int]]:
+    """Each participant's input to the aggregate, mean local loss and example count (the model is left as
+    the last participant trained it: the caller restores it)."""
+    dp, weighted = t.privacy_session, t.weighting == "examples"
+    inputs, losses, weights = [], [], []
+    with _only_trainable(t.model, t._names), _threads(t.torch_threads):
+        for c in participants:
+            delta, loss = t._local_update(c, start, spec)
+            if not np.isfinite(delta).all():
+                raise InvalidInput(f"participant {c}'s local training diverged in round {t._round}: its update "
+                                   f"holds inf or NaN; lower lr (now {t.lr:g}) or check its data")
+            w = len(t.datasets[c]) / t._max_examples if weighted else 1.0  # type: ignore[arg-type]
+            x = np.append(delta * w, np.float32(w)).astype(np.float32) if weighted else delta
+            inputs.append(x if dp is None else dp.client_input(delta, [p.size for p in spec.params]))
+            losses.append(loss)
+            weights.append(len(t.datasets[c]))  # type: ignore[arg-type]
+    return inputs, losses, weights
+
+
+def _stepped(start: np.ndarray, server_lr: float, mean: np.ndarray, round: int) -> np.ndarray:
+    """start + server_lr * mean in start's dtype; InvalidInput when that is not finite (the model is kept)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        new = (start + server_lr * mean).astype(start.dtype)
+    if not np.isfinite(new).all():
+        raise InvalidInput(f"round {round}'s update takes the model's {start.dtype} parameters to inf or NaN "
+                           f"(server_lr {server_lr:g}); lower server_lr or lr. The model keeps its previous values")
+    return new
+
+
 def _seed_bytes(seed: int | None, label: str) -> bytes | None:
     return None if seed is None else derive_key(seed.to_bytes(8, "big"), label)
 
@@ -277,7 +310,8 @@ def _secret_source(seed: int | None, reproducible_secrets: bool) -> RandomSource
 class Trainer:
     """Federated training of `model` over `datasets` (one per participant) through `protocol`.
 
-    Parameters (keyword-only after ``datasets``):
+    Parameters (keyword-only after ``datasets``; a wrong type, a bool for a number, NaN, inf or a value
+    out of range is refused here: ConfigurationError, or InvalidInput for the model and data):
 
     - ``protocol``: an aggregation protocol (default :class:`~securefed.protocols.Plain`);
     - ``privacy``: a privacy configuration (``securefed.privacy.CentralDP``,
@@ -296,17 +330,20 @@ class Trainer:
       every participant (frozen during local training). ConfigurationError for an unknown name,
       a parameter with ``requires_grad=False``, or an empty selection;
     - ``clients_per_round``: participants sampled per round (default all);
-    - ``local_epochs``, ``batch_size``, ``lr``, ``momentum``: local SGD;
-    - ``server_lr``: step on the mean update (1.0 is FedAvg);
+    - ``local_epochs``, ``batch_size`` (integers >= 1), ``lr`` (>= 0: 0 is torch's bound, a probe
+      whose update is the aggregate's noise), ``momentum`` (in [0, 1): 1 never forgets a step): local SGD;
+    - ``server_lr``: step on the mean update (> 0; 1.0 is FedAvg); a step that takes the model to
+      inf or NaN raises InvalidInput and leaves the model as it was;
     - ``weighting``: ``"examples"`` (weight n_k / max_k n_k, carried inside the
       aggregate) or ``"uniform"``; default ``"examples"``, and ``"uniform"`` (the only
       choice) with privacy: DP-FedAvg bounds each participant's influence, and
       example counts would reveal data sizes;
     - ``loss_fn``: default cross-entropy; ``eval_dataset``: the server's own held-out data for metrics,
       released as is (never a participant's data); under DP the training loss is not released;
-    - ``dropouts``: a schedule ``(round, participants) -> {participant: phase}``;
+    - ``dropouts``: a schedule ``(round, participants) -> {participant: phase}`` returning a dict;
+      participants outside the round are ignored, outside the population refused;
     - ``seed``: makes the public randomness reproducible: local shuffling and, without DP, the
-      choice of participants (default 0; None draws it from the OS too);
+      choice of participants (an integer in [0, 2**64); default 0; None draws it from the OS too);
     - ``reproducible_secrets``: False (default): noise, sampling under DP, DP-SGD's coins and
       every protocol key and mask come from the OS, whatever the seed. True derives them from
       ``seed`` too (tests and simulation only, like Opacus without ``secure_mode``): a
@@ -314,7 +351,8 @@ class Trainer:
       the epsilon is void;
     - ``progress``: show a rich progress bar; ``on_round``: called with each round's record;
     - ``audit_log``: write a signed audit log of every round there (an existing log is
-      verified and continued, and round numbers go on after its last round);
+      verified and continued, and round numbers go on after its last round; a missing folder
+      is created);
       ``audit_key``: its Ed25519 key or PEM file (default ``PATH.key``); see ``protocols/audit.md``;
     - ``torch_threads``: torch's intra-op threads while participants train and the model is
       evaluated; default 1 for models under 10^6 parameters (the demo's rounds run ~5x faster
@@ -348,33 +386,39 @@ class Trainer:
         audit_key: Any = None,
         torch_threads: int | None = None,
     ) -> None:
+        datasets = checks.datasets(datasets)
         mode, k = _check_arguments(model, datasets, algorithm, weighting, privacy, clients_per_round)
+        checks.protocol(protocol, AggregationProtocol)
+        checks.optional_callable("loss_fn", loss_fn, "(output, target) -> loss")
+        checks.optional_callable("dropouts", dropouts, "(round, participants) -> {participant: phase}")
+        checks.optional_callable("on_round", on_round, "(record) -> None")
+        checks.audit(audit_log, audit_key)
         n = len(datasets)
         self.model = model
-        self.datasets = list(datasets)
+        self.datasets = datasets
         self.protocol = protocol if protocol is not None else Plain()
         self.privacy = privacy
         self.algorithm = algorithm
         self.clients_per_round = k
-        self.local_epochs = local_epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.momentum = momentum
-        self.server_lr = server_lr
+        self.local_epochs = checks.integer("local_epochs", local_epochs, 1)
+        self.batch_size = checks.integer("batch_size", batch_size, 1)
+        self.lr = checks.real("lr", lr, low=0.0, low_open=False)
+        self.momentum = checks.real("momentum", momentum, low=0.0, low_open=False, high=1.0)
+        self.server_lr = checks.real("server_lr", server_lr, low=0.0)
         self.weighting = mode
         self.loss_fn = loss_fn or nn.functional.cross_entropy
-        self.eval_dataset = eval_dataset
+        self.eval_dataset = checks.eval_dataset(eval_dataset)
         self.dropouts = dropouts
-        self.seed = seed
-        self.progress = progress
+        self.seed = checks.seed(seed)
+        self.progress = checks.flag("progress", progress)
         self.on_round = on_round
         self._names = _select(model, parameters)
         self.torch_threads = _default_threads(model, torch_threads)
         self._max_examples = max(len(d) for d in self.datasets)  # type: ignore[arg-type]
         #: Whether the secret randomness derives from ``seed`` (see ``reproducible_secrets``).
         self.reproducible_secrets = reproducible_secrets
-        self._secrets = _secret_source(seed, reproducible_secrets)
-        self._rng = RandomSource(_seed_bytes(seed, "trainer"))  # public: shuffling, sampling without DP
+        self._secrets = _secret_source(self.seed, reproducible_secrets)
+        self._rng = RandomSource(_seed_bytes(self.seed, "trainer"))  # public: shuffling, sampling without DP
         self._round = 0
         #: The audit log's writer (``audit_log=``), or None.
         self.audit = None
@@ -391,7 +435,7 @@ class Trainer:
             self.privacy_session = PrivacySession(
                 privacy, protocol=self.protocol, population=n, clients_per_round=k,
                 dimension=sum(p.numel() for p in self._params().values()),
-                local_steps=1 if algorithm == "fedsgd" else local_epochs, rng=self._secrets.child("privacy"),
+                local_steps=1 if algorithm == "fedsgd" else self.local_epochs, rng=self._secrets.child("privacy"),
             )
             if self.audit is not None and self.audit.ledger:
                 self.privacy_session.resume(self.audit.ledger)
@@ -449,9 +493,8 @@ class Trainer:
         return sorted(np.argsort(keys, kind="stable")[: self.clients_per_round].tolist())
 
     def _aggregate(
-        self, inputs: list[np.ndarray], participants: list[int], protocol: AggregationProtocol
+        self, inputs: list[np.ndarray], drops: dict[int, str], protocol: AggregationProtocol
     ) -> AggregationResult:
-        drops = _client_dropouts(self.dropouts, self._round, participants)
         return simulate_aggregation(
             protocol, inputs, drops, seed=self._secret_seed("aggregation"), record="digest",
             round_index=self._round,
@@ -463,29 +506,21 @@ class Trainer:
         dp = self.privacy_session
         participants = (self._sample(self._rng) if dp is None
                         else dp.sample(self._round, lambda: self._sample(self._secrets)))
-        if dp is not None:
-            if not dp.runnable(len(participants)):
-                return self._skipped_round()
-            try:
+        if dp is not None and not dp.runnable(len(participants)):
+            return self._skipped_round()
+        try:  # the schedule is checked before anything is spent or trained
+            drops = _client_dropouts(self.dropouts, self._round, participants, len(self.datasets))
+            if dp is not None:
                 dp.before_round(self._round, len(participants))
-            except PrivacyBudgetExceeded:
-                self._round -= 1
-                raise
+        except (PrivacyBudgetExceeded, ConfigurationError):
+            self._round -= 1
+            raise
         protocol = self.protocol if dp is None else dp.protocol(self.protocol, self._round)
         start, spec = flatten(self._params())
         start = start.copy()
-        weighted = self.weighting == "examples"
-        inputs, losses, weights = [], [], []
-        with _only_trainable(self.model, self._names), _threads(self.torch_threads):
-            for c in participants:
-                delta, loss = self._local_update(c, start, spec)
-                w = len(self.datasets[c]) / self._max_examples if weighted else 1.0  # type: ignore[arg-type]
-                x = np.append(delta * w, np.float32(w)).astype(np.float32) if weighted else delta
-                inputs.append(x if dp is None else dp.client_input(delta, [p.size for p in spec.params]))
-                losses.append(loss)
-                weights.append(len(self.datasets[c]))  # type: ignore[arg-type]
-        try:
-            res = self._aggregate(inputs, participants, protocol)
+        try:  # local training leaves the model elsewhere: restored however the round ends
+            inputs, losses, weights = _round_inputs(self, participants, start, spec)
+            res = self._aggregate(inputs, drops, protocol)
         except ProtocolAborted as e:
             if self.audit is not None:
                 self._audit_begin()
@@ -497,11 +532,11 @@ class Trainer:
             self._load(start, spec)
         if dp is not None:
             mean = dp.finish_round(res.total, len(res.included), len(participants), self._round)
-        elif weighted:
+        elif self.weighting == "examples":
             mean = res.total[:-1] / res.total[-1]
         else:
             mean = res.total / len(res.included)
-        self._load((start + self.server_lr * mean).astype(start.dtype), spec)
+        self._load(_stepped(start, self.server_lr, mean, self._round), spec)
         included = tuple(participants[i] for i in res.included)
         metrics = self.evaluate()
         metrics["upload_bytes_per_client"] = float(
@@ -559,8 +594,7 @@ class Trainer:
         With an audit log, the rounds form one session: run_start (or resume) before,
         run_end after, with the status the training ended with.
         """
-        if not isinstance(rounds, int) or rounds < 1:
-            raise ConfigurationError(f"rounds must be a positive integer, got {rounds!r}")
+        rounds = checks.integer("rounds", rounds, 1)
         if self.audit is None or self.audit.in_session:
             return self._fit(rounds)
         with self.audit.session(**self._audit_header()):

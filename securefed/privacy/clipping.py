@@ -119,6 +119,10 @@ class PerLayerClipping(Clipping):
         if (l2_clip is None) == (layer_clips is None):
             raise ConfigurationError("give either l2_clip (split evenly over the layers) or layer_clips")
         self.l2_clip = None if l2_clip is None else _positive("l2_clip", l2_clip)
+        if layer_clips is not None and (isinstance(layer_clips, (str, bytes)) or not isinstance(layer_clips, Sequence)
+                                        or len(layer_clips) == 0):
+            raise ConfigurationError(f"layer_clips must be a non-empty sequence of norms, one per tensor, "
+                                     f"got {layer_clips!r}")
         self.layer_clips = None if layer_clips is None else tuple(_positive("layer clip", c) for c in layer_clips)
 
     def __repr__(self) -> str:
@@ -172,7 +176,8 @@ class AdaptiveClipping(Clipping):
     ) -> None:
         self.clip_norm = _positive("initial_clip", initial_clip)
         self.initial_clip = self.clip_norm
-        if not (isinstance(target_quantile, (int, float)) and 0.0 <= target_quantile <= 1.0):
+        if isinstance(target_quantile, bool) or not (
+                isinstance(target_quantile, (int, float)) and 0.0 <= target_quantile <= 1.0):
             raise ConfigurationError(f"target_quantile must be in [0, 1], got {target_quantile!r}")
         self.target_quantile = float(target_quantile)
         self.learning_rate = _positive("learning_rate", learning_rate)

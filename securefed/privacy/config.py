@@ -48,6 +48,13 @@ class PrivacyConfig:
             raise ConfigurationError(f"accountant must be 'rdp' or 'pld', got {self.accountant!r}")
 
 
+def _fraction(name: str, v: object, *, zero: bool) -> None:
+    """`v` a number in [0, 1) (`zero`) or (0, 1); bools and NaN refused."""
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and (0 <= v if zero else 0 < v) and v < 1)
+    if not ok:
+        raise ConfigurationError(f"{name} must be a number in {'[' if zero else '('}0, 1), got {v!r}")
+
+
 def _clipping(value: Clipping | float) -> Clipping:
     if isinstance(value, Clipping):
         return value
@@ -105,6 +112,10 @@ class DistributedDP(PrivacyConfig):
             raise ConfigurationError("the distributed mechanisms are accounted with accountant='rdp' only")
         if self.granularity is not None:
             _positive("granularity", self.granularity)
+        _fraction("beta", self.beta, zero=True)
+        _fraction("wrap_probability", self.wrap_probability, zero=False)
+        if not isinstance(self.rotation, bool):
+            raise ConfigurationError(f"rotation must be True or False, got {self.rotation!r}")
         f = self.colluding_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
             raise ConfigurationError(f"colluding_fraction must be in [0, 1), got {f!r}")
@@ -121,5 +132,6 @@ class SampleLevelDP(PrivacyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive("max_grad_norm", self.max_grad_norm)
-        if not (isinstance(self.sampling_rate, (int, float)) and 0 < self.sampling_rate <= 1):
+        r = self.sampling_rate
+        if isinstance(r, bool) or not (isinstance(r, (int, float)) and 0 < r <= 1):
             raise ConfigurationError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
