@@ -411,7 +411,7 @@ class _Suite:
         @given(case=self.cases("none", min_n=min_n, distinct=True), data=st.data())
         def prop(case: Case, data: st.DataObject) -> None:
             protocol = self.factory()
-            honest = _driver.run(protocol, list(case.inputs), seed=case.seed)
+            honest = _drive(prop_name, "the untampered round", protocol, case)
             if honest.aborted is not None:
                 raise _Violation("liveness", f"a round without dropouts aborted: {honest.aborted}")
             usable = [k for k in kinds if sfst._targets(honest.replies, k, None, self.message_phases)]
@@ -419,11 +419,11 @@ class _Suite:
             kind = data.draw(st.sampled_from(usable), label="kind")
             old = None
             if kind == "other_round":
-                old = _driver.run(self.factory(), list(case.inputs), seed=case.seed ^ 0x5EED).replies
+                old = _drive(prop_name, "another round", self.factory(),
+                             dataclasses.replace(case, seed=case.seed ^ 0x5EED)).replies
             tampering = data.draw(sfst.tamperings(honest.replies, other_round=old, kinds=[kind],
                                                   phases=self.message_phases), label="tampering")
-            tampered = _driver.run(protocol_b := self.factory(), list(case.inputs), seed=case.seed,
-                                   alter=tampering.alter)
+            tampered = _drive(prop_name, tampering.detail, protocol_b := self.factory(), case, tampering.alter)
             self._check_tampered(prop_name, protocol_b, case, honest, tampered, tampering)
 
         self.run(prop)
@@ -560,6 +560,18 @@ class _Suite:
                 if found[1]:
                     v.add_note(found[1])
                 raise v
+
+
+def _drive(prop: str, what: str, protocol: AggregationProtocol, case: Case,
+           alter: _driver.Alter | None = None) -> _driver.Run:
+    """The driven round; an error other than ProtocolAborted and MessageRejected (which the driver records)
+    violates `prop`: a malformed or replayed message must be rejected with MessageRejected, not crash."""
+    try:
+        return _driver.run(protocol, list(case.inputs), seed=case.seed, alter=alter)
+    except Exception as e:  # noqa: BLE001 - anything else is what the property forbids
+        raise _Violation(prop, f"{what} raised {type(e).__name__}: {e} (a message the server cannot use must be "
+                               "refused with MessageRejected; a round may only end in a result or "
+                               "ProtocolAborted)") from e
 
 
 def _representations(protocol: AggregationProtocol, x: np.ndarray, n: int) -> list[tuple[str, bytes]]:
