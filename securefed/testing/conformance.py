@@ -30,13 +30,13 @@ Properties (the names are stable; ``n`` is the round size, ``t = min_survivors(n
     ProtocolAborted (never a result, never another error).
 ``malformed_messages``
     A reply truncated or extended in transit is rejected (``server.receive`` raises
-    MessageRejected); one with a flipped bit is rejected or accepted. After a rejection the round
-    goes on without that reply: its sender is in ``.dropped`` with reason ``REJECTED``, out of
-    ``.included`` if the reply
-    was at or before the input phase, and the total is correct over ``.included``. An accepted
-    flip must leave the total correct too, unless it altered an input-phase reply (the server
-    cannot tell an altered input from another input). Rounds of two clients or more, without
-    dropouts; ``message_phases=`` limits which phases' replies are altered.
+    MessageRejected, never another error); one with a flipped bit is rejected or accepted. After a
+    rejection the round goes on without that reply: its sender is in ``.dropped`` with reason
+    ``REJECTED``, out of ``.included`` if the reply was at or before the input phase, and the
+    total is correct over ``.included``. An accepted flip must leave the total correct too, unless
+    it altered an input-phase reply (the server cannot tell an altered input from another input).
+    Rounds of two clients or more, without dropouts; ``message_phases=`` limits which phases'
+    replies are altered.
 ``replayed_messages``
     A reply delivered twice, delivered as another client's, delivered in a later phase or taken
     from another round is rejected, with the same rules after a rejection (a duplicate leaves
