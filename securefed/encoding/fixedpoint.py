@@ -43,10 +43,16 @@ def _kernels():  # numba loads on first use, keeping `import securefed` fast
 MAX_VALUE_BITS = 53
 
 
+def check_positive_count(n: object, what: str = "the number of summands") -> int:
+    """`n` as an int if it is an integer >= 1 (not a bool); else ConfigurationError naming `what`."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ConfigurationError(f"{what} must be a positive integer, got {n!r}")
+    return int(n)
+
+
 def modulus_bits(value_bits: int, n: int) -> int:
     """k = value_bits + ceil(log2 n): the width of a sum of n inputs; ConfigurationError above 64."""
-    if not isinstance(n, (int, np.integer)) or n < 1:
-        raise ConfigurationError(f"the number of summands must be a positive integer, got {n!r}")
+    n = check_positive_count(n)
     k = int(value_bits) + math.ceil(math.log2(n)) if n > 1 else int(value_bits)
     if k > 64:
         raise ConfigurationError(
@@ -61,22 +67,62 @@ def decode_error_bound(n: int, value_range: float, value_bits: int) -> float:
 
     Each input's rounding error is below one step 1/s; float64 rounding of the
     scaling and of the decoded integer adds at most 2^-52 * c per input.
+    ConfigurationError unless n is a positive integer (a bound for n < 1 would be negative).
     """
+    n = check_positive_count(n, "the number of clients")
     scale = (2 ** (value_bits - 1) - 1) / value_range
     return n * (1.0 / scale + 2.0 * value_range * 2.0**-52)
 
 
 def check_vector(x: object, dim: int | None = None) -> np.ndarray:
-    """Return `x` as a 1-D float array, or raise InvalidInput (type, shape; see check_finite)."""
+    """Return `x` as a 1-D float32 or float64 array in native byte order, or raise InvalidInput.
+
+    Every protocol's client input goes through here, because the compiled loops take only
+    those two dtypes. Exact conversions are made: a torch tensor is detached and moved to
+    the CPU (bfloat16 and float16 widen to float32), a numpy float16 array widens to float32,
+    a big-endian array is byte-swapped. A wider float (longdouble) narrows to float64, the
+    precision every sum is made in (InvalidInput for a value beyond float64's range).
+    Integer, complex or object arrays are refused. Finiteness is checked by the caller
+    (:func:`check_finite`, or the encoder's own pass, which needs no second one).
+    """
+    if type(x).__module__.split(".")[0] == "torch":
+        x = _from_torch(x)
     if not isinstance(x, np.ndarray):
-        raise InvalidInput(f"expected a 1-D numpy float array, got {type(x).__name__}")
+        raise InvalidInput(f"expected a 1-D numpy float array or torch tensor, got {type(x).__name__}")
     if x.ndim != 1 or x.dtype.kind != "f":
         raise InvalidInput(f"expected a 1-D float array, got shape {x.shape} and dtype {x.dtype}")
     if x.size == 0:
         raise InvalidInput("empty input vector")
     if dim is not None and x.size != dim:
         raise InvalidInput(f"expected a vector of length {dim}, got {x.size}")
-    return x
+    return _native_float(x)
+
+
+def _from_torch(t: object) -> object:
+    """A torch tensor as a numpy array (a view where torch allows one); torch is not imported here."""
+    t = t.detach().cpu()  # type: ignore[attr-defined]
+    if str(t.dtype) in ("torch.bfloat16", "torch.float16"):  # type: ignore[attr-defined]
+        t = t.float()  # type: ignore[attr-defined]  # numpy has no bfloat16; float32 holds both exactly
+    return t.numpy()  # type: ignore[attr-defined]
+
+
+def _native_float(x: np.ndarray) -> np.ndarray:
+    """The float array `x` as float32 or float64 in native byte order (no copy when it already is)."""
+    if x.dtype.itemsize == 2:
+        return x.astype(np.float32)  # exact
+    if x.dtype.itemsize > 8:
+        with np.errstate(over="ignore"):
+            y = x.astype(np.float64)
+        beyond = np.flatnonzero(np.isinf(y) & np.isfinite(x))
+        if beyond.size:
+            i = int(beyond[0])
+            v = np.format_float_scientific(x[i], precision=6, trim="-")  # format() would print inf
+            raise InvalidInput(
+                f"input coordinate {i} is {v}, beyond float64's range (+-{np.finfo(np.float64).max:.4g}) "
+                "in which securefed sums: scale the update down"
+            )
+        return y
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
 
 
 def check_finite(x: np.ndarray, what: str = "input") -> None:
@@ -85,6 +131,26 @@ def check_finite(x: np.ndarray, what: str = "input") -> None:
     step = parallel.get_chunk_size()
     if not all(np.isfinite(x[lo : lo + step]).all() for lo in range(0, x.size, step)):
         raise InvalidInput(f"{what} contains NaN or Inf; updates must be finite")
+
+
+def check_sum(total: np.ndarray, n: int | None = None) -> np.ndarray:
+    """`total` (a decoded float sum) if every coordinate is finite; else InvalidInput.
+
+    Finite inputs can still add up beyond float64's range: such a sum (or a mean made from it)
+    is an error, never a result. `n`, when known, is the count of summands, for the message.
+    """
+    step = parallel.get_chunk_size()
+    for lo in range(0, total.size, step):
+        bad = np.flatnonzero(~np.isfinite(total[lo : lo + step]))
+        if bad.size:
+            i = lo + int(bad[0])
+            of = f" of {n} inputs" if n is not None else ""
+            big = np.finfo(np.float64).max
+            why = (f"finite inputs overflowed float64 (+-{big:.4g}); scale the updates down so that "
+                   f"n * value_range stays below {big:.4g}" if np.isinf(total[i])
+                   else "a sum must be finite; the protocol produced no valid total")
+            raise InvalidInput(f"the sum{of} is {total[i]} at coordinate {i}: {why}")
+    return total
 
 
 class IntegerEncoder(abc.ABC):
@@ -143,9 +209,12 @@ class FixedPoint(IntegerEncoder):
     chunked = True
 
     def __init__(self, *, value_range: float, value_bits: int) -> None:
-        if not (isinstance(value_range, (int, float)) and math.isfinite(value_range) and value_range > 0):
-            raise ConfigurationError(f"value_range must be a finite number > 0, got {value_range!r}")
-        if not isinstance(value_bits, (int, np.integer)) or not 2 <= value_bits <= MAX_VALUE_BITS:
+        if (isinstance(value_range, (bool, np.bool_))  # True would read as 1.0
+                or not isinstance(value_range, (int, float, np.integer, np.floating))
+                or not (math.isfinite(value_range) and value_range > 0)):
+            raise ConfigurationError(f"value_range must be a finite number > 0 (not a bool), got {value_range!r}")
+        if (isinstance(value_bits, (bool, np.bool_)) or not isinstance(value_bits, (int, np.integer))
+                or not 2 <= value_bits <= MAX_VALUE_BITS):
             raise ConfigurationError(f"value_bits must be an integer in [2, {MAX_VALUE_BITS}], got {value_bits!r}")
         self.value_range = float(value_range)
         self.value_bits = int(value_bits)

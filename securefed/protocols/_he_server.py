@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from securefed.crypto import kex
+from securefed.encoding.fixedpoint import check_sum
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
 from securefed.protocols import _he_auth as auth
 from securefed.protocols import _he_tenseal as backend
@@ -242,4 +243,4 @@ class HEServer(ServerProtocol):
     def result(self) -> tuple[np.ndarray, tuple[int, ...]]:
         if self._total is None or self._open is not None or self._next != len(self._p.phases):
             raise ProtocolAborted(AbortReason.INVALID_STATE, "result() before the decrypt phase finished")
-        return self._total, self._included
+        return check_sum(self._total, len(self._included)), self._included  # finite inputs may overflow it

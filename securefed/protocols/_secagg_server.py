@@ -19,6 +19,7 @@ import numpy as np
 
 from securefed.crypto import kex, shamir, signing
 from securefed.crypto.masks import apply_masks
+from securefed.encoding.fixedpoint import check_sum
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
 from securefed.protocols import _secagg_wire as W
 from securefed.protocols import _wire
@@ -398,4 +399,5 @@ class Server(ServerProtocol):
             raise self._aborted
         if self._result is None:
             raise ProtocolAborted(AbortReason.INVALID_STATE, "result() before the unmasking phase finished")
+        check_sum(self._result[0], len(self._result[1]))  # finite inputs may still sum beyond float64
         return self._result

@@ -30,7 +30,7 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from securefed.crypto.random import RandomSource
-from securefed.encoding.fixedpoint import check_vector
+from securefed.encoding.fixedpoint import check_positive_count, check_sum, check_vector
 from securefed.errors import (
     AbortReason,
     ConfigurationError,
@@ -89,10 +89,19 @@ class RoundSpec:
     round_index: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.session_id, (bytearray, memoryview)):
+            object.__setattr__(self, "session_id", bytes(self.session_id))
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (self.n, self.dim)):
+            raise InvalidInput(f"a round needs integer n and dim, got n={self.n!r}, dim={self.dim!r}")
+        if not isinstance(self.session_id, bytes):
+            raise ConfigurationError(f"session_id must be 32 bytes, got a {type(self.session_id).__name__}: "
+                                     "pass bytes (e.g. bytes.fromhex(hex_string))")
+        if isinstance(self.round_index, bool) or not isinstance(self.round_index, (int, np.integer)):
+            raise ConfigurationError(f"round_index must be an int, got {self.round_index!r}")
         if self.n < 1 or self.dim < 1:
             raise InvalidInput(f"a round needs n >= 1 clients and dim >= 1, got n={self.n}, dim={self.dim}")
         if len(self.session_id) != 32:
-            raise ConfigurationError("session_id must be 32 bytes")
+            raise ConfigurationError(f"session_id must be 32 bytes, got {len(self.session_id)}")
         if not 0 <= self.round_index < 2**32:
             raise ConfigurationError("round_index must fit in 32 bits")
 
@@ -201,7 +210,10 @@ class AggregationProtocol(abc.ABC):
         return {}
 
     def error_bound(self, n: int) -> float:
-        """Worst-case absolute error per coordinate of the decoded sum of up to n inputs."""
+        """Worst-case absolute error per coordinate of the decoded sum of up to n inputs.
+
+        ConfigurationError unless n is a positive integer."""
+        check_positive_count(n, "the number of clients")
         return 0.0
 
     def min_survivors(self, n: int) -> int:
@@ -246,8 +258,9 @@ class LazyInputs(Sequence[np.ndarray]):
     ``LazyInputs(n, dim, make)``: ``make(i)`` returns client i's 1-D float vector of length
     `dim`. :func:`simulate_aggregation` asks for input i only when client i makes the message
     that carries it (the protocol's ``input_phase``) and lets it go right after, so a round
-    holds one input at a time; each access calls `make` again. Indexing checks the vector
-    (InvalidInput for a wrong shape or dtype).
+    holds one input at a time; each access calls `make` again. Indexing checks the vector and
+    normalises it like any client input (``encoding.check_vector``: InvalidInput for a wrong
+    shape or dtype; a torch tensor, float16 or big-endian array converts).
     """
 
     def __init__(self, n: int, dim: int, make: Callable[[int], np.ndarray]) -> None:
@@ -271,19 +284,29 @@ class LazyInputs(Sequence[np.ndarray]):
             return [self[j] for j in range(*i.indices(self.n))]
         if not isinstance(i, (int, np.integer)) or not -self.n <= i < self.n:
             raise IndexError(f"client index {i!r} out of range for {self.n} clients")
-        x = self._make(int(i) % self.n)
-        return check_vector(x if isinstance(x, np.ndarray) else np.asarray(x), self.dim)
+        return check_vector(_as_array(self._make(int(i) % self.n)), self.dim)
 
     def __repr__(self) -> str:
         return f"LazyInputs(n={self.n}, dim={self.dim})"
 
 
+def _as_array(x: object) -> object:
+    """A list (or other array-like) as a numpy array; arrays and torch tensors go to check_vector as they are."""
+    if isinstance(x, np.ndarray) or type(x).__module__.split(".")[0] == "torch":
+        return x
+    try:
+        return np.asarray(x)
+    except ValueError as e:  # ragged nesting
+        raise InvalidInput(f"an input must be a 1-D float vector; numpy cannot read this {type(x).__name__}: "
+                           f"{e}") from None
+
+
 def _check_inputs(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    if isinstance(inputs, np.ndarray) and inputs.ndim == 2:
+    if getattr(inputs, "ndim", None) == 2:  # a numpy array or torch tensor, one row per client
         inputs = list(inputs)
     if not isinstance(inputs, Sequence) or len(inputs) == 0:
         raise InvalidInput("inputs must be a non-empty sequence of 1-D float arrays, one per client")
-    xs = [check_vector(np.asarray(x) if not isinstance(x, np.ndarray) else x) for x in inputs]
+    xs = [check_vector(_as_array(x)) for x in inputs]
     dims = {x.size for x in xs}
     if len(dims) != 1:
         raise InvalidInput(f"all inputs must have the same length, got lengths {sorted(dims)}")
@@ -291,14 +314,29 @@ def _check_inputs(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def _check_dropouts(protocol: AggregationProtocol, n: int, dropouts: Mapping[int, str] | None) -> dict[int, int]:
+    if dropouts is not None and not isinstance(dropouts, Mapping):
+        raise InvalidInput(f"dropouts must be a mapping {{client: phase}} such as {{1: {protocol.phases[0]!r}}}, "
+                           f"got a {type(dropouts).__name__}")
     out: dict[int, int] = {}
     for c, phase in (dropouts or {}).items():
-        if not isinstance(c, (int, np.integer)) or not 0 <= c < n:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < n:
             raise InvalidInput(f"dropout key {c!r} is not a client index in 0..{n - 1}")
         if phase not in protocol.phases:
             raise InvalidInput(f"dropout phase {phase!r} is not one of {protocol.phases}")
         out[int(c)] = protocol.phases.index(phase)
     return out
+
+
+def _check_options(seed: object, record: object, session_id: object) -> None:
+    """ConfigurationError for a `seed`, `record` or `session_id` that simulate_aggregation cannot use."""
+    if not (seed is None or isinstance(seed, (bytes, bytearray))
+            or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0)):
+        raise ConfigurationError(f"seed must be None, a non-negative int or bytes, got {seed!r}")
+    if record not in (None, "full", "digest"):
+        raise ConfigurationError(f"record must be 'full' or 'digest' (None: the default), got {record!r}")
+    if session_id is not None and not isinstance(session_id, (bytes, bytearray, memoryview)):
+        raise ConfigurationError(f"session_id must be 32 bytes, got a {type(session_id).__name__}: pass bytes "
+                                 "(e.g. bytes.fromhex(hex_string)), or None for one derived from the seed")
 
 
 def simulate_aggregation(
@@ -321,9 +359,12 @@ def simulate_aggregation(
     ``"full"`` otherwise). ``session_id``: the round's 32 bytes of public randomness (default:
     from the seed), to compare with a runtime that derives its own (Flower's binds the node ids).
 
-    Raises InvalidInput for bad inputs and ProtocolAborted when the round cannot
-    finish safely. See ``protocols/base.md``.
+    Raises InvalidInput for bad inputs or dropouts, and for a sum that overflows float64 (a
+    sum of finite inputs can: it is an error, never a result); ConfigurationError for a bad
+    `seed`, `record` or `session_id`; ProtocolAborted when the round cannot finish safely.
+    See ``protocols/base.md``.
     """
+    _check_options(seed, record, session_id)
     lazy = isinstance(inputs, LazyInputs)
     if lazy:
         xs: list[np.ndarray | None] = [None] * len(inputs)
@@ -334,7 +375,7 @@ def simulate_aggregation(
     record = record or ("digest" if lazy else "full")
     n = len(xs)
     drop_at = _check_dropouts(protocol, n, dropouts)
-    rng = RandomSource(seed)
+    rng = RandomSource(int(seed) if isinstance(seed, np.integer) else seed)
     session = rng.child("session").token_bytes(32) if session_id is None else session_id
     spec = RoundSpec(n=n, dim=dim, session_id=session, round_index=round_index)
     server = protocol.server(spec, rng=rng.child("server"))
@@ -368,4 +409,5 @@ def simulate_aggregation(
     total, included = server.result()
     if not included:
         raise ProtocolAborted(AbortReason.NO_INPUTS, "no client input reached the aggregate")
+    check_sum(total, len(included))  # the built-in servers check too; this covers any protocol
     return AggregationResult(total, included, view, dict(server.dropped), spec)

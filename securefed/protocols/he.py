@@ -44,6 +44,7 @@ from securefed.encoding.fixedpoint import (
     FixedPoint,
     IntegerEncoder,
     check_finite,
+    check_positive_count,
     check_vector,
 )
 from securefed.encoding.packing import pack, storage_dtype, unpack
@@ -260,7 +261,7 @@ def _refuse(why: str) -> ProtocolAborted:
 
 
 def _check_range(value_range: object) -> float:
-    if not (isinstance(value_range, (int, float)) and not isinstance(value_range, bool)
+    if not (isinstance(value_range, (int, float, np.integer, np.floating)) and not isinstance(value_range, bool)
             and math.isfinite(value_range) and value_range > 0):
         raise ConfigurationError(f"value_range must be a finite number > 0, got {value_range!r}")
     return float(value_range)
@@ -325,8 +326,9 @@ class CKKS(_HEProtocol):
         return Ring("ckks", p.poly_modulus_degree, p.coeff_mod_bit_sizes, scale_bits=p.scale_bits)
 
     def error_bound(self, n: int) -> float:
-        """Worst-case absolute error per coordinate of the released sum of up to n inputs (proofs/he.md H3)."""
-        return self._params(n).error_bound()
+        """Worst-case absolute error per coordinate of the released sum of up to n inputs (proofs/he.md H3).
+        ConfigurationError unless n is a positive integer."""
+        return self._params(check_positive_count(n, "the number of clients")).error_bound()
 
     def describe(self, n: int) -> dict[str, Any]:
         p = self._params(n)
@@ -508,8 +510,8 @@ class BFV(_HEProtocol):
         return Ring("bfv", p.poly_modulus_degree, p.coeff_mod_bit_sizes, plain_modulus=p.plain_modulus)
 
     def error_bound(self, n: int) -> float:
-        """The encoder's bound: BFV adds no error (proofs/he.md H2)."""
-        return self.encoder.error_bound(n)
+        """The encoder's bound: BFV adds no error (proofs/he.md H2). ConfigurationError unless n >= 1."""
+        return self.encoder.error_bound(check_positive_count(n, "the number of clients"))
 
     def describe(self, n: int) -> dict[str, Any]:
         p = self._params(n)

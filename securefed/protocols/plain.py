@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from securefed.crypto.random import RandomSource
-from securefed.encoding.fixedpoint import check_finite, check_vector
+from securefed.encoding.fixedpoint import check_finite, check_sum, check_vector
 from securefed.errors import AbortReason, InvalidInput, MessageRejected, ProtocolAborted
 from securefed.protocols import _wire
 from securefed.protocols.base import (
@@ -145,7 +145,8 @@ class _PlainServer(ServerProtocol):
             if isinstance(party, int) and 0 <= party < self._spec.n and party not in self._received:
                 self._dropped.setdefault(party, DropRecord(phase, DropReason.REJECTED, str(e)))
             raise
-        self._acc += x  # numpy reads the unaligned body through a small buffer, not a full copy
+        with np.errstate(over="ignore"):  # an overflowing sum is refused by result()
+            self._acc += x  # numpy reads the unaligned body through a small buffer, not a full copy
         self._received.append(party)
 
     def finish_phase(self, phase: str) -> None:
@@ -159,4 +160,4 @@ class _PlainServer(ServerProtocol):
     def result(self) -> tuple[np.ndarray, tuple[int, ...]]:
         if not self._done:
             raise ProtocolAborted(AbortReason.INVALID_STATE, "result() before the upload phase finished")
-        return self._acc, tuple(sorted(self._received))
+        return check_sum(self._acc, len(self._received)), tuple(sorted(self._received))

@@ -28,7 +28,7 @@ import numpy as np
 
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
-from securefed.encoding.fixedpoint import FixedPoint, IntegerEncoder
+from securefed.encoding.fixedpoint import FixedPoint, IntegerEncoder, check_positive_count
 from securefed.encoding.packing import packed_size
 from securefed.errors import ConfigurationError, InvalidInput
 from securefed.protocols import _secagg_wire as W
@@ -139,7 +139,8 @@ class _MaskedAggregation(AggregationProtocol):
         return (n + self._threat.corrupt(n)) // 2 + 1 if self._threat.active else 0
 
     def error_bound(self, n: int) -> float:
-        return self._encoder.error_bound(n)
+        """The encoder's bound; ConfigurationError unless n is a positive integer (whatever the encoder)."""
+        return self._encoder.error_bound(check_positive_count(n, "the number of clients"))
 
     def with_encoder(self, encoder: Any) -> _MaskedAggregation:
         if not isinstance(encoder, IntegerEncoder):
