@@ -21,6 +21,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GENESIS",
     "KINDS",
+    "MAX_DEPTH",
     "SIGNING_CONTEXT",
     "canonical",
     "conforms",
@@ -29,6 +30,8 @@ __all__ = [
     "fast_check",
     "iter_lines",
     "json_safe",
+    "nesting_depth",
+    "parse_line",
     "read_entries",
     "schema",
     "schema_errors",
@@ -44,10 +47,41 @@ GENESIS = "0" * 64
 SIGNING_CONTEXT = b"securefed/audit/v1\n"
 #: The entry types, in the order a session uses them.
 KINDS = ("run_start", "resume", "round", "round_aborted", "run_end")
+#: The deepest nesting of arrays and objects a line may have (the writer's entries have 5 levels).
+#: A deeper line is not an entry; the cap keeps parsing and checking far from Python's recursion limit.
+MAX_DEPTH = 64
+_TOO_DEEP = f"arrays and objects nested deeper than {MAX_DEPTH} levels"
+
+
+def nesting_depth(obj: Any) -> int:
+    """How deeply the mappings and lists (or tuples) of `obj` nest, 0 for a scalar; iterative, so any depth
+    is safe; stops counting once past MAX_DEPTH."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack and deepest <= MAX_DEPTH:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, Mapping) else node if isinstance(node, (list, tuple)) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (Mapping, list, tuple)))
+    return deepest
+
+
+def parse_line(line: bytes, **loads_options: Any) -> Any:
+    """``json.loads(line, **loads_options)``, refusing (ValueError) a line nested deeper than MAX_DEPTH."""
+    try:
+        obj = json.loads(line, **loads_options)
+    except RecursionError:  # the C parser stops near Python's recursion limit; nothing deeper is an entry
+        raise ValueError(_TOO_DEEP) from None
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and nesting_depth(obj) > MAX_DEPTH:  # count: cheap bound
+        raise ValueError(_TOO_DEEP)
+    return obj
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
-    """The one byte string that represents `obj` in the log (raises ValueError for NaN/Inf)."""
+    """The one byte string that represents `obj` in the log (raises ValueError for NaN/Inf, or nesting
+    deeper than MAX_DEPTH: the writer never writes a line the verifier refuses)."""
+    if nesting_depth(obj) > MAX_DEPTH:
+        raise ValueError(_TOO_DEEP)
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
@@ -103,7 +137,7 @@ def read_entries(data: bytes) -> list[dict[str, Any]]:
         if not complete:
             break
         try:
-            obj = json.loads(line)
+            obj = parse_line(line)
         except ValueError:
             continue
         if isinstance(obj, dict):

@@ -28,6 +28,7 @@ from securefed.audit.log import (
     entry_hash,
     fast_check,
     iter_lines,
+    parse_line,
     schema_errors,
     signed_bytes,
 )
@@ -207,7 +208,7 @@ class _Checker:
     def entry(self, number: int, line: bytes) -> None:
         self.entries = number
         try:
-            obj = json.loads(line, parse_constant=_reject_constant)
+            obj = parse_line(line, parse_constant=_reject_constant)  # refuses deep nesting (MAX_DEPTH)
         except (ValueError, UnicodeDecodeError) as e:
             self.fail(number, "(json)", "one JSON object per line", f"unparseable: {e}")
             self._advance(number, line, None)
