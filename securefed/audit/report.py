@@ -165,7 +165,7 @@ def render_report(
 
     `allow_incomplete` and `allow_seeded` as for :func:`~securefed.audit.verify`. The
     report is written whether or not the log verifies, and says which. Raises
-    InvalidInput when the log cannot be read. See ``protocols/audit.md`` section "Report".
+    InvalidInput when the log cannot be read or the report cannot be written. See ``protocols/audit.md`` section "Report".
     """
     try:
         data = Path(log).read_bytes()
@@ -231,6 +231,11 @@ def render_report(
     out.extend(_round_detail(e) for e in rounds)
     out.append("</body></html>\n")
     tmp = Path(output).with_name(Path(output).name + ".tmp")
-    tmp.write_text("".join(out), encoding="utf-8")
-    os.replace(tmp, output)
+    try:
+        tmp.write_text("".join(out), encoding="utf-8")
+        os.replace(tmp, output)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise InvalidInput(f"cannot write the report {os.fspath(output)!r}: {err.strerror or err}; "
+                           "choose a writable path with -o") from err
     return res
