@@ -230,7 +230,7 @@ def _record(out: dict, name: str, wall: float, cpu: float) -> None:
 def run_threads(d: int, k: int) -> dict:
     from securefed import parallel
     from securefed.crypto.masks import apply_masks
-    from securefed.protocols._packed import UnpackAdder, column_pack
+    from securefed.protocols.secagg.packed import UnpackAdder, column_pack
 
     keys = [bytes([i]) * 16 for i in range(k + 1)]
     buf = np.zeros(d, dtype=np.uint32)

@@ -61,12 +61,12 @@ import tracemalloc
 
 import numpy as np
 
-from securefed.parallel import configure, get_threads
 from securefed.crypto.prg import keystream_into, new_stream
 from securefed.crypto.random import RandomSource
-from securefed.protocols._packed import GROUP, UnpackAdder
+from securefed.parallel import configure, get_threads
 from securefed.protocols.base import RoundSpec, simulate_aggregation
 from securefed.protocols.secagg import PHASES, SecAgg, SecAggPlus
+from securefed.protocols.secagg.packed import GROUP, UnpackAdder
 
 CONFIGS = {
     "secagg+_n100_d1e6": dict(protocol="secagg+", n=100, d=10**6, drop=0.1, rounds=3),

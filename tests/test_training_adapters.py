@@ -12,7 +12,7 @@ import securefed as sf
 import securefed.training as training
 from securefed.encoding import packed_size
 from securefed.errors import ConfigurationError
-from securefed.protocols._wire import HEADER_SIZE
+from securefed.protocols.wire import HEADER_SIZE
 
 
 class Adapted(nn.Module):

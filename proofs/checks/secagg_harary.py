@@ -16,7 +16,7 @@ import math
 from fractions import Fraction
 
 from securefed.errors import ConfigurationError
-from securefed.protocols.secagg_params import ThreatModel, harary_parameters
+from securefed.protocols.secagg.params import ThreatModel, harary_parameters
 
 
 def _connected(n: int, k: int, alive: set[int]) -> bool:

@@ -23,7 +23,7 @@ from fractions import Fraction
 import z3
 
 from securefed.errors import ConfigurationError
-from securefed.protocols.secagg_params import ThreatModel, complete_graph_parameters
+from securefed.protocols.secagg.params import ThreatModel, complete_graph_parameters
 
 GRID = [(g, d, a) for g in (0.05, 0.1, 1 / 3) for d in (0.1, 0.25) for a in ("semi-honest", "active")]
 

@@ -12,7 +12,9 @@ Both JSON files are signed with the server's Ed25519 key (the audit key when the
 an audit log): whoever can write the folder but does not hold the key cannot reset the
 ledger, forge the record the audit log is completed from, or point ``model`` elsewhere.
 ``state.json`` binds the model file's SHA-256, a counter that grows with every commit
-and resume, and the audit log's head at the commit. See ``protocols/flower.md``, "Resume".
+and resume, and the audit log's head at the commit. The server optimizer's state arrays
+follow the model's in the model file (so its hash covers them) and its description is in
+``state.json``. See ``protocols/flower.md``, "Resume".
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ from securefed.audit.keys import KeyLike, load_or_create_key, public_hex
 from securefed.audit.log import canonical
 from securefed.errors import ConfigurationError
 
-__all__ = ["Checkpoint", "load", "load_key", "record_release", "released", "save", "touch"]
+__all__ = ["Checkpoint", "load", "load_all", "load_key", "record_release", "released", "save", "touch"]
 
-VERSION = 2
+#: 3: the server optimizer's description and state arrays (2 had neither).
+VERSION = 3
 _STATE = "state.json"
 _RELEASED = "released.json"
 _MODEL = re.compile(r"model-[0-9]{6}\.npz")
@@ -144,22 +147,28 @@ def save(
     counter: int,
     arrays: ArrayRecord,
     state: Mapping[str, Any],
+    optimizer: tuple[Mapping[str, Any], Mapping[str, np.ndarray]],
     audit_head: Mapping[str, Any] | None = None,
     aggregate: np.ndarray | None = None,
 ) -> None:
-    """Commit round `round_index`: `arrays`, the JSON-able `state` and optionally the round's decoded
-    `aggregate` (kept until the audit log has recorded it), signed with `key`; `counter` (greater than the
-    last one) and `audit_head` (``{"seq", "sha256"}`` of the log's last entry) are bound to it. Older model
-    files are removed after."""
+    """Commit round `round_index`: `arrays`, the JSON-able `state`, the server `optimizer` as
+    ``(describe(), state_dict())`` and optionally the round's decoded `aggregate` (kept until the audit log
+    has recorded it), signed with `key`; `counter` (greater than the last one) and `audit_head`
+    (``{"seq", "sha256"}`` of the log's last entry) are bound to it. Older model files are removed after."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     model = f"model-{round_index:06d}.npz"
     names = list(arrays.keys())
     # Positional arrays (arr_0, arr_1, ...): array names may be anything, even savez's own keywords.
-    extra = [] if aggregate is None else [np.asarray(aggregate, dtype="<f8")]
+    # Then the optimizer's state arrays, then the aggregate: all covered by the model file's hash.
+    config, opt_state = optimizer
+    opt_names = list(opt_state)
+    extra = [np.asarray(opt_state[k], dtype="<f8") for k in opt_names]
+    extra += [] if aggregate is None else [np.asarray(aggregate, dtype="<f8")]
     _write_atomic(d / model, lambda f: np.savez(f, *(arrays[name].numpy() for name in names), *extra))
     body = {**state, "version": VERSION, "round": round_index, "counter": counter, "model": model,
             "model_sha256": _sha256(d / model), "names": names, "aggregate": aggregate is not None,
+            "optimizer": {"config": dict(config), "arrays": opt_names},
             "audit_head": None if audit_head is None else dict(audit_head)}
     _write_signed(d / _STATE, body, key)
     (d / _RELEASED).unlink(missing_ok=True)  # committed: the ledger in state.json has them now
@@ -211,6 +220,14 @@ def load(directory: str | os.PathLike[str], public: Ed25519PublicKey | None = No
     Raises ConfigurationError for a checkpoint that is not signed by `public`, malformed, or that this
     version cannot read.
     """
+    loaded = load_all(directory, public)
+    return None if loaded is None else loaded[:3]
+
+
+def load_all(directory: str | os.PathLike[str], public: Ed25519PublicKey | None = None,
+             ) -> tuple[Checkpoint, ArrayRecord, np.ndarray | None, dict[str, np.ndarray]] | None:
+    """:func:`load` plus the server optimizer's state arrays by name (its ``state_dict()``); the
+    optimizer's description is ``state["optimizer"]["config"]``."""
     d = Path(directory)
     if not (d / _STATE).exists():
         return None
@@ -224,10 +241,13 @@ def load(directory: str | os.PathLike[str], public: Ed25519PublicKey | None = No
             arrays = ArrayRecord()
             for i, name in enumerate(state["names"]):
                 arrays[name] = Array(np.ascontiguousarray(npz[f"arr_{i}"]))
-            aggregate = npz[f"arr_{len(state['names'])}"] if state["aggregate"] else None
+            first = len(state["names"])
+            opt_names = state["optimizer"]["arrays"]
+            opt_state = {k: npz[f"arr_{first + i}"] for i, k in enumerate(opt_names)}
+            aggregate = npz[f"arr_{first + len(opt_names)}"] if state["aggregate"] else None
     except (OSError, KeyError, ValueError) as e:
         raise ConfigurationError(f"cannot read the checkpoint's model {path}: {e}") from e
-    return state, arrays, aggregate
+    return state, arrays, aggregate, opt_state
 
 
 def _is_int(x: Any, low: int = 0) -> bool:
@@ -254,6 +274,10 @@ def _check_state(state: Any, d: Path) -> None:
         raise bad("names must be a list of strings")
     if not isinstance(state.get("aggregate"), bool):
         raise bad("aggregate must be true or false")
+    opt = state.get("optimizer")
+    if not (isinstance(opt, dict) and set(opt) == {"config", "arrays"} and isinstance(opt["config"], dict)
+            and isinstance(opt["arrays"], list) and all(isinstance(n, str) for n in opt["arrays"])):
+        raise bad("optimizer must be {config: object, arrays: list of names}")
     head = state.get("audit_head")
     if head is not None and not (isinstance(head, dict) and set(head) == {"seq", "sha256"} and
                                  _is_int(head["seq"]) and isinstance(head["sha256"], str)):

@@ -22,7 +22,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord
 
 from securefed.audit.log import canonical, entry_hash, iter_lines
-from securefed.errors import AbortReason, ConfigurationError, ProtocolAborted
+from securefed.errors import (
+    AbortReason,
+    ConfigurationError,
+    InvalidInput,
+    ProtocolAborted,
+)
 from securefed.flower import _checkpoint, _privacy
 from securefed.protocols.base import (
     AggregationProtocol,
@@ -33,7 +38,7 @@ from securefed.protocols.base import (
     ServerView,
 )
 
-__all__ = ["Restored", "reconcile", "restore", "write_round"]
+__all__ = ["Restored", "reconcile", "restore", "restore_optimizer", "write_round"]
 
 
 @dataclasses.dataclass
@@ -46,6 +51,7 @@ class Restored:
     aggregate: np.ndarray | None = None
     pending: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     counter: int = 0
+    optimizer: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # the server optimizer's state
 
     def audit_checkpoint(self) -> dict[str, Any] | None:
         """The ``checkpoint`` field of the audit log's resume entry: round, counter and the head it recorded."""
@@ -60,17 +66,36 @@ def restore(directory: str | os.PathLike[str], key: Ed25519PrivateKey, audit: An
     A checkpoint found is re-signed with the next counter before anything else happens, so every resume
     is counted. Raises ConfigurationError for a checkpoint or log that was changed, cut or rolled back.
     """
-    loaded = _checkpoint.load(directory, key.public_key())
+    loaded = _checkpoint.load_all(directory, key.public_key())
     if loaded is None:
         # Aggregates decoded before the first commit were released all the same: they stay in the ledger.
         return Restored(pending=_checkpoint.released(directory, key.public_key(), round_index=0))
-    state, arrays, aggregate = loaded
+    state, arrays, aggregate, optimizer = loaded
     pending = _checkpoint.released(directory, key.public_key(), round_index=state["round"])
     if audit is not None:
         _check_log(state, audit)
     counter = state["counter"] + 1
     _checkpoint.touch(directory, state, key=key, counter=counter)
-    return Restored({**state, "counter": counter}, arrays, aggregate, pending, counter)
+    return Restored({**state, "counter": counter}, arrays, aggregate, pending, counter, optimizer)
+
+
+def restore_optimizer(restored: Restored, optimizer: Any) -> None:
+    """Load the checkpoint's server optimizer state into `optimizer` (the run's, not yet stepped).
+
+    ConfigurationError when the checkpoint was written with another optimizer or other settings: its
+    state (moments, momentum) would mean something else, and a silent restart would change the run.
+    """
+    if restored.state is None:
+        return
+    saved, now = restored.state["optimizer"]["config"], optimizer.describe()
+    if canonical({"o": saved}) != canonical({"o": now}):
+        raise ConfigurationError(f"the checkpoint was written with server optimizer {saved}, this run has {now}: "
+                                 "resume with the same server_optimizer (and server_lr), or start with an empty "
+                                 "checkpoint folder")
+    try:
+        optimizer.load_state_dict(restored.optimizer)
+    except InvalidInput as e:
+        raise ConfigurationError(f"the checkpoint's server optimizer state does not fit {now}: {e}") from None
 
 
 def _entry_hash_at(path: Path, seq: int) -> str | None:

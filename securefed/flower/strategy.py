@@ -8,6 +8,7 @@ See ``protocols/flower.md``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -20,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
+from securefed import optim
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, ProtocolAborted
@@ -118,7 +120,11 @@ class SecureFedAvg:
     - ``weighting``: ``"examples"`` (each node weights its update by its example count,
       capped at ``max_examples``, inside the aggregate) or ``"uniform"``; default
       ``"examples"``, and ``"uniform"`` (the only choice) with privacy;
-    - ``server_lr``: step on the mean update (1.0 is FedAvg);
+    - ``server_lr``: step on the mean update (1.0 is FedAvg), shorthand for
+      ``FedAvgM(server_learning_rate=server_lr)``; ``server_optimizer``: an object from
+      :mod:`securefed.optim` (``FedAvg``, ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``), not both.
+      It sees only the released aggregate; its state is in the checkpoint, and a resume with another
+      optimizer or settings is refused (ConfigurationError);
     - ``phase_timeout``, ``train_timeout``, ``poll_interval``: see :class:`GridAggregator`;
     - ``cooldown_rounds``: a node that dropped out is not sampled for that many rounds
       (while enough others are available): a crashed node would otherwise cost a full
@@ -152,6 +158,7 @@ class SecureFedAvg:
         weighting: Literal["examples", "uniform"] | None = None,
         max_examples: int = 1000,
         server_lr: float = 1.0,
+        server_optimizer: optim.ServerOptimizer | None = None,
         phase_timeout: float = 120.0,
         train_timeout: float = 600.0,
         poll_interval: float = 0.2,
@@ -164,24 +171,8 @@ class SecureFedAvg:
         identities: KeyDirectory | None = None,
         seed: int | None = None,
     ) -> None:
-        _privacy.check(privacy)
-        if not 0.0 < fraction_train <= 1.0:
-            raise ConfigurationError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
-        if privacy is not None and fraction_train < 1.0:
-            raise ConfigurationError("with privacy on Flower every available node trains (fraction_train=1.0): "
-                                     "subsampling amplification needs Poisson sampling, not supported here yet")
-        if not 1 <= min_train_nodes <= min_available_nodes:
-            raise ConfigurationError("need 1 <= min_train_nodes <= min_available_nodes, got "
-                                     f"{min_train_nodes} and {min_available_nodes}")
-        weighting = weighting or ("uniform" if privacy is not None else "examples")
-        if weighting not in ("examples", "uniform"):
-            raise ConfigurationError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
-        if privacy is not None and weighting != "uniform":
-            raise ConfigurationError("with privacy every included node weighs the same: weighting='uniform'")
-        if not isinstance(max_examples, int) or max_examples < 1:
-            raise ConfigurationError(f"max_examples must be a positive int, got {max_examples!r}")
-        if not isinstance(cooldown_rounds, int) or cooldown_rounds < 0:
-            raise ConfigurationError(f"cooldown_rounds must be an int >= 0, got {cooldown_rounds!r}")
+        weighting = _check_options(privacy, fraction_train, min_train_nodes, min_available_nodes, weighting,
+                                   max_examples, cooldown_rounds)
         self.protocol = protocol
         self.privacy = privacy
         self.aggregator = GridAggregator(protocol, phase_timeout=phase_timeout, train_timeout=train_timeout,
@@ -194,6 +185,8 @@ class SecureFedAvg:
         self.weighting = weighting
         self.max_examples = max_examples
         self.server_lr = server_lr
+        #: The configured server optimizer; each start() steps a copy (restored from the checkpoint).
+        self.server_optimizer = copy.deepcopy(optim.resolve(server_optimizer, server_lr))
         self.cooldown_rounds = cooldown_rounds
         self.checkpoint_dir = checkpoint_dir
         self.audit_log = audit_log
@@ -250,7 +243,7 @@ class SecureFedAvg:
             raise ConfigurationError(f"num_rounds must be a positive int, got {num_rounds!r}")
         audit, key = self._open_audit(), None
         try:
-            run = _Run(initial_arrays, _RunState(), None, [])
+            run = _Run(initial_arrays, _RunState(), None, [], optimizer=copy.deepcopy(self.server_optimizer))
             if self.checkpoint_dir is not None:
                 key = self._checkpoint_signer(audit)
                 restored = _resume.restore(self.checkpoint_dir, key, audit)
@@ -259,6 +252,7 @@ class SecureFedAvg:
                     assert restored.arrays is not None
                     run.state, run.arrays, run.aggregate = (_RunState.from_json(restored.state), restored.arrays,
                                                             restored.aggregate)
+                    _resume.restore_optimizer(restored, run.optimizer)
                     log.info("securefed: resuming after round %d from %s", run.state.round, self.checkpoint_dir)
             if self.privacy is not None:
                 from securefed.privacy import Accountant
@@ -269,7 +263,7 @@ class SecureFedAvg:
             settings = None if self.privacy is None else {"accountant": self.privacy.accountant,
                                                           "delta": self.privacy.delta}
             resumed = None if self.checkpoint_dir is None else restored.audit_checkpoint()
-            with audit.session(config=self._audit_config(num_rounds), privacy=settings,
+            with audit.session(config=_audit_config(self, num_rounds), privacy=settings,
                                seeded_secrets=self.seed is not None, checkpoint=resumed):
                 if self.checkpoint_dir is not None:
                     _resume.reconcile(audit, restored, protocol=self.protocol, privacy=self.privacy)
@@ -324,6 +318,7 @@ class SecureFedAvg:
                 seq, head = audit.head if audit is not None else (0, "")
                 _checkpoint.save(self.checkpoint_dir, key=run.key, round_index=r, counter=run.counter,
                                  arrays=run.arrays, state=state.to_json(),
+                                 optimizer=(run.optimizer.describe(), run.optimizer.state_dict()),
                                  audit_head=None if audit is None else {"seq": seq, "sha256": head},
                                  aggregate=None if outcome is None or audit is None else outcome.result.total)
             if audit is not None:
@@ -363,7 +358,7 @@ class SecureFedAvg:
             mean = total[:-1] / total[-1]
         else:
             mean = total / len(included)
-        new = start.astype(np.float64) + self.server_lr * mean
+        new, run.optimizer = optim.step_in_dtype(run.optimizer, start, mean, r)  # kept only if the step succeeds
         run.arrays = _model.with_vector(run.arrays, new, spec)
         metrics: dict[str, float] = {
             "included": float(len(included)), "dropped": float(len(outcome.dropped_nodes)),
@@ -404,19 +399,6 @@ class SecureFedAvg:
         run.pending.append(event.to_dict())
         return total
 
-    # -- audit ------------------------------------------------------------------------------
-
-    def _audit_config(self, num_rounds: int) -> dict[str, Any]:
-        return {
-            "runtime": "flower", "strategy": type(self).__name__, "protocol": repr(self.protocol),
-            "privacy": repr(self.privacy), "num_rounds": num_rounds, "fraction_train": self.fraction_train,
-            "min_train_nodes": self.min_train_nodes, "weighting": self.weighting, "max_examples": self.max_examples,
-            "server_lr": self.server_lr, "phase_timeout": self.aggregator.phase_timeout,
-            "train_timeout": self.aggregator.train_timeout, "cooldown_rounds": self.cooldown_rounds, "seed": self.seed,
-            "auxiliary": self.aggregator.auxiliary,
-        }
-
-
 @dataclasses.dataclass
 class _Run:
     """A run in progress: the model, the committed state, the accountant and events not yet committed."""
@@ -426,8 +408,45 @@ class _Run:
     aggregate: np.ndarray | None
     pending: list[dict[str, Any]]
     accountant: Any = None
+    optimizer: Any = None  # the server optimizer with the run's state
     key: Any = None  # the checkpoint's signing key
     counter: int = 0  # the checkpoint counter: grows with every commit and resume
+
+
+def _check_options(privacy: Any, fraction_train: float, min_train_nodes: int, min_available_nodes: int,
+                   weighting: str | None, max_examples: int, cooldown_rounds: int) -> str:
+    """SecureFedAvg's sampling and weighting options, checked (ConfigurationError); returns the weighting."""
+    _privacy.check(privacy)
+    if not 0.0 < fraction_train <= 1.0:
+        raise ConfigurationError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
+    if privacy is not None and fraction_train < 1.0:
+        raise ConfigurationError("with privacy on Flower every available node trains (fraction_train=1.0): "
+                                 "subsampling amplification needs Poisson sampling, not supported here yet")
+    if not 1 <= min_train_nodes <= min_available_nodes:
+        raise ConfigurationError("need 1 <= min_train_nodes <= min_available_nodes, got "
+                                 f"{min_train_nodes} and {min_available_nodes}")
+    weighting = weighting or ("uniform" if privacy is not None else "examples")
+    if weighting not in ("examples", "uniform"):
+        raise ConfigurationError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+    if privacy is not None and weighting != "uniform":
+        raise ConfigurationError("with privacy every included node weighs the same: weighting='uniform'")
+    if not isinstance(max_examples, int) or max_examples < 1:
+        raise ConfigurationError(f"max_examples must be a positive int, got {max_examples!r}")
+    if not isinstance(cooldown_rounds, int) or cooldown_rounds < 0:
+        raise ConfigurationError(f"cooldown_rounds must be an int >= 0, got {cooldown_rounds!r}")
+    return weighting
+
+
+def _audit_config(s: SecureFedAvg, num_rounds: int) -> dict[str, Any]:
+    """The strategy's configuration as the audit log's session entry records it."""
+    return {
+        "runtime": "flower", "strategy": type(s).__name__, "protocol": repr(s.protocol),
+        "privacy": repr(s.privacy), "num_rounds": num_rounds, "fraction_train": s.fraction_train,
+        "min_train_nodes": s.min_train_nodes, "weighting": s.weighting, "max_examples": s.max_examples,
+        "server_lr": s.server_lr, "server_optimizer": s.server_optimizer.describe(),
+        "phase_timeout": s.aggregator.phase_timeout, "train_timeout": s.aggregator.train_timeout,
+        "cooldown_rounds": s.cooldown_rounds, "seed": s.seed, "auxiliary": s.aggregator.auxiliary,
+    }
 
 
 def _evals(report: RoundReport) -> dict[str, int | float | list[int] | list[float]]:

@@ -28,14 +28,14 @@ from securefed.crypto.random import RandomSource
 from securefed.encoding.packing import packed_size, unpack
 from securefed.errors import AbortReason, InvalidInput, MessageRejected, ProtocolAborted
 from securefed.protocols import _he_tenseal as backend
-from securefed.protocols import _secagg_round as secagg_round
-from securefed.protocols import _wire
+from securefed.protocols import wire
 from securefed.protocols._he_parties import signed_upload, verified_public
 from securefed.protocols._he_server import HEServer
 from securefed.protocols._he_tenseal import Ring
 from securefed.protocols._he_wire import DECRYPTOR, Framer, Reader, sender_id
-from securefed.protocols._packed import column_pack, column_unpack
 from securefed.protocols.base import ClientProtocol, DropRecord, Party, RoundSpec
+from securefed.protocols.secagg import round as secagg_round
+from securefed.protocols.secagg.packed import column_pack, column_unpack
 
 if TYPE_CHECKING:
     from securefed.protocols.he import BFV
@@ -55,7 +55,7 @@ _OUTER_PHASE = {inner: outer for outer, inner in INNER_PHASE.items()}
 
 def _masked_vector(masking: Any, spec: RoundSpec, client: int, message: bytes) -> np.ndarray:
     """The masked vector inside the masking protocol's masked_input message, as uint64 mod 2^k."""
-    body = _wire.unpack_message(message, tag=masking._TAG, version=secagg_round.VERSION,
+    body = wire.unpack_message(message, tag=masking._TAG, version=secagg_round.VERSION,
                                 phase=secagg_round.MASKED_INPUT, round_index=spec.round_index,
                                 session_id=spec.session_id, sender=client)
     return column_unpack(body, masking.encoder.modulus_bits(spec.n), spec.dim).astype(np.uint64)
@@ -76,7 +76,7 @@ class MaskedClient(ClientProtocol):
     def handle(self, phase: str, request: bytes) -> bytes | None:
         if phase not in INNER_PHASE:
             raise MessageRejected(f"invalid message: {phase!r} is out of order for this client")
-        payload = self._frame.payload(request, phase, _wire.SERVER)
+        payload = self._frame.payload(request, phase, wire.SERVER)
         if phase != "upload":
             reply = self._inner.handle(INNER_PHASE[phase], bytes(payload))
             return None if reply is None else self._frame.message(phase, self._id, [reply])
@@ -124,10 +124,10 @@ class MaskedServer(HEServer):
         inner = self._inner.requests(INNER_PHASE[phase])
         if phase == "upload":
             head = self._public_items()
-            return {c: self._frame.message(phase, _wire.SERVER, [*head, r]) for c, r in inner.items()}
-        out: dict[Party, bytes] = {c: self._frame.message(phase, _wire.SERVER, [r]) for c, r in inner.items()}
+            return {c: self._frame.message(phase, wire.SERVER, [*head, r]) for c, r in inner.items()}
+        out: dict[Party, bytes] = {c: self._frame.message(phase, wire.SERVER, [r]) for c, r in inner.items()}
         if phase == "setup":
-            out[DECRYPTOR] = self._frame.message(phase, _wire.SERVER, [])
+            out[DECRYPTOR] = self._frame.message(phase, wire.SERVER, [])
         return out
 
     def _dispatch(self, phase: str, party: Party, payload: bytes) -> None:
@@ -183,7 +183,7 @@ class MaskedServer(HEServer):
         released = column_pack(unpack(self._released, k, s.dim), k)  # from the released layout to the masked input's
         for i, c in enumerate(self._included):
             body = released if i == 0 else zeros
-            header = _wire.pack_header(self._masking._TAG, secagg_round.VERSION, secagg_round.MASKED_INPUT,
+            header = wire.pack_header(self._masking._TAG, secagg_round.VERSION, secagg_round.MASKED_INPUT,
                                        s.round_index, s.session_id, c, len(body))
             self._inner.receive("masked_input", c, header + body)
 

@@ -16,7 +16,7 @@ from securefed.crypto.random import RandomSource
 from securefed.errors import InvalidInput, MessageRejected
 from securefed.protocols import _he_auth as auth
 from securefed.protocols import _he_tenseal as backend
-from securefed.protocols import _wire
+from securefed.protocols import wire
 from securefed.protocols._he_tenseal import Ring
 from securefed.protocols._he_wire import (
     CHECK_BYTES,
@@ -105,7 +105,7 @@ class HEClient(ClientProtocol):
     def handle(self, phase: str, request: bytes) -> bytes | None:
         if phase not in self._p.phases:
             raise MessageRejected(f"invalid message: no phase {phase!r}")
-        reader = Reader(self._frame.payload(request, phase, _wire.SERVER))
+        reader = Reader(self._frame.payload(request, phase, wire.SERVER))
         clients_mode = self._p.key_holder == "clients"
         if phase == "setup" and clients_mode and self._stage == FRESH:
             reader.end()
@@ -226,7 +226,7 @@ class HEDecryptor(ClientProtocol):
     def handle(self, phase: str, request: bytes) -> bytes | None:
         if phase not in self._p.phases:
             raise MessageRejected(f"invalid message: no phase {phase!r}")
-        reader = Reader(self._frame.payload(request, phase, _wire.SERVER))
+        reader = Reader(self._frame.payload(request, phase, wire.SERVER))
         if phase == "setup" and self._stage == KEYLESS:
             reader.end()
             ctx = backend.new_context(self._ring)

@@ -18,7 +18,7 @@ from securefed.encoding.fixedpoint import check_sum
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
 from securefed.protocols import _he_auth as auth
 from securefed.protocols import _he_tenseal as backend
-from securefed.protocols import _wire
+from securefed.protocols import wire
 from securefed.protocols._he_parties import DEALER
 from securefed.protocols._he_tenseal import Ring
 from securefed.protocols._he_wire import (
@@ -93,22 +93,22 @@ class HEServer(ServerProtocol):
 
     def _build_requests(self, phase: str) -> dict[Party, bytes]:
         if phase == "setup":
-            msg = self._frame.message(phase, _wire.SERVER, [])
+            msg = self._frame.message(phase, wire.SERVER, [])
             return {c: msg for c in range(self._spec.n)} if self._clients_mode else {DECRYPTOR: msg}
         if phase == "keys" and self._clients_mode:
             assert self._dealer is not None
             items = [u32(len(self._kex_keys))]
             for c, signed in sorted(self._kex_keys.items()):
                 items += [u32(c), signed]
-            return {self._dealer: self._frame.message(phase, _wire.SERVER, items)}
+            return {self._dealer: self._frame.message(phase, wire.SERVER, items)}
         if phase == "upload":
             if self._clients_mode:
                 assert self._dealer is not None
                 tail = [u32(self._dealer), self._kex_keys[self._dealer]]
-                return {c: self._frame.message(phase, _wire.SERVER, self._public_items() + tail
+                return {c: self._frame.message(phase, wire.SERVER, self._public_items() + tail
                                                + [self._sealed.get(c, b"")])
                         for c in self._alive(sorted(self._kex_keys))}
-            msg = self._frame.message(phase, _wire.SERVER, self._public_items())
+            msg = self._frame.message(phase, wire.SERVER, self._public_items())
             return {c: msg for c in self._alive(range(self._spec.n))}
         if phase == "decrypt":
             # One key holder per key: two decryptions of different subsets would give their difference.
@@ -131,7 +131,7 @@ class HEServer(ServerProtocol):
         items = [u32(len(uploads))]
         for c, up in uploads:
             items += [u32(c), u32(len(up)), up]
-        return self._frame.message("decrypt", _wire.SERVER, items)
+        return self._frame.message("decrypt", wire.SERVER, items)
 
     def receive(self, phase: str, party: Party, payload: bytes) -> None:
         try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from securefed.errors import MessageRejected
 from securefed.protocols import _he_tenseal as backend
-from securefed.protocols import _wire
+from securefed.protocols import wire
 from securefed.protocols._he_tenseal import Ring
 from securefed.protocols.base import Party, RoundSpec
 
@@ -70,13 +70,13 @@ class Framer:
             crc = zlib.crc32(item, crc)
         length = CHECK_BYTES + sum(len(i) for i in items)
         s = self._spec
-        head = _wire.pack_header(self._tag, VERSION, self._phases.index(phase), s.round_index, s.session_id,
+        head = wire.pack_header(self._tag, VERSION, self._phases.index(phase), s.round_index, s.session_id,
                                  sender, length)
         return b"".join([head, _U32.pack(crc), *items])
 
     def payload(self, data: bytes, phase: str, sender: int) -> memoryview:
         s = self._spec
-        body = _wire.unpack_message(data, tag=self._tag, version=VERSION, phase=self._phases.index(phase),
+        body = wire.unpack_message(data, tag=self._tag, version=VERSION, phase=self._phases.index(phase),
                                     round_index=s.round_index, session_id=s.session_id, sender=sender)
         if len(body) < CHECK_BYTES or _U32.unpack_from(body)[0] != zlib.crc32(body[CHECK_BYTES:]):
             raise MessageRejected("invalid message: checksum mismatch")

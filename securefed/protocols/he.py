@@ -447,10 +447,10 @@ class BFV(_HEProtocol):
         self._masking_given = masking
         self.masking: Any = None
         if key_holder == "masked":
-            from securefed.protocols.secagg import SecAggPlus, _MaskedAggregation
+            from securefed.protocols.secagg import MaskedAggregation, SecAggPlus
 
             masking = SecAggPlus() if masking is None else masking
-            if not isinstance(masking, _MaskedAggregation):
+            if not isinstance(masking, MaskedAggregation):
                 raise ConfigurationError(f"masking must be SecAgg or SecAggPlus, got {type(masking).__name__}")
             self.masking = masking.with_encoder(encoder)
         elif masking is not None:

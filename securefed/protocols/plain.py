@@ -14,7 +14,7 @@ import numpy as np
 from securefed.crypto.random import RandomSource
 from securefed.encoding.fixedpoint import check_finite, check_sum, check_vector
 from securefed.errors import AbortReason, InvalidInput, MessageRejected, ProtocolAborted
-from securefed.protocols import _wire
+from securefed.protocols import wire
 from securefed.protocols.base import (
     AggregationProtocol,
     ClientProtocol,
@@ -68,11 +68,11 @@ class Plain(AggregationProtocol):
 
 
 def _header(spec: RoundSpec, sender: int, body_len: int) -> bytes:
-    return _wire.pack_header(_TAG, _VERSION, 0, spec.round_index, spec.session_id, sender, body_len)
+    return wire.pack_header(_TAG, _VERSION, 0, spec.round_index, spec.session_id, sender, body_len)
 
 
 def _body(data: bytes, spec: RoundSpec, sender: int) -> memoryview:
-    return _wire.unpack_message(
+    return wire.unpack_message(
         data, tag=_TAG, version=_VERSION, phase=0, round_index=spec.round_index,
         session_id=spec.session_id, sender=sender,
     )
@@ -93,7 +93,7 @@ class _PlainClient(ClientProtocol):
     def handle(self, phase: str, request: bytes) -> bytes | None:
         if phase != "upload":
             raise MessageRejected(f"invalid message: Plain has no phase {phase!r}")
-        _body(request, self._spec, _wire.SERVER)
+        _body(request, self._spec, wire.SERVER)
         if self._sent:  # the input is gone (the message was its only copy): a second upload is refused
             raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this client already sent its input in this round")
         if self._x is None:
@@ -124,7 +124,7 @@ class _PlainServer(ServerProtocol):
     def requests(self, phase: str) -> Mapping[Party, bytes]:
         if phase != "upload" or self._done:
             raise MessageRejected(f"invalid phase {phase!r} for Plain")
-        req = _header(self._spec, _wire.SERVER, 0)
+        req = _header(self._spec, wire.SERVER, 0)
         return {c: req for c in range(self._spec.n)}
 
     def receive(self, phase: str, party: Party, payload: bytes) -> None:

@@ -15,8 +15,14 @@ import numpy as np
 
 from securefed.crypto.random import RandomSource
 from securefed.errors import MessageRejected, ProtocolAborted, SecureFedError
-from securefed.protocols import _wire
-from securefed.protocols.base import AggregationProtocol, ClientProtocol, Party, RoundSpec, ServerProtocol
+from securefed.protocols import wire
+from securefed.protocols.base import (
+    AggregationProtocol,
+    ClientProtocol,
+    Party,
+    RoundSpec,
+    ServerProtocol,
+)
 
 __all__ = ["AdversarialRun", "Delivery", "Deviation", "RoundContext", "Send", "round_spec", "run_round"]
 
@@ -65,9 +71,9 @@ class RoundContext:
 
     def message(self, phase: str, body: bytes) -> bytes:
         """A server message of `phase` with `body` (valid header)."""
-        return self.round.message(self.phases.index(phase), _wire.SERVER, body)
+        return self.round.message(self.phases.index(phase), wire.SERVER, body)
 
-    def body(self, phase: str, data: bytes, sender: Party = _wire.SERVER) -> memoryview:
+    def body(self, phase: str, data: bytes, sender: Party = wire.SERVER) -> memoryview:
         return self.round.body(data, self.phases.index(phase), sender)
 
 

@@ -48,9 +48,9 @@ import numpy as np
 
 from securefed.crypto import kex
 from securefed.crypto.random import RandomSource
-from securefed.protocols import _secagg_wire as W
-from securefed.protocols import _wire
+from securefed.protocols import wire
 from securefed.protocols.base import AggregationProtocol, RoundSpec
+from securefed.protocols.secagg import wire as W
 from securefed.testing._harness import (
     AdversarialRun,
     Delivery,
@@ -200,7 +200,7 @@ class InconsistentSurvivorLists(Deviation):
 
     def observe(self, delivery: Delivery) -> None:
         if delivery.phase == "consistency_check" and delivery.reply is not None:
-            sig = delivery.reply[_wire.HEADER_SIZE:]
+            sig = delivery.reply[wire.HEADER_SIZE:]
             self._sigs[delivery.party in self.group][delivery.party] = sig  # type: ignore[index]
 
     def violation(self, run: AdversarialRun) -> str | None:
@@ -303,7 +303,7 @@ def old_shares(protocol: AggregationProtocol, n: int, dim: int, target: int, *, 
     """
     run = run_round(protocol, [np.zeros(dim)] * n, seed=seed)
     for d in run.outcomes("masked_input", target):
-        return d.request[_wire.HEADER_SIZE:]
+        return d.request[wire.HEADER_SIZE:]
     return b""
 
 

@@ -52,18 +52,18 @@ import numpy as np
 from securefed.crypto import kex, shamir, signing
 from securefed.crypto.masks import apply_masks, pairwise_signs
 from securefed.errors import ConfigurationError, MessageRejected, SecureFedError
-from securefed.protocols import _secagg_wire as W
-from securefed.protocols import _wire
-from securefed.protocols._packed import column_unpack
-from securefed.protocols._secagg_round import (
+from securefed.protocols import wire
+from securefed.protocols.base import AggregationProtocol
+from securefed.protocols.secagg import wire as W
+from securefed.protocols.secagg.graph import MaskingGraph
+from securefed.protocols.secagg.packed import column_unpack
+from securefed.protocols.secagg.round import (
     SECRET_BYTES,
     Round,
     commitment,
     mask_key,
     self_mask_key,
 )
-from securefed.protocols.base import AggregationProtocol
-from securefed.protocols.masking_graph import MaskingGraph
 from securefed.testing._harness import (
     AdversarialRun,
     Delivery,
@@ -354,7 +354,7 @@ class SplitSurvivorLists(Deviation):
         d, v = delivery, self.split.victim
         if d.reply is None:
             return
-        body = d.reply[_wire.HEADER_SIZE:]
+        body = d.reply[wire.HEADER_SIZE:]
         if d.phase == "advertise_keys":
             self._keys[int(d.party)] = body[W.KEY : 2 * W.KEY]  # type: ignore[arg-type]
         elif d.phase == "share_keys" and d.party == v:
@@ -362,7 +362,7 @@ class SplitSurvivorLists(Deviation):
         elif d.phase == "masked_input":
             self._survivors = sorted({*self._survivors, int(d.party)})  # type: ignore[arg-type]
             if d.party == v:
-                self._victim["masked"], self._victim["shares_in"] = body, d.request[_wire.HEADER_SIZE:]
+                self._victim["masked"], self._victim["shares_in"] = body, d.request[wire.HEADER_SIZE:]
         elif d.phase == "consistency_check" and d.label == self.name:
             self._sigs[int(d.party) in self.split.group_a][int(d.party)] = body  # type: ignore[arg-type]
         elif d.phase == "unmasking" and d.label == self.name:

@@ -106,9 +106,14 @@ from securefed import errors
 from securefed.crypto.random import RandomSource
 from securefed.encoding.fixedpoint import IntegerEncoder
 from securefed.encoding.packing import pack
-from securefed.protocols._packed import column_pack
 from securefed.errors import ConfigurationError, InvalidInput, ProtocolAborted
-from securefed.protocols.base import AggregationProtocol, AggregationResult, DropReason, simulate_aggregation
+from securefed.protocols.base import (
+    AggregationProtocol,
+    AggregationResult,
+    DropReason,
+    simulate_aggregation,
+)
+from securefed.protocols.secagg.packed import column_pack
 from securefed.testing import _driver, adversary, isolation
 from securefed.testing import strategies as sfst
 

@@ -34,7 +34,7 @@ import numpy as np
 from securefed.crypto.random import RandomSource
 from securefed.encoding.packing import unpack
 from securefed.errors import MessageRejected, ProtocolAborted
-from securefed.protocols import _wire
+from securefed.protocols import wire
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
 from securefed.testing._seal_raw import SealRing
 
@@ -91,7 +91,7 @@ class _Round:
         items = [u32(1 + extra), *entry(0, chunks)]
         for c in range(1, 1 + extra):
             items += entry(c, [self.zero(ch) for ch in chunks])
-        return Framer(self.protocol, self.spec).message("decrypt", _wire.SERVER, items)
+        return Framer(self.protocol, self.spec).message("decrypt", wire.SERVER, items)
 
     def zero(self, vector: bytes) -> bytes:
         polys = self.seal.polys(vector, ntt=self.seal.ckks)
@@ -104,7 +104,7 @@ class _Round:
         except (MessageRejected, ProtocolAborted) as e:
             return None, f"{type(e).__name__}: {e}"
         assert reply is not None
-        return memoryview(reply)[_wire.HEADER_SIZE + 4 :], None
+        return memoryview(reply)[wire.HEADER_SIZE + 4 :], None
 
 
 def _honest_until_decrypt(protocol: AggregationProtocol, inputs: Sequence[np.ndarray], seed: int) -> _Round:
@@ -123,7 +123,7 @@ def _honest_until_decrypt(protocol: AggregationProtocol, inputs: Sequence[np.nda
             if reply is not None:
                 server.receive(phase, who, reply)
                 if phase == "upload":
-                    uploads[int(who)] = bytes(memoryview(reply)[_wire.HEADER_SIZE + 4 :])
+                    uploads[int(who)] = bytes(memoryview(reply)[wire.HEADER_SIZE + 4 :])
         server.finish_phase(phase)
     holder = parties[_DECRYPTOR] if _DECRYPTOR in parties else parties[0]  # clients mode: client 0 dealt
     public = server.public_context  # type: ignore[attr-defined]
@@ -364,12 +364,12 @@ def clients_mode_partition(protocol: Any, inputs: Sequence[np.ndarray], *, seed:
 
     def ask(client: int, phase: str, items: list[bytes]) -> memoryview | None:
         try:
-            reply = clients[client].handle(phase, frame.message(phase, _wire.SERVER, items))
+            reply = clients[client].handle(phase, frame.message(phase, wire.SERVER, items))
         except (MessageRejected, ProtocolAborted) as e:
             refused.append(f"client {client}, {phase}: {type(e).__name__}: {e}")
             return None
         assert reply is not None
-        return memoryview(reply)[_wire.HEADER_SIZE + 4 :]
+        return memoryview(reply)[wire.HEADER_SIZE + 4 :]
 
     signed_kex = {}  # client -> X25519 key || its signature, as the honest setup replies carry them
     for i in range(n):

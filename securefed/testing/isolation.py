@@ -24,12 +24,12 @@ import numpy as np
 from securefed.crypto import kex, signing
 from securefed.crypto.masks import apply_masks, pairwise_signs
 from securefed.errors import ConfigurationError, SecureFedError
-from securefed.protocols import _secagg_wire as W
-from securefed.protocols import _wire
-from securefed.protocols._packed import column_unpack
-from securefed.protocols._secagg_round import Round, commitment, mask_key, self_mask_key
+from securefed.protocols import wire
 from securefed.protocols.base import AggregationProtocol
-from securefed.protocols.masking_graph import MaskingGraph
+from securefed.protocols.secagg import wire as W
+from securefed.protocols.secagg.graph import MaskingGraph
+from securefed.protocols.secagg.packed import column_unpack
+from securefed.protocols.secagg.round import Round, commitment, mask_key, self_mask_key
 from securefed.testing._harness import (
     AdversarialRun,
     Delivery,
@@ -360,14 +360,14 @@ class IsolateVictim(Deviation):
         d, v = delivery, self.victim
         if d.reply is None:
             return
-        body = d.reply[_wire.HEADER_SIZE:]
+        body = d.reply[wire.HEADER_SIZE:]
         if d.phase == "advertise_keys":
             self._keys[int(d.party)] = bytes(body[W.KEY : 2 * W.KEY])
         elif d.phase == "share_keys" and d.party == v:
             self._victim["commitment"] = bytes(body[: W.COMMIT])
         elif d.phase == "masked_input" and d.party == v:
             self._victim["masked"] = bytes(body)
-            self._victim["peers"] = W.parse_records(memoryview(d.request[_wire.HEADER_SIZE:]), W.SEALED)[0].tolist()
+            self._victim["peers"] = W.parse_records(memoryview(d.request[wire.HEADER_SIZE:]), W.SEALED)[0].tolist()
         elif d.phase == "consistency_check" and d.label == self.name and self.plan is not None:
             self._sigs[dict(self.plan.shown)[int(d.party)]][int(d.party)] = bytes(body)  # type: ignore[call-overload]
         elif d.phase == "unmasking" and d.label == self.name:

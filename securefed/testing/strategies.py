@@ -553,13 +553,13 @@ def deviations(protocol: AggregationProtocol, n: int) -> st.SearchStrategy[Any]:
     honest protocol. The coalition (:mod:`securefed.testing.coalition`) is not drawn here: it is
     the property ``"coalition"``.
     """
-    from securefed.protocols.secagg import _MaskedAggregation
+    from securefed.protocols.secagg import MaskedAggregation
     from securefed.testing import adversary as adv
 
     # Flips in the last byte, where short request bodies (survivor bitmaps) sit, as often as elsewhere.
     flips = st.one_of(st.none(), st.integers(-8, -1), st.integers(-64, -9), st.integers(0, 8 * 64))
     generic = st.builds(adv.AskAgain, phase=st.sampled_from(list(protocol.phases)), index=st.integers(0, n), flip=flips)
-    if not isinstance(protocol, _MaskedAggregation) or n < 2:
+    if not isinstance(protocol, MaskedAggregation) or n < 2:
         return generic
     active = protocol.threat_model.active
     client = st.integers(0, n - 1)

@@ -9,19 +9,25 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import securefed as sf
 from securefed.crypto.random import RandomSource
 from securefed.errors import ProtocolAborted
-from securefed.flower import GridAggregator, SecureClient, SecureFedAvg
-from securefed.flower import _envelope
+from securefed.flower import GridAggregator, SecureClient, SecureFedAvg, _envelope
 from securefed.flower.aggregation import AggregationRound, input_phase
 from securefed.flower.testing import InProcessGrid
 from securefed.protocols.base import DropReason
-from securefed.protocols._wire import HEADER_SIZE
+from securefed.protocols.wire import HEADER_SIZE
 from tests.flower import apps
 
 FIRST = 1001

@@ -19,7 +19,7 @@ from securefed.flower import SecureFedAvg, _beacon, _envelope
 from securefed.flower.aggregation import AggregationRound
 from securefed.flower.testing import InProcessGrid
 from securefed.protocols.base import DropReason
-from securefed.protocols.masking_graph import MaskingGraph
+from securefed.protocols.secagg.graph import MaskingGraph
 from tests.flower import apps
 
 N = 10

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from securefed.encoding import FixedPoint
-from securefed.protocols._wire import HEADER_SIZE
 from securefed.protocols.secagg import PHASES, SecAgg, SecAggPlus
+from securefed.protocols.wire import HEADER_SIZE
 from securefed.testing.adversary import run_round
 
 PAPER = {(2**10, 2**20): 1.73, (2**14, 2**24): 1.98}

@@ -29,13 +29,13 @@ from securefed.protocols import _he_params as params
 from securefed.protocols import _he_parties as parties
 from securefed.protocols import _he_tenseal as backend
 from securefed.protocols import _he_wire as wire
-from securefed.protocols import _wire
+from securefed.protocols import wire as header
 from securefed.protocols.base import RoundSpec
 from securefed.protocols.he import BFV, CKKS
 
 PHASES = ("setup", "keys", "upload", "decrypt")
 UPLOAD = PHASES.index("upload")
-PAYLOAD = _wire.HEADER_SIZE + wire.CHECK_BYTES  # where a message's payload starts
+PAYLOAD = header.HEADER_SIZE + wire.CHECK_BYTES  # where a message's payload starts
 
 
 class Integers(IntegerEncoder):
@@ -288,7 +288,7 @@ def test_in_decryptor_mode_no_client_ever_holds_the_secret_key(proto):
     assert all(needle not in party[c].dump() for c in range(3))
     assert needle not in party[parties.DECRYPTOR].dump()  # spent: the key is gone
     dec = proto.auxiliary(RoundSpec(n=3, dim=20, session_id=bytes(32)), rng=RandomSource(0))[parties.DECRYPTOR]
-    keyed = dec.handle("setup", reframe(proto, RoundSpec(n=3, dim=20, session_id=bytes(32)), "setup", _wire.SERVER, []))
+    keyed = dec.handle("setup", reframe(proto, RoundSpec(n=3, dim=20, session_id=bytes(32)), "setup", header.SERVER, []))
     assert keyed and secret_key_blob(dec._secret)[1000:1256] in dec.dump()  # the check would see it if it were there
 
 
@@ -722,7 +722,7 @@ def test_clients_mode_only_client_0_deals_and_every_client_refuses_another_deale
         items = [wire.u32(len(listed))]
         for c in listed:
             items += [wire.u32(c), server._kex_keys[c]]
-        return reframe(proto, spec, "keys", _wire.SERVER, items)
+        return reframe(proto, spec, "keys", header.SERVER, items)
 
     for c, listed in ((1, (1,)), (1, (1, 2)), (2, (0, 1, 2))):  # lowest of its list, or not: client 1 or 2 never deals
         with pytest.raises(MessageRejected, match="only client 0 deals"):
@@ -734,7 +734,7 @@ def test_clients_mode_only_client_0_deals_and_every_client_refuses_another_deale
     for dealer in (1, 2):
         items = server._public_items() + [wire.u32(dealer), server._kex_keys[dealer], server._sealed[1]]
         with pytest.raises(MessageRejected, match="client 0's, not client"):
-            party[1].handle("upload", reframe(proto, spec, "upload", _wire.SERVER, items))
+            party[1].handle("upload", reframe(proto, spec, "upload", header.SERVER, items))
     server.receive("upload", 1, party[1].handle("upload", honest[1]))  # refused requests took nothing
     assert party[0]._dealer and not party[1]._dealer and not party[2]._dealer
     # A saved state claiming the dealer's flag for another client is refused.
@@ -908,7 +908,7 @@ def decrypt_request(protocol, spec, entries):
     items = [wire.u32(len(entries))]
     for c, up in entries:
         items += [wire.u32(c), wire.u32(len(up)), up]
-    return reframe(protocol, spec, "decrypt", _wire.SERVER, items)
+    return reframe(protocol, spec, "decrypt", header.SERVER, items)
 
 
 @pytest.mark.parametrize("proto", [CKKS(), BFV(value_range=1.0, key_holder="masked")], ids=["ckks", "bfv-masked"])
@@ -918,12 +918,12 @@ def test_clients_refuse_a_public_context_the_decryptor_did_not_sign(proto):
     own = backend.public_bytes(backend.new_context(proto._ring(3)))  # the server's context: it holds the key
     client = proto.client(spec, 0, xs[0], rng=RandomSource(5))
     for sig in (bytes(64), server._public_sig):  # no signature; the decryptor's, for its own context
-        request = reframe(proto, spec, "upload", _wire.SERVER, [wire.u32(len(own)), own, sig])
+        request = reframe(proto, spec, "upload", header.SERVER, [wire.u32(len(own)), own, sig])
         with pytest.raises(MessageRejected, match="signature"):
             client.handle("upload", request)
     # The decryptor's signed context of another session is refused too (the signature binds the session).
     other = RoundSpec(n=3, dim=4, session_id=bytes(32))
-    request = reframe(proto, other, "upload", _wire.SERVER, server._public_items())
+    request = reframe(proto, other, "upload", header.SERVER, server._public_items())
     with pytest.raises(MessageRejected, match="signature"):
         proto.client(other, 0, xs[0], rng=RandomSource(6)).handle("upload", request)
 
@@ -944,7 +944,7 @@ def test_clients_mode_refuses_substituted_exchange_keys():
     at = request.index(server._kex_keys[2][:32])
     request[at : at + 32] = mine  # client 2's key replaced: the secret key would be sealed to the server
     with pytest.raises(MessageRejected, match="signature"):
-        party[0].handle("keys", reframe(proto, spec, "keys", _wire.SERVER, [bytes(request[PAYLOAD:])]))
+        party[0].handle("keys", reframe(proto, spec, "keys", header.SERVER, [bytes(request[PAYLOAD:])]))
     server.receive("keys", 0, party[0].handle("keys", honest))  # nothing was dealt: the honest request still works
     server.finish_phase("keys")
     # The dealer's key replaced in a client's upload request: the server would deal its own key.
@@ -952,7 +952,7 @@ def test_clients_mode_refuses_substituted_exchange_keys():
     at = upload.index(server._kex_keys[0][:32])
     upload[at : at + 32] = mine
     with pytest.raises(MessageRejected, match="signature"):
-        party[1].handle("upload", reframe(proto, spec, "upload", _wire.SERVER, [bytes(upload[PAYLOAD:])]))
+        party[1].handle("upload", reframe(proto, spec, "upload", header.SERVER, [bytes(upload[PAYLOAD:])]))
 
 
 def test_an_upload_is_bound_to_its_client_and_round():

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from securefed.errors import ConfigurationError
-from securefed.protocols.masking_graph import MaskingGraph
+from securefed.protocols.secagg.graph import MaskingGraph
 
 
 @given(st.integers(4, 80).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, (n - 2) // 2).map(lambda h: 2 * h))),

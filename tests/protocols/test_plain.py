@@ -84,8 +84,8 @@ def test_plain_server_rejects_replay_and_tampering_without_touching_the_sum():
 
 def test_plain_client_uploads_once_and_server_rejects_non_finite_bodies():
     from securefed.crypto.random import RandomSource
-    from securefed.protocols._wire import HEADER_SIZE
     from securefed.protocols.base import RoundSpec
+    from securefed.protocols.wire import HEADER_SIZE
 
     p = sf.protocols.Plain()
     spec = RoundSpec(n=1, dim=3, session_id=bytes(32))

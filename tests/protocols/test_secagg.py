@@ -13,15 +13,21 @@ import securefed as sf
 from securefed.crypto import aead, kex, shamir
 from securefed.crypto.random import RandomSource
 from securefed.encoding import FixedPoint, packed_size
-from securefed.protocols._packed import column_pack, column_unpack
-from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
-from securefed.protocols import _secagg_wire as W
-from securefed.protocols import _wire
-from securefed.protocols._secagg_round import MASKED_INPUT
-from securefed.protocols._wire import HEADER_SIZE
+from securefed.errors import (
+    AbortReason,
+    ConfigurationError,
+    InvalidInput,
+    MessageRejected,
+    ProtocolAborted,
+)
+from securefed.protocols import wire
 from securefed.protocols.base import RoundSpec
-from securefed.protocols.masking_graph import MaskingGraph
 from securefed.protocols.secagg import PHASES, SecAgg, SecAggPlus
+from securefed.protocols.secagg import wire as W
+from securefed.protocols.secagg.graph import MaskingGraph
+from securefed.protocols.secagg.packed import column_pack, column_unpack
+from securefed.protocols.secagg.round import MASKED_INPUT
+from securefed.protocols.wire import HEADER_SIZE
 from securefed.testing.adversary import run_round
 
 
@@ -365,7 +371,7 @@ def test_complete_graph_routing_of_sealed_shares_is_the_general_routing(gone):
     requests = server._masked_requests()
     assert sorted(requests) == senders
     for u, (_, body) in zip(senders, general):
-        assert requests[u] == server.round.message(MASKED_INPUT, _wire.SERVER, body)
+        assert requests[u] == server.round.message(MASKED_INPUT, wire.SERVER, body)
 
 
 @pytest.mark.parametrize("protocol", [SecAgg(), SecAggPlus(), SecAgg(adversary="active")],
@@ -387,13 +393,13 @@ def test_share_keys_request_lists_the_recipient_and_its_own_record_must_be_intac
     reqs = server.requests("share_keys")
     rec = len(advertised[0])
     for u, req in reqs.items():
-        ids, rows = W.parse_records(rnd.body(req, 1, sf.protocols._wire.SERVER), rec)
+        ids, rows = W.parse_records(rnd.body(req, 1, wire.SERVER), rec)
         assert ids.tolist() == rnd.graph.closed_neighborhood(u).tolist()
         assert rows[ids.tolist().index(u)].tobytes() == advertised[u]
     if rnd.graph.complete:
         assert len(set(reqs.values())) == 1
     u = 4
-    ids, rows = W.parse_records(rnd.body(reqs[u], 1, sf.protocols._wire.SERVER), rec)
+    ids, rows = W.parse_records(rnd.body(reqs[u], 1, wire.SERVER), rec)
     entries = [(v, rows[i].tobytes()) for i, v in enumerate(ids.tolist())]
     mine = ids.tolist().index(u)
     altered = bytearray(entries[mine][1])
@@ -404,9 +410,9 @@ def test_share_keys_request_lists_the_recipient_and_its_own_record_must_be_intac
     altered_why = "invalid signature" if rnd.active else "own advertised keys were altered"
     for bad, why in ((forged, altered_why), ([e for e in entries if e[0] != u], "own advertised keys are missing")):
         c = protocol.client(spec, u, np.zeros(5), rng=RandomSource(u + 1))
-        c.handle("advertise_keys", rnd.message(0, sf.protocols._wire.SERVER, b""))
+        c.handle("advertise_keys", rnd.message(0, wire.SERVER, b""))
         with pytest.raises(MessageRejected, match=why):
-            c.handle("share_keys", rnd.message(1, sf.protocols._wire.SERVER, W.records(bad)))
+            c.handle("share_keys", rnd.message(1, wire.SERVER, W.records(bad)))
 
 
 def test_replay_and_out_of_phase_messages_are_rejected():

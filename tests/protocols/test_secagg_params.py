@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from securefed.errors import ConfigurationError
-from securefed.protocols.secagg_params import (
+from securefed.protocols.secagg.params import (
     ThreatModel,
     complete_graph_parameters,
     harary_parameters,

@@ -20,8 +20,9 @@ from securefed.crypto.random import RandomSource
 from securefed.encoding import FixedPoint, pack, unpack
 from securefed.encoding import _kernels as encoding_kernels
 from securefed.errors import InvalidInput
-from securefed.protocols import _packed
-from securefed.protocols._packed import (
+from securefed.protocols.base import LazyInputs, RoundSpec
+from securefed.protocols.secagg import PHASES, packed
+from securefed.protocols.secagg.packed import (
     BLOCK,
     GROUP,
     UnpackAdder,
@@ -32,8 +33,6 @@ from securefed.protocols._packed import (
     materialize,
     stored_source,
 )
-from securefed.protocols.base import LazyInputs, RoundSpec
-from securefed.protocols.secagg import PHASES
 
 #: (threads, chunk size, column block): small blocks put block and slab boundaries inside small vectors.
 SETTINGS = [(1, 64, 128), (2, 64, 256), (3, 192, 128), (2, 1 << 15, BLOCK)]
@@ -43,13 +42,13 @@ SETTINGS = [(1, 64, 128), (2, 64, 256), (3, 192, 128), (2, 1 << 15, BLOCK)]
 def split(threads, chunk, block=BLOCK):
     """These settings, and even tiny vectors split over the threads, so that slab boundaries are exercised.
     `block` replaces the layout's block size (a wire constant) to put many blocks in a small vector."""
-    before = parallel.MIN_SLAB_WORK, _packed.BLOCK
-    parallel.MIN_SLAB_WORK, _packed.BLOCK = 1, block
+    before = parallel.MIN_SLAB_WORK, packed.BLOCK
+    parallel.MIN_SLAB_WORK, packed.BLOCK = 1, block
     try:
         with parallel.options(threads=threads, chunk_size=chunk):
             yield
     finally:
-        parallel.MIN_SLAB_WORK, _packed.BLOCK = before
+        parallel.MIN_SLAB_WORK, packed.BLOCK = before
 
 
 def keystream(key, count, dtype):

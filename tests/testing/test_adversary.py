@@ -5,8 +5,8 @@ import pytest
 
 import securefed as sf
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
-from securefed.protocols import _secagg_client
 from securefed.protocols.secagg import SecAgg, SecAggPlus
+from securefed.protocols.secagg import client as secagg_client
 from securefed.testing.adversary import (
     AskBothSecrets,
     Deviation,
@@ -82,7 +82,7 @@ def test_active_clients_detect_a_substituted_public_key():
 
 def test_the_harness_catches_a_client_that_skips_the_survivor_rules(monkeypatch):
     """The checks above can fail: with the honest-client rule removed, the deviation gets an answer."""
-    monkeypatch.setattr(_secagg_client, "_check_survivors", lambda c, survivors, phase: None)
+    monkeypatch.setattr(secagg_client, "_check_survivors", lambda c, survivors, phase: None)
     run = run_round(SecAgg(), XS, [UnmaskBelowThreshold(target=2)], seed=6)
     [d] = run.outcomes("unmasking", 2, "unmask_below_threshold")
     assert d.reply is not None

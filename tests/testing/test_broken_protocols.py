@@ -11,10 +11,10 @@ import pytest
 
 from securefed.errors import MessageRejected
 from securefed.protocols import Plain, SecAgg, SecAggPlus
-from securefed.protocols import _secagg_client as secagg_client
 from securefed.protocols import plain as plain_module
-from securefed.protocols import secagg_params
-from securefed.protocols._secagg_client import Client, _Completed, _Unmasking
+from securefed.protocols.secagg import client as secagg_client
+from securefed.protocols.secagg import params as secagg_params
+from securefed.protocols.secagg.client import Client, _Completed, _Unmasking
 from securefed.testing import ConformanceError, check_protocol
 
 
@@ -100,7 +100,7 @@ class _AddsWhatParses(plain_module._PlainServer):
     """Adds the whole floats a reply holds, then checks its length: a rejected truncated upload stays in part."""
 
     def receive(self, phase, party, payload):
-        body = payload[plain_module._wire.HEADER_SIZE :]
+        body = payload[plain_module.wire.HEADER_SIZE :]
         k = min(len(body) // 8, self._spec.dim)
         if party not in self._received and party not in self._dropped and len(body) != 8 * self._spec.dim:
             self._acc[:k] += np.frombuffer(body[: 8 * k], dtype="<f8")

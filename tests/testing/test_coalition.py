@@ -11,10 +11,18 @@ import math
 import numpy as np
 import pytest
 
-from securefed.protocols import SecAgg, SecAggPlus, secagg_params
+from securefed.protocols import SecAgg, SecAggPlus
+from securefed.protocols.secagg import params as secagg_params
 from securefed.testing import PROPERTIES, adversary, check_protocol, coalition
 from securefed.testing.adversary import round_spec, run_round
-from securefed.testing.coalition import Split, SplitSurvivorLists, corrupt_holders_bound, execute, predict, splits
+from securefed.testing.coalition import (
+    Split,
+    SplitSurvivorLists,
+    corrupt_holders_bound,
+    execute,
+    predict,
+    splits,
+)
 from tests.testing.test_broken_protocols import OldThresholdRule
 
 logging.getLogger("securefed.protocols.secagg").setLevel(logging.ERROR)  # the simulated-PKI warning

@@ -13,7 +13,7 @@ class _ParsesBlindly(plain_module._PlainServer):
     """Raises ValueError (numpy's, from reshaping the body) instead of MessageRejected on a body of the wrong size."""
 
     def receive(self, phase, party, payload):
-        body = payload[plain_module._wire.HEADER_SIZE :]
+        body = payload[plain_module.wire.HEADER_SIZE :]
         np.frombuffer(body, dtype="<f8").reshape(self._spec.dim)  # ValueError on a truncated or extended upload
         super().receive(phase, party, payload)
 

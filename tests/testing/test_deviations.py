@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from securefed.protocols import BFV, CKKS, Plain, SecAgg, SecAggPlus
-from securefed.protocols import _secagg_client
+from securefed.protocols.secagg import client as secagg_client
 from securefed.testing.adversary import (
     AskAgain,
     DropEveryone,
@@ -32,7 +32,7 @@ def test_a_client_told_that_everyone_dropped_refuses(kind, phase):
 
 
 def test_drop_everyone_is_reported_against_a_client_without_the_survivor_rules(monkeypatch):
-    monkeypatch.setattr(_secagg_client, "_check_survivors", lambda c, survivors, phase: None)
+    monkeypatch.setattr(secagg_client, "_check_survivors", lambda c, survivors, phase: None)
     dev = DropEveryone(target=2, phase="unmasking")
     run = run_round(SecAgg(), XS, [dev], seed=1)
     assert "answered the drop_everyone request" in dev.violation(run)
@@ -55,7 +55,7 @@ def test_replayed_shares_are_reported_against_a_client_that_does_not_authenticat
     def accepts(key, sealed, **kw):
         return shares
 
-    monkeypatch.setattr(_secagg_client.aead, "open_sealed", accepts)
+    monkeypatch.setattr(secagg_client.aead, "open_sealed", accepts)
     dev = ReplayOldShares(target=1, old_seed=99)
     run = run_round(SecAgg(), XS, [dev], seed=2)
     assert "answered the replay_old_shares request" in dev.violation(run)

@@ -1,6 +1,6 @@
 """Message bodies of SecAgg / SecAgg+ (layout version 3; the spec is ``protocols/secagg.md``).
 
-Every message is the common header of :mod:`securefed.protocols._wire` followed by
+Every message is the common header of :mod:`securefed.protocols.wire` followed by
 one of these bodies. Integers are big-endian; ``id`` is a client index (uint32);
 lists are ``count (uint32)`` then ``count`` fixed-size records with ids strictly
 ascending. Parsing is strict: wrong lengths, unsorted or repeated ids, non-zero
@@ -134,9 +134,9 @@ _loaded = None
 def _kernels():  # numba loads on first use, keeping `import securefed` fast
     global _loaded
     if _loaded is None:
-        from securefed.protocols import _secagg_wire_kernels
+        from securefed.protocols.secagg import _wire_kernels
 
-        _loaded = _secagg_wire_kernels
+        _loaded = _wire_kernels
     return _loaded
 
 

@@ -12,7 +12,7 @@ Sans-I/O state machines: one client state class per round (advertise keys, share
 keys, masked input, consistency check, unmasking, then completed or aborted), and
 a server that adds masked inputs into one modular accumulator as they arrive. The
 masked vectors travel bit-packed at the modulus width 2^k, k =
-``encoder.modulus_bits(n)``. Wire layout: :mod:`securefed.protocols._secagg_wire`.
+``encoder.modulus_bits(n)``. Wire layout: :mod:`securefed.protocols.secagg.wire`.
 Spec: ``protocols/secagg.md``; proofs: ``proofs/secagg.md``.
 """
 from __future__ import annotations
@@ -28,25 +28,34 @@ import numpy as np
 
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
-from securefed.encoding.fixedpoint import FixedPoint, IntegerEncoder, check_positive_count
+from securefed.encoding.fixedpoint import (
+    FixedPoint,
+    IntegerEncoder,
+    check_positive_count,
+)
 from securefed.encoding.packing import packed_size
 from securefed.errors import ConfigurationError, InvalidInput
-from securefed.protocols import _secagg_wire as W
-from securefed.protocols import _wire
-from securefed.protocols._secagg_client import Client, load_client_state
-from securefed.protocols._secagg_round import PHASES, VERSION, Round
-from securefed.protocols._secagg_server import Server
-from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec, ServerProtocol
-from securefed.protocols.masking_graph import MaskingGraph
-from securefed.protocols.secagg_params import (
+from securefed.protocols import wire
+from securefed.protocols.base import (
+    AggregationProtocol,
+    ClientProtocol,
+    RoundSpec,
+    ServerProtocol,
+)
+from securefed.protocols.secagg import wire as W
+from securefed.protocols.secagg.client import Client, load_client_state
+from securefed.protocols.secagg.graph import MaskingGraph
+from securefed.protocols.secagg.params import (
     GraphParameters,
     ThreatModel,
     complete_graph_parameters,
     harary_parameters,
     violations,
 )
+from securefed.protocols.secagg.round import PHASES, VERSION, Round
+from securefed.protocols.secagg.server import Server
 
-__all__ = ["DEFAULT_VALUE_BITS", "DEFAULT_VALUE_RANGE", "PHASES", "SecAgg", "SecAggPlus"]
+__all__ = ["DEFAULT_VALUE_BITS", "DEFAULT_VALUE_RANGE", "PHASES", "MaskedAggregation", "SecAgg", "SecAggPlus"]
 
 log = logging.getLogger("securefed.protocols.secagg")
 
@@ -69,7 +78,7 @@ def _check_threshold(threshold: object) -> int | Fraction | None:
     raise ConfigurationError(f"threshold must be an int, a float in (0, 1] or None, got {threshold!r}")
 
 
-class _MaskedAggregation(AggregationProtocol):
+class MaskedAggregation(AggregationProtocol):
     """What SecAgg and SecAggPlus share; they differ in the graph and how parameters are found."""
 
     phases = PHASES
@@ -142,7 +151,7 @@ class _MaskedAggregation(AggregationProtocol):
         """The encoder's bound; ConfigurationError unless n is a positive integer (whatever the encoder)."""
         return self._encoder.error_bound(check_positive_count(n, "the number of clients"))
 
-    def with_encoder(self, encoder: Any) -> _MaskedAggregation:
+    def with_encoder(self, encoder: Any) -> MaskedAggregation:
         if not isinstance(encoder, IntegerEncoder):
             raise ConfigurationError(f"encoder must be an IntegerEncoder, got {type(encoder).__name__}")
         other = copy.copy(self)
@@ -150,7 +159,7 @@ class _MaskedAggregation(AggregationProtocol):
         other._round_cache = None
         return other
 
-    def with_identities(self, identities: KeyDirectory) -> _MaskedAggregation:
+    def with_identities(self, identities: KeyDirectory) -> MaskedAggregation:
         """A copy whose active variant verifies clients 0..n-1 against `identities` (a :class:`KeyDirectory`).
 
         For runtimes where a client's index changes between rounds (on Flower, client i is the
@@ -171,7 +180,7 @@ class _MaskedAggregation(AggregationProtocol):
         cost table); a client with p = degree peers in an active round.
         """
         p = self.parameters(n).degree
-        hdr = _wire.HEADER_SIZE
+        hdr = wire.HEADER_SIZE
         sig = W.SIG if self._threat.active else 0
         bitmap = (n + 7) // 8
         return {
@@ -279,7 +288,7 @@ class _MaskedAggregation(AggregationProtocol):
         return load_client_state(data, rng, tag=self._TAG, name=self.name, round_for=self._round)
 
 
-class SecAgg(_MaskedAggregation):
+class SecAgg(MaskedAggregation):
     """SecAgg (Bonawitz et al. 2017): every client masks with every other; t-of-n secret sharing.
 
     Keyword-only: ``threshold`` (int, float fraction of n, or None: the smallest the
@@ -322,7 +331,7 @@ class SecAgg(_MaskedAggregation):
         return complete_graph_parameters(n, self._threat, t)
 
 
-class SecAggPlus(_MaskedAggregation):
+class SecAggPlus(MaskedAggregation):
     """SecAgg+ (Bell et al. 2020): masks along a random Harary graph of logarithmic degree.
 
     As :class:`SecAgg`, plus ``degree`` (even; None: the smallest the threat model

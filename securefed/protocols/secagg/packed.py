@@ -57,7 +57,7 @@ Source = Callable[[int], Callable[[int, np.ndarray], None]]
 
 
 def _kernels():  # numba loads on first use, keeping `import securefed` fast
-    from securefed.protocols import _packed_kernels as k
+    from securefed.protocols.secagg import _packed_kernels as k
 
     return k
 

@@ -22,10 +22,17 @@ from securefed.crypto.masks import mask_aes_key, pairwise_signs
 from securefed.crypto.random import RandomSource
 from securefed.encoding.fixedpoint import check_finite, check_vector
 from securefed.encoding.packing import packed_size
-from securefed.errors import AbortReason, ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
-from securefed.protocols import _secagg_wire as W
-from securefed.protocols import _wire
-from securefed.protocols._packed import (
+from securefed.errors import (
+    AbortReason,
+    ConfigurationError,
+    InvalidInput,
+    MessageRejected,
+    ProtocolAborted,
+)
+from securefed.protocols import wire
+from securefed.protocols.base import ClientProtocol, RoundSpec
+from securefed.protocols.secagg import wire as W
+from securefed.protocols.secagg.packed import (
     ROUNDING_KEY_BYTES,
     Source,
     encoded_source,
@@ -33,7 +40,7 @@ from securefed.protocols._packed import (
     materialize,
     stored_source,
 )
-from securefed.protocols._secagg_round import (
+from securefed.protocols.secagg.round import (
     ADVERTISE,
     CONSISTENCY,
     MASKED_INPUT,
@@ -50,7 +57,6 @@ from securefed.protocols._secagg_round import (
     refuse,
     self_mask_key,
 )
-from securefed.protocols.base import ClientProtocol, RoundSpec
 
 __all__ = ["Client", "load_client_state"]
 
@@ -337,7 +343,7 @@ class Client(ClientProtocol):
                 return state.step(self, memoryview(b""))[0]
             if PHASE_INDEX.get(phase) != state.phase:
                 raise MessageRejected(f"invalid message: out of phase ({phase!r}; expected {PHASES[state.phase]!r})")
-            body = self.round.body(request, state.phase, _wire.SERVER)
+            body = self.round.body(request, state.phase, wire.SERVER)
             reply, self.state = state.step(self, body)
             return reply
         except (MessageRejected, ProtocolAborted, InvalidInput):

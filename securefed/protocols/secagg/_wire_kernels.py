@@ -1,4 +1,4 @@
-"""Compiled check of :mod:`securefed.protocols._secagg_wire` (the server's per-reply parsing)."""
+"""Compiled check of :mod:`securefed.protocols.secagg.wire` (the server's per-reply parsing)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Compiled loops of :mod:`securefed.protocols._packed`, compiled once per width `w` (a literal).
+"""Compiled loops of :mod:`securefed.protocols.secagg.packed`, compiled once per width `w` (a literal).
 
 Both walk a column block row by row: row j of the block's values (field j of every column)
 comes from one or two rows of words with the same shifts for every column, so the inner

@@ -21,10 +21,11 @@ from securefed.crypto import kex, shamir, signing
 from securefed.crypto.masks import apply_masks
 from securefed.encoding.fixedpoint import check_sum
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
-from securefed.protocols import _secagg_wire as W
-from securefed.protocols import _wire
-from securefed.protocols._packed import UnpackAdder
-from securefed.protocols._secagg_round import (
+from securefed.protocols import wire
+from securefed.protocols.base import DropReason, DropRecord, Party, ServerProtocol
+from securefed.protocols.secagg import wire as W
+from securefed.protocols.secagg.packed import UnpackAdder
+from securefed.protocols.secagg.round import (
     ADVERTISE,
     CONSISTENCY,
     MASKED_INPUT,
@@ -39,7 +40,6 @@ from securefed.protocols._secagg_round import (
     mask_key,
     self_mask_key,
 )
-from securefed.protocols.base import DropReason, DropRecord, Party, ServerProtocol
 
 __all__ = ["Server"]
 
@@ -112,7 +112,7 @@ class Server(ServerProtocol):
         return reqs
 
     def _advertise_requests(self) -> dict[Party, bytes]:
-        msg = self.round.message(ADVERTISE, _wire.SERVER, b"")
+        msg = self.round.message(ADVERTISE, wire.SERVER, b"")
         return {c: msg for c in sorted(self._alive)}
 
     def _share_requests(self) -> dict[Party, bytes]:
@@ -123,7 +123,7 @@ class Server(ServerProtocol):
         complete = r.graph.complete
         out: dict[Party, bytes] = {}
         if complete:  # everyone gets the same list: one message, as in the paper's broadcast
-            msg = r.message(SHARE_KEYS, _wire.SERVER, W.records([(v, self._keys[v]) for v in senders.tolist()]))
+            msg = r.message(SHARE_KEYS, wire.SERVER, W.records([(v, self._keys[v]) for v in senders.tolist()]))
             everyone = W.Expected(senders)
         else:
             keys = b"".join(self._keys[v] for v in senders.tolist())
@@ -139,7 +139,7 @@ class Server(ServerProtocol):
                 chosen = np.searchsorted(senders, nb[advertised[nb]])
                 count = chosen.size
                 self._expect[u] = W.Expected(senders[chosen[chosen != i]])
-                out[u] = r.message(SHARE_KEYS, _wire.SERVER, W.list_header(count), table[chosen].reshape(-1))
+                out[u] = r.message(SHARE_KEYS, wire.SERVER, W.list_header(count), table[chosen].reshape(-1))
             if count < r.t:  # u and its peers are the holders of its shares
                 self._refusals[u] = "fewer than t of its neighbourhood advertised keys"
         return out
@@ -151,7 +151,7 @@ class Server(ServerProtocol):
             table = self._route_complete(senders)
             if len(senders) < r.t:
                 self._refusals.update(dict.fromkeys(senders, "fewer than t of its neighbourhood shared keys"))
-            head = r.header(MASKED_INPUT, _wire.SERVER, 4 + table.shape[1]) + W.list_header(len(senders) - 1)
+            head = r.header(MASKED_INPUT, wire.SERVER, 4 + table.shape[1]) + W.list_header(len(senders) - 1)
             raw, size = memoryview(table.reshape(-1)), table.shape[1]
             return {u: head + raw[j * size : (j + 1) * size] for j, u in enumerate(senders)}
         out: dict[Party, bytes] = {}
@@ -162,7 +162,7 @@ class Server(ServerProtocol):
             size = sum(len(p) for p in pieces)
             head = heads.get(size)
             if head is None:
-                head = heads[size] = r.header(MASKED_INPUT, _wire.SERVER, size)
+                head = heads[size] = r.header(MASKED_INPUT, wire.SERVER, size)
             out[u] = b"".join((head, *pieces))
         return out
 
@@ -195,7 +195,7 @@ class Server(ServerProtocol):
         r = self.round
         if not r.active:
             return {}
-        msg = r.message(CONSISTENCY, _wire.SERVER, W.bitmap(self._u3, r.spec.n))
+        msg = r.message(CONSISTENCY, wire.SERVER, W.bitmap(self._u3, r.spec.n))
         return {u: msg for u in sorted(self._u3)}
 
     def _unmask_requests(self) -> dict[Party, bytes]:
@@ -211,10 +211,10 @@ class Server(ServerProtocol):
                 nb = r.graph.closed_neighborhood(u)
                 self._expect[u] = W.Expected(nb[shared[nb]])
         if not r.active:
-            msg = r.message(UNMASKING, _wire.SERVER, survivors)
+            msg = r.message(UNMASKING, wire.SERVER, survivors)
             return {u: msg for u in responders}
         # Every signature to everyone: a client checks the quorum over the whole round (one message for all).
-        msg = r.message(UNMASKING, _wire.SERVER, W.records(sorted(self._sigs.items()), survivors))
+        msg = r.message(UNMASKING, wire.SERVER, W.records(sorted(self._sigs.items()), survivors))
         return dict.fromkeys(responders, msg)
 
     # replies ---------------------------------------------------------------------------------

@@ -21,10 +21,10 @@ from securefed.crypto.signing import KeyDirectory
 from securefed.encoding.fixedpoint import IntegerEncoder
 from securefed.encoding.packing import storage_dtype
 from securefed.errors import AbortReason, ProtocolAborted
-from securefed.protocols import _wire
+from securefed.protocols import wire
 from securefed.protocols.base import RoundSpec
-from securefed.protocols.masking_graph import MaskingGraph
-from securefed.protocols.secagg_params import GraphParameters
+from securefed.protocols.secagg.graph import MaskingGraph
+from securefed.protocols.secagg.params import GraphParameters
 
 PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmasking")
 ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASKING = range(5)
@@ -70,15 +70,15 @@ class Round:
 
     def header(self, phase: int, sender: int, body_len: int) -> bytes:
         s = self.spec
-        return _wire.pack_header(self.tag, VERSION, phase, s.round_index, s.session_id, sender, body_len)
+        return wire.pack_header(self.tag, VERSION, phase, s.round_index, s.session_id, sender, body_len)
 
     def body(self, data: bytes, phase: int, sender: int) -> memoryview:
         prefix = self._prefixes.get((phase, sender))
         if prefix is None:  # packed once per phase and sender: the server checks every reply's header
             s = self.spec
-            prefix = _wire.header_prefix(self.tag, VERSION, phase, s.round_index, s.session_id, sender)
+            prefix = wire.header_prefix(self.tag, VERSION, phase, s.round_index, s.session_id, sender)
             self._prefixes[phase, sender] = prefix
-        return _wire.split_message(data, prefix)
+        return wire.split_message(data, prefix)
 
     @functools.cached_property
     def _prefixes(self) -> dict[tuple[int, int], bytes]:
