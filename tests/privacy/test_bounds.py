@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from securefed.privacy import compute_epsilon, rdp_orders
-from securefed.privacy._bounds import poisson_subsampled_rdp, rounded_l2_bound
+from securefed.privacy._bounds import ddg_tau, poisson_subsampled_rdp, rounded_l2_bound
 
 MECHS = ("ddg", "skellam")
 
@@ -207,3 +207,18 @@ def test_rounding_bound_of_the_papers():
     b = rounded_l2_bound(100.0, 400, math.exp(-0.5))
     assert b == pytest.approx(math.sqrt(100**2 + 100 + 1.0 * (100 + 10)))
     assert b < 120.0
+
+
+@pytest.mark.parametrize("local_sigma", [0.05, 0.3, 1.0])
+def test_ddg_tau_of_a_huge_round_is_an_upper_bound_without_the_memory(local_sigma):
+    # Past 2^20 terms ddg_tau bounds each term by its limit: above the exact sum, and close to it.
+    n = 2**20 + 5000
+    k = np.arange(1, n, dtype=np.float64)
+    exact = float(10.0 * np.exp(-2.0 * math.pi**2 * local_sigma**2 * k / (k + 1.0)).sum())
+    assert exact <= ddg_tau(local_sigma, n) <= exact * (1 + 1e-9) + 1e-300
+    assert ddg_tau(local_sigma, 2**20 + 1) == pytest.approx(exact - float(
+        10.0 * np.exp(-2.0 * math.pi**2 * local_sigma**2 * k[2**20:] / (k[2**20:] + 1.0)).sum()), rel=1e-12)
+    huge = ddg_tau(local_sigma, 2**32 - 1)  # was a 32 GiB array (MemoryError)
+    assert math.isfinite(huge) and huge >= exact
+    assert math.isfinite(compute_epsilon(mechanism="ddg", noise_multiplier=1.0, delta=1e-5, l2_clip=1.0,
+                                         dimension=100, granularity=0.01, num_clients=2**32 - 1))
