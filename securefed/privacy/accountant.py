@@ -12,11 +12,12 @@ compose with the rest by adding RDP. See ``proofs/dp.md`` section 5.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -62,9 +63,15 @@ def _integer_curve(event: PrivacyEvent, orders: np.ndarray) -> np.ndarray:
     assert isinstance(event, (DDGEvent, SkellamEvent))
     d = event.dimension
     scaled_clip = event.l2_clip / event.granularity
+    sigma = event.noise_multiplier * scaled_clip  # integer-domain std of the total noise
+    if not (0.0 < scaled_clip and math.isfinite(sigma**2 * d) and sigma**2 > 0.0):
+        # inf or 0 here would make NaN RDP, which the conversion would read as epsilon 0
+        raise ConfigurationError(
+            f"the {event.mechanism!r} integer domain over- or underflows float64: l2_clip / granularity = "
+            f"{scaled_clip!r}, noise_multiplier = {event.noise_multiplier!r}, dimension = {d!r}; choose "
+            "granularity near l2_clip / (100 sqrt(dimension)) (privacy.default_granularity)")
     l2 = _bounds.rounded_l2_bound(scaled_clip, d, event.beta)
     l1 = _bounds.rounded_l1_bound(l2, d)
-    sigma = event.noise_multiplier * scaled_clip  # integer-domain std of the total noise
     if isinstance(event, DDGEvent):
         assert event.num_clients is not None
         tau = _bounds.ddg_tau(sigma / math.sqrt(event.num_clients), event.num_clients)
@@ -122,6 +129,21 @@ def _rdp_to_epsilon(rdp: np.ndarray, delta: float, conversion: Conversion) -> fl
     return float(dpa_epsilon(orders, rdp, delta)[0])
 
 
+@contextlib.contextmanager
+def _numerics(event: PrivacyEvent, kind: str) -> Iterator[None]:
+    """ConfigurationError for an event whose numbers overflow the accounting (dp-accounting's OverflowError,
+    ZeroDivisionError or ValueError at an extreme noise_multiplier, sampling_rate or steps)."""
+    try:
+        yield
+    except (ArithmeticError, ValueError) as e:
+        if isinstance(e, ConfigurationError | InvalidInput):
+            raise
+        hint = " or accountant='rdp'" if kind == "pld" else ""
+        raise ConfigurationError(
+            f"the {kind!r} accountant cannot evaluate {event!r} ({type(e).__name__}: {e}): a noise_multiplier, "
+            f"sampling_rate or steps too extreme for float64; use values of moderate size{hint}") from None
+
+
 def _check_delta(delta: object) -> float:
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
         raise ConfigurationError(f"delta must be in (0, 1), got {delta!r}")
@@ -140,9 +162,10 @@ class Accountant:
     """
 
     def __init__(self, accountant: AccountantKind = "rdp", *, conversion: Conversion = "improved") -> None:
-        if accountant not in ("rdp", "pld"):
+        # isinstance first: `in` on a numpy array compares elementwise and raises ValueError
+        if not isinstance(accountant, str) or accountant not in ("rdp", "pld"):
             raise ConfigurationError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
-        if conversion not in ("improved", "classic"):
+        if not isinstance(conversion, str) or conversion not in ("improved", "classic"):
             raise ConfigurationError(f"conversion must be 'improved' or 'classic', got {conversion!r}")
         if accountant == "pld" and conversion != "improved":
             raise ConfigurationError("conversion applies to the RDP accountant only")
@@ -183,12 +206,17 @@ class Accountant:
         self._events.append(event)
 
     def _rdp_after(self, event: PrivacyEvent) -> np.ndarray:
-        add = _event_rdp(event._math_key())
+        with _numerics(event, "rdp"):
+            add = _event_rdp(event._math_key())
+        if np.isnan(add).any():
+            raise ConfigurationError(f"the RDP of {event!r} is NaN: its parameters are outside what the "
+                                     "accountant can evaluate; use values of moderate size")
         return add.copy() if self._rdp is None else self._rdp + add
 
     def _pld_after(self, event: PrivacyEvent) -> Any:
         acc = copy.deepcopy(self._pld) if self._pld is not None else _dpa().pld.PLDAccountant()
-        acc.compose(_dp_event(event))  # type: ignore[arg-type]
+        with _numerics(event, "pld"):
+            acc.compose(_dp_event(event))  # type: ignore[arg-type]
         return acc
 
     def epsilon(self, delta: float) -> float:
@@ -257,6 +285,8 @@ def compute_epsilon(
     `num_clients`, the number of noise shares. Raises ConfigurationError for
     missing or invalid parameters, or PLD with a mechanism it does not support.
     """
+    if not isinstance(mechanism, str):  # before ==: a numpy array compares elementwise
+        raise ConfigurationError(f"mechanism must be 'gaussian', 'ddg' or 'skellam', got {mechanism!r}")
     if mechanism == "gaussian":
         extra = {k: v for k, v in dict(l2_clip=l2_clip, dimension=dimension, granularity=granularity,
                                         num_clients=num_clients).items() if v is not None}
@@ -277,4 +307,10 @@ def compute_epsilon(
         raise ConfigurationError(f"mechanism must be 'gaussian', 'ddg' or 'skellam', got {mechanism!r}")
     acc = Accountant(accountant, conversion=conversion)
     acc.record(event)
-    return acc.epsilon(delta)
+    with _numerics(event, acc.kind):
+        eps = acc.epsilon(delta)
+    if not math.isfinite(eps):  # no finite epsilon at this delta: a useless answer, named here
+        raise ConfigurationError(
+            f"{event!r} has no finite epsilon at delta={delta!r} under the {acc.kind!r} accountant: more noise, "
+            "fewer steps or a larger delta" + (", or accountant='rdp'" if acc.kind == "pld" else ""))
+    return eps

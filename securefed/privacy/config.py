@@ -44,7 +44,7 @@ class PrivacyConfig:
             _positive("target_epsilon", self.target_epsilon)
         if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
             raise ConfigurationError(f"delta must be in (0, 1), got {self.delta!r}")
-        if self.accountant not in ("rdp", "pld"):
+        if not isinstance(self.accountant, str) or self.accountant not in ("rdp", "pld"):
             raise ConfigurationError(f"accountant must be 'rdp' or 'pld', got {self.accountant!r}")
 
 
@@ -106,7 +106,7 @@ class DistributedDP(PrivacyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _clipping(self.clipping)
-        if self.mechanism not in ("ddg", "skellam"):
+        if not isinstance(self.mechanism, str) or self.mechanism not in ("ddg", "skellam"):
             raise ConfigurationError(f"mechanism must be 'ddg' or 'skellam', got {self.mechanism!r}")
         if self.accountant != "rdp":
             raise ConfigurationError("the distributed mechanisms are accounted with accountant='rdp' only")

@@ -199,6 +199,40 @@ def test_compute_epsilon_rejects_bad_parameters(kwargs):
         compute_epsilon(**kwargs)
 
 
+_ARRAY = np.array([1.0, 2.0])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    # numbers at float64's edges (were OverflowError, ZeroDivisionError, dp-accounting's ValueError)
+    (dict(noise_multiplier=1e-300), "cannot evaluate"),
+    (dict(noise_multiplier=1e300), "cannot evaluate"),
+    (dict(noise_multiplier=1e300, accountant="pld"), "cannot evaluate"),
+    (dict(noise_multiplier=1e-300, accountant="pld"), "cannot evaluate"),
+    (dict(sampling_rate=1e-320, accountant="pld"), "cannot evaluate"),
+    (dict(steps=2**64, accountant="pld"), "cannot evaluate"),
+    # no finite epsilon (was inf)
+    (dict(delta=1e-300, accountant="pld"), "no finite epsilon at delta=1e-300"),
+    # a scaled clip that overflows: NaN RDP, which came out as epsilon 0.0
+    (dict(mechanism="skellam", l2_clip=1e300, dimension=100, granularity=1e-300), "l2_clip / granularity = inf"),
+    (dict(mechanism="ddg", l2_clip=1e-300, dimension=100, granularity=1e300, num_clients=10),
+     "l2_clip / granularity = 0.0"),
+    # an array where a name belongs (was numpy's "truth value of an array is ambiguous")
+    (dict(mechanism=_ARRAY), "mechanism must be"),
+    (dict(accountant=_ARRAY), "accountant must be"),
+    (dict(conversion=_ARRAY), "conversion must be"),
+])
+def test_compute_epsilon_at_the_edges_is_a_configuration_error(kwargs, words):
+    with pytest.raises(ConfigurationError, match=words):
+        compute_epsilon(**{"noise_multiplier": 1.0, "sampling_rate": 0.1, "steps": 10, "delta": 1e-5, **kwargs})
+
+
+def test_dp_configurations_refuse_an_array_as_a_name():
+    with pytest.raises(ConfigurationError, match="accountant must be"):
+        sf.privacy.CentralDP(noise_multiplier=1.0, accountant=_ARRAY)
+    with pytest.raises(ConfigurationError, match="mechanism must be"):
+        sf.privacy.DistributedDP(noise_multiplier=1.0, mechanism=_ARRAY)
+
+
 def test_public_names():
     assert sf.privacy.compute_epsilon is compute_epsilon
     assert issubclass(sf.errors.PrivacyBudgetExceeded, sf.errors.SecureFedError)
