@@ -292,6 +292,11 @@ class _Checker:
             self._need_session(number, kind)
             self._run_end(number, body)
             self.in_session = False
+        elif kind == "release":
+            self._need_session(number, kind)
+            if self.last_round is not None and body["round"] <= self.last_round:
+                self.fail(number, "body.round", f"a release of a round after {self.last_round}", body["round"])
+            self._dp(number, body["dp"])
         else:
             self._need_session(number, kind)
             self._round_number(number, body["round"])

@@ -163,6 +163,11 @@ class AuditWriter:
         self._history.append(self._prev)
 
     @property
+    def checkpoint_counter(self) -> int | None:
+        """The counter of the last checkpoint a ``resume`` (or ``run_start``) entry of the log named, or None."""
+        return self._history.counter
+
+    @property
     def head(self) -> tuple[int, str]:
         """``(seq, sha256)`` of the last entry written or loaded; ``(0, GENESIS)`` for an empty log.
 
@@ -255,12 +260,16 @@ class AuditWriter:
         dp_events: Sequence[Mapping[str, Any]] = (),
         epsilon: float | None = None,
         metrics: Mapping[str, float | None] | None = None,
+        released: np.ndarray | None = None,
     ) -> None:
         """Record a finished round: parameters, who took part and dropped, digests, aggregate, DP.
 
         `participants[i]` is the id of the protocol's client i (default: i);
         `dp_events` are this round's new ledger entries and `epsilon` the spend of the
-        whole log so far. Raises InvalidInput/ConfigurationError for inconsistent input.
+        whole log so far; `released`: what the server released when it differs from
+        ``result.total`` (the noised sum under central DP: the log never holds a digest of
+        the un-noised sum, which would confirm guesses about it). Raises
+        InvalidInput/ConfigurationError for inconsistent input.
         """
         parts = list(range(result.spec.n)) if participants is None else list(participants)
         if len(parts) != result.spec.n:
@@ -270,7 +279,7 @@ class AuditWriter:
             return int(parts[c]) if isinstance(c, (int, np.integer)) else str(c)
 
         body = self._round_head(round_index, protocol, parts)
-        total = np.ascontiguousarray(result.total, dtype="<f8")
+        total = np.ascontiguousarray(result.total if released is None else released, dtype="<f8")
         body.update(
             included=sorted(pid(c) for c in result.included),
             dropped=[{"participant": pid(c), "phase": d.phase, "reason": d.reason.value, "detail": d.detail}
@@ -283,6 +292,20 @@ class AuditWriter:
         body["dp"] = self._dp(dp_events, epsilon)
         self._append("round", body)
         self._rounds, self.last_round = self._rounds + 1, int(round_index)
+
+    def release(self, round_index: int, *, dp_events: Sequence[Mapping[str, Any]], epsilon: float) -> None:
+        """Record, ahead of round `round_index`'s entry, that its aggregate was released: `dp_events`
+        (at least one) are composed now and `epsilon` is the whole log's spend with them. A server that
+        crashes before the round's entry has still logged what it spent (``protocols/audit.md``)."""
+        if not self.in_session:
+            raise ConfigurationError("no audit session is open: call start first")
+        if isinstance(round_index, bool) or not isinstance(round_index, (int, np.integer)) or round_index < 1:
+            raise InvalidInput(f"round must be a positive integer, got {round_index!r}")
+        if self.last_round is not None and round_index <= self.last_round:
+            raise ConfigurationError(f"a release of round {round_index} after round {self.last_round} was recorded")
+        if self._privacy is None or not dp_events:
+            raise ConfigurationError("a release entry needs DP events in a log that declares privacy")
+        self._append("release", {"round": int(round_index), "dp": self._dp(dp_events, epsilon)})
 
     def round_aborted(
         self,

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -73,14 +74,20 @@ def load_key(directory: str | os.PathLike[str], key: KeyLike | None) -> Ed25519P
         return load_or_create_key(d, private)
     new = Ed25519PrivateKey.generate()
     pem = new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, pem)
         os.fsync(fd)
     finally:
         os.close(fd)
     pub = new.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    private.with_suffix(".pub").write_bytes(pub)
+    public = private.with_suffix(".pub")
+    public.unlink(missing_ok=True)  # never write through a planted link
+    fd = os.open(public, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, pub)
+    finally:
+        os.close(fd)
     return new
 
 
@@ -106,12 +113,31 @@ def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
     _fsync_dir(path.parent)
 
 
-def _sha256(path: Path) -> str:
+def _open_regular(path: Path) -> Any:
+    """`path` opened for reading if it is a regular file of the folder itself (no link, FIFO or directory:
+    one could block the server or read elsewhere); ConfigurationError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise ConfigurationError(f"cannot open {path}: {e.strerror}; restore the file the server wrote") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigurationError(f"{path} is not a regular file; restore the file the server wrote")
+    return os.fdopen(fd, "rb")
+
+
+def _digest(f: Any) -> str:
+    """SHA-256 of the open file `f` from its start; leaves it at its start again."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+    f.seek(0)
     return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    with _open_regular(path) as f:
+        return _digest(f)
 
 
 def _write_signed(path: Path, body: Any, key: Ed25519PrivateKey) -> None:
@@ -123,7 +149,8 @@ def _write_signed(path: Path, body: Any, key: Ed25519PrivateKey) -> None:
 def _read_signed(path: Path, public: Ed25519PublicKey | None) -> Any:
     """The body of a signed file, its signature checked with `public` (None: unchecked, for tests and reports)."""
     try:
-        doc = json.loads(path.read_bytes())
+        with _open_regular(path) as f:
+            doc = json.loads(f.read())
     except (OSError, ValueError, RecursionError) as e:
         raise ConfigurationError(f"cannot read {path}: {e}") from None
     if not isinstance(doc, dict) or set(doc) != {"body", "key", "sig"} or not isinstance(doc["sig"], str):
@@ -200,12 +227,14 @@ def released(directory: str | os.PathLike[str], public: Ed25519PublicKey | None,
     Raises ConfigurationError for a record not signed by `public` or not following committed round `round_index`.
     """
     path = Path(directory) / _RELEASED
-    if not path.exists():
+    if not path.is_symlink() and not path.exists():
         return []
     body = _read_signed(path, public)
     if not isinstance(body, dict) or set(body) != {"round", "events"} or not isinstance(body["events"], list) \
             or not all(isinstance(e, dict) for e in body["events"]):
         raise ConfigurationError(f"{path} is not a list of DP events")
+    if isinstance(body["round"], int) and body["round"] < round_index:
+        return []  # a commit after these releases took them into its ledger; the crash came before the unlink
     if body["round"] != round_index:
         raise ConfigurationError(f"{path} follows round {body['round']!r}, not the checkpoint's round {round_index}: "
                                  "it belongs to another state of the run; restore the files the server wrote")
@@ -229,15 +258,21 @@ def load_all(directory: str | os.PathLike[str], public: Ed25519PublicKey | None 
     """:func:`load` plus the server optimizer's state arrays by name (its ``state_dict()``); the
     optimizer's description is ``state["optimizer"]["config"]``."""
     d = Path(directory)
-    if not (d / _STATE).exists():
+    if not (d / _STATE).is_symlink() and not (d / _STATE).exists():
         return None
     state = _read_signed(d / _STATE, public)
     _check_state(state, d)
     path = d / state["model"]
-    if _sha256(path) != state["model_sha256"]:
-        raise ConfigurationError(f"{path} is not the model file the checkpoint committed (SHA-256 differs)")
+    with _open_regular(path) as f:  # hashed and loaded through one descriptor: no swap in between
+        if _digest(f) != state["model_sha256"]:
+            raise ConfigurationError(f"{path} is not the model file the checkpoint committed (SHA-256 differs)")
+        return state, *_arrays(f, path, state)
+
+
+def _arrays(f: Any, path: Path, state: Mapping[str, Any]) -> tuple[ArrayRecord, np.ndarray | None,
+                                                                   dict[str, np.ndarray]]:
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(f, allow_pickle=False) as npz:
             arrays = ArrayRecord()
             for i, name in enumerate(state["names"]):
                 arrays[name] = Array(np.ascontiguousarray(npz[f"arr_{i}"]))
@@ -247,7 +282,7 @@ def load_all(directory: str | os.PathLike[str], public: Ed25519PublicKey | None 
             aggregate = npz[f"arr_{first + len(opt_names)}"] if state["aggregate"] else None
     except (OSError, KeyError, ValueError) as e:
         raise ConfigurationError(f"cannot read the checkpoint's model {path}: {e}") from e
-    return state, arrays, aggregate, opt_state
+    return arrays, aggregate, opt_state
 
 
 def _is_int(x: Any, low: int = 0) -> bool:
@@ -280,8 +315,9 @@ def _check_state(state: Any, d: Path) -> None:
         raise bad("optimizer must be {config: object, arrays: list of names}")
     head = state.get("audit_head")
     if head is not None and not (isinstance(head, dict) and set(head) == {"seq", "sha256"} and
-                                 _is_int(head["seq"]) and isinstance(head["sha256"], str)):
-        raise bad("audit_head must be null or {seq, sha256}")
+                                 _is_int(head["seq"], 1) and isinstance(head["sha256"], str) and
+                                 re.fullmatch(r"[0-9a-f]{64}", head["sha256"])):
+        raise bad("audit_head must be null or {seq >= 1, sha256: 64 hex digits}")
     cooldown = state.get("cooldown")
     if not isinstance(cooldown, dict) or not all(k.isdigit() and _is_int(v) for k, v in cooldown.items()):
         raise bad("cooldown must map node ids to round numbers")

@@ -67,13 +67,19 @@ def restore(directory: str | os.PathLike[str], key: Ed25519PrivateKey, audit: An
     is counted. Raises ConfigurationError for a checkpoint or log that was changed, cut or rolled back.
     """
     loaded = _checkpoint.load_all(directory, key.public_key())
+    round_index = 0 if loaded is None else loaded[0]["round"]
+    # With an audit log every release is logged ahead (``release`` entries): the log is the ledger and
+    # released.json is never written. Without one, released.json holds the releases after the commit.
+    pending = [] if audit is not None else _checkpoint.released(directory, key.public_key(), round_index=round_index)
+    if audit is not None and _checkpoint.released(directory, None, round_index=round_index):
+        raise ConfigurationError(f"{directory} holds released.json, which a run with an audit log never writes: "
+                                 "the folder belongs to a run without this log; use that run's settings")
     if loaded is None:
-        # Aggregates decoded before the first commit were released all the same: they stay in the ledger.
-        return Restored(pending=_checkpoint.released(directory, key.public_key(), round_index=0))
+        return Restored(pending=pending)
     state, arrays, aggregate, optimizer = loaded
-    pending = _checkpoint.released(directory, key.public_key(), round_index=state["round"])
     if audit is not None:
         _check_log(state, audit)
+        state = {**state, "ledger": list(audit.ledger)}  # the checkpoint's ledger and any release after it
     counter = state["counter"] + 1
     _checkpoint.touch(directory, state, key=key, counter=counter)
     return Restored({**state, "counter": counter}, arrays, aggregate, pending, counter, optimizer)
@@ -116,37 +122,28 @@ def _check_log(state: Mapping[str, Any], audit: Any) -> None:
     head, r = state["audit_head"], state["round"]
     last = audit.last_round or 0
     if head is None:
-        if last:
-            raise ConfigurationError(f"the audit log {audit.path} has rounds but the checkpoint was committed "
-                                     "without an audit log: they belong to different runs")
-        return
-    if head["seq"] and _entry_hash_at(audit.path, head["seq"]) != head["sha256"]:
+        raise ConfigurationError(f"the checkpoint in the folder was committed without an audit log, and this run "
+                                 f"has one ({audit.path}): resume it without audit_log, or start a new run")
+    if _entry_hash_at(audit.path, head["seq"]) != head["sha256"]:
         raise ConfigurationError(
             f"the audit log {audit.path} is shorter than, or differs from, the log the checkpoint of round {r} "
             f"was committed against (its entry {head['seq']} should hash to {head['sha256'][:16]}...): it was "
             "cut or replaced; restore the log that goes with this checkpoint")
-    if last > r:
+    if last > r or (audit.checkpoint_counter is not None and state["counter"] < audit.checkpoint_counter):
         raise ConfigurationError(
-            f"the audit log {audit.path} records round {last} but the checkpoint is at round {r}: the "
-            "checkpoint was rolled back (or the log belongs to another run); restore the latest checkpoint")
-    logged, ledger = list(audit.ledger), state["ledger"]
-    if last == r:
-        extra = 0  # the log has the committed round: the ledgers are equal
-    elif last == r - 1 and isinstance(state.get("audit"), dict) and state["audit"].get("round") == r:
-        extra = len(ledger) - len(logged)  # the round's events (and any released before it) are not logged yet
-    else:
+            f"the audit log {audit.path} records round {last} (checkpoint counter {audit.checkpoint_counter}) but "
+            f"the checkpoint is at round {r} (counter {state['counter']}): the checkpoint was rolled back (or the "
+            "log belongs to another run); restore the latest checkpoint")
+    if not (last == r or (last == r - 1 and isinstance(state.get("audit"), dict) and state["audit"].get("round") == r)):
         raise ConfigurationError(
             f"the audit log ends at round {last} but the checkpoint at round {r}: "
             "they belong to different runs; use the audit log of this checkpoint or a new one")
-    if extra < 0 or (last == r and len(ledger) != len(logged)) or not _same(logged, ledger[:len(logged)]):
+    logged, ledger = list(audit.ledger), state["ledger"]
+    if len(ledger) > len(logged) or not _same(logged[:len(ledger)], ledger):
         raise ConfigurationError(
-            f"the checkpoint's privacy ledger ({len(ledger)} events) does not extend the audit log's "
-            f"({len(logged)} events) by the events of the round the log lacks: one of them was changed; "
+            f"the checkpoint's privacy ledger ({len(ledger)} events) is not a prefix of the audit log's "
+            f"({len(logged)} events, every release logged before its commit): one of them was changed; "
             "refusing to resume (restore the files the server wrote)")
-    released = state["audit"] is not None and state["audit"].get("aborted") is None
-    if last == r - 1 and ledger and released and not any(e.get("round") == r for e in ledger[len(logged):]):
-        raise ConfigurationError(f"the checkpoint's privacy ledger has no event of round {r}, whose aggregate was "
-                                 "released: it was changed; refusing to resume (restore the files the server wrote)")
 
 
 def audit_record(report: Any, outcome: Any) -> dict[str, Any]:
@@ -204,5 +201,9 @@ def reconcile(audit: Any, restored: Restored, *, protocol: AggregationProtocol, 
         from securefed.privacy import Accountant
 
         epsilon = Accountant.from_ledger(state["ledger"], privacy.accountant).epsilon(privacy.delta)
-    write_round(audit, state["audit"], restored.aggregate, protocol=protocol, privacy=privacy,
-                ledger=state["ledger"], epsilon=epsilon)
+    try:
+        write_round(audit, state["audit"], restored.aggregate, protocol=protocol, privacy=privacy,
+                    ledger=state["ledger"], epsilon=epsilon)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # InvalidInput is a ValueError too
+        raise ConfigurationError(f"the checkpoint's record of round {state['round']} is malformed ({type(e).__name__}: "
+                                 f"{e}); restore the files the server wrote") from None

@@ -265,6 +265,7 @@ class SecureFedAvg:
             resumed = None if self.checkpoint_dir is None else restored.audit_checkpoint()
             with audit.session(config=_audit_config(self, num_rounds), privacy=settings,
                                seeded_secrets=self.seed is not None, checkpoint=resumed):
+                run.audit = audit
                 if self.checkpoint_dir is not None:
                     _resume.reconcile(audit, restored, protocol=self.protocol, privacy=self.privacy)
                 elif audit.last_round:
@@ -320,10 +321,10 @@ class SecureFedAvg:
                                  arrays=run.arrays, state=state.to_json(),
                                  optimizer=(run.optimizer.describe(), run.optimizer.state_dict()),
                                  audit_head=None if audit is None else {"seq": seq, "sha256": head},
-                                 aggregate=None if outcome is None or audit is None else outcome.result.total)
+                                 aggregate=None if outcome is None or audit is None else run.released)
             if audit is not None:
                 assert state.audit is not None
-                _resume.write_round(audit, state.audit, None if outcome is None else outcome.result.total,
+                _resume.write_round(audit, state.audit, None if outcome is None else run.released,
                                     protocol=self.protocol, privacy=self.privacy, ledger=state.ledger,
                                     epsilon=report.epsilon)
         return result
@@ -358,6 +359,7 @@ class SecureFedAvg:
             mean = total[:-1] / total[-1]
         else:
             mean = total / len(included)
+        run.released = total  # noised under central DP: neither the checkpoint nor the log holds the raw sum
         new, run.optimizer = optim.step_in_dtype(run.optimizer, start, mean, r)  # kept only if the step succeeds
         run.arrays = _model.with_vector(run.arrays, new, spec)
         metrics: dict[str, float] = {
@@ -393,9 +395,11 @@ class SecureFedAvg:
         if isinstance(noise := mech.noise(), CentralGaussian):
             noise.add_to(total, rng.child("server-noise"))
         event = mech.event(included=included, n=n, round=r)
-        if self.checkpoint_dir is not None:
-            _checkpoint.record_release(self.checkpoint_dir, event.to_dict(), key=run.key, round_index=run.state.round)
         run.accountant.record(event)
+        if run.audit is not None:  # logged ahead of the round's entry and commit: a crash cannot hide it
+            run.audit.release(r, dp_events=[event.to_dict()], epsilon=run.accountant.epsilon(self.privacy.delta))
+        elif self.checkpoint_dir is not None:
+            _checkpoint.record_release(self.checkpoint_dir, event.to_dict(), key=run.key, round_index=run.state.round)
         run.pending.append(event.to_dict())
         return total
 
@@ -411,6 +415,8 @@ class _Run:
     optimizer: Any = None  # the server optimizer with the run's state
     key: Any = None  # the checkpoint's signing key
     counter: int = 0  # the checkpoint counter: grows with every commit and resume
+    audit: Any = None  # the open audit writer: every DP release is logged before the server uses it
+    released: np.ndarray | None = None  # what the last round released (noised under central DP), never the raw sum
 
 
 def _check_options(privacy: Any, fraction_train: float, min_train_nodes: int, min_available_nodes: int,

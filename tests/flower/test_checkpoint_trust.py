@@ -117,10 +117,15 @@ def test_a_reset_ledger_is_refused_and_the_budget_still_stops_round_three(tmp_pa
         train(tmp_path, 4, audit=audit)
 
 
-def test_a_reset_ledger_signed_with_the_server_key_still_disagrees_with_the_audit_log(tmp_path):
+def test_a_reset_ledger_signed_with_the_server_key_still_spends_from_the_audit_log(tmp_path, eps):
+    """Even a checkpoint re-signed by the key holder cannot hide spend: with an audit log, every release is
+    logged before its commit and the resumed accountant is the log's; a ledger not a prefix of it is refused."""
     train(tmp_path, 2)
     resign(tmp_path, lambda s: s.update(ledger=[]), server_key(tmp_path))
-    with pytest.raises(ConfigurationError, match="privacy ledger"):
+    with pytest.raises(PrivacyBudgetExceeded, match="spent so far: 7.077 in 2 rounds"):
+        train(tmp_path, 4)
+    resign(tmp_path, lambda s: s.update(ledger=s["ledger"][::-1] + s["ledger"][:1]), server_key(tmp_path))
+    with pytest.raises(ConfigurationError, match="not a prefix"):
         train(tmp_path, 4)
 
 
@@ -142,11 +147,13 @@ def test_a_forged_round_record_after_a_cut_log_is_refused_and_nothing_is_signed(
     with pytest.raises(ConfigurationError, match="not signed"):
         train(tmp_path, 3)
     assert log.read_bytes() == before  # refused before the log was touched: no resume, no forged round
-    # Even signed with the server's key, a ledger short of the log's is refused.
+    # Even re-signed by the key holder, the entry written for round 2 takes its DP events and epsilon from the
+    # log's own release entries, not from the record: the budget stops round 3 at the true spend.
     resign(tmp_path, forge, server_key(tmp_path))
-    with pytest.raises(ConfigurationError, match="privacy ledger|does not extend"):
+    with pytest.raises(PrivacyBudgetExceeded):
         train(tmp_path, 3)
-    assert log.read_bytes() == before
+    res = verify(log, allow_seeded=True)
+    assert res.ok and res.rounds == 2 and res.epsilon == pytest.approx(eps[1]), res.summary()
 
 
 def test_a_log_cut_below_the_head_the_checkpoint_recorded_is_refused(tmp_path):
@@ -228,7 +235,8 @@ def test_every_commit_and_resume_grows_the_counter(tmp_path):
     (resume,) = [e for e in entries if e["type"] == "resume"]
     assert resume["body"]["checkpoint"]["counter"] == first + 1
     head = resume["body"]["checkpoint"]["head"]
-    assert entries[head["seq"] - 1]["type"] == "run_start"  # the log's head when round 1 was committed
+    # The log's head when round 1 was committed: its release entry (written before the commit).
+    assert entries[head["seq"] - 1]["type"] == "release" and entries[head["seq"] - 1]["body"]["round"] == 1
 
 
 # -- attack 4: checkpoint values are trusted ------------------------------------------------------------------

@@ -173,8 +173,12 @@ def test_an_aggregate_released_before_a_crash_stays_in_the_ledger(tmp_path, monk
     with pytest.raises(Crash):
         run(tmp_path, protocol, privacy, 3)
     monkeypatch.setattr(_checkpoint, "save", real)
-    released = json.loads((tmp_path / "ckpt" / "released.json").read_text())["body"]  # signed: body, key, sig
-    assert released["round"] == 1 and [e["round"] for e in released["events"]] == [2]
+    # With an audit log the release is logged before the commit (a release entry), and released.json never exists.
+    assert not (tmp_path / "ckpt" / "released.json").exists()
+    entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    releases = [(e["body"]["round"], [d["round"] for d in e["body"]["dp"]["events"]])
+                for e in entries if e["type"] == "release"]
+    assert releases == [(1, [1]), (2, [2])]
     res = run(tmp_path, protocol, privacy, 3)
     state, _, _ = _checkpoint.load(tmp_path / "ckpt")
     assert [e["round"] for e in state["ledger"]] == [1, 2, 2, 3]
