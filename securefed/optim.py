@@ -26,6 +26,7 @@ and to check on resume that the optimizer did not change).
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Mapping
@@ -35,7 +36,7 @@ import numpy as np
 
 from securefed.errors import ConfigurationError, InvalidInput
 
-__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "ServerOptimizer", "resolve"]
+__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "ServerOptimizer", "resolve", "step_in_dtype"]
 
 
 @runtime_checkable
@@ -269,3 +270,25 @@ def resolve(server_optimizer: ServerOptimizer | None, server_lr: float = 1.0) ->
                                  "learning rate with an optimizer use its own (FedAvgM's server_learning_rate, "
                                  "the FedOpt family's eta)")
     return server_optimizer
+
+
+def step_in_dtype(optimizer: ServerOptimizer, weights: np.ndarray, mean_update: np.ndarray, round: int
+                  ) -> tuple[np.ndarray, ServerOptimizer]:
+    """One server step for a model held in ``weights.dtype`` (float32, most often): ``(new weights in that dtype,
+    the stepped optimizer)``.
+
+    The optimizer steps in float64 on a shallow copy of `optimizer`, which is left as it was: keep the
+    returned one. securefed's optimizers replace their state arrays on a step and never write into
+    them, so the copy costs nothing and a failed step changes no state. InvalidInput when the new
+    weights are not finite in ``weights.dtype`` (a float32 model overflows long before float64).
+    """
+    weights = np.asarray(weights)
+    trial = copy.copy(optimizer)
+    new = trial.step(weights.astype(np.float64), mean_update, round)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = new.astype(weights.dtype)
+    if not np.isfinite(cast).all():
+        raise InvalidInput(f"round {round}'s update takes the model's {weights.dtype} parameters to inf or NaN (server "
+                           f"step {optimizer!r}); lower server_lr (or the optimizer's learning rate) or lr. The model "
+                           "and the optimizer's state keep their previous values")
+    return cast, trial

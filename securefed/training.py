@@ -17,6 +17,7 @@ whose secrets derive from the seed; such a run says so everywhere (a warning,
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -30,6 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from securefed import _trainer_checks as checks
+from securefed import _trainer_steps as steps
+from securefed import optim
 from securefed.crypto.random import RandomSource, derive_key
 from securefed.encoding import flatten, unflatten
 from securefed.errors import (
@@ -168,24 +171,6 @@ def _only_trainable(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-              ) -> dict[str, float]:
-    """Mean loss (and accuracy for class logits) of `model` on `dataset`."""
-    model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for xb, yb in DataLoader(dataset, batch_size=1024):
-        out = model(xb)
-        total_loss += float(loss_fn(out, yb)) * len(yb)
-        if out.ndim == 2 and yb.ndim == 1:
-            correct += int((out.argmax(dim=1) == yb).sum())
-        count += len(yb)
-    metrics = {"eval_loss": total_loss / count}
-    if out.ndim == 2 and yb.ndim == 1:
-        metrics["eval_accuracy"] = correct / count
-    return metrics
-
-
 def _client_dropouts(schedule: DropoutSchedule | None, round: int, participants: list[int],
                      population: int) -> dict[int, str]:
     """The schedule's dropouts of this round as ``{client index in the round: phase}``.
@@ -208,26 +193,10 @@ def _describe(t: Trainer) -> dict[str, Any]:
         "participants": len(t.datasets), "clients_per_round": t.clients_per_round,
         "algorithm": t.algorithm, "local_epochs": t.local_epochs, "batch_size": t.batch_size,
         "lr": t.lr, "momentum": t.momentum, "server_lr": t.server_lr, "weighting": t.weighting,
+        "server_optimizer": t.server_optimizer.describe(), "proximal_mu": t.proximal_mu, "device": str(t.device),
         "protocol": repr(t.protocol), "privacy": repr(t.privacy), "seed": t.seed,
         "reproducible_secrets": t.reproducible_secrets,
     }
-
-
-def _sgd(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
-         loader: DataLoader, epochs: int, seed: int) -> float:
-    """`epochs` passes of minibatch SGD over `loader` (torch's global RNG seeded for the block); the mean loss."""
-    total, count = 0.0, 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(epochs):
-            for xb, yb in loader:
-                opt.zero_grad()
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(yb)
-                count += len(yb)
-    return total / max(count, 1)
 
 
 def progress_status(record: RoundRecord) -> str:
@@ -275,14 +244,50 @@ def _round_inputs(t: Trainer, participants: list[int], start: np.ndarray, spec: 
     return inputs, losses, weights
 
 
-def _stepped(start: np.ndarray, server_lr: float, mean: np.ndarray, round: int) -> np.ndarray:
-    """start + server_lr * mean in start's dtype; InvalidInput when that is not finite (the model is kept)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        new = (start + server_lr * mean).astype(start.dtype)
-    if not np.isfinite(new).all():
-        raise InvalidInput(f"round {round}'s update takes the model's {start.dtype} parameters to inf or NaN "
-                           f"(server_lr {server_lr:g}); lower server_lr or lr. The model keeps its previous values")
-    return new
+def _mean_update(t: Trainer, res: AggregationResult, sampled: int) -> np.ndarray:
+    """The round's released mean update: noised and accounted under DP, else the (weighted) mean."""
+    if t.privacy_session is not None:
+        return t.privacy_session.finish_round(res.total, len(res.included), sampled, t._round)
+    if t.weighting == "examples":
+        return res.total[:-1] / res.total[-1]
+    return res.total / len(res.included)
+
+
+def _finish_round(t: Trainer, res: AggregationResult, participants: list[int], protocol: AggregationProtocol,
+                  losses: list[float], weights: list[int]) -> RoundRecord:
+    """Evaluate the new model, record the round (history, audit log, log line, ``on_round``); its record."""
+    dp = t.privacy_session
+    included = tuple(participants[i] for i in res.included)
+    metrics = t.evaluate()
+    metrics["upload_bytes_per_client"] = float(np.mean([res.server_view.bytes_from(i) for i in res.included]))
+    metrics["dropped"] = float(len(participants) - len(included))
+    metrics.update({} if dp is None else dp.metrics)
+    # Under DP the loss is an exact function of private data: not released (protocols/dp.md 2).
+    mean_loss = float(np.average(losses, weights=weights)) if dp is None else None
+    record = RoundRecord(t._round, mean_loss, metrics, None if dp is None else dp.epsilon(), included)
+    t.history.rounds.append(record)
+    if t.audit is not None:
+        t._audit_begin()
+        t.audit.round(t._round, protocol=protocol, result=res, participants=participants,
+                      metrics=metrics if mean_loss is None else {"loss": mean_loss, **metrics},
+                      dp_events=[] if dp is None else dp.unaudited_ledger(), epsilon=record.epsilon)
+    shown = "" if mean_loss is None else f"loss {mean_loss:.4f} "  # under DP: not released
+    log.info("round %d: %s%s included %s", t._round, shown, metrics, included)
+    if t.on_round is not None:
+        t.on_round(record)
+    return record
+
+
+def _skipped_round(t: Trainer) -> RoundRecord:
+    """A Poisson sample too small for the protocol (or empty): no update, nothing released or spent."""
+    assert t.privacy_session is not None
+    metrics = {**t.evaluate(), "skipped": 1.0}
+    record = RoundRecord(t._round, None, metrics, t.privacy_session.epsilon(), ())
+    t.history.rounds.append(record)
+    log.info("round %d: the sample was too small for %s; skipped", t._round, t.protocol.name)
+    if t.on_round is not None:
+        t.on_round(record)
+    return record
 
 
 def _seed_bytes(seed: int | None, label: str) -> bytes | None:
@@ -332,8 +337,19 @@ class Trainer:
     - ``clients_per_round``: participants sampled per round (default all);
     - ``local_epochs``, ``batch_size`` (integers >= 1), ``lr`` (>= 0: 0 is torch's bound, a probe
       whose update is the aggregate's noise), ``momentum`` (in [0, 1): 1 never forgets a step): local SGD;
-    - ``server_lr``: step on the mean update (> 0; 1.0 is FedAvg); a step that takes the model to
-      inf or NaN raises InvalidInput and leaves the model as it was;
+    - ``server_lr``: step on the mean update (> 0; 1.0 is FedAvg), shorthand for
+      ``FedAvgM(server_learning_rate=server_lr)``; ``server_optimizer``: what the server does with the
+      round's mean update, an object from :mod:`securefed.optim` (``FedAvg``, ``FedAvgM``, ``FedAdam``,
+      ``FedYogi``, ``FedAdagrad``, Flower's arithmetic; copied: ``trainer.server_optimizer`` holds the
+      run's state); not both. It sees only the released aggregate (post-processing: every protocol and
+      DP setting, same epsilon). A step that takes the model to inf or NaN raises InvalidInput and
+      leaves the model and the optimizer's state as they were;
+    - ``proximal_mu``: FedProx (>= 0, default 0: off): local training minimizes
+      ``loss + (mu/2) ||w - w_global||^2`` over the trained parameters (``parameters=``);
+    - ``device``: where local training, evaluation and DP-SGD's per-example work run: ``"cpu"``,
+      ``"cuda"``, ``"cuda:N"``, ``"mps"``, a ``torch.device``, ``"auto"`` (CUDA if available, else the
+      CPU) or None (default: where the model is); the model is moved there. Each update comes back
+      to the host once for the protocol. ConfigurationError for a device that is not available;
     - ``weighting``: ``"examples"`` (weight n_k / max_k n_k, carried inside the
       aggregate) or ``"uniform"``; default ``"examples"``, and ``"uniform"`` (the only
       choice) with privacy: DP-FedAvg bounds each participant's influence, and
@@ -374,6 +390,9 @@ class Trainer:
         lr: float = 0.05,
         momentum: float = 0.0,
         server_lr: float = 1.0,
+        server_optimizer: optim.ServerOptimizer | None = None,
+        proximal_mu: float = 0.0,
+        device: str | torch.device | None = None,
         weighting: Literal["examples", "uniform"] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         eval_dataset: Dataset | None = None,
@@ -405,6 +424,10 @@ class Trainer:
         self.lr = checks.real("lr", lr, low=0.0, low_open=False)
         self.momentum = checks.real("momentum", momentum, low=0.0, low_open=False, high=1.0)
         self.server_lr = checks.real("server_lr", server_lr, low=0.0)
+        #: The server optimizer with the run's state (a copy of ``server_optimizer``).
+        self.server_optimizer = copy.deepcopy(optim.resolve(server_optimizer, self.server_lr))
+        self.proximal_mu = checks.real("proximal_mu", proximal_mu, low=0.0, low_open=False)
+        self.device = steps.resolve_device(device, model)
         self.weighting = mode
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.eval_dataset = checks.eval_dataset(eval_dataset)
@@ -440,6 +463,7 @@ class Trainer:
             if self.audit is not None and self.audit.ledger:
                 self.privacy_session.resume(self.audit.ledger)
         self.history = History(seeded_secrets=reproducible_secrets)
+        model.to(self.device)
 
     @property
     def accountant(self) -> Any:
@@ -461,14 +485,16 @@ class Trainer:
         full = self.algorithm == "fedsgd"
         size = len(data) if full else self.batch_size  # type: ignore[arg-type]
         loader = DataLoader(data, batch_size=size, shuffle=not full, generator=gen)
-        opt = torch.optim.SGD(list(self._params().values()), lr=self.lr, momentum=self.momentum)
+        opt = steps.local_optimizer(list(self._params().values()), lr=self.lr, momentum=self.momentum,
+                                    mu=self.proximal_mu)
         self.model.train()
         dp = self.privacy_session
         if dp is not None and dp.local_training:
             loss = dp.train_locally(self.model, data, self.loss_fn, opt,
                                     self._secrets.child(f"round/{self._round}/client/{client}/dp-sgd"))
             return flatten(self._params())[0] - start, loss
-        loss = _sgd(self.model, self.loss_fn, opt, loader, 1 if full else self.local_epochs, gen.initial_seed())
+        loss = steps.sgd(self.model, self.loss_fn, opt, loader, 1 if full else self.local_epochs, gen.initial_seed(),
+                         self.device)
         return flatten(self._params())[0] - start, loss
 
     def _load(self, vector: np.ndarray, spec: Any) -> None:
@@ -507,7 +533,7 @@ class Trainer:
         participants = (self._sample(self._rng) if dp is None
                         else dp.sample(self._round, lambda: self._sample(self._secrets)))
         if dp is not None and not dp.runnable(len(participants)):
-            return self._skipped_round()
+            return _skipped_round(self)
         try:  # the schedule is checked before anything is spent or trained
             drops = _client_dropouts(self.dropouts, self._round, participants, len(self.datasets))
             if dp is not None:
@@ -530,53 +556,17 @@ class Trainer:
             raise
         finally:
             self._load(start, spec)
-        if dp is not None:
-            mean = dp.finish_round(res.total, len(res.included), len(participants), self._round)
-        elif self.weighting == "examples":
-            mean = res.total[:-1] / res.total[-1]
-        else:
-            mean = res.total / len(res.included)
-        self._load(_stepped(start, self.server_lr, mean, self._round), spec)
-        included = tuple(participants[i] for i in res.included)
-        metrics = self.evaluate()
-        metrics["upload_bytes_per_client"] = float(
-            np.mean([res.server_view.bytes_from(i) for i in res.included])
-        )
-        metrics["dropped"] = float(len(participants) - len(included))
-        metrics.update({} if dp is None else dp.metrics)
-        # Under DP the loss is an exact function of private data: not released (protocols/dp.md 2).
-        mean_loss = float(np.average(losses, weights=weights)) if dp is None else None
-        record = RoundRecord(self._round, mean_loss, metrics, None if dp is None else dp.epsilon(), included)
-        self.history.rounds.append(record)
-        if self.audit is not None:
-            self._audit_begin()
-            self.audit.round(self._round, protocol=protocol, result=res, participants=participants,
-                             metrics=metrics if mean_loss is None else {"loss": mean_loss, **metrics},
-                             dp_events=[] if dp is None else dp.unaudited_ledger(),
-                             epsilon=record.epsilon)
-        shown = "" if mean_loss is None else f"loss {mean_loss:.4f} "  # under DP: not released
-        log.info("round %d: %s%s included %s", self._round, shown, metrics, included)
-        if self.on_round is not None:
-            self.on_round(record)
-        return record
-
-    def _skipped_round(self) -> RoundRecord:
-        """A Poisson sample too small for the protocol (or empty): no update, nothing released or spent."""
-        assert self.privacy_session is not None
-        metrics = {**self.evaluate(), "skipped": 1.0}
-        record = RoundRecord(self._round, None, metrics, self.privacy_session.epsilon(), ())
-        self.history.rounds.append(record)
-        log.info("round %d: the sample was too small for %s; skipped", self._round, self.protocol.name)
-        if self.on_round is not None:
-            self.on_round(record)
-        return record
+        mean = _mean_update(self, res, len(participants))
+        new, self.server_optimizer = optim.step_in_dtype(self.server_optimizer, start, mean, self._round)
+        self._load(new, spec)  # the stepped optimizer is kept only when the step succeeded
+        return _finish_round(self, res, participants, protocol, losses, weights)
 
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on ``eval_dataset`` (empty dict without one): public data, released as is."""
         if self.eval_dataset is None:
             return {}
         with _threads(self.torch_threads):
-            return _evaluate(self.model, self.eval_dataset, self.loss_fn)
+            return steps.evaluate(self.model, self.eval_dataset, self.loss_fn, self.device)
 
     def _audit_begin(self) -> None:
         """Open an audit session (run_start or resume) unless one is open."""

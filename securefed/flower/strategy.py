@@ -171,8 +171,8 @@ class SecureFedAvg:
         identities: KeyDirectory | None = None,
         seed: int | None = None,
     ) -> None:
-        weighting = _check_options(privacy, fraction_train, min_train_nodes, min_available_nodes, weighting,
-                                   max_examples, cooldown_rounds)
+        mode = _check_options(privacy, fraction_train, min_train_nodes, min_available_nodes, weighting, max_examples,
+                              cooldown_rounds)
         self.protocol = protocol
         self.privacy = privacy
         self.aggregator = GridAggregator(protocol, phase_timeout=phase_timeout, train_timeout=train_timeout,
@@ -182,7 +182,7 @@ class SecureFedAvg:
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
         self.node_wait_timeout = node_wait_timeout
-        self.weighting = weighting
+        self.weighting = mode
         self.max_examples = max_examples
         self.server_lr = server_lr
         #: The configured server optimizer; each start() steps a copy (restored from the checkpoint).

@@ -89,11 +89,13 @@ class DPSGD(NoiseModule):
             raise ConfigurationError("DP-SGD cannot train batch normalization layers; use GroupNorm or LayerNorm")
         size = len(dataset)  # type: ignore[arg-type]
         total_loss, count = 0.0, 0
+        first = next((p for p in model.parameters() if p.requires_grad), None)
+        device = torch.device("cpu") if first is None else first.device  # batches go where the model is
         model.train()
         for step in range(steps):
             # sampling_rate = 1 takes every example (every accepted rate runs: proofs/dp.md section 8).
             idx = sampling.poisson_sample(rng.child(f"sample/{step}"), size, self.sampling_rate)
-            losses = self.step(model, _batch(dataset, idx), loss_fn=loss_fn, optimizer=optimizer,
+            losses = self.step(model, _batch(dataset, idx, device), loss_fn=loss_fn, optimizer=optimizer,
                                expected_batch=self.sampling_rate * size, rng=rng.child(f"noise/{step}"))
             total_loss += float(losses.sum())
             count += int(losses.numel())
@@ -108,8 +110,11 @@ class DPSGD(NoiseModule):
         grads, losses = self.clipped_sum(model, batch, loss_fn)
         optimizer.zero_grad(set_to_none=True)
         for p, g in grads:
+            # Drawn on the host from the party's CSPRNG (OS randomness unless the secrets are seeded), then
+            # moved: a device generator is no CSPRNG and would not follow reproducible_secrets.
             noise = sampling.gaussian(rng, self.noise_multiplier * self.max_grad_norm, g.numel())
-            p.grad = g.add_(torch.from_numpy(noise).to(g.dtype).reshape(g.shape)).div_(expected_batch)
+            noise_t = torch.from_numpy(noise).to(device=g.device, dtype=g.dtype)
+            p.grad = g.add_(noise_t.reshape(g.shape)).div_(expected_batch)
         optimizer.step()
         return losses
 
@@ -186,11 +191,14 @@ class DPSGD(NoiseModule):
                 yield norms, loss.detach(), weighted_sum
 
 
-def _batch(dataset: Dataset, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _batch(dataset: Dataset, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The examples `idx` of `dataset` as one batch on `device` (None for none)."""
     if idx.size == 0:
         return None
     if isinstance(dataset, TensorDataset):
         t = torch.from_numpy(idx)
-        return tuple(tensor[t] for tensor in dataset.tensors)  # type: ignore[return-value]
-    items: Any = default_collate([dataset[int(i)] for i in idx])
-    return items[0], items[1]
+        x, y = (tensor[t.to(tensor.device)] for tensor in dataset.tensors[:2])
+    else:
+        items: Any = default_collate([dataset[int(i)] for i in idx])
+        x, y = items[0], items[1]
+    return x.to(device), y.to(device)
