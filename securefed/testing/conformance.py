@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -212,12 +213,9 @@ class _Suite:
         self.factory = factory
         self.probe = factory()
         if not isinstance(self.probe, AggregationProtocol):
-            raise TypeError(f"protocol_factory must return an AggregationProtocol, got {type(self.probe).__name__}")
-        lo, hi = clients
-        if not 1 <= lo <= hi:
-            raise ValueError(f"clients must be a range (lo, hi) with 1 <= lo <= hi, got {clients!r}")
-        if not 1 <= dimension[0] <= dimension[1]:
-            raise ValueError(f"dimension must be a range (lo, hi) with 1 <= lo <= hi, got {dimension!r}")
+            raise ConfigurationError(f"protocol_factory must return an AggregationProtocol, got "
+                                     f"{type(self.probe).__name__}")
+        lo, hi = clients  # checked by check_protocol
         self.clients, self.dimension = clients, dimension
         self.sizes = [n for n in range(lo, hi + 1) if self._accepts(n)]
         self.declared_range = value_range if value_range is not None else sfst.input_range(self.probe)
@@ -226,7 +224,7 @@ class _Suite:
         self.deterministic_view = deterministic_view
         unknown = set(message_phases or ()) - set(self.probe.phases)
         if unknown:
-            raise ValueError(f"message_phases {sorted(unknown)} are not phases of {self.probe.phases}")
+            raise ConfigurationError(f"message_phases {sorted(unknown)} are not phases of {self.probe.phases}")
         self.message_phases = None if message_phases is None else set(message_phases)
         self.settings = settings_
         self.seed = seed_
@@ -627,8 +625,44 @@ def _factory(
     if isinstance(protocol_factory, AggregationProtocol):
         return lambda: protocol_factory  # type: ignore[return-value]
     if not callable(protocol_factory):
-        raise TypeError("protocol_factory must be a callable returning an AggregationProtocol (or a protocol)")
+        raise ConfigurationError("protocol_factory must be a callable returning an AggregationProtocol (or a "
+                                 f"protocol), got {type(protocol_factory).__name__}")
     return protocol_factory
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_options(options: Mapping[str, Any]) -> list[str]:
+    """ConfigurationError naming the first malformed option of check_protocol; the properties wanted."""
+    for name in ("clients", "dimension"):
+        r = options[name]
+        if not (isinstance(r, tuple | list) and len(r) == 2 and all(_is_int(v) for v in r) and 1 <= r[0] <= r[1]):
+            raise ConfigurationError(f"{name} must be a range (lo, hi) of integers with 1 <= lo <= hi, got {r!r}")
+    c = options["value_range"]
+    if c is not None and not (isinstance(c, int | float) and not isinstance(c, bool) and math.isfinite(c) and c > 0):
+        raise ConfigurationError(f"value_range must be None or a finite number > 0, got {c!r}")
+    for name in ("unprotected", "deterministic_view"):
+        if not isinstance(options[name], bool):
+            raise ConfigurationError(f"{name} must be True or False, got {options[name]!r}")
+    if options["must_finish"] is not None and not callable(options["must_finish"]):
+        raise ConfigurationError(f"must_finish must be None or a function (n, dropouts) -> bool, "
+                                 f"got {options['must_finish']!r}")
+    for name in ("max_examples", "seed"):
+        v, low = options[name], 1 if name == "max_examples" else 0
+        if v is not None and not (_is_int(v) and v >= low):
+            raise ConfigurationError(f"{name} must be None or an integer >= {low}, got {v!r}")
+    for name in ("message_phases", "properties"):
+        v = options[name]
+        if v is not None and (isinstance(v, str | bytes) or not isinstance(v, Collection)
+                              or not all(isinstance(x, str) for x in v)):
+            raise ConfigurationError(f"{name} must be None or a collection of names (str), got {v!r}")
+    wanted = list(PROPERTIES if options["properties"] is None else options["properties"])
+    unknown = [p for p in wanted if p not in PROPERTIES]
+    if unknown:
+        raise ConfigurationError(f"unknown properties {unknown}; choose from {PROPERTIES}")
+    return wanted
 
 
 def check_protocol(
@@ -662,12 +696,13 @@ def check_protocol(
       fixed list of seeds reproduces randomized runs (default: the profile decides).
 
     Raises ConformanceError (an AssertionError) for the first property that fails, with the
-    smallest counterexample hypothesis found. Do not call it inside a ``@given`` test.
+    smallest counterexample hypothesis found; ConfigurationError for a malformed option. Do not
+    call it inside a ``@given`` test.
     """
-    wanted = list(PROPERTIES if properties is None else properties)
-    unknown = [p for p in wanted if p not in PROPERTIES]
-    if unknown:
-        raise ValueError(f"unknown properties {unknown}; choose from {PROPERTIES}")
+    wanted = _check_options(dict(clients=clients, dimension=dimension, value_range=value_range,
+                                 unprotected=unprotected, must_finish=must_finish,
+                                 deterministic_view=deterministic_view, message_phases=message_phases,
+                                 properties=properties, max_examples=max_examples, seed=seed))
     suite = _Suite(_factory(protocol_factory), clients=clients, dimension=dimension, value_range=value_range,
                    unprotected=unprotected, must_finish=must_finish or _no_dropouts,
                    deterministic_view=deterministic_view, message_phases=message_phases,

@@ -10,6 +10,7 @@ with the same options.
 import numpy as np
 import pytest
 
+from securefed.errors import ConfigurationError
 from securefed.protocols import BFV, CKKS, REGISTRY, Plain, SecAgg, SecAggPlus
 from securefed.testing import ConformanceError, check_protocol, conformance_tests
 from securefed.testing.conformance import _GROUPS
@@ -116,9 +117,39 @@ def test_active_secagg_rejects_a_corrupted_advertised_key():
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="not phases"):
+    with pytest.raises(ConfigurationError, match="not phases"):
         check_protocol(Plain, message_phases=["nope"])
-    with pytest.raises(ValueError, match="unknown properties"):
+    with pytest.raises(ConfigurationError, match="unknown properties"):
         check_protocol(Plain, properties=["speed"])
     with pytest.raises(ConformanceError, match="refuses every round size"):
         check_protocol(SecAgg, clients=(1, 2))
+
+
+@pytest.mark.parametrize("options, words", [
+    # were TypeError, ValueError or hypothesis' InvalidArgument (issue 21, the public-API fuzz)
+    ({"clients": None}, r"clients must be a range \(lo, hi\) of integers"),
+    ({"clients": (3, 1)}, "clients must be a range"),
+    ({"dimension": None}, "dimension must be a range"),
+    ({"dimension": (1, "x")}, "dimension must be a range"),
+    ({"value_range": -1}, "value_range must be None or a finite number > 0, got -1"),
+    ({"value_range": True}, "value_range must be None or a finite number > 0"),
+    ({"unprotected": "yes"}, "unprotected must be True or False"),
+    ({"deterministic_view": None}, "deterministic_view must be True or False"),
+    ({"must_finish": 3}, "must_finish must be None or a function"),
+    ({"message_phases": True}, "message_phases must be None or a collection of names"),
+    ({"properties": True}, "properties must be None or a collection of names"),
+    ({"properties": "correctness"}, "properties must be None or a collection of names"),
+    ({"max_examples": 0}, "max_examples must be None or an integer >= 1, got 0"),
+    ({"seed": "x"}, "seed must be None or an integer >= 0"),
+])
+def test_malformed_options_are_configuration_errors(options, words):
+    with pytest.raises(ConfigurationError, match=words):
+        check_protocol(Plain, **{"unprotected": True, **options})
+
+
+@pytest.mark.parametrize("factory", [None, 3, b"x"])
+def test_a_factory_that_is_not_callable_is_a_configuration_error(factory):
+    with pytest.raises(ConfigurationError, match="protocol_factory must be a callable"):
+        check_protocol(factory)
+    with pytest.raises(ConfigurationError, match="protocol_factory must return an AggregationProtocol, got int"):
+        check_protocol(lambda: 3)
