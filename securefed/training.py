@@ -1,7 +1,8 @@
 """Federated training over a torch model: FedAvg / FedSGD with any aggregation protocol.
 
-Each round: sample participants, train locally, flatten each update (new minus
-old trainable parameters), aggregate through the protocol, apply the mean update.
+Each round: sample participants, train locally (on ``device``, with FedProx's term when
+``proximal_mu > 0``), flatten each update (new minus old trainable parameters) on the host,
+aggregate through the protocol, and step the server optimizer (``securefed.optim``) on the mean update.
 Weights reach the server only inside the aggregate: a participant pre-scales its
 update by its weight and appends the weight as one extra coordinate; the server
 divides the summed update by the summed weight.
