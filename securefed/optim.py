@@ -79,7 +79,13 @@ def _beta(name: str, value: Any) -> float:
 
 
 def _vector(name: str, value: Any) -> np.ndarray:
-    arr = np.asarray(value)
+    if type(value).__module__.split(".")[0] == "torch":  # a tensor, perhaps requiring grad: its values
+        value = value.detach().cpu()
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, bfloat16, junk numpy cannot hold
+        raise InvalidInput(f"{name} must be a non-empty 1-D real array (the flat model), got a "
+                           f"{type(value).__name__} numpy cannot read as one ({e})") from None
     if arr.dtype.kind not in "fiu" or arr.ndim != 1 or arr.size == 0:
         raise InvalidInput(f"{name} must be a non-empty 1-D real array (the flat model), got dtype {arr.dtype} "
                            f"and shape {arr.shape}")

@@ -253,11 +253,25 @@ def test_keyword_only():
     (np.zeros(3), np.array([0.0, np.nan, 0.0]), 1),
     (np.array([np.inf, 0.0, 0.0]), np.zeros(3), 1),
     (np.zeros(3), np.array(["a", "b", "c"]), 1),
+    # were numpy's ValueError (ragged), UnicodeDecodeError (bytes) and torch's RuntimeError (issue 21, fuzz)
+    (np.zeros(3), [[1.0], [1.0, 2.0]], 1),
+    (["a", b"\xbf"], np.zeros(2), 1),
 ])
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_step_inputs(name, weights, update, rnd):
     with pytest.raises(InvalidInput):
         getattr(optim, name)().step(weights, update, rnd)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_tensors_step_like_their_values(name):
+    torch = pytest.importorskip("torch")
+    w, u = np.linspace(-1.0, 1.0, 4), np.full(4, 0.1)
+    expected = getattr(optim, name)().step(w, u, 1)
+    got = getattr(optim, name)().step(torch.tensor(w, requires_grad=True), torch.tensor(u, requires_grad=True), 1)
+    assert np.array_equal(got, expected)
+    with pytest.raises(InvalidInput, match="numpy cannot read"):
+        getattr(optim, name)().step(torch.tensor(w).to(torch.bfloat16), u, 1)
 
 
 def test_failed_step_changes_nothing():
