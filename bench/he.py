@@ -41,7 +41,7 @@ def _identities():
         generate_signing_key,
         verify_key_bytes,
     )
-    from securefed.protocols._he_wire import DECRYPTOR_ID
+    from securefed.protocols.he.wire import DECRYPTOR_ID
 
     rng = RandomSource(0)
     private = {i: generate_signing_key(rng.child(f"identity/{i}")) for i in [*range(256), DECRYPTOR_ID]}
@@ -85,8 +85,8 @@ def _warm_up(scheme: str) -> None:
 
 def _securefed_server(conn, scheme: str, n: int, dim: int, session: bytes) -> None:
     from securefed.crypto.random import RandomSource
-    from securefed.protocols._he_parties import DECRYPTOR
     from securefed.protocols.base import RoundSpec
+    from securefed.protocols.he.parties import DECRYPTOR
 
     proto = _proto(scheme)
     server = proto.server(RoundSpec(n=n, dim=dim, session_id=session), rng=RandomSource())
@@ -176,8 +176,8 @@ class Securefed:
 
     def __init__(self, scheme: str, n: int, dim: int) -> None:
         from securefed.crypto.random import RandomSource
-        from securefed.protocols._he_parties import DECRYPTOR
         from securefed.protocols.base import RoundSpec
+        from securefed.protocols.he.parties import DECRYPTOR
 
         self.scheme, self.proto, self.n = scheme, _proto(scheme), n
         session = os.urandom(32)

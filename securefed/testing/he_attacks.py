@@ -81,7 +81,7 @@ class _Round:
     def request(self, chunks: Sequence[bytes], extra: int = 0) -> bytes:
         """A decrypt request: client 0's signed upload with `chunks` for its ciphertexts, then `extra`
         more clients' uploads with zero ciphertexts (a count the range check and minimum accept)."""
-        from securefed.protocols._he_wire import Framer, blobs, u32
+        from securefed.protocols.he.wire import Framer, blobs, u32
 
         def entry(c: int, parts: Sequence[bytes]) -> list[bytes]:
             up = self.uploads[c]
@@ -353,7 +353,7 @@ def clients_mode_partition(protocol: Any, inputs: Sequence[np.ndarray], *, seed:
     only relays what honest parties signed. Against a dealer chosen as the lowest of the list it
     receives, each group gets its own key and decryption (every input alone with ``min_clients = 1``);
     against a fixed dealer every other would-be dealer refuses, leaving at most one release."""
-    from securefed.protocols._he_wire import Framer, Reader, u32
+    from securefed.protocols.he.wire import Framer, Reader, u32
 
     rng = RandomSource(seed)
     n, dim = len(inputs), inputs[0].size

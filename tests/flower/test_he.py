@@ -137,7 +137,7 @@ def test_a_round_with_real_identity_keys_and_a_signing_decryptor_node():
         generate_signing_key,
         verify_key_bytes,
     )
-    from securefed.protocols._he_wire import DECRYPTOR_ID
+    from securefed.protocols.he.wire import DECRYPTOR_ID
 
     nodes = list(apps.nodes(N))
     keys = KeyDirectory.generate(N, RandomSource(9))

@@ -1,4 +1,4 @@
-"""CKKS and BFV aggregation (securefed/protocols/he.py): each test names the lemma of proofs/he.md it checks.
+"""CKKS and BFV aggregation (securefed/protocols/he/scheme.py): each test names the lemma of proofs/he.md it checks.
 
 TenSEAL encryption costs ~10 ms per ciphertext, so dimensions stay small except in the
 explicit d = 10^5 examples the acceptance asks for; contexts made only for tests are
@@ -25,13 +25,10 @@ from securefed.errors import (
     MessageRejected,
     ProtocolAborted,
 )
-from securefed.protocols import _he_params as params
-from securefed.protocols import _he_parties as parties
-from securefed.protocols import _he_tenseal as backend
-from securefed.protocols import _he_wire as wire
 from securefed.protocols import wire as header
 from securefed.protocols.base import RoundSpec
-from securefed.protocols.he import BFV, CKKS
+from securefed.protocols.he import BFV, CKKS, params, parties, wire
+from securefed.protocols.he import tenseal as backend
 
 PHASES = ("setup", "keys", "upload", "decrypt")
 UPLOAD = PHASES.index("upload")

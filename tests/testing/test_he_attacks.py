@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 
 from securefed.errors import MessageRejected, ProtocolAborted
-from securefed.protocols import _he_auth as auth
-from securefed.protocols import _he_parties as parties
-from securefed.protocols import _he_tenseal as backend
-from securefed.protocols import _he_wire as wire
-from securefed.protocols.he import BFV, CKKS
+from securefed.protocols.he import BFV, CKKS, auth, parties, wire
+from securefed.protocols.he import tenseal as backend
 from securefed.testing.he_attacks import (
     bfv_key_recovery,
     ckks_key_recovery,

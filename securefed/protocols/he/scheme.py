@@ -55,17 +55,21 @@ from securefed.errors import (
     MessageRejected,
     ProtocolAborted,
 )
-from securefed.protocols import _he_params as params
-from securefed.protocols._he_tenseal import Ring
-from securefed.protocols._he_wire import DECRYPTOR_ID
 from securefed.protocols.base import (
     AggregationProtocol,
     ClientProtocol,
     RoundSpec,
     ServerProtocol,
 )
+from securefed.protocols.he import params, state
+from securefed.protocols.he.masked import MaskedClient, MaskedServer
+from securefed.protocols.he.parties import DECRYPTED, HEClient, HEDecryptor
+from securefed.protocols.he.server import HEServer
+from securefed.protocols.he.tenseal import Ring
+from securefed.protocols.he.wire import DECRYPTOR, DECRYPTOR_ID
+from securefed.protocols.secagg import MaskedAggregation, SecAgg, SecAggPlus
 
-__all__ = ["BFV", "CKKS", "KeyHolder"]
+__all__ = ["BFV", "CKKS", "HEProtocol", "KeyHolder"]
 
 KeyHolder = Literal["decryptor", "clients", "masked"]
 log = logging.getLogger("securefed.protocols.he")
@@ -95,7 +99,7 @@ def _simulated_directory(n: int) -> KeyDirectory:
     return KeyDirectory({i: verify_key_bytes(k) for i, k in private.items()}, private)
 
 
-class _HEProtocol(AggregationProtocol):
+class HEProtocol(AggregationProtocol):
     """What CKKS and BFV share: key holders, ring parameters, the parties and their states."""
 
     phases = ("setup", "keys", "upload", "decrypt")
@@ -144,7 +148,7 @@ class _HEProtocol(AggregationProtocol):
                     "not tell its public context from one the server made") from None
         return self.identities
 
-    def with_identities(self, identities: KeyDirectory) -> _HEProtocol:
+    def with_identities(self, identities: KeyDirectory) -> HEProtocol:
         """A copy verifying clients 0..n-1 against `identities` (a round's directory, as Flower builds it
         from node ids); the decryptor's key, which such a directory lacks, is kept from this protocol's
         own ``identities``. ConfigurationError for anything but a KeyDirectory."""
@@ -184,8 +188,6 @@ class _HEProtocol(AggregationProtocol):
     # -- AggregationProtocol ------------------------------------------------------------
 
     def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
-        from securefed.protocols._he_server import HEServer
-
         self.directory(spec.n)  # a missing identity key is a ConfigurationError before the round
         self.min_survivors(spec.n)
         return HEServer(self, spec, self._ring(spec.n))
@@ -193,25 +195,26 @@ class _HEProtocol(AggregationProtocol):
     def client(
         self, spec: RoundSpec, client: int, x: np.ndarray | None = None, *, rng: RandomSource
     ) -> ClientProtocol:
-        from securefed.protocols._he_parties import HEClient
-
         if not isinstance(client, int) or not 0 <= client < spec.n:
             raise InvalidInput(f"client index must be in 0..{spec.n - 1}, got {client!r}")
         return HEClient(self, spec, self._ring(spec.n), client, x, rng)
 
     def auxiliary(self, spec: RoundSpec, *, rng: RandomSource) -> dict[str, ClientProtocol]:
         """``{"decryptor": ...}`` when a separate party holds the key; none in ``"clients"`` mode."""
-        from securefed.protocols._he_parties import DECRYPTOR, HEDecryptor
-
         if self.key_holder == "clients":
             return {}
         return {DECRYPTOR: HEDecryptor(self, spec, self._ring(spec.n), rng)}
 
     def load_client(self, data: bytes, *, rng: RandomSource) -> ClientProtocol:
         """Restore a client or decryptor saved by ``dump()``; InvalidInput for anything else."""
-        from securefed.protocols._he_state import load_party
-
-        return load_party(self, data, rng)
+        role, spec, party, stage, fields = state.parse(self, data)
+        if role == state.ROLE_DECRYPTOR and party == DECRYPTOR_ID and self.key_holder != "clients":
+            return HEDecryptor.from_state(self, spec, stage, fields, rng)
+        if role != state.ROLE_CLIENT or not 0 <= party < spec.n or stage > DECRYPTED:
+            raise state.invalid(self)
+        if self.key_holder == "masked":
+            return MaskedClient.from_state(self, spec, party, stage, fields, rng)  # type: ignore[arg-type]
+        return HEClient.from_state(self, spec, party, stage, fields, rng)
 
     def min_survivors(self, n: int) -> int:
         """``min_clients`` (default 1): dropouts need no recovery, and the key holder decrypts no sum of fewer
@@ -267,7 +270,7 @@ def _check_range(value_range: object) -> float:
     return float(value_range)
 
 
-class CKKS(_HEProtocol):
+class CKKS(HEProtocol):
     """Approximate sums of real vectors under CKKS; the server cannot decrypt.
 
     - ``value_range``: bound c on every input coordinate (|x_i| > c is InvalidInput);
@@ -396,7 +399,7 @@ class CKKS(_HEProtocol):
         return total
 
 
-class BFV(_HEProtocol):
+class BFV(HEProtocol):
     """Exact integer sums under BFV: inputs are quantized (FixedPoint by default), summed exactly, decoded.
 
     - ``value_range``, ``value_bits``: the :class:`~securefed.encoding.FixedPoint` encoder
@@ -447,8 +450,6 @@ class BFV(_HEProtocol):
         self._masking_given = masking
         self.masking: Any = None
         if key_holder == "masked":
-            from securefed.protocols.secagg import MaskedAggregation, SecAggPlus
-
             masking = SecAggPlus() if masking is None else masking
             if not isinstance(masking, MaskedAggregation):
                 raise ConfigurationError(f"masking must be SecAgg or SecAggPlus, got {type(masking).__name__}")
@@ -485,8 +486,6 @@ class BFV(_HEProtocol):
     def server(self, spec: RoundSpec, *, rng: RandomSource) -> ServerProtocol:
         if self.masking is None:
             return super().server(spec, rng=rng)
-        from securefed.protocols._he_masked import MaskedServer
-
         return MaskedServer(self, spec, self._ring(spec.n), rng)
 
     def client(
@@ -494,8 +493,6 @@ class BFV(_HEProtocol):
     ) -> ClientProtocol:
         if self.masking is None:
             return super().client(spec, client, x, rng=rng)
-        from securefed.protocols._he_masked import MaskedClient
-
         inner = self.masking.client(spec, client, None, rng=rng.child("masking"))
         c = MaskedClient(self, spec, self._ring(spec.n), client, inner)
         if x is not None:
@@ -552,8 +549,6 @@ class BFV(_HEProtocol):
 
     @staticmethod
     def _check_masking(description: Mapping[str, Any]) -> list[str]:
-        from securefed.protocols.secagg import SecAgg, SecAggPlus
-
         masking = description.get("masking")
         cls = {"secagg": SecAgg, "secagg+": SecAggPlus}.get(masking.get("protocol")) if isinstance(
             masking, Mapping) else None

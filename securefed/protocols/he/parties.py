@@ -1,7 +1,7 @@
 """The HE client and decryptor state machines (layouts in ``protocols/he.md``, "Messages").
 
-Framing is ``_he_wire.py``, signatures and the key holder's verified sum ``_he_auth.py``, the
-server ``_he_server.py``, saved states ``_he_state.py``. Nothing here is unpickled.
+Framing is ``he/wire.py``, signatures and the key holder's verified sum ``he/auth.py``, the
+server ``he/server.py``, the saved-state format ``he/state.py``. Nothing here is unpickled.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import numpy as np
 from securefed.crypto import aead, kex
 from securefed.crypto.random import RandomSource
 from securefed.errors import InvalidInput, MessageRejected
-from securefed.protocols import _he_auth as auth
-from securefed.protocols import _he_tenseal as backend
 from securefed.protocols import wire
-from securefed.protocols._he_tenseal import Ring
-from securefed.protocols._he_wire import (
+from securefed.protocols.base import ClientProtocol, RoundSpec
+from securefed.protocols.he import auth, state
+from securefed.protocols.he import tenseal as backend
+from securefed.protocols.he.tenseal import Ring
+from securefed.protocols.he.wire import (
     CHECK_BYTES,
     DECRYPTOR,
     DECRYPTOR_ID,
@@ -28,10 +29,9 @@ from securefed.protocols._he_wire import (
     blobs,
     u32,
 )
-from securefed.protocols.base import ClientProtocol, RoundSpec
 
 if TYPE_CHECKING:
-    from securefed.protocols.he import _HEProtocol
+    from securefed.protocols.he.scheme import HEProtocol
 
 __all__ = [
     "CHECK_BYTES",
@@ -59,7 +59,7 @@ FRESH, ADVERTISED, DEALT, UPLOADED, DECRYPTED = range(5)
 KEYLESS, KEYED, SPENT = range(3)
 
 
-def verified_public(protocol: _HEProtocol, spec: RoundSpec, ring: Ring, reader: Reader) -> tuple[bytes, object]:
+def verified_public(protocol: HEProtocol, spec: RoundSpec, ring: Ring, reader: Reader) -> tuple[bytes, object]:
     """The decryptor's public context from ``u32 len || context || signature``, and it loaded.
 
     MessageRejected unless the decryptor signed its key id for this round: otherwise the server
@@ -71,7 +71,7 @@ def verified_public(protocol: _HEProtocol, spec: RoundSpec, ring: Ring, reader: 
     return public, backend.load_context(public, ring, secret=False)
 
 
-def signed_upload(protocol: _HEProtocol, spec: RoundSpec, client: int, key_id: bytes, parts: list[bytes]) -> list[bytes]:
+def signed_upload(protocol: HEProtocol, spec: RoundSpec, client: int, key_id: bytes, parts: list[bytes]) -> list[bytes]:
     """The items of an upload payload: ``signature || key_id || blobs``, signed by `client`."""
     body = [key_id, *blobs(parts)]
     digest = hashlib.sha256()
@@ -85,7 +85,7 @@ class HEClient(ClientProtocol):
     """One client: encrypts its input under the round's public key; in "clients" mode it also holds the key
     and, if it dealt it, decrypts the round's verified sum once."""
 
-    def __init__(self, protocol: _HEProtocol, spec: RoundSpec, ring: Ring, client: int, x: np.ndarray | None,
+    def __init__(self, protocol: HEProtocol, spec: RoundSpec, ring: Ring, client: int, x: np.ndarray | None,
                  rng: RandomSource) -> None:
         self._p, self._spec, self._ring, self._id, self._rng = protocol, spec, ring, client, rng
         self._frame = Framer(protocol, spec)
@@ -208,15 +208,55 @@ class HEClient(ClientProtocol):
         return self._frame.message("upload", self._id, items)
 
     def dump(self) -> bytes:
-        from securefed.protocols._he_state import dump_client
+        fields: dict[int, bytes] = {}
+        if self._values is not None:
+            fields[state.F_VALUES_F8 if self._values.dtype == np.float64 else state.F_VALUES_I8] = (
+                self._values.astype(self._values.dtype.newbyteorder("<"), copy=False).tobytes())
+        if self._kex_key is not None:
+            fields[state.F_KEX] = kex.private_bytes(self._kex_key)
+        if self._secret is not None:
+            assert self._key_id is not None
+            fields[state.F_SECRET], fields[state.F_KEY_ID] = self._secret, self._key_id
+        if self._dealer:
+            fields[state.F_DEALER] = b""
+        return state.dump(self._p, self._spec, state.ROLE_CLIENT, self._id, self._stage, fields)
 
-        return dump_client(self)
+    @classmethod
+    def from_state(cls, protocol: HEProtocol, spec: RoundSpec, party: int, stage: int, fields: dict[int, bytes],
+                   rng: RandomSource) -> HEClient:
+        """The client that :meth:`dump` saved; InvalidInput for fields that do not fit its mode and stage."""
+        clients_mode = protocol.key_holder == "clients"
+        dealer = state.F_DEALER in fields
+        has_secret = state.F_SECRET in fields and len(fields.get(state.F_KEY_ID, b"")) == KEY_ID_BYTES
+        want_kex = clients_mode and stage != FRESH
+        want_secret = clients_mode and DEALT <= stage < DECRYPTED
+        allowed = {state.F_VALUES_F8, state.F_VALUES_I8, state.F_KEX, state.F_SECRET, state.F_KEY_ID, state.F_DEALER}
+        if (set(fields) - allowed or (state.F_VALUES_F8 in fields and state.F_VALUES_I8 in fields)
+                or (state.F_KEX in fields) != want_kex or has_secret != want_secret
+                or (state.F_SECRET in fields) != has_secret
+                or dealer != (clients_mode and party == DEALER and stage >= DEALT)
+                or fields.get(state.F_DEALER, b"") != b"" or (stage in (DEALT, DECRYPTED) and not dealer)
+                or (not clients_mode and stage not in (FRESH, UPLOADED))):
+            raise state.invalid(protocol)
+        client = cls(protocol, spec, protocol._ring(spec.n), party, None, rng)
+        for key, dtype in ((state.F_VALUES_F8, "<f8"), (state.F_VALUES_I8, "<i8")):
+            if key in fields:
+                raw = fields[key]
+                if len(raw) != 8 * spec.dim:
+                    raise state.invalid(protocol)
+                client._values = np.frombuffer(raw, dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
+        client._stage, client._dealer = stage, dealer
+        if want_kex:
+            client._kex_key = kex.load_private_key(fields[state.F_KEX])
+        if has_secret:
+            client._secret, client._key_id = fields[state.F_SECRET], fields[state.F_KEY_ID]
+        return client
 
 
 class HEDecryptor(ClientProtocol):
     """The separate key holder: makes a fresh key pair per round and decrypts one verified sum, once."""
 
-    def __init__(self, protocol: _HEProtocol, spec: RoundSpec, ring: Ring, rng: RandomSource) -> None:
+    def __init__(self, protocol: HEProtocol, spec: RoundSpec, ring: Ring, rng: RandomSource) -> None:
         self._p, self._spec, self._ring, self._rng = protocol, spec, ring, rng
         self._frame = Framer(protocol, spec)
         self._stage = KEYLESS
@@ -246,6 +286,19 @@ class HEDecryptor(ClientProtocol):
         raise MessageRejected(f"invalid message: {phase!r} is out of order for the decryptor")
 
     def dump(self) -> bytes:
-        from securefed.protocols._he_state import dump_decryptor
+        fields = {} if self._secret is None else {state.F_SECRET: self._secret, state.F_KEY_ID: self._key_id or b""}
+        return state.dump(self._p, self._spec, state.ROLE_DECRYPTOR, DECRYPTOR_ID, self._stage, fields)
 
-        return dump_decryptor(self)
+    @classmethod
+    def from_state(cls, protocol: HEProtocol, spec: RoundSpec, stage: int, fields: dict[int, bytes],
+                   rng: RandomSource) -> HEDecryptor:
+        """The decryptor that :meth:`dump` saved: its key while it has not decrypted, else none."""
+        has_secret = state.F_SECRET in fields and len(fields.get(state.F_KEY_ID, b"")) == KEY_ID_BYTES
+        if set(fields) - {state.F_SECRET, state.F_KEY_ID} or stage not in (KEYLESS, KEYED, SPENT) \
+                or has_secret != (stage == KEYED) or (state.F_SECRET in fields) != has_secret:
+            raise state.invalid(protocol)
+        dec = cls(protocol, spec, protocol._ring(spec.n), rng)
+        dec._stage = stage
+        if has_secret:
+            dec._secret, dec._key_id = fields[state.F_SECRET], fields[state.F_KEY_ID]
+        return dec

@@ -27,20 +27,21 @@ import numpy as np
 from securefed.crypto.random import RandomSource
 from securefed.encoding.packing import packed_size, unpack
 from securefed.errors import AbortReason, InvalidInput, MessageRejected, ProtocolAborted
-from securefed.protocols import _he_tenseal as backend
 from securefed.protocols import wire
-from securefed.protocols._he_parties import signed_upload, verified_public
-from securefed.protocols._he_server import HEServer
-from securefed.protocols._he_tenseal import Ring
-from securefed.protocols._he_wire import DECRYPTOR, Framer, Reader, sender_id
 from securefed.protocols.base import ClientProtocol, DropRecord, Party, RoundSpec
+from securefed.protocols.he import state
+from securefed.protocols.he import tenseal as backend
+from securefed.protocols.he.parties import signed_upload, verified_public
+from securefed.protocols.he.server import HEServer
+from securefed.protocols.he.tenseal import Ring
+from securefed.protocols.he.wire import DECRYPTOR, Framer, Reader, sender_id
 from securefed.protocols.secagg import round as secagg_round
 from securefed.protocols.secagg.packed import column_pack, column_unpack
 
 if TYPE_CHECKING:
-    from securefed.protocols.he import BFV
+    from securefed.protocols.he.scheme import BFV
 
-__all__ = ["INNER_PHASE", "MaskedClient", "MaskedServer", "load_masked_client"]
+__all__ = ["INNER_PHASE", "MaskedClient", "MaskedServer"]
 
 #: The masking protocol's phase carried by each HE phase.
 INNER_PHASE = {
@@ -94,9 +95,22 @@ class MaskedClient(ClientProtocol):
                                                                   backend.key_id(public), parts))
 
     def dump(self) -> bytes:
-        from securefed.protocols._he_state import F_INNER, ROLE_CLIENT, dump
+        return state.dump(self._p, self._spec, state.ROLE_CLIENT, self._id, int(self._uploaded),
+                          {state.F_INNER: self._inner.dump()})
 
-        return dump(self._p, self._spec, ROLE_CLIENT, self._id, int(self._uploaded), {F_INNER: self._inner.dump()})
+    @classmethod
+    def from_state(cls, protocol: BFV, spec: RoundSpec, party: int, stage: int, fields: dict[int, bytes],
+                   rng: RandomSource) -> MaskedClient:
+        """The masked client that :meth:`dump` saved; InvalidInput for a state that is not one."""
+        if set(fields) != {state.F_INNER} or stage not in (0, 1):
+            raise state.invalid(protocol)
+        try:
+            inner = protocol.masking.load_client(fields[state.F_INNER], rng=rng.child("masking"))
+        except (MessageRejected, ProtocolAborted, ValueError):
+            raise state.invalid(protocol) from None
+        client = cls(protocol, spec, protocol._ring(spec.n), party, inner)
+        client._uploaded = bool(stage)
+        return client
 
 
 class MaskedServer(HEServer):
@@ -191,16 +205,4 @@ class MaskedServer(HEServer):
         if self._result is None:
             raise ProtocolAborted(AbortReason.INVALID_STATE, "result() before the unmasking phase finished")
         return self._result
-
-
-def load_masked_client(protocol: BFV, spec: RoundSpec, ring: Ring, party: int, stage: int,
-                       inner_state: bytes, rng: RandomSource) -> MaskedClient:
-    """Restore a masked client from its saved fields; InvalidInput for a state that is not one."""
-    try:
-        inner = protocol.masking.load_client(inner_state, rng=rng.child("masking"))
-    except (MessageRejected, ProtocolAborted, ValueError):
-        raise InvalidInput(f"invalid {protocol.name} party state") from None
-    client = MaskedClient(protocol, spec, ring, party, inner)
-    client._uploaded = bool(stage)
-    return client
 

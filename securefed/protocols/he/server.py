@@ -16,12 +16,19 @@ import numpy as np
 from securefed.crypto import kex
 from securefed.encoding.fixedpoint import check_sum
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
-from securefed.protocols import _he_auth as auth
-from securefed.protocols import _he_tenseal as backend
 from securefed.protocols import wire
-from securefed.protocols._he_parties import DEALER
-from securefed.protocols._he_tenseal import Ring
-from securefed.protocols._he_wire import (
+from securefed.protocols.base import (
+    DropReason,
+    DropRecord,
+    Party,
+    RoundSpec,
+    ServerProtocol,
+)
+from securefed.protocols.he import auth
+from securefed.protocols.he import tenseal as backend
+from securefed.protocols.he.parties import DEALER
+from securefed.protocols.he.tenseal import Ring
+from securefed.protocols.he.wire import (
     DECRYPTOR,
     DECRYPTOR_ID,
     Framer,
@@ -30,16 +37,9 @@ from securefed.protocols._he_wire import (
     sender_id,
     u32,
 )
-from securefed.protocols.base import (
-    DropReason,
-    DropRecord,
-    Party,
-    RoundSpec,
-    ServerProtocol,
-)
 
 if TYPE_CHECKING:
-    from securefed.protocols.he import _HEProtocol
+    from securefed.protocols.he.scheme import HEProtocol
 
 __all__ = ["HEServer"]
 
@@ -47,7 +47,7 @@ __all__ = ["HEServer"]
 class HEServer(ServerProtocol):
     """Checks uploads as they arrive and forwards the accepted ones to the key holder; holds no secret key."""
 
-    def __init__(self, protocol: _HEProtocol, spec: RoundSpec, ring: Ring) -> None:
+    def __init__(self, protocol: HEProtocol, spec: RoundSpec, ring: Ring) -> None:
         self._p, self._spec, self._ring = protocol, spec, ring
         self._frame = Framer(protocol, spec)
         self._ids = protocol.directory(spec.n)

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from securefed.errors import MessageRejected
-from securefed.protocols import _he_tenseal as backend
 from securefed.protocols import wire
-from securefed.protocols._he_tenseal import Ring
 from securefed.protocols.base import Party, RoundSpec
+from securefed.protocols.he import tenseal as backend
+from securefed.protocols.he.tenseal import Ring
 
 if TYPE_CHECKING:
-    from securefed.protocols.he import _HEProtocol
+    from securefed.protocols.he.scheme import HEProtocol
 
 __all__ = [
     "CHECK_BYTES",
@@ -61,7 +61,7 @@ def u32(value: int) -> bytes:
 class Framer:
     """Headers and checksums for one round of one HE protocol."""
 
-    def __init__(self, protocol: _HEProtocol, spec: RoundSpec) -> None:
+    def __init__(self, protocol: HEProtocol, spec: RoundSpec) -> None:
         self._tag, self._phases, self._spec = protocol._TAG, protocol.phases, spec
 
     def message(self, phase: str, sender: int, items: Sequence[bytes]) -> bytes:
