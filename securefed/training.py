@@ -270,6 +270,7 @@ def _finish_round(t: Trainer, res: AggregationResult, participants: list[int], p
     if t.audit is not None:
         t._audit_begin()
         t.audit.round(t._round, protocol=protocol, result=res, participants=participants,
+                      released=None if dp is None else dp.released,
                       metrics=metrics if mean_loss is None else {"loss": mean_loss, **metrics},
                       dp_events=[] if dp is None else dp.unaudited_ledger(), epsilon=record.epsilon)
     shown = "" if mean_loss is None else f"loss {mean_loss:.4f} "  # under DP: not released

@@ -61,6 +61,7 @@ class PrivacySession:
         self.sampling_rate = clients_per_round / population if self.client_level else 1.0
         self.local_training = isinstance(config, SampleLevelDP)
         self.metrics: dict[str, float] = {}
+        self.released: np.ndarray | None = None
         self._audited = 0
         self._rng = rng
         self._local_steps = local_steps
@@ -179,6 +180,8 @@ class PrivacySession:
         if isinstance(self.config, CentralDP):
             assert isinstance(noise := self.mechanism().noise(), CentralGaussian)
             noise.add_to(total, self._rng.child(f"round/{round}/server-noise"))
+        #: The sum this round released (noised under central DP): what an audit log may hash, never the raw sum.
+        self.released = total.copy()
         if self.clipping is not None:
             metrics["l2_clip"] = self.clipping.bound
         if isinstance(self.clipping, AdaptiveClipping):

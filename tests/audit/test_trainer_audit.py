@@ -124,3 +124,29 @@ def test_a_dp_trainer_logs_its_events_and_a_resumed_one_continues_the_spend(tmp_
     assert claims[released_first] > claims[released_first - 1]  # the resumed trainer spends on top of the ledger
     assert res.epsilon == pytest.approx(claims[-1], rel=1e-9) and len(res.ledger) == len(claims)
     assert res.ledger == tuple(t2.accountant.ledger)
+
+
+def test_under_central_dp_the_log_hashes_the_noised_sum_never_the_raw_one(tmp_path, monkeypatch):
+    """The raw sum's digest would let a reader of the log confirm a guess of the inputs (red team, issue 20)."""
+    import hashlib
+
+    path = tmp_path / "central.jsonl"
+    t = trainer(path, privacy=sf.privacy.CentralDP(noise_multiplier=1.0, clipping=1.0), clients_per_round=4)
+    raw = []
+    real = t._aggregate
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        raw.append(np.ascontiguousarray(res.total, dtype="<f8").copy())
+        return res
+
+    monkeypatch.setattr(t, "_aggregate", spy)
+    history = t.fit(rounds=3)
+    t.audit.close()
+    digests = [e["body"]["aggregate"]["sha256"] for e in lines_of(path.read_bytes()) if e["type"] == "round"]
+    assert len(digests) == sum(1 for r in history.rounds if r.included) == len(raw) > 0
+    for digest, total in zip(digests, raw):
+        assert digest != hashlib.sha256(total.data).hexdigest()
+    last = np.ascontiguousarray(t.privacy_session.released, dtype="<f8")
+    assert digests[-1] == hashlib.sha256(last.data).hexdigest()
+    assert verify(path, key_paths(path)[1]).ok
