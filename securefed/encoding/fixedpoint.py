@@ -29,6 +29,7 @@ __all__ = [
     "FixedPoint",
     "IntegerEncoder",
     "check_vector",
+    "decode_centered",
     "decode_error_bound",
     "modulus_bits",
 ]
@@ -41,6 +42,13 @@ def _kernels():  # numba loads on first use, keeping `import securefed` fast
 
 #: Largest value_bits: beyond float64's 53-bit significand more bits carry no information.
 MAX_VALUE_BITS = 53
+
+
+def decode_centered(s: np.ndarray, k: int, inv_scale: float, out: np.ndarray) -> None:
+    """``out[i] = centered(s[i] mod 2^k) * inv_scale`` (centered into [-2^(k-1), 2^(k-1))), in one compiled pass.
+
+    The last step of every integer encoder's ``decode``; it trusts its caller for shapes and dtypes."""
+    _kernels().decode_into(s, k, inv_scale, out)
 
 
 def check_positive_count(n: object, what: str = "the number of summands") -> int:
@@ -281,5 +289,5 @@ class FixedPoint(IntegerEncoder):
         if not isinstance(s, np.ndarray) or s.ndim != 1 or s.dtype.kind != "u":
             raise InvalidInput("decode expects a 1-D unsigned integer array")
         out = np.empty(s.size, dtype=np.float64)
-        _kernels().decode_into(s, k, 1.0 / self.scale, out)
+        decode_centered(s, k, 1.0 / self.scale, out)
         return out

@@ -30,7 +30,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from securefed.crypto.random import RandomSource
-from securefed.encoding.fixedpoint import IntegerEncoder, check_finite, check_vector
+from securefed.encoding.fixedpoint import (
+    IntegerEncoder,
+    check_finite,
+    check_vector,
+    decode_centered,
+)
 from securefed.encoding.packing import storage_dtype
 from securefed.errors import ConfigurationError, InvalidInput
 from securefed.privacy import _bounds, sampling
@@ -52,12 +57,6 @@ def default_granularity(l2_clip: float, dimension: int) -> float:
 
 def _kernels():
     from securefed.privacy import _kernels as k
-
-    return k
-
-
-def _decode_kernels():
-    from securefed.encoding import _kernels as k
 
     return k
 
@@ -264,7 +263,7 @@ class _DistributedNoise(IntegerEncoder, NoiseModule):
         if not isinstance(s, np.ndarray) or s.ndim != 1 or s.dtype.kind != "u" or s.size != self.dimension:
             raise InvalidInput(f"decode expects a 1-D unsigned integer array of length {self.dimension}")
         out = np.empty(s.size, dtype=np.float64)
-        _decode_kernels().decode_into(s, self.modulus_bits(n), self.granularity, out)
+        decode_centered(s, self.modulus_bits(n), self.granularity, out)
         if self._rotation is not None:
             self._rotation.inverse(out, out=out)
         return out

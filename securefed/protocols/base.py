@@ -50,6 +50,8 @@ __all__ = [
     "RoundSpec",
     "ServerProtocol",
     "ServerView",
+    "check_dropouts",
+    "check_inputs",
     "simulate_aggregation",
 ]
 
@@ -301,7 +303,8 @@ def _as_array(x: object) -> object:
                            f"{e}") from None
 
 
-def _check_inputs(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+def check_inputs(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The clients' inputs of a simulated round as 1-D float arrays of one length; InvalidInput otherwise."""
     if getattr(inputs, "ndim", None) == 2:  # a numpy array or torch tensor, one row per client
         inputs = list(inputs)
     if not isinstance(inputs, Sequence) or len(inputs) == 0:
@@ -313,7 +316,8 @@ def _check_inputs(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     return xs
 
 
-def _check_dropouts(protocol: AggregationProtocol, n: int, dropouts: Mapping[int, str] | None) -> dict[int, int]:
+def check_dropouts(protocol: AggregationProtocol, n: int, dropouts: Mapping[int, str] | None) -> dict[int, int]:
+    """``{client: index of the first phase it misses}`` from ``{client: phase}``; InvalidInput for a bad map."""
     if dropouts is not None and not isinstance(dropouts, Mapping):
         raise InvalidInput(f"dropouts must be a mapping {{client: phase}} such as {{1: {protocol.phases[0]!r}}}, "
                            f"got a {type(dropouts).__name__}")
@@ -370,11 +374,11 @@ def simulate_aggregation(
         xs: list[np.ndarray | None] = [None] * len(inputs)
         dim = inputs.dim  # type: ignore[union-attr]
     else:
-        xs = _check_inputs(inputs)  # type: ignore[assignment]
+        xs = check_inputs(inputs)  # type: ignore[assignment]
         dim = xs[0].size  # type: ignore[union-attr]
     record = record or ("digest" if lazy else "full")
     n = len(xs)
-    drop_at = _check_dropouts(protocol, n, dropouts)
+    drop_at = check_dropouts(protocol, n, dropouts)
     rng = RandomSource(int(seed) if isinstance(seed, np.integer) else seed)
     session = rng.child("session").token_bytes(32) if session_id is None else session_id
     spec = RoundSpec(n=n, dim=dim, session_id=session, round_index=round_index)

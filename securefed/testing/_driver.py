@@ -20,8 +20,8 @@ from securefed.protocols.base import (
     DropRecord,
     Party,
     RoundSpec,
-    _check_dropouts,
-    _check_inputs,
+    check_dropouts,
+    check_inputs,
 )
 
 
@@ -69,9 +69,9 @@ def run(
     Raises only what the protocol raises outside ProtocolAborted (recorded in ``aborted``)
     and MessageRejected from ``server.receive`` (recorded per delivery).
     """
-    xs = _check_inputs(inputs)
+    xs = check_inputs(inputs)
     n, dim = len(xs), xs[0].size
-    drop_at = _check_dropouts(protocol, n, dropouts)
+    drop_at = check_dropouts(protocol, n, dropouts)
     rng = RandomSource(seed)
     spec = RoundSpec(n=n, dim=dim, session_id=rng.child("session").token_bytes(32), round_index=round_index)
     server = protocol.server(spec, rng=rng.child("server"))
