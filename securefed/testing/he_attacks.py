@@ -36,6 +36,7 @@ from securefed.encoding.packing import unpack
 from securefed.errors import MessageRejected, ProtocolAborted
 from securefed.protocols import wire
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
+from securefed.protocols.he.wire import Framer, Reader, blobs, u32
 from securefed.testing._seal_raw import SealRing
 
 __all__ = ["AttackOutcome", "PartitionOutcome", "bfv_key_recovery", "ckks_key_recovery", "clients_mode_partition"]
@@ -81,8 +82,6 @@ class _Round:
     def request(self, chunks: Sequence[bytes], extra: int = 0) -> bytes:
         """A decrypt request: client 0's signed upload with `chunks` for its ciphertexts, then `extra`
         more clients' uploads with zero ciphertexts (a count the range check and minimum accept)."""
-        from securefed.protocols.he.wire import Framer, blobs, u32
-
         def entry(c: int, parts: Sequence[bytes]) -> list[bytes]:
             up = self.uploads[c]
             body = b"".join([up[: _SIG + _KEY_ID], *blobs(list(parts))])
@@ -353,8 +352,6 @@ def clients_mode_partition(protocol: Any, inputs: Sequence[np.ndarray], *, seed:
     only relays what honest parties signed. Against a dealer chosen as the lowest of the list it
     receives, each group gets its own key and decryption (every input alone with ``min_clients = 1``);
     against a fixed dealer every other would-be dealer refuses, leaving at most one release."""
-    from securefed.protocols.he.wire import Framer, Reader, u32
-
     rng = RandomSource(seed)
     n, dim = len(inputs), inputs[0].size
     spec = RoundSpec(n=n, dim=dim, session_id=rng.child("session").token_bytes(32))

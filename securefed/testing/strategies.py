@@ -35,7 +35,10 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
         "securefed.testing.strategies needs hypothesis: install the extra with pip install 'securefed[testing]'"
     ) from e
 
+from securefed.protocols import BFV, CKKS, Plain, SecAgg, SecAggPlus
 from securefed.protocols.base import AggregationProtocol, Party
+from securefed.protocols.secagg import MaskedAggregation
+from securefed.testing import adversary as adv
 
 __all__ = [
     "Configuration",
@@ -356,8 +359,6 @@ def configurations(
     raise ConfigurationError, at construction or for the round size, exactly for the
     parameter sets labelled ``"outside"``, and run the ones labelled ``"within"``.
     """
-    from securefed.protocols import BFV, CKKS, Plain, SecAgg, SecAggPlus
-
     sizes = st.integers(*n) if isinstance(n, tuple) else st.just(n)
     if issubclass(cls, Plain):
         return sizes.map(lambda k: Configuration(cls, {}, k, "within", "no parameters"))
@@ -553,9 +554,6 @@ def deviations(protocol: AggregationProtocol, n: int) -> st.SearchStrategy[Any]:
     honest protocol. The coalition (:mod:`securefed.testing.coalition`) is not drawn here: it is
     the property ``"coalition"``.
     """
-    from securefed.protocols.secagg import MaskedAggregation
-    from securefed.testing import adversary as adv
-
     # Flips in the last byte, where short request bodies (survivor bitmaps) sit, as often as elsewhere.
     flips = st.one_of(st.none(), st.integers(-8, -1), st.integers(-64, -9), st.integers(0, 8 * 64))
     generic = st.builds(adv.AskAgain, phase=st.sampled_from(list(protocol.phases)), index=st.integers(0, n), flip=flips)
