@@ -325,7 +325,7 @@ def check_dropouts(protocol: AggregationProtocol, n: int, dropouts: Mapping[int,
     for c, phase in (dropouts or {}).items():
         if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < n:
             raise InvalidInput(f"dropout key {c!r} is not a client index in 0..{n - 1}")
-        if phase not in protocol.phases:
+        if not isinstance(phase, str) or phase not in protocol.phases:  # str first: `in` compares arrays elementwise
             raise InvalidInput(f"dropout phase {phase!r} is not one of {protocol.phases}")
         out[int(c)] = protocol.phases.index(phase)
     return out
@@ -336,7 +336,7 @@ def _check_options(seed: object, record: object, session_id: object) -> None:
     if not (seed is None or isinstance(seed, (bytes, bytearray))
             or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0)):
         raise ConfigurationError(f"seed must be None, a non-negative int or bytes, got {seed!r}")
-    if record not in (None, "full", "digest"):
+    if record is not None and (not isinstance(record, str) or record not in ("full", "digest")):
         raise ConfigurationError(f"record must be 'full' or 'digest' (None: the default), got {record!r}")
     if session_id is not None and not isinstance(session_id, (bytes, bytearray, memoryview)):
         raise ConfigurationError(f"session_id must be 32 bytes, got a {type(session_id).__name__}: pass bytes "

@@ -248,3 +248,26 @@ def test_a_bool_or_bad_value_range_is_refused(name, value_range):
 @pytest.mark.parametrize("name", WITH_RANGE)
 def test_a_numpy_float_value_range_is_the_float(name):
     assert FACTORIES[name](np.float32(2.0)).error_bound(N) == FACTORIES[name](2.0).error_bound(N)
+
+
+# Row 8 (the public-API fuzz): an array where a name belongs ---------------------------------------------
+# `array in (...)` and `array == "..."` compare elementwise, so these were numpy's "truth value of an array
+# is ambiguous" ValueError.
+
+ARRAY = np.array([1.0, 2.0])
+
+
+@pytest.mark.parametrize("make", [lambda: sf.protocols.SecAgg(adversary=ARRAY),
+                                  lambda: sf.protocols.SecAggPlus(adversary=np.array([]))])
+def test_an_array_as_adversary_is_a_configuration_error(make):
+    with pytest.raises(ConfigurationError, match="adversary must be one of"):
+        make()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_an_array_as_record_or_dropout_phase_is_refused(name):
+    p = FACTORIES[name]()
+    with pytest.raises(ConfigurationError, match="record must be 'full' or 'digest'"):
+        simulate_aggregation(p, inputs(), seed=1, record=ARRAY)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match=r"dropout phase array\(\[1., 2.\]\) is not one of"):
+        simulate_aggregation(p, inputs(), dropouts={1: ARRAY}, seed=1)  # type: ignore[dict-item]

@@ -86,7 +86,7 @@ class ThreatModel:
     dropout_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.adversary not in ADVERSARIES:
+        if not isinstance(self.adversary, str) or self.adversary not in ADVERSARIES:  # str first: arrays
             raise ConfigurationError(f"adversary must be one of {ADVERSARIES}, got {self.adversary!r}")
         for name in ("corrupt_fraction", "dropout_fraction"):
             v = getattr(self, name)
