@@ -1030,3 +1030,22 @@ def test_min_clients_bounds_the_smallest_sum_an_active_server_can_have_decrypted
         BFV(value_range=1.0, key_holder="masked", min_clients=2)
     with pytest.raises(ConfigurationError):
         sf.simulate_aggregation(CKKS(min_clients=5), [np.ones(3)] * 4, seed=0)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    # were AssertionError, OverflowError and an accepted bool (issue 21, the public-API fuzz)
+    ({"coeff_mod_bit_sizes": None}, "CKKS needs coeff_mod_bit_sizes"),
+    ({"coeff_mod_bit_sizes": [60, float("inf"), 60]}, "coeff_mod_bit_sizes must be a sequence of ints"),
+    ({"precision_bits": True}, r"precision_bits must be an integer in \[1, 52\], got True"),
+    ({"key_holder": np.array(["clients", "decryptor"])}, "key_holder must be one of"),
+])
+def test_ckks_refuses_what_the_fuzz_found(kwargs, words):
+    with pytest.raises(ConfigurationError, match=words):
+        CKKS(**kwargs)
+
+
+def test_bfv_refuses_an_array_as_key_holder_and_infinite_prime_sizes():
+    with pytest.raises(ConfigurationError, match="key_holder must be one of"):
+        BFV(value_range=1.0, key_holder=np.array([1.0, 2.0]))
+    with pytest.raises(ConfigurationError, match="coeff_mod_bit_sizes must be a sequence of ints"):
+        BFV(value_range=1.0, coeff_mod_bit_sizes=[60, float("-inf")])

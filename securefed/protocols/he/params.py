@@ -60,7 +60,7 @@ def check_ring(poly_modulus_degree: int, coeff_mod_bit_sizes: Sequence[int]) -> 
         )
     try:
         bits = tuple(int(b) for b in coeff_mod_bit_sizes)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ConfigurationError(
             f"coeff_mod_bit_sizes must be a sequence of ints, got {coeff_mod_bit_sizes!r}"
         ) from None

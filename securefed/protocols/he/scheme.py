@@ -109,6 +109,11 @@ class HEProtocol(AggregationProtocol):
 
     def __init__(self, key_holder: str, poly_modulus_degree: int, coeff_mod_bit_sizes: Sequence[int] | None,
                  identities: KeyDirectory | None = None, min_clients: int = 1) -> None:
+        # isinstance first: `in` and `==` on a numpy array compare elementwise (numpy's ambiguous-truth ValueError)
+        if not isinstance(key_holder, str) or key_holder not in self.key_holders:
+            raise ConfigurationError(
+                f"{type(self).__name__} key_holder must be one of {self.key_holders}, got {key_holder!r}"
+            )
         if identities is not None and not isinstance(identities, KeyDirectory):
             raise ConfigurationError("identities must be a securefed.crypto.signing.KeyDirectory")
         if not isinstance(min_clients, int) or isinstance(min_clients, bool) or min_clients < 1:
@@ -118,10 +123,6 @@ class HEProtocol(AggregationProtocol):
         self.min_clients = min_clients
         self.identities = identities
         self._simulated_pki: dict[int, KeyDirectory] = {}  # shared by copies (with_encoder): one PKI per run
-        if key_holder not in self.key_holders:
-            raise ConfigurationError(
-                f"{type(self).__name__} key_holder must be one of {self.key_holders}, got {key_holder!r}"
-            )
         self.key_holder = key_holder
         self.poly_modulus_degree = poly_modulus_degree
         self.coeff_mod_bit_sizes = (
@@ -304,11 +305,13 @@ class CKKS(HEProtocol):
         identities: KeyDirectory | None = None,
         min_clients: int = 1,
     ) -> None:
-        if key_holder == "masked":
+        if isinstance(key_holder, str) and key_holder == "masked":
             raise ConfigurationError("key_holder='masked' needs exact integer sums: use BFV")
+        if coeff_mod_bit_sizes is None:  # None derives the primes for BFV only
+            raise ConfigurationError("CKKS needs coeff_mod_bit_sizes, e.g. the default (60, 40, 60), got None")
         super().__init__(key_holder, poly_modulus_degree, coeff_mod_bit_sizes, identities, min_clients)
         self.value_range = _check_range(value_range)
-        if not isinstance(precision_bits, int) or not 1 <= precision_bits <= 52:
+        if not isinstance(precision_bits, int) or isinstance(precision_bits, bool) or not 1 <= precision_bits <= 52:
             raise ConfigurationError(f"precision_bits must be an integer in [1, 52], got {precision_bits!r}")
         self.precision_bits = precision_bits
         self._ring(1)  # fail now, not in a round, if even one client cannot be served
