@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import math
+import sys
 
 import numpy as np
 
@@ -227,6 +228,11 @@ class FixedPoint(IntegerEncoder):
         self.value_range = float(value_range)
         self.value_bits = int(value_bits)
         self.scale = (2 ** (self.value_bits - 1) - 1) / self.value_range
+        if not math.isfinite(self.scale):  # a (sub)normal range this small: inf scale, every sum decodes to 0
+            raise ConfigurationError(
+                f"value_range {self.value_range!r} is too small for {self.value_bits}-bit fixed point: its scale "
+                f"(2^{self.value_bits - 1} - 1) / value_range overflows float64; give value_range >= "
+                f"{(2 ** (self.value_bits - 1) - 1) / sys.float_info.max:.3g} or scale the inputs up")
 
     def __repr__(self) -> str:
         return f"FixedPoint(value_range={self.value_range!r}, value_bits={self.value_bits})"

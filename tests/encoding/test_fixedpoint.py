@@ -6,6 +6,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import securefed as sf
 from securefed.crypto.random import RandomSource
 from securefed.encoding import FixedPoint, decode_error_bound, modulus_bits, storage_dtype
 from securefed.errors import ConfigurationError, InvalidInput
@@ -121,3 +122,22 @@ def test_decode_centres_the_low_k_bits_of_each_word(k, wide, data):
     low = [int(v) % 2**k for v in s.tolist()]
     want = [float(v - 2**k if v >= 2 ** (k - 1) else v) * (1.0 / enc.scale) for v in low]
     assert enc.decode(s, n=n).tolist() == want
+
+
+@pytest.mark.parametrize("value_range, value_bits", [(5e-324, 16), (1e-310, 16), (1e-300, 53)])
+def test_a_value_range_whose_scale_overflows_is_refused(value_range, value_bits):
+    # The scale was inf: every input quantized to 0 and error_bound(n) was 0 (issue 21, the public-API fuzz).
+    with pytest.raises(ConfigurationError, match=f"value_range {value_range!r} is too small .* overflows float64"):
+        FixedPoint(value_range=value_range, value_bits=value_bits)
+    with pytest.raises(ConfigurationError, match="too small"):
+        sf.protocols.SecAgg(value_range=value_range, value_bits=value_bits)
+
+
+def test_the_smallest_value_range_with_a_finite_scale_still_sums_exactly():
+    c = 1e-300
+    fp = FixedPoint(value_range=c, value_bits=16)
+    assert math.isfinite(fp.scale) and fp.error_bound(3) > 0
+    xs = [np.array([0.5 * c, -0.25 * c, c])] * 3
+    p = sf.protocols.SecAgg(value_range=c)
+    total = sf.simulate_aggregation(p, xs, seed=1).total
+    assert np.abs(total - np.sum(xs, axis=0)).max() <= p.error_bound(3)
