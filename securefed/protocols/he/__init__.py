@@ -9,6 +9,7 @@ auth        signatures and the key holder's verified sum
 wire        framing of HE messages (``Framer``, ``Reader``) inside the common header
 state       the saved-state format of the parties
 params      the ring parameter rules
+contract    ``HEScheme``: what the modules above read of their scheme (typing only)
 tenseal     every TenSEAL call
 ==========  ===============================================================
 """

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -28,11 +28,9 @@ from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
 from securefed.protocols.base import RoundSpec
 from securefed.protocols.he import tenseal as backend
+from securefed.protocols.he.contract import HEScheme
 from securefed.protocols.he.tenseal import Ring
 from securefed.protocols.he.wire import KEY_ID_BYTES, Reader, read_vectors
-
-if TYPE_CHECKING:
-    from securefed.protocols.he.scheme import HEProtocol
 
 __all__ = [
     "CONTEXT",
@@ -87,7 +85,7 @@ def refuse(why: str) -> ProtocolAborted:
     return ProtocolAborted(AbortReason.REQUEST_REFUSED, f"the key holder refuses to decrypt: {why}")
 
 
-def decrypt_verified(protocol: HEProtocol, spec: RoundSpec, ring: Ring, secret: bytes, key_id: bytes,
+def decrypt_verified(protocol: HEScheme, spec: RoundSpec, ring: Ring, secret: bytes, key_id: bytes,
                      reader: Reader) -> tuple[bytes, int]:
     """The key holder's whole decrypt phase: (release, count) from ``u32 m || m x (u32 client || blob)``.
 

@@ -20,7 +20,7 @@ closes SecAgg's masked_input phase. See ``protocols/he.md`` ("Masked mode").
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -31,15 +31,13 @@ from securefed.protocols import wire
 from securefed.protocols.base import ClientProtocol, DropRecord, Party, RoundSpec
 from securefed.protocols.he import state
 from securefed.protocols.he import tenseal as backend
+from securefed.protocols.he.contract import MaskedScheme
 from securefed.protocols.he.parties import signed_upload, verified_public
 from securefed.protocols.he.server import HEServer
 from securefed.protocols.he.tenseal import Ring
 from securefed.protocols.he.wire import DECRYPTOR, Framer, Reader, sender_id
 from securefed.protocols.secagg import round as secagg_round
 from securefed.protocols.secagg.packed import column_pack, column_unpack
-
-if TYPE_CHECKING:
-    from securefed.protocols.he.scheme import BFV
 
 __all__ = ["INNER_PHASE", "MaskedClient", "MaskedServer"]
 
@@ -65,7 +63,7 @@ def _masked_vector(masking: Any, spec: RoundSpec, client: int, message: bytes) -
 class MaskedClient(ClientProtocol):
     """A client of masked BFV: a masking client inside, BFV encryption of its masked input."""
 
-    def __init__(self, protocol: BFV, spec: RoundSpec, ring: Ring, client: int, inner: ClientProtocol) -> None:
+    def __init__(self, protocol: MaskedScheme, spec: RoundSpec, ring: Ring, client: int, inner: ClientProtocol) -> None:
         self._p, self._spec, self._ring, self._id, self._inner = protocol, spec, ring, client, inner
         self._frame = Framer(protocol, spec)
         self._uploaded = False
@@ -99,7 +97,7 @@ class MaskedClient(ClientProtocol):
                           {state.F_INNER: self._inner.dump()})
 
     @classmethod
-    def from_state(cls, protocol: BFV, spec: RoundSpec, party: int, stage: int, fields: dict[int, bytes],
+    def from_state(cls, protocol: MaskedScheme, spec: RoundSpec, party: int, stage: int, fields: dict[int, bytes],
                    rng: RandomSource) -> MaskedClient:
         """The masked client that :meth:`dump` saved; InvalidInput for a state that is not one."""
         if set(fields) != {state.F_INNER} or stage not in (0, 1):
@@ -116,7 +114,7 @@ class MaskedClient(ClientProtocol):
 class MaskedServer(HEServer):
     """Adds BFV ciphertexts of masked inputs; a masking server routes keys and shares and unmasks."""
 
-    def __init__(self, protocol: BFV, spec: RoundSpec, ring: Ring, rng: RandomSource) -> None:
+    def __init__(self, protocol: MaskedScheme, spec: RoundSpec, ring: Ring, rng: RandomSource) -> None:
         super().__init__(protocol, spec, ring)
         self._masking = protocol.masking
         self._inner = self._masking.server(spec, rng=rng)

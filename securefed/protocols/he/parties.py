@@ -7,7 +7,6 @@ server ``he/server.py``, the saved-state format ``he/state.py``. Nothing here is
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from securefed.protocols import wire
 from securefed.protocols.base import ClientProtocol, RoundSpec
 from securefed.protocols.he import auth, state
 from securefed.protocols.he import tenseal as backend
+from securefed.protocols.he.contract import HEScheme
 from securefed.protocols.he.tenseal import Ring
 from securefed.protocols.he.wire import (
     CHECK_BYTES,
@@ -29,9 +29,6 @@ from securefed.protocols.he.wire import (
     blobs,
     u32,
 )
-
-if TYPE_CHECKING:
-    from securefed.protocols.he.scheme import HEProtocol
 
 __all__ = [
     "CHECK_BYTES",
@@ -59,7 +56,7 @@ FRESH, ADVERTISED, DEALT, UPLOADED, DECRYPTED = range(5)
 KEYLESS, KEYED, SPENT = range(3)
 
 
-def verified_public(protocol: HEProtocol, spec: RoundSpec, ring: Ring, reader: Reader) -> tuple[bytes, object]:
+def verified_public(protocol: HEScheme, spec: RoundSpec, ring: Ring, reader: Reader) -> tuple[bytes, object]:
     """The decryptor's public context from ``u32 len || context || signature``, and it loaded.
 
     MessageRejected unless the decryptor signed its key id for this round: otherwise the server
@@ -71,7 +68,7 @@ def verified_public(protocol: HEProtocol, spec: RoundSpec, ring: Ring, reader: R
     return public, backend.load_context(public, ring, secret=False)
 
 
-def signed_upload(protocol: HEProtocol, spec: RoundSpec, client: int, key_id: bytes, parts: list[bytes]) -> list[bytes]:
+def signed_upload(protocol: HEScheme, spec: RoundSpec, client: int, key_id: bytes, parts: list[bytes]) -> list[bytes]:
     """The items of an upload payload: ``signature || key_id || blobs``, signed by `client`."""
     body = [key_id, *blobs(parts)]
     digest = hashlib.sha256()
@@ -85,7 +82,7 @@ class HEClient(ClientProtocol):
     """One client: encrypts its input under the round's public key; in "clients" mode it also holds the key
     and, if it dealt it, decrypts the round's verified sum once."""
 
-    def __init__(self, protocol: HEProtocol, spec: RoundSpec, ring: Ring, client: int, x: np.ndarray | None,
+    def __init__(self, protocol: HEScheme, spec: RoundSpec, ring: Ring, client: int, x: np.ndarray | None,
                  rng: RandomSource) -> None:
         self._p, self._spec, self._ring, self._id, self._rng = protocol, spec, ring, client, rng
         self._frame = Framer(protocol, spec)
@@ -222,7 +219,7 @@ class HEClient(ClientProtocol):
         return state.dump(self._p, self._spec, state.ROLE_CLIENT, self._id, self._stage, fields)
 
     @classmethod
-    def from_state(cls, protocol: HEProtocol, spec: RoundSpec, party: int, stage: int, fields: dict[int, bytes],
+    def from_state(cls, protocol: HEScheme, spec: RoundSpec, party: int, stage: int, fields: dict[int, bytes],
                    rng: RandomSource) -> HEClient:
         """The client that :meth:`dump` saved; InvalidInput for fields that do not fit its mode and stage."""
         clients_mode = protocol.key_holder == "clients"
@@ -256,7 +253,7 @@ class HEClient(ClientProtocol):
 class HEDecryptor(ClientProtocol):
     """The separate key holder: makes a fresh key pair per round and decrypts one verified sum, once."""
 
-    def __init__(self, protocol: HEProtocol, spec: RoundSpec, ring: Ring, rng: RandomSource) -> None:
+    def __init__(self, protocol: HEScheme, spec: RoundSpec, ring: Ring, rng: RandomSource) -> None:
         self._p, self._spec, self._ring, self._rng = protocol, spec, ring, rng
         self._frame = Framer(protocol, spec)
         self._stage = KEYLESS
@@ -290,7 +287,7 @@ class HEDecryptor(ClientProtocol):
         return state.dump(self._p, self._spec, state.ROLE_DECRYPTOR, DECRYPTOR_ID, self._stage, fields)
 
     @classmethod
-    def from_state(cls, protocol: HEProtocol, spec: RoundSpec, stage: int, fields: dict[int, bytes],
+    def from_state(cls, protocol: HEScheme, spec: RoundSpec, stage: int, fields: dict[int, bytes],
                    rng: RandomSource) -> HEDecryptor:
         """The decryptor that :meth:`dump` saved: its key while it has not decrypted, else none."""
         has_secret = state.F_SECRET in fields and len(fields.get(state.F_KEY_ID, b"")) == KEY_ID_BYTES

@@ -9,7 +9,7 @@ bytes until the decrypt request is built (memory: the accepted uploads, nothing 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from securefed.protocols.base import (
 )
 from securefed.protocols.he import auth
 from securefed.protocols.he import tenseal as backend
+from securefed.protocols.he.contract import HEScheme
 from securefed.protocols.he.parties import DEALER
 from securefed.protocols.he.tenseal import Ring
 from securefed.protocols.he.wire import (
@@ -38,16 +39,13 @@ from securefed.protocols.he.wire import (
     u32,
 )
 
-if TYPE_CHECKING:
-    from securefed.protocols.he.scheme import HEProtocol
-
 __all__ = ["HEServer"]
 
 
 class HEServer(ServerProtocol):
     """Checks uploads as they arrive and forwards the accepted ones to the key holder; holds no secret key."""
 
-    def __init__(self, protocol: HEProtocol, spec: RoundSpec, ring: Ring) -> None:
+    def __init__(self, protocol: HEScheme, spec: RoundSpec, ring: Ring) -> None:
         self._p, self._spec, self._ring = protocol, spec, ring
         self._frame = Framer(protocol, spec)
         self._ids = protocol.directory(spec.n)

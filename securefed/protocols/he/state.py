@@ -10,14 +10,12 @@ refused request) the key is gone from the state too.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from securefed.errors import InvalidInput
 from securefed.protocols.base import RoundSpec
+from securefed.protocols.he.contract import HEScheme
 from securefed.protocols.he.wire import VERSION
-
-if TYPE_CHECKING:
-    from securefed.protocols.he.scheme import HEProtocol
 
 __all__ = [
     "F_DEALER",
@@ -41,19 +39,19 @@ ROLE_CLIENT, ROLE_DECRYPTOR = 1, 2
 F_VALUES_F8, F_VALUES_I8, F_KEX, F_SECRET, F_KEY_ID, F_INNER, F_DEALER = range(1, 8)
 
 
-def dump(protocol: HEProtocol, spec: RoundSpec, role: int, party: int, stage: int, fields: dict[int, bytes]) -> bytes:
+def dump(protocol: HEScheme, spec: RoundSpec, role: int, party: int, stage: int, fields: dict[int, bytes]) -> bytes:
     """``header || fields``, fields ``u8 key || u64 length || bytes`` in ascending key order."""
     head = _STATE.pack(protocol._TAG, VERSION, role, protocol.key_holders.index(protocol.key_holder), spec.n,
                        spec.dim, spec.round_index, spec.session_id, party, stage)
     return b"".join([head, *(_FIELD.pack(k, len(v)) + v for k, v in sorted(fields.items()))])
 
 
-def invalid(protocol: HEProtocol) -> InvalidInput:
+def invalid(protocol: HEScheme) -> InvalidInput:
     """The one error of every state that is not a dump of `protocol`'s parties."""
     return InvalidInput(f"invalid {protocol.name} party state")
 
 
-def _parse(protocol: HEProtocol, data: bytes) -> tuple[tuple[Any, ...], dict[int, bytes]]:
+def _parse(protocol: HEScheme, data: bytes) -> tuple[tuple[Any, ...], dict[int, bytes]]:
     bad = invalid(protocol)
     mv = memoryview(data)
     if len(mv) < _STATE.size:
@@ -76,7 +74,7 @@ def _parse(protocol: HEProtocol, data: bytes) -> tuple[tuple[Any, ...], dict[int
     return head[2:], fields
 
 
-def parse(protocol: HEProtocol, data: bytes) -> tuple[int, RoundSpec, int, int, dict[int, bytes]]:
+def parse(protocol: HEScheme, data: bytes) -> tuple[int, RoundSpec, int, int, dict[int, bytes]]:
     """``(role, spec, party, stage, fields)`` of :func:`dump` bytes; InvalidInput for anything else.
 
     The fields are only split here: each party's ``from_state`` checks that they fit its role and stage."""

@@ -12,16 +12,14 @@ import itertools
 import struct
 import zlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from securefed.errors import MessageRejected
 from securefed.protocols import wire
 from securefed.protocols.base import Party, RoundSpec
 from securefed.protocols.he import tenseal as backend
+from securefed.protocols.he.contract import HEScheme
 from securefed.protocols.he.tenseal import Ring
-
-if TYPE_CHECKING:
-    from securefed.protocols.he.scheme import HEProtocol
 
 __all__ = [
     "CHECK_BYTES",
@@ -61,7 +59,7 @@ def u32(value: int) -> bytes:
 class Framer:
     """Headers and checksums for one round of one HE protocol."""
 
-    def __init__(self, protocol: HEProtocol, spec: RoundSpec) -> None:
+    def __init__(self, protocol: HEScheme, spec: RoundSpec) -> None:
         self._tag, self._phases, self._spec = protocol._TAG, protocol.phases, spec
 
     def message(self, phase: str, sender: int, items: Sequence[bytes]) -> bytes:
