@@ -30,17 +30,42 @@ import dataclasses
 import hashlib
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from flwr.app import ConfigRecord, RecordDict
 
 from securefed.crypto.random import RandomSource
-from securefed.crypto.signing import SIGNATURE_BYTES, Ed25519PrivateKey, KeyDirectory, sign, verify
+from securefed.crypto.signing import (
+    SIGNATURE_BYTES,
+    Ed25519PrivateKey,
+    KeyDirectory,
+    sign,
+    verify,
+)
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
 from securefed.protocols.base import AggregationProtocol
 
-if TYPE_CHECKING:
-    from securefed.flower._envelope import Request
+
+class BeaconRequest(Protocol):
+    """What the beacon reads of an ``_envelope.Request`` (which imports this module: typed, not imported)."""
+
+    @property
+    def round(self) -> int: ...
+
+    @property
+    def n(self) -> int: ...
+
+    @property
+    def session(self) -> bytes: ...
+
+    @property
+    def client(self) -> int: ...
+
+    @property
+    def payload(self) -> bytes: ...
+
+    @property
+    def beacon(self) -> bytes: ...
 
 __all__ = ["COMMIT", "PHASES", "REVEAL", "STATE_KEY", "ServerBeacon", "commitment", "node_check", "node_commit",
            "node_reveal", "required", "session", "split_field", "tombstone"]
@@ -193,7 +218,7 @@ class _State:
         return cls(**fields)  # type: ignore[arg-type]
 
 
-def _saved(state: RecordDict, req: Request, *, pre: bytes) -> _State:
+def _saved(state: RecordDict, req: BeaconRequest, *, pre: bytes) -> _State:
     saved = _State.load(state)
     if saved is None or (saved.round, saved.session, saved.client) != (req.round, pre, req.client):
         raise MessageRejected("invalid request: this node holds no graph commitment for this round and session "
@@ -203,17 +228,17 @@ def _saved(state: RecordDict, req: Request, *, pre: bytes) -> _State:
     return saved
 
 
-def _store(state: RecordDict, req: Request, pre: bytes, rho: bytes, list_hash: bytes, listing: bytes) -> None:
+def _store(state: RecordDict, req: BeaconRequest, pre: bytes, rho: bytes, list_hash: bytes, listing: bytes) -> None:
     record = _State(req.round, pre, req.client, rho, list_hash, listing)
     state[STATE_KEY] = ConfigRecord(dataclasses.asdict(record))
 
 
-def tombstone(state: RecordDict, req: Request, pre: bytes) -> None:
+def tombstone(state: RecordDict, req: BeaconRequest, pre: bytes) -> None:
     """Mark this round's beacon as refused: the node reveals and accepts nothing more of it."""
     _store(state, req, pre, b"", b"", b"")
 
 
-def node_commit(state: RecordDict, req: Request, node: int, rng: RandomSource) -> bytes:
+def node_commit(state: RecordDict, req: BeaconRequest, node: int, rng: RandomSource) -> bytes:
     """``graph_commit``: draw rho, keep it in `state`, answer the commitment (a new commit replaces an older one)."""
     if req.payload:
         raise MessageRejected("invalid graph_commit request: non-empty payload")
@@ -225,7 +250,7 @@ def node_commit(state: RecordDict, req: Request, node: int, rng: RandomSource) -
     return commitment(req.session, req.round, node, rho)
 
 
-def node_reveal(state: RecordDict, req: Request, node: int, key: Ed25519PrivateKey) -> bytes:
+def node_reveal(state: RecordDict, req: BeaconRequest, node: int, key: Ed25519PrivateKey) -> bytes:
     """``graph_reveal``: check the commitment list (n entries, this node's unchanged), keep it, answer rho and
     the signature over the list. One list per commitment: another list is refused."""
     saved = _saved(state, req, pre=req.session)
@@ -247,7 +272,7 @@ def node_reveal(state: RecordDict, req: Request, node: int, key: Ed25519PrivateK
     return rho + sign(key, _signed(req.session, req.round, node, list_hash, rho), purpose=_PURPOSE)
 
 
-def node_check(state: RecordDict, req: Request, pre: bytes, nodes: Sequence[int], keys: KeyDirectory) -> None:
+def node_check(state: RecordDict, req: BeaconRequest, pre: bytes, nodes: Sequence[int], keys: KeyDirectory) -> None:
     """The protocol's first request of a beacon round: every reveal opens this node's copy of the list and is
     signed over it by its node, this node's own reveal is its rho, and the session is the derived one.
 
@@ -264,7 +289,7 @@ def node_check(state: RecordDict, req: Request, pre: bytes, nodes: Sequence[int]
         raise
 
 
-def _check_reveals(saved: _State, req: Request, pre: bytes, nodes: Sequence[int], keys: KeyDirectory) -> None:
+def _check_reveals(saved: _State, req: BeaconRequest, pre: bytes, nodes: Sequence[int], keys: KeyDirectory) -> None:
     list_hash, reveals_hash, reveals = split_field(req.beacon, req.n)
     if reveals is None or not saved.list_hash or list_hash != saved.list_hash:
         raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
