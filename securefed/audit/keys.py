@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -55,10 +56,16 @@ def prepare_log_path(path: str | os.PathLike[str]) -> Path:
 def open_log(log: Path) -> int:
     """A file descriptor on `log` for appending (created 0644 when missing); ConfigurationError when it cannot be."""
     try:
-        return os.open(log, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        # No link (the writer truncates a torn tail: through a link it would cut another file), no FIFO.
+        fd = os.open(log, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
-        raise ConfigurationError(f"cannot open the audit log {log} for writing: {e.strerror or e}; "
-                                 "choose a file in a folder you can write to") from e
+        raise ConfigurationError(f"cannot open the audit log {log} for writing: {e.strerror or e} (a link is "
+                                 "refused); choose a regular file in a folder you can write to") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigurationError(f"the audit log {log} is not a regular file; choose a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def key_paths(log: Path) -> tuple[Path, Path]:

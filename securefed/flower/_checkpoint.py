@@ -50,6 +50,8 @@ VERSION = 3
 _STATE = "state.json"
 _RELEASED = "released.json"
 _MODEL = re.compile(r"model-[0-9]{6}\.npz")
+#: Larger JSON files are refused before parsing (a huge file is a denial of service, never a checkpoint).
+MAX_JSON_BYTES = 256 << 20
 #: Domain separation: a checkpoint signature is never an audit entry's, nor the other way round.
 _CONTEXT = {_STATE: b"securefed/checkpoint/state/v1\n", _RELEASED: b"securefed/checkpoint/released/v1\n"}
 
@@ -150,8 +152,11 @@ def _read_signed(path: Path, public: Ed25519PublicKey | None) -> Any:
     """The body of a signed file, its signature checked with `public` (None: unchecked, for tests and reports)."""
     try:
         with _open_regular(path) as f:
-            doc = json.loads(f.read())
-    except (OSError, ValueError, RecursionError) as e:
+            data = f.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise ConfigurationError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB: not a file the server wrote")
+        doc = json.loads(data)
+    except (OSError, ValueError, RecursionError, MemoryError) as e:
         raise ConfigurationError(f"cannot read {path}: {e}") from None
     if not isinstance(doc, dict) or set(doc) != {"body", "key", "sig"} or not isinstance(doc["sig"], str):
         raise ConfigurationError(f"{path} is not a signed securefed checkpoint file (version {VERSION}); "

@@ -77,6 +77,9 @@ def restore(directory: str | os.PathLike[str], key: Ed25519PrivateKey, audit: An
     if loaded is None:
         return Restored(pending=pending)
     state, arrays, aggregate, optimizer = loaded
+    if audit is None and state["audit_head"] is not None:
+        raise ConfigurationError("the checkpoint was committed with an audit log, which holds the run's releases "
+                                 "(its ledger): resume with the same audit_log")
     if audit is not None:
         _check_log(state, audit)
         state = {**state, "ledger": list(audit.ledger)}  # the checkpoint's ledger and any release after it

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Result
 from securefed import optim
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
-from securefed.errors import AbortReason, ConfigurationError, ProtocolAborted
+from securefed.errors import AbortReason, ConfigurationError, InvalidInput, ProtocolAborted
 from securefed.flower import _checkpoint, _identities, _model, _privacy, _resume
 from securefed.flower.aggregation import GridAggregator, RoundOutcome
 from securefed.protocols.base import (
@@ -135,6 +135,11 @@ class SecureFedAvg:
       it where only the server can read it. A checkpoint that was changed, or that disagrees
       with the audit log (cut, replaced, rolled back), is refused (ConfigurationError);
     - ``audit_log``, ``audit_key``: write the signed audit log (``securefed.audit``);
+      ``audit_witness``: called with the log's head ``(seq, sha256)`` after every DP release
+      entry and every round entry, before the server goes on: hand it to storage outside the
+      server's trust boundary (a remote append-only log, a transparency service) and an auditor
+      who pins the last witnessed head detects a log cut after a crash (spec section 8); an
+      exception from it stops the run before the aggregate is used;
     - ``auxiliary``: party name to the node id that plays it (``{"decryptor": node}`` for
       CKKS/BFV with a decryptor); that node is never sampled as a client;
     - ``identities``: the federation's identity keys by node id (public keys suffice), for
@@ -170,7 +175,10 @@ class SecureFedAvg:
         auxiliary: Mapping[str, int] | None = None,
         identities: KeyDirectory | None = None,
         seed: int | None = None,
+        audit_witness: Callable[[int, str], None] | None = None,
     ) -> None:
+        if audit_witness is not None and not callable(audit_witness):
+            raise ConfigurationError("audit_witness must be a function (seq, sha256) -> None")
         mode = _check_options(privacy, fraction_train, min_train_nodes, min_available_nodes, weighting, max_examples,
                               cooldown_rounds)
         self.protocol = protocol
@@ -192,6 +200,7 @@ class SecureFedAvg:
         self.audit_log = audit_log
         self.audit_key = audit_key
         self.checkpoint_key = checkpoint_key
+        self.audit_witness = audit_witness
         self.seed = seed
         if seed is not None:
             log.warning("securefed: seeded run: keys and coins are predictable; for tests and simulation only")
@@ -257,7 +266,11 @@ class SecureFedAvg:
             if self.privacy is not None:
                 from securefed.privacy import Accountant
 
-                run.accountant = Accountant.from_ledger(run.state.ledger + run.pending, self.privacy.accountant)
+                try:
+                    run.accountant = Accountant.from_ledger(run.state.ledger + run.pending, self.privacy.accountant)
+                except InvalidInput as e:
+                    raise ConfigurationError(f"the checkpoint's privacy ledger cannot be accounted ({e}); restore "
+                                             "the files the server wrote") from None
             if audit is None:
                 return self._run(grid, run, num_rounds, train_config, evaluate_fn, None)
             settings = None if self.privacy is None else {"accountant": self.privacy.accountant,
@@ -327,6 +340,8 @@ class SecureFedAvg:
                 _resume.write_round(audit, state.audit, None if outcome is None else run.released,
                                     protocol=self.protocol, privacy=self.privacy, ledger=state.ledger,
                                     epsilon=report.epsilon)
+                if self.audit_witness is not None:
+                    self.audit_witness(*audit.head)
         return result
 
     def _round(self, grid: Grid, r: int, run: _Run, train_config: ConfigRecord | None,
@@ -398,6 +413,8 @@ class SecureFedAvg:
         run.accountant.record(event)
         if run.audit is not None:  # logged ahead of the round's entry and commit: a crash cannot hide it
             run.audit.release(r, dp_events=[event.to_dict()], epsilon=run.accountant.epsilon(self.privacy.delta))
+            if self.audit_witness is not None:
+                self.audit_witness(*run.audit.head)
         elif self.checkpoint_dir is not None:
             _checkpoint.record_release(self.checkpoint_dir, event.to_dict(), key=run.key, round_index=run.state.round)
         run.pending.append(event.to_dict())

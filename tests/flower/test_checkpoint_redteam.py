@@ -206,3 +206,56 @@ def test_a_planted_link_at_the_public_key_path_is_not_written_through(tmp_path):
     train(tmp_path, 1, audit=False)
     assert victim.read_text() == "keep me"
     assert not (tmp_path / "ckpt.pub").is_symlink()
+
+
+# -- the second red team ---------------------------------------------------------------------------------------
+
+
+def test_a_log_tail_cut_after_a_crashed_release_fails_verify_against_the_witnessed_head(tmp_path, monkeypatch):
+    """Kill the server after round 2's release entry, cut the log back to round 1 (the live checkpoint matches):
+    no file can show it, but the head handed to the witness after the release is gone from the log."""
+    log, witnessed = tmp_path / "audit.jsonl", []
+    train(tmp_path, 1, audit_witness=lambda seq, sha: witnessed.append((seq, sha)))
+    kept = len(log.read_bytes().splitlines())
+    real = crash_save(monkeypatch, 2)
+    with pytest.raises(Crash):
+        train(tmp_path, 3, audit_witness=lambda seq, sha: witnessed.append((seq, sha)))
+    monkeypatch.setattr(_checkpoint, "save", real)
+    assert [e["type"] for e in map(json.loads, log.read_text().splitlines())][kept + 1] == "release"
+    log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:kept]))  # the cut
+    with pytest.raises(PrivacyBudgetExceeded):
+        train(tmp_path, 3)
+    assert verify(log, allow_seeded=True).ok  # nothing inside the files can tell
+    assert not verify(log, allow_seeded=True, pinned=[witnessed[-1]]).ok  # the witness can
+
+
+def test_a_checkpoint_made_with_a_log_is_not_resumed_without_it(tmp_path):
+    train(tmp_path, 1)
+    with pytest.raises(ConfigurationError, match="same audit_log"):
+        train(tmp_path, 2, audit=False, checkpoint_key=tmp_path / "audit.jsonl.key")
+
+
+def test_a_signed_ledger_that_cannot_be_accounted_is_a_configuration_error(tmp_path):
+    train(tmp_path, 1, audit=False)
+    resign(tmp_path, lambda s: s.update(ledger=[{"foo": 1}]), _checkpoint.load_key(tmp_path / "ckpt", None))
+    with pytest.raises(ConfigurationError, match="cannot be accounted"):
+        train(tmp_path, 2, audit=False)
+
+
+def test_a_huge_state_file_is_refused_before_parsing(tmp_path, monkeypatch):
+    train(tmp_path, 1, audit=False)
+    monkeypatch.setattr(_checkpoint, "MAX_JSON_BYTES", 1 << 16)
+    (tmp_path / "ckpt" / "state.json").write_text("[" + "{}," * 40000 + "{}]")
+    with pytest.raises(ConfigurationError, match="larger than"):
+        train(tmp_path, 2, audit=False)
+
+
+def test_an_audit_log_that_is_a_link_is_refused_and_its_target_left_alone(tmp_path):
+    train(tmp_path, 1)
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"no newline at the end")  # the writer would cut it as a torn line, through the link
+    (tmp_path / "audit.jsonl").unlink()
+    (tmp_path / "audit.jsonl").symlink_to(target)
+    with pytest.raises(ConfigurationError, match="link"):
+        train(tmp_path, 2)
+    assert target.read_bytes() == b"no newline at the end"
