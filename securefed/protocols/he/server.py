@@ -1,7 +1,7 @@
 """The HE server: routes keys, checks and keeps the signed uploads, forwards them to the one key holder.
 
 It never adds ciphertexts itself: the key holder must decrypt only a sum it formed from signed
-uploads (``_he_auth.py``), so the server's job is to check each upload completely (so a faulty
+uploads (``he/auth.py``), so the server's job is to check each upload completely (so a faulty
 client is dropped, not the round) and pass the accepted ones on. It keeps the accepted uploads'
 bytes until the decrypt request is built (memory: the accepted uploads, nothing loaded).
 """

@@ -3,7 +3,7 @@
 Messages are ``header || CRC-32(payload) || payload`` (the header of ``protocols/wire.md``);
 the checksum catches corruption in transit, which a ciphertext cannot reveal by itself (a
 flipped bit is usually still a valid ciphertext of another value). Authentication is the
-signatures' job (``_he_auth.py``).
+signatures' job (``he/auth.py``).
 """
 
 from __future__ import annotations

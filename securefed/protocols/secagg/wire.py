@@ -11,7 +11,7 @@ padding bits all raise MessageRejected.
     share_keys         request  count, count x (id, c_pk[32], s_pk[32], [sig[64]], check[4])
                        reply    commit[32], count, count x (recipient id, sealed[100])
     masked_input       request  count, count x (sender id, sealed[100])
-                       reply    the masked vector, column-packed at the modulus width (_packed)
+                       reply    the masked vector, column-packed at the modulus width (packed.py)
     consistency_check  request  survivors bitmap[ceil(n/8)]          (active only)
                        reply    sig[64]
     unmasking          request  survivors bitmap[ceil(n/8)] [count, count x (id, sig[64]) if active]
