@@ -94,7 +94,7 @@ def check_vector(x: object, dim: int | None = None) -> np.ndarray:
     Integer, complex or object arrays are refused. Finiteness is checked by the caller
     (:func:`check_finite`, or the encoder's own pass, which needs no second one).
     """
-    if type(x).__module__.split(".")[0] == "torch":
+    if type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach"):  # a tensor, not a device or module
         x = _from_torch(x)
     if not isinstance(x, np.ndarray):
         raise InvalidInput(f"expected a 1-D numpy float array or torch tensor, got {type(x).__name__}")
