@@ -78,8 +78,8 @@ def _beta(name: str, value: Any) -> float:
     return _real(name, value, low=0.0, low_open=False, high=1.0)
 
 
-def _vector(name: str, value: Any) -> np.ndarray:
-    if type(value).__module__.split(".")[0] == "torch":  # a tensor, perhaps requiring grad: its values
+def _vector(name: str, value: Any, *, copy: bool = True) -> np.ndarray:
+    if type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach"):  # a tensor (not a device)
         value = value.detach().cpu()
     try:
         arr = np.asarray(value)
@@ -89,7 +89,7 @@ def _vector(name: str, value: Any) -> np.ndarray:
     if arr.dtype.kind not in "fiu" or arr.ndim != 1 or arr.size == 0:
         raise InvalidInput(f"{name} must be a non-empty 1-D real array (the flat model), got dtype {arr.dtype} "
                            f"and shape {arr.shape}")
-    out = arr.astype(np.float64)
+    out = arr.astype(np.float64, copy=copy)
     if not np.isfinite(out).all():
         raise InvalidInput(f"{name} has NaN or inf entries; give finite values")
     return out
@@ -113,7 +113,8 @@ class _Optimizer:
         """New weights from `weights` and the round's `mean_update` (see the module docstring)."""
         if not isinstance(round, numbers.Integral) or isinstance(round, (bool, np.bool_)) or round < 1:
             raise InvalidInput(f"round must be an int >= 1 (Flower's server_round), got {round!r}")
-        w, delta = _vector("weights", weights), _vector("mean_update", mean_update)
+        # Read in place when already float64 (no model-sized copies): _compute only makes new arrays.
+        w, delta = _vector("weights", weights, copy=False), _vector("mean_update", mean_update, copy=False)
         if w.shape != delta.shape:
             raise InvalidInput(f"weights has {w.size} coordinates and mean_update {delta.size}; give the same model's")
         if self._state and next(iter(self._state.values())).shape != w.shape:
@@ -290,7 +291,7 @@ def step_in_dtype(optimizer: ServerOptimizer, weights: np.ndarray, mean_update: 
     """
     weights = np.asarray(weights)
     trial = copy.copy(optimizer)
-    new = trial.step(weights.astype(np.float64), mean_update, round)
+    new = trial.step(weights, mean_update, round)  # step reads it as float64: one copy, not two
     with np.errstate(over="ignore", invalid="ignore"):
         cast = new.astype(weights.dtype)
     if not np.isfinite(cast).all():

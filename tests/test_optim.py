@@ -272,6 +272,9 @@ def test_torch_tensors_step_like_their_values(name):
     assert np.array_equal(got, expected)
     with pytest.raises(InvalidInput, match="numpy cannot read"):
         getattr(optim, name)().step(torch.tensor(w).to(torch.bfloat16), u, 1)
+    for junk in (torch.device("cpu"), torch.nn.Linear(2, 2)):  # torch objects that are not tensors
+        with pytest.raises(InvalidInput):
+            getattr(optim, name)().step(junk, u, 1)
 
 
 def test_failed_step_changes_nothing():
