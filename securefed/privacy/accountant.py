@@ -290,7 +290,7 @@ def compute_epsilon(
     if mechanism == "gaussian":
         extra = {k: v for k, v in dict(l2_clip=l2_clip, dimension=dimension, granularity=granularity,
                                         num_clients=num_clients).items() if v is not None}
-        if extra or beta:
+        if extra or not (isinstance(beta, int | float) and beta == 0):  # no `if beta`: an array has no truth
             raise ConfigurationError(f"the gaussian mechanism takes no {sorted(extra) or ['beta']}")
         event: PrivacyEvent = GaussianEvent(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
                                             steps=steps)

@@ -220,6 +220,7 @@ _ARRAY = np.array([1.0, 2.0])
     (dict(mechanism=_ARRAY), "mechanism must be"),
     (dict(accountant=_ARRAY), "accountant must be"),
     (dict(conversion=_ARRAY), "conversion must be"),
+    (dict(beta=_ARRAY), r"the gaussian mechanism takes no \['beta'\]"),
 ])
 def test_compute_epsilon_at_the_edges_is_a_configuration_error(kwargs, words):
     with pytest.raises(ConfigurationError, match=words):
