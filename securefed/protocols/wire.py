@@ -19,7 +19,7 @@ import struct
 
 from securefed.errors import MessageRejected
 
-__all__ = ["HEADER_SIZE", "SERVER", "header_prefix", "pack_header", "split_message", "unpack_message"]
+__all__ = ["HEADER_SIZE", "SERVER", "body", "header_prefix", "pack_header", "split_message", "unpack_message"]
 
 SERVER = 0xFFFFFFFF
 _HDR = struct.Struct(">4sBBI32sII")
@@ -72,3 +72,10 @@ def split_message(data: bytes | bytearray | memoryview, prefix: bytes) -> memory
     if _LENGTH.unpack_from(head, _PREFIX.size)[0] != size - HEADER_SIZE:
         raise MessageRejected("invalid message: wrong length")
     return memoryview(data)[HEADER_SIZE:]
+
+
+def body(message: bytes) -> bytes:
+    """The body of `message`, its header unchecked: for harnesses that read a transcript they recorded.
+
+    A party receiving a message uses :func:`unpack_message` or :func:`split_message` instead."""
+    return bytes(message[HEADER_SIZE:])

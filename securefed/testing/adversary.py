@@ -88,9 +88,8 @@ __all__ = [
 
 
 def _survivor_bits(ctx: RoundContext, request: bytes, phase: str) -> tuple[np.ndarray, bytes]:
-    body = ctx.body(phase, request)
-    nb = (ctx.spec.n + 7) // 8
-    return W.parse_bitmap(body[:nb], ctx.spec.n), bytes(body[nb:])
+    survivors, rest = W.split_bitmap(ctx.body(phase, request), ctx.spec.n)
+    return survivors, bytes(rest)
 
 
 class AskBothSecrets(Deviation):
@@ -200,7 +199,7 @@ class InconsistentSurvivorLists(Deviation):
 
     def observe(self, delivery: Delivery) -> None:
         if delivery.phase == "consistency_check" and delivery.reply is not None:
-            sig = delivery.reply[wire.HEADER_SIZE:]
+            sig = wire.body(delivery.reply)
             self._sigs[delivery.party in self.group][delivery.party] = sig  # type: ignore[index]
 
     def violation(self, run: AdversarialRun) -> str | None:
@@ -303,7 +302,7 @@ def old_shares(protocol: AggregationProtocol, n: int, dim: int, target: int, *, 
     """
     run = run_round(protocol, [np.zeros(dim)] * n, seed=seed)
     for d in run.outcomes("masked_input", target):
-        return d.request[wire.HEADER_SIZE:]
+        return wire.body(d.request)
     return b""
 
 

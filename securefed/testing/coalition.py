@@ -354,7 +354,7 @@ class SplitSurvivorLists(Deviation):
         d, v = delivery, self.split.victim
         if d.reply is None:
             return
-        body = d.reply[wire.HEADER_SIZE:]
+        body = wire.body(d.reply)
         if d.phase == "advertise_keys":
             self._keys[int(d.party)] = body[W.KEY : 2 * W.KEY]  # type: ignore[arg-type]
         elif d.phase == "share_keys" and d.party == v:
@@ -362,7 +362,7 @@ class SplitSurvivorLists(Deviation):
         elif d.phase == "masked_input":
             self._survivors = sorted({*self._survivors, int(d.party)})  # type: ignore[arg-type]
             if d.party == v:
-                self._victim["masked"], self._victim["shares_in"] = body, d.request[wire.HEADER_SIZE:]
+                self._victim["masked"], self._victim["shares_in"] = body, wire.body(d.request)
         elif d.phase == "consistency_check" and d.label == self.name:
             self._sigs[int(d.party) in self.split.group_a][int(d.party)] = body  # type: ignore[arg-type]
         elif d.phase == "unmasking" and d.label == self.name:

@@ -360,14 +360,14 @@ class IsolateVictim(Deviation):
         d, v = delivery, self.victim
         if d.reply is None:
             return
-        body = d.reply[wire.HEADER_SIZE:]
+        body = wire.body(d.reply)
         if d.phase == "advertise_keys":
             self._keys[int(d.party)] = bytes(body[W.KEY : 2 * W.KEY])
         elif d.phase == "share_keys" and d.party == v:
             self._victim["commitment"] = bytes(body[: W.COMMIT])
         elif d.phase == "masked_input" and d.party == v:
             self._victim["masked"] = bytes(body)
-            self._victim["peers"] = W.parse_records(memoryview(d.request[wire.HEADER_SIZE:]), W.SEALED)[0].tolist()
+            self._victim["peers"] = W.parse_records(memoryview(wire.body(d.request)), W.SEALED)[0].tolist()
         elif d.phase == "consistency_check" and d.label == self.name and self.plan is not None:
             self._sigs[dict(self.plan.shown)[int(d.party)]][int(d.party)] = bytes(body)  # type: ignore[call-overload]
         elif d.phase == "unmasking" and d.label == self.name:

@@ -613,3 +613,17 @@ def test_unmasking_reply_has_one_share_per_peer_b_for_survivors_key_for_dropouts
     for i, v in enumerate(ids.tolist()):
         share = shares[i].tobytes()
         assert share == (held[v][W.SHARE :] if v == 2 else held[v][: W.SHARE])
+
+
+@given(n=st.integers(1, 40), data=st.data())
+@settings(max_examples=50, deadline=None)
+def test_the_public_readers_give_back_what_the_writers_wrote(n, data):
+    # wire.body and W.split_bitmap are what the testing kit's adversaries parse with.
+    members = sorted(data.draw(st.sets(st.integers(0, n - 1))))
+    rest = data.draw(st.binary(max_size=20))
+    got, after = W.split_bitmap(W.bitmap(members, n) + rest, n)
+    assert got.tolist() == members and bytes(after) == rest
+    with pytest.raises(MessageRejected, match="truncated"):
+        W.split_bitmap(W.bitmap(members, n)[:-1], n)
+    message = wire.pack_header(b"SFSA", 5, 0, 0, bytes(32), 1, len(rest)) + rest
+    assert wire.body(message) == rest

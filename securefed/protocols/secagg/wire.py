@@ -49,6 +49,7 @@ __all__ = [
     "list_header",
     "list_rows",
     "parse_bitmap",
+    "split_bitmap",
     "parse_records",
     "record_table",
     "records",
@@ -209,3 +210,14 @@ def parse_bitmap(data: memoryview | bytes, n: int) -> np.ndarray:
     if bits[n:].any():
         raise MessageRejected("invalid message: non-zero bitmap padding")
     return np.flatnonzero(bits[:n]).astype(np.int64)
+
+
+def split_bitmap(body: memoryview | bytes, n: int) -> tuple[np.ndarray, memoryview]:
+    """A body that opens with an n-bit set (a survivor list): its members and the bytes after it.
+
+    MessageRejected for a body shorter than the set or a malformed set."""
+    size = (n + 7) // 8
+    if len(body) < size:
+        raise MessageRejected("invalid message: truncated survivor list")
+    mv = memoryview(body)
+    return parse_bitmap(mv[:size], n), mv[size:]
