@@ -11,6 +11,7 @@ import contextlib
 import math
 import numbers
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,9 +28,11 @@ def _is_int(value: Any) -> bool:
 
 
 def integer(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int >= `minimum`; ConfigurationError for anything else (bools included)."""
-    if not _is_int(value) or value < minimum:
-        raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    """`value` as an int in [`minimum`, sys.maxsize]; ConfigurationError for anything else (bools included).
+
+    Above sys.maxsize no count can be used (range, len, torch's samplers refuse it)."""
+    if not _is_int(value) or not minimum <= value <= sys.maxsize:
+        raise ConfigurationError(f"{name} must be an integer >= {minimum} (at most sys.maxsize), got {value!r}")
     return int(value)
 
 
@@ -57,7 +60,16 @@ def optional_callable(name: str, value: Any, shape: str) -> None:
 
 
 def _is_dataset(value: Any) -> bool:
-    return hasattr(value, "__len__") and hasattr(value, "__getitem__") and not isinstance(value, (str, bytes))
+    if not hasattr(value, "__len__") or not hasattr(value, "__getitem__") or isinstance(value, (str, bytes)):
+        return False
+    try:  # a 0-d array has __len__ and raises; a dataset's example is an (input, target) pair
+        return len(value) == 0 or _is_pair(value[0])
+    except Exception:  # noqa: BLE001 -- whatever indexing raises, this is not a dataset we can train on
+        return False
+
+
+def _is_pair(example: Any) -> bool:
+    return isinstance(example, (tuple, list)) and len(example) == 2
 
 
 def datasets(value: Any) -> list[Any]:
@@ -71,7 +83,8 @@ def datasets(value: Any) -> list[Any]:
     bad = [i for i, d in enumerate(out) if not _is_dataset(d)]
     if bad:
         raise InvalidInput(f"datasets[{bad[0]}] (of type {type(out[bad[0]]).__name__}) is not a dataset: give objects "
-                           "with __len__ and __getitem__, e.g. torch TensorDatasets")
+                           "with __len__ and __getitem__ whose examples are (input, target) pairs, e.g. torch "
+                           "TensorDatasets")
     empty = [i for i, d in enumerate(out) if len(d) == 0]
     if empty:
         raise InvalidInput(f"every participant needs at least one example; datasets {empty} are empty")
@@ -81,7 +94,7 @@ def datasets(value: Any) -> list[Any]:
 def eval_dataset(value: Any) -> Any:
     if value is not None and (not _is_dataset(value) or len(value) == 0):
         raise InvalidInput("eval_dataset must be None or a non-empty dataset (an object with __len__ and "
-                           f"__getitem__), got {type(value).__name__}"
+                           f"__getitem__ giving (input, target) pairs), got {type(value).__name__}"
                            + (" of length 0" if _is_dataset(value) else ""))
     return value
 
@@ -104,6 +117,8 @@ def audit(audit_log: Any, audit_key: Any) -> None:
         return
     if not isinstance(audit_log, (str, os.PathLike)) or isinstance(os.fspath(audit_log), bytes):
         raise ConfigurationError(f"audit_log must be a path (str or os.PathLike), got {type(audit_log).__name__}")
+    if "\x00" in os.fspath(audit_log):  # the OS refuses it (ValueError: embedded null byte)
+        raise ConfigurationError(f"audit_log {os.fspath(audit_log)!r} holds a NUL character: give a file path")
 
 
 def dropouts(drops: Any, round: int, population: int) -> Mapping[int, Any]:

@@ -10,6 +10,7 @@ randomness unless the run's secrets are seeded) and moves it to the device
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -97,10 +98,27 @@ class ProximalSGD(torch.optim.SGD):
 
 
 def local_optimizer(params: list[torch.Tensor], *, lr: float, momentum: float, mu: float) -> torch.optim.Optimizer:
-    """SGD on the participant's trainable `params`, with FedProx's term when ``mu > 0``."""
+    """SGD on the participant's trainable `params`, with FedProx's term when ``mu > 0``.
+
+    ConfigurationError when lr or mu is beyond the parameters' dtype (1e300 for float32): torch would
+    raise RuntimeError at the first step."""
+    for name, value in (("lr", lr), ("proximal_mu", mu)):
+        top = min((torch.finfo(p.dtype).max for p in params if p.is_floating_point()), default=math.inf)
+        if value > top:
+            raise ConfigurationError(f"{name}={value!r} is beyond the model's parameters' range (at most {top:.4g}); "
+                                     f"lower {name}")
     if mu > 0.0:
         return ProximalSGD(params, mu=mu, lr=lr, momentum=momentum)
     return torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+def _checked_loss(loss: Any) -> torch.Tensor:
+    """What loss_fn returned, if it is a one-element tensor; ConfigurationError otherwise."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ConfigurationError(f"loss_fn(output, target) must return a one-element tensor (the batch's loss), got "
+                                 f"{type(loss).__name__}" + (f" of shape {tuple(loss.shape)}"
+                                                             if isinstance(loss, torch.Tensor) else ""))
+    return loss
 
 
 def sgd(model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, loader: DataLoader, epochs: int, seed: int,
@@ -114,7 +132,7 @@ def sgd(model: nn.Module, loss_fn: LossFn, opt: torch.optim.Optimizer, loader: D
             for xb, yb in loader:
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 opt.zero_grad()
-                loss = loss_fn(model(xb), yb)
+                loss = _checked_loss(loss_fn(model(xb), yb))
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(yb)
@@ -130,7 +148,7 @@ def evaluate(model: nn.Module, dataset: Dataset, loss_fn: LossFn, device: torch.
     for xb, yb in DataLoader(dataset, batch_size=1024):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         out = model(xb)
-        total_loss += float(loss_fn(out, yb)) * len(yb)
+        total_loss += float(_checked_loss(loss_fn(out, yb))) * len(yb)
         if out.ndim == 2 and yb.ndim == 1:
             correct += int((out.argmax(dim=1) == yb).sum())
         count += len(yb)

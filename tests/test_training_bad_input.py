@@ -255,3 +255,43 @@ def test_legal_dp_configurations_are_accepted():
     SampleLevelDP(noise_multiplier=1.0, sampling_rate=1)
     assert PerLayerClipping(layer_clips=(1.0, 2)).layer_clips == (1.0, 2.0)
     assert AdaptiveClipping(target_quantile=1).target_quantile == 1.0
+
+
+
+# -- found by the public-API fuzz (tests/test_api_fuzz.py) ----------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    # were TypeError (len of a 0-d array), or accepted and then ValueError/KeyError/RuntimeError inside torch
+    ({"eval_dataset": np.array(1.0)}, InvalidInput, "eval_dataset must be None or a non-empty dataset"),
+    ({"eval_dataset": np.array([1.0, 2.0])}, InvalidInput, r"\(input, target\) pairs"),
+    ({"eval_dataset": bytearray(3)}, InvalidInput, "eval_dataset must be"),
+    ({"eval_dataset": {"a": 1}}, InvalidInput, "eval_dataset must be"),
+    ({"eval_dataset": [None]}, InvalidInput, "eval_dataset must be"),
+    ({"datasets": [[1.0, 2.0]]}, InvalidInput, r"datasets\[0\] \(of type list\) is not a dataset"),
+    # was ValueError: embedded null byte
+    ({"audit_log": "a\x00b"}, ConfigurationError, "holds a NUL character"),
+    # was torch's ValueError from its sampler (islice) at fit
+    ({"batch_size": 2**63}, ConfigurationError, "batch_size must be an integer >= 1 \\(at most sys.maxsize\\)"),
+])
+def test_nonsense_the_fuzz_found_is_refused_at_construction(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        trainer(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["lr", "proximal_mu"])
+def test_a_rate_beyond_the_models_dtype_is_a_configuration_error(name):
+    # float32 parameters cannot take lr = 1e300 (torch's RuntimeError at the first step)
+    t = trainer(**{name: 1e300})
+    before = params(t.model).copy()
+    with pytest.raises(ConfigurationError, match=f"{name}=1e\\+300 is beyond the model's parameters' range"):
+        t.fit(1)
+    assert np.array_equal(params(t.model), before)
+
+
+@pytest.mark.parametrize("loss_fn, words", [(lambda out, y: None, "got NoneType"),
+                                            (lambda out, y: out, r"got Tensor of shape \(\d+, 3\)")])
+def test_a_loss_fn_that_returns_no_scalar_tensor_is_a_configuration_error(loss_fn, words):
+    # was AttributeError ('NoneType' object has no attribute 'backward') or torch's RuntimeError
+    with pytest.raises(ConfigurationError, match="loss_fn\\(output, target\\) must return a one-element tensor.*" + words):
+        trainer(loss_fn=loss_fn).fit(1)
