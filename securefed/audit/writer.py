@@ -162,6 +162,11 @@ class AuditWriter:
         self._prev, self._seq = entry_hash(line), self._seq + 1
         self._history.append(self._prev)
 
+    def entry_hash(self, seq: int) -> str | None:
+        """The hash of entry `seq` of this log as the writer read and wrote it (None beyond the log):
+        never re-read from the path, which may have been swapped since it was opened."""
+        return self._history.hash_of(seq)
+
     @property
     def checkpoint_counter(self) -> int | None:
         """The counter of the last checkpoint a ``resume`` (or ``run_start``) entry of the log named, or None."""

@@ -128,6 +128,39 @@ def _open_regular(path: Path) -> Any:
     return os.fdopen(fd, "rb")
 
 
+class _HashingWriter:
+    """A write-only, unseekable stream over `f` that hashes what passes through it: the digest signed for a
+    model file is of the bytes the server wrote, never re-read from a path someone may have swapped."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return int(self.f.write(b))
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.n
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, *_: Any) -> bytes:  # numpy takes an object with ``read`` for a file
+        raise OSError("write only")
+
+
+def check_files(directory: str | os.PathLike[str]) -> None:
+    """ConfigurationError when a model file name in `directory` is not a regular file (a directory planted at
+    the next round's name would fail every commit after its round was released)."""
+    for path in Path(directory).glob("model-*.npz"):
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise ConfigurationError(f"{path} is not a regular file; remove it (the server writes model files)")
+
+
 def _digest(f: Any) -> str:
     """SHA-256 of the open file `f` from its start; leaves it at its start again."""
     h = hashlib.sha256()
@@ -135,11 +168,6 @@ def _digest(f: Any) -> str:
         h.update(chunk)
     f.seek(0)
     return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    with _open_regular(path) as f:
-        return _digest(f)
 
 
 def _write_signed(path: Path, body: Any, key: Ed25519PrivateKey) -> None:
@@ -197,9 +225,15 @@ def save(
     opt_names = list(opt_state)
     extra = [np.asarray(opt_state[k], dtype="<f8") for k in opt_names]
     extra += [] if aggregate is None else [np.asarray(aggregate, dtype="<f8")]
-    _write_atomic(d / model, lambda f: np.savez(f, *(arrays[name].numpy() for name in names), *extra))
+    hashing: list[_HashingWriter] = []
+
+    def write(f: Any) -> None:
+        hashing.append(w := _HashingWriter(f))
+        np.savez(w, *(arrays[name].numpy() for name in names), *extra)
+
+    _write_atomic(d / model, write)
     body = {**state, "version": VERSION, "round": round_index, "counter": counter, "model": model,
-            "model_sha256": _sha256(d / model), "names": names, "aggregate": aggregate is not None,
+            "model_sha256": hashing[0].h.hexdigest(), "names": names, "aggregate": aggregate is not None,
             "optimizer": {"config": dict(config), "arrays": opt_names},
             "audit_head": None if audit_head is None else dict(audit_head)}
     _write_signed(d / _STATE, body, key)

@@ -74,8 +74,11 @@ def restore(directory: str | os.PathLike[str], key: Ed25519PrivateKey, audit: An
     if audit is not None and _checkpoint.released(directory, None, round_index=round_index):
         raise ConfigurationError(f"{directory} holds released.json, which a run with an audit log never writes: "
                                  "the folder belongs to a run without this log; use that run's settings")
+    _checkpoint.check_files(directory)
     if loaded is None:
-        return Restored(pending=pending)
+        # A new run, or one that crashed before its first commit: with a log, the releases it already
+        # logged are spent all the same (the accountant starts from the log's ledger).
+        return Restored(pending=pending if audit is None else list(audit.ledger))
     state, arrays, aggregate, optimizer = loaded
     if audit is None and state["audit_head"] is not None:
         raise ConfigurationError("the checkpoint was committed with an audit log, which holds the run's releases "
@@ -107,15 +110,6 @@ def restore_optimizer(restored: Restored, optimizer: Any) -> None:
         raise ConfigurationError(f"the checkpoint's server optimizer state does not fit {now}: {e}") from None
 
 
-def _entry_hash_at(path: Path, seq: int) -> str | None:
-    """SHA-256 of entry `seq` of the log at `path` (complete lines only), or None when it has fewer."""
-    data = path.read_bytes()
-    for number, line, complete in iter_lines(data):
-        if number == seq and complete:
-            return entry_hash(line)
-    return None
-
-
 def _same(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> bool:
     return [canonical(dict(e)) for e in a] == [canonical(dict(e)) for e in b]
 
@@ -127,7 +121,7 @@ def _check_log(state: Mapping[str, Any], audit: Any) -> None:
     if head is None:
         raise ConfigurationError(f"the checkpoint in the folder was committed without an audit log, and this run "
                                  f"has one ({audit.path}): resume it without audit_log, or start a new run")
-    if _entry_hash_at(audit.path, head["seq"]) != head["sha256"]:
+    if audit.entry_hash(head["seq"]) != head["sha256"]:
         raise ConfigurationError(
             f"the audit log {audit.path} is shorter than, or differs from, the log the checkpoint of round {r} "
             f"was committed against (its entry {head['seq']} should hash to {head['sha256'][:16]}...): it was "

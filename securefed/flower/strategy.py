@@ -263,6 +263,8 @@ class SecureFedAvg:
                                                             restored.aggregate)
                     _resume.restore_optimizer(restored, run.optimizer)
                     log.info("securefed: resuming after round %d from %s", run.state.round, self.checkpoint_dir)
+            elif audit is not None:
+                run.pending = list(audit.ledger)  # releases already logged (a crash before any round entry)
             if self.privacy is not None:
                 from securefed.privacy import Accountant
 

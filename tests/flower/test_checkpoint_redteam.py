@@ -259,3 +259,93 @@ def test_an_audit_log_that_is_a_link_is_refused_and_its_target_left_alone(tmp_pa
     with pytest.raises(ConfigurationError, match="link"):
         train(tmp_path, 2)
     assert target.read_bytes() == b"no newline at the end"
+
+
+# -- the third red team --------------------------------------------------------------------------------------
+
+
+def _run(tmp_path, rounds, *, checkpoint=True):
+    from tests.flower.test_checkpoint_trust import grid, strategy
+
+    s = strategy(tmp_path)
+    if not checkpoint:
+        s.checkpoint_dir = None
+    return s.start(grid(), apps.model(), num_rounds=rounds)
+
+
+@pytest.mark.parametrize("how", ["crash before the first commit", "checkpoint folder deleted", "no checkpoint"])
+def test_releases_logged_before_any_round_entry_are_spent(tmp_path, monkeypatch, how):
+    """Round 1 released (its release entry is in the log) but no round entry yet: a restart must start from the
+    log's ledger, not from zero, or the budget is overrun."""
+    from securefed.audit import AuditWriter
+
+    if how == "crash before the first commit":
+        target, name = _checkpoint, "save"
+    elif how == "checkpoint folder deleted":
+        target, name = _resume, "write_round"
+    else:
+        target, name = AuditWriter, "release"
+    real = getattr(target, name)
+
+    def dying(*a, **k):
+        if how == "no checkpoint":
+            real(*a, **k)  # the release entry is written, then the server dies
+        raise Crash
+
+    monkeypatch.setattr(target, name, dying)
+    with pytest.raises(Crash):
+        _run(tmp_path, 3, checkpoint=how != "no checkpoint")
+    monkeypatch.setattr(target, name, real)
+    if how == "checkpoint folder deleted":
+        shutil.rmtree(tmp_path / "ckpt")
+    with pytest.raises(PrivacyBudgetExceeded):
+        _run(tmp_path, 3, checkpoint=how != "no checkpoint")
+    res = verify(tmp_path / "audit.jsonl", allow_seeded=True)
+    assert res.ok, res.summary()
+    # Round 1 released before the restart and again after it: two events; round 2 would pass the budget.
+    assert len(res.ledger) == 2 and [e["round"] for e in res.ledger] == [1, 1]
+
+
+def test_a_model_file_swapped_after_the_commit_rename_is_refused(tmp_path, monkeypatch):
+    """The signed digest is of the bytes the server wrote, not re-read from the path after the rename."""
+    train(tmp_path, 1, audit=False)
+    real = _checkpoint._fsync_dir
+
+    def swap(path):
+        for model in path.glob("model-000002.npz"):
+            np.savez(model, np.full(3, 666.0))  # the attacker's file, in the window before the digest was taken
+        return real(path)
+
+    monkeypatch.setattr(_checkpoint, "_fsync_dir", swap)
+    train(tmp_path, 2, audit=False)
+    monkeypatch.setattr(_checkpoint, "_fsync_dir", real)
+    with pytest.raises(ConfigurationError, match="not the model file the checkpoint committed"):
+        train(tmp_path, 3, audit=False)
+
+
+def test_a_directory_planted_at_the_next_model_name_is_refused_before_a_round_is_released(tmp_path):
+    train(tmp_path, 1)
+    (tmp_path / "ckpt" / "model-000002.npz").mkdir()
+    with pytest.raises(ConfigurationError, match="not a regular file"):
+        train(tmp_path, 2)
+    assert len(verify(tmp_path / "audit.jsonl", allow_seeded=True).ledger) == 1  # nothing more was released
+
+
+def test_a_malformed_release_line_is_a_verification_failure_even_without_jsonschema(tmp_path, monkeypatch):
+    import sys
+
+    from securefed.audit import log as audit_log
+
+    train(tmp_path, 1)
+    log = tmp_path / "audit.jsonl"
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    bad = next(e for e in entries if e["type"] == "release")
+    bad = {**bad, "body": {"dp": bad["body"]["dp"]}}  # no round
+    log.write_text(log.read_text() + json.dumps(bad) + "\n")
+    monkeypatch.setitem(sys.modules, "jsonschema", None)
+    audit_log.validator.cache_clear()
+    res = verify(log, allow_seeded=True)
+    assert not res.ok
+    with pytest.raises(ConfigurationError):
+        train(tmp_path, 2)
+    audit_log.validator.cache_clear()
