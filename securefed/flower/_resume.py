@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord
 
-from securefed.audit.log import canonical, entry_hash, iter_lines
+from securefed.audit.log import canonical
 from securefed.errors import (
     AbortReason,
     ConfigurationError,
