@@ -295,3 +295,9 @@ def test_a_loss_fn_that_returns_no_scalar_tensor_is_a_configuration_error(loss_f
     # was AttributeError ('NoneType' object has no attribute 'backward') or torch's RuntimeError
     with pytest.raises(ConfigurationError, match="loss_fn\\(output, target\\) must return a one-element tensor.*" + words):
         trainer(loss_fn=loss_fn).fit(1)
+
+
+def test_under_dp_sgd_a_loss_fn_that_returns_none_is_a_configuration_error():
+    # was torch.func's RuntimeError ("Expected f(*args) to return a Tensor")
+    with pytest.raises(ConfigurationError, match="loss_fn\\(output, target\\) must return a one-element tensor"):
+        trainer(loss_fn=lambda out, y: None, privacy=SampleLevelDP(noise_multiplier=1.0)).fit(1)

@@ -168,6 +168,9 @@ class DPSGD(NoiseModule):
                     y: torch.Tensor) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
                 inputs = probes.start(z)
                 loss = loss_fn(functional_call(model, (p, fixed, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:  # torch.func's RuntimeError otherwise
+                    raise ConfigurationError("loss_fn(output, target) must return a one-element tensor (the "
+                                             f"example's loss), got {type(loss).__name__}")
                 return loss, inputs
 
             # Differentiating the probes gives each fast layer's output gradients, not its weights'.
