@@ -410,6 +410,7 @@ def in_temporary_folder():
             os.chdir(before)
 
 
+# too_slow: an accepted example trains a model for a round (a tenth of a second on a loaded CI core)
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_trainer_refuses_nonsense_or_fits_one_round(data):
