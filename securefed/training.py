@@ -3,6 +3,8 @@
 Each round: sample participants, train locally (on ``device``, with FedProx's term when
 ``proximal_mu > 0``), flatten each update (new minus old trainable parameters) on the host,
 aggregate through the protocol, and step the server optimizer (``securefed.optim``) on the mean update.
+A participant trains when the protocol asks for its input (``LazyInputs``), so a round holds one
+update at a time besides what the protocol keeps: memory O(model) at any number of participants.
 Weights reach the server only inside the aggregate: a participant pre-scales its
 update by its weight and appends the weight as one extra coordinate; the server
 divides the summed update by the summed weight.
@@ -43,7 +45,7 @@ from securefed.errors import (
     ProtocolAborted,
     SeededSecretsWarning,
 )
-from securefed.protocols.base import AggregationProtocol, AggregationResult, simulate_aggregation
+from securefed.protocols.base import AggregationProtocol, AggregationResult, LazyInputs, simulate_aggregation
 from securefed.protocols.plain import Plain
 
 __all__ = ["History", "RoundRecord", "SeededSecretsWarning", "Trainer", "progress_status"]
@@ -225,33 +227,81 @@ def _fit_with_progress(trainer: Trainer, rounds: int) -> None:
             bar.update(task, advance=1, status=progress_status(trainer.run_round()))
 
 
-def _round_inputs(t: Trainer, participants: list[int], start: np.ndarray, spec: Any
-                  ) -> tuple[list[np.ndarray], list[float], list[int]]:
-    """Each participant's input to the aggregate, mean local loss and example count (the model is left as
-    the last participant trained it: the caller restores it)."""
-    dp, weighted = t.privacy_session, t.weighting == "examples"
-    inputs, losses, weights = [], [], []
-    with _only_trainable(t.model, t._names), _threads(t.torch_threads):
-        for c in participants:
-            delta, loss = t._local_update(c, start, spec)
-            if not np.isfinite(delta).all():
-                raise InvalidInput(f"participant {c}'s local training diverged in round {t._round}: its update "
-                                   f"holds inf or NaN; lower lr (now {t.lr:g}) or check its data")
-            w = len(t.datasets[c]) / t._max_examples if weighted else 1.0  # type: ignore[arg-type]
-            x = np.append(delta * w, np.float32(w)).astype(np.float32) if weighted else delta
-            inputs.append(x if dp is None else dp.client_input(delta, [p.size for p in spec.params]))
-            losses.append(loss)
-            weights.append(len(t.datasets[c]))  # type: ignore[arg-type]
-    return inputs, losses, weights
+class _RoundInputs:
+    """The round's participants, each trained when the protocol asks for its input: one update held at a time.
+
+    ``lazy()`` is the :class:`LazyInputs` the protocol reads. Participants train in their order in the
+    round, as when every update was made before the protocol ran: one the protocol never asks (it
+    dropped out before the input phase) still trains when its turn comes, for the round's loss and
+    the same sequence of local runs, and its update is let go; :meth:`finish` trains those after the
+    last one asked. An input asked again (out of order) is trained again from the same start.
+    """
+
+    def __init__(self, t: Trainer, participants: list[int], start: np.ndarray, spec: Any) -> None:
+        self._t, self._participants, self._start, self._spec = t, participants, start, spec
+        self._layout = [p.size for p in spec.params]
+        self._next = 0  # participants before it have trained
+        #: Each participant's mean local loss and example count, in the round's order.
+        self.losses = [0.0] * len(participants)
+        self.weights = [len(t.datasets[c]) for c in participants]  # type: ignore[arg-type]
+
+    def lazy(self) -> LazyInputs:
+        t, d = self._t, self._start.size
+        size = d + 1 if t.weighting == "examples" else d
+        if t.privacy_session is not None:
+            size = t.privacy_session.input_size(d)
+        return LazyInputs(len(self._participants), size, self._input)
+
+    def finish(self) -> None:
+        """Train the participants after the last one the protocol asked (their losses count)."""
+        while self._next < len(self._participants):
+            self._update(self._next)
+
+    def _input(self, i: int) -> np.ndarray:
+        while self._next < i:  # not asked: dropped out before the input phase
+            self._update(self._next)
+        delta = self._update(i)
+        t, dp = self._t, self._t.privacy_session
+        if dp is not None:
+            return dp.client_input(delta, self._layout)
+        if t.weighting != "examples":
+            return delta
+        w = self.weights[i] / t._max_examples
+        x = np.empty(delta.size + 1, dtype=np.float32)  # the weight rides along as the last coordinate
+        np.multiply(delta, w, out=x[:-1])
+        x[-1] = np.float32(w)
+        return x
+
+    def _update(self, i: int) -> np.ndarray:
+        """Participant i's update (new minus start); its loss recorded. The model is left as it trained it:
+        the round restores it."""
+        t, c = self._t, self._participants[i]
+        with _only_trainable(t.model, t._names), _threads(t.torch_threads):
+            delta, self.losses[i] = t._local_update(c, self._start, self._spec)
+        for p in t._params().values():  # a model-sized leftover; every local run starts with zero_grad anyway
+            p.grad = None
+        self._next = max(self._next, i + 1)
+        if not np.isfinite(delta).all():
+            raise InvalidInput(f"participant {c}'s local training diverged in round {t._round}: its update "
+                               f"holds inf or NaN; lower lr (now {t.lr:g}) or check its data")
+        return delta
 
 
 def _mean_update(t: Trainer, res: AggregationResult, sampled: int) -> np.ndarray:
-    """The round's released mean update: noised and accounted under DP, else the (weighted) mean."""
+    """The round's released mean update: noised and accounted under DP, else the (weighted) mean.
+
+    Without DP it is made in place in ``res.total`` unless the audit log still has to hash the sum:
+    the round then holds one float64 model-sized array, not two.
+    """
     if t.privacy_session is not None:
         return t.privacy_session.finish_round(res.total, len(res.included), sampled, t._round)
+    total = res.total if t.audit is None and res.total.flags.writeable else res.total.copy()
     if t.weighting == "examples":
-        return res.total[:-1] / res.total[-1]
-    return res.total / len(res.included)
+        mean = total[:-1]
+        mean /= total[-1]
+        return mean
+    total /= len(res.included)
+    return total
 
 
 def _finish_round(t: Trainer, res: AggregationResult, participants: list[int], protocol: AggregationProtocol,
@@ -290,6 +340,12 @@ def _skipped_round(t: Trainer) -> RoundRecord:
     if t.on_round is not None:
         t.on_round(record)
     return record
+
+
+def _minus(new: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """new - start, in place in `new` (flatten's fresh copy): one model-sized array, not two."""
+    new -= start
+    return new
 
 
 def _seed_bytes(seed: int | None, label: str) -> bytes | None:
@@ -494,10 +550,10 @@ class Trainer:
         if dp is not None and dp.local_training:
             loss = dp.train_locally(self.model, data, self.loss_fn, opt,
                                     self._secrets.child(f"round/{self._round}/client/{client}/dp-sgd"))
-            return flatten(self._params())[0] - start, loss
+            return _minus(flatten(self._params())[0], start), loss
         loss = steps.sgd(self.model, self.loss_fn, opt, loader, 1 if full else self.local_epochs, gen.initial_seed(),
                          self.device)
-        return flatten(self._params())[0] - start, loss
+        return _minus(flatten(self._params())[0], start), loss
 
     def _load(self, vector: np.ndarray, spec: Any) -> None:
         params = self._params()
@@ -521,7 +577,7 @@ class Trainer:
         return sorted(np.argsort(keys, kind="stable")[: self.clients_per_round].tolist())
 
     def _aggregate(
-        self, inputs: list[np.ndarray], drops: dict[int, str], protocol: AggregationProtocol
+        self, inputs: Sequence[np.ndarray], drops: dict[int, str], protocol: AggregationProtocol
     ) -> AggregationResult:
         return simulate_aggregation(
             protocol, inputs, drops, seed=self._secret_seed("aggregation"), record="digest",
@@ -547,8 +603,9 @@ class Trainer:
         start, spec = flatten(self._params())
         start = start.copy()
         try:  # local training leaves the model elsewhere: restored however the round ends
-            inputs, losses, weights = _round_inputs(self, participants, start, spec)
-            res = self._aggregate(inputs, drops, protocol)
+            inputs = _RoundInputs(self, participants, start, spec)  # trained as the protocol asks
+            res = self._aggregate(inputs.lazy(), drops, protocol)
+            inputs.finish()
         except ProtocolAborted as e:
             if self.audit is not None:
                 self._audit_begin()
@@ -561,7 +618,7 @@ class Trainer:
         mean = _mean_update(self, res, len(participants))
         new, self.server_optimizer = optim.step_in_dtype(self.server_optimizer, start, mean, self._round)
         self._load(new, spec)  # the stepped optimizer is kept only when the step succeeded
-        return _finish_round(self, res, participants, protocol, losses, weights)
+        return _finish_round(self, res, participants, protocol, inputs.losses, inputs.weights)
 
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on ``eval_dataset`` (empty dict without one): public data, released as is."""

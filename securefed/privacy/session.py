@@ -166,6 +166,10 @@ class PrivacySession:
             x = np.append(x, self._count_scale * (bit - 0.5))
         return x
 
+    def input_size(self, dimension: int) -> int:
+        """The length of :meth:`client_input`'s vector for an update of `dimension` coordinates."""
+        return dimension + 1 if isinstance(self.clipping, AdaptiveClipping) else dimension
+
     def protocol(self, base: Any, round: int) -> Any:
         """The round's protocol: with the distributed mechanism, `base` carrying this round's encoder."""
         if not isinstance(self.config, DistributedDP):

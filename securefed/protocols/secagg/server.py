@@ -43,6 +43,10 @@ from securefed.protocols.secagg.round import (
 
 __all__ = ["Server"]
 
+#: The server's handler of each phase's replies, by name: bound methods kept on the server would make
+#: a reference cycle, and its model-sized accumulator would outlive the round until a gc pass.
+_TAKE = ("_take_keys", "_take_shares", "_take_masked", "_take_signature", "_take_unmask")
+
 @dataclasses.dataclass
 class _Unmasked:
     """One responder's reply, checked: its shares are read only if it is among the holders used."""
@@ -82,7 +86,6 @@ class Server(ServerProtocol):
         self._adder = UnpackAdder(self._acc, rnd.width)
         self._aborted: ProtocolAborted | None = None
         self._result: tuple[np.ndarray, tuple[int, ...]] | None = None
-        self._take = (self._take_keys, self._take_shares, self._take_masked, self._take_signature, self._take_unmask)
 
     @property
     def dropped(self) -> Mapping[int, DropRecord]:
@@ -229,7 +232,7 @@ class Server(ServerProtocol):
             raise MessageRejected("invalid message: replayed reply")
         assert isinstance(party, int)
         try:
-            self._take[p](party, self.round.body(payload, p, party))
+            getattr(self, _TAKE[p])(party, self.round.body(payload, p, party))
         except MessageRejected as e:
             self._drop(party, DropRecord(phase, DropReason.REJECTED, str(e)))
             raise
