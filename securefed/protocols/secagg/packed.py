@@ -23,10 +23,8 @@ the thread count or the chunk size.
 Why columns: unpacking is the server's per-message cost next to the AES-CTR expansions it
 redoes. Field ``j`` of every column sits at the same bit offset of one or two word rows, so
 a row of values is a shift and an or of whole word rows (AVX2 on x86; adding the bits above a
-field too changes nothing in the low ``w`` bits, which are the sum). Measured at
-22 bits, 10^5 values, one thread: unpack-and-add 2.8x faster than the sequential stream value
-by value with the message in L2 (1.3x to 1.5x when 50 messages come from L3 or memory),
-packing 5.8x faster.
+field too changes nothing in the low ``w`` bits, which are the sum). Measurements against the
+sequential layout: ``bench/results.md``, "History".
 """
 
 from __future__ import annotations
@@ -240,9 +238,8 @@ class UnpackAdder:
     ``acc &= 2^width - 1`` before reading it.
 
     Messages of at most :data:`HOLD_BYTES` that live in immutable ``bytes`` are held back and
-    added :data:`GROUP` at a time: one pass over the accumulator instead of four (at 10^5 values
-    of 22 bits with the messages coming from memory, 50 messages in 1.1 ms instead of 1.6 ms; the
-    group loop alone, 48 messages: 0.74 ms with them in cache, 1.0-1.1 ms from memory).
+    added :data:`GROUP` at a time: one pass over the accumulator instead of four, which matters
+    when the messages come from memory (``bench/results.md``, "History").
     :meth:`flush` adds what is held; :attr:`held_bytes` is its size.
     """
 

@@ -30,7 +30,7 @@ PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "
 ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASKING = range(5)
 PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
 _SHA256 = hashes.SHA256()
-VERSION = 5  # 5: active unmasking carries every signature; 4: share_keys lists the recipient; 3: column packing
+VERSION = 5  # of the wire format (protocols/secagg.md); any change to a message's bytes bumps it
 SECRET_BYTES = 32  # bytes of b_u and of the X25519 mask key
 
 
