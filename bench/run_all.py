@@ -39,6 +39,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "he": ["--dim", "20000", "--clients", "3"],
     "scale": ["--max-d", "1e6"],
     "secagg": ["--scale", "0.01"],
+    "trainer": ["--quick"],
 }
 TIMEOUT_S = {"scale": 3600}
 SERIES = (("plain", "Plain"), ("secagg+", "SecAgg+"), ("ckks", "CKKS"), ("bfv", "BFV"))
@@ -130,6 +131,24 @@ def _mb(x: float) -> str:
     return f"{x / 2**20:.1f}"
 
 
+def _trainer_table(results: dict) -> list[str]:
+    """``bench/trainer.py``'s rounds: the time split, the ratio to Plain and the peak memory growth."""
+    lines = [r for r in results["benchmarks"].get("trainer", {}).get("lines", []) if "error" not in r]
+    if not lines:
+        return []
+    head = ("| trainer round | participants | trained parameters | SecAgg+ round (s): local training / client / "
+            "server / other | Plain round (s) | SecAgg+ / Plain | peak RSS growth, SecAgg+ (MB; x fp32 model) | "
+            "load average |")
+    out = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in lines:
+        out.append(f"| {r['config']} | {r['participants']} | {r['trained_parameters']:,} | {r['secure_round_s']:.1f}: "
+                   f"{r['secure_local_training_s']:.1f} / {r['secure_client_protocol_s']:.1f} / "
+                   f"{r['secure_server_protocol_s']:.1f} / {r['secure_other_s']:.1f} | {r['plain_round_s']:.1f} | "
+                   f"{r['secure_over_plain']:.2f} | {r['peak_rss_growth_mb']:.0f} ({r['peak_rss_growth_over_model']}x) "
+                   f"| {r['load_average_1min']} |")
+    return [*out, ""]
+
+
 def table(results: dict) -> str:
     m = results["machine"]
     out = [f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, Python {m['python']}; "
@@ -165,6 +184,7 @@ def table(results: dict) -> str:
             out[-1] += (f" Python holds the GIL for {100 * thr['mask_expansion_gil_held_share']:.1f}% of the masking "
                         f"work, which allows up to {thr['mask_expansion_speedup_bound_2t']}x on two free cores.")
     out.append("")
+    out += _trainer_table(results)
     out.append("| benchmark | configurations | wall (s) | load average at its start | status |")
     out.append("|---|---|---|---|---|")
     for name, b in results["benchmarks"].items():
