@@ -33,6 +33,7 @@ from securefed.audit.log import (
     signed_bytes,
 )
 from securefed.errors import InvalidInput
+from securefed.protocols.base import AggregationProtocol
 
 __all__ = ["EPSILON_RTOL", "Failure", "VerificationResult", "verify", "verify_data"]
 
@@ -142,7 +143,7 @@ def _reject_constant(name: str) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _problems(cls: type, description: bytes) -> tuple[str, ...]:
+def _problems(cls: type[AggregationProtocol], description: bytes) -> tuple[str, ...]:
     """``cls.check_description`` (a pure function) of a canonical description; rounds of one size repeat it."""
     return tuple(cls.check_description(json.loads(description)))
 
@@ -301,6 +302,7 @@ class _Checker:
             self._need_session(number, kind)
             self._round_number(number, body["round"])
             self._round_common(number, body)
+            self._round_counter(number, body.get("checkpoint_counter"))
             if kind == "round":
                 self.rounds += 1
                 self._round(number, body)
@@ -341,6 +343,15 @@ class _Checker:
                 self.eps = _Epsilon(privacy)
         elif privacy != self.privacy:
             self.fail(number, "body.privacy", f"the privacy settings of entry 1 {_short(self.privacy)}", privacy)
+
+    def _round_counter(self, number: int, counter: int | None) -> None:
+        """A round's checkpoint counter never goes below the log's last one (resume or round)."""
+        if counter is None:
+            return
+        last = self.history.counter
+        if last is not None and counter < last:
+            self.fail(number, "body.checkpoint_counter", f"at least {last}, the log's last checkpoint counter", counter)
+        self.history.counter, self.history.counter_entry = int(counter), number
 
     def _round_number(self, number: int, r: int) -> None:
         if self.last_round is not None and r <= self.last_round:

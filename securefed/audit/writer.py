@@ -266,6 +266,7 @@ class AuditWriter:
         epsilon: float | None = None,
         metrics: Mapping[str, float | None] | None = None,
         released: np.ndarray | None = None,
+        checkpoint_counter: int | None = None,
     ) -> None:
         """Record a finished round: parameters, who took part and dropped, digests, aggregate, DP.
 
@@ -294,9 +295,24 @@ class AuditWriter:
             aggregate={"sha256": hashlib.sha256(total.data).hexdigest(), "dim": int(total.size), "dtype": "<f8"},
             metrics=json_safe(dict(metrics or {})),
         )
+        self._counter(body, checkpoint_counter)
         body["dp"] = self._dp(dp_events, epsilon)
         self._append("round", body)
         self._rounds, self.last_round = self._rounds + 1, int(round_index)
+
+    def _counter(self, body: dict[str, Any], counter: int | None) -> None:
+        """Record the counter of the checkpoint holding the round: it never goes below the log's last one, so
+        a checkpoint whose commit the log has seen cannot be swapped for an older branch with the same counter."""
+        if counter is None:
+            return
+        if isinstance(counter, bool) or not isinstance(counter, (int, np.integer)) or counter < 1:
+            raise InvalidInput(f"checkpoint_counter must be a positive integer, got {counter!r}")
+        last = self._history.counter
+        if last is not None and counter < last:
+            raise ConfigurationError(f"checkpoint counter {counter} is below the log's last one, {last}: an older "
+                                     "checkpoint is in use")
+        body["checkpoint_counter"] = int(counter)
+        self._history.counter = int(counter)
 
     def release(self, round_index: int, *, dp_events: Sequence[Mapping[str, Any]], epsilon: float) -> None:
         """Record, ahead of round `round_index`'s entry, that its aggregate was released: `dp_events`
@@ -321,10 +337,12 @@ class AuditWriter:
         error: ProtocolAborted,
         dp_events: Sequence[Mapping[str, Any]] = (),
         epsilon: float | None = None,
+        checkpoint_counter: int | None = None,
     ) -> None:
         """Record a round that stopped with `error` (nothing was released)."""
         body = self._round_head(round_index, protocol, participants)
         body.update(phase=error.phase, reason=error.reason.value, message=str(error))
+        self._counter(body, checkpoint_counter)
         body["dp"] = self._dp(dp_events, epsilon)
         self._append("round_aborted", body)
         self.last_round = int(round_index)

@@ -102,13 +102,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ConfigurationError(f"cannot write in {path.parent}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a directory planted at the name: the commit fails cleanly
+        Path(tmp).unlink(missing_ok=True)
+        raise ConfigurationError(f"cannot commit {path}: {e.strerror or e}; the folder was changed under the "
+                                 "server (restore the files it wrote)") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -158,7 +158,8 @@ def audit_record(report: Any, outcome: Any) -> dict[str, Any]:
 
 
 def write_round(audit: Any, rec: Mapping[str, Any], total: np.ndarray | None, *, protocol: AggregationProtocol,
-                privacy: Any, ledger: Sequence[Mapping[str, Any]], epsilon: float | None) -> None:
+                privacy: Any, ledger: Sequence[Mapping[str, Any]], epsilon: float | None,
+                checkpoint_counter: int | None = None) -> None:
     """Write round `rec` to `audit`: its DP events are the `ledger`'s beyond what the log holds, and
     `epsilon` that of the whole `ledger` (the server's own accounting, never a recorded claim)."""
     dp: dict[str, Any] = {"dp_events": [], "epsilon": None}
@@ -166,7 +167,8 @@ def write_round(audit: Any, rec: Mapping[str, Any], total: np.ndarray | None, *,
         dp = {"dp_events": list(ledger[len(audit.ledger):]), "epsilon": epsilon}
     if rec["aborted"] is not None:
         error = ProtocolAborted(AbortReason(rec["aborted"]), "round aborted")
-        audit.round_aborted(rec["round"], protocol=protocol, participants=rec["participants"], error=error, **dp)
+        audit.round_aborted(rec["round"], protocol=protocol, participants=rec["participants"], error=error,
+                            checkpoint_counter=checkpoint_counter, **dp)
         return
     if total is None:
         raise ConfigurationError(f"the checkpoint of round {rec['round']} lacks the aggregate its audit entry needs")
@@ -176,7 +178,8 @@ def write_round(audit: Any, rec: Mapping[str, Any], total: np.ndarray | None, *,
     dropped = {int(c): DropRecord(p, DropReason(r), d) for c, (p, r, d) in rec["dropped"].items()}
     result = AggregationResult(total, tuple(rec["included"]), view, dropped, spec)
     audit.round(rec["round"], protocol=_privacy.round_protocol(protocol, privacy, session=session, dim=rec["dim"]),
-                result=result, participants=rec["participants"], metrics=rec["metrics"], **dp)
+                result=result, participants=rec["participants"], metrics=rec["metrics"],
+                checkpoint_counter=checkpoint_counter, **dp)
 
 
 def reconcile(audit: Any, restored: Restored, *, protocol: AggregationProtocol, privacy: Any) -> None:
@@ -199,7 +202,7 @@ def reconcile(audit: Any, restored: Restored, *, protocol: AggregationProtocol, 
         epsilon = Accountant.from_ledger(state["ledger"], privacy.accountant).epsilon(privacy.delta)
     try:
         write_round(audit, state["audit"], restored.aggregate, protocol=protocol, privacy=privacy,
-                    ledger=state["ledger"], epsilon=epsilon)
+                    ledger=state["ledger"], epsilon=epsilon, checkpoint_counter=restored.counter)
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # InvalidInput is a ValueError too
         raise ConfigurationError(f"the checkpoint's record of round {state['round']} is malformed ({type(e).__name__}: "
                                  f"{e}); restore the files the server wrote") from None

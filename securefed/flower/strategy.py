@@ -286,6 +286,8 @@ class SecureFedAvg:
                 elif audit.last_round:
                     raise ConfigurationError(f"the audit log {self.audit_log} already records rounds and this run "
                                              "has no checkpoint to continue from; use a new audit log")
+                if self.audit_witness is not None:  # the resume entry, and the round entry a resume completed
+                    self.audit_witness(*audit.head)
                 return self._run(grid, run, num_rounds, train_config, evaluate_fn, audit)
         finally:
             if audit is not None:
@@ -341,7 +343,8 @@ class SecureFedAvg:
                 assert state.audit is not None
                 _resume.write_round(audit, state.audit, None if outcome is None else run.released,
                                     protocol=self.protocol, privacy=self.privacy, ledger=state.ledger,
-                                    epsilon=report.epsilon)
+                                    epsilon=report.epsilon,
+                                    checkpoint_counter=run.counter if self.checkpoint_dir is not None else None)
                 if self.audit_witness is not None:
                     self.audit_witness(*audit.head)
         return result

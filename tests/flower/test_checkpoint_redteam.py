@@ -349,3 +349,35 @@ def test_a_malformed_release_line_is_a_verification_failure_even_without_jsonsch
     with pytest.raises(ConfigurationError):
         train(tmp_path, 2)
     audit_log.validator.cache_clear()
+
+
+# -- the fourth red team ---------------------------------------------------------------------------------------
+
+
+def test_a_discarded_commit_with_a_reused_counter_is_refused(tmp_path, monkeypatch):
+    """C1 restored in the commit-to-entry window reuses the counter of the discarded C2; once the rerun's commit
+    C2' is in the log (its round entry carries its counter), the saved C2 is an older branch: refused."""
+    real = _resume.write_round
+
+    def dying(audit, rec, *a, **k):  # one session: C1 committed (the attacker copies it), C2 committed, crash
+        if rec["round"] == 2:
+            raise Crash
+        shutil.copytree(tmp_path / "ckpt", tmp_path / "c1")
+        return real(audit, rec, *a, **k)
+
+    monkeypatch.setitem(BUDGET, "target", 1e6)
+    monkeypatch.setattr(_resume, "write_round", dying)
+    with pytest.raises(Crash):
+        train(tmp_path, 2)
+    monkeypatch.setattr(_resume, "write_round", real)
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "c2")
+    shutil.rmtree(tmp_path / "ckpt")
+    shutil.copytree(tmp_path / "c1", tmp_path / "ckpt")  # the documented one-round window: accepted
+    train(tmp_path, 2)
+    shutil.rmtree(tmp_path / "ckpt")
+    shutil.copytree(tmp_path / "c2", tmp_path / "ckpt")  # the discarded branch
+    with pytest.raises(ConfigurationError, match="rolled back"):
+        train(tmp_path, 3)
+    entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    counters = [e["body"].get("checkpoint_counter") for e in entries if e["type"] == "round"]
+    assert all(c is not None for c in counters) and counters == sorted(counters)
