@@ -132,21 +132,22 @@ def _mb(x: float) -> str:
 
 
 def _trainer_table(results: dict) -> list[str]:
-    """``bench/trainer.py``'s rounds: the time split, the ratio to Plain and the peak memory growth."""
+    """``bench/trainer.py``'s rounds: the time split, the ratio to Plain, the peak memory growth, the lines."""
     lines = [r for r in results["benchmarks"].get("trainer", {}).get("lines", []) if "error" not in r]
     if not lines:
         return []
     head = ("| trainer round | participants | trained parameters | SecAgg+ round (s): local training / client / "
-            "server / other | Plain round (s) | SecAgg+ / Plain | peak RSS growth, SecAgg+ (MB; x fp32 model) | "
-            "load average |")
+            "server / other | Plain round (s) | SecAgg+ / Plain: wall (CPU) | peak RSS growth, SecAgg+ (MB; x fp32 "
+            "model) | load average |")
     out = [head, "|---|---|---|---|---|---|---|---|"]
     for r in lines:
+        cpu = r.get("secure_over_plain_cpu")
         out.append(f"| {r['config']} | {r['participants']} | {r['trained_parameters']:,} | {r['secure_round_s']:.1f}: "
                    f"{r['secure_local_training_s']:.1f} / {r['secure_client_protocol_s']:.1f} / "
                    f"{r['secure_server_protocol_s']:.1f} / {r['secure_other_s']:.1f} | {r['plain_round_s']:.1f} | "
-                   f"{r['secure_over_plain']:.2f} | {r['peak_rss_growth_mb']:.0f} ({r['peak_rss_growth_over_model']}x) "
-                   f"| {r['load_average_1min']} |")
-    return [*out, ""]
+                   f"{r['secure_over_plain']:.2f}{'' if cpu is None else f' ({cpu:.2f})'} | "
+                   f"{r['peak_rss_growth_mb']:.0f} ({r['peak_rss_growth_over_model']}x) | {r['load_average_1min']} |")
+    return [*out, "", "```", *(json.dumps(r) for r in lines), "```", ""]
 
 
 def table(results: dict) -> str:

@@ -8,7 +8,8 @@ high-water mark; this script prints one JSON line per configuration with:
   ``client_protocol_s`` (the clients' protocol objects: encoding, masking, messages),
   ``server_protocol_s`` (the server's: unmasking, decoding, the sum) and ``other_s``
   (the rest: DP clipping and noise, the server optimizer, evaluation, loading the model);
-- ``secure_over_plain``: the secure round's time over the Plain round's;
+- ``secure_over_plain``: the secure round's time over the Plain round's; ``..._cpu`` the same for
+  the process CPU seconds (``round_cpu_s``, all threads), less sensitive to a shared machine's load;
 - ``peak_rss_growth_mb``: the secure round's process high-water mark (VmHWM, every round
   run) minus its RSS after building the model and data, also as ``..._over_model``, a
   multiple of the trained parameters' fp32 size (issue 23's acceptance: <= 8 at 20
@@ -190,16 +191,17 @@ def measure(name: str, protocol: str) -> dict[str, Any]:
     _instrument(trainer, clock)
     for _ in range(cfg["rounds"]):
         clock.seconds.clear()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         record = trainer.run_round()
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     peak = _status()["VmHWM"]
     split = {f"{k}_s": round(clock.seconds.get(k, 0.0), 3)
              for k in ("local_training", "client_protocol", "server_protocol")}
     model_mb = 4 * trained / 2**20
     return {
         "protocol": protocol, "participants": len(trainer.datasets), "trained_parameters": trained,
-        "round_s": round(wall, 3), **split, "other_s": round(wall - sum(split.values()), 3),
+        "round_s": round(wall, 3), "round_cpu_s": round(cpu, 3), **split,
+        "other_s": round(wall - sum(split.values()), 3),
         "peak_rss_growth_mb": round(peak - base, 1), "fp32_model_mb": round(model_mb, 1),
         "peak_rss_growth_over_model": round((peak - base) / model_mb, 2), "baseline_rss_mb": round(base, 1),
         "upload_bytes_per_client": record.metrics.get("upload_bytes_per_client"), "rounds": cfg["rounds"],
@@ -223,6 +225,7 @@ def run(name: str) -> dict[str, Any]:
     line.update({f"secure_{k}": v for k, v in secure.items() if k.endswith("_s")})
     line.update({f"plain_{k}": v for k, v in plain.items() if k.endswith("_s")})
     line["secure_over_plain"] = round(secure["round_s"] / plain["round_s"], 3)
+    line["secure_over_plain_cpu"] = round(secure["round_cpu_s"] / plain["round_cpu_s"], 3)
     for k in ("peak_rss_growth_mb", "peak_rss_growth_over_model", "fp32_model_mb", "baseline_rss_mb"):
         line[k] = secure[k]
     line["plain_peak_rss_growth_mb"] = plain["peak_rss_growth_mb"]
