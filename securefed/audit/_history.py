@@ -48,7 +48,9 @@ class History:
         """None when entry `seq` (< `before`, if given) has hash `sha256`, else what the log has there."""
         found = self.hash_of(seq) if before is None or seq < before else None
         if found is None:
-            return f"no entry {seq} before entry {before}" if before else f"no entry {seq}: the log has {len(self)} entries"
+            if before:
+                return f"no entry {seq} before entry {before}"
+            return f"no entry {seq}: the log has {len(self)} entries"
         return None if found == sha256 else f"entry {seq} has hash {found}"
 
     def checkpoint_problems(self, checkpoint: Mapping[str, Any] | None, entry: int) -> list[tuple[str, str, Any]]:

@@ -27,7 +27,8 @@ __all__ = ["render_report"]
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:72em;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.5em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}code{font-size:.9em;word-break:break-all}
 .ok{background:#e3f6e3;border:2px solid #2a8a2a;padding:.8em}.bad{background:#fbe4e4;border:2px solid #b22;padding:.8em}
 .plots img{max-width:100%;display:block;margin:.5em 0}details{margin:.3em 0}
@@ -165,7 +166,8 @@ def render_report(
 
     `allow_incomplete` and `allow_seeded` as for :func:`~securefed.audit.verify`. The
     report is written whether or not the log verifies, and says which. Raises
-    InvalidInput when the log cannot be read or the report cannot be written. See ``protocols/audit.md`` section "Report".
+    InvalidInput when the log cannot be read or the report cannot be written. See
+    ``protocols/audit.md`` section "Report".
     """
     try:
         data = Path(log).read_bytes()
@@ -181,10 +183,10 @@ def render_report(
     bodies = [e["body"] for e in rounds]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
-    out = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>securefed audit report: "
-           f"{_e(Path(log).name)}</title><style>{_CSS}</style></head><body>",
-           f"<h1>securefed audit report</h1><p>Log <code>{_e(Path(log).name)}</code>, {len(data)} bytes, "
-           f"SHA-256 <code>{hashlib.sha256(data).hexdigest()}</code>; generated {now}.</p>",
+    out = [(f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>securefed audit report: "
+            f"{_e(Path(log).name)}</title><style>{_CSS}</style></head><body>"),
+           (f"<h1>securefed audit report</h1><p>Log <code>{_e(Path(log).name)}</code>, {len(data)} bytes, "
+            f"SHA-256 <code>{hashlib.sha256(data).hexdigest()}</code>; generated {now}.</p>"),
            _verdict(res, pubkey is not None), "<h2>Run summary</h2>"]
     protocols = sorted({str(b.get("protocol", {}).get("protocol")) for b in bodies})
     summary = [
@@ -209,12 +211,12 @@ def render_report(
                    f"</figcaption></figure>")
     out.append("</div><h2>Rounds</h2>")
     rows, ids = [], []
-    for e in rounds:
-        b = e["body"]
+    for entry in rounds:
+        b = entry["body"]
         d = b.get("protocol", {})
         m = b.get("metrics", {}) or {}
         drops = ", ".join(f"{x['participant']} ({x['phase']}: {x['reason']})" for x in b.get("dropped", []))
-        status = "completed" if e["type"] == "round" else f"ABORTED ({b.get('reason')})"
+        status = "completed" if entry["type"] == "round" else f"ABORTED ({b.get('reason')})"
         mechanisms = ", ".join(
             f"{ev.get('mechanism')} z={ev.get('noise_multiplier')} q={ev.get('sampling_rate')}"
             + (f" clip={ev['l2_clip']}" if "l2_clip" in ev else "") for ev in (b.get("dp") or {}).get("events", []))

@@ -129,7 +129,8 @@ class VerificationResult:
         key = "pinned" if self.key_pinned else "NOT PINNED: taken from the log itself"
         counter = "" if self.checkpoint_counter is None else f"\n  checkpoint counter {self.checkpoint_counter}"
         return (f"OK: {self.entries} entries, {self.rounds} rounds ({self.aborted} aborted), {state}; {eps}\n"
-                f"  public key {self.public_key} ({key})\n  head       {self.pin}  (keep it; next time: --pin {self.pin})"
+                f"  public key {self.public_key} ({key})\n"
+                f"  head       {self.pin}  (keep it; next time: --pin {self.pin})"
                 + counter)
 
 
@@ -367,7 +368,8 @@ class _Checker:
             self.fail(number, "body.protocol.n", f"{n} (the round's participants)", desc["n"])
         cls = REGISTRY.get(desc["protocol"])
         if cls is None:
-            self.fail(number, "body.protocol.protocol", f"a protocol of securefed.protocols.REGISTRY {sorted(REGISTRY)}",
+            self.fail(number, "body.protocol.protocol",
+                      f"a protocol of securefed.protocols.REGISTRY {sorted(REGISTRY)}",
                       desc["protocol"])
             return
         if cls.phases and list(cls.phases) != phases:

@@ -212,7 +212,8 @@ class AuditWriter:
         if seeded_secrets is not None:
             common["seeded_secrets"] = seeded_secrets
         if self._privacy is not ... and priv != self._privacy:
-            raise ConfigurationError(f"the audit log declares privacy {self._privacy}, this run {priv}; they must match")
+            raise ConfigurationError(f"the audit log declares privacy {self._privacy}, this run {priv}; "
+                                     "they must match")
         if checkpoint is not None:
             common["checkpoint"] = record = checkpoint_record(checkpoint)
             problems = self._history.checkpoint_problems(record, self._seq)
@@ -245,7 +246,8 @@ class AuditWriter:
         self._epsilon = float(epsilon)
         return {"events": evs, "epsilon": float(epsilon)}
 
-    def _round_head(self, round_index: int, protocol: AggregationProtocol, participants: Sequence[int]) -> dict[str, Any]:
+    def _round_head(self, round_index: int, protocol: AggregationProtocol,
+                    participants: Sequence[int]) -> dict[str, Any]:
         if not self.in_session:
             raise ConfigurationError("no audit session is open: call start first")
         if isinstance(round_index, bool) or not isinstance(round_index, (int, np.integer)) or round_index < 1:
