@@ -24,6 +24,7 @@ See ``protocols/secagg.md`` (masking) and ``proofs/secagg.md`` (mask cancellatio
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -58,10 +59,10 @@ class Masker:
                  chunk: int | None = None) -> None:
         itemsize = np.dtype(dtype).itemsize
         chunk = parallel.get_chunk_size() if chunk is None else chunk
-        self._streams = [(new_stream(k, start * itemsize), np.add) for k in add]
+        self._streams: list[tuple[Any, np.ufunc]] = [(new_stream(k, start * itemsize), np.add) for k in add]
         self._streams += [(new_stream(k, start * itemsize), np.subtract) for k in subtract]
         self._scratch = np.empty(chunk, dtype=dtype)
-        self._raw = memoryview(self._scratch.view(np.uint8))
+        self._raw = self._scratch.view(np.uint8).data
         self._zeros = zero_bytes(chunk * itemsize)
 
     def apply(self, part: np.ndarray) -> None:
@@ -108,7 +109,8 @@ def pairwise_signs(party: int, peers: Sequence[int], keys: Sequence[bytes]) -> t
     """Split the pairwise keys of `party` into (added: peers above it, subtracted: peers below)."""
     if len(peers) != len(keys):
         raise ValueError("one key per peer")
-    add, sub = [], []
+    add: list[bytes] = []
+    sub: list[bytes] = []
     for v, k in zip(peers, keys):
         if v == party:
             raise ValueError("a party has no pairwise mask with itself")

@@ -29,7 +29,7 @@ def zero_bytes(n: int) -> memoryview:
     global _zeros
     if _zeros.size < n:
         _zeros = np.zeros(n, dtype=np.uint8)
-    return memoryview(_zeros)[:n]
+    return _zeros.data[:n]
 
 
 def new_stream(key: bytes, offset: int = 0):  # -> CipherContext (cryptography's type is private)
@@ -49,7 +49,7 @@ def keystream_into(stream, out: np.ndarray) -> None:
     """Overwrite the bytes of the C-contiguous array `out` with the next keystream bytes."""
     if not out.flags.c_contiguous:
         raise ValueError("keystream_into needs a C-contiguous buffer")
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = out.reshape(-1).view(np.uint8).data
     total = len(view)
     zeros = zero_bytes(min(CHUNK_BYTES, total))
     for off in range(0, total, CHUNK_BYTES):

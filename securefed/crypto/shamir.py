@@ -8,8 +8,9 @@ a share is ``4 * chunks`` bytes (36 for a 32-byte secret), little-endian uint32
 values below p. Products of two field elements fit in 62 bits: evaluation runs vectorized
 in uint64 numpy arrays over all secrets, chunks and holders at once; reconstruction
 (interpolation at zero, the chunks back to bytes, the checks below) is one compiled pass
-(``_shamir_kernels``), as the server runs it once per round for every secret. Fewer than t shares are uniformly distributed whatever the secret
-(``tests/crypto/test_shamir.py`` checks it exhaustively over small fields).
+(``_shamir_kernels``), as the server runs it once per round for every secret. Fewer than t
+shares are uniformly distributed whatever the secret (``tests/crypto/test_shamir.py`` checks it
+exhaustively over small fields).
 
 Reconstruction uses the first t shares given and checks that every chunk is a
 valid 30-bit value and the padding above 8L bits is zero; a share set that fails

@@ -29,16 +29,16 @@ from securefed.protocols.secagg import SecAgg, SecAggPlus
 REGISTRY: dict[str, type[AggregationProtocol]] = {cls.name: cls for cls in (Plain, SecAgg, SecAggPlus, CKKS, BFV)}
 
 __all__ = [
-    "AggregationProtocol",
-    "AggregationResult",
     "BFV",
     "CKKS",
+    "REGISTRY",
+    "AggregationProtocol",
+    "AggregationResult",
     "ClientProtocol",
     "DropReason",
     "DropRecord",
     "LazyInputs",
     "Plain",
-    "REGISTRY",
     "RoundSpec",
     "SecAgg",
     "SecAggPlus",

@@ -370,12 +370,13 @@ def simulate_aggregation(
     """
     _check_options(seed, record, session_id)
     lazy = isinstance(inputs, LazyInputs)
-    if lazy:
-        xs: list[np.ndarray | None] = [None] * len(inputs)
-        dim = inputs.dim  # type: ignore[union-attr]
+    xs: Sequence[np.ndarray | None]
+    if isinstance(inputs, LazyInputs):
+        xs = [None] * len(inputs)
+        dim = inputs.dim
     else:
-        xs = check_inputs(inputs)  # type: ignore[assignment]
-        dim = xs[0].size  # type: ignore[union-attr]
+        checked = check_inputs(inputs)
+        xs, dim = checked, checked[0].size
     record = record or ("digest" if lazy else "full")
     n = len(xs)
     drop_at = check_dropouts(protocol, n, dropouts)

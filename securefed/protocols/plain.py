@@ -80,7 +80,8 @@ def _body(data: bytes, spec: RoundSpec, sender: int) -> memoryview:
 
 class _PlainClient(ClientProtocol):
     def __init__(self, spec: RoundSpec, client: int, x: np.ndarray | None) -> None:
-        self._spec, self._id, self._x = spec, client, None
+        self._spec, self._id = spec, client
+        self._x: np.ndarray | None = None
         self._sent = False
         if x is not None:
             self.set_input(x)
@@ -125,7 +126,7 @@ class _PlainServer(ServerProtocol):
         if phase != "upload" or self._done:
             raise MessageRejected(f"invalid phase {phase!r} for Plain")
         req = _header(self._spec, wire.SERVER, 0)
-        return {c: req for c in range(self._spec.n)}
+        return dict.fromkeys(range(self._spec.n), req)
 
     def receive(self, phase: str, party: Party, payload: bytes) -> None:
         try:

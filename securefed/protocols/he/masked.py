@@ -84,8 +84,9 @@ class MaskedClient(ClientProtocol):
         reader = Reader(payload)
         public, ctx = verified_public(self._p, self._spec, self._ring, reader)
         inner_request = bytes(reader.rest())
-        masked = _masked_vector(self._p.masking, self._spec, self._id,
-                                self._inner.handle("masked_input", inner_request))
+        inner_reply = self._inner.handle("masked_input", inner_request)
+        assert inner_reply is not None, "a SecAgg client answers masked_input or raises"
+        masked = _masked_vector(self._p.masking, self._spec, self._id, inner_reply)
         values = self._p._center(masked, self._spec)
         parts = backend.encrypt_chunks(ctx, self._ring, values)
         self._uploaded = True

@@ -102,7 +102,7 @@ def _simulated_directory(n: int) -> KeyDirectory:
 class HEProtocol(AggregationProtocol):
     """What CKKS and BFV share: key holders, ring parameters, the parties and their states."""
 
-    phases = ("setup", "keys", "upload", "decrypt")
+    phases: tuple[str, ...] = ("setup", "keys", "upload", "decrypt")
     input_phase = "upload"
     key_holders: tuple[str, ...] = ("decryptor", "clients")
     _TAG = b""
@@ -119,7 +119,8 @@ class HEProtocol(AggregationProtocol):
         if not isinstance(min_clients, int) or isinstance(min_clients, bool) or min_clients < 1:
             raise ConfigurationError(f"min_clients must be an integer >= 1, got {min_clients!r}")
         if min_clients != 1 and key_holder == "masked":
-            raise ConfigurationError("in masked mode the masking protocol's threshold is the minimum: leave min_clients=1")
+            raise ConfigurationError(
+                "in masked mode the masking protocol's threshold is the minimum: leave min_clients=1")
         self.min_clients = min_clients
         self.identities = identities
         self._simulated_pki: dict[int, KeyDirectory] = {}  # shared by copies (with_encoder): one PKI per run
@@ -553,9 +554,9 @@ class BFV(HEProtocol):
     @staticmethod
     def _check_masking(description: Mapping[str, Any]) -> list[str]:
         masking = description.get("masking")
-        cls = {"secagg": SecAgg, "secagg+": SecAggPlus}.get(masking.get("protocol")) if isinstance(
-            masking, Mapping) else None
-        if cls is None:
+        kinds: dict[str, type[MaskedAggregation]] = {"secagg": SecAgg, "secagg+": SecAggPlus}
+        cls = kinds.get(masking.get("protocol", "")) if isinstance(masking, Mapping) else None
+        if cls is None or not isinstance(masking, Mapping):
             return ["masked mode needs the description of its masking protocol (SecAgg or SecAggPlus)"]
         problems = [f"masking: {p}" for p in cls.check_description(masking)]
         if masking.get("min_survivors") != description.get("min_survivors"):

@@ -92,7 +92,7 @@ class HEServer(ServerProtocol):
     def _build_requests(self, phase: str) -> dict[Party, bytes]:
         if phase == "setup":
             msg = self._frame.message(phase, wire.SERVER, [])
-            return {c: msg for c in range(self._spec.n)} if self._clients_mode else {DECRYPTOR: msg}
+            return dict.fromkeys(range(self._spec.n), msg) if self._clients_mode else {DECRYPTOR: msg}
         if phase == "keys" and self._clients_mode:
             assert self._dealer is not None
             items = [u32(len(self._kex_keys))]
@@ -107,7 +107,7 @@ class HEServer(ServerProtocol):
                                                + [self._sealed.get(c, b"")])
                         for c in self._alive(sorted(self._kex_keys))}
             msg = self._frame.message(phase, wire.SERVER, self._public_items())
-            return {c: msg for c in self._alive(range(self._spec.n))}
+            return dict.fromkeys(self._alive(range(self._spec.n)), msg)
         if phase == "decrypt":
             # One key holder per key: two decryptions of different subsets would give their difference.
             if self._clients_mode:

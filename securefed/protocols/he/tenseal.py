@@ -32,7 +32,7 @@ __all__ = [
 
 def _ts() -> Any:
     import tenseal
-    import tenseal.sealapi  # noqa: F401 - registers SEAL's types (Modulus) that parameter checks read
+    import tenseal.sealapi  # registers SEAL's types (Modulus) that parameter checks read
 
     return tenseal
 

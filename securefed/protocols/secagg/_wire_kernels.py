@@ -33,8 +33,8 @@ def check_list(body, offset, rec, expect, skip, share_words, prime):  # pragma: 
         o = offset + 8 + i * rec
         for w in range(share_words):
             q = o + 4 * w
-            v = (np.uint32(body[q]) | (np.uint32(body[q + 1]) << np.uint32(8)) | (np.uint32(body[q + 2]) << np.uint32(16))
-                 | (np.uint32(body[q + 3]) << np.uint32(24)))
+            v = (np.uint32(body[q]) | (np.uint32(body[q + 1]) << np.uint32(8))
+                 | (np.uint32(body[q + 2]) << np.uint32(16)) | (np.uint32(body[q + 3]) << np.uint32(24)))
             if v >= prime:
                 return INVALID_SHARE
     return OK

@@ -135,7 +135,8 @@ class _ShareKeys(_State):
         holders = sorted([*peers, me])
         if len(holders) < r.t:
             raise refuse(AbortReason.TOO_FEW_SURVIVORS,
-                          f"only {len(holders)} of my neighbourhood advertised keys; sharing needs t = {r.t}", SHARE_KEYS)
+                          f"only {len(holders)} of my neighbourhood advertised keys; sharing needs t = {r.t}",
+                          SHARE_KEYS)
         shares = shamir.split([d.b, d.s_sk], r.t, holders, c.rng)
         c_sk, s_sk = kex.load_private_key(d.c_sk), kex.load_private_key(d.s_sk)
         sealed = []

@@ -41,8 +41,8 @@ from securefed.encoding.fixedpoint import IntegerEncoder
 from securefed.encoding.packing import pack, packed_size, storage_dtype, unpack
 from securefed.errors import InvalidInput, MessageRejected
 
-__all__ = ["BLOCK", "GROUP", "HOLD_BYTES", "ROUNDING_KEY_BYTES", "Source", "UnpackAdder", "column_pack", "column_unpack", "encoded_source",
-           "masked_message", "materialize", "stored_source"]
+__all__ = ["BLOCK", "GROUP", "HOLD_BYTES", "ROUNDING_KEY_BYTES", "Source", "UnpackAdder", "column_pack",
+           "column_unpack", "encoded_source", "masked_message", "materialize", "stored_source"]
 
 #: The rounding uniforms of a streamed encoding: AES-128-CTR under a fresh 16-byte key, one uint32 per coordinate.
 ROUNDING_KEY_BYTES = 16
@@ -220,7 +220,7 @@ def masked_message(source: Source, size: int, width: int, dtype: np.dtype, add: 
                 out[b0:b1] = pack(part & mask, width)
 
     parallel.run_slabs(slab, parallel.slabs(size, len(add) + len(subtract) + 3, align=BLOCK))
-    return b"".join((prefix, memoryview(out)))
+    return b"".join((prefix, out.data))
 
 
 #: Messages an :class:`UnpackAdder` adds in one pass over its accumulator.

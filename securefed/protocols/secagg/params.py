@@ -68,7 +68,7 @@ _LOG_CORRECTNESS = -20 * math.log(2)
 MAX_CLIENTS = 1_000_000
 
 
-def _exact(x: float | int | Fraction) -> Fraction:
+def _exact(x: float | Fraction) -> Fraction:
     return Fraction(str(x)) if isinstance(x, float) else Fraction(x)
 
 
@@ -152,7 +152,8 @@ def complete_graph_parameters(n: int, threat: ThreatModel, threshold: int | None
     if problems:
         raise ConfigurationError(
             f"threshold for n={n} under {_describe(threat)}: " + "; ".join(problems)
-            + (f" (allowed: {lo}..{hi})" if lo <= hi else " (no threshold is allowed: lower the fractions or add clients)")
+            + (f" (allowed: {lo}..{hi})" if lo <= hi
+               else " (no threshold is allowed: lower the fractions or add clients)")
         )
     return GraphParameters(n, n - 1, t, True, _complete_justification(n, t, threat))
 
@@ -287,8 +288,8 @@ def _harary_problems(n: int, k: int, t: int | None, threat: ThreatModel) -> list
         return [f"degree must be even and >= 2 (a Harary ring has k/2 neighbours on each side), got {k}"]
     rng = harary_threshold_range(n, k, threat)
     if rng is None:
-        return [f"with {threat.corrupt(n) + threat.dropouts(n)} bad clients the survivors' graph may "
-                "disconnect with probability >= 2^-41: raise the degree"]
+        return [(f"with {threat.corrupt(n) + threat.dropouts(n)} bad clients the survivors' graph may "
+                 "disconnect with probability >= 2^-41: raise the degree")]
     lo, hi = rng
     out = []
     if not _quorum_live(n, threat):

@@ -88,7 +88,7 @@ class MaskedAggregation(AggregationProtocol):
     def __init__(
         self,
         *,
-        threshold: int | float | None,
+        threshold: float | None,
         adversary: str,
         corrupt_fraction: float,
         dropout_fraction: float,
@@ -185,7 +185,8 @@ class MaskedAggregation(AggregationProtocol):
         bitmap = (n + 7) // 8
         return {
             "advertise_keys": (hdr, hdr + 2 * W.KEY + sig + W.CHECK),
-            "share_keys": (hdr + 4 + (p + 1) * (4 + 2 * W.KEY + sig + W.CHECK), hdr + W.COMMIT + 4 + p * (4 + W.SEALED)),
+            "share_keys": (hdr + 4 + (p + 1) * (4 + 2 * W.KEY + sig + W.CHECK),
+                           hdr + W.COMMIT + 4 + p * (4 + W.SEALED)),
             "masked_input": (hdr + 4 + p * (4 + W.SEALED), hdr + packed_size(dim, self._encoder.modulus_bits(n))),
             "consistency_check": (hdr + bitmap, hdr + W.SIG) if sig else (0, 0),
             # active: every signer's signature (n when nobody dropped), for the quorum check
@@ -306,7 +307,7 @@ class SecAgg(MaskedAggregation):
     def __init__(
         self,
         *,
-        threshold: int | float | None = None,
+        threshold: float | None = None,
         adversary: str = "semi-honest",
         corrupt_fraction: float = 0.1,
         dropout_fraction: float = 0.1,
@@ -348,7 +349,7 @@ class SecAggPlus(MaskedAggregation):
     def __init__(
         self,
         *,
-        threshold: int | float | None = None,
+        threshold: float | None = None,
         degree: int | None = None,
         adversary: str = "semi-honest",
         corrupt_fraction: float = 0.1,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
+from typing import cast
 
 import numpy as np
 
@@ -111,12 +112,13 @@ class Server(ServerProtocol):
         build = (self._advertise_requests, self._share_requests, self._masked_requests,
                  self._consistency_requests, self._unmask_requests)[p]
         reqs = build()
-        self._open, self._expected, self._replied = p, set(reqs), set()
+        # SecAgg's parties are its clients: int ids
+        self._open, self._expected, self._replied = p, set(cast(Mapping[int, bytes], reqs)), set()
         return reqs
 
     def _advertise_requests(self) -> dict[Party, bytes]:
         msg = self.round.message(ADVERTISE, wire.SERVER, b"")
-        return {c: msg for c in sorted(self._alive)}
+        return dict.fromkeys(sorted(self._alive), msg)
 
     def _share_requests(self) -> dict[Party, bytes]:
         r = self.round
@@ -155,7 +157,7 @@ class Server(ServerProtocol):
             if len(senders) < r.t:
                 self._refusals.update(dict.fromkeys(senders, "fewer than t of its neighbourhood shared keys"))
             head = r.header(MASKED_INPUT, wire.SERVER, 4 + table.shape[1]) + W.list_header(len(senders) - 1)
-            raw, size = memoryview(table.reshape(-1)), table.shape[1]
+            raw, size = table.reshape(-1).data, table.shape[1]
             return {u: head + raw[j * size : (j + 1) * size] for j, u in enumerate(senders)}
         out: dict[Party, bytes] = {}
         heads: dict[int, bytes] = {}  # one header per body length
@@ -163,10 +165,10 @@ class Server(ServerProtocol):
             if count + 1 < r.t:
                 self._refusals[u] = "fewer than t of its neighbourhood shared keys"
             size = sum(len(p) for p in pieces)
-            head = heads.get(size)
-            if head is None:
-                head = heads[size] = r.header(MASKED_INPUT, wire.SERVER, size)
-            out[u] = b"".join((head, *pieces))
+            header = heads.get(size)
+            if header is None:
+                header = heads[size] = r.header(MASKED_INPUT, wire.SERVER, size)
+            out[u] = b"".join((header, *pieces))
         return out
 
     def _route(self, senders: list[int]) -> list[tuple[int, tuple[bytes | memoryview, ...]]]:
@@ -178,7 +180,7 @@ class Server(ServerProtocol):
         order = np.lexsort((from_, recipients))
         rows = np.concatenate([W.list_rows(self._shares[v], W.SEALED, W.COMMIT) for v in senders])
         table = W.record_table(from_[order], rows[order])
-        raw, rec = memoryview(table.reshape(-1)), table.shape[-1]
+        raw, rec = table.reshape(-1).data, table.shape[-1]
         starts = np.searchsorted(recipients[order], senders).tolist()
         ends = np.searchsorted(recipients[order], senders, side="right").tolist()
         return [(b - a, (W.list_header(b - a), raw[a * rec : b * rec])) for a, b in zip(starts, ends)]
@@ -199,7 +201,7 @@ class Server(ServerProtocol):
         if not r.active:
             return {}
         msg = r.message(CONSISTENCY, wire.SERVER, W.bitmap(self._u3, r.spec.n))
-        return {u: msg for u in sorted(self._u3)}
+        return dict.fromkeys(sorted(self._u3), msg)
 
     def _unmask_requests(self) -> dict[Party, bytes]:
         r = self.round
@@ -215,7 +217,7 @@ class Server(ServerProtocol):
                 self._expect[u] = W.Expected(nb[shared[nb]])
         if not r.active:
             msg = r.message(UNMASKING, wire.SERVER, survivors)
-            return {u: msg for u in responders}
+            return dict.fromkeys(responders, msg)
         # Every signature to everyone: a client checks the quorum over the whole round (one message for all).
         msg = r.message(UNMASKING, wire.SERVER, W.records(sorted(self._sigs.items()), survivors))
         return dict.fromkeys(responders, msg)
@@ -260,7 +262,6 @@ class Server(ServerProtocol):
         return self._keys[v][W.KEY : 2 * W.KEY]
 
     def _take_shares(self, u: int, body: memoryview) -> None:
-        r = self.round
         if len(body) < W.COMMIT:
             raise MessageRejected("invalid message: truncated shares")
         W.check_list(body, W.SEALED, self._expect[u], offset=W.COMMIT)

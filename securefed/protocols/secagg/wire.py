@@ -37,11 +37,11 @@ from securefed.errors import MessageRejected
 __all__ = [
     "CHECK",
     "COMMIT",
-    "Expected",
     "KEY",
     "SEALED",
     "SHARE",
     "SIG",
+    "Expected",
     "bitmap",
     "check_keys",
     "check_list",
@@ -49,11 +49,11 @@ __all__ = [
     "list_header",
     "list_rows",
     "parse_bitmap",
-    "split_bitmap",
     "parse_records",
     "record_table",
     "records",
     "route_complete",
+    "split_bitmap",
 ]
 
 KEY = 32
