@@ -166,6 +166,7 @@ def parse_reply(content: RecordDict, *, max_payload: int) -> Reply:
     if set(content.keys()) != {KEY}:
         raise MessageRejected("invalid reply: unexpected records")
     record = content[KEY]
-    if isinstance(record, ConfigRecord) and isinstance(record.get("payload"), bytes) and len(record["payload"]) > max_payload:
-        raise MessageRejected(f"invalid reply: payload of {len(record['payload'])} bytes exceeds the limit of {max_payload}")
+    payload = record.get("payload") if isinstance(record, ConfigRecord) else None
+    if isinstance(payload, bytes) and len(payload) > max_payload:
+        raise MessageRejected(f"invalid reply: payload of {len(payload)} bytes exceeds the limit of {max_payload}")
     return Reply(**_fields(record, _REPLY_FIELDS, "reply"))

@@ -47,4 +47,4 @@ def bind(protocol: AggregationProtocol, federation: KeyDirectory, nodes: Sequenc
     with_identities = getattr(protocol, "with_identities", None)
     if with_identities is None:
         raise ConfigurationError(f"protocol {protocol.name!r} takes no identity keys (identities=)")
-    return with_identities(directory(federation, nodes, me))  # type: ignore[no-any-return]
+    return with_identities(directory(federation, nodes, me))

@@ -11,6 +11,7 @@ dropout in that phase; the round goes on without it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -146,7 +147,7 @@ class AggregationRound:
         auxiliary: Mapping[str, int] | None = None,
         identities: KeyDirectory | None = None,
     ) -> None:
-        self.nodes = tuple(sorted(set(int(v) for v in nodes)))
+        self.nodes = tuple(sorted({int(v) for v in nodes}))
         if not self.nodes:
             raise ProtocolAborted(AbortReason.NO_INPUTS, "no nodes to aggregate over")
         self.auxiliary = {str(name): int(v) for name, v in (auxiliary or {}).items()}
@@ -210,7 +211,7 @@ class AggregationRound:
         phase); `phase` is one of :attr:`phases` (the graph beacon's or the protocol's)."""
         protocol, spec = self.protocol, self.spec
         if phase in _beacon.PHASES and self.beacon is not None:
-            requests: Mapping[Party, bytes] = {c: b for c, b in self.beacon.requests(phase).items()}
+            requests: Mapping[Party, bytes] = {c: b for c, b in self.beacon.requests(phase).items()}  # noqa: C416 - widens the key type
             beacon = b""
         else:
             assert self.server is not None, "the graph beacon runs before the protocol's phases"
@@ -273,7 +274,7 @@ class AggregationRound:
         After the graph beacon's last phase the protocol's session id is the beacon's, and its server starts."""
         try:
             if phase in _beacon.PHASES and self.beacon is not None:
-                for client, node in enumerate(self.nodes):
+                for client in range(len(self.nodes)):
                     got = self.beacon.commitments if phase == _beacon.COMMIT else self.beacon.reveals
                     if client not in got and client not in self.drops:
                         self._drop(client, phase, DropReason.NO_REPLY, "sent nothing")
@@ -387,7 +388,7 @@ class GridAggregator:
             t0 = time.perf_counter()
             if messages:
                 silent = exchange(grid, messages, timeout=timeout, poll_interval=self.poll_interval,
-                                  on_reply=lambda node, reply, phase=phase: rnd.receive(phase, node, reply))
+                                  on_reply=functools.partial(rnd.receive, phase))
                 for node in sorted(silent):
                     log.warning("round %d, phase %s: node %d sent nothing within %.0f s",
                                 round_index, phase, node, timeout)

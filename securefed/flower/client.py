@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict, UserConfig
@@ -97,7 +97,7 @@ class NodeContext(Context):
         self.state = context.state
         self.series_id = context.series_id
 
-    @property  # type: ignore[override]
+    @property
     def run_config(self) -> UserConfig:
         raise ConfigurationError(
             "a node's security settings (protocol, privacy, seed, expected federation size, auxiliary roles, "
@@ -181,7 +181,7 @@ class SecureClient:
         *,
         phases: Sequence[str] | None = None,
         privacy: Any = None,
-        seed: int | None | Callable[[Context], int | None] = None,
+        seed: int | Callable[[Context], int | None] | None = None,
         auxiliary: Collection[str] | Callable[[Context], Collection[str]] = (),
         identities: KeyDirectory | Callable[[Context], KeyDirectory] | None = None,
         num_nodes: int | Callable[[Context], int | None] | None = None,
@@ -413,14 +413,14 @@ class SecureClient:
         rng = client_rng(seed, req.session, party, req.phase)
         saved = context.state.get(_envelope.KEY)
         saved = saved if isinstance(saved, ConfigRecord) else None
-        if saved is not None and req.round < saved["round"]:
+        if saved is not None and req.round < cast(int, saved["round"]):  # the fields are _save's
             raise MessageRejected("invalid request: stale round")
         if req.phase != protocol.phases[0] and saved is not None and saved["round"] == req.round:
             if (saved["session"], saved["client"], saved["party"]) != (req.session, req.client, req.party):
                 raise MessageRejected("invalid request: no state for this round and session (out of phase)")
             if not saved["state"]:
                 raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node left the round earlier")
-            return protocol.load_client(saved["state"], rng=rng)
+            return protocol.load_client(cast(bytes, saved["state"]), rng=rng)
         spec = RoundSpec(n=req.n, dim=req.dim, session_id=req.session, round_index=req.round)
         if isinstance(party, int):
             return protocol.client(spec, party, rng=rng)

@@ -65,7 +65,8 @@ def _write_tls(d: Path) -> None:
     def builder(subject: str, issuer: str, key: Any) -> x509.CertificateBuilder:
         return (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1)))
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1)))
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = (builder("securefed loopback CA", "securefed loopback CA", ca_key)
@@ -215,7 +216,7 @@ class LoopbackFederation:
             _write_tls(self.dir)
             tls_args = ["--ssl-certfile", "server.pem", "--ssl-keyfile", "server.key", "--ssl-ca-certfile", "ca.crt"]
         self.port, *node_ports = free_ports(1 + self.num_nodes)
-        conn = {"address": f"{_HOST}:{self.port}"}
+        conn: dict[str, str | bool] = {"address": f"{_HOST}:{self.port}"}
         conn.update({"root-certificates": str(self.dir / "ca.crt")} if self.tls else {"insecure": True})
         lines = [f'[superlink]\ndefault = "{self.conn}"\n\n[superlink.{self.conn}]']
         lines += [f"{k} = {json.dumps(v)}" for k, v in conn.items()]
@@ -284,7 +285,8 @@ class LoopbackFederation:
                             self.node_ids[i] = int(m.group(1))
                 return nodes
             if time.monotonic() > deadline:
-                raise ConfigurationError(f"only {len(nodes)} of {count} nodes online after {self.startup_timeout:.0f} s")
+                raise ConfigurationError(
+                    f"only {len(nodes)} of {count} nodes online after {self.startup_timeout:.0f} s")
             time.sleep(0.5)
 
     def kill(self, name: str) -> None:

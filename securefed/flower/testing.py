@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.proto.node_pb2 import NodeInfo  # type: ignore[attr-defined]
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
@@ -164,9 +164,8 @@ class InProcessGrid(Grid):
             self.sent[node] += 1
             if self.deliver is not None and not self.deliver(node, msg):
                 continue
-            reply = self._handle(node, msg)
-            if self.tamper is not None:
-                reply = self.tamper(node, reply)
+            handled = self._handle(node, msg)
+            reply = handled if self.tamper is None else self.tamper(node, handled)
             if reply is not None:
                 self.received[node] += 1
                 reply = roundtrip(reply)
