@@ -106,8 +106,9 @@ def _audit_report(args: argparse.Namespace) -> int:
 
     res = render_report(args.log, args.output, pubkey=args.pubkey, allow_incomplete=args.allow_incomplete,
                         allow_seeded=args.allow_seeded)
-    print(f"wrote {args.output}: " + ("the log verified" if res.ok else
-                                       f"the log FAILED verification ({len(res.failures)} problems, listed in the report)"))
+    print(f"wrote {args.output}: " + (
+        "the log verified" if res.ok
+        else f"the log FAILED verification ({len(res.failures)} problems, listed in the report)"))
     return 0 if res.ok else 1
 
 
@@ -118,13 +119,15 @@ _DEBUG_HELP = "on an error, print its traceback too (or set SECUREFED_DEBUG=1)"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``securefed`` command."""
-    parser = argparse.ArgumentParser(prog="securefed", description="Federated training where the server learns only the aggregate.")
+    parser = argparse.ArgumentParser(prog="securefed",
+                                     description="Federated training where the server learns only the aggregate.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="federated training demo on bundled data")
     demo.add_argument("--rounds", type=_positive, default=20, help="training rounds (default 20)")
-    demo.add_argument("--protocol", choices=DEMO_PROTOCOLS, default="secagg+", help="aggregation protocol (default secagg+)")
+    demo.add_argument("--protocol", choices=DEMO_PROTOCOLS, default="secagg+",
+                      help="aggregation protocol (default secagg+)")
     demo.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     demo.add_argument("--seed", type=_seed, default=0,
                       help="seed of the data split, model initialisation and local shuffling (default 0); noise, "
@@ -146,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a head seen before (as verify prints it): the log must still hold entry SEQ with that "
                              "hash, so a log cut and regrown (a rollback) fails; repeatable")
     verify.add_argument("--min-counter", metavar="N", type=int,
-                        help="the last checkpoint counter in the log must be at least N (a counter seen outside the log)")
+                        help="the last checkpoint counter in the log must be at least N "
+                             "(a counter seen outside the log)")
     verify.add_argument("--allow-incomplete", action="store_true", help=incomplete)
     verify.add_argument("--allow-seeded", action="store_true", help=seeded)
     verify.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -149,7 +149,8 @@ def run_demo(
     datasets, test = digits_federation(clients=clients, seed=seed)
     trainer = Trainer(
         make_model(seed), datasets, protocol=proto, local_epochs=2, batch_size=16, lr=0.1,
-        eval_dataset=test, seed=seed, reproducible_secrets=reproducible_secrets, progress=progress, on_round=on_round, audit_log=audit_log,
+        eval_dataset=test, seed=seed, reproducible_secrets=reproducible_secrets, progress=progress, on_round=on_round,
+        audit_log=audit_log,
         privacy=privacy, server_lr=DP_SERVER_LR if dp else 1.0,
     )
     t0 = time.perf_counter()

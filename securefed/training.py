@@ -129,7 +129,7 @@ def _check_arguments(
         raise InvalidInput(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(algorithm, str) or algorithm not in ("fedavg", "fedsgd"):
         raise ConfigurationError(f"algorithm must be 'fedavg' or 'fedsgd', got {algorithm!r}")
-    if not (weighting is None or isinstance(weighting, str) and weighting in ("examples", "uniform")):
+    if not (weighting is None or (isinstance(weighting, str) and weighting in ("examples", "uniform"))):
         raise ConfigurationError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
     if privacy is not None and weighting == "examples":
         raise ConfigurationError("with differential privacy every participant weighs the same: weighting='uniform'")
@@ -243,7 +243,7 @@ class _RoundInputs:
         self._next = 0  # participants before it have trained
         #: Each participant's mean local loss and example count, in the round's order.
         self.losses = [0.0] * len(participants)
-        self.weights = [len(t.datasets[c]) for c in participants]  # type: ignore[arg-type]
+        self.weights = [len(t.datasets[c]) for c in participants]
 
     def lazy(self) -> LazyInputs:
         t, d = self._t, self._start.size
@@ -495,7 +495,7 @@ class Trainer:
         self.on_round = on_round
         self._names = _select(model, parameters)
         self.torch_threads = _default_threads(model, torch_threads)
-        self._max_examples = max(len(d) for d in self.datasets)  # type: ignore[arg-type]
+        self._max_examples = max(len(d) for d in self.datasets)
         #: Whether the secret randomness derives from ``seed`` (see ``reproducible_secrets``).
         self.reproducible_secrets = reproducible_secrets
         self._secrets = _secret_source(self.seed, reproducible_secrets)
@@ -539,9 +539,10 @@ class Trainer:
         self._load(start, spec)
         data = self.datasets[client]
         gen = torch.Generator()
-        gen.manual_seed(int.from_bytes(self._rng.child(f"round/{self._round}/client/{client}").token_bytes(8), "big") >> 1)
+        seed = self._rng.child(f"round/{self._round}/client/{client}").token_bytes(8)
+        gen.manual_seed(int.from_bytes(seed, "big") >> 1)
         full = self.algorithm == "fedsgd"
-        size = len(data) if full else self.batch_size  # type: ignore[arg-type]
+        size = len(data) if full else self.batch_size
         loader = DataLoader(data, batch_size=size, shuffle=not full, generator=gen)
         opt = steps.local_optimizer(list(self._params().values()), lr=self.lr, momentum=self.momentum,
                                     mu=self.proximal_mu)

@@ -179,7 +179,7 @@ def sampled_gaussian_log_a(q: float, sigma: float, alpha: float, *, rtol: float 
     total; float rounding is covered by adding `rtol` times the sum of the magnitudes.
     ``proofs/dp.md`` section 5.
     """
-    from scipy.special import log_ndtr  # type: ignore[import-untyped]
+    from scipy.special import log_ndtr
 
     if not (0.0 < q < 1.0) or sigma <= 0 or alpha <= 1.0:
         raise ValueError(f"need 0 < q < 1, sigma > 0, alpha > 1; got q={q!r}, sigma={sigma!r}, alpha={alpha!r}")

@@ -64,7 +64,7 @@ def _integer_curve(event: PrivacyEvent, orders: np.ndarray) -> np.ndarray:
     d = event.dimension
     scaled_clip = event.l2_clip / event.granularity
     sigma = event.noise_multiplier * scaled_clip  # integer-domain std of the total noise
-    if not (0.0 < scaled_clip and math.isfinite(sigma**2 * d) and sigma**2 > 0.0):
+    if not (scaled_clip > 0.0 and math.isfinite(sigma**2 * d) and sigma**2 > 0.0):
         # inf or 0 here would make NaN RDP, which the conversion would read as epsilon 0
         raise ConfigurationError(
             f"the {event.mechanism!r} integer domain over- or underflows float64: l2_clip / granularity = "

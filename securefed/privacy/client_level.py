@@ -32,7 +32,8 @@ class ClientLevelMechanism:
     """The noise and accounting of client-level rounds of `protocol` on updates of length `dimension`.
 
     - ``config``: :class:`~securefed.privacy.CentralDP` (the server adds Gaussian noise of std
-      z (C + the encoding's rounding margin), :attr:`contribution_bound`) or :class:`~securefed.privacy.DistributedDP` (each client adds an integer share
+      z (C + the encoding's rounding margin), :attr:`contribution_bound`) or
+      :class:`~securefed.privacy.DistributedDP` (each client adds an integer share
       provisioned for the t - C honest shares a finished round is sure to sum, t =
       ``protocol.min_survivors(n)``, C = ceil(colluding_fraction n));
     - ``l2_bound``: the round's L2 bound C (default: the clipping module's bound);

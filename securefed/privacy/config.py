@@ -50,7 +50,7 @@ class PrivacyConfig:
 
 def _fraction(name: str, v: object, *, zero: bool) -> None:
     """`v` a number in [0, 1) (`zero`) or (0, 1); bools and NaN refused."""
-    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and (0 <= v if zero else 0 < v) and v < 1)
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and (v >= 0 if zero else v > 0) and v < 1)
     if not ok:
         raise ConfigurationError(f"{name} must be a number in {'[' if zero else '('}0, 1), got {v!r}")
 

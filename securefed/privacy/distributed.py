@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -65,7 +65,7 @@ class _DistributedNoise(IntegerEncoder, NoiseModule):
     """Shared machinery of the two distributed mechanisms; subclasses supply the noise."""
 
     mechanism: str = ""
-    _event_class: ClassVar[type[PrivacyEvent]]
+    _event_class: ClassVar[type[DDGEvent | SkellamEvent]]
 
     def __init__(
         self,

@@ -133,7 +133,7 @@ def event_from_dict(data: Mapping[str, Any]) -> PrivacyEvent:
     """The event a ledger entry describes. Raises InvalidInput for a malformed entry."""
     if not isinstance(data, Mapping) or "mechanism" not in data:
         raise InvalidInput("a ledger entry must be a dict with a 'mechanism' key")
-    cls = _EVENTS.get(data["mechanism"])  # type: ignore[arg-type]
+    cls = _EVENTS.get(data["mechanism"])
     if cls is None:
         raise InvalidInput(f"unknown mechanism {data['mechanism']!r}; known: {', '.join(sorted(_EVENTS))}")
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -182,7 +182,8 @@ class PrivacySession:
         metrics: dict[str, float] = {}
         total = np.array(total, dtype=np.float64, copy=True)
         if isinstance(self.config, CentralDP):
-            assert isinstance(noise := self.mechanism().noise(), CentralGaussian)
+            noise = self.mechanism().noise()
+            assert isinstance(noise, CentralGaussian)
             noise.add_to(total, self._rng.child(f"round/{round}/server-noise"))
         #: The sum this round released (noised under central DP): what an audit log may hash, never the raw sum.
         self.released = total.copy()
