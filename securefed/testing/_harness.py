@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 
 from securefed.crypto.random import RandomSource
-from securefed.errors import MessageRejected, ProtocolAborted, SecureFedError
+from securefed.errors import ConfigurationError, MessageRejected, ProtocolAborted, SecureFedError
 from securefed.protocols import wire
 from securefed.protocols.base import (
     AggregationProtocol,
@@ -23,6 +23,7 @@ from securefed.protocols.base import (
     RoundSpec,
     ServerProtocol,
 )
+from securefed.protocols.secagg.round import Round
 
 __all__ = ["AdversarialRun", "Delivery", "Deviation", "RoundContext", "Send", "round_spec", "run_round"]
 
@@ -65,16 +66,23 @@ class RoundContext:
         self.protocol, self.spec = protocol, spec
         # The SecAgg family's round (graph, threshold, framing); None for other protocols.
         round_for = getattr(protocol, "_round", None)
-        self.round = round_for(spec) if round_for is not None else None
+        self.round: Round | None = round_for(spec) if round_for is not None else None
         self.phases = protocol.phases
         self.corrupt: Mapping[Party, ClientProtocol] = dict(corrupt or {})
 
+    @property
+    def secagg(self) -> Round:
+        """The SecAgg family's round; ConfigurationError for other protocols."""
+        if self.round is None:
+            raise ConfigurationError(f"{self.protocol!r} is not of the SecAgg family: this deviation needs its round")
+        return self.round
+
     def message(self, phase: str, body: bytes) -> bytes:
         """A server message of `phase` with `body` (valid header)."""
-        return self.round.message(self.phases.index(phase), wire.SERVER, body)
+        return self.secagg.message(self.phases.index(phase), wire.SERVER, body)
 
-    def body(self, phase: str, data: bytes, sender: Party = wire.SERVER) -> memoryview:
-        return self.round.body(data, self.phases.index(phase), sender)
+    def body(self, phase: str, data: bytes, sender: int = wire.SERVER) -> memoryview:
+        return self.secagg.body(data, self.phases.index(phase), sender)
 
 
 class Deviation:

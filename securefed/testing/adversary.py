@@ -136,9 +136,9 @@ class UnmaskBelowThreshold(Deviation):
                 out.append(s)
                 continue
             survivors, rest = _survivor_bits(ctx, s.request, phase)
-            nbhd = set(ctx.round.graph.closed_neighborhood(self.target).tolist())
+            nbhd = set(ctx.secagg.graph.closed_neighborhood(self.target).tolist())
             keep = [self.target] + [v for v in survivors.tolist() if v in nbhd and v != self.target]
-            small = keep[: ctx.round.t - 1]
+            small = keep[: ctx.secagg.t - 1]
             others = [v for v in survivors.tolist() if v not in nbhd]
             out.append(Send(self.target, ctx.message(phase, W.bitmap(sorted(small + others), ctx.spec.n) + rest),
                             forward=False, label=self.name))
@@ -190,7 +190,7 @@ class InconsistentSurvivorLists(Deviation):
                 mine = party in self.group
                 shown = (not mine) if self.mode == "swap" else mine
                 signer_group = (not mine) if self.mode == "foreign_signatures" else shown
-                nbhd = set(ctx.round.graph.closed_neighborhood(party).tolist())
+                nbhd = set(ctx.secagg.graph.closed_neighborhood(party).tolist())
                 sigs = sorted((v, sig) for v, sig in self._sigs[signer_group].items() if v in nbhd)
                 body = W.records(sigs, prefix=self._lists[shown])
                 out.append(Send(party, ctx.message(phase, body), forward=False, label=self.name))
@@ -223,7 +223,7 @@ class SubstitutePublicKey(Deviation):
         if phase != "share_keys":
             return sends
         out = []
-        rec = 2 * W.KEY + (W.SIG if ctx.round.active else 0) + W.CHECK
+        rec = 2 * W.KEY + (W.SIG if ctx.secagg.active else 0) + W.CHECK
         forged = kex.public_bytes(kex.generate_private_key(RandomSource(b"server-mitm")))
         for s in sends:
             if s.party != self.target:
@@ -277,7 +277,7 @@ class DropEveryone(Deviation):
                 out.append(s)
                 continue
             if phase == "share_keys":  # its own record alone (the list always carries it)
-                rec = 2 * W.KEY + (W.SIG if ctx.round.active else 0) + W.CHECK
+                rec = 2 * W.KEY + (W.SIG if ctx.secagg.active else 0) + W.CHECK
                 ids, rows = W.parse_records(ctx.body(phase, s.request), rec)
                 body = W.records([(v, rows[i].tobytes()) for i, v in enumerate(ids.tolist()) if v == self.target])
             elif phase == "masked_input":

@@ -356,20 +356,20 @@ class SplitSurvivorLists(Deviation):
             return
         body = wire.body(d.reply)
         if d.phase == "advertise_keys":
-            self._keys[int(d.party)] = body[W.KEY : 2 * W.KEY]  # type: ignore[arg-type]
+            self._keys[int(d.party)] = body[W.KEY : 2 * W.KEY]
         elif d.phase == "share_keys" and d.party == v:
             self._victim["commitment"] = body[: W.COMMIT]
         elif d.phase == "masked_input":
-            self._survivors = sorted({*self._survivors, int(d.party)})  # type: ignore[arg-type]
+            self._survivors = sorted({*self._survivors, int(d.party)})
             if d.party == v:
                 self._victim["masked"], self._victim["shares_in"] = body, wire.body(d.request)
         elif d.phase == "consistency_check" and d.label == self.name:
-            self._sigs[int(d.party) in self.split.group_a][int(d.party)] = body  # type: ignore[arg-type]
+            self._sigs[int(d.party) in self.split.group_a][int(d.party)] = body
         elif d.phase == "unmasking" and d.label == self.name:
             ids, rows = W.parse_records(memoryview(body), W.SHARE)
             hit = np.flatnonzero(ids == v)
             if hit.size:
-                self._revealed[int(d.party) in self.split.group_a][int(d.party)] = rows[hit[0]].tobytes()  # type: ignore[arg-type]
+                self._revealed[int(d.party) in self.split.group_a][int(d.party)] = rows[hit[0]].tobytes()
 
     def recover(self, run: AdversarialRun) -> Recovery:
         """Reconstruct b_v and s_v, check them, and unmask the victim's input (:class:`Recovery`)."""
@@ -460,7 +460,8 @@ def search(protocol_factory: Callable[[], AggregationProtocol], n: int, *, seed:
 
     Enumerates :func:`splits` on the graph of the round with `seed`, with at most
     :func:`corrupt_holders_bound` corrupt holders per victim (all of them, up to `limit`,
-    when `count`; else until `runs` are chosen), runs up to `runs` of them end to end (one per victim and corrupt set first)
+    when `count`; else until `runs` are chosen), runs up to `runs` of them end to end (one per
+    victim and corrupt set first)
     with random inputs in the protocol's value range, and stops at the first run whose
     recovered vector matches the victim's input. Needs an active protocol of the SecAgg
     family (:func:`applies`); ConfigurationError otherwise.

@@ -369,10 +369,10 @@ class IsolateVictim(Deviation):
             self._victim["masked"] = bytes(body)
             self._victim["peers"] = W.parse_records(memoryview(wire.body(d.request)), W.SEALED)[0].tolist()
         elif d.phase == "consistency_check" and d.label == self.name and self.plan is not None:
-            self._sigs[dict(self.plan.shown)[int(d.party)]][int(d.party)] = bytes(body)  # type: ignore[call-overload]
+            self._sigs[dict(self.plan.shown)[int(d.party)]][int(d.party)] = bytes(body)
         elif d.phase == "unmasking" and d.label == self.name:
             ids, rows = W.parse_records(memoryview(body), W.SHARE)
-            self._replies[int(d.party)] = {int(u): rows[i].tobytes() for i, u in enumerate(ids.tolist())}  # type: ignore[call-overload]
+            self._replies[int(d.party)] = {int(u): rows[i].tobytes() for i, u in enumerate(ids.tolist())}
 
     def _shares(self, run: AdversarialRun, u: int, b_share: bool) -> dict[int, bytes]:
         """The shares of u's b (or of its mask key) that the coalition holds: revealed, and its clients' own."""
@@ -496,14 +496,14 @@ def find_leak(protocol_factory: Callable[[], AggregationProtocol], n: int, *, di
         bits = int(protocol.describe(n).get("statistical_security_bits", 40))
         c = corrupt_holders_bound(n, protocol.parameters(n).degree,  # type: ignore[attr-defined]
                                   coalition_size(protocol, n), bits)
-        return None if c < t else (f"n={n}: {c} corrupt neighbours of a client hold t = {t} shares of its "
-                                   "secrets (semi-honest needs t > corrupt holders)", "")
+        return None if c < t else ((f"n={n}: {c} corrupt neighbours of a client hold t = {t} shares of its "
+                                    "secrets (semi-honest needs t > corrupt holders)"), "")
     report = search(protocol_factory, n, seed=n, dim=dim, runs=runs)
     if report.leak is None:
         report = search_isolation(protocol_factory, n, seed=n, dim=dim, runs=1)
     if report.leak is None:
         return None
     plan, rec, err = report.leak
-    return (f"n={n}: the server with {report.corrupt} corrupt clients {list(plan.corrupt)} unmasked client "
-            f"{plan.victim}'s input (max error {err:.3g} from the true input): {rec.detail}",
+    return ((f"n={n}: the server with {report.corrupt} corrupt clients {list(plan.corrupt)} unmasked client "
+             f"{plan.victim}'s input (max error {err:.3g} from the true input): {rec.detail}"),
             f"{plan!r}, seed={n}, dim={dim} ({report.summary()})")

@@ -54,7 +54,7 @@ from securefed.encoding.fixedpoint import IntegerEncoder
 from securefed.encoding.packing import storage_dtype
 from securefed.errors import InvalidInput
 from securefed.privacy.clipping import Clipping, l2_norm
-from securefed.testing.conformance import ConformanceError, _find_violation, _report, _Violation
+from securefed.testing.conformance import _find_violation, _report, _Violation
 
 __all__ = ["CLIPPER_PROPERTIES", "NOISE_PROPERTIES", "check_clipper", "check_noise"]
 
@@ -65,14 +65,20 @@ _EPS = 2.0**-52
 _TINY = 2.0**-1074
 
 
+def _as_array(dtype: type) -> Callable[[list[float]], np.ndarray]:
+    return lambda v: np.array(v, dtype=dtype)
+
+
 def _vectors(tensors: tuple[int, int], max_size: int) -> st.SearchStrategy[tuple[np.ndarray, list[int]]]:
     """(update, layout): float64 or float32 coordinates of any finite magnitude, tensor sizes summing to its length."""
     layouts = st.lists(st.integers(1, max_size), min_size=tensors[0], max_size=tensors[1])
 
     def for_layout(layout: list[int]) -> st.SearchStrategy[tuple[np.ndarray, list[int]]]:
         d = sum(layout)
-        arrays = [st.lists(st.floats(allow_nan=False, allow_infinity=False, width=w), min_size=d, max_size=d).map(
-            lambda v, dt=dt: np.array(v, dtype=dt)) for w, dt in ((64, np.float64), (32, np.float32))]
+        arrays = [st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=d, max_size=d).map(
+                      _as_array(np.float64)),
+                  st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=d, max_size=d).map(
+                      _as_array(np.float32))]
         scaled = st.tuples(st.lists(st.floats(-1, 1), min_size=d, max_size=d), st.integers(-300, 300)).map(
             lambda t: np.array(t[0]) * 10.0 ** t[1])  # same direction, any scale: around the bound too
         return st.one_of(*arrays, scaled).map(lambda x: (x, layout))
@@ -119,7 +125,7 @@ def _explicit_cases(bound: float, span: tuple[int, int]) -> list[tuple[np.ndarra
 def _clip_once(clipper: Clipping, x: np.ndarray, layout: list[int]) -> np.ndarray:
     try:
         return clipper.clip(x, layout)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _Violation("output", f"clip raised {type(e).__name__}: {e} for a finite update") from e
 
 
@@ -147,7 +153,7 @@ def check_clipper(
     span = (tensors, tensors) if isinstance(tensors, int) else tensors
     factory = clipper_factory if callable(clipper_factory) and not isinstance(clipper_factory, Clipping) \
         else (lambda: clipper_factory)
-    flat = _takes_no_layout(factory())  # type: ignore[arg-type]
+    flat = _takes_no_layout(factory())
     kw: dict[str, Any] = {"deadline": None, "database": None, "report_multiple_bugs": False,
                           "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]}
     if max_examples is not None:
@@ -159,9 +165,9 @@ def check_clipper(
     def prop(case: tuple[np.ndarray, list[int]], bad: float, where: int) -> None:
         x, layout = case
         clipper = factory()
-        bound = clipper.bound  # type: ignore[union-attr]
+        bound = clipper.bound
         before = x.copy()
-        out = _clip_once(clipper, x, layout)  # type: ignore[arg-type]
+        out = _clip_once(clipper, x, layout)
         if not isinstance(out, np.ndarray) or out.dtype != np.float64 or out.shape != (x.size,):
             raise _Violation("output", f"clip returned {type(out).__name__} {getattr(out, 'dtype', '')} "
                                        f"{getattr(out, 'shape', '')}; expected float64 of shape ({x.size},)")
@@ -183,21 +189,21 @@ def check_clipper(
                 if l2_norm(x64[s]) <= c and not np.array_equal(out[s], x64[s]):
                     raise _Violation("passthrough", f"tensor {s.start}..{s.stop - 1} of norm {l2_norm(x64[s])!r} "
                                                     f"<= its clip {c!r} was changed")
-        again = _clip_once(clipper, out, layout)  # type: ignore[arg-type]
+        again = _clip_once(clipper, out, layout)
         if not np.array_equal(again, out):
             raise _Violation("idempotent", "clip(clip(x)) differs from clip(x)")
         y = x.copy()
         y[where % y.size] = bad
         try:
-            clipper.clip(y, layout)  # type: ignore[union-attr]
+            clipper.clip(y, layout)
         except InvalidInput:
             pass
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise _Violation("output", f"an update with {bad} raised {type(e).__name__}, expected InvalidInput") from e
         else:
             raise _Violation("output", f"an update with {bad} was clipped; expected InvalidInput")
 
-    for case in _explicit_cases(float(factory().bound), span):  # type: ignore[union-attr]
+    for case in _explicit_cases(float(factory().bound), span):
         prop = example(case=case, bad=math.nan, where=0)(prop)
     try:
         prop()
@@ -260,7 +266,7 @@ def _audit(module: Any, canaries: int, seed: int, delta: float) -> None:
     from securefed.testing import privacy_audit as pa
 
     if isinstance(module, IntegerEncoder):
-        d = int(module.dimension)
+        d = int(module.dimension)  # type: ignore[attr-defined]
         mechanism = pa.in_rounds(pa.distributed_mechanism(module, clients=d), d)
         event = module.event(included=d, n=d)  # type: ignore[attr-defined]
     else:

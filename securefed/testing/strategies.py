@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,10 +41,10 @@ from securefed.protocols.secagg import MaskedAggregation
 from securefed.testing import adversary as adv
 
 __all__ = [
+    "TAMPERING_KINDS",
     "Configuration",
     "Population",
     "Tampering",
-    "TAMPERING_KINDS",
     "configurations",
     "deviations",
     "dropout_schedules",
@@ -79,6 +79,10 @@ def _dims(dim: int | st.SearchStrategy[int] | tuple[int, int]) -> st.SearchStrat
     return dim if isinstance(dim, st.SearchStrategy) else st.just(int(dim))
 
 
+def _as_array(dtype: type) -> Callable[[list[float]], np.ndarray]:
+    return lambda v: np.array(v, dtype=dtype)
+
+
 def _inward(c: float, dtype: type) -> float:
     """The largest value of `dtype` that is <= c (hypothesis wants bounds the width can represent)."""
     v = dtype(c)
@@ -86,7 +90,7 @@ def _inward(c: float, dtype: type) -> float:
 
 
 def _coordinates(c: float, dtype: type, min_magnitude: float) -> st.SearchStrategy[float]:
-    width = 32 if dtype == np.float32 else 64
+    width: Literal[32, 64] = 32 if dtype == np.float32 else 64
     hi = _inward(c, dtype)
     if min_magnitude > 0:
         mags = st.floats(-_inward(-min_magnitude, dtype), hi, width=width)  # the smallest value >= min_magnitude
@@ -117,8 +121,7 @@ def updates(
 
     def arrays(d: int) -> st.SearchStrategy[np.ndarray]:
         # Lists mapped to arrays draw about twice as fast as hypothesis.extra.numpy.arrays.
-        return st.one_of(*[st.lists(coordinates[dt], min_size=d, max_size=d).map(
-            lambda v, dt=dt: np.array(v, dtype=dt)) for dt in dtypes])
+        return st.one_of(*[st.lists(coordinates[dt], min_size=d, max_size=d).map(_as_array(dt)) for dt in dtypes])
 
     return arrays(dim) if isinstance(dim, int) else _dims(dim).flatmap(arrays)
 
