@@ -39,8 +39,8 @@ def main() -> None:
         q = fp.encode(x, n=n, rng=rng)
         assert fp.modulus_bits(n) == k
         t_copy = best(lambda: x.copy(), args.repeat)
-        t_q = best(lambda: fp.encode(x, n=n, rng=rng), args.repeat)
-        t_p = best(lambda: pack(q, k), args.repeat)
+        t_q = best(lambda fp=fp: fp.encode(x, n=n, rng=rng), args.repeat)
+        t_p = best(lambda q=q, k=k: pack(q, k), args.repeat)
         out["widths"][str(k)] = {
             "copy_values_per_s": round(d / t_copy),
             "quantize_values_per_s": round(d / t_q),

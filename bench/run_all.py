@@ -42,6 +42,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "trainer": ["--quick"],
 }
 TIMEOUT_S = {"scale": 3600}
+HISTORY = "\n## History\n"  # results.md from this heading on is written by hand
 SERIES = (("plain", "Plain"), ("secagg+", "SecAgg+"), ("ckks", "CKKS"), ("bfv", "BFV"))
 
 
@@ -150,11 +151,18 @@ def _trainer_table(results: dict) -> list[str]:
     return [*out, "", "```", *(json.dumps(r) for r in lines), "```", ""]
 
 
+def _history(md: Path) -> str:
+    """The hand-kept History section of an existing results.md (from its heading on), kept across runs."""
+    text = md.read_text() if md.exists() else ""
+    at = text.find(HISTORY)
+    return "" if at < 0 else text[at:]
+
+
 def table(results: dict) -> str:
     m = results["machine"]
-    out = [f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, Python {m['python']}; "
-           f"run {results['started']} (`{results['command']}`), load average {results['load_average_at_start']} "
-           "at the start.", ""]
+    out = [(f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, Python {m['python']}; "
+            f"run {results['started']} (`{results['command']}`), load average {results['load_average_at_start']} "
+            "at the start."), ""]
     rounds = _rounds(results)
     if rounds:
         out += ["| protocol | n | d | round (s) | peak RSS (MB) | upload / client (MB) | max error (bound) |",
@@ -188,7 +196,7 @@ def table(results: dict) -> str:
     out += _trainer_table(results)
     out.append("| benchmark | configurations | wall (s) | load average at its start | status |")
     out.append("|---|---|---|---|---|")
-    for name, b in results["benchmarks"].items():
+    for b in results["benchmarks"].values():
         status = "ok" if b["returncode"] == 0 else f"exit {b['returncode']}"
         out.append(f"| `{b['command']}` | {len(b['lines'])} | {b['wall_s']} | {b['load_average_at_start']} "
                    f"| {status} |")
@@ -228,7 +236,8 @@ def main() -> None:
             results["command"] = f"{kept.get('command')}; then {results['command']}"
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     drawn = plot(results, args.out / "scale.png")
-    (args.out / "results.md").write_text(table(results))
+    md = args.out / "results.md"
+    md.write_text(table(results) + _history(md))
     print(f"[run_all] {results['duration_s']} s; wrote {args.out / 'results.json'}, {args.out / 'results.md'}"
           + (f", {args.out / 'scale.png'}" if drawn else ""), file=sys.stderr)
 

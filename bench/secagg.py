@@ -139,7 +139,7 @@ def run(name: str, protocol: str, n: int, d: int, drop: float, memory: bool = Fa
     meter.held = lambda: server._adder.held_bytes if getattr(server, "_adder", None) is not None else 0
     recent: collections.deque = collections.deque(maxlen=GROUP)  # so that they are freed outside its calls
     clients = {i: proto.client(spec, i, rng=rng.child(f"client/{i}")) for i in range(n)}
-    client_seconds = {i: 0.0 for i in range(n)}
+    client_seconds = dict.fromkeys(range(n), 0.0)
     exact = np.zeros(d)  # the plain sum of the included inputs, to check the result
     parallel = 0.0
     upload = 0
@@ -172,7 +172,7 @@ def run(name: str, protocol: str, n: int, d: int, drop: float, memory: bool = Fa
                 replies.append((u, reply))
             del reply
         # back to back, so one interval: a clock read per reply (~1 us here) would be counted as server work
-        meter(lambda: [server.receive(phase, u, reply) for u, reply in replies])
+        meter(lambda phase=phase, replies=replies: [server.receive(phase, u, reply) for u, reply in replies])
         del replies
         meter(server.finish_phase, phase)
         recent.clear()
