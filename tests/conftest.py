@@ -4,7 +4,7 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from securefed.testing.profiles import load_profile  # noqa: E402
+from securefed.testing.profiles import load_profile
 
 PROFILE = load_profile()
 

@@ -50,7 +50,7 @@ def test_simulate_aggregation_contract():
     assert res.total.dtype == np.float64 and res.included == (0, 1, 3)
     assert all(len(m) == 3 and isinstance(m[2], bytes) for m in res.server_view.messages)
     with pytest.raises(errors.ProtocolAborted):
-        sf.simulate_aggregation(sf.protocols.SecAgg(), xs, dropouts={c: "advertise_keys" for c in range(3)})
+        sf.simulate_aggregation(sf.protocols.SecAgg(), xs, dropouts=dict.fromkeys(range(3), "advertise_keys"))
     with pytest.raises(errors.InvalidInput):
         sf.simulate_aggregation(sf.protocols.SecAgg(), [np.array([np.nan])] * 3)
 
@@ -67,7 +67,7 @@ def test_trainer_contract():
     params = list(inspect.signature(sf.Trainer).parameters.values())
     assert [p.name for p in params[:4]] == ["model", "datasets", "protocol", "privacy"]
     assert "fit" in dir(sf.Trainer) and "rounds" in inspect.signature(sf.Trainer.fit).parameters
-    assert {"round", "loss", "metrics", "epsilon", "included"} <= {f for f in sf.RoundRecord.__dataclass_fields__}
+    assert {"round", "loss", "metrics", "epsilon", "included"} <= set(sf.RoundRecord.__dataclass_fields__)
 
 
 @pytest.mark.parametrize("argv", [["demo", "--help"], ["audit", "verify", "--help"], ["audit", "report", "--help"]])

@@ -450,7 +450,7 @@ CHECK_NASTY = [None, True, 0, -1, 10**30, math.nan, "", "bogus", [], {}, (), (3,
 CHECK_COSTLY = [("max_examples", CHECK_NASTY[4])]
 
 
-@pytest.mark.parametrize("keyword", [k for k in keywords(check_protocol)])
+@pytest.mark.parametrize("keyword", list(keywords(check_protocol)))
 def test_check_protocol_refuses_nonsense_keywords(keyword):
     for value in CHECK_NASTY:
         if any(keyword == k and value is v for k, v in CHECK_COSTLY):

@@ -65,9 +65,8 @@ def test_options_are_scoped_and_checked():
             assert (parallel.get_threads(), parallel.get_chunk_size()) == (1, 64)
     assert (parallel.get_threads(), parallel.get_chunk_size()) == before
     for bad in ({"threads": 0}, {"threads": 1.5}, {"threads": True}, {"chunk_size": 100}, {"chunk_size": 0}):
-        with pytest.raises(ValueError):
-            with parallel.options(**bad):
-                pass
+        with pytest.raises(ValueError), parallel.options(**bad):
+            pass
         with pytest.raises(ValueError):
             parallel.configure(**bad)
 

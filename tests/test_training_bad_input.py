@@ -293,7 +293,8 @@ def test_a_rate_beyond_the_models_dtype_is_a_configuration_error(name):
                                             (lambda out, y: out, r"got Tensor of shape \(\d+, 3\)")])
 def test_a_loss_fn_that_returns_no_scalar_tensor_is_a_configuration_error(loss_fn, words):
     # was AttributeError ('NoneType' object has no attribute 'backward') or torch's RuntimeError
-    with pytest.raises(ConfigurationError, match="loss_fn\\(output, target\\) must return a one-element tensor.*" + words):
+    with pytest.raises(ConfigurationError,
+                       match="loss_fn\\(output, target\\) must return a one-element tensor.*" + words):
         trainer(loss_fn=loss_fn).fit(1)
 
 

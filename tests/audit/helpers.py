@@ -10,9 +10,8 @@ import numpy as np
 
 import securefed as sf
 from securefed.audit import AuditWriter
-from securefed.audit.keys import key_paths
+from securefed.audit.keys import key_paths, load_or_create_key
 from securefed.audit.log import GENESIS, canonical, entry_hash, signed_bytes
-from securefed.audit.keys import load_or_create_key
 
 
 class ThresholdPlain(sf.protocols.Plain):

@@ -61,7 +61,7 @@ def test_iter_lines_numbers_lines_and_flags_a_torn_tail(lines, torn):
 
 def test_schema_file_is_the_schema_in_the_spec():
     spec = (ROOT / "protocols" / "audit.md").read_text()
-    block = re.search(r"<!-- schema -->\s*```json\n(.*?)```", spec, re.S)
+    block = re.search(r"<!-- schema -->\s*```json\n(.*?)```", spec, re.DOTALL)
     assert block, "protocols/audit.md must embed the schema after <!-- schema -->"
     assert json.loads(block.group(1)) == schema()
 

@@ -1,4 +1,7 @@
-"""Release entries: a DP release logged ahead of its round's entry (protocols/audit.md section 2; proofs/audit.md A10)."""
+"""Release entries: a DP release logged ahead of its round's entry.
+
+protocols/audit.md section 2; proofs/audit.md A10.
+"""
 
 import numpy as np
 import pytest
@@ -47,9 +50,9 @@ def test_a_release_needs_privacy_events_and_a_round_not_yet_recorded(tmp_path):
             w.release(1, dp_events=[event(1)], epsilon=1.0)
         with pytest.raises(ConfigurationError, match="DP events"):
             w.release(2, dp_events=[], epsilon=1.0)
-    with AuditWriter(tmp_path / "b.jsonl") as w, w.session(config={}, privacy=None, seeded_secrets=False):
-        with pytest.raises(ConfigurationError):
-            w.release(1, dp_events=[event(1)], epsilon=1.0)
+    with (AuditWriter(tmp_path / "b.jsonl") as w, w.session(config={}, privacy=None, seeded_secrets=False),
+          pytest.raises(ConfigurationError)):
+        w.release(1, dp_events=[event(1)], epsilon=1.0)
 
 
 def test_a_forged_release_or_epsilon_fails_verification(tmp_path):

@@ -74,7 +74,7 @@ def test_a_new_trainer_resumes_the_log_and_its_round_numbers(tmp_path):
 
 def test_an_aborted_round_is_recorded_and_the_session_ends_failed(tmp_path):
     path = tmp_path / "abort.jsonl"
-    t = trainer(path, dropouts=lambda r, parts: {p: "upload" for p in parts} if r == 2 else {})
+    t = trainer(path, dropouts=lambda r, parts: dict.fromkeys(parts, "upload") if r == 2 else {})
     with pytest.raises(ProtocolAborted):
         t.fit(rounds=3)
     t.audit.close()
@@ -120,7 +120,7 @@ def test_a_dp_trainer_logs_its_events_and_a_resumed_one_continues_the_spend(tmp_
     claims = [e["body"]["dp"]["epsilon"] for e in entries if e["type"] in ("round", "round_aborted")]
     assert claims == [r.epsilon for r in first.rounds + second.rounds if r.included]
     released_first = sum(1 for r in first.rounds if r.included)
-    assert 0 < claims[0] and all(b > a for a, b in zip(claims, claims[1:]))
+    assert claims[0] > 0 and all(b > a for a, b in zip(claims, claims[1:]))
     assert claims[released_first] > claims[released_first - 1]  # the resumed trainer spends on top of the ledger
     assert res.epsilon == pytest.approx(claims[-1], rel=1e-9) and len(res.ledger) == len(claims)
     assert res.ledger == tuple(t2.accountant.ledger)

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 import securefed as sf
 from securefed.audit import verify
 from securefed.audit.keys import key_paths
-from securefed.audit.log import canonical
 from securefed.audit.verifier import verify_data
 from securefed.errors import ConfigurationError, InvalidInput
 from tests.audit.helpers import ThresholdPlain, join, lines_of, resign, write_log

@@ -41,8 +41,8 @@ def test_plain_round_sums_exactly_the_updates_of_the_nodes_that_stayed(updates, 
     for p in kept:
         expected += updates[p]
     np.testing.assert_array_equal(out.result.total, expected)
-    assert {v - first: (d.phase, d.reason) for v, d in out.dropped_nodes.items()} == {
-        p: ("upload", DropReason.NO_REPLY) for p in silent}
+    dropped = {v - first: (d.phase, d.reason) for v, d in out.dropped_nodes.items()}
+    assert dropped == dict.fromkeys(silent, ("upload", DropReason.NO_REPLY))
 
 
 # The phase whose reply carries the input: a node that drops after it is still in the sum.

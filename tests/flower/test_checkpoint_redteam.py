@@ -153,7 +153,8 @@ def test_central_dp_does_not_persist_the_unnoised_sum(tmp_path):
         arrays = [npz[k] for k in npz.files]
     clipped_sum = N * (CLIP / np.sqrt(apps.dim())) * np.ones(apps.dim())
     assert not any(a.shape == clipped_sum.shape and np.allclose(a, clipped_sum) for a in arrays)
-    entry = next(e for e in map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines()) if e["type"] == "round")
+    entries = map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines())
+    entry = next(e for e in entries if e["type"] == "round")
     assert entry["body"]["aggregate"]["sha256"] != hashlib.sha256(clipped_sum.astype("<f8").data).hexdigest()
     assert st["aggregate"] and res.rounds[0].epsilon is not None  # an aggregate was kept: the noised one
 

@@ -222,7 +222,8 @@ def test_nodes_refuse_a_forged_commitment():
     assert e.value.phase == _beacon.REVEAL and rnd.dropped_nodes[FIRST + 2].reason == DropReason.REFUSED
 
     g, rnd, forged = committed_with_a_forged_listing()
-    replies = exchange(rnd, g, _beacon.REVEAL, lambda node, msg: edit(msg, payload=forged) if node == FIRST + 5 else msg)
+    replies = exchange(rnd, g, _beacon.REVEAL,
+                       lambda node, msg: edit(msg, payload=forged) if node == FIRST + 5 else msg)
     assert not any(r.has_error() for r in replies.values())  # node 5 revealed, signing the list it saw
     assert {v: d.reason for v, d in rnd.dropped_nodes.items()} == {FIRST + 5: DropReason.REJECTED}
     forward_anyway(rnd, replies)

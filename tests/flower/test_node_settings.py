@@ -134,7 +134,8 @@ def test_a_setting_factory_cannot_read_the_run_config_but_training_can():
 
     def train(msg, context):
         seen.append(context.run_config["lr"])  # the training function gets the real Context
-        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+        content = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})})
+        return Message(content, reply_to=msg)
 
     protocol = sf.protocols.Plain()
     SecureClient(protocol, seed=lambda context: None).register(app, train)

@@ -120,8 +120,10 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
     real = _checkpoint.os.replace
 
     def dying(src, dst):
-        if str(dst).endswith("state.json") and json.loads(open(src).read())["body"]["round"] == 2:
-            raise Crash
+        if str(dst).endswith("state.json"):
+            with open(src) as f:
+                if json.loads(f.read())["body"]["round"] == 2:
+                    raise Crash
         return real(src, dst)
 
     grid = InProcessGrid(apps.client_app(protocol, updates), apps.nodes(N))

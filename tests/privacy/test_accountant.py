@@ -100,7 +100,8 @@ events = st.one_of(
               num_clients=st.none() | st.integers(1, 1000), round=st.none() | st.integers(0, 10**6)),
     st.builds(ddg, noise_multiplier=multipliers, num_clients=st.integers(1, 500), beta=st.floats(0.0, 0.9),
               round=st.none() | st.integers(0, 10**6)),
-    st.builds(skellam, noise_multiplier=multipliers, granularity=st.floats(1e-5, 1.0), round=st.none() | st.integers(0, 9)),
+    st.builds(skellam, noise_multiplier=multipliers, granularity=st.floats(1e-5, 1.0),
+              round=st.none() | st.integers(0, 9)),
 )
 
 

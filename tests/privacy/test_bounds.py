@@ -44,13 +44,13 @@ def resolve(p):
 DIRECTIONS = {
     "noise_multiplier": (lambda v, f: v * f, -1),
     "sampling_rate": (lambda v, f: min(1.0, v * f), +1),
-    "steps": (lambda v, f: int(math.ceil(v * f)), +1),
+    "steps": (lambda v, f: math.ceil(v * f), +1),
     "delta": (lambda v, f: min(0.5, v * f), -1),
     "granularity": (lambda v, f: v * f, +1),
     "l2_clip": (lambda v, f: v * f, -1),  # at a fixed granularity: relatively finer rounding
-    "dimension": (lambda v, f: int(math.ceil(v * f)), +1),
+    "dimension": (lambda v, f: math.ceil(v * f), +1),
     "beta": (lambda v, f: min(0.99, v + (f - 1.0) / 10.0), -1),
-    "num_clients": (lambda v, f: int(math.ceil(v * f)), +1),  # same total noise in more, smaller shares
+    "num_clients": (lambda v, f: math.ceil(v * f), +1),  # same total noise in more, smaller shares
 }
 
 
@@ -174,7 +174,8 @@ def naive_rdp_one_step(mechanism, alpha, z, q, clip, gamma, d, beta, n):
         return exact
     a = max(2, math.ceil(alpha - 1e-9))
     q = mpmath.mpf(q)
-    total = (1 - q) ** (a - 1) * (a * q - q + 1) + mpmath.binomial(a, 2) * q**2 * (1 - q) ** (a - 2) * mpmath.exp(base(2))
+    total = ((1 - q) ** (a - 1) * (a * q - q + 1)
+             + mpmath.binomial(a, 2) * q**2 * (1 - q) ** (a - 2) * mpmath.exp(base(2)))
     total += 3 * mpmath.fsum(mpmath.binomial(a, l) * (1 - q) ** (a - l) * q**l * mpmath.exp((l - 1) * base(l))
                              for l in range(3, a + 1))
     return min(mpmath.log(total) / (a - 1), exact)

@@ -46,7 +46,7 @@ def test_clipped_sum_is_the_sum_of_individually_clipped_per_example_gradients(cl
         assert norm * factor < clip or clip == 1e6  # each clipped contribution stays below C
         for e, g in zip(expected, per):
             e += factor * g
-    for (p, g), e in zip(grads, expected):
+    for (_, g), e in zip(grads, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses, torch.stack([loss_fn(model(x[i:i + 1]), y[i:i + 1]) for i in range(7)]).detach())
 

@@ -10,7 +10,8 @@ from securefed.privacy import HadamardRotation
 dims = st.integers(1, 3000)
 
 
-@given(dims.flatmap(lambda d: arrays(np.float64, d, elements=st.floats(-1e6, 1e6))), st.binary(min_size=32, max_size=32))
+@given(dims.flatmap(lambda d: arrays(np.float64, d, elements=st.floats(-1e6, 1e6))),
+       st.binary(min_size=32, max_size=32))
 def test_rotation_is_orthogonal_and_inverted_exactly_enough(x, seed):
     r = HadamardRotation(x.size, seed)
     y = r.forward(x)

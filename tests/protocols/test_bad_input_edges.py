@@ -276,5 +276,6 @@ def test_an_array_as_record_or_dropout_phase_is_refused(name):
 @pytest.mark.parametrize("junk", [torch.device("cpu"), torch.nn.Linear(2, 2), torch.float32])
 def test_a_torch_object_that_is_not_a_tensor_is_invalid_input(junk):
     # was AttributeError ('torch.device' object has no attribute 'detach')
-    with pytest.raises(InvalidInput, match=f"expected a 1-D numpy float array or torch tensor, got {type(junk).__name__}"):
+    with pytest.raises(InvalidInput,
+                       match=f"expected a 1-D numpy float array or torch tensor, got {type(junk).__name__}"):
         simulate_aggregation(sf.protocols.Plain(), [np.zeros(DIM)] * (N - 1) + [junk], seed=1)

@@ -285,7 +285,8 @@ def test_in_decryptor_mode_no_client_ever_holds_the_secret_key(proto):
     assert all(needle not in party[c].dump() for c in range(3))
     assert needle not in party[parties.DECRYPTOR].dump()  # spent: the key is gone
     dec = proto.auxiliary(RoundSpec(n=3, dim=20, session_id=bytes(32)), rng=RandomSource(0))[parties.DECRYPTOR]
-    keyed = dec.handle("setup", reframe(proto, RoundSpec(n=3, dim=20, session_id=bytes(32)), "setup", header.SERVER, []))
+    spec = RoundSpec(n=3, dim=20, session_id=bytes(32))
+    keyed = dec.handle("setup", reframe(proto, spec, "setup", header.SERVER, []))
     assert keyed and secret_key_blob(dec._secret)[1000:1256] in dec.dump()  # the check would see it if it were there
 
 
@@ -350,7 +351,7 @@ def test_rejected_uploads_leave_the_sum_untouched(foreign_ckks):
     total, included = _finish(server, dec)
     assert included == (0,)
     assert np.max(np.abs(total - xs[0])) <= proto.error_bound(8)
-    assert {c: r.reason.value for c, r in server.dropped.items()} == {c: "rejected" for c in range(1, 8)}
+    assert {c: r.reason.value for c, r in server.dropped.items()} == dict.fromkeys(range(1, 8), "rejected")
 
 
 @pytest.mark.parametrize("proto", [CKKS(value_range=1.0), BFV(value_range=1.0)], ids=["ckks", "bfv"])
@@ -828,7 +829,7 @@ def test_masked_mode_aborts_before_decryption_with_too_few_uploads():
     proto = BFV(value_range=1.0, key_holder="masked")
     n = 6
     t = proto.min_survivors(n)
-    dropouts = {c: "upload" for c in range(n - t + 1)}
+    dropouts = dict.fromkeys(range(n - t + 1), "upload")
     asked = []
 
     def spy(phase, who, reply):
@@ -871,7 +872,8 @@ def test_bfv_carries_the_distributed_dp_encoders(mode):
     for cls in (DistributedDiscreteGaussian, DistributedSkellam):
         enc = cls(l2_clip=1.0, noise_multiplier=1.0, dimension=d, min_survivors=n)
         proto = BFV(value_range=1.0, key_holder=mode).with_encoder(enc)
-        assert proto.describe(n)["modulus_bits"] == enc.modulus_bits(n) and proto.check_description(proto.describe(n)) == []
+        assert proto.describe(n)["modulus_bits"] == enc.modulus_bits(n)
+        assert proto.check_description(proto.describe(n)) == []
         res = sf.simulate_aggregation(proto, xs, seed=3)
         noise = res.total - np.sum(xs, axis=0)
         assert 0.8 < np.std(noise) < 1.2  # the sum of the n shares has std z c = 1 (rotation and rounding aside)

@@ -28,7 +28,7 @@ def sequential_sum(xs):
 def test_plain_total_is_exact_float64_sum_of_included(xs, data):
     n = len(xs)
     dropped = data.draw(st.sets(st.integers(0, n - 1), max_size=n - 1))
-    res = sf.simulate_aggregation(sf.protocols.Plain(), xs, dropouts={c: "upload" for c in dropped}, seed=1)
+    res = sf.simulate_aggregation(sf.protocols.Plain(), xs, dropouts=dict.fromkeys(dropped, "upload"), seed=1)
     assert res.included == tuple(c for c in range(n) if c not in dropped)
     assert res.total.dtype == np.float64
     np.testing.assert_array_equal(res.total, sequential_sum([xs[c] for c in res.included]))

@@ -47,7 +47,7 @@ def expected_outcome(protocol, n, drop_at, seed):
     t = p.threshold
     g = (MaskingGraph.complete_graph(n) if p.complete else MaskingGraph.harary(n, p.degree, session_of(seed)))
     nb = {u: set(g.closed_neighborhood(u).tolist()) for u in range(n)}
-    alive = lambda u, phase: drop_at.get(u, 9) > phase  # noqa: E731
+    alive = lambda u, phase: drop_at.get(u, 9) > phase
     u1 = {u for u in range(n) if alive(u, 0)}
     if len(u1) < t:
         return None
@@ -137,14 +137,14 @@ def test_each_dropout_phase_named_in_the_issue(protocol):
         np.testing.assert_allclose(res.total, np.sum([xs[c] for c in res.included], axis=0),
                                    atol=protocol.error_bound(n), err_msg=name)
     with pytest.raises(ProtocolAborted) as e:  # fewer than t survivors
-        sf.simulate_aggregation(protocol, xs, {c: "masked_input" for c in range(n - t + 1)}, seed=7)
+        sf.simulate_aggregation(protocol, xs, dict.fromkeys(range(n - t + 1), "masked_input"), seed=7)
     assert e.value.reason is AbortReason.TOO_FEW_SURVIVORS
 
 
 def test_abort_before_unmasking_reveals_no_share():
     protocol = SecAgg(threshold=6, dropout_fraction=0.4)
     xs = [np.ones(4) * 0.5] * 10
-    run = run_round(protocol, xs, dropouts={c: "masked_input" for c in range(5)}, seed=2)
+    run = run_round(protocol, xs, dropouts=dict.fromkeys(range(5), "masked_input"), seed=2)
     assert run.aborted is not None and run.aborted.reason is AbortReason.TOO_FEW_SURVIVORS
     assert not [d for d in run.deliveries if d.phase == "unmasking"]
 
@@ -559,7 +559,8 @@ def test_threshold_and_degree_overrides_are_checked_against_the_threat_model():
     with pytest.raises(ConfigurationError):
         SecAggPlus(threshold=p.threshold - 1, degree=p.degree).parameters(1000)
     assert SecAggPlus(degree=p.degree + 10).parameters(1000).degree == p.degree + 10
-    assert SecAggPlus(threshold=0.5).parameters(1000).threshold >= 0.5 * (SecAggPlus(threshold=0.5).parameters(1000).degree + 1)
+    params = SecAggPlus(threshold=0.5).parameters(1000)
+    assert params.threshold >= 0.5 * (params.degree + 1)
     with pytest.raises(ConfigurationError):
         SecAgg(value_bits=16, encoder=FixedPoint(value_range=1.0, value_bits=16))
     for bad in (0, -1, 1.5, True, "2"):

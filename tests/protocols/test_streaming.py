@@ -17,7 +17,7 @@ from securefed import parallel
 from securefed.crypto.masks import mask_aes_key
 from securefed.crypto.prg import keystream_into, new_stream
 from securefed.crypto.random import RandomSource
-from securefed.encoding import FixedPoint, pack, unpack
+from securefed.encoding import FixedPoint
 from securefed.encoding import _kernels as encoding_kernels
 from securefed.errors import InvalidInput
 from securefed.protocols.base import LazyInputs, RoundSpec

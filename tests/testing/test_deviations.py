@@ -28,7 +28,7 @@ def test_a_client_told_that_everyone_dropped_refuses(kind, phase):
     run = run_round(KINDS[kind](), XS, [dev], seed=1)
     [d] = run.outcomes(phase, 2, dev.name)
     assert d.refused and dev.violation(run) is None
-    assert run.result is not None and 2 not in run.result[1] or phase == "unmasking"
+    assert (run.result is not None and 2 not in run.result[1]) or phase == "unmasking"
 
 
 def test_drop_everyone_is_reported_against_a_client_without_the_survivor_rules(monkeypatch):

@@ -12,8 +12,8 @@ from securefed.privacy import (
     FlatClipping,
     PerLayerClipping,
     l2_norm,
+    sampling,
 )
-from securefed.privacy import sampling
 from securefed.testing import ConformanceError, check_clipper, check_noise
 
 

@@ -16,7 +16,6 @@ from securefed.testing import _driver
 from securefed.testing import adversary as adv
 from securefed.testing import strategies as sfst
 
-
 #: find() without shrinking: only whether an example exists matters.
 FIND = settings(max_examples=500, database=None, phases=[Phase.generate])
 
@@ -137,7 +136,7 @@ def test_tamperings_alter_what_they_say(data):
               transcript.index(next(r for r in transcript if r[1] == t.phase))]
     out = t.alter(t.phase, batch, before + [(p, t.phase, payload) for p, payload, _ in batch])
     assert t.alter("not a phase", batch, before) == batch
-    mine = dict((p, payload) for p, payload, _ in batch)[t.party]
+    mine = {p: payload for p, payload, _ in batch}[t.party]
     altered = [payload for p, payload, label in out if label == kind]
     if kind == "reorder":
         assert sorted(out, key=repr) == sorted(batch, key=repr) and [r[0] for r in out] == \
@@ -155,7 +154,7 @@ def test_tamperings_alter_what_they_say(data):
     elif kind == "duplicate":
         assert new == mine and [p for p, _, _ in out].count(t.party) == 2
     elif kind == "other_client":
-        assert new == dict((p, payload) for p, payload, _ in batch)[t.arg] and t.arg != t.party
+        assert new == {p: payload for p, payload, _ in batch}[t.arg] and t.arg != t.party
     elif kind == "other_phase":
         assert new in [payload for p, ph, payload in before if p == t.party and ph == t.arg]
     assert t.detail  # says what was done
