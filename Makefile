@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo    federated training demo on bundled data
-#   make test    the whole test suite (hypothesis profile "ci" unless HYPOTHESIS_PROFILE is set)
+#   make test    lint and type checks (make lint), then the whole test suite (hypothesis profile
+#                "ci" unless HYPOTHESIS_PROFILE is set)
 # Both create or reuse .venv and install what they need; a second run skips the install.
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-quick bench install clean
+.PHONY: demo lint test test-quick bench install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +29,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m securefed demo $(ARGS)
 
-test: $(STAMP)
+# ruff and mypy read their settings from pyproject.toml; both are pinned in the dev extra.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy securefed
+
+test: lint
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -n 2 $(ARGS)
 
 test-quick: $(STAMP)
