@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,65 @@ class _Epsilon:
 
 def _conversion(privacy: dict[str, Any]) -> dict[str, Any]:
     return {"conversion": privacy["conversion"]} if "conversion" in privacy else {}
+
+
+def _participation(body: dict[str, Any]) -> Iterator[tuple[str, Any, Any]]:
+    """``(field, expected, found)`` for each participation problem of a round entry: who took part, who dropped
+    where, who is in the aggregate."""
+    from securefed.protocols import REGISTRY
+
+    phases, parts = body["phases"], body["participants"]
+    members, included = set(parts), body["included"]
+    cls = REGISTRY.get(body["protocol"]["protocol"])
+    # The protocol's own definition when the record has its phases (a mismatch fails in _protocol).
+    last = cls.input_phase_index() if cls is not None and list(cls.phases) == phases else len(phases) - 1
+    input_phase = phases[last] if phases else ""
+    if not included:
+        yield ("body.included", "at least one participant in the aggregate", "none")
+    for c in included:
+        if c not in members:
+            yield ("body.included", "participants of the round", c)
+    dropped: dict[int, str] = {}
+    for d in body["dropped"]:
+        c = d["participant"]
+        if c not in members:
+            yield ("body.dropped", "participants of the round", c)
+        if c in dropped:
+            yield ("body.dropped", "one drop record per participant", f"two for {c}")
+        if d["phase"] not in phases:
+            yield ("body.dropped", f"a phase of {phases}", d["phase"])
+        dropped[c] = d["phase"]
+    unaccounted = members - set(included) - set(dropped)
+    if unaccounted:
+        yield ("body.dropped", "a drop record for every participant not in the aggregate",
+               f"none for {sorted(unaccounted)}")
+    sent: dict[str, set[int]] = {}
+    for m in body["received"]:
+        p = m["party"]
+        if m["phase"] not in phases:
+            yield ("body.received", f"a phase of {phases}", m["phase"])
+        if isinstance(p, int):
+            if p not in members:
+                yield ("body.received", "messages from participants of the round", p)
+            sent.setdefault(m["phase"], set()).add(p)
+    # Phases where clients speak (up to the one carrying inputs): an included client spoke in each.
+    for phase in phases[: last + 1]:
+        if phase not in sent:
+            continue
+        for c in included:
+            if c in dropped and phases.index(dropped[c]) <= phases.index(phase):
+                continue  # reported once below
+            if c not in sent[phase]:
+                yield ("body.received", f"a message from included participant {c} in {phase}", "none")
+    for c in included:
+        if c in dropped and dropped[c] in phases and phases.index(dropped[c]) <= last:
+            yield ("body.included", f"participants that passed every phase up to {input_phase}",
+                   f"{c}, dropped in {dropped[c]}")
+    survivors = len(members) - len(dropped)
+    need = body["protocol"]["min_survivors"]
+    if survivors < need:
+        yield ("body.dropped", f"at least {need} participants surviving every phase (min_survivors)",
+               f"{survivors}")
 
 
 class _Checker:
@@ -380,61 +439,8 @@ class _Checker:
             self.fail(number, "body.protocol", f"parameters meeting the conditions of {desc['protocol']}", problem)
 
     def _round(self, number: int, body: dict[str, Any]) -> None:
-        """Participation: who took part, who dropped where, who is in the aggregate."""
-        from securefed.protocols import REGISTRY
-
-        phases, parts = body["phases"], body["participants"]
-        members, included = set(parts), body["included"]
-        cls = REGISTRY.get(body["protocol"]["protocol"])
-        # The protocol's own definition when the record has its phases (a mismatch fails in _protocol).
-        last = cls.input_phase_index() if cls is not None and list(cls.phases) == phases else len(phases) - 1
-        input_phase = phases[last] if phases else ""
-        if not included:
-            self.fail(number, "body.included", "at least one participant in the aggregate", "none")
-        for c in included:
-            if c not in members:
-                self.fail(number, "body.included", "participants of the round", c)
-        dropped: dict[int, str] = {}
-        for d in body["dropped"]:
-            c = d["participant"]
-            if c not in members:
-                self.fail(number, "body.dropped", "participants of the round", c)
-            if c in dropped:
-                self.fail(number, "body.dropped", "one drop record per participant", f"two for {c}")
-            if d["phase"] not in phases:
-                self.fail(number, "body.dropped", f"a phase of {phases}", d["phase"])
-            dropped[c] = d["phase"]
-        unaccounted = members - set(included) - set(dropped)
-        if unaccounted:
-            self.fail(number, "body.dropped", "a drop record for every participant not in the aggregate",
-                      f"none for {sorted(unaccounted)}")
-        sent: dict[str, set[int]] = {}
-        for m in body["received"]:
-            p = m["party"]
-            if m["phase"] not in phases:
-                self.fail(number, "body.received", f"a phase of {phases}", m["phase"])
-            if isinstance(p, int):
-                if p not in members:
-                    self.fail(number, "body.received", "messages from participants of the round", p)
-                sent.setdefault(m["phase"], set()).add(p)
-        # Phases where clients speak (up to the one carrying inputs): an included client spoke in each.
-        for phase in phases[: last + 1]:
-            if phase not in sent:
-                continue
-            for c in included:
-                if c in dropped and phases.index(dropped[c]) <= phases.index(phase):
-                    continue  # reported once below
-                if c not in sent[phase]:
-                    self.fail(number, "body.received", f"a message from included participant {c} in {phase}", "none")
-        for c in included:
-            if c in dropped and dropped[c] in phases and phases.index(dropped[c]) <= last:
-                self.fail(number, "body.included", f"participants that passed every phase up to {input_phase}",
-                          f"{c}, dropped in {dropped[c]}")
-        survivors = len(members) - len(dropped)
-        need = body["protocol"]["min_survivors"]
-        if survivors < need:
-            self.fail(number, "body.dropped", f"at least {need} participants surviving every phase (min_survivors)",
-                      f"{survivors}")
+        for field, expected, found in _participation(body):
+            self.fail(number, field, expected, found)
 
     def _dp(self, number: int, dp: Any) -> None:
         if self.eps is None:

@@ -70,6 +70,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _check_round(round_index: int, last: int | None) -> None:
+    if isinstance(round_index, bool) or not isinstance(round_index, (int, np.integer)) or round_index < 1:
+        raise InvalidInput(f"round must be a positive integer, got {round_index!r}")
+    if last is not None and round_index <= last:
+        raise ConfigurationError(f"round {round_index} does not follow round {last} in the audit log")
+
+
+def _round_counter(counter: int, last: int | None) -> int:
+    if isinstance(counter, bool) or not isinstance(counter, (int, np.integer)) or counter < 1:
+        raise InvalidInput(f"checkpoint_counter must be a positive integer, got {counter!r}")
+    if last is not None and counter < last:
+        raise ConfigurationError(f"checkpoint counter {counter} is below the log's last one, {last}: an older "
+                                 "checkpoint is in use")
+    return int(counter)
+
+
+def _round_fields(result: AggregationResult, parts: list[int], released: np.ndarray | None,
+                  metrics: Mapping[str, float | None] | None) -> dict[str, Any]:
+    """A round entry's participation, digests, aggregate digest (of what was released) and metrics."""
+
+    def pid(c: Party) -> int | str:
+        return int(parts[c]) if isinstance(c, (int, np.integer)) else str(c)
+
+    total = np.ascontiguousarray(result.total if released is None else released, dtype="<f8")
+    return {
+        "included": sorted(pid(c) for c in result.included),
+        "dropped": [{"participant": pid(c), "phase": d.phase, "reason": d.reason.value, "detail": d.detail}
+                    for c, d in sorted(result.dropped.items(), key=lambda item: pid(item[0]))],
+        "received": [{"party": pid(p), "phase": ph, "sha256": h, "size": int(size)}
+                     for p, ph, h, size in result.server_view.digests],
+        "aggregate": {"sha256": hashlib.sha256(total.data).hexdigest(), "dim": int(total.size), "dtype": "<f8"},
+        "metrics": json_safe(dict(metrics or {})),
+    }
+
+
 class AuditWriter:
     """Appends the entries of an audit log at `path`, signed with the server's audit key.
 
@@ -250,10 +285,7 @@ class AuditWriter:
                     participants: Sequence[int]) -> dict[str, Any]:
         if not self.in_session:
             raise ConfigurationError("no audit session is open: call start first")
-        if isinstance(round_index, bool) or not isinstance(round_index, (int, np.integer)) or round_index < 1:
-            raise InvalidInput(f"round must be a positive integer, got {round_index!r}")
-        if self.last_round is not None and round_index <= self.last_round:
-            raise ConfigurationError(f"round {round_index} does not follow round {self.last_round} in the audit log")
+        _check_round(round_index, self.last_round)
         return {"round": int(round_index), "protocol": json_safe(protocol.describe(len(participants))),
                 "phases": list(protocol.phases), "participants": [int(p) for p in participants]}
 
@@ -282,21 +314,8 @@ class AuditWriter:
         parts = list(range(result.spec.n)) if participants is None else list(participants)
         if len(parts) != result.spec.n:
             raise InvalidInput(f"{len(parts)} participant ids for a round of {result.spec.n} clients")
-
-        def pid(c: Party) -> int | str:
-            return int(parts[c]) if isinstance(c, (int, np.integer)) else str(c)
-
         body = self._round_head(round_index, protocol, parts)
-        total = np.ascontiguousarray(result.total if released is None else released, dtype="<f8")
-        body.update(
-            included=sorted(pid(c) for c in result.included),
-            dropped=[{"participant": pid(c), "phase": d.phase, "reason": d.reason.value, "detail": d.detail}
-                     for c, d in sorted(result.dropped.items(), key=lambda item: pid(item[0]))],
-            received=[{"party": pid(p), "phase": ph, "sha256": h, "size": int(size)}
-                      for p, ph, h, size in result.server_view.digests],
-            aggregate={"sha256": hashlib.sha256(total.data).hexdigest(), "dim": int(total.size), "dtype": "<f8"},
-            metrics=json_safe(dict(metrics or {})),
-        )
+        body.update(_round_fields(result, parts, released, metrics))
         self._counter(body, checkpoint_counter)
         body["dp"] = self._dp(dp_events, epsilon)
         self._append("round", body)
@@ -305,16 +324,8 @@ class AuditWriter:
     def _counter(self, body: dict[str, Any], counter: int | None) -> None:
         """Record the counter of the checkpoint holding the round: it never goes below the log's last one, so
         a checkpoint whose commit the log has seen cannot be swapped for an older branch with the same counter."""
-        if counter is None:
-            return
-        if isinstance(counter, bool) or not isinstance(counter, (int, np.integer)) or counter < 1:
-            raise InvalidInput(f"checkpoint_counter must be a positive integer, got {counter!r}")
-        last = self._history.counter
-        if last is not None and counter < last:
-            raise ConfigurationError(f"checkpoint counter {counter} is below the log's last one, {last}: an older "
-                                     "checkpoint is in use")
-        body["checkpoint_counter"] = int(counter)
-        self._history.counter = int(counter)
+        if counter is not None:
+            body["checkpoint_counter"] = self._history.counter = _round_counter(counter, self._history.counter)
 
     def release(self, round_index: int, *, dp_events: Sequence[Mapping[str, Any]], epsilon: float) -> None:
         """Record, ahead of round `round_index`'s entry, that its aggregate was released: `dp_events`
@@ -322,10 +333,7 @@ class AuditWriter:
         crashes before the round's entry has still logged what it spent (``protocols/audit.md``)."""
         if not self.in_session:
             raise ConfigurationError("no audit session is open: call start first")
-        if isinstance(round_index, bool) or not isinstance(round_index, (int, np.integer)) or round_index < 1:
-            raise InvalidInput(f"round must be a positive integer, got {round_index!r}")
-        if self.last_round is not None and round_index <= self.last_round:
-            raise ConfigurationError(f"a release of round {round_index} after round {self.last_round} was recorded")
+        _check_round(round_index, self.last_round)
         if self._privacy is None or not dp_events:
             raise ConfigurationError("a release entry needs DP events in a log that declares privacy")
         self._append("release", {"round": int(round_index), "dp": self._dp(dp_events, epsilon)})

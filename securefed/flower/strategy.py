@@ -356,7 +356,7 @@ class SecureFedAvg:
         weighted = self.weighting == "examples"
         dim = start.size + weighted
         if self.privacy is not None:
-            self._check_budget(run, r, len(nodes), dim)
+            _check_budget(self, run, r, len(nodes), dim)
         config = ConfigRecord({**(train_config or {}), "server-round": r})
         log.info("securefed: round %d with %d nodes", r, len(nodes))
         rng = self._rng(f"round/{r}")
@@ -372,7 +372,7 @@ class SecureFedAvg:
         total, included = outcome.result.total, outcome.included_nodes
         epsilon = None
         if self.privacy is not None:
-            total = self._release(run, r, total, len(included), len(nodes), dim, rng)
+            total = _release(self, run, r, total, len(included), len(nodes), dim, rng)
             epsilon = run.accountant.epsilon(self.privacy.delta)
             mean = total / len(included)
         elif weighted:
@@ -394,36 +394,6 @@ class SecureFedAvg:
                  len(outcome.dropped_nodes), epsilon, {k: v for k, v in metrics.items() if k.startswith("eval_")})
         return report, outcome
 
-    # -- privacy ----------------------------------------------------------------------------
-
-    def _check_budget(self, run: _Run, r: int, n: int, dim: int) -> None:
-        """PrivacyBudgetExceeded if a round of n nodes could take epsilon past the target (the trainer's check:
-        an event bounding every way the round can finish, ``securefed.privacy.client_level``)."""
-        from securefed.privacy.client_level import check_budget
-
-        mech = _privacy.mechanism(self.privacy, self.protocol, dim)
-        mech.honest_survivors(n)  # ConfigurationError for a round the colluders could fill, before anything is sent
-        check_budget(run.accountant, mech.planned_event(r, n), config=self.privacy, round=r)
-
-    def _release(self, run: _Run, r: int, total: np.ndarray, included: int, n: int, dim: int,
-                 rng: RandomSource) -> np.ndarray:
-        """Noise the sum (central DP) and account for its release, written ahead of the round's commit."""
-        from securefed.privacy import CentralGaussian
-
-        mech = _privacy.mechanism(self.privacy, self.protocol, dim)
-        total = np.array(total, dtype=np.float64, copy=True)
-        if isinstance(noise := mech.noise(), CentralGaussian):
-            noise.add_to(total, rng.child("server-noise"))
-        event = mech.event(included=included, n=n, round=r)
-        run.accountant.record(event)
-        if run.audit is not None:  # logged ahead of the round's entry and commit: a crash cannot hide it
-            run.audit.release(r, dp_events=[event.to_dict()], epsilon=run.accountant.epsilon(self.privacy.delta))
-            if self.audit_witness is not None:
-                self.audit_witness(*run.audit.head)
-        elif self.checkpoint_dir is not None:
-            _checkpoint.record_release(self.checkpoint_dir, event.to_dict(), key=run.key, round_index=run.state.round)
-        run.pending.append(event.to_dict())
-        return total
 
 @dataclasses.dataclass
 class _Run:
@@ -479,3 +449,34 @@ def _audit_config(s: SecureFedAvg, num_rounds: int) -> dict[str, Any]:
 
 def _evals(report: RoundReport) -> dict[str, int | float | list[int] | list[float]]:
     return {k.removeprefix("eval_"): v for k, v in report.metrics.items() if k.startswith("eval_")}
+
+
+def _check_budget(s: SecureFedAvg, run: _Run, r: int, n: int, dim: int) -> None:
+    """PrivacyBudgetExceeded if a round of n nodes could take epsilon past the target (the trainer's check:
+    an event bounding every way the round can finish, ``securefed.privacy.client_level``)."""
+    from securefed.privacy.client_level import check_budget
+
+    mech = _privacy.mechanism(s.privacy, s.protocol, dim)
+    mech.honest_survivors(n)  # ConfigurationError for a round the colluders could fill, before anything is sent
+    check_budget(run.accountant, mech.planned_event(r, n), config=s.privacy, round=r)
+
+
+def _release(s: SecureFedAvg, run: _Run, r: int, total: np.ndarray, included: int, n: int, dim: int,
+             rng: RandomSource) -> np.ndarray:
+    """Noise the sum (central DP) and account for its release, written ahead of the round's commit."""
+    from securefed.privacy import CentralGaussian
+
+    mech = _privacy.mechanism(s.privacy, s.protocol, dim)
+    total = np.array(total, dtype=np.float64, copy=True)
+    if isinstance(noise := mech.noise(), CentralGaussian):
+        noise.add_to(total, rng.child("server-noise"))
+    event = mech.event(included=included, n=n, round=r)
+    run.accountant.record(event)
+    if run.audit is not None:  # logged ahead of the round's entry and commit: a crash cannot hide it
+        run.audit.release(r, dp_events=[event.to_dict()], epsilon=run.accountant.epsilon(s.privacy.delta))
+        if s.audit_witness is not None:
+            s.audit_witness(*run.audit.head)
+    elif s.checkpoint_dir is not None:
+        _checkpoint.record_release(s.checkpoint_dir, event.to_dict(), key=run.key, round_index=run.state.round)
+    run.pending.append(event.to_dict())
+    return total

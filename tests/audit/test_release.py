@@ -46,7 +46,7 @@ def test_releases_count_once_each_and_a_rerun_round_counts_twice(tmp_path):
 def test_a_release_needs_privacy_events_and_a_round_not_yet_recorded(tmp_path):
     with AuditWriter(tmp_path / "a.jsonl") as w, w.session(config={}, privacy=PRIVACY, seeded_secrets=False):
         w.round(1, protocol=PROTO, result=result(1), dp_events=[event(1)], epsilon=eps([event(1)]))
-        with pytest.raises(ConfigurationError, match="after round 1"):
+        with pytest.raises(ConfigurationError, match="does not follow round 1"):
             w.release(1, dp_events=[event(1)], epsilon=1.0)
         with pytest.raises(ConfigurationError, match="DP events"):
             w.release(2, dp_events=[], epsilon=1.0)
