@@ -68,7 +68,7 @@ class Config:
 
 
 SMALL = Config(packages=PACKAGES[:4], bytes_per_client=3_000, public_bytes_per_module=200, seq_len=32, n_embd=64,
-               n_layer=2, n_head=2, lora_rank=4, pretrain_steps=20, rounds=3, batch_size=8)
+               n_layer=2, n_head=2, lora_rank=4, pretrain_steps=20, rounds=3, batch_size=8, lr=0.5)
 
 
 # -- data: bytes are the tokens ------------------------------------------------------------------
