@@ -40,6 +40,7 @@ import time
 import tracemalloc
 
 import numpy as np
+import procmem  # bench/procmem.py: the script's folder is on sys.path
 
 BLOCK = 1 << 20  # inputs are made block by block from (seed, client, block), so the check can redo them
 SEED = 8
@@ -59,21 +60,6 @@ CONFIGS = {
     "client_memory_d1e7": dict(kind="client_memory", d=10**7, k=10),
     "threads_d1e7_k10": dict(kind="threads", d=10**7, k=10),
 }
-
-
-def _status() -> dict[str, float]:
-    """VmRSS and VmHWM of this process, in MB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return out
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the high-water mark to the current RSS
-        f.write("5")
 
 
 def _protocol(name: str):
@@ -124,13 +110,13 @@ def run_round(protocol: str, n: int, d: int) -> dict:
 
     proto = _protocol(protocol)
     sf.simulate_aggregation(proto, [np.zeros(64, dtype=np.float32)] * n, seed=1)  # warm-up: load kernels
-    base = _status()["VmRSS"]
+    base = procmem.status()["VmRSS"]
     make = _Inputs(d)
     load = os.getloadavg()[0]
     t, c = time.perf_counter(), time.process_time()
     res = sf.simulate_aggregation(proto, sf.LazyInputs(n, d, make), seed=SEED)
     wall, cpu = time.perf_counter() - t - make.seconds, time.process_time() - c - make.cpu_seconds
-    peak = _status()["VmHWM"]
+    peak = procmem.status()["VmHWM"]
     err = _max_error(res.total, res.included, d)
     bound = proto.error_bound(n)
     upload = statistics.median(size for p, phase, _, size in res.server_view.digests
@@ -173,8 +159,8 @@ def run_client_memory(d: int, k: int) -> dict:
     _warm_up_masking(k)
     proto, spec, _, client, request = _masking_client(d, k)
     x = _Inputs(d)(0)
-    rss_before = _status()["VmRSS"]
-    _reset_peak()
+    rss_before = procmem.status()["VmRSS"]
+    procmem.reset_peak()
     tracemalloc.start()
     t = time.perf_counter()
     client.set_input(x)
@@ -182,7 +168,7 @@ def run_client_memory(d: int, k: int) -> dict:
     wall = time.perf_counter() - t
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss_peak = _status()["VmHWM"]
+    rss_peak = procmem.status()["VmHWM"]
     update = 4 * d
     return {
         "d": d, "neighbours": k, "modulus_bits": proto.encoder.modulus_bits(spec.n), "message_bytes": len(message),
@@ -275,7 +261,7 @@ def child(name: str) -> dict:
     t = time.perf_counter()
     result = {"round": run_round, "client_memory": run_client_memory, "threads": run_threads}[kind](**cfg)
     return {"bench": "scale", "config": name, **result, "process_wall_s": round(time.perf_counter() - t, 2),
-            "peak_rss_mb_process": round(_status()["VmHWM"], 1), "machine": platform.machine(),
+            "peak_rss_mb_process": round(procmem.status()["VmHWM"], 1), "machine": platform.machine(),
             "cpus": len(os.sched_getaffinity(0))}
 
 

@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import procmem  # bench/procmem.py: the script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 LORA = ROOT / "examples" / "llm-lora" / "train.py"
 
@@ -54,21 +56,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 DEFAULT = ("mlp25m_n20", "lora")
 EXAMPLES_PER_CLIENT, BATCH, FEATURES, CLASSES = 64, 32, 1024, 10
-
-
-def _status() -> dict[str, float]:
-    """VmRSS and VmHWM of this process, in MB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return out
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the high-water mark to the current RSS
-        f.write("5")
 
 
 class Clock:
@@ -183,8 +170,8 @@ def measure(name: str, protocol: str) -> dict[str, Any]:
     _warm_up(cfg, protocol)
     _model, make = _trainer(cfg, protocol)
     gc.collect()
-    base = _status()["VmRSS"]
-    _reset_peak()
+    base = procmem.status()["VmRSS"]
+    procmem.reset_peak()
     trainer = make()
     trained = sum(p.numel() for p in trainer._params().values())
     clock = Clock()
@@ -194,7 +181,7 @@ def measure(name: str, protocol: str) -> dict[str, Any]:
         t, cpu = time.perf_counter(), time.process_time()
         record = trainer.run_round()
         wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    peak = _status()["VmHWM"]
+    peak = procmem.status()["VmHWM"]
     split = {f"{k}_s": round(clock.seconds.get(k, 0.0), 3)
              for k in ("local_training", "client_protocol", "server_protocol")}
     model_mb = 4 * trained / 2**20
