@@ -185,14 +185,37 @@ class LossSpy:
         return out
 
 
-FORMATS = ("{:.4f}", "{:.3f}", "{!r}", "{:.6g}")
+NUMBER = re.compile(r"-?\d+\.(\d+)(?:e[-+]?\d+)?")
+
+
+def renders(token, decimals, value):
+    """Whether a printed number (with `decimals` digits after the point) is `value` rounded or cut there."""
+    if not np.isfinite(value):
+        return False
+    step = 10.0 ** -decimals
+    return abs(float(token) - value) <= step * 1.01
 
 
 def appears(value, text, public=()):
-    """Whether `value` shows in `text` in a format no released (public) value shares: a private loss that
-    rounds to the same three digits as the public evaluation loss is a coincidence, not a leak."""
-    shared = {fmt.format(v) for v in public for fmt in FORMATS}
-    return any(fmt.format(value) in text and fmt.format(value) not in shared for fmt in FORMATS)
+    """Whether `value` shows in `text` as a printed number of 3 or more decimals that is not a printing of
+    a released (public) value: a private loss that rounds like the public evaluation loss is a coincidence,
+    not a leak, and a prefix of a longer public number is not a number of its own."""
+    for m in NUMBER.finditer(text):
+        token, decimals = m.group(0), len(m.group(1))
+        if decimals < 3 or "e" in token:
+            continue
+        if renders(token, decimals, value) and not any(renders(token, decimals, p) for p in public):
+            return True
+    return False
+
+
+def test_the_leak_check_sees_a_printed_private_loss_and_ignores_public_numbers():
+    assert appears(1.09734, "round 1: loss 1.0973 acc 0.5")
+    assert appears(1.0973412345, "loss=1.09734123")
+    assert appears(1.09734, "{'x': 1.09734}")
+    assert not appears(1.09734, "round 1: eval_loss 1.0973 acc 0.5", public=[1.0974])  # same digits as public
+    assert not appears(1.0720, "eval_loss 1.0728018283843994", public=[1.0728018283843994])
+    assert not appears(1.09734, "eps 1.10 bytes 650.0")  # too coarse to be a statistic
 
 
 @pytest.mark.parametrize("privacy", [CentralDP(noise_multiplier=1.0, clipping=0.5),
