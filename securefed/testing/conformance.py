@@ -117,6 +117,7 @@ from securefed.protocols.base import (
 from securefed.protocols.secagg.packed import column_pack
 from securefed.testing import _driver, adversary, isolation
 from securefed.testing import strategies as sfst
+from securefed.testing._violations import ConformanceError, Violation, find_violation, report
 
 __all__ = ["PROPERTIES", "ConformanceError", "check_protocol", "conformance_tests"]
 
@@ -151,24 +152,6 @@ _GROUPS = {
 _WINDOW = 16
 
 
-class ConformanceError(AssertionError):
-    """A protocol violates a conformance property; ``.property`` names it."""
-
-    def __init__(self, prop: str, message: str) -> None:
-        super().__init__(message)
-        self.property = prop
-
-
-class _Violation(Exception):
-    """Raised inside a hypothesis example; hypothesis shrinks it, check_protocol reports it."""
-
-    __notes__: list[str]  # BaseException's on Python 3.11+, set by hand on 3.10
-
-    def __init__(self, prop: str, detail: str) -> None:
-        super().__init__(f"[{prop}] {detail}")
-        self.prop, self.detail = prop, detail
-
-
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One round: n clients' inputs, a dropout schedule and a seed."""
@@ -194,8 +177,8 @@ def _no_dropouts(n: int, dropouts: Mapping[int, str]) -> bool:
     return not dropouts
 
 
-class _Suite:
-    """The properties of one protocol factory with its options."""
+class _Harness:
+    """One protocol factory with its options: the cases to draw, the runs and the checks every property shares."""
 
     def __init__(
         self,
@@ -283,7 +266,7 @@ class _Suite:
         n, dim = case.n, case.inputs[0].size
         where = f" ({context})" if context else ""
         if not isinstance(total, np.ndarray) or total.shape != (dim,) or total.dtype != np.float64:
-            raise _Violation(prop, f"the total is {type(total).__name__} {getattr(total, 'dtype', '')} "
+            raise Violation(prop, f"the total is {type(total).__name__} {getattr(total, 'dtype', '')} "
                                    f"{getattr(total, 'shape', '')}, expected float64 of shape ({dim},){where}")
         xs = np.array([np.asarray(x, dtype=np.float64) for x in case.inputs])
         expect = xs[list(included)].sum(axis=0) if included else np.zeros(dim)
@@ -293,7 +276,7 @@ class _Suite:
         bad = ~(err <= tol)
         if bad.any():
             k = int(np.argmax(np.where(bad, err, -1.0)))
-            raise _Violation(prop, f"the total differs from the sum of the inputs of .included {tuple(included)} "
+            raise Violation(prop, f"the total differs from the sum of the inputs of .included {tuple(included)} "
                                    f"by {err[k]:.6g} at coordinate {k} (total {float(total[k])!r}, "
                                    f"expected {float(expect[k])!r}, allowed error {tol[k]:.3g}){where}")
 
@@ -301,13 +284,13 @@ class _Suite:
         included = tuple(res.included)
         n, t = case.n, protocol.min_survivors(case.n)
         if list(included) != sorted(set(included)) or any(not 0 <= c < n for c in included):
-            raise _Violation(prop, f".included {included} is not an ascending tuple of client indices in 0..{n - 1}")
+            raise Violation(prop, f".included {included} is not an ascending tuple of client indices in 0..{n - 1}")
         early = self._dropped_early(protocol, case.dropouts) & set(included)
         if early:
-            raise _Violation(prop, f"clients {sorted(early)} dropped at or before the input phase but are in "
+            raise Violation(prop, f"clients {sorted(early)} dropped at or before the input phase but are in "
                                    f".included {included}")
         if len(included) < t:
-            raise _Violation(prop, f"the round finished with {len(included)} clients in .included, "
+            raise Violation(prop, f"the round finished with {len(included)} clients in .included, "
                                    f"fewer than min_survivors(n={n}) = {t}")
         self.check_total(prop, protocol, case, res.total, included)
 
@@ -319,10 +302,13 @@ class _Suite:
             note(f"aborted: {e.reason.value}: {e}")
             return None
         except Exception as e:  # anything else is what the property forbids
-            raise _Violation(prop, f"simulate_aggregation raised {type(e).__name__}: {e} "
+            raise Violation(prop, f"simulate_aggregation raised {type(e).__name__}: {e} "
                                    "(a round may only end in a result or ProtocolAborted)") from e
 
-    # -- properties -----------------------------------------------------------------------------
+
+
+class _Suite(_Harness):
+    """The properties of one protocol factory, each run under hypothesis by :func:`check_protocol`."""
 
     def configuration(self) -> None:
         lo, hi = self.clients
@@ -336,23 +322,23 @@ class _Suite:
                 except ConfigurationError:
                     continue
                 except Exception as e:
-                    raise _Violation("configuration", f"n={n}: min_survivors raises ConfigurationError but "
+                    raise Violation("configuration", f"n={n}: min_survivors raises ConfigurationError but "
                                                       f"simulate_aggregation raised {type(e).__name__}: {e}") from e
-                raise _Violation("configuration", f"n={n}: min_survivors raises ConfigurationError but a round "
+                raise Violation("configuration", f"n={n}: min_survivors raises ConfigurationError but a round "
                                                   "of that size ran") from None
             if not isinstance(t, int) or not 1 <= t <= n:
-                raise _Violation("configuration", f"n={n}: min_survivors is {t!r}, not an int in 1..{n}")
+                raise Violation("configuration", f"n={n}: min_survivors is {t!r}, not an int in 1..{n}")
             description = protocol.describe(n)
             try:
                 json.dumps(description, allow_nan=False)
             except (TypeError, ValueError) as e:
-                raise _Violation("configuration", f"n={n}: describe() is not JSON-serializable: {e}") from e
+                raise Violation("configuration", f"n={n}: describe() is not JSON-serializable: {e}") from e
             if description.get("min_survivors") != t:
-                raise _Violation("configuration", f"n={n}: describe() states min_survivors "
+                raise Violation("configuration", f"n={n}: describe() states min_survivors "
                                                   f"{description.get('min_survivors')!r}, min_survivors(n) is {t}")
             problems = type(protocol).check_description(description)
             if problems:
-                raise _Violation("configuration", f"n={n}: check_description(describe(n)) reports {problems}")
+                raise Violation("configuration", f"n={n}: check_description(describe(n)) reports {problems}")
 
     def input_validation(self) -> None:
         @self.settings
@@ -368,9 +354,9 @@ class _Suite:
             except InvalidInput:
                 return
             except Exception as e:
-                raise _Violation("input_validation", f"client {i}'s input with {what} raised {type(e).__name__}: "
+                raise Violation("input_validation", f"client {i}'s input with {what} raised {type(e).__name__}: "
                                                      f"{e}, expected InvalidInput") from e
-            raise _Violation("input_validation", f"client {i}'s input with {what} was accepted; expected InvalidInput")
+            raise Violation("input_validation", f"client {i}'s input with {what} was accepted; expected InvalidInput")
 
         self.run(prop)
 
@@ -389,10 +375,10 @@ class _Suite:
 
     def _liveness(self, case: Case, res: AggregationResult | None) -> None:
         if not case.dropouts and res is not None and tuple(res.included) != tuple(range(case.n)):
-            raise _Violation("liveness", f"a round without dropouts finished with .included {res.included}, "
+            raise Violation("liveness", f"a round without dropouts finished with .included {res.included}, "
                                          f"not every client")
         if res is None and (not case.dropouts or self.must_finish(case.n, case.dropouts)):
-            raise _Violation("liveness", f"the round aborted though the schedule {dict(case.dropouts)} must finish")
+            raise Violation("liveness", f"the round aborted though the schedule {dict(case.dropouts)} must finish")
 
     def abort(self) -> None:
         @self.settings
@@ -402,7 +388,7 @@ class _Suite:
             res = self.simulate("abort", protocol, case)
             if res is not None:
                 t = protocol.min_survivors(case.n)
-                raise _Violation("abort", f"the round finished with .included {res.included} although more than "
+                raise Violation("abort", f"the round finished with .included {res.included} although more than "
                                           f"n - min_survivors = {case.n - t} clients dropped by the input phase; "
                                           "expected ProtocolAborted")
 
@@ -418,7 +404,7 @@ class _Suite:
             protocol = self.factory()
             honest = _drive(prop_name, "the untampered round", protocol, case)
             if honest.aborted is not None:
-                raise _Violation("liveness", f"a round without dropouts aborted: {honest.aborted}")
+                raise Violation("liveness", f"a round without dropouts aborted: {honest.aborted}")
             usable = [k for k in kinds if sfst._targets(honest.replies, k, None, self.message_phases)]
             assume(usable)
             kind = data.draw(st.sampled_from(usable), label="kind")
@@ -447,13 +433,13 @@ class _Suite:
         must_reject = tampering.kind not in ("bit_flip", "reorder")
         for d in altered:
             if d.accepted and must_reject:
-                raise _Violation(prop, f"{tampering.detail} was accepted; expected MessageRejected")
+                raise Violation(prop, f"{tampering.detail} was accepted; expected MessageRejected")
         rejected = [d for d in altered if not d.accepted]
         target = tampering.party
         if rejected and tampering.kind != "duplicate" and isinstance(target, int) and (
                 target not in run.dropped or run.dropped[target].reason is not DropReason.REJECTED):
             record = run.dropped.get(target)
-            raise _Violation(prop, f"{tampering.detail} was rejected but its sender {target} is not recorded as "
+            raise Violation(prop, f"{tampering.detail} was rejected but its sender {target} is not recorded as "
                                    f"dropped for it (.dropped has {record})")
         if run.result is None:
             return  # aborting is always allowed
@@ -461,11 +447,11 @@ class _Suite:
         k = protocol.phases.index(tampering.phase)
         if rejected and tampering.kind != "duplicate" and isinstance(target, int) and k <= self._input_index() \
                 and target in included:
-            raise _Violation(prop, f"{tampering.detail} was rejected, yet client {target} is in .included {included}")
+            raise Violation(prop, f"{tampering.detail} was rejected, yet client {target} is in .included {included}")
         if tampering.kind in ("duplicate", "reorder"):
             assert honest.result is not None
             if included != honest.result[1]:
-                raise _Violation(prop, f"after {tampering.detail}, .included is {included}, "
+                raise Violation(prop, f"after {tampering.detail}, .included is {included}, "
                                        f"{honest.result[1]} without it")
         input_altered = tampering.kind == "bit_flip" and not rejected and k == self._input_index()
         if not input_altered:
@@ -480,14 +466,14 @@ class _Suite:
             case = dataclasses.replace(case, inputs=tuple(inputs))
             res = self.simulate("no_clear_input", protocol, case)
             if res is None:
-                raise _Violation("liveness", "a round without dropouts aborted")
+                raise Violation("liveness", "a round without dropouts aborted")
             reps = [_representations(protocol, x, case.n) for x in inputs]
             for party, phase, payload in res.server_view.messages:
                 for i, named in enumerate(reps):
                     for name, rep in named:
                         at = _find_window(payload, rep)
                         if at is not None:
-                            raise _Violation(
+                            raise Violation(
                                 "no_clear_input",
                                 f"client {i}'s input appears in the clear ({name}) in the {phase!r} message "
                                 f"from {party!r}, at byte {at[0]} (bytes {at[1]}..{at[1] + at[2] - 1} of the input)")
@@ -515,23 +501,23 @@ class _Suite:
             a = self.simulate("determinism", protocol, case)
             b = self.simulate("determinism", protocol, case)
             if (a is None) != (b is None):
-                raise _Violation("determinism", "the same seed gave one result and one abort")
+                raise Violation("determinism", "the same seed gave one result and one abort")
             if a is None or b is None:
                 return
             if a.included != b.included or not np.array_equal(a.total, b.total, equal_nan=True):
-                raise _Violation("determinism", f"the same seed gave totals/included {a.total}/{a.included} "
+                raise Violation("determinism", f"the same seed gave totals/included {a.total}/{a.included} "
                                                 f"and {b.total}/{b.included}")
             da = {c: (r.phase, r.reason) for c, r in a.dropped.items()}
             db = {c: (r.phase, r.reason) for c, r in b.dropped.items()}
             if da != db:
-                raise _Violation("determinism", f"the same seed gave dropouts {da} and {db}")
+                raise Violation("determinism", f"the same seed gave dropouts {da} and {db}")
             if self.deterministic_view and a.server_view.messages != b.server_view.messages:
                 first = next(i for i, (x, y) in enumerate(zip(a.server_view.messages, b.server_view.messages))
                              if x != y) if len(a.server_view.messages) == len(b.server_view.messages) else None
                 where = "a different number of messages" if first is None else (
                     f"message {first} ({a.server_view.messages[first][1]!r} from "
                     f"{a.server_view.messages[first][0]!r}) differs")
-                raise _Violation("determinism", f"the same seed gave different server views: {where} "
+                raise Violation("determinism", f"the same seed gave different server views: {where} "
                                                 "(pass deterministic_view=False if a backend draws its own randomness)")
 
         self.run(prop)
@@ -546,11 +532,11 @@ class _Suite:
                 run = adversary.run_round(protocol, list(case.inputs), [deviation], seed=case.seed,
                                           dropouts=dict(case.dropouts))
             except Exception as e:
-                raise _Violation("honest_client", f"against {deviation!r} the round raised {type(e).__name__}: "
+                raise Violation("honest_client", f"against {deviation!r} the round raised {type(e).__name__}: "
                                                   f"{e}") from e
             problem = deviation.violation(run)
             if problem:
-                raise _Violation("honest_client", f"against {deviation!r}: {problem}")
+                raise Violation("honest_client", f"against {deviation!r}: {problem}")
 
         self.run(prop)
 
@@ -561,7 +547,7 @@ class _Suite:
         for n in self.sizes:
             found = isolation.find_leak(self.factory, n, dim=min(self.dimension[1], 8), runs=runs)
             if found is not None:
-                v = _Violation("coalition", found[0])
+                v = Violation("coalition", found[0])
                 if found[1]:  # as add_note does (Python 3.11+; this runs on 3.10 too)
                     v.__notes__ = [*getattr(v, "__notes__", []), found[1]]
                 raise v
@@ -574,7 +560,7 @@ def _drive(prop: str, what: str, protocol: AggregationProtocol, case: Case,
     try:
         return _driver.run(protocol, list(case.inputs), seed=case.seed, alter=alter)
     except Exception as e:  # anything else is what the property forbids
-        raise _Violation(prop, f"{what} raised {type(e).__name__}: {e} (a message the server cannot use must be "
+        raise Violation(prop, f"{what} raised {type(e).__name__}: {e} (a message the server cannot use must be "
                                "refused with MessageRejected; a round may only end in a result or "
                                "ProtocolAborted)") from e
 
@@ -724,32 +710,14 @@ def check_protocol(
 def _run_group(suite: _Suite, group: str) -> None:
     try:
         getattr(suite, group)()
-    except _Violation as v:
-        raise _report(suite.name, v) from None
+    except Violation as v:
+        raise report(suite.name, v) from None
     except Exception as e:  # hypothesis may wrap the failure (flaky, multiple errors)
-        inner = _find_violation(e)
+        inner = find_violation(e)
         if inner is None:
             raise
         extra = [*getattr(e, "__notes__", []), f"({type(e).__name__}: {str(e).splitlines()[0]})"]
-        raise _report(suite.name, inner, extra) from None
-
-
-def _find_violation(e: BaseException) -> _Violation | None:
-    if isinstance(e, _Violation):
-        return e
-    for sub in getattr(e, "exceptions", ()):
-        found = _find_violation(sub)
-        if found is not None:
-            return found
-    return None
-
-
-def _report(name: str, v: _Violation, extra_notes: Sequence[str] = ()) -> ConformanceError:
-    """The ConformanceError for violation `v` of the suite `name`, with hypothesis' counterexample notes."""
-    notes = [*getattr(v, "__notes__", []), *extra_notes]
-    body = "\n".join(f"    {line}" for note_ in notes for line in str(note_).splitlines())
-    return ConformanceError(
-        v.prop, f"{name} violates {v.prop!r}: {v.detail}" + (f"\n  counterexample:\n{body}" if body else ""))
+        raise report(suite.name, inner, extra) from None
 
 
 def conformance_tests(

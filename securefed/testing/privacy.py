@@ -54,7 +54,7 @@ from securefed.encoding.fixedpoint import IntegerEncoder
 from securefed.encoding.packing import storage_dtype
 from securefed.errors import InvalidInput
 from securefed.privacy.clipping import Clipping, l2_norm
-from securefed.testing.conformance import _find_violation, _report, _Violation
+from securefed.testing._violations import Violation, find_violation, report
 
 __all__ = ["CLIPPER_PROPERTIES", "NOISE_PROPERTIES", "check_clipper", "check_noise"]
 
@@ -91,7 +91,7 @@ def _check_scaling(x: np.ndarray, out: np.ndarray, segments: list[slice], what: 
         xs, os_ = x[s], out[s]
         if (np.abs(os_) > np.abs(xs)).any() or (np.sign(os_) * np.sign(xs) < 0).any():
             k = int(np.argmax((np.abs(os_) > np.abs(xs)) | (np.sign(os_) * np.sign(xs) < 0)))
-            raise _Violation("scaling_only", f"coordinate {s.start + k} went from {xs[k]!r} to {os_[k]!r} "
+            raise Violation("scaling_only", f"coordinate {s.start + k} went from {xs[k]!r} to {os_[k]!r} "
                                              f"({what}): clipping may only shrink")
         top_x, top_o = float(np.max(np.abs(xs))), float(np.max(np.abs(os_)))
         if top_x == 0 or top_o == 0:
@@ -101,7 +101,7 @@ def _check_scaling(x: np.ndarray, out: np.ndarray, segments: list[slice], what: 
         tol = 16 * _EPS * np.abs(u) + 2 * _TINY / top_o + 2 * _TINY / top_x
         if (np.abs(u - v) > tol).any():
             k = int(np.argmax(np.abs(u - v) - tol))
-            raise _Violation("scaling_only", f"{what}: coordinate {s.start + k} is {float(os_[k])!r} where scaling "
+            raise Violation("scaling_only", f"{what}: coordinate {s.start + k} is {float(os_[k])!r} where scaling "
                                              f"{float(xs[k])!r} like the rest gives about {float(u[k] * top_o)!r}: "
                                              "clipping must scale, not clamp or rotate")
 
@@ -126,7 +126,7 @@ def _clip_once(clipper: Clipping, x: np.ndarray, layout: list[int]) -> np.ndarra
     try:
         return clipper.clip(x, layout)
     except Exception as e:
-        raise _Violation("output", f"clip raised {type(e).__name__}: {e} for a finite update") from e
+        raise Violation("output", f"clip raised {type(e).__name__}: {e} for a finite update") from e
 
 
 def _takes_no_layout(clipper: Clipping) -> bool:
@@ -169,12 +169,12 @@ def check_clipper(
         before = x.copy()
         out = _clip_once(clipper, x, layout)
         if not isinstance(out, np.ndarray) or out.dtype != np.float64 or out.shape != (x.size,):
-            raise _Violation("output", f"clip returned {type(out).__name__} {getattr(out, 'dtype', '')} "
+            raise Violation("output", f"clip returned {type(out).__name__} {getattr(out, 'dtype', '')} "
                                        f"{getattr(out, 'shape', '')}; expected float64 of shape ({x.size},)")
         if not np.array_equal(x, before):
-            raise _Violation("output", "clip modified its input in place")
+            raise Violation("output", "clip modified its input in place")
         if l2_norm(out) > bound:
-            raise _Violation("norm_bound", f"l2_norm(clip(x)) = {l2_norm(out)!r} > bound {bound!r} "
+            raise Violation("norm_bound", f"l2_norm(clip(x)) = {l2_norm(out)!r} > bound {bound!r} "
                                            f"(l2_norm(x) = {l2_norm(x)!r})")
         x64 = x.astype(np.float64)
         offsets = np.cumsum([0, *layout])
@@ -182,16 +182,16 @@ def check_clipper(
         _check_scaling(x64, out, [slice(0, x.size)] if flat else segments,
                        "one factor for the whole update" if flat else "one factor per tensor")
         if flat and l2_norm(x64) <= bound and not np.array_equal(out, x64):
-            raise _Violation("passthrough", f"an update of norm {l2_norm(x64)!r} <= bound {bound!r} was changed")
+            raise Violation("passthrough", f"an update of norm {l2_norm(x64)!r} <= bound {bound!r} was changed")
         clips_for = getattr(clipper, "clips_for", None)
         if not flat and callable(clips_for):
             for s, c in zip(segments, clips_for(len(layout))):
                 if l2_norm(x64[s]) <= c and not np.array_equal(out[s], x64[s]):
-                    raise _Violation("passthrough", f"tensor {s.start}..{s.stop - 1} of norm {l2_norm(x64[s])!r} "
+                    raise Violation("passthrough", f"tensor {s.start}..{s.stop - 1} of norm {l2_norm(x64[s])!r} "
                                                     f"<= its clip {c!r} was changed")
         again = _clip_once(clipper, out, layout)
         if not np.array_equal(again, out):
-            raise _Violation("idempotent", "clip(clip(x)) differs from clip(x)")
+            raise Violation("idempotent", "clip(clip(x)) differs from clip(x)")
         y = x.copy()
         y[where % y.size] = bad
         try:
@@ -199,19 +199,19 @@ def check_clipper(
         except InvalidInput:
             pass
         except Exception as e:
-            raise _Violation("output", f"an update with {bad} raised {type(e).__name__}, expected InvalidInput") from e
+            raise Violation("output", f"an update with {bad} raised {type(e).__name__}, expected InvalidInput") from e
         else:
-            raise _Violation("output", f"an update with {bad} was clipped; expected InvalidInput")
+            raise Violation("output", f"an update with {bad} was clipped; expected InvalidInput")
 
     for case in _explicit_cases(float(factory().bound), span):
         prop = example(case=case, bad=math.nan, where=0)(prop)
     try:
         prop()
     except Exception as e:  # a violation, possibly wrapped by hypothesis (flaky)
-        v = _find_violation(e)
+        v = find_violation(e)
         if v is None:
             raise
-        raise _report(repr(factory()), v) from None
+        raise report(repr(factory()), v) from None
 
 
 # -- noise ----------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def _samples(module: Any, n: int, dimension: int, rounds: int, seed: int) -> tup
         if clip is not None:
             event_std = module.event(included=n, n=n).noise_multiplier * clip
             if not math.isclose(event_std, math.sqrt(declared), rel_tol=1e-9):
-                raise _Violation("variance", f"the privacy event charges for noise of std {event_std!r} but stddev "
+                raise Violation("variance", f"the privacy event charges for noise of std {event_std!r} but stddev "
                                              f"is {math.sqrt(declared)!r}")
         return errors, declared, 0.0
     if isinstance(module, IntegerEncoder) and callable(getattr(module, "event", None)):
@@ -277,7 +277,7 @@ def _audit(module: Any, canaries: int, seed: int, delta: float) -> None:
                               reference_seed=seed + 2)
     epsilon = pa.accounted_epsilon(event, delta)
     if result.epsilon_lower_bound > epsilon:
-        raise _Violation("audit", f"the one-run audit shows {result}, above the accountant's epsilon "
+        raise Violation("audit", f"the one-run audit shows {result}, above the accountant's epsilon "
                                   f"{epsilon:.4g} for the module's event: its output reveals the canaries more "
                                   "than the event allows")
 
@@ -312,7 +312,7 @@ def check_noise(
         spread = errors.std(axis=0, ddof=1)
         worst = int(np.argmax(np.abs(means) / np.maximum(spread, _TINY)))
         if abs(means[worst]) > zd * spread[worst] / math.sqrt(rounds):
-            raise _Violation("unbiased", f"coordinate {worst} has mean error {means[worst]!r} over {rounds} draws, "
+            raise Violation("unbiased", f"coordinate {worst} has mean error {means[worst]!r} over {rounds} draws, "
                                          f"{abs(means[worst]) / (spread[worst] / math.sqrt(rounds)):.1f} standard "
                                          f"errors from 0")
         flat = (errors - means).ravel()
@@ -321,13 +321,13 @@ def check_noise(
         se = math.sqrt(max(float(np.mean(flat**4)) - var**2, 0.0) / m)
         lo, hi = declared, declared + rounding
         if var + z * se < lo:
-            raise _Violation("variance", f"measured variance {var:.6g} (+- {se:.2g}) is below the declared "
+            raise Violation("variance", f"measured variance {var:.6g} (+- {se:.2g}) is below the declared "
                                          f"{lo:.6g}: the accountant is told of more noise than is added")
         if var - z * se > hi:
-            raise _Violation("variance", f"measured variance {var:.6g} (+- {se:.2g}) is above the declared "
+            raise Violation("variance", f"measured variance {var:.6g} (+- {se:.2g}) is above the declared "
                                          f"{lo:.6g} plus rounding {rounding:.3g}: the noise is not what is declared")
         if audit_canaries:
             _audit(module, audit_canaries, seed, audit_delta)
-    except _Violation as v:
-        raise _report(name, v) from None
+    except Violation as v:
+        raise report(name, v) from None
 
