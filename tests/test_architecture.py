@@ -5,9 +5,13 @@ at module level, since its only use in this code base would be dodging a cycle; 
 ``if TYPE_CHECKING:`` counts for the private-name rule but not for cycles (it never runs).
 
 A name is private when it starts with ``_`` (dunders excepted); a module is private when a
-component of its dotted path is. Modules of one package may use that package's private modules
-and names (``securefed.flower.strategy`` may import ``securefed.flower._checkpoint``); a module in
-any other package, parent and child packages included, may not.
+component of its dotted path is. A private name is its module's own: no other module imports it
+or reaches it as ``alias._name``. Modules of one package may use that package's private modules
+(``securefed.flower.strategy`` may import ``securefed.flower._checkpoint``); a module in any other
+package, parent and child packages included, may not.
+
+Sizes: no class over 300 lines and no function over 100 (issue 22), counted from the ``def`` or
+``class`` line to the last line of the body, docstrings and comments included.
 """
 
 from __future__ import annotations
@@ -106,19 +110,21 @@ def uses(module: Module, known: dict[str, Module]) -> list[Use]:
 
 
 def private_crossings(known: dict[str, Module], root: Path = ROOT) -> list[str]:
-    """``file:line: what`` for each private module or name that is used outside its own package."""
+    """``file:line: what`` for each private name used outside its module, or private module used outside
+    its package."""
     bad = []
     for module in known.values():
         for use in uses(module, known):
             parts = use.target.split(".")
-            owner = None  # the package that may use this private thing
-            for i, part in enumerate(parts):
-                if _is_private(part):
-                    owner = ".".join(parts[:i])
-                    break
-            if owner is None and use.name is not None and _is_private(use.name):
-                owner = known[use.target].package if use.target in known else use.target
-            if owner is not None and owner != module.package:
+            owner, user = None, module.package  # who may use this private thing, and who does
+            if use.name is not None and _is_private(use.name):
+                owner, user = use.target, module.name  # a private name: its own module only
+            else:
+                for i, part in enumerate(parts):
+                    if _is_private(part):  # a private module: its package
+                        owner = ".".join(parts[:i])
+                        break
+            if owner is not None and owner != user:
                 what = use.target + (f".{use.name}" if use.name else "")
                 bad.append(f"{module.path.relative_to(root).as_posix()}:{use.line}: {what} (private to {owner})")
     return sorted(bad)
@@ -161,12 +167,40 @@ def test_no_import_cycle():
     assert find_cycle(graph) is None, "import cycle: " + " -> ".join(find_cycle(graph) or [])
 
 
-def test_no_private_name_crosses_a_package():
+def oversized(root: Path = ROOT, package: str = PACKAGE) -> list[str]:
+    """``file:line: kind name (N lines)`` for each class over 300 lines and function over 100."""
+    bad = []
+    for path in sorted((root / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            limit = 300 if isinstance(node, ast.ClassDef) else 100
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > limit:
+                    kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                    bad.append(f"{path.relative_to(root).as_posix()}:{node.lineno}: {kind} {node.name} ({size} lines)")
+    return bad
+
+
+def test_no_class_over_300_lines_and_no_function_over_100():
+    assert oversized() == []
+
+
+def test_the_size_check_counts_lines(tmp_path):
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    body = "".join(f"        x{i} = {i}\n" for i in range(99))  # f: 100 lines, at the limit
+    (pkg / "m.py").write_text("class Big:\n    def f(self):\n" + body + "    y = 1\n" * 200)
+    assert oversized(tmp_path) == ["securefed/m.py:1: class Big (301 lines)"]
+    (pkg / "m.py").write_text("def g():\n" + body.replace("        ", "    ") + "    return 1\n")
+    assert oversized(tmp_path) == ["securefed/m.py:1: function g (101 lines)"]
+
+
+def test_no_private_name_crosses_a_module():
     assert private_crossings(modules()) == []
 
 
 def test_the_checks_see_imports(tmp_path):
-    # The two checks run on a small package with one cycle and two crossings, so an empty answer
+    # The two checks run on a small package with one cycle and six crossings, so an empty answer
     # above means that securefed has none rather than that the parser saw nothing.
     pkg = tmp_path / PACKAGE
     (pkg / "inner").mkdir(parents=True)
@@ -174,14 +208,18 @@ def test_the_checks_see_imports(tmp_path):
     (pkg / "_hidden.py").write_text("from securefed.inner import a\n_X = 1\n")
     (pkg / "inner" / "__init__.py").write_text("")
     (pkg / "inner" / "a.py").write_text("def f():\n    from securefed import _hidden\n")
-    (pkg / "inner" / "b.py").write_text("from securefed.inner import a\nfrom ._c import _y\nfrom .a import _z\n")
+    (pkg / "inner" / "b.py").write_text("from securefed.inner import a\nfrom ._c import _y\nfrom .a import _z\n"
+                                        "print(a._w)\n")
     (pkg / "inner" / "_c.py").write_text("from .. import _hidden\nprint(_hidden._X)\n")
     known = modules(tmp_path)
     assert find_cycle(import_graph(known)) == ["securefed._hidden", "securefed.inner.a", "securefed._hidden"]
     crossings = private_crossings(known, tmp_path)
     assert crossings == [
         "securefed/inner/_c.py:1: securefed._hidden (private to securefed)",
-        "securefed/inner/_c.py:2: securefed._hidden._X (private to securefed)",
+        "securefed/inner/_c.py:2: securefed._hidden._X (private to securefed._hidden)",
         "securefed/inner/a.py:2: securefed._hidden (private to securefed)",
+        "securefed/inner/b.py:2: securefed.inner._c._y (private to securefed.inner._c)",  # a sibling's private name
+        "securefed/inner/b.py:3: securefed.inner.a._z (private to securefed.inner.a)",
+        "securefed/inner/b.py:4: securefed.inner.a._w (private to securefed.inner.a)",
     ]
 

@@ -405,7 +405,7 @@ class _Suite(_Harness):
             honest = _drive(prop_name, "the untampered round", protocol, case)
             if honest.aborted is not None:
                 raise Violation("liveness", f"a round without dropouts aborted: {honest.aborted}")
-            usable = [k for k in kinds if sfst._targets(honest.replies, k, None, self.message_phases)]
+            usable = [k for k in kinds if sfst.tamperable_replies(honest.replies, k, None, self.message_phases)]
             assume(usable)
             kind = data.draw(st.sampled_from(usable), label="kind")
             old = None

@@ -52,6 +52,7 @@ __all__ = [
     "input_range",
     "invalid_updates",
     "populations",
+    "tamperable_replies",
     "tamperings",
     "updates",
 ]
@@ -469,10 +470,10 @@ def _flip(payload: bytes, bit: int) -> bytes:
     return bytes(out)
 
 
-def _targets(transcript: Transcript, kind: str, old: Mapping[tuple[Party, str], bytes] | None,
+def tamperable_replies(transcript: Transcript, kind: str, old: Mapping[tuple[Party, str], bytes] | None,
              phases: Collection[str] | None = None) -> list[int]:
-    """Indices of the replies of `transcript` (in `phases`, default all) that `kind` can alter
-    (`old`: the other round's replies; None: assume it has them)."""
+    """Indices of the replies of `transcript` (in `phases`, default all) that a tampering of `kind`
+    (one of TAMPERING_KINDS) can alter; `old`: the other round's replies for a replay (None: assume it has them)."""
     first_of_phase: dict[str, int] = {}
     senders: dict[str, set[Party]] = {}
     for i, (party, phase, _) in enumerate(transcript):
@@ -535,7 +536,7 @@ def tamperings(
         return st.builds(Tampering, kind=st.just(kind), phase=st.just(phase), party=st.just(party), arg=arg,
                          size=st.just(len(payload)), order_of=st.just(members if kind == "reorder" else ()))
 
-    options = {k: _targets(transcript, k, old if other_round is not None else {}, phases) for k in kinds}
+    options = {k: tamperable_replies(transcript, k, old if other_round is not None else {}, phases) for k in kinds}
     usable = [k for k in kinds if options[k]]
     if not usable:
         return st.nothing()
