@@ -232,6 +232,36 @@ def test_late_drops_after_the_input_phase_are_allowed(tmp_path, monkeypatch):
     assert [(f.entry, f.field) for f in res.failures] == [(2, "body.included")]
 
 
+@pytest.mark.parametrize("reference", [True, False], ids=["jsonschema", "compiled"])
+@pytest.mark.parametrize("reason", ["timeout", "REJECTED", "", None])
+def test_a_drop_reason_outside_the_enum_fails(tmp_path, monkeypatch, reason, reference):
+    """The reason of a drop is a DropReason value: another string (or its member's name) is refused, even
+    signed by the operator's key, with or without jsonschema installed (protocols/audit.md, round entry)."""
+    import securefed.audit.log
+    from securefed.protocols import DropReason
+
+    if not reference:
+        def missing():
+            raise ImportError("jsonschema")
+
+        monkeypatch.setattr(securefed.audit.log, "validator", missing)
+
+    path = tmp_path / "reason.jsonl"
+    write_log(path, rounds=1, dropouts={1: {3: "upload"}})
+    entries = lines_of(path.read_bytes())
+    drop = entries[1]["body"]["dropped"][0]
+    assert drop["reason"] == DropReason.NO_REPLY.value
+    for known in DropReason:  # every value verifies
+        drop["reason"] = known.value
+        assert verify_data(resign(entries, path)).ok
+    drop["reason"] = reason
+    res = verify_data(resign(entries, path))
+    assert first_entry(res) == 2
+    bad = [f for f in res.failures if f.entry == 2]
+    assert [f.field for f in bad] == ["body.dropped.0.reason"] and bad[0].found == str(reason).replace("None", "null")
+    assert all(r.value in str(bad[0].expected) for r in DropReason)
+
+
 # -- the privacy spend ---------------------------------------------------------------------------------
 
 def test_epsilon_is_recomputed_from_the_events(dp_log):
