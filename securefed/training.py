@@ -47,6 +47,7 @@ from securefed.errors import (
 )
 from securefed.protocols.base import AggregationProtocol, AggregationResult, LazyInputs, simulate_aggregation
 from securefed.protocols.plain import Plain
+from securefed.rounds import RoundEngine, RoundPlan, RoundRelease
 
 __all__ = ["History", "RoundRecord", "SeededSecretsWarning", "Trainer", "progress_status"]
 
@@ -246,11 +247,7 @@ class _RoundInputs:
         self.weights = [len(t.datasets[c]) for c in participants]
 
     def lazy(self) -> LazyInputs:
-        t, d = self._t, self._start.size
-        size = d + 1 if t.weighting == "examples" else d
-        if t.privacy_session is not None:
-            size = t.privacy_session.input_size(d)
-        return LazyInputs(len(self._participants), size, self._input)
+        return LazyInputs(len(self._participants), self._t._engine.input_size(self._start.size), self._input)
 
     def finish(self) -> None:
         """Train the participants after the last one the protocol asked (their losses count)."""
@@ -260,17 +257,8 @@ class _RoundInputs:
     def _input(self, i: int) -> np.ndarray:
         while self._next < i:  # not asked: dropped out before the input phase
             self._update(self._next)
-        delta = self._update(i)
-        t, dp = self._t, self._t.privacy_session
-        if dp is not None:
-            return dp.client_input(delta, self._layout)
-        if t.weighting != "examples":
-            return delta
-        w = self.weights[i] / t._max_examples
-        x = np.empty(delta.size + 1, dtype=np.float32)  # the weight rides along as the last coordinate
-        np.multiply(delta, w, out=x[:-1])
-        x[-1] = np.float32(w)
-        return x
+        delta, t = self._update(i), self._t
+        return t._engine.client_input(delta, self._layout, self.weights[i] / t._max_examples)
 
     def _update(self, i: int) -> np.ndarray:
         """Participant i's update (new minus start); its loss recorded. The model is left as it trained it:
@@ -287,40 +275,23 @@ class _RoundInputs:
         return delta
 
 
-def _mean_update(t: Trainer, res: AggregationResult, sampled: int) -> np.ndarray:
-    """The round's released mean update: noised and accounted under DP, else the (weighted) mean.
-
-    Without DP it is made in place in ``res.total`` unless the audit log still has to hash the sum:
-    the round then holds one float64 model-sized array, not two.
-    """
-    if t.privacy_session is not None:
-        return t.privacy_session.finish_round(res.total, len(res.included), sampled, t._round)
-    total = res.total if t.audit is None and res.total.flags.writeable else res.total.copy()
-    if t.weighting == "examples":
-        mean = total[:-1]
-        mean /= total[-1]
-        return mean
-    total /= len(res.included)
-    return total
-
-
-def _finish_round(t: Trainer, res: AggregationResult, participants: list[int], protocol: AggregationProtocol,
+def _finish_round(t: Trainer, res: AggregationResult, plan: RoundPlan, out: RoundRelease,
                   losses: list[float], weights: list[int]) -> RoundRecord:
     """Evaluate the new model, record the round (history, audit log, log line, ``on_round``); its record."""
-    dp = t.privacy_session
+    dp, participants = t.privacy_session, plan.participants
     included = tuple(participants[i] for i in res.included)
     metrics = t.evaluate()
     metrics["upload_bytes_per_client"] = float(np.mean([res.server_view.bytes_from(i) for i in res.included]))
     metrics["dropped"] = float(len(participants) - len(included))
-    metrics.update({} if dp is None else dp.metrics)
+    metrics.update(out.metrics)
     # Under DP the loss is an exact function of private data: not released (protocols/dp.md 2).
     mean_loss = float(np.average(losses, weights=weights)) if dp is None else None
-    record = RoundRecord(t._round, mean_loss, metrics, None if dp is None else dp.epsilon(), included)
+    record = RoundRecord(t._round, mean_loss, metrics, out.epsilon, included)
     t.history.rounds.append(record)
     if t.audit is not None:
         t._audit_begin()
-        t.audit.round(t._round, protocol=protocol, result=res, participants=participants,
-                      released=None if dp is None else dp.released,
+        t.audit.round(t._round, protocol=plan.protocol, result=res, participants=participants,
+                      released=None if dp is None else out.released,
                       metrics=metrics if mean_loss is None else {"loss": mean_loss, **metrics},
                       dp_events=[] if dp is None else dp.unaudited_ledger(), epsilon=record.epsilon)
     shown = "" if mean_loss is None else f"loss {mean_loss:.4f} "  # under DP: not released
@@ -482,8 +453,7 @@ class Trainer:
         self.lr = checks.real("lr", lr, low=0.0, low_open=False)
         self.momentum = checks.real("momentum", momentum, low=0.0, low_open=False, high=1.0)
         self.server_lr = checks.real("server_lr", server_lr, low=0.0)
-        #: The server optimizer with the run's state (a copy of ``server_optimizer``).
-        self.server_optimizer = copy.deepcopy(optim.resolve(server_optimizer, self.server_lr))
+        optimizer = copy.deepcopy(optim.resolve(server_optimizer, self.server_lr))
         self.proximal_mu = checks.real("proximal_mu", proximal_mu, low=0.0, low_open=False)
         self.device = steps.resolve_device(device, model)
         self.weighting = mode
@@ -520,8 +490,14 @@ class Trainer:
             )
             if self.audit is not None and self.audit.ledger:
                 self.privacy_session.resume(self.audit.ledger)
+        self._engine = RoundEngine(self.protocol, self.privacy_session, weighting=mode, optimizer=optimizer)
         self.history = History(seeded_secrets=reproducible_secrets)
         model.to(self.device)
+
+    @property
+    def server_optimizer(self) -> optim.ServerOptimizer:
+        """The server optimizer with the run's state (a copy of ``server_optimizer=``)."""
+        return self._engine.optimizer
 
     @property
     def accountant(self) -> Any:
@@ -586,40 +562,47 @@ class Trainer:
         )
 
     def run_round(self) -> RoundRecord:
-        """Run one round and return its record (also appended to ``history``)."""
+        """Run one round and return its record (also appended to ``history``): the round engine
+        (:class:`~securefed.rounds.RoundEngine`) with local training as the protocol's inputs."""
         self._round += 1
-        dp = self.privacy_session
-        participants = (self._sample(self._rng) if dp is None
-                        else dp.sample(self._round, lambda: self._sample(self._secrets)))
-        if dp is not None and not dp.runnable(len(participants)):
-            return _skipped_round(self)
-        try:  # the schedule is checked before anything is spent or trained
-            drops = _client_dropouts(self.dropouts, self._round, participants, len(self.datasets))
-            if dp is not None:
-                dp.before_round(self._round, len(participants))
+        engine, r, drops = self._engine, self._round, {}
+        secret = engine.session is not None  # under DP the sample is secret randomness
+        participants = engine.sample(r, lambda: self._sample(self._secrets if secret else self._rng))
+
+        def schedule(chosen: list[int]) -> None:  # checked before anything is spent or trained
+            drops.update(_client_dropouts(self.dropouts, r, chosen, len(self.datasets)))
+
+        try:
+            plan = engine.plan(r, participants, check=schedule)
         except (PrivacyBudgetExceeded, ConfigurationError):
             self._round -= 1
             raise
-        protocol = self.protocol if dp is None else dp.protocol(self.protocol, self._round)
+        if plan is None:
+            return _skipped_round(self)
         start, spec = flatten(self._params())
         start = start.copy()
         try:  # local training leaves the model elsewhere: restored however the round ends
-            inputs = _RoundInputs(self, participants, start, spec)  # trained as the protocol asks
-            res = self._aggregate(inputs.lazy(), drops, protocol)
+            inputs = _RoundInputs(self, plan.participants, start, spec)  # trained as the protocol asks
+            res = self._aggregate(inputs.lazy(), drops, plan.protocol)
             inputs.finish()
         except ProtocolAborted as e:
-            if self.audit is not None:
-                self._audit_begin()
-                self.audit.round_aborted(self._round, protocol=protocol, participants=participants, error=e,
-                                         epsilon=None if dp is None else dp.epsilon(),
-                                         dp_events=[] if dp is None else dp.unaudited_ledger())
+            self._audit_abort(plan, e)
             raise
         finally:
             self._load(start, spec)
-        mean = _mean_update(self, res, len(participants))
-        new, self.server_optimizer = optim.step_in_dtype(self.server_optimizer, start, mean, self._round)
-        self._load(new, spec)  # the stepped optimizer is kept only when the step succeeded
-        return _finish_round(self, res, participants, protocol, inputs.losses, inputs.weights)
+        # Without an audit log nothing hashes the sum: the mean is made in place (one model-sized array).
+        out = engine.finish(r, start, res.total, len(res.included), len(plan.participants),
+                            in_place=self.audit is None)
+        self._load(out.new, spec)  # the stepped optimizer is kept only when the step succeeded
+        return _finish_round(self, res, plan, out, inputs.losses, inputs.weights)
+
+    def _audit_abort(self, plan: RoundPlan, error: ProtocolAborted) -> None:
+        if self.audit is not None:
+            dp = self.privacy_session
+            self._audit_begin()
+            self.audit.round_aborted(plan.round, protocol=plan.protocol, participants=plan.participants, error=error,
+                                     epsilon=None if dp is None else dp.epsilon(),
+                                     dp_events=[] if dp is None else dp.unaudited_ledger())
 
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy on ``eval_dataset`` (empty dict without one): public data, released as is."""
