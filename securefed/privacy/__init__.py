@@ -6,6 +6,8 @@
 ``CentralDP``                   trainer config: client level, server adds Gaussian noise
 ``DistributedDP``               trainer config: client level, clients add DDG/Skellam noise in SecAgg
 ``SampleLevelDP``               trainer config: DP-SGD in local training
+``Privacy``                     what any config implements: budget, ``session_mechanism(...)``
+``CentralMechanism`` & co.      per-round mechanisms a config builds (``RoundMechanism``)
 ``FlatClipping`` & co.          clipping modules (flat, per layer, adaptive)
 ``CentralGaussian`` & co.       noise modules (central, distributed encoders, DP-SGD)
 ==============================  =============================================================
@@ -25,6 +27,13 @@ from securefed.privacy.clipping import AdaptiveClipping, Clipping, FlatClipping,
 from securefed.privacy.config import CentralDP, DistributedDP, PrivacyConfig, SampleLevelDP
 from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam, default_granularity
 from securefed.privacy.events import DDGEvent, GaussianEvent, PrivacyEvent, SkellamEvent, event_from_dict
+from securefed.privacy.mechanisms import (
+    CentralMechanism,
+    DistributedMechanism,
+    Privacy,
+    RoundMechanism,
+    SampleLevelMechanism,
+)
 from securefed.privacy.noise import CentralGaussian, NoiseModule
 from securefed.privacy.rotation import HadamardRotation
 from securefed.privacy.session import PrivacySession
@@ -38,20 +47,25 @@ __all__ = [
     "AdaptiveClipping",
     "CentralDP",
     "CentralGaussian",
+    "CentralMechanism",
     "Clipping",
     "DDGEvent",
     "DistributedDP",
     "DistributedDiscreteGaussian",
+    "DistributedMechanism",
     "DistributedSkellam",
     "FlatClipping",
     "GaussianEvent",
     "HadamardRotation",
     "NoiseModule",
     "PerLayerClipping",
+    "Privacy",
     "PrivacyConfig",
     "PrivacyEvent",
     "PrivacySession",
+    "RoundMechanism",
     "SampleLevelDP",
+    "SampleLevelMechanism",
     "SkellamEvent",
     "compute_epsilon",
     "default_granularity",

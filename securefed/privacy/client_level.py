@@ -1,31 +1,88 @@
 """One client-level DP round: its noise, the event it records, the event that bounds it, the budget check.
 
-Shared by the trainer's :class:`~securefed.privacy.session.PrivacySession` and the Flower
-strategy (``securefed.flower``), so that both provision noise, account and refuse rounds
-alike. See ``protocols/dp.md`` section 2 and ``proofs/dp.md`` D6 and D11.
+Shared by the trainer's :class:`~securefed.privacy.session.PrivacySession` (through
+:mod:`securefed.privacy.mechanisms`) and the Flower strategy (``securefed.flower``), so that
+both provision noise, account and refuse rounds alike. Where the noise enters is the
+configuration's own :meth:`client_noise`: :class:`ServerNoise` (central DP) or
+:class:`ClientShares` (distributed DP). See ``protocols/dp.md`` section 2 and ``proofs/dp.md``
+D6 and D11.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from securefed.errors import ConfigurationError, PrivacyBudgetExceeded
 from securefed.privacy.accountant import Accountant
 from securefed.privacy.clipping import Clipping, FlatClipping
-from securefed.privacy.config import CentralDP, DistributedDP, PrivacyConfig
 from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam, _DistributedNoise
 from securefed.privacy.events import DDGEvent, PrivacyEvent
 from securefed.privacy.noise import CentralGaussian, NoiseModule, encoding_margin
 
-__all__ = ["ClientLevelMechanism", "check_budget", "clipping_module"]
+if TYPE_CHECKING:
+    from securefed.privacy.config import CentralDP, DistributedDP
+    from securefed.privacy.mechanisms import Privacy
+
+__all__ = ["ClientLevelMechanism", "ClientShares", "ServerNoise", "check_budget", "clipping_module"]
 
 
 def clipping_module(config: CentralDP | DistributedDP) -> Clipping:
     """The configuration's clipping module (a number means flat L2 clipping)."""
     clip = config.clipping
     return clip if isinstance(clip, Clipping) else FlatClipping(l2_clip=float(clip))
+
+
+class ServerNoise:
+    """Central DP's noise placement: the server adds Gaussian noise to the decoded sum."""
+
+    distributed = False
+
+    def colluding(self, n: int) -> int:
+        """No client's share is in the noise, so no colluding client lowers it."""
+        return 0
+
+    def encoder(self, mechanism: ClientLevelMechanism) -> _DistributedNoise:
+        raise ConfigurationError("central DP has no client-side encoder")
+
+    def contribution_bound(self, mechanism: ClientLevelMechanism) -> float:
+        """C plus the protocol's encoding margin (the fixed-point encoder's rounding moves an update)."""
+        return mechanism.l2_bound + encoding_margin(mechanism.protocol, mechanism.dimension)
+
+    def noise(self, mechanism: ClientLevelMechanism) -> NoiseModule:
+        return CentralGaussian(noise_multiplier=mechanism.config.noise_multiplier,
+                               l2_clip=mechanism.contribution_bound)
+
+
+class ClientShares:
+    """Distributed DP's noise placement: each client's integer share inside the protocol's encoding."""
+
+    distributed = True
+
+    def __init__(self, config: DistributedDP) -> None:
+        self.config = config
+
+    def colluding(self, n: int) -> int:
+        """C = ceil(colluding_fraction n): clients of a round of n that may pool their noise with the server."""
+        return math.ceil(self.config.colluding_fraction * n - 1e-9)
+
+    def encoder(self, mechanism: ClientLevelMechanism) -> _DistributedNoise:
+        """The clients' integer encoder, provisioned for the mechanism's honest survivors."""
+        config = self.config
+        cls = DistributedDiscreteGaussian if config.mechanism == "ddg" else DistributedSkellam
+        return cls(
+            l2_clip=mechanism.l2_bound, noise_multiplier=config.noise_multiplier, dimension=mechanism.dimension,
+            min_survivors=mechanism.honest_survivors, granularity=config.granularity, beta=config.beta,
+            rotation=config.rotation, wrap_probability=config.wrap_probability,
+        )
+
+    def contribution_bound(self, mechanism: ClientLevelMechanism) -> float:
+        """C: the encoder accounts its own rounding in the event."""
+        return mechanism.l2_bound
+
+    def noise(self, mechanism: ClientLevelMechanism) -> NoiseModule:
+        return self.encoder(mechanism)
 
 
 class ClientLevelMechanism:
@@ -43,11 +100,13 @@ class ClientLevelMechanism:
     hence from encoding and accounting) for a round the colluders could fill.
     """
 
-    def __init__(self, config: PrivacyConfig, *, protocol: Any, dimension: int, l2_bound: float | None = None,
-                 sampling_rate: float = 1.0) -> None:
-        if not isinstance(config, (CentralDP, DistributedDP)):
+    def __init__(self, config: CentralDP | DistributedDP, *, protocol: Any, dimension: int,
+                 l2_bound: float | None = None, sampling_rate: float = 1.0) -> None:
+        placement = getattr(config, "client_noise", None)
+        if not callable(placement) or not hasattr(config, "clipping"):
             raise ConfigurationError("client-level DP needs a CentralDP or DistributedDP configuration")
         self.config = config
+        self.placement: ServerNoise | ClientShares = placement()
         self.protocol = protocol
         self.dimension = int(dimension)
         self.l2_bound = clipping_module(config).bound if l2_bound is None else float(l2_bound)
@@ -55,13 +114,11 @@ class ClientLevelMechanism:
 
     @property
     def distributed(self) -> bool:
-        return isinstance(self.config, DistributedDP)
+        return self.placement.distributed
 
     def colluding(self, n: int) -> int:
         """C: the clients of a round of n that may pool their noise with the server (0 for central noise)."""
-        if not isinstance(self.config, DistributedDP):
-            return 0
-        return math.ceil(self.config.colluding_fraction * n - 1e-9)
+        return self.placement.colluding(n)
 
     def honest_survivors(self, n: int) -> int:
         """t - C: the shares of a finished round of n that clients pooling with the server do not know."""
@@ -75,15 +132,7 @@ class ClientLevelMechanism:
 
     def encoder(self) -> _DistributedNoise:
         """The clients' integer encoder (distributed DP), provisioned for :meth:`honest_survivors`."""
-        config = self.config
-        if not isinstance(config, DistributedDP):
-            raise ConfigurationError("central DP has no client-side encoder")
-        cls = DistributedDiscreteGaussian if config.mechanism == "ddg" else DistributedSkellam
-        return cls(
-            l2_clip=self.l2_bound, noise_multiplier=config.noise_multiplier, dimension=self.dimension,
-            min_survivors=self.honest_survivors, granularity=config.granularity, beta=config.beta,
-            rotation=config.rotation, wrap_probability=config.wrap_probability,
-        )
+        return self.placement.encoder(self)
 
     @property
     def contribution_bound(self) -> float:
@@ -94,15 +143,11 @@ class ClientLevelMechanism:
         the noise std z (C + margin) covers it). Distributed noise: C; its encoder accounts its own
         rounding in the event (``contribution_bound`` of the encoder). ``proofs/dp.md`` section 2.
         """
-        if self.distributed:
-            return self.l2_bound
-        return self.l2_bound + encoding_margin(self.protocol, self.dimension)
+        return self.placement.contribution_bound(self)
 
     def noise(self) -> NoiseModule:
         """The round's noise: the distributed encoder, or the server's Gaussian of std z (C + encoding margin)."""
-        if self.distributed:
-            return self.encoder()
-        return CentralGaussian(noise_multiplier=self.config.noise_multiplier, l2_clip=self.contribution_bound)
+        return self.placement.noise(self)
 
     def event(self, *, included: int, n: int, round: int | None = None) -> PrivacyEvent:
         """The event of a round of n whose sum holds `included` clients' inputs (only honest shares count)."""
@@ -123,7 +168,7 @@ class ClientLevelMechanism:
         return dataclasses.replace(event, num_clients=n) if isinstance(event, DDGEvent) else event
 
 
-def check_budget(accountant: Accountant, planned: PrivacyEvent, *, config: PrivacyConfig, round: int) -> None:
+def check_budget(accountant: Accountant, planned: PrivacyEvent, *, config: Privacy, round: int) -> None:
     """PrivacyBudgetExceeded if recording `planned` would take epsilon past ``config.target_epsilon``."""
     target = config.target_epsilon
     if target is None:

@@ -9,17 +9,23 @@
   example.
 
 Each takes an optional budget ``target_epsilon`` at ``delta``: the trainer raises
-PrivacyBudgetExceeded before a round that would exceed it. See ``protocols/dp.md``.
+PrivacyBudgetExceeded before a round that would exceed it. Each implements
+:class:`~securefed.privacy.mechanisms.Privacy`: :meth:`session_mechanism` builds the
+per-round mechanism the trainer's session delegates to (``mechanisms.CentralMechanism``,
+``DistributedMechanism``, ``SampleLevelMechanism``). See ``protocols/dp.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
+from securefed.crypto.random import RandomSource
 from securefed.errors import ConfigurationError
+from securefed.privacy.client_level import ClientShares, ServerNoise
 from securefed.privacy.clipping import Clipping, FlatClipping
+from securefed.privacy.mechanisms import CentralMechanism, DistributedMechanism, SampleLevelMechanism
 
 __all__ = ["CentralDP", "DistributedDP", "PrivacyConfig", "SampleLevelDP"]
 
@@ -78,6 +84,18 @@ class CentralDP(PrivacyConfig):
         super().__post_init__()
         _clipping(self.clipping)
 
+    def client_noise(self) -> ServerNoise:
+        """Where the noise enters: the server adds it to the decoded sum."""
+        return ServerNoise()
+
+    def session_mechanism(
+        self, *, protocol: Any, population: int, clients_per_round: int, dimension: int, local_steps: int,
+        rng: RandomSource,
+    ) -> CentralMechanism:
+        """The trainer's per-round mechanism: Poisson sampling, clipping, the server's Gaussian noise."""
+        return CentralMechanism(self, protocol=protocol, population=population, clients_per_round=clients_per_round,
+                                dimension=dimension, rng=rng)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistributedDP(PrivacyConfig):
@@ -120,6 +138,19 @@ class DistributedDP(PrivacyConfig):
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
             raise ConfigurationError(f"colluding_fraction must be in [0, 1), got {f!r}")
 
+    def client_noise(self) -> ClientShares:
+        """Where the noise enters: each client's integer share inside the protocol's encoding."""
+        return ClientShares(self)
+
+    def session_mechanism(
+        self, *, protocol: Any, population: int, clients_per_round: int, dimension: int, local_steps: int,
+        rng: RandomSource,
+    ) -> DistributedMechanism:
+        """The trainer's per-round mechanism: Poisson sampling, clipping, the clients' noise in `protocol`'s
+        encoder (ConfigurationError for a protocol without integer encodings or a threshold colluders fill)."""
+        return DistributedMechanism(self, protocol=protocol, population=population,
+                                    clients_per_round=clients_per_round, dimension=dimension, rng=rng)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SampleLevelDP(PrivacyConfig):
@@ -135,3 +166,10 @@ class SampleLevelDP(PrivacyConfig):
         r = self.sampling_rate
         if isinstance(r, bool) or not (isinstance(r, (int, float)) and 0 < r <= 1):
             raise ConfigurationError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
+
+    def session_mechanism(
+        self, *, protocol: Any, population: int, clients_per_round: int, dimension: int, local_steps: int,
+        rng: RandomSource,
+    ) -> SampleLevelMechanism:
+        """The trainer's per-round mechanism: DP-SGD in each participant's `local_steps` epochs (loads torch)."""
+        return SampleLevelMechanism(self, dimension=dimension, local_steps=local_steps)

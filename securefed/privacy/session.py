@@ -17,8 +17,6 @@ See ``protocols/dp.md`` section 2 and ``proofs/dp.md`` section 1.
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +25,13 @@ import numpy as np
 from securefed.crypto.random import RandomSource
 from securefed.errors import ConfigurationError
 from securefed.privacy.accountant import Accountant
-from securefed.privacy.client_level import ClientLevelMechanism, check_budget, clipping_module
-from securefed.privacy.clipping import AdaptiveClipping, Clipping
-from securefed.privacy.config import CentralDP, DistributedDP, PrivacyConfig, SampleLevelDP
+from securefed.privacy.client_level import ClientLevelMechanism, check_budget
+from securefed.privacy.clipping import Clipping
 from securefed.privacy.events import PrivacyEvent
-from securefed.privacy.noise import CentralGaussian
+from securefed.privacy.mechanisms import Privacy, RoundMechanism
 
 if TYPE_CHECKING:
-    from securefed.privacy.dpsgd import DPSGD  # torch: loaded only for sample-level DP
+    from securefed.privacy.dpsgd import DPSGD
 
 __all__ = ["PrivacySession"]
 
@@ -42,80 +39,76 @@ __all__ = ["PrivacySession"]
 class PrivacySession:
     """The privacy state of one :class:`~securefed.training.Trainer` (``trainer.privacy_session``).
 
+    `config` is any :class:`~securefed.privacy.mechanisms.Privacy` (``CentralDP``,
+    ``DistributedDP``, ``SampleLevelDP`` or a user's own): the session keeps the accountant
+    and the budget, and delegates each round's sampling rate, client input, protocol, noise and
+    events to the mechanism the configuration builds (:meth:`Privacy.session_mechanism`).
     `rng` is the session's secret randomness (Poisson coins, central noise, DP-SGD's coins, rotation
     seeds): the trainer passes a source keyed from the OS unless ``reproducible_secrets=True``.
     """
 
     def __init__(
-        self, config: PrivacyConfig, *, protocol: Any, population: int, clients_per_round: int, dimension: int,
+        self, config: Privacy, *, protocol: Any, population: int, clients_per_round: int, dimension: int,
         local_steps: int, rng: RandomSource,
     ) -> None:
-        if not isinstance(config, (CentralDP, DistributedDP, SampleLevelDP)):
+        if not callable(getattr(config, "session_mechanism", None)):
             raise ConfigurationError(
-                "privacy must be a securefed.privacy configuration: CentralDP, DistributedDP or SampleLevelDP"
+                f"privacy must be a securefed.privacy configuration (CentralDP, DistributedDP or SampleLevelDP) "
+                f"or implement securefed.privacy.Privacy (session_mechanism(...)), got {type(config).__name__}"
             )
         self.config = config
         self.accountant = Accountant(config.accountant)
         self.population = population
-        self.client_level = not isinstance(config, SampleLevelDP)
-        self.sampling_rate = clients_per_round / population if self.client_level else 1.0
-        self.local_training = isinstance(config, SampleLevelDP)
+        self._mechanism: RoundMechanism = config.session_mechanism(
+            protocol=protocol, population=population, clients_per_round=clients_per_round, dimension=dimension,
+            local_steps=local_steps, rng=rng)
         self.metrics: dict[str, float] = {}
         self.released: np.ndarray | None = None
         self._audited = 0
         self._rng = rng
-        self._local_steps = local_steps
-        self.dpsgd: DPSGD | None = None
-        self.clipping: Clipping | None = None
-        if isinstance(config, SampleLevelDP):
-            from securefed.privacy.dpsgd import DPSGD
 
-            self.dpsgd = DPSGD(noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
-                               sampling_rate=config.sampling_rate)
-            self.dimension = dimension
-            return
-        self.clipping = copy.deepcopy(clipping_module(config))  # adaptive state is the session's own
-        self._update_multiplier = config.noise_multiplier
-        if isinstance(self.clipping, AdaptiveClipping):
-            expected = max(1.0, self.sampling_rate * population)
-            self._count_stddev = self.clipping.count_stddev or 0.05 * expected
-            self._update_multiplier = self.clipping.update_noise_multiplier(config.noise_multiplier,
-                                                                             self._count_stddev)
-        self.dimension = dimension + (1 if isinstance(self.clipping, AdaptiveClipping) else 0)
-        self._protocol = protocol
-        self._setup_round()
-        if isinstance(config, DistributedDP):
-            # Noise is provisioned for the honest shares of the t = min_survivors(n) a round is sure to sum.
-            mechanism = self.mechanism()
-            protocol.with_encoder(mechanism.encoder())  # ConfigurationError now for protocols without integers
-            # ... and for a threshold the colluders could fill (Poisson samples go up to the population).
-            mechanism.honest_survivors(population if self.sampling_rate < 1.0 else clients_per_round)
+    # -- the mechanism's parameters -----------------------------------------------------
 
-    # -- per-round parameters ---------------------------------------------------------
+    @property
+    def client_level(self) -> bool:
+        """Whether the unit of privacy is a participant (False: one example, DP-SGD)."""
+        return self._mechanism.client_level
 
-    def _setup_round(self) -> None:
-        """The round's joint L2 bound: the clip, plus the scaled count bit when the clip adapts."""
-        assert self.clipping is not None
-        c = self.clipping.bound
-        if isinstance(self.clipping, AdaptiveClipping):
-            # Count bit b - 1/2 scaled by s = C z_update / sigma_count gets the update's noise std
-            # z_update C; the pair (update, s (b - 1/2)) has norm <= C z_update / z.
-            self._count_scale = c * self._update_multiplier / self._count_stddev
-            self._bound = math.sqrt(c * c + (self._count_scale / 2.0) ** 2) * (1.0 + 1e-12)
-        else:
-            self._bound = c
+    @property
+    def sampling_rate(self) -> float:
+        """The Poisson rate of participants (1.0: fixed cohorts), recorded in client-level events."""
+        return self._mechanism.sampling_rate
+
+    @sampling_rate.setter
+    def sampling_rate(self, q: float) -> None:
+        self._mechanism.sampling_rate = q
+
+    @property
+    def local_training(self) -> bool:
+        """Whether participants train with :meth:`train_locally` (sample level)."""
+        return self._mechanism.local_training
+
+    @property
+    def dimension(self) -> int:
+        """The length of a participant's input for the model (plus one for an adaptive clip's count)."""
+        return self._mechanism.dimension
+
+    @property
+    def clipping(self) -> Clipping | None:
+        """The clipping module participants apply (an adaptive clip moves), None at sample level."""
+        return self._mechanism.clipping
+
+    @property
+    def dpsgd(self) -> DPSGD | None:
+        """Sample level's DP-SGD, None at client level."""
+        return self._mechanism.dpsgd
 
     def mechanism(self) -> ClientLevelMechanism:
         """Client level: the round's noise, events and planned event (what Flower's strategy uses too)."""
-        assert isinstance(self.config, (CentralDP, DistributedDP))
-        return ClientLevelMechanism(self.config, protocol=self._protocol, dimension=self.dimension,
-                                    l2_bound=self._bound, sampling_rate=self.sampling_rate)
+        return self._mechanism.mechanism()
 
     def _event(self, *, included: int, n: int, round: int) -> PrivacyEvent:
-        if self.dpsgd is not None:
-            return self.dpsgd.event(included=included, n=n, round=round,
-                                    steps=self._local_steps * self.dpsgd.steps_per_epoch)
-        return self.mechanism().event(included=included, n=n, round=round)
+        return self._mechanism.event(included=included, n=n, round=round)
 
     # -- the round ------------------------------------------------------------------------
 
@@ -133,67 +126,35 @@ class PrivacySession:
         clients), runs nothing and releases nothing; whether it happens depends only on the
         coins, so skipping it costs no privacy (``proofs/dp.md`` 1.2).
         """
-        if n == 0:
-            return False
-        if not self.client_level or self.sampling_rate >= 1.0:
-            return True  # fixed cohorts: a protocol that cannot run them is a configuration error
-        try:  # the protocol's minimum size, and the honest shares distributed noise needs
-            self.mechanism().honest_survivors(n)
-        except ConfigurationError:
-            return False
-        return True
+        return n > 0 and self._mechanism.runnable(n)
 
     def planned_event(self, round: int, n: int) -> PrivacyEvent:
         """An event that costs at least what the round can cost, whoever of its n participants survives
         (client level: :meth:`ClientLevelMechanism.planned_event`; sample level: the round's own event)."""
-        if self.dpsgd is not None:
-            return self._event(included=max(n, 1), n=max(n, 1), round=round)
-        return self.mechanism().planned_event(round, n)
+        return self._mechanism.planned_event(round, n)
 
     def before_round(self, round: int, n: int) -> None:
         """Raise PrivacyBudgetExceeded if a round of n participants could exceed the target epsilon."""
-        if self.clipping is not None:
-            self._setup_round()
+        self._mechanism.start_round(round)
         check_budget(self.accountant, self.planned_event(round, n), config=self.config, round=round)
 
     def client_input(self, update: np.ndarray, layout: Sequence[int]) -> np.ndarray:
         """What a participant sends: its clipped update (plus the scaled count bit when the clip adapts)."""
-        if self.clipping is None:  # sample level: the update is already private
-            return np.asarray(update, dtype=np.float64)
-        x = self.clipping.clip(update, layout)
-        if isinstance(self.clipping, AdaptiveClipping):
-            bit = 1.0 if self.clipping.unclipped(update) else 0.0
-            x = np.append(x, self._count_scale * (bit - 0.5))
-        return x
+        return self._mechanism.client_input(update, layout)
 
     def input_size(self, dimension: int) -> int:
         """The length of :meth:`client_input`'s vector for an update of `dimension` coordinates."""
-        return dimension + 1 if isinstance(self.clipping, AdaptiveClipping) else dimension
+        return self._mechanism.input_size(dimension)
 
     def protocol(self, base: Any, round: int) -> Any:
         """The round's protocol: with the distributed mechanism, `base` carrying this round's encoder."""
-        if not isinstance(self.config, DistributedDP):
-            return base
-        seed = self._rng.child(f"round/{round}/rotation").token_bytes(32)  # public round randomness
-        return base.with_encoder(self.mechanism().encoder().for_round(seed))
+        return self._mechanism.round_protocol(base, round)
 
     def finish_round(self, total: np.ndarray, included: int, n: int, round: int) -> np.ndarray:
         """Record the round's event and return the mean update (central noise added here)."""
-        metrics: dict[str, float] = {}
         total = np.array(total, dtype=np.float64, copy=True)
-        if isinstance(self.config, CentralDP):
-            noise = self.mechanism().noise()
-            assert isinstance(noise, CentralGaussian)
-            noise.add_to(total, self._rng.child(f"round/{round}/server-noise"))
         #: The sum this round released (noised under central DP): what an audit log may hash, never the raw sum.
-        self.released = total.copy()
-        if self.clipping is not None:
-            metrics["l2_clip"] = self.clipping.bound
-        if isinstance(self.clipping, AdaptiveClipping):
-            fraction = (total[-1] / self._count_scale + included / 2.0) / included
-            self.clipping.observe(fraction)
-            metrics["unclipped_fraction"] = fraction
-            total = total[:-1]
+        self.released, total, metrics = self._mechanism.finish(total, included=included, round=round)
         self.accountant.record(self._event(included=included, n=n, round=round))
         metrics["epsilon"] = self.epsilon()
         self.metrics = metrics
@@ -217,10 +178,8 @@ class PrivacySession:
 
     def audit_settings(self) -> dict[str, Any]:
         """The accounting an audit log declares: accountant and delta."""
-        return {"accountant": self.config.accountant, "delta": self.config.delta}
+        return self._mechanism.audit_settings()
 
     def train_locally(self, model: Any, dataset: Any, loss_fn: Any, optimizer: Any, rng: RandomSource) -> float:
         """Sample level: the participant's local training as DP-SGD; returns its mean loss."""
-        assert self.dpsgd is not None
-        return self.dpsgd.train(model, dataset, loss_fn=loss_fn, optimizer=optimizer, rng=rng,
-                                steps=self._local_steps * self.dpsgd.steps_per_epoch)
+        return self._mechanism.train_locally(model, dataset, loss_fn, optimizer, rng)
