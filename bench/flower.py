@@ -1,12 +1,17 @@
-"""securefed's SecAgg+ on a Flower deployment, next to Flower's own SecAggPlusWorkflow, in the same run.
+"""securefed's SecAgg+ on a Flower deployment, next to a plain FedAvg round and Flower's own SecAggPlusWorkflow.
 
 Starts a SuperLink and `--nodes` SuperNodes on 127.0.0.1 (TLS, node authentication), then
-runs one aggregation round of d-dimensional updates with each: securefed's GridAggregator
-with SecAggPlus (bench/flower_apps/securefed) and Flower's DefaultWorkflow with
-SecAggPlusWorkflow and secaggplus_mod (bench/flower_apps/flwr_secaggplus), on the same
-nodes, the same updates and the same graph (neighbours = num_shares - 1). Measures in each
-ServerApp: the round's wall time, and per node the serialized content bytes sent and received
-(the same counting grid for both). Prints one JSON line.
+runs, on the same nodes, the same d-dimensional updates and the same deployment:
+`--rounds` rounds of securefed's GridAggregator with SecAggPlus (bench/flower_apps/securefed;
+with `--ahead 1` each round carries the next round's setup), `--rounds` rounds of plain Flower
+FedAvg (DefaultWorkflow, no secure aggregation: bench/flower_apps/flwr_fedavg), and one round
+of Flower's DefaultWorkflow with SecAggPlusWorkflow and secaggplus_mod
+(bench/flower_apps/flwr_secaggplus) on the same graph (neighbours = num_shares - 1).
+Steady-state round seconds are the mean over the rounds after the first. Measures in each
+ServerApp the rounds' wall time and per node the serialized content bytes sent and received
+(the same counting grid for all), and for securefed where a message's seconds go (queueing
+and polling, ClientApp start, our handler, the way back; deflate+inflate of one message).
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -32,10 +37,19 @@ def run_app(fed: LoopbackFederation, app: str, config: dict, out: Path, timeout:
     return json.loads(out.read_text())
 
 
+def _steady(seconds: list[float]) -> float:
+    """Mean seconds of the rounds after the first (the first pays the full setup); the only one if one."""
+    later = seconds[1:] or seconds
+    return sum(later) / len(later)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=5)
     parser.add_argument("--dim", type=int, default=10**6)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ahead", type=int, choices=(0, 1), default=1,
+                        help="1: each securefed round carries the next round's setup (two messages per round)")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
     n, dim = args.nodes, args.dim
@@ -45,19 +59,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, LoopbackFederation(Path(tmp) / "fed", num_nodes=n,
                                                                   node_configs=nodes) as fed:
         t = time.perf_counter()
-        ours = run_app(fed, "securefed", {"num-nodes": n, "dim": dim, "degree": degree, "timeout": args.timeout},
-                       Path(tmp) / "securefed.json", 3 * args.timeout)
+        ours = run_app(fed, "securefed", {"num-nodes": n, "dim": dim, "degree": degree, "timeout": args.timeout,
+                                          "rounds": args.rounds, "ahead": args.ahead},
+                       Path(tmp) / "securefed.json", 3 * args.rounds * args.timeout)
+        plain = run_app(fed, "flwr_fedavg", {"num-nodes": n, "dim": dim, "rounds": args.rounds,
+                                             "timeout": args.timeout},
+                        Path(tmp) / "fedavg.json", 3 * args.rounds * args.timeout)
         threshold = ours["protocol"]["threshold"]
         flwr = run_app(fed, "flwr_secaggplus", {"num-nodes": n, "dim": dim, "num-shares": degree + 1,
                                                 "reconstruction-threshold": threshold, "timeout": args.timeout},
                        Path(tmp) / "flwr.json", 3 * args.timeout)
         total = time.perf_counter() - t
+    steady = _steady(ours["round_seconds"])
+    fedavg = _steady(plain["round_seconds"])
+    messages = ours["messages_per_node"]
     print(json.dumps({
         "bench": "flower", "n": n, "d": dim, "neighbours": degree, "threshold": threshold,
         "deployment": "SuperLink + SuperNodes on 127.0.0.1, TLS, node authentication",
+        "securefed_round_seconds": round(steady, 3), "fedavg_round_seconds": round(fedavg, 3),
+        "flower_secaggplus_round_seconds": round(flwr["round_seconds"], 3),
+        # Messages each node received over the run, per round (the first round pays the full setup).
+        "client_messages_per_round": round(sum(messages.values()) / len(messages) / args.rounds, 2),
+        "rounds": args.rounds, "ahead": bool(args.ahead),
         "securefed_secaggplus": {
-            "round_seconds": round(ours["round_seconds"], 3),
-            "phase_seconds": {k: round(v, 3) for k, v in ours["phase_seconds"].items()},
+            "round_seconds": [round(x, 3) for x in ours["round_seconds"]],
+            "phase_seconds": ours["phase_seconds"],
+            "messages_per_node": messages,
+            "seconds_per_message": ours["breakdown"],
             "upload_bytes_per_node": ours["upload_bytes_per_node"],
             "download_bytes_per_node": ours["download_bytes_per_node"],
             "protocol_upload_bytes_per_node": ours["protocol_upload_bytes_per_node"],
@@ -65,13 +93,19 @@ def main() -> None:
             "modulus_bits": ours["protocol"]["modulus_bits"],
             "max_abs_error": ours["max_abs_error"], "error_bound": ours["error_bound"],
         },
+        "flwr_fedavg": {
+            "round_seconds": [round(x, 3) for x in plain["round_seconds"]],
+            "upload_bytes_per_node": plain["upload_bytes_per_node"],
+            "download_bytes_per_node": plain["download_bytes_per_node"],
+        },
         "flower_secaggplus_workflow": {
             "round_seconds": round(flwr["round_seconds"], 3),
             "upload_bytes_per_node": flwr["upload_bytes_per_node"],
             "download_bytes_per_node": flwr["download_bytes_per_node"],
             "num_shares": degree + 1, "reconstruction_threshold": threshold,
         },
-        "time_ratio_securefed_over_flower": round(ours["round_seconds"] / flwr["round_seconds"], 3),
+        "time_ratio_securefed_over_flower": round(steady / flwr["round_seconds"], 3),
+        "time_ratio_securefed_over_fedavg": round(steady / fedavg, 3),
         "upload_ratio_securefed_over_flower": round(ours["upload_bytes_per_node"] / flwr["upload_bytes_per_node"], 3),
         "wall_seconds": round(total, 1), "cpus": os.cpu_count(), "python": platform.python_version(),
     }))

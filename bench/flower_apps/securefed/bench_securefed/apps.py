@@ -1,6 +1,14 @@
-"""One securefed SecAgg+ round over Flower on d-dimensional updates (bench/flower.py)."""
+"""securefed SecAgg+ rounds over Flower on d-dimensional updates (bench/flower.py).
+
+Runs ``rounds`` rounds on the same nodes; with ``ahead`` = 1 each round also carries the next
+round's setup (``GridAggregator.run(..., next_nodes=...)``). The ClientApp appends one JSON line
+per message to ``<out>.nodes.jsonl`` (when its process started, when the handler started and
+ended) so that the server can split a phase's seconds into queueing and polling, ClientApp
+start, our own work and the way back.
+"""
 
 import json
+import os
 import time
 
 import numpy as np
@@ -11,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 import securefed as sf
 from securefed.crypto.random import RandomSource
 from securefed.flower import GridAggregator, SecureClient
-from securefed.flower.testing import CountingGrid
+from securefed.flower.testing import CountingGrid, roundtrip
 
 
 def update(partition: int, dim: int) -> np.ndarray:
@@ -23,33 +31,103 @@ def protocol(config) -> sf.protocols.SecAggPlus:  # type: ignore[no-untyped-def]
     return sf.protocols.SecAggPlus(degree=int(config["degree"]))
 
 
+def _process_start() -> float:
+    """Wall-clock time this process started (Linux /proc; 10 ms resolution)."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rpartition(")")[2].split()[19])
+    with open("/proc/stat") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+class _TimedGrid(CountingGrid):
+    """Counts bytes and records, per pushed message, when it was pushed and when its reply was pulled."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.pushed: dict[str, tuple[float, str, int]] = {}
+        self.pulled: dict[str, float] = {}
+        self.serialize_seconds: dict[str, float] = {}
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        for m in messages[:1]:  # what one message of this type costs to deflate and inflate (transport does both)
+            t = time.perf_counter()
+            roundtrip(m.content)
+            self.serialize_seconds.setdefault(m.metadata.message_type, time.perf_counter() - t)
+        now = time.time()
+        ids = list(super().push_messages(messages))
+        for mid, m in zip(ids, messages):
+            if mid:
+                self.pushed[mid] = (now, m.metadata.message_type, m.metadata.dst_node_id)
+        return ids
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        out = list(super().pull_messages(message_ids))
+        now = time.time()
+        for r in out:
+            self.pulled.setdefault(r.metadata.reply_to_message_id, now)
+        return out
+
+
+def _breakdown(grid: _TimedGrid, node_lines: list[dict]) -> dict:
+    """Mean seconds per message type: queueing/polling (push to ClientApp process start), ClientApp start
+    (process start to our handler), ours (the handler), back (handler end to the reply pulled)."""
+    by_id = {line["reply_to"]: line for line in node_lines}
+    parts: dict[str, list[list[float]]] = {}
+    for mid, (pushed, kind, _node) in grid.pushed.items():
+        line, pulled = by_id.get(mid), grid.pulled.get(mid)
+        if line is None or pulled is None:
+            continue
+        parts.setdefault(kind, []).append([line["proc"] - pushed, line["start"] - line["proc"],
+                                           line["end"] - line["start"], pulled - line["end"]])
+    return {kind: {**dict(zip(("queue_poll", "clientapp_start", "ours", "back"),
+                              (round(float(x), 3) for x in np.mean(rows, axis=0)))),
+                   "serialize_roundtrip": round(grid.serialize_seconds.get(kind, 0.0), 3), "messages": len(rows)}
+            for kind, rows in parts.items()}
+
+
 server = ServerApp()
 
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
-    n, dim = int(cfg["num-nodes"]), int(cfg["dim"])
+    n, dim, rounds, ahead = int(cfg["num-nodes"]), int(cfg["dim"]), int(cfg["rounds"]), bool(int(cfg["ahead"]))
     while len(nodes := sorted(grid.get_node_ids())) < n:
         time.sleep(0.5)
-    counting = CountingGrid(grid)
+    nodes = nodes[:n]
+    timed = _TimedGrid(grid)
     proto = protocol(cfg)
     agg = GridAggregator(proto, phase_timeout=float(cfg["timeout"]), train_timeout=float(cfg["timeout"]))
     arrays = ArrayRecord([np.zeros(dim, np.float32)])
-    t0 = time.perf_counter()
-    out = agg.run(counting, nodes[:n], round_index=1, dim=dim, rng=RandomSource(), arrays=arrays,
-                  config=ConfigRecord({}))
-    seconds = time.perf_counter() - t0
+    seconds, phases, outs = [], [], []
+    for r in range(1, rounds + 1):
+        extra = {"next_nodes": nodes} if ahead and r < rounds else {}
+        t0 = time.perf_counter()
+        out = agg.run(timed, nodes, round_index=r, dim=dim, rng=RandomSource(), arrays=arrays,
+                      config=ConfigRecord({}), **extra)
+        seconds.append(time.perf_counter() - t0)
+        phases.append({k: round(v, 3) for k, v in out.phase_seconds.items()})
+        outs.append(out)
+    node_file = str(cfg["out"]) + ".nodes.jsonl"
+    lines = []
+    if os.path.exists(node_file):
+        with open(node_file) as f:
+            lines = [json.loads(s) for s in f]
     # Which node holds which partition is private to the nodes: compare the sum, order-free.
     expected = sum(update(p, dim).astype(np.float64) for p in range(n))
+    last = outs[-1]
     result = {
         "round_seconds": seconds,
-        "phase_seconds": out.phase_seconds,
-        "upload_bytes_per_node": float(np.mean([counting.up[v] for v in out.nodes])),
-        "download_bytes_per_node": float(np.mean([counting.down[v] for v in out.nodes])),
-        "protocol_upload_bytes_per_node": float(np.mean(list(out.bytes_from.values()))),
-        "included": len(out.included_nodes),
-        "max_abs_error": float(np.max(np.abs(out.result.total - expected))),
+        "phase_seconds": phases,
+        "messages_per_node": {str(v): sum(1 for (_, _, d) in timed.pushed.values() if d == v) for v in nodes},
+        "breakdown": _breakdown(timed, lines),
+        "upload_bytes_per_node": float(np.mean([timed.up[v] for v in nodes])) / rounds,
+        "download_bytes_per_node": float(np.mean([timed.down[v] for v in nodes])) / rounds,
+        "protocol_upload_bytes_per_node": float(np.mean(list(last.bytes_from.values()))),
+        "included": len(last.included_nodes),
+        "max_abs_error": max(float(np.max(np.abs(o.result.total - expected))) for o in outs),
         "error_bound": proto.error_bound(n),
         "protocol": proto.describe(n),
     }
@@ -68,5 +146,25 @@ def train(msg: Message, context: Context) -> Message:
 
 
 # The node's protocol is its own: from its node_config (--node-config "... degree=4"), not the server's run config.
-SecureClient(lambda context: protocol(context.node_config), phases=sf.protocols.SecAggPlus.phases).register(
-    client, train)
+_secure = SecureClient(lambda context: protocol(context.node_config), phases=sf.protocols.SecAggPlus.phases)
+
+
+def _timed(handler):  # type: ignore[no-untyped-def]
+    def wrapped(msg: Message, context: Context) -> Message:
+        start = time.time()
+        reply = handler(msg, context)
+        line = {"reply_to": msg.metadata.message_id, "type": msg.metadata.message_type, "proc": _process_start(),
+                "start": start, "end": time.time()}
+        with open(str(context.run_config["out"]) + ".nodes.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        return reply
+    return wrapped
+
+
+@client.train()
+def _train(msg: Message, context: Context) -> Message:
+    return _timed(lambda m, c: _secure.handle(m, c, train))(msg, context)
+
+
+for _phase in sf.protocols.SecAggPlus.phases:
+    client.query(_phase)(_timed(lambda m, c: _secure.handle(m, c, None)))
