@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from securefed.errors import ConfigurationError, PrivacyBudgetExceeded
 from securefed.privacy.accountant import Accountant
 from securefed.privacy.clipping import Clipping, FlatClipping
-from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam, _DistributedNoise
+from securefed.privacy.distributed import DistributedDiscreteGaussian, DistributedSkellam
 from securefed.privacy.events import DDGEvent, PrivacyEvent
 from securefed.privacy.noise import CentralGaussian, NoiseModule, encoding_margin
 
@@ -25,7 +25,12 @@ if TYPE_CHECKING:
     from securefed.privacy.config import CentralDP, DistributedDP
     from securefed.privacy.mechanisms import Privacy
 
-__all__ = ["ClientLevelMechanism", "ClientShares", "ServerNoise", "check_budget", "clipping_module"]
+__all__ = [
+    "ClientLevelMechanism", "ClientShares", "DistributedEncoder", "ServerNoise", "check_budget", "clipping_module",
+]
+
+#: The clients' integer encoders: what :meth:`ClientLevelMechanism.encoder` returns.
+DistributedEncoder = DistributedDiscreteGaussian | DistributedSkellam
 
 
 def clipping_module(config: CentralDP | DistributedDP) -> Clipping:
@@ -43,7 +48,7 @@ class ServerNoise:
         """No client's share is in the noise, so no colluding client lowers it."""
         return 0
 
-    def encoder(self, mechanism: ClientLevelMechanism) -> _DistributedNoise:
+    def encoder(self, mechanism: ClientLevelMechanism) -> DistributedEncoder:
         raise ConfigurationError("central DP has no client-side encoder")
 
     def contribution_bound(self, mechanism: ClientLevelMechanism) -> float:
@@ -67,7 +72,7 @@ class ClientShares:
         """C = ceil(colluding_fraction n): clients of a round of n that may pool their noise with the server."""
         return math.ceil(self.config.colluding_fraction * n - 1e-9)
 
-    def encoder(self, mechanism: ClientLevelMechanism) -> _DistributedNoise:
+    def encoder(self, mechanism: ClientLevelMechanism) -> DistributedEncoder:
         """The clients' integer encoder, provisioned for the mechanism's honest survivors."""
         config = self.config
         cls = DistributedDiscreteGaussian if config.mechanism == "ddg" else DistributedSkellam
@@ -130,7 +135,7 @@ class ClientLevelMechanism:
             )
         return t - c
 
-    def encoder(self) -> _DistributedNoise:
+    def encoder(self) -> DistributedEncoder:
         """The clients' integer encoder (distributed DP), provisioned for :meth:`honest_survivors`."""
         return self.placement.encoder(self)
 
