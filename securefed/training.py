@@ -26,7 +26,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from securefed.errors import (
 from securefed.protocols.base import AggregationProtocol, AggregationResult, LazyInputs, simulate_aggregation
 from securefed.protocols.plain import Plain
 from securefed.rounds import RoundEngine, RoundPlan, RoundRelease
+
+if TYPE_CHECKING:
+    from securefed.privacy.mechanisms import Privacy
 
 __all__ = ["History", "RoundRecord", "SeededSecretsWarning", "Trainer", "progress_status"]
 
@@ -122,7 +125,7 @@ def _select(model: nn.Module, parameters: Sequence[str] | Callable[[str, nn.Para
 
 
 def _check_arguments(
-    model: Any, datasets: list[Dataset], algorithm: str, weighting: str | None, privacy: Any,
+    model: Any, datasets: list[Dataset], algorithm: str, weighting: str | None, privacy: Privacy | None,
     clients_per_round: int | None,
 ) -> tuple[str, int]:
     """Validate the trainer's basic arguments; returns (weighting, clients per round)."""
@@ -409,7 +412,7 @@ class Trainer:
         model: nn.Module,
         datasets: Sequence[Dataset],
         protocol: AggregationProtocol | None = None,
-        privacy: Any = None,
+        privacy: Privacy | None = None,
         *,
         algorithm: Literal["fedavg", "fedsgd"] = "fedavg",
         parameters: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
