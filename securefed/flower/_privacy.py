@@ -1,7 +1,11 @@
 """Differential privacy on Flower: what the nodes and the server each do with a ``securefed.privacy`` configuration.
 
-Client level, as in DP-FedAvg (``securefed.privacy.session``): each node clips its
-update; with :class:`~securefed.privacy.DistributedDP` each node also adds its integer
+Client level, as in DP-FedAvg: the server keeps a
+:class:`~securefed.privacy.session.PrivacySession` (Poisson sampling at rate q, the
+accountant, the adaptive clip), the trainer's, driven by the round engine
+(``securefed.rounds``); each node clips its update (with adaptive clipping at the round's
+clip, sent in the training configuration, and appends the scaled count bit through a
+session of its own: the trainer's code); with :class:`~securefed.privacy.DistributedDP` each node also adds its integer
 noise share inside the protocol's encoding (the round's protocol carries the
 mechanism as its encoder, with a rotation drawn from the round's public session id,
 so server and nodes build the same one); with :class:`~securefed.privacy.CentralDP`
@@ -13,19 +17,29 @@ same. Provisioning, events and the budget's planned event are the trainer's own
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from securefed.crypto.random import derive_key
-from securefed.errors import ConfigurationError
+import numpy as np
+
+from securefed.crypto.random import RandomSource, derive_key
+from securefed.errors import AbortReason, ConfigurationError, InvalidInput, ProtocolAborted
 from securefed.protocols.base import AggregationProtocol
 
 if TYPE_CHECKING:
     from securefed.privacy import CentralDP, Clipping, DistributedDP
     from securefed.privacy.client_level import ClientLevelMechanism
+    from securefed.privacy.session import PrivacySession
 
     Privacy = CentralDP | DistributedDP
 
-__all__ = ["check", "clipping", "describe", "mechanism", "round_protocol"]
+__all__ = ["CLIP_KEY", "COUNT_STDDEV_KEY", "check", "client_input", "clipping", "describe", "mechanism",
+           "round_config", "round_protocol", "session", "session_state"]
+
+#: The training configuration's keys for the round's adaptive clip and the noise std of its count (public).
+CLIP_KEY, COUNT_STDDEV_KEY = "securefed-l2-clip", "securefed-count-stddev"
 
 # securefed.privacy is imported only where a configuration is used: without DP, a node's
 # process (one per message) need not load it.
@@ -42,8 +56,9 @@ def check(config: object) -> None:
             "on Flower, privacy must be securefed.privacy.CentralDP or DistributedDP (sample-level DP "
             "belongs in the nodes' training function)"
         )
-    if isinstance(config.clipping, AdaptiveClipping):
-        raise ConfigurationError("adaptive clipping is not supported on Flower yet: use a fixed clip")
+    if isinstance(config.clipping, AdaptiveClipping) and isinstance(config, DistributedDP):
+        raise ConfigurationError("adaptive clipping with distributed noise is not supported on Flower yet (each "
+                                 "node's encoder would need the round's clip): use CentralDP or a fixed clip")
 
 
 def clipping(config: Privacy) -> Clipping:
@@ -76,7 +91,83 @@ def describe(config: Privacy | None, protocol: AggregationProtocol, n: int, dim:
                            "l2_clip": mech.l2_bound, "delta": config.delta}
     if mech.distributed:
         out.update(colluding=mech.colluding(n), honest_shares=mech.honest_survivors(n))
+    clip = clipping(config)
+    if _adaptive(clip):  # the round's clip itself comes with the training configuration
+        out["adaptive"] = {k: v for k, v in clip.describe().items() if k != "bound"}
     return out
+
+
+def _adaptive(clip: object) -> bool:
+    from securefed.privacy import AdaptiveClipping
+
+    return isinstance(clip, AdaptiveClipping)
+
+
+def session(config: Privacy, protocol: AggregationProtocol, *, population: int, fraction: float, dimension: int,
+            rng: RandomSource, ledger: Sequence[Mapping[str, Any]], clip: float | None) -> PrivacySession:
+    """The server's privacy session for a run over `population` nodes sampled at `fraction`: Poisson at
+    rate round(fraction population) / population when below 1 (the trainer's clients_per_round /
+    population), resumed from `ledger` and, with adaptive clipping, from the saved `clip`."""
+    from securefed.privacy import AdaptiveClipping
+    from securefed.privacy.session import PrivacySession
+
+    k = min(population, max(1, round(fraction * population)))
+    out = PrivacySession(config, protocol=protocol, population=population, clients_per_round=k,
+                         dimension=dimension, local_steps=1, rng=rng)
+    out.resume(ledger)
+    if clip is not None and isinstance(out.clipping, AdaptiveClipping):
+        out.clipping.clip_norm = _positive_finite(clip, "the checkpoint's adaptive clip")
+    return out
+
+
+def session_state(s: PrivacySession) -> dict[str, Any]:
+    """What a checkpoint keeps of the session besides its ledger: the population and the adaptive clip."""
+    out: dict[str, Any] = {"population": s.population}
+    if s.clipping is not None and _adaptive(s.clipping):
+        out["clip"] = s.clipping.bound
+    return out
+
+
+def round_config(s: PrivacySession | None) -> dict[str, float]:
+    """The round's public adaptive-clipping values for the nodes (after ``before_round``): the clip C and
+    the count's noise std (the session's: ``count_stddev``, else 0.05 x the expected participants)."""
+    from securefed.privacy import AdaptiveClipping
+
+    if s is None or not isinstance(clip := s.clipping, AdaptiveClipping):
+        return {}
+    expected = max(1.0, s.sampling_rate * s.population)
+    return {CLIP_KEY: clip.bound, COUNT_STDDEV_KEY: clip.count_stddev or 0.05 * expected}
+
+
+def _positive_finite(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"{what} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def client_input(config: Privacy, update: np.ndarray, layout: Sequence[int], round_config: Any) -> np.ndarray:
+    """A node's input: its update clipped; with adaptive clipping at the round's clip from `round_config`
+    (the training ConfigRecord), with the scaled count bit appended by the trainer's own
+    :meth:`PrivacySession.client_input`. ProtocolAborted (refused) for a clip or count std that is not a
+    positive finite number."""
+    from securefed.privacy import AdaptiveClipping
+    from securefed.privacy.session import PrivacySession
+    from securefed.protocols.plain import Plain
+
+    clip = clipping(config)
+    if not isinstance(clip, AdaptiveClipping):
+        return clip.clip(update, layout)
+    values = round_config if round_config is not None else {}
+    c = _positive_finite(values.get(CLIP_KEY), "the round's clip")
+    stddev = _positive_finite(values.get(COUNT_STDDEV_KEY), "the round's count noise std")
+    now = AdaptiveClipping(initial_clip=c, target_quantile=clip.target_quantile, learning_rate=clip.learning_rate,
+                           count_stddev=stddev)
+    try:  # a session at the round's clip: the count bit scaled exactly as the server's session scales it
+        node = PrivacySession(dataclasses.replace(config, clipping=now), protocol=Plain(), population=1,
+                              clients_per_round=1, dimension=update.size, local_steps=1, rng=RandomSource())
+    except (ConfigurationError, InvalidInput) as e:
+        raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"the round's adaptive clipping values: {e}") from None
+    return np.asarray(node.client_input(update, layout))
 
 
 def round_protocol(protocol: AggregationProtocol, config: Privacy | None, *, session: bytes,

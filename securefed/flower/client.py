@@ -452,7 +452,8 @@ def _input(msg: Message, context: Context, train: TrainFn, arrays: ArrayRecord, 
         if req.max_examples:
             raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
                                   "with differential privacy every node weighs the same; the server asks otherwise")
-        update = _privacy.clipping(privacy).clip(update, [p.size for p in spec.params])
+        round_config = msg.content.get("config")  # carries the round's adaptive clip, if any
+        update = _privacy.client_input(privacy, update, [p.size for p in spec.params], round_config)
     elif req.max_examples:
         metrics = reply.content.get("metrics")
         examples = metrics.get("num-examples") if isinstance(metrics, MetricRecord) else None

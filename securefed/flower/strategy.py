@@ -32,6 +32,7 @@ from securefed.protocols.base import (
     DropReason,
     DropRecord,
 )
+from securefed.rounds import RoundEngine
 
 __all__ = ["RoundReport", "SecureFedAvg", "SecureResult"]
 
@@ -90,16 +91,21 @@ class _RunState:
     history: list[RoundReport] = dataclasses.field(default_factory=list)
     ledger: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the accountant's, with privacy
     audit: dict[str, Any] | None = None  # the committed round's audit record, until the log has it
+    privacy: dict[str, Any] | None = None  # the session's population and adaptive clip, with privacy
 
     def to_json(self) -> dict[str, Any]:
-        return {"cooldown": {str(k): v for k, v in self.cooldown.items()},
-                "history": [r.to_json() for r in self.history], "ledger": self.ledger, "audit": self.audit}
+        out = {"cooldown": {str(k): v for k, v in self.cooldown.items()},
+               "history": [r.to_json() for r in self.history], "ledger": self.ledger, "audit": self.audit}
+        if self.privacy is not None:  # absent without privacy: such checkpoints read as before
+            out["privacy"] = self.privacy
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> _RunState:
         try:
             return cls(data["round"], {int(k): v for k, v in data["cooldown"].items()},
-                       [RoundReport.from_json(r) for r in data["history"]], list(data["ledger"]), data["audit"])
+                       [RoundReport.from_json(r) for r in data["history"]], list(data["ledger"]), data["audit"],
+                       None if data.get("privacy") is None else dict(data["privacy"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigurationError(f"the checkpoint's state is malformed ({type(e).__name__}: {e}); "
                                      "restore the files the server wrote") from None
@@ -210,7 +216,8 @@ class SecureFedAvg:
     def _rng(self, label: str) -> RandomSource:
         return RandomSource() if self.seed is None else RandomSource(self.seed).child(f"flower/{label}")
 
-    def _sample(self, grid: Grid, round_index: int, state: _RunState) -> list[int]:
+    def _pool(self, grid: Grid, round_index: int, state: _RunState) -> list[int]:
+        """The nodes the round may sample (sorted), once at least ``min_available_nodes`` are available."""
         deadline = time.monotonic() + self.node_wait_timeout
         while True:
             available = sorted({int(v) for v in grid.get_node_ids()} - set(self.aggregator.auxiliary.values()))
@@ -225,11 +232,13 @@ class SecureFedAvg:
                                       f"only {len(pool)} nodes available after {self.node_wait_timeout:.0f} s; "
                                       f"need {self.min_available_nodes}")
             time.sleep(1.0)
-        k = min(len(pool), max(self.min_train_nodes, int(len(pool) * self.fraction_train)))
-        if k == len(pool):
-            return pool
-        coins = self._rng(f"round/{round_index}/sample").integers_below(2**63, len(pool))
-        return sorted(pool[i] for i in np.argsort(coins, kind="stable")[:k])
+        return pool
+
+    def _sample(self, engine: RoundEngine, pool: list[int], round_index: int) -> list[int]:
+        """The round's nodes from the pool: with privacy and fraction_train < 1 each node independently
+        with probability q (the session's coins over the population, of which the pool is a prefix)."""
+        picked = engine.sample(round_index, lambda: _fixed_sample(self, pool, round_index))  # indices into the pool
+        return [pool[i] for i in picked if i < len(pool)]
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -252,7 +261,9 @@ class SecureFedAvg:
             raise ConfigurationError(f"num_rounds must be a positive int, got {num_rounds!r}")
         audit, key = self._open_audit(), None
         try:
-            run = _Run(initial_arrays, _RunState(), None, [], optimizer=copy.deepcopy(self.server_optimizer))
+            engine = RoundEngine(self.protocol, None, weighting=self.weighting,
+                                 optimizer=copy.deepcopy(self.server_optimizer))
+            run = _Run(initial_arrays, _RunState(), None, [], engine=engine)
             if self.checkpoint_dir is not None:
                 key = self._checkpoint_signer(audit)
                 restored = _resume.restore(self.checkpoint_dir, key, audit)
@@ -261,15 +272,15 @@ class SecureFedAvg:
                     assert restored.arrays is not None
                     run.state, run.arrays, run.aggregate = (_RunState.from_json(restored.state), restored.arrays,
                                                             restored.aggregate)
-                    _resume.restore_optimizer(restored, run.optimizer)
+                    _resume.restore_optimizer(restored, run.engine.optimizer)
                     log.info("securefed: resuming after round %d from %s", run.state.round, self.checkpoint_dir)
             elif audit is not None:
                 run.pending = list(audit.ledger)  # releases already logged (a crash before any round entry)
             if self.privacy is not None:
                 from securefed.privacy import Accountant
 
-                try:
-                    run.accountant = Accountant.from_ledger(run.state.ledger + run.pending, self.privacy.accountant)
+                try:  # checked now; the session (made at the first round, with the pool) resumes from it
+                    Accountant.from_ledger(run.state.ledger + run.pending, self.privacy.accountant)
                 except InvalidInput as e:
                     raise ConfigurationError(f"the checkpoint's privacy ledger cannot be accounted ({e}); restore "
                                              "the files the server wrote") from None
@@ -327,8 +338,8 @@ class SecureFedAvg:
             state.history.append(report)
             for node in report.dropped:
                 state.cooldown[node] = r + self.cooldown_rounds
-            if run.accountant is not None:
-                state.ledger = run.accountant.ledger
+            if (session := run.engine.session) is not None:
+                state.ledger, state.privacy = session.accountant.ledger, _privacy.session_state(session)
             state.audit = _resume.audit_record(report, outcome) if audit is not None else None
             run.pending = []
             if self.checkpoint_dir is not None:
@@ -336,7 +347,7 @@ class SecureFedAvg:
                 seq, head = audit.head if audit is not None else (0, "")
                 _checkpoint.save(self.checkpoint_dir, key=run.key, round_index=r, counter=run.counter,
                                  arrays=run.arrays, state=state.to_json(),
-                                 optimizer=(run.optimizer.describe(), run.optimizer.state_dict()),
+                                 optimizer=(run.engine.optimizer.describe(), run.engine.optimizer.state_dict()),
                                  audit_head=None if audit is None else {"seq": seq, "sha256": head},
                                  aggregate=None if outcome is None or audit is None else run.released)
             if audit is not None:
@@ -351,47 +362,48 @@ class SecureFedAvg:
 
     def _round(self, grid: Grid, r: int, run: _Run, train_config: ConfigRecord | None,
                evaluate_fn: EvaluateFn | None) -> tuple[RoundReport, RoundOutcome | None]:
-        nodes = self._sample(grid, r, run.state)
+        """One round through the round engine (:class:`~securefed.rounds.RoundEngine`) over the grid."""
+        engine, pool = run.engine, self._pool(grid, r, run.state)
         start, spec = _model.flatten_record(run.arrays)
-        weighted = self.weighting == "examples"
-        dim = start.size + weighted
         if self.privacy is not None:
-            _check_budget(self, run, r, len(nodes), dim)
-        config = ConfigRecord({**(train_config or {}), "server-round": r})
+            _open_session(self, run, len(pool), start.size)
+        nodes = self._sample(engine, pool, r)
+        plan = None if len(nodes) < self.min_train_nodes else engine.plan(
+            r, nodes, check=_check_round(engine), session_protocol=False)
+        if plan is None:  # a Poisson sample too small to run: nothing sent, released or spent
+            log.info("securefed: round %d: the sample of %d nodes is too small; skipped", r, len(nodes))
+            return RoundReport(r, tuple(nodes), (), {}, {"skipped": 1.0}, engine.epsilon(),
+                               AbortReason.TOO_FEW_SURVIVORS.value), None
+        dim = engine.input_size(start.size)
+        config = ConfigRecord({**(train_config or {}), "server-round": r,
+                               **_privacy.round_config(engine.session)})
         log.info("securefed: round %d with %d nodes", r, len(nodes))
-        rng = self._rng(f"round/{r}")
+        rng, weighted = self._rng(f"round/{r}"), self.weighting == "examples"
         try:
             outcome = self.aggregator.run(grid, nodes, round_index=r, dim=dim, rng=rng, arrays=run.arrays,
                                           config=config, max_examples=self.max_examples if weighted else 0)
         except ProtocolAborted as e:
             log.error("securefed: round %d aborted (%s): %s", r, e.reason.value, e)
-            eps = None if run.accountant is None else run.accountant.epsilon(self.privacy.delta)
             rnd = self.aggregator.last_round
             dropped = rnd.dropped_nodes if rnd is not None and rnd.spec.round_index == r else {}
-            return RoundReport(r, tuple(nodes), (), dropped, {}, eps, e.reason.value), None
-        total, included = outcome.result.total, outcome.included_nodes
-        epsilon = None
-        if self.privacy is not None:
-            total = _release(self, run, r, total, len(included), len(nodes), dim, rng)
-            epsilon = run.accountant.epsilon(self.privacy.delta)
-            mean = total / len(included)
-        elif weighted:
-            mean = total[:-1] / total[-1]
-        else:
-            mean = total / len(included)
-        run.released = total  # noised under central DP: neither the checkpoint nor the log holds the raw sum
-        new, run.optimizer = optim.step_in_dtype(run.optimizer, start, mean, r)  # kept only if the step succeeds
-        run.arrays = _model.with_vector(run.arrays, new, spec)
+            return RoundReport(r, tuple(nodes), (), dropped, {}, engine.epsilon(), e.reason.value), None
+        included = outcome.included_nodes
+        # Under DP the release is accounted and logged (on_release) before the aggregate is used.
+        out = engine.finish(r, start, outcome.result.total, len(included), len(nodes),
+                            on_release=None if engine.session is None else lambda: _log_release(self, run, r))
+        run.released = out.released  # noised under central DP: neither the checkpoint nor the log holds the raw sum
+        run.arrays = _model.with_vector(run.arrays, out.new, spec)
         metrics: dict[str, float] = {
             "included": float(len(included)), "dropped": float(len(outcome.dropped_nodes)),
             "upload_bytes_per_node": float(np.mean([outcome.bytes_from[v] for v in included])),
             **{f"seconds_{phase}": s for phase, s in outcome.phase_seconds.items()},
+            **{k: float(v) for k, v in out.metrics.items() if k != "epsilon"},  # the clip (public) and its count
         }
         if evaluate_fn is not None and (evals := evaluate_fn(r, run.arrays)) is not None:
             metrics.update({f"eval_{k}": float(v) for k, v in evals.items() if isinstance(v, (int, float))})
-        report = RoundReport(r, outcome.nodes, included, outcome.dropped_nodes, metrics, epsilon)
+        report = RoundReport(r, outcome.nodes, included, outcome.dropped_nodes, metrics, out.epsilon)
         log.info("securefed: round %d done: %d included, %d dropped, epsilon %s %s", r, len(included),
-                 len(outcome.dropped_nodes), epsilon, {k: v for k, v in metrics.items() if k.startswith("eval_")})
+                 len(outcome.dropped_nodes), out.epsilon, {k: v for k, v in metrics.items() if k.startswith("eval_")})
         return report, outcome
 
 
@@ -403,8 +415,7 @@ class _Run:
     state: _RunState
     aggregate: np.ndarray | None
     pending: list[dict[str, Any]]
-    accountant: Any = None
-    optimizer: Any = None  # the server optimizer with the run's state
+    engine: Any = None  # the round engine: server optimizer (with the run's state) and privacy session
     key: Any = None  # the checkpoint's signing key
     counter: int = 0  # the checkpoint counter: grows with every commit and resume
     audit: Any = None  # the open audit writer: every DP release is logged before the server uses it
@@ -417,9 +428,6 @@ def _check_options(privacy: Any, fraction_train: float, min_train_nodes: int, mi
     _privacy.check(privacy)
     if not 0.0 < fraction_train <= 1.0:
         raise ConfigurationError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
-    if privacy is not None and fraction_train < 1.0:
-        raise ConfigurationError("with privacy on Flower every available node trains (fraction_train=1.0): "
-                                 "subsampling amplification needs Poisson sampling, not supported here yet")
     if not 1 <= min_train_nodes <= min_available_nodes:
         raise ConfigurationError("need 1 <= min_train_nodes <= min_available_nodes, got "
                                  f"{min_train_nodes} and {min_available_nodes}")
@@ -451,32 +459,54 @@ def _evals(report: RoundReport) -> dict[str, int | float | list[int] | list[floa
     return {k.removeprefix("eval_"): v for k, v in report.metrics.items() if k.startswith("eval_")}
 
 
-def _check_budget(s: SecureFedAvg, run: _Run, r: int, n: int, dim: int) -> None:
-    """PrivacyBudgetExceeded if a round of n nodes could take epsilon past the target (the trainer's check:
-    an event bounding every way the round can finish, ``securefed.privacy.client_level``)."""
-    from securefed.privacy.client_level import check_budget
+def _open_session(s: SecureFedAvg, run: _Run, available: int, dimension: int) -> None:
+    """The run's privacy session, made at its first round: the population is the pool of that round
+    (the checkpoint's, on resume) and the Poisson rate round(fraction_train population) / population."""
+    engine = run.engine
+    if engine.session is None:
+        saved = run.state.privacy or {}
+        population = int(saved.get("population", available))
+        engine.session = _privacy.session(s.privacy, s.protocol, population=population,
+                                          fraction=s.fraction_train, dimension=dimension,
+                                          rng=s._rng("privacy"), ledger=run.state.ledger + run.pending,
+                                          clip=saved.get("clip"))
+    session = engine.session
+    if session.sampling_rate < 1.0 and available > session.population:
+        raise ConfigurationError(
+            f"{available} nodes are available but the run's Poisson sampling covers {session.population} "
+            "(the nodes of its first round): start a new run (new checkpoint) for the larger federation")
 
-    mech = _privacy.mechanism(s.privacy, s.protocol, dim)
-    mech.honest_survivors(n)  # ConfigurationError for a round the colluders could fill, before anything is sent
-    check_budget(run.accountant, mech.planned_event(r, n), config=s.privacy, round=r)
+
+def _check_round(engine: RoundEngine) -> Callable[[list[int]], None] | None:
+    """With privacy: ConfigurationError for a round the colluders could fill, before anything is sent."""
+    session = engine.session
+    if session is None:
+        return None
+
+    def check(nodes: list[int]) -> None:
+        session.mechanism().honest_survivors(len(nodes))
+
+    return check
 
 
-def _release(s: SecureFedAvg, run: _Run, r: int, total: np.ndarray, included: int, n: int, dim: int,
-             rng: RandomSource) -> np.ndarray:
-    """Noise the sum (central DP) and account for its release, written ahead of the round's commit."""
-    from securefed.privacy import CentralGaussian
-
-    mech = _privacy.mechanism(s.privacy, s.protocol, dim)
-    total = np.array(total, dtype=np.float64, copy=True)
-    if isinstance(noise := mech.noise(), CentralGaussian):
-        noise.add_to(total, rng.child("server-noise"))
-    event = mech.event(included=included, n=n, round=r)
-    run.accountant.record(event)
-    if run.audit is not None:  # logged ahead of the round's entry and commit: a crash cannot hide it
-        run.audit.release(r, dp_events=[event.to_dict()], epsilon=run.accountant.epsilon(s.privacy.delta))
+def _log_release(s: SecureFedAvg, run: _Run, r: int) -> None:
+    """Write the round's DP release ahead of its entry and commit, so a crash cannot hide it."""
+    session = run.engine.session
+    event = session.accountant.ledger[-1]
+    if run.audit is not None:
+        run.audit.release(r, dp_events=[event], epsilon=session.epsilon())
         if s.audit_witness is not None:
             s.audit_witness(*run.audit.head)
     elif s.checkpoint_dir is not None:
-        _checkpoint.record_release(s.checkpoint_dir, event.to_dict(), key=run.key, round_index=run.state.round)
-    run.pending.append(event.to_dict())
-    return total
+        _checkpoint.record_release(s.checkpoint_dir, event, key=run.key, round_index=run.state.round)
+    run.pending.append(event)
+
+
+def _fixed_sample(s: SecureFedAvg, pool: list[int], round_index: int) -> list[int]:
+    """A sample of Flower's FedAvg's size (fraction_train of the pool, at least min_train_nodes), as indices
+    into the pool: the fallback without privacy or with q = 1."""
+    k = min(len(pool), max(s.min_train_nodes, int(len(pool) * s.fraction_train)))
+    if k == len(pool):
+        return list(range(k))
+    coins = s._rng(f"round/{round_index}/sample").integers_below(2**63, len(pool))
+    return sorted(np.argsort(coins, kind="stable")[:k].tolist())

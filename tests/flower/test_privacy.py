@@ -9,16 +9,18 @@ import pytest
 import securefed as sf
 from securefed.audit import verify
 from securefed.crypto.random import RandomSource
-from securefed.errors import PrivacyBudgetExceeded
-from securefed.flower import SecureFedAvg, _checkpoint
+from securefed.errors import AbortReason, PrivacyBudgetExceeded, ProtocolAborted
+from securefed.flower import SecureFedAvg, _checkpoint, _privacy
 from securefed.flower.testing import InProcessGrid
 from securefed.privacy import (
     Accountant,
+    AdaptiveClipping,
     CentralDP,
     DistributedDP,
     PrivacySession,
     event_from_dict,
 )
+from securefed.rounds import RoundEngine
 from tests.flower import apps
 from tests.flower.test_resume import Crash, CrashingGrid
 
@@ -187,3 +189,121 @@ def test_an_aggregate_released_before_a_crash_stays_in_the_ledger(tmp_path, monk
     audit = verify(tmp_path / "audit.jsonl", allow_seeded=True)  # a seeded (test) run
     assert audit.ok and audit.seeded_secrets, audit.summary()
     assert [e["round"] for e in audit.ledger] == [1, 2, 2, 3]
+
+
+def adaptive(**kw):
+    clip = AdaptiveClipping(initial_clip=1.5, target_quantile=0.5, learning_rate=0.3, count_stddev=1.0)
+    return CentralDP(noise_multiplier=0.5, clipping=clip, **kw)
+
+
+def test_adaptive_clipping_moves_the_clip_on_flower_as_the_trainers_session_does(tmp_path):
+    """The strategy's clip follows the trainer's PrivacySession fed the same updates with the same coins
+    (the strategy's seeded privacy randomness); the nodes clip at the clip the server sends."""
+    protocol, privacy, rounds = sf.protocols.Plain(), adaptive(), 3
+    res = run(tmp_path, protocol, privacy, rounds)
+    ref = PrivacySession(privacy, protocol=protocol, population=N, clients_per_round=N, dimension=apps.dim(),
+                         local_steps=1, rng=RandomSource(3).child("flower/privacy"))
+    clips, fractions = [], []
+    for r in range(1, rounds + 1):
+        ref.before_round(r, N)
+        total = sum(ref.client_input(updates(p, r), [6, 4]) for p in range(N))
+        ref.finish_round(total, N, N, r)
+        clips.append(ref.metrics["l2_clip"])
+        fractions.append(ref.metrics["unclipped_fraction"])
+    assert [r.metrics["l2_clip"] for r in res.rounds] == pytest.approx(clips, rel=1e-9)
+    assert [r.metrics["unclipped_fraction"] for r in res.rounds] == pytest.approx(fractions, rel=1e-9, abs=1e-9)
+    assert len(set(clips)) == rounds  # the clip moved every round
+    state, _, _ = _checkpoint.load(tmp_path / "ckpt")
+    assert state["privacy"]["clip"] == pytest.approx(ref.clipping.bound, rel=1e-9)
+    assert [e["num_clients"] for e in state["ledger"]] == [N] * rounds
+    assert res.rounds[-1].epsilon == pytest.approx(ref.epsilon(), rel=1e-12)
+
+
+@pytest.mark.parametrize("crash_round", [1, 2])
+def test_a_resumed_adaptive_run_continues_the_clip_of_an_uninterrupted_one(tmp_path, crash_round):
+    protocol, privacy = sf.protocols.SecAggPlus(), adaptive()
+    ref = run(tmp_path / "ref", protocol, privacy, 3)
+    app = apps.client_app(protocol, updates, privacy=privacy)
+    grid = CrashingGrid(app, apps.nodes(N), crash_at=(crash_round, "masked_input"))
+    with pytest.raises(Crash):
+        run(tmp_path, protocol, privacy, 3, grid=grid)
+    res = run(tmp_path, protocol, privacy, 3, grid=grid)
+    assert [r.metrics["l2_clip"] for r in res.rounds] == [r.metrics["l2_clip"] for r in ref.rounds]
+    state, _, _ = _checkpoint.load(tmp_path / "ckpt")
+    assert state["privacy"] == _checkpoint.load(tmp_path / "ref" / "ckpt")[0]["privacy"]
+    np.testing.assert_array_equal(apps.vector(res.arrays), apps.vector(ref.arrays))
+
+
+@pytest.mark.parametrize("bad", [None, 0.0, -1.0, float("nan"), float("inf"), True, "1.0"])
+def test_a_node_refuses_a_round_whose_adaptive_clip_is_not_a_positive_finite_number(bad):
+    values = {} if bad is None else {_privacy.CLIP_KEY: bad, _privacy.COUNT_STDDEV_KEY: 1.0}
+    with pytest.raises(ProtocolAborted, match="positive finite") as err:
+        _privacy.client_input(adaptive(), updates(0, 1), [6, 4], values)
+    assert err.value.reason is AbortReason.REQUEST_REFUSED
+    good = _privacy.client_input(adaptive(), updates(0, 1), [6, 4],
+                                 {_privacy.CLIP_KEY: 0.5, _privacy.COUNT_STDDEV_KEY: 1.0})
+    assert good.size == apps.dim() + 1 and np.linalg.norm(good[:-1]) == pytest.approx(0.5)
+
+
+def test_poisson_sampling_on_flower_includes_each_node_independently_at_rate_q():
+    """OS coins, so this is a statistical test: 20 nodes, q = 0.3, 500 rounds. Each bound below is 5.5
+    standard deviations of a binomial; the chance any fails for a correct sampler is below 21 x 3.8e-8
+    < 1e-6 (two-sided normal tails; the binomial's are lighter at these sizes)."""
+    n, q, rounds = 20, 0.3, 500
+    strategy = SecureFedAvg(protocol=sf.protocols.Plain(), privacy=CentralDP(noise_multiplier=1.0, clipping=1.0),
+                            fraction_train=q, min_train_nodes=1)
+    pool = list(range(2000, 2000 + n))
+    engine = RoundEngine(strategy.protocol, _privacy.session(strategy.privacy, strategy.protocol, population=n,
+                                                             fraction=q, dimension=4, rng=RandomSource(),
+                                                             ledger=[], clip=None),
+                         weighting="uniform", optimizer=sf.optim.FedAvg())
+    picks = [strategy._sample(engine, pool, r) for r in range(1, rounds + 1)]
+    counts = {v: sum(v in p for p in picks) for v in pool}
+    per_node = 5.5 * math.sqrt(rounds * q * (1 - q))
+    assert all(abs(c - rounds * q) < per_node for c in counts.values()), counts
+    total = sum(counts.values())
+    assert abs(total - n * rounds * q) < 5.5 * math.sqrt(n * rounds * q * (1 - q))
+    sizes = np.array([len(p) for p in picks])
+    assert sizes.var() > 1.0  # not a fixed-size sample (binomial variance n q (1 - q) = 4.2)
+    assert all(p == sorted(p) and set(p) <= set(pool) for p in picks)
+
+
+def test_flower_with_client_sampling_spends_the_trainers_epsilon(tmp_path):
+    """q = 3/5, z, rounds the same: the trainer (clients_per_round=3 of 5) and the strategy (fraction_train=0.6)
+    record the same events and the same epsilon; a too-small Poisson sample skips its round on both."""
+    import torch
+
+    privacy, rounds = CentralDP(noise_multiplier=1.0, clipping=CLIP), 4
+    res = run(tmp_path, sf.protocols.Plain(), privacy, rounds, fraction_train=0.6, min_train_nodes=1,
+              min_available_nodes=N)
+    data = [torch.utils.data.TensorDataset(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(N)]
+    trainer = sf.Trainer(torch.nn.Linear(3, 2), data, privacy=privacy, clients_per_round=3, progress=False)
+    history = trainer.fit(rounds)
+    state, _, _ = _checkpoint.load(tmp_path / "ckpt")
+    ran = [r for r in res.rounds if r.included]
+    rates = {e["sampling_rate"] for e in state["ledger"]} | {e["sampling_rate"] for e in trainer.accountant.ledger}
+    assert rates == {0.6}
+    assert len(state["ledger"]) == len(ran) and all(r.metrics.get("skipped") for r in res.rounds if not r.included)
+    trained = [r for r in history.rounds if r.included]
+    same = min(len(ran), len(trained))
+    assert same >= 1
+    flower_eps = Accountant.from_ledger(state["ledger"][:same]).epsilon(privacy.delta)
+    trainer_eps = Accountant.from_ledger(trainer.accountant.ledger[:same]).epsilon(privacy.delta)
+    assert flower_eps == pytest.approx(trainer_eps, rel=1e-12)
+    if len(ran) == len(trained):
+        assert res.rounds[-1].epsilon == pytest.approx(history.final.epsilon, rel=1e-12)
+
+
+def test_a_poisson_sample_too_small_skips_its_round_releasing_and_spending_nothing(tmp_path):
+    privacy = CentralDP(noise_multiplier=1.0, clipping=CLIP)
+    res = run(tmp_path, sf.protocols.Plain(), privacy, 6, fraction_train=0.2)  # q = 1/5; min_train_nodes 2
+    skipped = [r for r in res.rounds if r.metrics.get("skipped")]
+    ran = [r for r in res.rounds if r.included]
+    assert skipped and ran and len(skipped) + len(ran) == 6  # this seed's coins give both kinds
+    assert all(len(r.participants) < 2 and r.aborted == "too_few_survivors" for r in skipped)
+    state, _, _ = _checkpoint.load(tmp_path / "ckpt")
+    assert [e["round"] for e in state["ledger"]] == [r.round for r in ran]
+    epsilons = [0.0] + [r.epsilon for r in res.rounds]
+    assert all(epsilons[r.round] == epsilons[r.round - 1] for r in skipped)
+    audit = verify(tmp_path / "audit.jsonl", allow_seeded=True)
+    assert audit.ok, audit.summary()
