@@ -71,8 +71,8 @@ def clipping(config: Privacy) -> Clipping:
 def mechanism(config: Privacy, protocol: AggregationProtocol, dim: int) -> ClientLevelMechanism:
     """The trainer's client-level mechanism (``securefed.privacy.client_level``) for updates of length `dim`:
     noise provisioned for the t - C honest shares, events counting honest shares only, the planned
-    event the budget is checked against. Every node weighs the same and every available node trains
-    (q = 1)."""
+    event the budget is checked against, for the nodes' round protocol and ``params`` (the server's
+    sampling rate and adaptive clip live in its session). Every node weighs the same."""
     from securefed.privacy.client_level import ClientLevelMechanism
 
     return ClientLevelMechanism(config, protocol=protocol, dimension=dim)

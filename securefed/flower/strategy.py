@@ -122,7 +122,10 @@ class SecureFedAvg:
       ledger, kept in the checkpoint and the audit log; a round that could exceed
       ``target_epsilon`` is not started (PrivacyBudgetExceeded);
     - ``fraction_train``, ``min_train_nodes``, ``min_available_nodes``: sampling as in
-      Flower's FedAvg; ``node_wait_timeout``: seconds to wait for enough nodes;
+      Flower's FedAvg; with privacy and ``fraction_train < 1``, Poisson sampling at
+      q = round(fraction_train P) / P over the P nodes of the run's first round (a sample
+      under ``min_train_nodes`` or the protocol's minimum skips its round); ``node_wait_timeout``:
+      seconds to wait for enough nodes;
     - ``weighting``: ``"examples"`` (each node weights its update by its example count,
       capped at ``max_examples``, inside the aggregate) or ``"uniform"``; default
       ``"examples"``, and ``"uniform"`` (the only choice) with privacy;
