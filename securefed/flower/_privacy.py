@@ -18,6 +18,7 @@ same. Provisioning, events and the budget's planned event are the trainer's own
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,10 @@ def session(config: Privacy, protocol: AggregationProtocol, *, population: int, 
     from securefed.privacy.session import PrivacySession
 
     k = min(population, max(1, round(fraction * population)))
+    if k / population != fraction:
+        logging.getLogger("securefed.flower").warning(
+            "securefed: fraction_train %g over %d nodes samples at q = %d/%d = %g (a whole number per population, "
+            "as the trainer's clients_per_round)", fraction, population, k, population, k / population)
     out = PrivacySession(config, protocol=protocol, population=population, clients_per_round=k,
                          dimension=dimension, local_steps=1, rng=rng)
     out.resume(ledger)
