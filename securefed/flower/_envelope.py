@@ -13,6 +13,11 @@ round, session, client, party, payload``. The input phase's request to a client 
 carries the global model (``ArrayRecord`` ``"arrays"``) and the training configuration
 (``ConfigRecord`` ``"config"``).
 
+A message may also carry, under ``"securefed.next"`` (:data:`NEXT_KEY`), a request of the next
+round's setup (a phase before its input phase) with the same layout: one Flower message then
+serves two rounds, each with its own session, and the reply answers the next round's request under
+the same key (``protocols/flower.md``, section 3, "Setup ahead").
+
 Parsing is strict (exact keys and types); anything else is MessageRejected. The
 protocol's own header, inside ``payload``, binds round, session, phase and sender
 again, so a forged envelope around a replayed payload is still refused.
@@ -33,11 +38,13 @@ from securefed.errors import MessageRejected
 from securefed.flower import _beacon
 from securefed.protocols.base import AggregationProtocol
 
-__all__ = ["KEY", "VERSION", "Reply", "Request", "describe", "pack_nodes", "parse_reply", "parse_request",
+__all__ = ["KEY", "NEXT_KEY", "VERSION", "Reply", "Request", "describe", "pack_nodes", "parse_reply", "parse_request",
            "session_id"]
 
 #: The record key of securefed's envelope in a Flower ``RecordDict``.
 KEY = "securefed"
+#: The record key of the next round's setup request (and its reply) riding on a message of this round.
+NEXT_KEY = "securefed.next"
 #: Envelope layout version.
 VERSION = 3
 
@@ -131,15 +138,8 @@ def _fields(record: Any, spec: Mapping[str, type], what: str) -> dict[str, Any]:
     return out
 
 
-def parse_request(content: RecordDict, *, input_phase: bool) -> tuple[Request, ArrayRecord | None, ConfigRecord | None]:
-    """The envelope of a request and, for the input phase, the model and training config.
-
-    Raises MessageRejected for anything but exactly that layout.
-    """
-    expected = {KEY, "arrays", "config"} if input_phase else {KEY}
-    if set(content.keys()) != expected:
-        raise MessageRejected("invalid request: unexpected records")
-    req = Request(**_fields(content[KEY], _REQUEST_FIELDS, "request"))
+def _request(record: Any) -> Request:
+    req = Request(**_fields(record, _REQUEST_FIELDS, "request"))
     if len(req.session) != 32 or len(req.nonce) != 32 or req.n < 1 or req.dim < 1 or not 0 <= req.client < req.n \
             or not 0 <= req.round < 2**32 or req.max_examples < 0 or (req.party and req.client) \
             or len(req.nodes) != _NODE.size * req.n:
@@ -153,6 +153,19 @@ def parse_request(content: RecordDict, *, input_phase: bool) -> tuple[Request, A
         pre = _beacon.session(pre, req.round, list_hash, reveals_hash)
     if pre != req.session:
         raise MessageRejected("invalid request: the session does not bind the round's nodes")
+    return req
+
+
+def parse_request(content: RecordDict, *, input_phase: bool) -> tuple[Request, ArrayRecord | None, ConfigRecord | None]:
+    """The envelope of a request and, for the input phase, the model and training config.
+
+    Raises MessageRejected for anything but exactly that layout (plus, optionally, a next round's
+    request under :data:`NEXT_KEY`: :func:`parse_next`).
+    """
+    expected = {KEY, "arrays", "config"} if input_phase else {KEY}
+    if set(content.keys()) - {NEXT_KEY} != expected:
+        raise MessageRejected("invalid request: unexpected records")
+    req = _request(content[KEY])
     if not input_phase:
         return req, None, None
     arrays, config = content["arrays"], content["config"]
@@ -161,11 +174,27 @@ def parse_request(content: RecordDict, *, input_phase: bool) -> tuple[Request, A
     return req, arrays, config
 
 
-def parse_reply(content: RecordDict, *, max_payload: int) -> Reply:
-    """The envelope of a reply; MessageRejected for any other layout or a payload over `max_payload` bytes."""
-    if set(content.keys()) != {KEY}:
-        raise MessageRejected("invalid reply: unexpected records")
-    record = content[KEY]
+def parse_next(content: RecordDict, current: Request) -> Request | None:
+    """The next round's setup request riding on this message (None when there is none).
+
+    It must be of a later round index than `current` and without the graph beacon, auxiliary
+    parties or the input phase (those never ride ahead); MessageRejected otherwise."""
+    if NEXT_KEY not in content:
+        return None
+    req = _request(content[NEXT_KEY])
+    if req.round <= current.round or req.beacon or req.party:
+        raise MessageRejected("invalid request: the next round's request must be a later round's client setup")
+    return req
+
+
+def parse_reply(content: RecordDict, *, max_payload: int, key: str = KEY) -> Reply:
+    """The envelope under `key` (:data:`KEY`, or :data:`NEXT_KEY` for the next round's part) of a reply;
+    MessageRejected for any other layout or a payload over `max_payload` bytes. A reply holds :data:`KEY`
+    and, when its request carried the next round's setup, :data:`NEXT_KEY`."""
+    if not {KEY} <= set(content.keys()) <= {KEY, NEXT_KEY} or key not in content:
+        raise MessageRejected("invalid reply: unexpected records" if key == KEY else
+                              "invalid reply: no answer to the next round's request")
+    record = content[key]
     payload = record.get("payload") if isinstance(record, ConfigRecord) else None
     if isinstance(payload, bytes) and len(payload) > max_payload:
         raise MessageRejected(f"invalid reply: payload of {len(payload)} bytes exceeds the limit of {max_payload}")

@@ -11,7 +11,6 @@ dropout in that phase; the round goes on without it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import logging
 import time
@@ -35,6 +34,7 @@ from securefed.protocols.base import (
     ServerProtocol,
     ServerView,
 )
+from securefed.protocols.he import HEProtocol
 
 __all__ = ["AggregationRound", "GridAggregator", "RoundOutcome", "exchange", "input_phase", "message_type"]
 
@@ -175,6 +175,8 @@ class AggregationRound:
         self.view = ServerView()
         self.drops: dict[int, DropRecord] = {}
         self.phase_seconds: dict[str, float] = {}
+        #: Phases that ran on the previous round's messages (``GridAggregator.run(..., next_nodes=...)``).
+        self.ran_ahead: set[str] = set()
         self.bytes_from = dict.fromkeys(self.nodes, 0)
         self.bytes_to = dict.fromkeys(self.nodes, 0)
         self._party: dict[int, Party] = {node: i for i, node in enumerate(self.nodes)}
@@ -241,8 +243,11 @@ class AggregationRound:
             who = f"node {self.auxiliary[party]} ({party}) failed"
         log.warning("round %d, phase %s: %s (%s): %s", self.spec.round_index, phase, who, reason.value, detail)
 
-    def receive(self, phase: str, node: int, reply: Message) -> None:
-        """Take `node`'s reply in `phase`: into the aggregate, or the node becomes a dropout."""
+    def receive(self, phase: str, node: int, reply: Message, *, key: str = _envelope.KEY) -> None:
+        """Take `node`'s reply in `phase`: into the aggregate, or the node becomes a dropout.
+
+        `key`: the reply's record that answers this round (``_envelope.NEXT_KEY`` when this round's
+        request rode ahead on the previous round's message)."""
         party = self._party[node]
         client, name = (party, "") if isinstance(party, int) else (0, party)
         if reply.has_error():
@@ -253,7 +258,7 @@ class AggregationRound:
         try:
             if reply.metadata.src_node_id != node:
                 raise MessageRejected("invalid reply: sent by another node")
-            env = _envelope.parse_reply(reply.content, max_payload=self.max_payload)
+            env = _envelope.parse_reply(reply.content, max_payload=self.max_payload, key=key)
             if (env.phase, env.round, env.session, env.client, env.party) != (
                     phase, self.spec.round_index, self.spec.session_id, client, name):
                 raise MessageRejected("invalid reply: envelope of another round, session, phase or party")
@@ -293,6 +298,11 @@ class AggregationRound:
         """Node id to the phase and reason it left the round, so far."""
         dropped = {**(self.server.dropped if self.server is not None else {}), **self.drops}
         return {self.nodes[c]: d for c, d in dropped.items() if isinstance(c, int)}
+
+    @property
+    def setup_phases(self) -> tuple[str, ...]:
+        """The phases before the input phase (what may run ahead on the previous round's messages)."""
+        return self.phases[:self.phases.index(input_phase(self.protocol))]
 
     def outcome(self) -> RoundOutcome:
         """The result after the last phase. Raises ProtocolAborted when no input reached the aggregate."""
@@ -358,6 +368,8 @@ class GridAggregator:
         self.privacy = privacy
         #: The round :meth:`run` ran last (to inspect who dropped out after a ProtocolAborted).
         self.last_round: AggregationRound | None = None
+        #: The next round, whose setup ran ahead on the last round's messages (``run(..., next_nodes=...)``).
+        self.prepared: AggregationRound | None = None
 
     def run(
         self,
@@ -370,6 +382,7 @@ class GridAggregator:
         arrays: ArrayRecord | None = None,
         config: ConfigRecord | None = None,
         max_examples: int = 0,
+        next_nodes: Iterable[int] | None = None,
     ) -> RoundOutcome:
         """One round with `nodes` (client i is the i-th smallest node id) on vectors of length `dim`.
 
@@ -377,21 +390,104 @@ class GridAggregator:
         and the training configuration); ``max_examples`` > 0 asks nodes to weight their
         update by their example count capped there (0: uniform). `rng` gives the session
         id and the server's coins. Raises ProtocolAborted when the round cannot finish safely.
+
+        ``next_nodes``: the sample of round ``round_index + 1``, drawn before this round starts. Its
+        setup (the phases before its input phase, with its own session and keys) then rides on this
+        round's messages from the input phase on, one setup phase per message (:attr:`prepared`), and
+        the next call with exactly those nodes, that round index, `dim` and `max_examples` goes on from
+        there: two client messages per round in steady state (``protocols/flower.md``, section 3). Any
+        other next call discards it and runs the full setup. Rounds with the graph beacon, auxiliary
+        parties or an HE protocol run no setup ahead (``next_nodes`` is then ignored).
         """
-        rnd = AggregationRound(self.protocol, nodes, round_index=round_index, dim=dim, rng=rng,
-                               max_payload_bytes=self.max_payload_bytes, max_examples=max_examples,
-                               privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities)
+        rnd = self._take_prepared(nodes, round_index, dim, max_examples) or AggregationRound(
+            self.protocol, nodes, round_index=round_index, dim=dim, rng=rng, max_payload_bytes=self.max_payload_bytes,
+            max_examples=max_examples, privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities)
+        ahead = None if next_nodes is None else self._ahead_round(next_nodes, round_index + 1, dim, rng, max_examples)
         self.last_round = rnd
-        for phase in rnd.phases:
+        carry = list(ahead.setup_phases) if ahead is not None else []
+        start = rnd.phases.index(input_phase(rnd.protocol))
+        for i, phase in enumerate(rnd.phases):
+            if phase in rnd.ran_ahead:
+                continue
             timeout = self.train_timeout if phase == input_phase(rnd.protocol) else self.phase_timeout
             messages = rnd.messages(phase, ttl=timeout + _TTL_MARGIN, arrays=arrays, config=config)
+            rides = carry.pop(0) if ahead is not None and carry and messages and i >= start else None
             t0 = time.perf_counter()
             if messages:
-                silent = exchange(grid, messages, timeout=timeout, poll_interval=self.poll_interval,
-                                  on_reply=functools.partial(rnd.receive, phase))
-                for node in sorted(silent):
-                    log.warning("round %d, phase %s: node %d sent nothing within %.0f s",
-                                round_index, phase, node, timeout)
+                ahead = self._exchange(grid, rnd, phase, messages, ahead, rides, timeout)
             rnd.phase_seconds[phase] = time.perf_counter() - t0
             rnd.finish_phase(phase)
-        return rnd.outcome()
+        outcome = rnd.outcome()
+        self.prepared = ahead
+        return outcome
+
+    def _take_prepared(self, nodes: Iterable[int], round_index: int, dim: int,
+                       max_examples: int) -> AggregationRound | None:
+        """The round prepared by the previous :meth:`run` when it is this one (same nodes and settings)."""
+        prepared, self.prepared = self.prepared, None
+        if prepared is None:
+            return None
+        if (prepared.nodes, prepared.spec.round_index, prepared.spec.dim, prepared.max_examples) == (
+                tuple(sorted({int(v) for v in nodes})), round_index, dim, max_examples):
+            return prepared
+        log.info("round %d: its setup ran ahead for other nodes or settings: it runs the full setup", round_index)
+        return None
+
+    def _ahead_round(self, nodes: Iterable[int], round_index: int, dim: int, rng: RandomSource,
+                     max_examples: int) -> AggregationRound | None:
+        """Round `round_index` with `nodes`, to run its setup ahead; None where none runs ahead."""
+        nodes = sorted({int(v) for v in nodes})
+        if not nodes or self.auxiliary or isinstance(self.protocol, HEProtocol) or _beacon.required(
+                self.protocol, len(nodes)):
+            return None
+        rnd = AggregationRound(self.protocol, nodes, round_index=round_index, dim=dim,
+                               rng=rng.child(f"ahead/{round_index}"), max_payload_bytes=self.max_payload_bytes,
+                               max_examples=max_examples, privacy=self.privacy, identities=self.identities)
+        return rnd if rnd.setup_phases else None
+
+    def _exchange(self, grid: Grid, rnd: AggregationRound, phase: str, messages: list[Message],
+                  ahead: AggregationRound | None, rides: str | None, timeout: float) -> AggregationRound | None:
+        """One exchange of `rnd`'s `phase`, carrying `ahead`'s setup phase `rides` (None: nothing rides) on the
+        same messages; returns `ahead`, or None when that phase aborted it (its round then runs the full setup)."""
+        mine = {m.metadata.dst_node_id for m in messages}
+        theirs: set[int] = set()
+        if ahead is not None and rides is not None:
+            extra = ahead.messages(rides, ttl=timeout + _TTL_MARGIN)
+            theirs = {m.metadata.dst_node_id for m in extra}
+            messages = _bundle(messages, extra)
+
+        def on_reply(node: int, reply: Message) -> None:
+            if node in mine:
+                rnd.receive(phase, node, reply)
+            if node in theirs:
+                assert ahead is not None and rides is not None
+                ahead.receive(rides, node, reply, key=_envelope.NEXT_KEY if node in mine else _envelope.KEY)
+
+        silent = exchange(grid, messages, timeout=timeout, poll_interval=self.poll_interval, on_reply=on_reply)
+        for node in sorted(silent):
+            log.warning("round %d, phase %s: node %d sent nothing within %.0f s",
+                        rnd.spec.round_index, phase, node, timeout)
+        if ahead is None or rides is None:
+            return ahead
+        try:
+            ahead.finish_phase(rides)
+        except ProtocolAborted as e:
+            log.warning("round %d, phase %s (run ahead): %s; that round will run its full setup",
+                        ahead.spec.round_index, rides, e)
+            return None
+        ahead.ran_ahead.add(rides)
+        return ahead
+
+
+def _bundle(messages: Sequence[Message], extra: Sequence[Message]) -> list[Message]:
+    """`messages`, each also carrying the envelope of `extra`'s message to the same node (under
+    ``_envelope.NEXT_KEY``); `extra`'s messages to other nodes go as they are."""
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    out = list(messages)
+    for m in extra:
+        carrier = by_node.get(m.metadata.dst_node_id)
+        if carrier is None:
+            out.append(m)
+        else:
+            carrier.content[_envelope.NEXT_KEY] = m.content[_envelope.KEY]
+    return out

@@ -239,55 +239,75 @@ class SecureClient:
 
         `train` runs in the input phase (``train`` messages). :meth:`register` wires this up;
         call it directly only from handlers of your own (for example behind your mods).
+
+        A message may also carry a later round's setup request (``_envelope.NEXT_KEY``): the node
+        answers it in the same reply, under the same key, from that round's own state (its own
+        state machine, keys and session, kept apart: :func:`_slot`). When it refuses that part it
+        still answers this round's; when it refuses this round's, it answers neither.
         """
-        is_train = msg.metadata.message_type == "train"
+        kind = msg.metadata.message_type
         try:
-            req, arrays, config = _envelope.parse_request(msg.content, input_phase=is_train)
-            nodes = req.node_ids()
-            node = NodeContext(context)  # what the setting factories see: no run_config
-            protocol, privacy, identities = self._configure(node, req, nodes)
-            beacon = not req.party and _beacon.required(protocol, req.n)
-            if (req.phase not in protocol.phases and req.phase not in _beacon.PHASES) or (
-                    message_type(protocol, req.phase, req.party or req.client) != msg.metadata.message_type):
-                raise MessageRejected("invalid request: unknown phase or wrong message type for it")
-            seed = self._node_seed(node)
-            role = req.party or "client"
-            # An auxiliary party gives in every phase after its first (the decryptor: its one decryption),
-            # a client when its input phase's handle returns: recorded per role (GIVEN_KEY).
-            aux_gives = bool(req.party) and req.phase != protocol.phases[0]
-            self._once(context, req, role, start=req.phase == protocol.phases[0] or req.phase in _beacon.PHASES,
-                       is_input=is_train)
-            if req.phase in _beacon.PHASES:
-                return self._beacon_reply(msg, context, req, beacon, identities, seed)
-            if req.beacon and not beacon:
-                raise MessageRejected("invalid request: a graph beacon in a round whose protocol needs none")
-            party: int | str = req.party or req.client
-            state = self._restore(context, protocol, req, party, seed)
-            try:
-                if beacon:
-                    self._check_beacon(context, req, nodes, identities, first=req.phase == protocol.phases[0])
-                if is_train:
-                    assert arrays is not None and config is not None and train is not None
-                    state.set_input(_input(msg, context, train, arrays, req, privacy))
-                elif aux_gives:  # counted before its state machine checks anything (a refused decryption too)
-                    self._record(context, req, role)
-                payload = state.handle(req.phase, req.payload)
-                if is_train:  # the input is the state machine's now: given in this round
-                    self._record(context, req, role)
-            except (MessageRejected, ProtocolAborted, InvalidInput):
-                self._save(context, req, b"")  # refused: this node answers nothing more in this round
-                raise
+            req, arrays, config = _envelope.parse_request(msg.content, input_phase=kind == "train")
+            payload = self._answer(msg, context, req, arrays, config, train, kind, None)
         except (MessageRejected, ProtocolAborted, InvalidInput) as e:
             return Message(Error(code=_REFUSED, reason=f"securefed: {type(e).__name__}: {e}"), reply_to=msg)
-        if req.phase == protocol.phases[-1]:
-            context.state.pop(_envelope.KEY, None)
-            context.state.pop(_beacon.STATE_KEY, None)
-        else:
-            self._save(context, req, state.dump())
         if payload is None:
             return Message(Error(code=_NOTHING, reason="securefed: nothing to send in this phase"), reply_to=msg)
-        reply = _envelope.Reply(req.phase, req.round, req.session, req.client, req.party, bytes(payload))
-        return Message(RecordDict({_envelope.KEY: reply.record()}), reply_to=msg)
+        content = RecordDict({_envelope.KEY: _reply(req, payload)})
+        try:
+            if (ahead := _envelope.parse_next(msg.content, req)) is not None and (
+                    extra := self._answer(msg, context, ahead, None, None, None, f"query.{ahead.phase}", req.round)):
+                content[_envelope.NEXT_KEY] = _reply(ahead, extra)
+        except (MessageRejected, ProtocolAborted, InvalidInput) as e:
+            log.info("securefed: refused the next round's request riding on round %d's: %s", req.round, e)
+        return Message(content, reply_to=msg)
+
+    def _answer(self, msg: Message, context: Context, req: _envelope.Request, arrays: ArrayRecord | None,
+                config: ConfigRecord | None, train: TrainFn | None, kind: str, carrier: int | None) -> bytes | None:
+        """The payload answering `req` (of message type `kind`; `carrier`: the round of the request it rides
+        on, None for a message's own); raises MessageRejected, ProtocolAborted or InvalidInput to refuse."""
+        is_train = kind == "train"
+        nodes = req.node_ids()
+        node = NodeContext(context)  # what the setting factories see: no run_config
+        protocol, privacy, identities = self._configure(node, req, nodes)
+        beacon = not req.party and _beacon.required(protocol, req.n)
+        if (req.phase not in protocol.phases and req.phase not in _beacon.PHASES) or (
+                message_type(protocol, req.phase, req.party or req.client) != kind):
+            raise MessageRejected("invalid request: unknown phase or wrong message type for it")
+        seed = self._node_seed(node)
+        role = req.party or "client"
+        # An auxiliary party gives in every phase after its first (the decryptor: its one decryption),
+        # a client when its input phase's handle returns: recorded per role (GIVEN_KEY).
+        aux_gives = bool(req.party) and req.phase != protocol.phases[0]
+        self._once(context, req, role, start=req.phase == protocol.phases[0] or req.phase in _beacon.PHASES,
+                   is_input=is_train)
+        if req.phase in _beacon.PHASES:
+            return self._beacon_payload(context, req, beacon, identities, seed)
+        if req.beacon and not beacon:
+            raise MessageRejected("invalid request: a graph beacon in a round whose protocol needs none")
+        slot = _slot(context, req, carrier)
+        party: int | str = req.party or req.client
+        state = self._restore(context, protocol, req, party, seed, slot)
+        try:
+            if beacon:
+                self._check_beacon(context, req, nodes, identities, slot, first=req.phase == protocol.phases[0])
+            if is_train:
+                assert arrays is not None and config is not None and train is not None
+                state.set_input(_input(msg, context, train, arrays, req, privacy))
+            elif aux_gives:  # counted before its state machine checks anything (a refused decryption too)
+                _record(context, req, role)
+            payload = state.handle(req.phase, req.payload)
+            if is_train:  # the input is the state machine's now: given in this round
+                _record(context, req, role)
+        except (MessageRejected, ProtocolAborted, InvalidInput):
+            _save(context, req, b"", slot)  # refused: this node answers nothing more in this round
+            raise
+        if req.phase == protocol.phases[-1]:
+            context.state.pop(slot, None)
+            context.state.pop(_beacon.STATE_KEY, None)
+        else:
+            _save(context, req, state.dump(), slot)
+        return None if payload is None else bytes(payload)
 
     @staticmethod
     def _once(context: Context, req: _envelope.Request, role: str, *, start: bool, is_input: bool) -> None:
@@ -317,14 +337,6 @@ class SecureClient:
                 f"this node already gave its {what} in round {req.round} (session "
                 f"{shown}): it gives at most one per round index, so it refuses "
                 "to run that round again (a second one would let the server difference two sums)")
-
-    @staticmethod
-    def _record(context: Context, req: _envelope.Request, role: str) -> None:
-        given = context.state.get(GIVEN_KEY)
-        given = ConfigRecord(dict(given)) if isinstance(given, ConfigRecord) else ConfigRecord()
-        given[f"{role}/round"] = req.round
-        given[f"{role}/session"] = req.session
-        context.state[GIVEN_KEY] = given
 
     def _node_seed(self, node: NodeContext) -> int | None:
         seed = _seed(_value(self.seed, node))
@@ -370,8 +382,8 @@ class SecureClient:
                                   "are signed: give this node the federation's identity keys (identities=)")
         return identities
 
-    def _beacon_reply(self, msg: Message, context: Context, req: _envelope.Request, required: bool,
-                      identities: KeyDirectory | None, seed: int | None) -> Message:
+    def _beacon_payload(self, context: Context, req: _envelope.Request, required: bool,
+                        identities: KeyDirectory | None, seed: int | None) -> bytes:
         """Answer ``graph_commit`` (the commitment) or ``graph_reveal`` (rho and its signature): ``_beacon``."""
         if not required:
             raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
@@ -383,24 +395,23 @@ class SecureClient:
             payload = _beacon.node_commit(context.state, req, context.node_id, rng)
         else:
             payload = _beacon.node_reveal(context.state, req, context.node_id, keys.signing_key(context.node_id))
-        reply = _envelope.Reply(req.phase, req.round, req.session, req.client, "", payload)
-        return Message(RecordDict({_envelope.KEY: reply.record()}), reply_to=msg)
+        return payload
 
     def _check_beacon(self, context: Context, req: _envelope.Request, nodes: Sequence[int],
-                      identities: KeyDirectory | None, *, first: bool) -> None:
+                      identities: KeyDirectory | None, slot: str, *, first: bool) -> None:
         """A protocol request of a beacon round: in the first phase, the beacon's reveals and derived session
         (``_beacon.node_check``); later, the session of this node's saved state of the round."""
         keys = _identities.directory(self._beacon_identities(identities), nodes)
         if first:
             _beacon.node_check(context.state, req, _envelope.session_id(req.nonce, req.nodes), nodes, keys)
             return
-        saved = context.state.get(_envelope.KEY)
+        saved = context.state.get(slot)
         if not req.beacon or not isinstance(saved, ConfigRecord) or (saved["round"], saved["session"]) != (
                 req.round, req.session):
             raise MessageRejected("invalid request: no state of this beacon round and session (out of phase)")
 
     def _restore(self, context: Context, protocol: AggregationProtocol, req: _envelope.Request, party: int | str,
-                 seed: int | None) -> ClientProtocol:
+                 seed: int | None, slot: str) -> ClientProtocol:
         """The state machine of `party` for this request's round: the saved one, or a new one.
 
         New for the protocol's first phase (a new round, or the same one started again before
@@ -411,7 +422,7 @@ class SecureClient:
         belongs to another session or party (out of phase).
         """
         rng = client_rng(seed, req.session, party, req.phase)
-        saved = context.state.get(_envelope.KEY)
+        saved = context.state.get(slot)
         saved = saved if isinstance(saved, ConfigRecord) else None
         if saved is not None and req.round < cast(int, saved["round"]):  # the fields are _save's
             raise MessageRejected("invalid request: stale round")
@@ -429,10 +440,41 @@ class SecureClient:
             raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"protocol {protocol.name!r} has no party {party!r}")
         return aux[party]
 
-    def _save(self, context: Context, req: _envelope.Request, state: bytes) -> None:
-        context.state[_envelope.KEY] = ConfigRecord(
-            {"round": req.round, "session": req.session, "client": req.client, "party": req.party, "state": state}
-        )
+
+def _save(context: Context, req: _envelope.Request, state: bytes, slot: str) -> None:
+    context.state[slot] = ConfigRecord(
+        {"round": req.round, "session": req.session, "client": req.client, "party": req.party, "state": state}
+    )
+
+
+def _reply(req: _envelope.Request, payload: bytes) -> ConfigRecord:
+    return _envelope.Reply(req.phase, req.round, req.session, req.client, req.party, payload).record()
+
+
+#: ``context.state`` keys of the node's protocol state: one round's each, so that a later round's setup
+#: can run (riding on this round's messages) while this round is still open.
+_SLOTS = (_envelope.KEY, _envelope.NEXT_KEY)
+
+
+def _slot(context: Context, req: _envelope.Request, carrier: int | None) -> str:
+    """Where the node keeps its state of `req`'s round: the slot holding that round index; else, for a
+    request riding on round `carrier`'s, the slot not holding round `carrier` (which is still open);
+    else the first (a new round started by its own message takes it over, as without riding)."""
+    held = {k: s["round"] for k in _SLOTS if isinstance(s := context.state.get(k), ConfigRecord)}
+    for key, index in held.items():
+        if index == req.round:
+            return key
+    if carrier is None:
+        return _envelope.KEY
+    return next(k for k in _SLOTS if held.get(k) != carrier)
+
+
+def _record(context: Context, req: _envelope.Request, role: str) -> None:
+    given = context.state.get(GIVEN_KEY)
+    given = ConfigRecord(dict(given)) if isinstance(given, ConfigRecord) else ConfigRecord()
+    given[f"{role}/round"] = req.round
+    given[f"{role}/session"] = req.session
+    context.state[GIVEN_KEY] = given
 
 
 def _input(msg: Message, context: Context, train: TrainFn, arrays: ArrayRecord, req: _envelope.Request,

@@ -1,0 +1,165 @@
+"""The next round's setup riding on this round's messages (GridAggregator.run(..., next_nodes=...)), in process:
+two messages per node per steady-state round, sums as without riding, dropouts between rounds, membership
+changes and a restarted server (protocols/flower.md section 3, proofs/flower.md Lemma F-ahead)."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord
+
+import securefed as sf
+from securefed.crypto.random import RandomSource
+from securefed.errors import MessageRejected
+from securefed.flower import _envelope
+from securefed.flower.testing import InProcessGrid
+from securefed.protocols.base import DropReason
+from tests.flower import apps
+
+PROTOCOLS = [sf.protocols.SecAggPlus(), sf.protocols.SecAgg()]
+
+
+def delta(p: int, rnd: int) -> np.ndarray:
+    return np.full(apps.dim(), (p + 1) / 16 + rnd / 32)
+
+
+def expected(members, rnd: int) -> np.ndarray:
+    return sum(delta(v - apps.FIRST, rnd) for v in members)
+
+
+class Recorder:
+    """deliver hook: records the message types and the envelope keys each node receives, per round."""
+
+    def __init__(self, offline=()):
+        self.offline = set(offline)
+        self.log: list[tuple[int, int, str, frozenset[str]]] = []
+
+    def __call__(self, node, msg):
+        rnd = int(msg.content[_envelope.KEY]["round"])
+        self.log.append((rnd, node, msg.metadata.message_type, frozenset(msg.content.keys())))
+        return node not in self.offline
+
+    def per_node(self, rnd):
+        out: dict[int, list[str]] = {}
+        for r, node, kind, _ in self.log:
+            if r == rnd:
+                out.setdefault(node, []).append(kind)
+        return out
+
+
+def run(agg, grid, members, rnd, next_nodes=None, seed=None):
+    return agg.run(grid, sorted(members), round_index=rnd, dim=apps.dim(), rng=RandomSource(seed or rnd),
+                   arrays=apps.model(), config=ConfigRecord({"server-round": rnd}), next_nodes=next_nodes)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=lambda p: p.name)
+def test_steady_state_rounds_take_two_messages_per_node_with_their_own_sessions(protocol):
+    n, rounds = 5, 4
+    rec = Recorder()
+    grid = InProcessGrid(apps.client_app(protocol, delta), apps.nodes(n), deliver=rec)
+    agg = apps.aggregator(protocol)
+    members = list(apps.nodes(n))
+    outs = [run(agg, grid, members, r, next_nodes=members if r < rounds else None) for r in range(1, rounds + 1)]
+    for r, out in enumerate(outs, 1):
+        assert out.included_nodes == tuple(members)
+        np.testing.assert_allclose(out.result.total, expected(members, r), atol=protocol.error_bound(n))
+    # Messages are logged by the round of their own request: round r's setup rode on round r-1's messages.
+    first = rec.per_node(1)
+    assert all(len(kinds) == 4 for kinds in first.values())  # round 1 pays the full setup
+    for r in range(2, rounds + 1):
+        assert rec.per_node(r) == {v: ["train", "query.unmasking"] for v in members}
+    riding = [keys for r, _, _, keys in rec.log if r > 1 or _envelope.NEXT_KEY in keys]
+    assert sum(_envelope.NEXT_KEY in keys for keys in riding) == 2 * n * (rounds - 1)
+    assert sum(grid.sent.values()) == n * (4 + 2 * (rounds - 1))
+    sessions = [out.result.spec.session_id for out in outs]
+    assert len(set(sessions)) == rounds
+    assert agg.prepared is None
+
+
+def test_a_node_sampled_for_the_next_round_that_vanishes_drops_out_of_that_round_only():
+    protocol = sf.protocols.SecAggPlus()
+    members = list(apps.nodes(6))
+    now, later = members[:5], members  # node 1006 is sampled for round 2 but never answers
+    rec = Recorder(offline={1006})
+    grid = InProcessGrid(apps.client_app(protocol, delta), apps.nodes(6), deliver=rec)
+    agg = apps.aggregator(protocol)
+    out1 = run(agg, grid, now, 1, next_nodes=later)
+    assert out1.included_nodes == tuple(now)
+    np.testing.assert_allclose(out1.result.total, expected(now, 1), atol=protocol.error_bound(5))
+    assert agg.prepared is not None and agg.prepared.nodes == tuple(later)
+    out2 = run(agg, grid, later, 2)
+    assert out2.included_nodes == tuple(now)
+    assert {v: (d.phase, d.reason) for v, d in out2.dropped_nodes.items()} == {
+        1006: ("advertise_keys", DropReason.NO_REPLY)}
+    np.testing.assert_allclose(out2.result.total, expected(now, 2), atol=protocol.error_bound(6))
+    # 1006 got its round-2 setup as messages of its own (it is not in round 1); the others got it riding.
+    assert [k for r, v, k, _ in rec.log if v == 1006] == ["query.advertise_keys"]
+
+
+def test_a_node_in_both_rounds_that_vanishes_after_its_input_stays_in_this_sum_and_leaves_the_next():
+    protocol = sf.protocols.SecAggPlus()
+    members = list(apps.nodes(5))
+    gone = {"after": False}
+
+    def deliver(node, msg):
+        if node == 1003 and msg.metadata.message_type == "query.unmasking":
+            gone["after"] = True
+        return not (node == 1003 and gone["after"])
+
+    grid = InProcessGrid(apps.client_app(protocol, delta), apps.nodes(5), deliver=deliver)
+    agg = apps.aggregator(protocol)
+    out1 = run(agg, grid, members, 1, next_nodes=members)
+    assert out1.included_nodes == tuple(members)  # its masked input is in; the others unmask without it
+    np.testing.assert_allclose(out1.result.total, expected(members, 1), atol=protocol.error_bound(5))
+    out2 = run(agg, grid, members, 2)
+    assert out2.dropped_nodes[1003].phase == "share_keys"
+    rest = [v for v in members if v != 1003]
+    assert out2.included_nodes == tuple(rest)
+    np.testing.assert_allclose(out2.result.total, expected(rest, 2), atol=protocol.error_bound(5))
+
+
+def test_other_nodes_or_a_restarted_server_discard_what_ran_ahead_and_pay_the_full_setup():
+    protocol = sf.protocols.SecAggPlus()
+    members = list(apps.nodes(6))
+    rec = Recorder()
+    grid = InProcessGrid(apps.client_app(protocol, delta), apps.nodes(6), deliver=rec)
+    agg = apps.aggregator(protocol)
+    run(agg, grid, members[:5], 1, next_nodes=members[:5])
+    out2 = run(agg, grid, members[1:], 2, next_nodes=members[1:])  # membership changed: full setup
+    np.testing.assert_allclose(out2.result.total, expected(members[1:], 2), atol=protocol.error_bound(5))
+    assert all(len(kinds) == 4 for kinds in rec.per_node(2).values())
+    # A server restarted from a checkpoint has nothing prepared: round 3 reruns its setup with a new session
+    # while the nodes still hold the setup state of the discarded one.
+    fresh = apps.aggregator(protocol)
+    out3 = run(fresh, grid, members[1:], 3)
+    assert out3.result.spec.session_id != agg.prepared.spec.session_id
+    np.testing.assert_allclose(out3.result.total, expected(members[1:], 3), atol=protocol.error_bound(5))
+    assert all(len(kinds) == 4 for kinds in rec.per_node(3).values())
+
+
+def test_a_refused_next_request_leaves_this_rounds_answer():
+    protocol = sf.protocols.SecAggPlus()
+    members = list(apps.nodes(5))
+    grid = InProcessGrid(apps.client_app(protocol, delta, num_nodes=5), apps.nodes(6))
+    agg = apps.aggregator(protocol)
+    # Round 2's sample has six nodes: every node expects at most five (num_nodes) and refuses that part only.
+    out1 = run(agg, grid, members, 1, next_nodes=list(apps.nodes(6)))
+    np.testing.assert_allclose(out1.result.total, expected(members, 1), atol=protocol.error_bound(5))
+    assert agg.prepared is None  # round 2's advertise_keys aborted: nothing prepared
+
+
+@pytest.mark.parametrize("protocol", [sf.protocols.Plain(), sf.protocols.CKKS(key_holder="clients")],
+                         ids=lambda p: p.name)
+def test_protocols_without_a_setup_or_with_he_run_nothing_ahead(protocol):
+    assert apps.aggregator(protocol)._ahead_round(apps.nodes(3), 2, apps.dim(), RandomSource(0), 0) is None
+
+
+def test_a_riding_request_of_an_earlier_round_is_refused():
+    protocol = sf.protocols.SecAggPlus()
+    agg = apps.aggregator(protocol)
+    ahead = agg._ahead_round(list(apps.nodes(3)), 1, apps.dim(), RandomSource(0), 0)
+    current = agg._ahead_round(list(apps.nodes(3)), 2, apps.dim(), RandomSource(1), 0)
+    carrier = current.messages("advertise_keys", ttl=10)[0]
+    extra = ahead.messages("advertise_keys", ttl=10)[0]
+    carrier.content[_envelope.NEXT_KEY] = extra.content[_envelope.KEY]
+    req, _, _ = _envelope.parse_request(carrier.content, input_phase=False)
+    with pytest.raises(MessageRejected, match="later round"):
+        _envelope.parse_next(carrier.content, req)
