@@ -32,9 +32,10 @@ from securefed.protocols.base import AggregationProtocol
 if TYPE_CHECKING:
     from securefed.privacy import CentralDP, Clipping, DistributedDP
     from securefed.privacy.client_level import ClientLevelMechanism
+    from securefed.privacy.mechanisms import Privacy
     from securefed.privacy.session import PrivacySession
 
-    Privacy = CentralDP | DistributedDP
+    ClientLevelDP = CentralDP | DistributedDP  # what the nodes and the server on Flower support (check)
 
 __all__ = ["CLIP_KEY", "COUNT_STDDEV_KEY", "check", "client_input", "clipping", "describe", "mechanism",
            "round_config", "round_protocol", "session", "session_state"]
@@ -62,14 +63,14 @@ def check(config: object) -> None:
                                  "node's encoder would need the round's clip): use CentralDP or a fixed clip")
 
 
-def clipping(config: Privacy) -> Clipping:
+def clipping(config: ClientLevelDP) -> Clipping:
     """The configuration's clipping module (a number means flat L2 clipping)."""
     from securefed.privacy.client_level import clipping_module
 
     return clipping_module(config)
 
 
-def mechanism(config: Privacy, protocol: AggregationProtocol, dim: int) -> ClientLevelMechanism:
+def mechanism(config: ClientLevelDP, protocol: AggregationProtocol, dim: int) -> ClientLevelMechanism:
     """The trainer's client-level mechanism (``securefed.privacy.client_level``) for updates of length `dim`:
     noise provisioned for the t - C honest shares, events counting honest shares only, the planned
     event the budget is checked against, for the nodes' round protocol and ``params`` (the server's
@@ -79,7 +80,7 @@ def mechanism(config: Privacy, protocol: AggregationProtocol, dim: int) -> Clien
     return ClientLevelMechanism(config, protocol=protocol, dimension=dim)
 
 
-def describe(config: Privacy | None, protocol: AggregationProtocol, n: int, dim: int) -> dict[str, Any] | None:
+def describe(config: ClientLevelDP | None, protocol: AggregationProtocol, n: int, dim: int) -> dict[str, Any] | None:
     """What a node checks of the server's privacy settings for a round of n (None without privacy).
 
     The clip and the noise every party assumes, and with distributed noise the honest shares
@@ -150,7 +151,7 @@ def _positive_finite(value: object, what: str) -> float:
     return float(value)
 
 
-def client_input(config: Privacy, update: np.ndarray, layout: Sequence[int], round_config: Any) -> np.ndarray:
+def client_input(config: ClientLevelDP, update: np.ndarray, layout: Sequence[int], round_config: Any) -> np.ndarray:
     """A node's input: its update clipped; with adaptive clipping at the round's clip from `round_config`
     (the training ConfigRecord), with the scaled count bit appended by the trainer's own
     :meth:`PrivacySession.client_input`. ProtocolAborted (refused) for a clip or count std that is not a
@@ -175,7 +176,7 @@ def client_input(config: Privacy, update: np.ndarray, layout: Sequence[int], rou
     return np.asarray(node.client_input(update, layout))
 
 
-def round_protocol(protocol: AggregationProtocol, config: Privacy | None, *, session: bytes,
+def round_protocol(protocol: AggregationProtocol, config: ClientLevelDP | None, *, session: bytes,
                    dim: int) -> AggregationProtocol:
     """The protocol of the round with this `session` id: with distributed DP, carrying the noise as its encoder."""
     if config is None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict, UserConfig
@@ -45,6 +45,9 @@ from securefed.errors import (
 from securefed.flower import _beacon, _envelope, _identities, _model, _privacy
 from securefed.flower.aggregation import message_type
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
+
+if TYPE_CHECKING:
+    from securefed.privacy.mechanisms import Privacy
 
 __all__ = ["GIVEN_KEY", "NodeContext", "SecureClient", "client_rng"]
 
@@ -180,7 +183,7 @@ class SecureClient:
         protocol: AggregationProtocol | Callable[[Context], AggregationProtocol],
         *,
         phases: Sequence[str] | None = None,
-        privacy: Any = None,
+        privacy: Privacy | Callable[[Context], Privacy | None] | None = None,
         seed: int | Callable[[Context], int | None] | None = None,
         auxiliary: Collection[str] | Callable[[Context], Collection[str]] = (),
         identities: KeyDirectory | Callable[[Context], KeyDirectory] | None = None,

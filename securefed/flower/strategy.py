@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
@@ -33,6 +33,9 @@ from securefed.protocols.base import (
     DropRecord,
 )
 from securefed.rounds import RoundEngine
+
+if TYPE_CHECKING:
+    from securefed.privacy.mechanisms import Privacy
 
 __all__ = ["RoundReport", "SecureFedAvg", "SecureResult"]
 
@@ -164,7 +167,7 @@ class SecureFedAvg:
         self,
         *,
         protocol: AggregationProtocol,
-        privacy: Any = None,
+        privacy: Privacy | None = None,
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
         min_available_nodes: int = 2,
@@ -425,7 +428,7 @@ class _Run:
     released: np.ndarray | None = None  # what the last round released (noised under central DP), never the raw sum
 
 
-def _check_options(privacy: Any, fraction_train: float, min_train_nodes: int, min_available_nodes: int,
+def _check_options(privacy: Privacy | None, fraction_train: float, min_train_nodes: int, min_available_nodes: int,
                    weighting: str | None, max_examples: int, cooldown_rounds: int) -> str:
     """SecureFedAvg's sampling and weighting options, checked (ConfigurationError); returns the weighting."""
     _privacy.check(privacy)
@@ -466,6 +469,7 @@ def _open_session(s: SecureFedAvg, run: _Run, available: int, dimension: int) ->
     """The run's privacy session, made at its first round: the population is the pool of that round
     (the checkpoint's, on resume) and the Poisson rate round(fraction_train population) / population."""
     engine = run.engine
+    assert s.privacy is not None  # _round opens a session only with privacy
     if engine.session is None:
         saved = run.state.privacy or {}
         population = int(saved.get("population", available))
