@@ -29,12 +29,13 @@ from securefed.flower.loopback import LoopbackFederation
 APPS = Path(__file__).resolve().parent / "flower_apps"
 
 
-def run_app(fed: LoopbackFederation, app: str, config: dict, out: Path, timeout: float) -> dict:
+def run_app(fed: LoopbackFederation, app: str, config: dict, out: Path, timeout: float) -> tuple[dict, str]:
+    """The app's result file and the run's log."""
     run_id = fed.run(APPS / app, {**config, "out": str(out)})
     status = fed.wait(run_id, timeout=timeout)
     if status["status"] != "finished:completed" or not out.exists():
         raise RuntimeError(f"{app}: run {status['status']}:\n{fed.run_log(run_id)[-4000:]}")
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), fed.run_log(run_id)
 
 
 def _steady(seconds: list[float]) -> float:
@@ -59,32 +60,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, LoopbackFederation(Path(tmp) / "fed", num_nodes=n,
                                                                   node_configs=nodes) as fed:
         t = time.perf_counter()
-        ours = run_app(fed, "securefed", {"num-nodes": n, "dim": dim, "degree": degree, "timeout": args.timeout,
+        ours, _ = run_app(fed, "securefed", {"num-nodes": n, "dim": dim, "degree": degree, "timeout": args.timeout,
                                           "rounds": args.rounds, "ahead": args.ahead},
                        Path(tmp) / "securefed.json", 3 * args.rounds * args.timeout)
-        plain = run_app(fed, "flwr_fedavg", {"num-nodes": n, "dim": dim, "rounds": args.rounds,
+        plain, _ = run_app(fed, "flwr_fedavg", {"num-nodes": n, "dim": dim, "rounds": args.rounds,
                                              "timeout": args.timeout},
                         Path(tmp) / "fedavg.json", 3 * args.rounds * args.timeout)
         threshold = ours["protocol"]["threshold"]
-        flwr = run_app(fed, "flwr_secaggplus", {"num-nodes": n, "dim": dim, "num-shares": degree + 1,
+        flwr, flwr_log = run_app(fed, "flwr_secaggplus", {"num-nodes": n, "dim": dim, "num-shares": degree + 1,
                                                 "reconstruction-threshold": threshold, "timeout": args.timeout},
                        Path(tmp) / "flwr.json", 3 * args.timeout)
         total = time.perf_counter() - t
     steady = _steady(ours["round_seconds"])
     fedavg = _steady(plain["round_seconds"])
     messages = ours["messages_per_node"]
+    if flwr["upload_bytes_per_node"] < 4 * dim:  # each node uploads its masked fp32-sized vector in a full round
+        raise RuntimeError(f"Flower's SecAggPlusWorkflow round did not aggregate (uploads of "
+                           f"{flwr['upload_bytes_per_node']:.0f} bytes per node):\n{flwr_log[-4000:]}")
     print(json.dumps({
         "bench": "flower", "n": n, "d": dim, "neighbours": degree, "threshold": threshold,
         "deployment": "SuperLink + SuperNodes on 127.0.0.1, TLS, node authentication",
         "securefed_round_seconds": round(steady, 3), "fedavg_round_seconds": round(fedavg, 3),
         "flower_secaggplus_round_seconds": round(flwr["round_seconds"], 3),
-        # Messages each node received over the run, per round (the first round pays the full setup).
-        "client_messages_per_round": round(sum(messages.values()) / len(messages) / args.rounds, 2),
+        # Flower messages each node received per round in steady state (the first round pays the full setup).
+        "client_messages_per_round": _steady(ours["messages_per_round"]),
         "rounds": args.rounds, "ahead": bool(args.ahead),
         "securefed_secaggplus": {
             "round_seconds": [round(x, 3) for x in ours["round_seconds"]],
             "phase_seconds": ours["phase_seconds"],
-            "messages_per_node": messages,
+            "messages_per_node": messages, "messages_per_round": ours["messages_per_round"],
             "seconds_per_message": ours["breakdown"],
             "upload_bytes_per_node": ours["upload_bytes_per_node"],
             "download_bytes_per_node": ours["download_bytes_per_node"],

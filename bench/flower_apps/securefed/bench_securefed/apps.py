@@ -101,13 +101,15 @@ def main(grid: Grid, context: Context) -> None:
     proto = protocol(cfg)
     agg = GridAggregator(proto, phase_timeout=float(cfg["timeout"]), train_timeout=float(cfg["timeout"]))
     arrays = ArrayRecord([np.zeros(dim, np.float32)])
-    seconds, phases, outs = [], [], []
+    seconds, phases, outs, messages = [], [], [], []
     for r in range(1, rounds + 1):
         extra = {"next_nodes": nodes} if ahead and r < rounds else {}
+        pushed = len(timed.pushed)
         t0 = time.perf_counter()
         out = agg.run(timed, nodes, round_index=r, dim=dim, rng=RandomSource(), arrays=arrays,
                       config=ConfigRecord({}), **extra)
         seconds.append(time.perf_counter() - t0)
+        messages.append((len(timed.pushed) - pushed) / n)  # Flower messages per node during this round
         phases.append({k: round(v, 3) for k, v in out.phase_seconds.items()})
         outs.append(out)
     node_file = str(cfg["out"]) + ".nodes.jsonl"
@@ -122,6 +124,7 @@ def main(grid: Grid, context: Context) -> None:
         "round_seconds": seconds,
         "phase_seconds": phases,
         "messages_per_node": {str(v): sum(1 for (_, _, d) in timed.pushed.values() if d == v) for v in nodes},
+        "messages_per_round": messages,
         "breakdown": _breakdown(timed, lines),
         "upload_bytes_per_node": float(np.mean([timed.up[v] for v in nodes])) / rounds,
         "download_bytes_per_node": float(np.mean([timed.down[v] for v in nodes])) / rounds,
