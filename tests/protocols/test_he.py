@@ -1051,3 +1051,40 @@ def test_bfv_refuses_an_array_as_key_holder_and_infinite_prime_sizes():
         BFV(value_range=1.0, key_holder=np.array([1.0, 2.0]))
     with pytest.raises(ConfigurationError, match="coeff_mod_bit_sizes must be a sequence of ints"):
         BFV(value_range=1.0, coeff_mod_bit_sizes=[60, float("-inf")])
+
+
+@pytest.mark.parametrize("proto", [CKKS(), BFV(value_range=1.0), BFV(value_range=1.0, key_holder="masked")],
+                         ids=["ckks", "bfv", "bfv-masked"])
+def test_server_walks_its_states_in_phase_order_and_stays_aborted(proto):
+    """protocols/he.md, "States": every phase of the protocol opens in order (BFV's masking phases too, asking
+    nobody outside masked mode), nothing opens out of order or twice, and after an abort every call raises
+    that abort again instead of going on to the next phase."""
+    xs = [np.full(4, 0.25)] * 3
+    spec, server, party, holder, request = until_decrypt(proto, xs)
+    with pytest.raises(ProtocolAborted, match="out of order") as e:
+        server.requests("upload")  # the decrypt phase is open
+    assert e.value.reason is AbortReason.INVALID_STATE
+    server.receive("decrypt", holder, party[holder].handle("decrypt", request))
+    server.finish_phase("decrypt")
+    for phase in proto.phases[proto.phases.index("decrypt") + 1 :]:
+        requests = server.requests(phase)
+        masked = proto.key_holder == "masked"
+        assert bool(requests) == (masked and phase == "unmasking")  # consistency_check: active masking only
+        for who, req in requests.items():
+            server.receive(phase, who, party[who].handle(phase, req))
+        server.finish_phase(phase)
+    total, included = server.result()
+    assert included == (0, 1, 2) and np.allclose(total, 0.75, atol=1e-3)
+    with pytest.raises(ProtocolAborted, match="out of order"):
+        server.requests(proto.phases[0])
+
+    # The decryptor (or every client) silent at setup: the round aborts, and stays aborted.
+    server = proto.server(spec, rng=RandomSource(3))
+    server.requests("setup")
+    with pytest.raises(ProtocolAborted) as first:
+        server.finish_phase("setup")
+    for call in (lambda: server.requests("keys"), lambda: server.receive("keys", 0, b""),
+                 lambda: server.finish_phase("keys"), server.result):
+        with pytest.raises(ProtocolAborted) as again:
+            call()
+        assert again.value is first.value

@@ -33,7 +33,7 @@ from securefed.protocols.he import state
 from securefed.protocols.he import tenseal as backend
 from securefed.protocols.he.contract import MaskedScheme
 from securefed.protocols.he.parties import signed_upload, verified_public
-from securefed.protocols.he.server import HEServer
+from securefed.protocols.he.server import AwaitingSetup, AwaitingSum, AwaitingUploads, Done, HEServer, ServerState
 from securefed.protocols.he.tenseal import Ring
 from securefed.protocols.he.wire import DECRYPTOR, Framer, Reader, sender_id
 from securefed.protocols.secagg import round as secagg_round
@@ -113,13 +113,17 @@ class MaskedClient(ClientProtocol):
 
 
 class MaskedServer(HEServer):
-    """Adds BFV ciphertexts of masked inputs; a masking server routes keys and shares and unmasks."""
+    """Adds BFV ciphertexts of masked inputs; a masking server routes keys and shares and unmasks.
+
+    Its states (below) relay the masking protocol's phases to the masking server and reuse the HE
+    server's for the uploads and the decryption."""
 
     def __init__(self, protocol: MaskedScheme, spec: RoundSpec, ring: Ring, rng: RandomSource) -> None:
         super().__init__(protocol, spec, ring)
         self._masking = protocol.masking
         self._inner = self._masking.server(spec, rng=rng)
         self._result: tuple[np.ndarray, tuple[int, ...]] | None = None
+        self._state = _MaskedSetup
 
     @property
     def dropped(self) -> Mapping[int, DropRecord]:
@@ -131,61 +135,14 @@ class MaskedServer(HEServer):
                 out[c] = r
         return out
 
-    def _build_requests(self, phase: str) -> dict[Party, bytes]:
-        if phase == "decrypt":
-            return {DECRYPTOR: self._aggregate_request()}
+    def _relay_requests(self, phase: str) -> dict[Party, bytes]:
+        """The masking server's requests of `phase`'s inner phase, each as the payload of an HE message."""
         inner = self._inner.requests(INNER_PHASE[phase])
-        if phase == "upload":
-            head = self._public_items()
-            return {c: self._frame.message(phase, wire.SERVER, [*head, r]) for c, r in inner.items()}
-        out: dict[Party, bytes] = {c: self._frame.message(phase, wire.SERVER, [r]) for c, r in inner.items()}
-        if phase == "setup":
-            out[DECRYPTOR] = self._frame.message(phase, wire.SERVER, [])
-        return out
+        return {c: self._frame.message(phase, wire.SERVER, [r]) for c, r in inner.items()}
 
-    def _dispatch(self, phase: str, party: Party, payload: bytes) -> None:
-        if party == DECRYPTOR or phase in ("upload", "decrypt"):
-            super()._dispatch(phase, party, payload)
-            return
+    def _relay_reply(self, phase: str, party: Party, payload: bytes) -> None:
         message = bytes(self._frame.payload(payload, phase, sender_id(party)))
         self._inner.receive(INNER_PHASE[phase], party, message)  # it records its own drops
-
-    def _receive_decrypt(self, party: Party, reader: Reader) -> None:
-        released = bytes(reader.rest())
-        if len(released) != self._p._released_size(self._spec):
-            raise MessageRejected("invalid message: wrong length of the sum")
-        try:  # strict: the released masked sum must be a valid packing of k-bit values
-            unpack(released, self._masking.encoder.modulus_bits(self._spec.n), self._spec.dim)
-        except InvalidInput:
-            raise MessageRejected("invalid message: malformed sum") from None
-        self._released = released
-
-    def _close(self, phase: str) -> None:
-        if phase == "setup":
-            self._inner.finish_phase("advertise_keys")
-            super()._close(phase)
-        elif phase == "keys":
-            self._inner.finish_phase("share_keys")
-        elif phase == "upload":
-            super()._close(phase)
-            t = self._masking.min_survivors(self._spec.n)
-            if len(self._uploaded) < t:  # abort before the decryptor is asked for anything
-                raise ProtocolAborted(AbortReason.TOO_FEW_SURVIVORS,
-                                      f"only {len(self._uploaded)} masked inputs arrived; the round needs t = {t}",
-                                      phase=phase)
-        elif phase == "decrypt":
-            super()._close(phase)
-            self._feed_masked_sum()
-            self._inner.finish_phase("masked_input")
-        elif phase == "consistency_check":
-            self._inner.finish_phase("consistency_check")
-        else:
-            self._inner.finish_phase("unmasking")
-            total, included = self._inner.result()
-            if included != self._included:
-                raise ProtocolAborted(AbortReason.INVALID_STATE, "the unmasked sum names other clients than "
-                                      "the decrypted one", phase=phase)
-            self._result = (total, included)
 
     def _feed_masked_sum(self) -> None:
         """The masking server sums masked inputs mod 2^k: give it the released sum once, zeros otherwise."""
@@ -201,7 +158,142 @@ class MaskedServer(HEServer):
             self._inner.receive("masked_input", c, header + body)
 
     def result(self) -> tuple[np.ndarray, tuple[int, ...]]:
+        self._live()
         if self._result is None:
             raise ProtocolAborted(AbortReason.INVALID_STATE, "result() before the unmasking phase finished")
         return self._result
 
+
+# -- states: a relay of the masking protocol, then the HE server's upload and decryption ------------------
+
+class _Relay(ServerState):
+    """A phase that only carries the masking protocol's (keys, consistency_check, unmasking)."""
+
+    @staticmethod
+    def requests(s: HEServer) -> dict[Party, bytes]:
+        assert isinstance(s, MaskedServer)
+        return s._relay_requests(s._state.phase)
+
+    @staticmethod
+    def receive(s: HEServer, party: Party, payload: bytes) -> None:
+        assert isinstance(s, MaskedServer)
+        s._relay_reply(s._state.phase, party, payload)
+
+
+class _MaskedSetup(ServerState):
+    """setup: SecAgg advertise_keys, and the decryptor's signed public context."""
+
+    phase = "setup"
+
+    @staticmethod
+    def requests(s: HEServer) -> dict[Party, bytes]:
+        assert isinstance(s, MaskedServer)
+        out = s._relay_requests("setup")
+        out[DECRYPTOR] = s._frame.message("setup", wire.SERVER, [])
+        return out
+
+    @staticmethod
+    def receive(s: HEServer, party: Party, payload: bytes) -> None:
+        assert isinstance(s, MaskedServer)
+        if party == DECRYPTOR:
+            AwaitingSetup.receive(s, party, payload)
+        else:
+            s._relay_reply("setup", party, payload)
+
+    @staticmethod
+    def finish(s: HEServer) -> type[ServerState]:
+        assert isinstance(s, MaskedServer)
+        s._inner.finish_phase("advertise_keys")
+        AwaitingSetup.finish(s)
+        return _MaskedKeys
+
+
+class _MaskedKeys(_Relay):
+    """keys: SecAgg share_keys."""
+
+    phase = "keys"
+
+    @staticmethod
+    def finish(s: HEServer) -> type[ServerState]:
+        assert isinstance(s, MaskedServer)
+        s._inner.finish_phase("share_keys")
+        return _MaskedUploads
+
+
+class _MaskedUploads(AwaitingUploads):
+    """upload: SecAgg's masked_input request behind the signed public context; BFV ciphertexts back."""
+
+    @staticmethod
+    def requests(s: HEServer) -> dict[Party, bytes]:
+        assert isinstance(s, MaskedServer)
+        head = s._public_items()
+        return {c: s._frame.message("upload", wire.SERVER, [*head, r])
+                for c, r in s._inner.requests("masked_input").items()}
+
+    @staticmethod
+    def finish(s: HEServer) -> type[ServerState]:
+        assert isinstance(s, MaskedServer)
+        AwaitingUploads.finish(s)
+        t = s._masking.min_survivors(s._spec.n)
+        if len(s._uploaded) < t:  # abort before the decryptor is asked for anything
+            raise ProtocolAborted(AbortReason.TOO_FEW_SURVIVORS,
+                                  f"only {len(s._uploaded)} masked inputs arrived; the round needs t = {t}",
+                                  phase="upload")
+        return _MaskedSum
+
+
+class _MaskedSum(AwaitingSum):
+    """decrypt: the decryptor releases the masked sum modulo 2^k, which goes to the masking server."""
+
+    @staticmethod
+    def requests(s: HEServer) -> dict[Party, bytes]:
+        return {DECRYPTOR: s._aggregate_request()}
+
+    @staticmethod
+    def receive(s: HEServer, party: Party, payload: bytes) -> None:
+        assert isinstance(s, MaskedServer)
+        released = bytes(s._reader(party, payload).rest())
+        if len(released) != s._p._released_size(s._spec):
+            raise MessageRejected("invalid message: wrong length of the sum")
+        try:  # strict: the released masked sum must be a valid packing of k-bit values
+            unpack(released, s._masking.encoder.modulus_bits(s._spec.n), s._spec.dim)
+        except InvalidInput:
+            raise MessageRejected("invalid message: malformed sum") from None
+        s._released = released
+
+    @staticmethod
+    def finish(s: HEServer) -> type[ServerState]:
+        assert isinstance(s, MaskedServer)
+        AwaitingSum.finish(s)
+        s._feed_masked_sum()
+        s._inner.finish_phase("masked_input")
+        return _MaskedConsistency
+
+
+class _MaskedConsistency(_Relay):
+    """consistency_check: SecAgg's (active adversary only)."""
+
+    phase = "consistency_check"
+
+    @staticmethod
+    def finish(s: HEServer) -> type[ServerState]:
+        assert isinstance(s, MaskedServer)
+        s._inner.finish_phase("consistency_check")
+        return _MaskedUnmasking
+
+
+class _MaskedUnmasking(_Relay):
+    """unmasking: SecAgg's; the masking server removes the masks from the released sum."""
+
+    phase = "unmasking"
+
+    @staticmethod
+    def finish(s: HEServer) -> type[ServerState]:
+        assert isinstance(s, MaskedServer)
+        s._inner.finish_phase("unmasking")
+        total, included = s._inner.result()
+        if included != s._included:
+            raise ProtocolAborted(AbortReason.INVALID_STATE, "the unmasked sum names other clients than "
+                                  "the decrypted one", phase="unmasking")
+        s._result = (total, included)
+        return Done

@@ -7,6 +7,7 @@ server ``he/server.py``, the saved-state format ``he/state.py``. Nothing here is
 from __future__ import annotations
 
 import hashlib
+from typing import ClassVar
 
 import numpy as np
 
@@ -50,10 +51,14 @@ DEALER = 0
 #: HKDF label and AEAD purpose of the secret key sent from the dealer to each client ("clients" mode).
 _KEY_PURPOSE = "he/secret-key"
 
-# Client stages: what the client has done so far.
+# Client stages: what the client has done so far (the state classes below, as the saved state stores them).
 FRESH, ADVERTISED, DEALT, UPLOADED, DECRYPTED = range(5)
 # Decryptor stages.
 KEYLESS, KEYED, SPENT = range(3)
+
+
+def _out_of_order(phase: str, who: str) -> MessageRejected:
+    return MessageRejected(f"invalid message: {phase!r} is out of order for {who}")
 
 
 def verified_public(protocol: HEScheme, spec: RoundSpec, ring: Ring, reader: Reader) -> tuple[bytes, object]:
@@ -87,7 +92,7 @@ class HEClient(ClientProtocol):
         self._p, self._spec, self._ring, self._id, self._rng = protocol, spec, ring, client, rng
         self._frame = Framer(protocol, spec)
         self._values: np.ndarray | None = None
-        self._stage = FRESH
+        self._state: type[_ClientState] = _Fresh
         self._kex_key: kex.X25519PrivateKey | None = None
         self._secret: bytes | None = None  # secret-only context ("clients" mode, once the key arrived)
         self._key_id: bytes | None = None
@@ -99,30 +104,38 @@ class HEClient(ClientProtocol):
         """Check and encode `x`: InvalidInput for a wrong shape or dtype, NaN/Inf or a value out of range."""
         self._values = self._p._prepare(x, self._spec, self._rng)
 
+    @property
+    def _stage(self) -> int:
+        """The current state as the saved state's stage number."""
+        return self._state.stage
+
+    @_stage.setter
+    def _stage(self, stage: int) -> None:
+        self._state = _CLIENT_STATES[stage]
+
     def handle(self, phase: str, request: bytes) -> bytes | None:
         if phase not in self._p.phases:
             raise MessageRejected(f"invalid message: no phase {phase!r}")
         reader = Reader(self._frame.payload(request, phase, wire.SERVER))
-        clients_mode = self._p.key_holder == "clients"
-        if phase == "setup" and clients_mode and self._stage == FRESH:
-            reader.end()
-            self._kex_key = kex.generate_private_key(self._rng.child("he/kex"))
-            pk = kex.public_bytes(self._kex_key)
-            sig = auth.sign(self._p.directory(self._spec.n), self._p._TAG, self._spec, self._id, pk, purpose=auth.KEX)
-            self._stage = ADVERTISED
-            return self._frame.message(phase, self._id, [pk, sig])
-        if phase == "keys" and clients_mode and self._stage == ADVERTISED:
-            return self._deal(reader)
-        if phase == "upload" and self._stage in ((ADVERTISED, DEALT) if clients_mode else (FRESH,)):
-            return self._upload(reader)
-        if phase == "decrypt" and clients_mode and self._dealer and self._stage == UPLOADED:
-            secret, key_id = self._secret, self._key_id
-            assert secret is not None and key_id is not None
-            # Spent before anything is checked: a refused request is no retry.
-            self._stage, self._secret = DECRYPTED, None
-            released, _ = auth.decrypt_verified(self._p, self._spec, self._ring, secret, key_id, reader)
-            return self._frame.message(phase, self._id, [released])
-        raise MessageRejected(f"invalid message: {phase!r} is out of order for this client")
+        reply, self._state = self._state.step(self, phase, reader)
+        return reply
+
+    def _advertise(self, reader: Reader) -> bytes:
+        """Setup in "clients" mode: a fresh exchange key, signed, for the dealer to seal the secret key to."""
+        reader.end()
+        self._kex_key = kex.generate_private_key(self._rng.child("he/kex"))
+        pk = kex.public_bytes(self._kex_key)
+        sig = auth.sign(self._p.directory(self._spec.n), self._p._TAG, self._spec, self._id, pk, purpose=auth.KEX)
+        return self._frame.message("setup", self._id, [pk, sig])
+
+    def _decrypt(self, reader: Reader) -> bytes:
+        """The dealer's one decryption of the verified sum; the key is spent before anything is checked, so a
+        refused request is no retry."""
+        secret, key_id = self._secret, self._key_id
+        assert secret is not None and key_id is not None
+        self._state, self._secret = _Decrypted, None
+        released, _ = auth.decrypt_verified(self._p, self._spec, self._ring, secret, key_id, reader)
+        return self._frame.message("decrypt", self._id, [released])
 
     def _deal(self, reader: Reader) -> bytes:
         """The dealer (client 0, always) makes the key and seals the secret part to every other client listed."""
@@ -154,7 +167,6 @@ class HEClient(ClientProtocol):
             sealed = aead.seal(key, self._key_id + self._secret, purpose=_KEY_PURPOSE, session_id=s.session_id,
                                round_index=s.round_index, sender=self._id, recipient=j, rng=self._rng)
             items += [u32(j), u32(len(sealed)), sealed]
-        self._stage, self._dealer = DEALT, True
         return self._frame.message("keys", self._id, items)
 
     def _receive_key(self, dealer: int, dealer_pk: bytes, sealed: memoryview) -> None:
@@ -176,7 +188,7 @@ class HEClient(ClientProtocol):
         dealer_pk = bytes(reader.take(kex.KEY_BYTES))
         dealer_sig = reader.take(auth.SIG)
         sealed = reader.rest()
-        if self._stage == DEALT:
+        if self._state is _Dealt:
             if dealer != self._id or len(sealed):
                 raise MessageRejected("invalid message: the dealer gets no sealed key")
         elif self._id == DEALER:
@@ -200,7 +212,6 @@ class HEClient(ClientProtocol):
         reader.end()
         parts = backend.encrypt_chunks(ctx, self._ring, self._values)
         self._values = None  # encrypted and sent: a model-sized copy the client no longer needs
-        self._stage = UPLOADED
         items = signed_upload(self._p, self._spec, self._id, backend.key_id(public), parts)
         return self._frame.message("upload", self._id, items)
 
@@ -256,31 +267,43 @@ class HEDecryptor(ClientProtocol):
     def __init__(self, protocol: HEScheme, spec: RoundSpec, ring: Ring, rng: RandomSource) -> None:
         self._p, self._spec, self._ring, self._rng = protocol, spec, ring, rng
         self._frame = Framer(protocol, spec)
-        self._stage = KEYLESS
+        self._state: type[_DecryptorState] = _Keyless
         self._secret: bytes | None = None
         self._key_id: bytes | None = None
+
+    @property
+    def _stage(self) -> int:
+        """The current state as the saved state's stage number."""
+        return self._state.stage
+
+    @_stage.setter
+    def _stage(self, stage: int) -> None:
+        self._state = _DECRYPTOR_STATES[stage]
 
     def handle(self, phase: str, request: bytes) -> bytes | None:
         if phase not in self._p.phases:
             raise MessageRejected(f"invalid message: no phase {phase!r}")
         reader = Reader(self._frame.payload(request, phase, wire.SERVER))
-        if phase == "setup" and self._stage == KEYLESS:
-            reader.end()
-            ctx = backend.new_context(self._ring)
-            public = backend.public_bytes(ctx)
-            self._secret, self._key_id = backend.secret_bytes(ctx), backend.key_id(public)
-            sig = auth.sign(self._p.directory(self._spec.n), self._p._TAG, self._spec, DECRYPTOR_ID, self._key_id,
-                            purpose=auth.CONTEXT)
-            self._stage = KEYED
-            return self._frame.message(phase, DECRYPTOR_ID, [sig, public])
-        if phase == "decrypt" and self._stage == KEYED:
-            secret, key_id = self._secret, self._key_id
-            assert secret is not None and key_id is not None
-            # One decryption per round, spent before anything is checked: a refused request is no retry.
-            self._stage, self._secret = SPENT, None
-            released, _ = auth.decrypt_verified(self._p, self._spec, self._ring, secret, key_id, reader)
-            return self._frame.message(phase, DECRYPTOR_ID, [released])
-        raise MessageRejected(f"invalid message: {phase!r} is out of order for the decryptor")
+        reply, self._state = self._state.step(self, phase, reader)
+        return reply
+
+    def _make_key(self, reader: Reader) -> bytes:
+        """Setup: a fresh key pair; the public context goes out with the signature on its key id."""
+        reader.end()
+        ctx = backend.new_context(self._ring)
+        public = backend.public_bytes(ctx)
+        self._secret, self._key_id = backend.secret_bytes(ctx), backend.key_id(public)
+        sig = auth.sign(self._p.directory(self._spec.n), self._p._TAG, self._spec, DECRYPTOR_ID, self._key_id,
+                        purpose=auth.CONTEXT)
+        return self._frame.message("setup", DECRYPTOR_ID, [sig, public])
+
+    def _decrypt(self, reader: Reader) -> bytes:
+        """One decryption per round, the key spent before anything is checked: a refused request is no retry."""
+        secret, key_id = self._secret, self._key_id
+        assert secret is not None and key_id is not None
+        self._state, self._secret = _Spent, None
+        released, _ = auth.decrypt_verified(self._p, self._spec, self._ring, secret, key_id, reader)
+        return self._frame.message("decrypt", DECRYPTOR_ID, [released])
 
     def dump(self) -> bytes:
         fields = {} if self._secret is None else {state.F_SECRET: self._secret, state.F_KEY_ID: self._key_id or b""}
@@ -299,3 +322,107 @@ class HEDecryptor(ClientProtocol):
         if has_secret:
             dec._secret, dec._key_id = fields[state.F_SECRET], fields[state.F_KEY_ID]
         return dec
+
+
+# -- states (fcp/secagg style): each takes its phase's request and returns (reply, next state) ---------------
+
+class _ClientState:
+    """What an HE client has done so far; ``step`` answers the request of `phase` or refuses it out of order
+    (a refused request leaves the state as it was, except a decryption, which is spent first)."""
+
+    stage: ClassVar[int]
+
+    @staticmethod
+    def step(c: HEClient, phase: str, reader: Reader) -> tuple[bytes, type[_ClientState]]:
+        raise _out_of_order(phase, "this client")
+
+
+class _Fresh(_ClientState):
+    stage = FRESH
+
+    @staticmethod
+    def step(c: HEClient, phase: str, reader: Reader) -> tuple[bytes, type[_ClientState]]:
+        clients_mode = c._p.key_holder == "clients"
+        if phase == "setup" and clients_mode:
+            return c._advertise(reader), _Advertised
+        if phase == "upload" and not clients_mode:
+            return c._upload(reader), _Uploaded
+        raise _out_of_order(phase, "this client")
+
+
+class _Advertised(_ClientState):
+    stage = ADVERTISED
+
+    @staticmethod
+    def step(c: HEClient, phase: str, reader: Reader) -> tuple[bytes, type[_ClientState]]:
+        if phase == "keys":
+            reply = c._deal(reader)
+            c._dealer = True
+            return reply, _Dealt
+        if phase == "upload":
+            return c._upload(reader), _Uploaded
+        raise _out_of_order(phase, "this client")
+
+
+class _Dealt(_ClientState):
+    stage = DEALT
+
+    @staticmethod
+    def step(c: HEClient, phase: str, reader: Reader) -> tuple[bytes, type[_ClientState]]:
+        if phase == "upload":
+            return c._upload(reader), _Uploaded
+        raise _out_of_order(phase, "this client")
+
+
+class _Uploaded(_ClientState):
+    stage = UPLOADED
+
+    @staticmethod
+    def step(c: HEClient, phase: str, reader: Reader) -> tuple[bytes, type[_ClientState]]:
+        if phase == "decrypt" and c._p.key_holder == "clients" and c._dealer:
+            return c._decrypt(reader), _Decrypted
+        raise _out_of_order(phase, "this client")
+
+
+class _Decrypted(_ClientState):
+    stage = DECRYPTED
+
+
+_CLIENT_STATES: tuple[type[_ClientState], ...] = (_Fresh, _Advertised, _Dealt, _Uploaded, _Decrypted)
+
+
+class _DecryptorState:
+    """What the decryptor has done so far: keyless, keyed (holds the round's secret key), spent."""
+
+    stage: ClassVar[int]
+
+    @staticmethod
+    def step(d: HEDecryptor, phase: str, reader: Reader) -> tuple[bytes, type[_DecryptorState]]:
+        raise _out_of_order(phase, "the decryptor")
+
+
+class _Keyless(_DecryptorState):
+    stage = KEYLESS
+
+    @staticmethod
+    def step(d: HEDecryptor, phase: str, reader: Reader) -> tuple[bytes, type[_DecryptorState]]:
+        if phase == "setup":
+            return d._make_key(reader), _Keyed
+        raise _out_of_order(phase, "the decryptor")
+
+
+class _Keyed(_DecryptorState):
+    stage = KEYED
+
+    @staticmethod
+    def step(d: HEDecryptor, phase: str, reader: Reader) -> tuple[bytes, type[_DecryptorState]]:
+        if phase == "decrypt":
+            return d._decrypt(reader), _Spent
+        raise _out_of_order(phase, "the decryptor")
+
+
+class _Spent(_DecryptorState):
+    stage = SPENT
+
+
+_DECRYPTOR_STATES: tuple[type[_DecryptorState], ...] = (_Keyless, _Keyed, _Spent)
