@@ -1,5 +1,7 @@
 """The HE client and decryptor state machines (layouts in ``protocols/he.md``, "Messages").
 
+Each party is in one state class at a time (the end of this module, fcp/secagg style): its ``step``
+answers the request of a phase and returns the next state; the saved stage number names the state.
 Framing is ``he/wire.py``, signatures and the key holder's verified sum ``he/auth.py``, the
 server ``he/server.py``, the saved-state format ``he/state.py``. Nothing here is unpickled.
 """
