@@ -12,8 +12,9 @@ session. The library's three:
 
 The two client-level mechanisms compose a clip part: :class:`FixedClip` (flat or per-layer) or
 :class:`AdaptiveClip` (the clip follows a quantile through a noised count bit each participant
-appends). Noise provisioning and accounting are :class:`~securefed.privacy.client_level.
-ClientLevelMechanism`'s, shared with the Flower strategy. See ``protocols/dp.md`` section 2.
+appends). Their noise provisioning and accounting are those of
+:class:`~securefed.privacy.client_level.ClientLevelMechanism`, which the Flower side uses too.
+See ``protocols/dp.md`` ("Typed configurations", section 2) and ``proofs/dp.md`` Claim 1.3.
 """
 
 from __future__ import annotations
