@@ -48,3 +48,24 @@ def test_bad_settings_are_refused_before_anything_starts(tmp_path):
     ports = free_ports(3)
     assert len(set(ports)) == 3 and all(1024 <= p < 65536 for p in ports)
     assert os.environ.get("FLWR_HOME") != str(tmp_path)
+
+
+def test_setup_ahead_two_messages_per_round_on_loopback(tmp_path):
+    """The bench's securefed app (SecAgg+, 3 rounds, each carrying the next round's setup) on real processes:
+    4 messages per node in round 1, then 2 per round, and every round's sum within the protocol's bound."""
+    import json
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parents[2] / "bench" / "flower_apps" / "securefed"
+    n = 3
+    nodes = [{"partition-id": i, "num-partitions": n, "degree": 2} for i in range(n)]
+    out = tmp_path / "out.json"
+    with LoopbackFederation(tmp_path / "fed", num_nodes=n, node_configs=nodes) as fed:
+        run_id = fed.run(app, {"num-nodes": n, "dim": 1000, "degree": 2, "rounds": 3, "ahead": 1, "timeout": 60.0,
+                               "out": str(out)})
+        status = fed.wait(run_id, timeout=240)
+        assert status["status"] == "finished:completed", fed.run_log(run_id)[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["messages_per_node"].values()) == [4 + 2 + 2] * n
+    assert result["included"] == n
+    assert result["max_abs_error"] <= result["error_bound"]
