@@ -163,3 +163,18 @@ def test_a_riding_request_of_an_earlier_round_is_refused():
     req, _, _ = _envelope.parse_request(carrier.content, input_phase=False)
     with pytest.raises(MessageRejected, match="later round"):
         _envelope.parse_next(carrier.content, req)
+
+
+def test_distributed_dp_rounds_ride_along_with_each_rounds_own_noise_encoder():
+    """With distributed DP the round protocol depends on the session (its noise encoder): the riding setup
+    uses the next round's, and every node's parameters check (a mismatch would be refused, not summed)."""
+    from securefed.privacy import DistributedDP
+
+    protocol, privacy = sf.protocols.SecAggPlus(), DistributedDP(noise_multiplier=0.1, clipping=0.5)
+    members = list(apps.nodes(5))
+    rec = Recorder()
+    grid = InProcessGrid(apps.client_app(protocol, delta, privacy=privacy), apps.nodes(5), deliver=rec)
+    agg = apps.aggregator(protocol, privacy=privacy)
+    outs = [run(agg, grid, members, r, next_nodes=members if r < 3 else None) for r in (1, 2, 3)]
+    assert all(out.included_nodes == tuple(members) for out in outs)
+    assert rec.per_node(3) == {v: ["train", "query.unmasking"] for v in members}
