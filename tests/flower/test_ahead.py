@@ -178,3 +178,22 @@ def test_distributed_dp_rounds_ride_along_with_each_rounds_own_noise_encoder():
     outs = [run(agg, grid, members, r, next_nodes=members if r < 3 else None) for r in (1, 2, 3)]
     assert all(out.included_nodes == tuple(members) for out in outs)
     assert rec.per_node(3) == {v: ["train", "query.unmasking"] for v in members}
+
+
+def test_the_active_variant_rides_along_on_its_three_exchanges():
+    """Active SecAgg: advertise_keys rides on masked_input and share_keys on consistency_check, so a steady
+    round is three messages per node; signatures check against each round's own directory."""
+    from tests.flower.test_identities import federation
+
+    protocol = sf.protocols.SecAgg(adversary="active")
+    members = list(apps.nodes(6))
+    keys = federation(members)
+    rec = Recorder()
+    app = apps.client_app(protocol, delta, identities=lambda context: keys.restricted_to(context.node_id))
+    grid = InProcessGrid(app, apps.nodes(6), deliver=rec)
+    agg = apps.aggregator(protocol, identities=keys.public_only())
+    outs = [run(agg, grid, members, r, next_nodes=members if r < 3 else None) for r in (1, 2, 3)]
+    for r, out in enumerate(outs, 1):
+        np.testing.assert_allclose(out.result.total, expected(members, r), atol=protocol.error_bound(6))
+    for r in (2, 3):
+        assert rec.per_node(r) == {v: ["train", "query.consistency_check", "query.unmasking"] for v in members}
