@@ -75,6 +75,10 @@ class DropRecord:
     reason: DropReason
     detail: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, DropReason):  # the audit log records reason.value: no free strings
+            raise TypeError(f"DropRecord.reason must be a DropReason, got {self.reason!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class RoundSpec:

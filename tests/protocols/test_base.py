@@ -72,3 +72,12 @@ def test_a_given_session_id_is_the_rounds():
     res = sf.simulate_aggregation(sf.protocols.Plain(), [np.ones(3)] * 2, seed=1, session_id=session)
     assert res.spec.session_id == session
     assert sf.simulate_aggregation(sf.protocols.Plain(), [np.ones(3)] * 2, seed=1).spec.session_id != session
+
+
+@pytest.mark.parametrize("reason", ["no_reply", "timeout", None])
+def test_a_drop_record_takes_only_a_drop_reason(reason):
+    from securefed.protocols.base import DropReason, DropRecord
+
+    with pytest.raises(TypeError, match="DropReason"):
+        DropRecord("masked_input", reason)
+    assert DropRecord("masked_input", DropReason.NO_REPLY).reason.value == "no_reply"
