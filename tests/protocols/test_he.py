@@ -1088,3 +1088,31 @@ def test_server_walks_its_states_in_phase_order_and_stays_aborted(proto):
         with pytest.raises(ProtocolAborted) as again:
             call()
         assert again.value is first.value
+
+
+@pytest.mark.parametrize("proto", [CKKS(), BFV(value_range=1.0), BFV(value_range=1.0, key_holder="masked")],
+                         ids=["ckks", "bfv", "bfv-masked"])
+def test_a_client_dropped_for_a_rejected_reply_cannot_come_back_with_a_valid_one(proto):
+    """protocols/he.md, "States": a rejected reply drops its sender for the round; its valid reply after that
+    is refused too, so no client is both dropped and included."""
+    xs = [np.full(4, 0.25)] * 4
+    rng = RandomSource(5)
+    spec = RoundSpec(n=len(xs), dim=4, session_id=rng.child("session").token_bytes(32))
+    server = proto.server(spec, rng=rng.child("server"))
+    party = {i: proto.client(spec, i, xs[i], rng=rng.child(f"client/{i}")) for i in range(len(xs))}
+    party.update(proto.auxiliary(spec, rng=rng.child("auxiliary")))
+    for phase in proto.phases:
+        for who, request in server.requests(phase).items():
+            reply = party[who].handle(phase, request)
+            if phase == "upload" and who == 0:
+                with pytest.raises(MessageRejected):
+                    server.receive(phase, who, b"\x00" * 8)
+                with pytest.raises(MessageRejected, match="dropped"):
+                    server.receive(phase, who, reply)
+                continue
+            if reply is not None:
+                server.receive(phase, who, reply)
+        server.finish_phase(phase)
+    total, included = server.result()
+    assert 0 not in included and set(server.dropped) == {0}
+    assert np.allclose(total, 0.25 * len(included), atol=1e-3)

@@ -140,6 +140,8 @@ class HEServer(ServerProtocol):
                 raise MessageRejected("invalid message: out of phase or unknown sender")
             if party in self._answered:
                 raise MessageRejected("invalid message: replayed")
+            if party in self._dropped:  # a rejected reply dropped it: a later one must not include it again
+                raise MessageRejected(f"invalid message: client {party} was dropped from the round")
             self._state.receive(self, party, payload)
         except MessageRejected as e:
             if isinstance(party, int) and party in self._asked and party not in self._answered:
