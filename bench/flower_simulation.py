@@ -123,6 +123,8 @@ def main() -> None:
         "simulation_seconds": round(sf_wall, 1),
     }
     if not args.skip_flower:
+        # Flower's run can take much longer: keep securefed's figures if it is stopped.
+        print(f"securefed done: {json.dumps(result)}", file=sys.stderr, flush=True)
         theirs: dict[str, Any] = {}
         fl_rounds, fl_mem, fl_wall = simulate(apps.flower_server(n, rounds, degree + 1, threshold, theirs),
                                               apps.flower_client, n, args.cpus, theirs, rounds, "flower")
