@@ -383,6 +383,7 @@ class GridAggregator:
         config: ConfigRecord | None = None,
         max_examples: int = 0,
         next_nodes: Iterable[int] | None = None,
+        next_rng: RandomSource | None = None,
     ) -> RoundOutcome:
         """One round with `nodes` (client i is the i-th smallest node id) on vectors of length `dim`.
 
@@ -397,12 +398,16 @@ class GridAggregator:
         the next call with exactly those nodes, that round index, `dim` and `max_examples` goes on from
         there: two client messages per round in steady state (``protocols/flower.md``, section 3). Any
         other next call discards it and runs the full setup. Rounds with the graph beacon, auxiliary
-        parties or an HE protocol run no setup ahead (``next_nodes`` is then ignored).
+        parties or an HE protocol run no setup ahead (``next_nodes`` is then ignored). ``next_rng``: that
+        round's randomness (default ``rng.child("ahead/<round_index + 1>")``); the strategy passes what the
+        round would get on its own, so a seeded run is the same with or without the setup riding ahead.
         """
         rnd = self._take_prepared(nodes, round_index, dim, max_examples) or AggregationRound(
             self.protocol, nodes, round_index=round_index, dim=dim, rng=rng, max_payload_bytes=self.max_payload_bytes,
             max_examples=max_examples, privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities)
-        ahead = None if next_nodes is None else self._ahead_round(next_nodes, round_index + 1, dim, rng, max_examples)
+        ahead = None if next_nodes is None else self._ahead_round(
+            next_nodes, round_index + 1, dim, rng.child(f"ahead/{round_index + 1}") if next_rng is None else next_rng,
+            max_examples)
         self.last_round = rnd
         carry = list(ahead.setup_phases) if ahead is not None else []
         start = rnd.phases.index(input_phase(rnd.protocol))
@@ -435,13 +440,14 @@ class GridAggregator:
 
     def _ahead_round(self, nodes: Iterable[int], round_index: int, dim: int, rng: RandomSource,
                      max_examples: int) -> AggregationRound | None:
-        """Round `round_index` with `nodes`, to run its setup ahead; None where none runs ahead."""
+        """Round `round_index` with `nodes` and randomness `rng`, to run its setup ahead; None where none runs
+        ahead."""
         nodes = sorted({int(v) for v in nodes})
         if not nodes or self.auxiliary or isinstance(self.protocol, HEProtocol) or _beacon.required(
                 self.protocol, len(nodes)):
             return None
         rnd = AggregationRound(self.protocol, nodes, round_index=round_index, dim=dim,
-                               rng=rng.child(f"ahead/{round_index}"), max_payload_bytes=self.max_payload_bytes,
+                               rng=rng, max_payload_bytes=self.max_payload_bytes,
                                max_examples=max_examples, privacy=self.privacy, identities=self.identities)
         return rnd if rnd.setup_phases else None
 

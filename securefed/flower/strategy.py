@@ -225,14 +225,7 @@ class SecureFedAvg:
     def _pool(self, grid: Grid, round_index: int, state: _RunState) -> list[int]:
         """The nodes the round may sample (sorted), once at least ``min_available_nodes`` are available."""
         deadline = time.monotonic() + self.node_wait_timeout
-        while True:
-            available = sorted({int(v) for v in grid.get_node_ids()} - set(self.aggregator.auxiliary.values()))
-            if (keys := self.aggregator.identities) is not None:
-                available = [v for v in available if _identities.registered(keys, v)]
-            rested = [v for v in available if state.cooldown.get(v, 0) < round_index]
-            pool = rested if len(rested) >= self.min_available_nodes else available
-            if len(pool) >= self.min_available_nodes:
-                break
+        while len(pool := _available(self, grid, round_index, state)) < self.min_available_nodes:
             if time.monotonic() > deadline:
                 raise ProtocolAborted(AbortReason.TOO_FEW_SURVIVORS,
                                       f"only {len(pool)} nodes available after {self.node_wait_timeout:.0f} s; "
@@ -269,7 +262,8 @@ class SecureFedAvg:
         try:
             engine = RoundEngine(self.protocol, None, weighting=self.weighting,
                                  optimizer=copy.deepcopy(self.server_optimizer))
-            run = _Run(initial_arrays, _RunState(), None, [], engine=engine)
+            run = _Run(initial_arrays, _RunState(), None, [], engine=engine, num_rounds=num_rounds)
+            self.aggregator.prepared = None  # a round prepared by an earlier start() is not this run's
             if self.checkpoint_dir is not None:
                 key = self._checkpoint_signer(audit)
                 restored = _resume.restore(self.checkpoint_dir, key, audit)
@@ -373,7 +367,7 @@ class SecureFedAvg:
         start, spec = _model.flatten_record(run.arrays)
         if self.privacy is not None:
             _open_session(self, run, len(pool), start.size)
-        nodes = self._sample(engine, pool, r)
+        nodes = _drawn(self, run, engine, pool, r)
         plan = None if len(nodes) < self.min_train_nodes else engine.plan(
             r, nodes, check=_check_round(engine), session_protocol=False)
         if plan is None:  # a Poisson sample too small to run: nothing sent, released or spent
@@ -384,10 +378,11 @@ class SecureFedAvg:
         config = ConfigRecord({**(train_config or {}), "server-round": r,
                                **_privacy.round_config(engine.session)})
         log.info("securefed: round %d with %d nodes", r, len(nodes))
-        rng, weighted = self._rng(f"round/{r}"), self.weighting == "examples"
-        try:
+        rng, weighted, after = self._rng(f"round/{r}"), self.weighting == "examples", _next_sample(self, grid, run, r)
+        try:  # round r + 1's setup rides on this round's messages, with the randomness it would have on its own
             outcome = self.aggregator.run(grid, nodes, round_index=r, dim=dim, rng=rng, arrays=run.arrays,
-                                          config=config, max_examples=self.max_examples if weighted else 0)
+                                          config=config, max_examples=self.max_examples if weighted else 0,
+                                          next_nodes=after, next_rng=self._rng(f"round/{r + 1}"))
         except ProtocolAborted as e:
             log.error("securefed: round %d aborted (%s): %s", r, e.reason.value, e)
             rnd = self.aggregator.last_round
@@ -426,6 +421,8 @@ class _Run:
     counter: int = 0  # the checkpoint counter: grows with every commit and resume
     audit: Any = None  # the open audit writer: every DP release is logged before the server uses it
     released: np.ndarray | None = None  # what the last round released (noised under central DP), never the raw sum
+    num_rounds: int = 0  # the run's last round (it has no next round to prepare)
+    drawn: tuple[int, list[int], list[int]] | None = None  # (round, pool, sample) drawn ahead for the next round
 
 
 def _check_options(privacy: Privacy | None, fraction_train: float, min_train_nodes: int, min_available_nodes: int,
@@ -507,6 +504,50 @@ def _log_release(s: SecureFedAvg, run: _Run, r: int) -> None:
     elif s.checkpoint_dir is not None:
         _checkpoint.record_release(s.checkpoint_dir, event, key=run.key, round_index=run.state.round)
     run.pending.append(event)
+
+
+def _available(s: SecureFedAvg, grid: Grid, round_index: int, state: _RunState) -> list[int]:
+    """The nodes round `round_index` may sample now (sorted): available, not auxiliary, registered (with
+    identities) and rested after a dropout while at least ``min_available_nodes`` others are."""
+    available = sorted({int(v) for v in grid.get_node_ids()} - set(s.aggregator.auxiliary.values()))
+    if (keys := s.aggregator.identities) is not None:
+        available = [v for v in available if _identities.registered(keys, v)]
+    rested = [v for v in available if state.cooldown.get(v, 0) < round_index]
+    return rested if len(rested) >= s.min_available_nodes else available
+
+
+def _drawn(s: SecureFedAvg, run: _Run, engine: RoundEngine, pool: list[int], r: int) -> list[int]:
+    """Round r's sample: the one drawn ahead during round r - 1 when the pool is still the one it was drawn
+    from (the same coins give the same sample; unseeded fixed-size samples are drawn once), else drawn now."""
+    if run.drawn is not None and run.drawn[:2] == (r, pool):
+        return list(run.drawn[2])
+    return s._sample(engine, pool, r)
+
+
+def _next_sample(s: SecureFedAvg, grid: Grid, run: _Run, r: int) -> list[int] | None:
+    """Round r + 1's sample, drawn before round r sends anything from the pool as it is now, so that its
+    setup can ride on round r's messages; None for the last round or a sample round r + 1 would not run.
+
+    Round r + 1 still plans (budget, skip) when it starts, and uses this sample only when its pool is
+    the same (a node cooling down after a dropout in round r changes it); the aggregator takes the
+    prepared round only for exactly its nodes (``GridAggregator.run``, ``protocols/flower.md`` section 6)."""
+    run.drawn = None
+    if r >= run.num_rounds:
+        return None
+    pool = _available(s, grid, r + 1, run.state)
+    if len(pool) < s.min_available_nodes:
+        return None
+    nodes = s._sample(run.engine, pool, r + 1)
+    run.drawn = (r + 1, pool, nodes)
+    if len(nodes) < s.min_train_nodes or (run.engine.session is not None and not run.engine.session.runnable(
+            len(nodes))):
+        return None
+    try:
+        if (check := _check_round(run.engine)) is not None:
+            check(list(nodes))
+    except ConfigurationError:  # raised again when round r + 1 starts, as without riding
+        return None
+    return nodes
 
 
 def _fixed_sample(s: SecureFedAvg, pool: list[int], round_index: int) -> list[int]:

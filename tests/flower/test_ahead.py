@@ -197,3 +197,129 @@ def test_the_active_variant_rides_along_on_its_three_exchanges():
         np.testing.assert_allclose(out.result.total, expected(members, r), atol=protocol.error_bound(6))
     for r in (2, 3):
         assert rec.per_node(r) == {v: ["train", "query.consistency_check", "query.unmasking"] for v in members}
+
+
+# -- through the strategy: SecureFedAvg.start passes each round the next round's sample --------------------------
+
+
+def fedavg(protocol, rec, *, privacy=None, nodes=5, rounds=4, **kw):
+    """SecureFedAvg.start over an in-process grid of `nodes` recorded by `rec`; returns its result."""
+    app = apps.client_app(protocol, delta, privacy=privacy)
+    grid = InProcessGrid(app, apps.nodes(nodes), deliver=rec)
+    strategy = sf.flower.SecureFedAvg(protocol=protocol, privacy=privacy, seed=5, phase_timeout=0.05,
+                                      train_timeout=0.05, poll_interval=0.01, **kw)
+    return strategy.start(grid, apps.model(), num_rounds=rounds)
+
+
+def without_riding(monkeypatch):
+    from securefed.flower import strategy
+
+    monkeypatch.setattr(strategy, "_next_sample", lambda *args: None)
+
+
+def test_the_strategy_runs_steady_rounds_in_two_messages_per_node_with_the_same_results(monkeypatch):
+    protocol, rounds = sf.protocols.SecAggPlus(), 4
+    rec = Recorder()
+    res = fedavg(protocol, rec, rounds=rounds, weighting="uniform")
+    members = list(apps.nodes(5))
+    assert all(len(kinds) == 4 for kinds in rec.per_node(1).values())
+    for r in range(2, rounds + 1):
+        assert rec.per_node(r) == {v: ["train", "query.unmasking"] for v in members}
+    assert all(r.included == tuple(members) for r in res.rounds)
+    # The model moved by the mean update of every round, within the protocol's error bound per round.
+    moved = sum(expected(members, r) / len(members) for r in range(1, rounds + 1))
+    np.testing.assert_allclose(apps.vector(res.arrays), moved, atol=rounds * protocol.error_bound(5) / 5 + 1e-6)
+    # A run without the setup riding ahead pays it every round and ends with the same model (same sessions).
+    without_riding(monkeypatch)
+    ref_rec = Recorder()
+    ref = fedavg(protocol, ref_rec, rounds=rounds, weighting="uniform")
+    assert all(len(kinds) == 4 for r in range(1, rounds + 1) for kinds in ref_rec.per_node(r).values())
+    np.testing.assert_array_equal(apps.vector(res.arrays), apps.vector(ref.arrays))
+    assert [r.included for r in ref.rounds] == [r.included for r in res.rounds]
+
+
+def test_with_privacy_and_poisson_sampling_nodes_in_consecutive_samples_get_two_messages(monkeypatch):
+    """Poisson samples change from round to round: a node in rounds r - 1 and r gets two messages in round r
+    (its setup rode along), a node new to round r gets its setup as messages of its own, one after a skipped
+    round pays the full setup; samples, ledger, epsilon and model equal a run without riding."""
+    from securefed.privacy import DistributedDP
+
+    protocol, privacy, rounds = sf.protocols.SecAggPlus(), DistributedDP(noise_multiplier=0.5, clipping=1.0), 6
+    kw = {"privacy": privacy, "nodes": 6, "rounds": rounds, "fraction_train": 0.5, "min_train_nodes": 3,
+          "min_available_nodes": 6}
+    rec = Recorder()
+    res = fedavg(protocol, rec, **kw)
+    ran = {r.round: set(r.participants) for r in res.rounds if r.included}
+    steady = 0
+    for r, sample in ran.items():
+        for v, kinds in rec.per_node(r).items():
+            assert v in sample
+            if r - 1 in ran and v in ran[r - 1]:
+                assert kinds == ["train", "query.unmasking"]
+                steady += 1
+            else:
+                assert kinds == ["query.advertise_keys", "query.share_keys", "train", "query.unmasking"]
+    assert steady > 0 and len({frozenset(s) for s in ran.values()}) > 1  # this seed's coins give both kinds
+    without_riding(monkeypatch)
+    ref = fedavg(protocol, Recorder(), **kw)
+    assert [(r.participants, r.included, r.aborted) for r in ref.rounds] == [
+        (r.participants, r.included, r.aborted) for r in res.rounds]
+    assert [r.epsilon for r in ref.rounds] == [r.epsilon for r in res.rounds]
+    np.testing.assert_array_equal(apps.vector(res.arrays), apps.vector(ref.arrays))
+
+
+def test_a_node_sampled_for_the_next_round_that_drops_out_cools_down_and_that_round_pays_its_setup(monkeypatch):
+    """Node 1003 is silent in round 2 only: it drops out of round 2 and of round 3's riding setup; round 3's
+    pool leaves it out (cool-down), so the prepared round is not taken and round 3 runs its full setup; in
+    round 4 it is back, with its setup as messages of its own. The model equals a run without riding."""
+    protocol, members, rounds = sf.protocols.SecAggPlus(), list(apps.nodes(6)), 4
+    rec = Recorder()
+
+    def deliver(node, msg):
+        rec(node, msg)
+        return not (node == 1003 and int(msg.content[_envelope.KEY]["round"]) == 2)
+
+    res = fedavg(protocol, deliver, nodes=6, rounds=rounds, weighting="uniform")
+    assert [set(r.dropped) for r in res.rounds] == [set(), {1003}, set(), set()]
+    rest = tuple(v for v in members if v != 1003)
+    assert [r.included for r in res.rounds] == [tuple(members), rest, rest, tuple(members)]
+    assert rec.per_node(2) == {v: ["train", "query.unmasking"] for v in rest} | {1003: ["train"]}
+    assert all(len(kinds) == 4 for kinds in rec.per_node(3).values()) and set(rec.per_node(3)) == set(rest)
+    assert rec.per_node(4) == {v: ["train", "query.unmasking"] for v in rest} | {
+        1003: ["query.advertise_keys", "query.share_keys", "train", "query.unmasking"]}
+    without_riding(monkeypatch)
+    ref = fedavg(protocol, deliver, nodes=6, rounds=rounds, weighting="uniform")
+    assert [r.included for r in ref.rounds] == [r.included for r in res.rounds]
+    np.testing.assert_array_equal(apps.vector(res.arrays), apps.vector(ref.arrays))
+
+
+def test_a_resumed_run_discards_the_prepared_round_and_pays_the_full_setup_once(tmp_path):
+    """The server stops after committing round 2, whose messages carried round 3's setup (the audit witness
+    fails): the resumed run discards that prepared round, so round 3 runs its full setup (the nodes start it
+    afresh), round 4 rides along again, and the model is the uninterrupted run's."""
+    protocol, rounds = sf.protocols.SecAggPlus(), 4
+    members = list(apps.nodes(5))
+    ref = fedavg(protocol, Recorder(), rounds=rounds, weighting="uniform")
+    rec = Recorder()
+    grid = InProcessGrid(apps.client_app(protocol, delta), apps.nodes(5), deliver=rec)
+
+    stopped = []
+
+    def witness(seq, head):
+        if not stopped and (prepared := strategy.aggregator.prepared) is not None and prepared.spec.round_index == 3:
+            stopped.append(seq)
+            raise RuntimeError("the witness is unreachable")
+
+    strategy = sf.flower.SecureFedAvg(protocol=protocol, seed=5, phase_timeout=0.05, train_timeout=0.05,
+                                      poll_interval=0.01, weighting="uniform", checkpoint_dir=tmp_path / "ckpt",
+                                      audit_log=tmp_path / "audit.jsonl", audit_witness=witness)
+    with pytest.raises(RuntimeError, match="witness"):
+        strategy.start(grid, apps.model(), num_rounds=rounds)
+    assert strategy.aggregator.prepared is not None  # round 3's setup had run ahead
+    rec.log.clear()
+    res = strategy.start(grid, apps.model(), num_rounds=rounds)
+    assert [r.round for r in res.rounds] == [1, 2, 3, 4] and res.rounds[2].included == tuple(members)
+    assert rec.per_node(3) == {v: ["query.advertise_keys", "query.share_keys", "train", "query.unmasking"]
+                               for v in members}
+    assert rec.per_node(4) == {v: ["train", "query.unmasking"] for v in members}
+    np.testing.assert_array_equal(apps.vector(res.arrays), apps.vector(ref.arrays))
