@@ -38,7 +38,9 @@ class RoundPlan:
 class RoundRelease:
     """What a round released: ``mean`` (the server optimizer's input), ``released`` (the sum an audit log
     or checkpoint may keep: noised under central DP, never the raw sum under DP), the model after the
-    server step ``new``, ``epsilon`` (None without DP) and the DP ``metrics`` (clip, unclipped fraction)."""
+    server step ``new``, ``epsilon`` (None without DP) and the DP ``metrics`` (clip, unclipped fraction;
+    ``epsilon_unamplified`` when participants are Poisson-sampled, q < 1: the epsilon against whoever knows
+    the sample, :meth:`~securefed.privacy.session.PrivacySession.epsilon_unamplified`)."""
 
     mean: np.ndarray
     released: np.ndarray

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -144,6 +145,13 @@ def _numerics(event: PrivacyEvent, kind: str) -> Iterator[None]:
             f"sampling_rate or steps too extreme for float64; use values of moderate size{hint}") from None
 
 
+def _unamplified_into(acc: Accountant, events: list[PrivacyEvent]) -> Accountant:
+    """`acc` (which holds a prefix of `events` at rate 1) after recording the rest at sampling_rate 1.0."""
+    for event in events[len(acc):]:
+        acc.record(event if event.sampling_rate == 1.0 else dataclasses.replace(event, sampling_rate=1.0))
+    return acc
+
+
 def _check_delta(delta: object) -> float:
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
         raise ConfigurationError(f"delta must be in (0, 1), got {delta!r}")
@@ -174,6 +182,7 @@ class Accountant:
         self._events: list[PrivacyEvent] = []
         self._rdp: np.ndarray | None = None
         self._pld: Any = None
+        self._unamplified: Accountant | None = None  # kept in step lazily by epsilon(amplified=False)
 
     def __repr__(self) -> str:
         return f"Accountant({self.kind!r}, events={len(self._events)})"
@@ -219,15 +228,29 @@ class Accountant:
             acc.compose(_dp_event(event))  # type: ignore[arg-type]
         return acc
 
-    def epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at `delta` (0.0 for an empty ledger)."""
+    def epsilon(self, delta: float, *, amplified: bool = True) -> float:
+        """Epsilon spent so far at `delta` (0.0 for an empty ledger).
+
+        ``amplified=False``: the epsilon of the same ledger with every event's ``sampling_rate``
+        taken as 1.0 (:meth:`unamplified`), the guarantee towards a party that learns who was
+        sampled; equal to the amplified one when every event has rate 1. See ``protocols/dp.md`` section 1.
+        """
         delta = _check_delta(delta)
+        if not amplified and any(e.sampling_rate < 1.0 for e in self._events):
+            if self._unamplified is None:
+                self._unamplified = Accountant(self.kind, conversion=self.conversion)
+            return _unamplified_into(self._unamplified, self._events).epsilon(delta)
         if not self._events:
             return 0.0
         if self.kind == "rdp":
             assert self._rdp is not None
             return _rdp_to_epsilon(self._rdp, delta, self.conversion)
         return float(self._pld.get_epsilon(delta))
+
+    def unamplified(self) -> Accountant:
+        """A new accountant (same kind and conversion) over this ledger with every ``sampling_rate``
+        taken as 1.0: no amplification by subsampling. See ``protocols/dp.md`` section 1."""
+        return _unamplified_into(Accountant(self.kind, conversion=self.conversion), self._events)
 
     def epsilon_after(self, event: PrivacyEvent, delta: float) -> float:
         """Epsilon at `delta` if `event` were recorded too (the ledger is not changed)."""

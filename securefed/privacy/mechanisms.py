@@ -58,6 +58,9 @@ class RoundMechanism(Protocol):
     ``local_training`` (participants train with :meth:`train_locally`), ``dimension`` (length
     of :meth:`client_input`'s vector for the model), ``clipping`` (the clipping module clients
     apply, None when local training makes the update private), ``dpsgd`` (sample level's DP-SGD).
+    Optional: ``guards_against_server`` (True: the guarantee is claimed against the server, which draws
+    the Poisson sample, so the session warns that the unamplified epsilon is the one that holds;
+    ``protocols/dp.md`` section 1), False when absent.
     """
 
     client_level: bool
@@ -289,6 +292,8 @@ class DistributedMechanism(_ClientLevel):
     ConfigurationError at construction for a protocol without integer encodings, and for a
     threshold the colluders could fill (Poisson samples go up to the population).
     """
+
+    guards_against_server = True
 
     def __init__(self, config: DistributedDP, *, protocol: Any, population: int, clients_per_round: int,
                  dimension: int, rng: RandomSource) -> None:

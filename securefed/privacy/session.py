@@ -17,6 +17,7 @@ See ``protocols/dp.md`` section 2 and ``proofs/dp.md`` section 1.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from securefed.privacy.dpsgd import DPSGD
 
 __all__ = ["PrivacySession"]
+
+log = logging.getLogger("securefed.privacy")
 
 
 class PrivacySession:
@@ -66,6 +69,7 @@ class PrivacySession:
         self.released: np.ndarray | None = None
         self._audited = 0
         self._rng = rng
+        self._warned_server = False
 
     # -- the mechanism's parameters -----------------------------------------------------
 
@@ -157,12 +161,42 @@ class PrivacySession:
         self.released, total, metrics = self._mechanism.finish(total, included=included, round=round)
         self.accountant.record(self._event(included=included, n=n, round=round))
         metrics["epsilon"] = self.epsilon()
+        if self.client_level and self.sampling_rate < 1.0:
+            # whoever knows the Poisson sample (the server drawing it, co-participants on Flower) gets
+            # no amplification: protocols/dp.md section 1
+            metrics["epsilon_unamplified"] = self.epsilon_unamplified()
+            self._warn_server(metrics["epsilon"], metrics["epsilon_unamplified"])
         self.metrics = metrics
         return total / included
+
+    def _warn_server(self, amplified: float, unamplified: float) -> None:
+        """Once per session: under distributed DP the server draws the sample, so its epsilon is unamplified."""
+        if self._warned_server or not getattr(self._mechanism, "guards_against_server", False):
+            return
+        self._warned_server = True
+        log.warning(
+            "securefed: DistributedDP with Poisson sampling at q = %g: the server draws the sample, so the "
+            "guarantee against the server is the unamplified epsilon (metrics['epsilon_unamplified'], %.4g now), "
+            "not the reported, amplified %.4g; target_epsilon budgets the amplified one (protocols/dp.md section 1)",
+            self.sampling_rate, unamplified, amplified)
 
     def epsilon(self) -> float:
         """Epsilon spent so far at the configuration's delta."""
         return self.accountant.epsilon(self.config.delta)
+
+    def epsilon_unamplified(self) -> float:
+        """Epsilon spent so far at the configuration's delta with every event's sampling rate taken as 1.0.
+
+        Amplification by subsampling holds only against a party that does not learn who was sampled;
+        this is the guarantee against one that does: the server that draws a Poisson sample (under
+        ``DistributedDP`` the party the guarantee is claimed against), or co-participants shown the
+        round's node list (Flower). Each released round is charged as if it included the privacy unit,
+        through the same accountant (:meth:`Accountant.epsilon` with ``amplified=False``). Equal to
+        :meth:`epsilon` when every event has rate 1 (q = 1). At sample level the events' rate is the
+        examples' Poisson rate, drawn by each participant's own coins. The budget (``target_epsilon``)
+        applies to :meth:`epsilon`. See ``protocols/dp.md`` section 1.
+        """
+        return self.accountant.epsilon(self.config.delta, amplified=False)
 
     def unaudited_ledger(self) -> list[dict[str, Any]]:
         """The ledger entries not yet handed to the audit log (those of the last finished round; none
