@@ -20,7 +20,7 @@ from typing import Any
 from securefed.audit.keys import PublicKeyLike
 from securefed.audit.log import conforms, read_entries
 from securefed.audit.verifier import VerificationResult, verify_data
-from securefed.errors import InvalidInput
+from securefed.errors import InvalidInput, SecureFedError
 
 __all__ = ["render_report"]
 
@@ -137,6 +137,24 @@ def _round_detail(entry: dict[str, Any]) -> str:
             f'({_e(entry["type"])}, entry {entry["seq"]})</summary>{"".join(parts)}</details>')
 
 
+def _unamplified(res: VerificationResult) -> str:
+    """With Poisson-sampled events (q < 1): the ledger's epsilon with every rate taken as 1, what holds
+    against whoever knows the samples (protocols/dp.md section 1); else nothing."""
+    rates = [e.get("sampling_rate", 1.0) for e in res.ledger]
+    if res.epsilon is None or not res.privacy or not any(isinstance(q, float | int) and q < 1.0 for q in rates):
+        return ""
+    from securefed.privacy.accountant import Accountant
+
+    try:
+        acc = Accountant.from_ledger(res.ledger, res.privacy["accountant"],
+                                     conversion=res.privacy.get("conversion", "improved"))
+        eps = acc.epsilon(float(res.privacy["delta"]), amplified=False)
+    except SecureFedError as e:  # a ledger the verifier already failed: say why, render the rest
+        return f"; epsilon without amplification by sampling: not computable ({_e(e)})"
+    return (f"; epsilon without amplification by sampling {eps:.6g} (every event at q = 1: the guarantee "
+            "against whoever knows the samples, e.g. the server that drew them; recomputed)")
+
+
 def _verdict(res: VerificationResult, pinned: bool) -> str:
     if res.ok:
         key = "pinned by the auditor" if pinned else "taken from entry 1 (not pinned: proves integrity, not authorship)"
@@ -194,7 +212,8 @@ def render_report(
         ["protocols", _e(", ".join(protocols) or "none")],
         ["rounds", f"{res.rounds} completed, {res.aborted} aborted (last round {_fmt(res.last_round)})"],
         ["privacy", "none declared" if res.epsilon is None else
-         f"{_e(res.accountant)} accountant, delta {res.delta:g}, epsilon {res.epsilon:.6g} (recomputed)"],
+         f"{_e(res.accountant)} accountant, delta {res.delta:g}, epsilon {res.epsilon:.6g} (recomputed)"
+         + _unamplified(res)],
         ["sessions", "<br>".join(f"entry {e.get('seq')}: {_e(e.get('type'))} at {_e(e.get('time'))}"
                                  + (f" ({_e(e['body'].get('status'))} {_e(e['body'].get('detail', ''))})"
                                     if e.get("type") == "run_end" else "") for e in starts)],
