@@ -46,7 +46,7 @@ GENESIS = "0" * 64
 #: Domain separation: an audit signature can never be mistaken for any other Ed25519 signature.
 SIGNING_CONTEXT = b"securefed/audit/v1\n"
 #: The entry types, in the order a session uses them.
-KINDS = ("run_start", "resume", "release", "round", "round_aborted", "run_end")
+KINDS = ("run_start", "resume", "release", "round", "round_aborted", "round_skipped", "run_end")
 #: The deepest nesting of arrays and objects a line may have (the writer's entries have 5 levels).
 #: A deeper line is not an entry; the cap keeps parsing and checking far from Python's recursion limit.
 MAX_DEPTH = 64

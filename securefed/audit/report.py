@@ -116,9 +116,12 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 def _round_detail(entry: dict[str, Any]) -> str:
     b = entry["body"]
-    desc = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in sorted(b["protocol"].items()))
-    parts = [f"<table>{desc}</table>", f"<p>participants: {_e(b['participants'])}</p>"]
-    if entry["type"] == "round_aborted":
+    desc = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>"
+                   for k, v in sorted(b.get("protocol", {}).items()))  # a skipped round ran no protocol
+    parts = [f"<table>{desc}</table>" if desc else "", f"<p>participants: {_e(b['participants'])}</p>"]
+    if entry["type"] == "round_skipped":
+        parts.append(f"<p>skipped, nothing sent, released or spent: {_e(b['reason'])} &mdash; {_e(b['message'])}</p>")
+    elif entry["type"] == "round_aborted":
         parts.append(f"<p>aborted in phase {_e(b['phase'])}: {_e(b['reason'])} &mdash; {_e(b['message'])}</p>")
     else:
         senders = {ph: sorted({m['party'] for m in b["received"] if m["phase"] == ph}, key=str) for ph in b["phases"]}
@@ -195,7 +198,7 @@ def render_report(
     entries = read_entries(data)
     # Entries that fail the schema are listed among the failures, not rendered.
     valid = [e for e in entries if conforms(e)]  # the compiled check: no jsonschema needed
-    rounds = [e for e in valid if e["type"] in ("round", "round_aborted")]
+    rounds = [e for e in valid if e["type"] in ("round", "round_aborted", "round_skipped")]
     starts = [e for e in valid if e["type"] in ("run_start", "resume", "run_end")]
     first = valid[0]["body"] if valid and valid[0]["type"] == "run_start" else {}
     bodies = [e["body"] for e in rounds]
@@ -206,11 +209,12 @@ def render_report(
            (f"<h1>securefed audit report</h1><p>Log <code>{_e(Path(log).name)}</code>, {len(data)} bytes, "
             f"SHA-256 <code>{hashlib.sha256(data).hexdigest()}</code>; generated {now}.</p>"),
            _verdict(res, pubkey is not None), "<h2>Run summary</h2>"]
-    protocols = sorted({str(b.get("protocol", {}).get("protocol")) for b in bodies})
+    protocols = sorted({str(b["protocol"].get("protocol")) for b in bodies if "protocol" in b})
     summary = [
         ["run id", f"<code>{_e(first.get('run_id'))}</code>"],
         ["protocols", _e(", ".join(protocols) or "none")],
-        ["rounds", f"{res.rounds} completed, {res.aborted} aborted (last round {_fmt(res.last_round)})"],
+        ["rounds", (f"{res.rounds} completed, {res.aborted} aborted, {res.skipped} skipped "
+                    f"(last round {_fmt(res.last_round)})")],
         ["privacy", "none declared" if res.epsilon is None else
          f"{_e(res.accountant)} accountant, delta {res.delta:g}, epsilon {res.epsilon:.6g} (recomputed)"
          + _unamplified(res)],
@@ -235,11 +239,12 @@ def render_report(
         d = b.get("protocol", {})
         m = b.get("metrics", {}) or {}
         drops = ", ".join(f"{x['participant']} ({x['phase']}: {x['reason']})" for x in b.get("dropped", []))
-        status = "completed" if entry["type"] == "round" else f"ABORTED ({b.get('reason')})"
+        status = {"round": "completed", "round_skipped": f"SKIPPED ({b.get('reason')})"}.get(
+            entry["type"], f"ABORTED ({b.get('reason')})")
         mechanisms = ", ".join(
             f"{ev.get('mechanism')} z={ev.get('noise_multiplier')} q={ev.get('sampling_rate')}"
             + (f" clip={ev['l2_clip']}" if "l2_clip" in ev else "") for ev in (b.get("dp") or {}).get("events", []))
-        rows.append([_e(b["round"]), _e(status), _e(d.get("protocol")), _e(len(b["participants"])),
+        rows.append([_e(b["round"]), _e(status), _fmt(d.get("protocol")), _e(len(b["participants"])),
                      _fmt(d.get("threshold")), _e(len(b.get("included", []))), _e(drops or "none"),
                      _e(mechanisms or "none"), _fmt((b.get("dp") or {}).get("epsilon")), _fmt(m.get("loss")),
                      _fmt(m.get("eval_accuracy")),

@@ -60,8 +60,8 @@ class Failure:
 class VerificationResult:
     """The outcome of :func:`verify`; true when every check passed.
 
-    ``entries``: complete lines read; ``rounds``/``aborted``: round and round_aborted
-    entries; ``epsilon``: the privacy spend recomputed from the whole log's DP events
+    ``entries``: complete lines read; ``rounds``/``aborted``/``skipped``: round, round_aborted and
+    round_skipped entries; ``epsilon``: the privacy spend recomputed from the whole log's DP events
     (None without DP); ``privacy``: the declared accounting (accountant, delta, and
     optionally the RDP conversion); ``head``: hash of the last entry and ``head_seq`` its number
     (:attr:`pin` is both, ``"SEQ:SHA256"``, to pass as ``pinned`` next time);
@@ -87,6 +87,7 @@ class VerificationResult:
     head_seq: int = 0
     checkpoint_counter: int | None = None
     key_pinned: bool = False
+    skipped: int = 0
 
     @property
     def pin(self) -> str | None:
@@ -128,7 +129,9 @@ class VerificationResult:
         state = "complete" if self.complete else "incomplete (no run_end)"
         key = "pinned" if self.key_pinned else "NOT PINNED: taken from the log itself"
         counter = "" if self.checkpoint_counter is None else f"\n  checkpoint counter {self.checkpoint_counter}"
-        return (f"OK: {self.entries} entries, {self.rounds} rounds ({self.aborted} aborted), {state}; {eps}\n"
+        skipped = f", {self.skipped} skipped" if self.skipped else ""
+        return (f"OK: {self.entries} entries, {self.rounds} rounds ({self.aborted} aborted{skipped}), {state}; "
+                f"{eps}\n"
                 f"  public key {self.public_key} ({key})\n"
                 f"  head       {self.pin}  (keep it; next time: --pin {self.pin})"
                 + counter)
@@ -251,7 +254,7 @@ class _Checker:
         self.allow_seeded = allow_seeded
         self.seeded = False
         self.prev, self.seq = GENESIS, 1
-        self.entries, self.rounds, self.aborted = 0, 0, 0
+        self.entries, self.rounds, self.aborted, self.skipped = 0, 0, 0, 0
         self.last_round: int | None = None
         self.last_type: str | None = None
         self.in_session = False
@@ -358,6 +361,9 @@ class _Checker:
             if self.last_round is not None and body["round"] <= self.last_round:
                 self.fail(number, "body.round", f"a release of a round after {self.last_round}", body["round"])
             self._dp(number, body["dp"])
+        elif kind == "round_skipped":
+            self._need_session(number, kind)
+            self._skipped(number, body)
         else:
             self._need_session(number, kind)
             self._round_number(number, body["round"])
@@ -438,6 +444,18 @@ class _Checker:
         for problem in _problems(cls, canonical(desc)):
             self.fail(number, "body.protocol", f"parameters meeting the conditions of {desc['protocol']}", problem)
 
+    def _skipped(self, number: int, body: dict[str, Any]) -> None:
+        """A round that did not run: numbered and counted like any round, no parameters, and no spend."""
+        self._round_number(number, body["round"])
+        self._round_counter(number, body.get("checkpoint_counter"))
+        self.skipped += 1
+        dp = body["dp"]
+        if dp is not None and dp["events"]:
+            self.fail(number, "body.dp.events", "none (a skipped round releases and spends nothing)",
+                      f"{len(dp['events'])} event(s)")
+            dp = {**dp, "events": []}  # not composed: the claimed epsilon must still be the log's spend so far
+        self._dp(number, dp)
+
     def _round(self, number: int, body: dict[str, Any]) -> None:
         for field, expected, found in _participation(body):
             self.fail(number, field, expected, found)
@@ -497,6 +515,7 @@ class _Checker:
             head=actual_head, complete=complete,
             ledger=tuple(self.eps.ledger) if self.eps is not None else (), seeded_secrets=self.seeded,
             head_seq=len(self.history), checkpoint_counter=self.history.counter, key_pinned=self.pinned is not None,
+            skipped=self.skipped,
         )
 
 

@@ -70,7 +70,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _check_round(round_index: int, last: int | None) -> None:
+def _check_round(round_index: int, last: int | None, in_session: bool) -> None:
+    if not in_session:
+        raise ConfigurationError("no audit session is open: call start first")
     if isinstance(round_index, bool) or not isinstance(round_index, (int, np.integer)) or round_index < 1:
         raise InvalidInput(f"round must be a positive integer, got {round_index!r}")
     if last is not None and round_index <= last:
@@ -283,9 +285,7 @@ class AuditWriter:
 
     def _round_head(self, round_index: int, protocol: AggregationProtocol,
                     participants: Sequence[int]) -> dict[str, Any]:
-        if not self.in_session:
-            raise ConfigurationError("no audit session is open: call start first")
-        _check_round(round_index, self.last_round)
+        _check_round(round_index, self.last_round, self.in_session)
         return {"round": int(round_index), "protocol": json_safe(protocol.describe(len(participants))),
                 "phases": list(protocol.phases), "participants": [int(p) for p in participants]}
 
@@ -331,9 +331,7 @@ class AuditWriter:
         """Record, ahead of round `round_index`'s entry, that its aggregate was released: `dp_events`
         (at least one) are composed now and `epsilon` is the whole log's spend with them. A server that
         crashes before the round's entry has still logged what it spent (``protocols/audit.md``)."""
-        if not self.in_session:
-            raise ConfigurationError("no audit session is open: call start first")
-        _check_round(round_index, self.last_round)
+        _check_round(round_index, self.last_round, self.in_session)
         if self._privacy is None or not dp_events:
             raise ConfigurationError("a release entry needs DP events in a log that declares privacy")
         self._append("release", {"round": int(round_index), "dp": self._dp(dp_events, epsilon)})
@@ -355,6 +353,18 @@ class AuditWriter:
         self._counter(body, checkpoint_counter)
         body["dp"] = self._dp(dp_events, epsilon)
         self._append("round_aborted", body)
+        self.last_round = int(round_index)
+
+    def round_skipped(self, round_index: int, *, participants: Sequence[int], message: str,
+                      epsilon: float | None = None, checkpoint_counter: int | None = None) -> None:
+        """Record a round that did not run (its sample too small: nothing sent, released or spent): no protocol
+        description (SecAgg refuses so few clients), no DP events; `epsilon`: the spend so far (under DP)."""
+        _check_round(round_index, self.last_round, self.in_session)
+        body: dict[str, Any] = {"round": int(round_index), "participants": [int(p) for p in participants],
+                                "reason": "sample_too_small", "message": str(message)}
+        self._counter(body, checkpoint_counter)
+        body["dp"] = self._dp((), epsilon)
+        self._append("round_skipped", body)
         self.last_round = int(round_index)
 
     def end(self, *, status: str = "completed", detail: str = "") -> None:
