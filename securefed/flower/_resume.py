@@ -157,14 +157,35 @@ def audit_record(report: Any, outcome: Any) -> dict[str, Any]:
     return rec
 
 
+def _skipped(rec: Mapping[str, Any]) -> bool:
+    """Whether `rec` is a round the server skipped (a Poisson sample too small to run): no protocol ran,
+    so the report carries no outcome, only the ``skipped`` metric and ``too_few_survivors``."""
+    metrics = rec["metrics"]
+    return (rec["aborted"] == AbortReason.TOO_FEW_SURVIVORS.value and "n" not in rec
+            and isinstance(metrics, Mapping) and metrics.get("skipped") == 1.0)
+
+
 def write_round(audit: Any, rec: Mapping[str, Any], total: np.ndarray | None, *, protocol: AggregationProtocol,
                 privacy: Any, ledger: Sequence[Mapping[str, Any]], epsilon: float | None,
                 checkpoint_counter: int | None = None) -> None:
     """Write round `rec` to `audit`: its DP events are the `ledger`'s beyond what the log holds, and
-    `epsilon` that of the whole `ledger` (the server's own accounting, never a recorded claim)."""
+    `epsilon` that of the whole `ledger` (the server's own accounting, never a recorded claim).
+    A skipped round is written as ``round_skipped`` (no protocol description: the protocol may
+    refuse to describe a sample that small)."""
     dp: dict[str, Any] = {"dp_events": [], "epsilon": None}
     if privacy is not None:
         dp = {"dp_events": list(ledger[len(audit.ledger):]), "epsilon": epsilon}
+    if _skipped(rec):
+        if dp["dp_events"]:
+            raise ConfigurationError(
+                f"round {rec['round']} was skipped (nothing released) but the privacy ledger holds "
+                f"{len(dp['dp_events'])} event(s) the audit log lacks: the checkpoint and the log disagree; "
+                "restore the files the server wrote")
+        parts = [int(p) for p in rec["participants"]]
+        audit.round_skipped(rec["round"], participants=parts, epsilon=dp["epsilon"],
+                            checkpoint_counter=checkpoint_counter,
+                            message=f"the sample of {len(parts)} node(s) is too small to run {protocol.name}")
+        return
     if rec["aborted"] is not None:
         error = ProtocolAborted(AbortReason(rec["aborted"]), "round aborted")
         audit.round_aborted(rec["round"], protocol=protocol, participants=rec["participants"], error=error,
