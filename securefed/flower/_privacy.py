@@ -8,7 +8,8 @@ clip, sent in the training configuration, and appends the scaled count bit throu
 session of its own: the trainer's code); with :class:`~securefed.privacy.DistributedDP` each node also adds its integer
 noise share inside the protocol's encoding (the round's protocol carries the
 mechanism as its encoder, with a rotation drawn from the round's public session id,
-so server and nodes build the same one); with :class:`~securefed.privacy.CentralDP`
+so server and nodes build the same one; with adaptive clipping for the round's clip, which the
+server's params name: :class:`RoundClip`); with :class:`~securefed.privacy.CentralDP`
 the server adds Gaussian noise to the decoded sum. Every included node weighs the
 same. Provisioning, events and the budget's planned event are the trainer's own
 (:class:`securefed.privacy.client_level.ClientLevelMechanism`), not a copy. See
@@ -18,6 +19,7 @@ same. Provisioning, events and the budget's planned event are the trainer's own
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -37,8 +39,8 @@ if TYPE_CHECKING:
 
     ClientLevelDP = CentralDP | DistributedDP  # what the nodes and the server on Flower support (check)
 
-__all__ = ["CLIP_KEY", "COUNT_STDDEV_KEY", "check", "client_input", "clipping", "describe", "mechanism",
-           "round_config", "round_protocol", "session", "session_state"]
+__all__ = ["CLIP_KEY", "COUNT_STDDEV_KEY", "RoundClip", "at_round", "check", "client_input", "clipping", "describe",
+           "for_request", "mechanism", "moving_encoder", "round_config", "round_protocol", "session", "session_state"]
 
 #: The training configuration's keys for the round's adaptive clip and the noise std of its count (public).
 CLIP_KEY, COUNT_STDDEV_KEY = "securefed-l2-clip", "securefed-count-stddev"
@@ -51,51 +53,118 @@ def check(config: object) -> None:
     """ConfigurationError unless `config` is None or a configuration the Flower runtime supports."""
     if config is None:
         return
-    from securefed.privacy import AdaptiveClipping, CentralDP, DistributedDP
+    from securefed.privacy import CentralDP, DistributedDP
 
     if not isinstance(config, (CentralDP, DistributedDP)):
         raise ConfigurationError(
             "on Flower, privacy must be securefed.privacy.CentralDP or DistributedDP (sample-level DP "
             "belongs in the nodes' training function)"
         )
-    if isinstance(config.clipping, AdaptiveClipping) and isinstance(config, DistributedDP):
-        raise ConfigurationError("adaptive clipping with distributed noise is not supported on Flower yet (each "
-                                 "node's encoder would need the round's clip): use CentralDP or a fixed clip")
 
 
-def clipping(config: ClientLevelDP) -> Clipping:
+@dataclasses.dataclass(frozen=True)
+class RoundClip:
+    """A ``DistributedDP`` configuration with adaptive clipping, at one round's clip and count noise std (the
+    server session's public values): each node's noise encoder depends on the clip, so server and nodes
+    build the round's encoder and ``params`` from these (``protocols/flower.md`` section 7)."""
+
+    config: DistributedDP
+    clip: float
+    count_stddev: float
+
+    @property
+    def l2_bound(self) -> float:
+        """The joint bound of (clipped update, scaled count bit) at this clip: the session's, same floats."""
+        from securefed.privacy import AdaptiveClipping
+        from securefed.privacy.mechanisms import AdaptiveClip
+
+        base = clipping(self.config)
+        assert isinstance(base, AdaptiveClipping)  # made only by at_round and for_request
+        now = AdaptiveClipping(initial_clip=self.clip, target_quantile=base.target_quantile,
+                               learning_rate=base.learning_rate, count_stddev=self.count_stddev)
+        return AdaptiveClip(now, noise_multiplier=self.config.noise_multiplier, expected=1.0).bound
+
+
+def moving_encoder(config: object) -> bool:
+    """Whether the nodes' noise encoder moves with the round (``DistributedDP`` with adaptive clipping)."""
+    from securefed.privacy import DistributedDP
+
+    return isinstance(config, DistributedDP) and _adaptive(config.clipping)
+
+
+def at_round(config: Any, s: PrivacySession | None) -> Any:
+    """The server's privacy for the round about to start: `config`, or, when its encoder moves with the
+    clip, a :class:`RoundClip` at the session's values of the round (after ``before_round``)."""
+    if not moving_encoder(config) or s is None:
+        return config
+    values = round_config(s)
+    return RoundClip(config, values[CLIP_KEY], values[COUNT_STDDEV_KEY])
+
+
+def for_request(config: Any, params: str) -> Any:
+    """A node's privacy for a request with ``params``: its own `config`, or, when its encoder moves with the
+    clip, a :class:`RoundClip` at the clip and count std the server's params name for the round (the
+    params check then covers every other setting). ProtocolAborted (refused) for values that are missing
+    or not positive and finite, or that the configuration cannot run."""
+    if not moving_encoder(config):
+        return config
+    try:
+        values = json.loads(params).get("privacy", {}).get("round", {})
+    except (ValueError, AttributeError):
+        values = {}
+    values = values if isinstance(values, dict) else {}
+    out = RoundClip(config, _positive_finite(values.get("clip"), "the round's clip"),
+                    _positive_finite(values.get("count_stddev"), "the round's count noise std"))
+    try:
+        out.l2_bound  # noqa: B018 - refuses a count std the noise multiplier cannot run with
+    except (ConfigurationError, InvalidInput) as e:
+        raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"the round's adaptive clipping values: {e}") from None
+    return out
+
+
+def _configured(config: ClientLevelDP | RoundClip) -> ClientLevelDP:
+    return config.config if isinstance(config, RoundClip) else config
+
+
+def clipping(config: ClientLevelDP | RoundClip) -> Clipping:
     """The configuration's clipping module (a number means flat L2 clipping)."""
     from securefed.privacy.client_level import clipping_module
 
-    return clipping_module(config)
+    return clipping_module(_configured(config))
 
 
-def mechanism(config: ClientLevelDP, protocol: AggregationProtocol, dim: int) -> ClientLevelMechanism:
+def mechanism(config: ClientLevelDP | RoundClip, protocol: AggregationProtocol, dim: int) -> ClientLevelMechanism:
     """The trainer's client-level mechanism (``securefed.privacy.client_level``) for updates of length `dim`:
     noise provisioned for the t - C honest shares, events counting honest shares only, the planned
     event the budget is checked against, for the nodes' round protocol and ``params`` (the server's
-    sampling rate and adaptive clip live in its session). Every node weighs the same."""
+    sampling rate and adaptive clip live in its session; a :class:`RoundClip` fixes the round's bound).
+    Every node weighs the same."""
     from securefed.privacy.client_level import ClientLevelMechanism
 
-    return ClientLevelMechanism(config, protocol=protocol, dimension=dim)
+    bound = config.l2_bound if isinstance(config, RoundClip) else None
+    return ClientLevelMechanism(_configured(config), protocol=protocol, dimension=dim, l2_bound=bound)
 
 
-def describe(config: ClientLevelDP | None, protocol: AggregationProtocol, n: int, dim: int) -> dict[str, Any] | None:
+def describe(config: ClientLevelDP | RoundClip | None, protocol: AggregationProtocol, n: int,
+             dim: int) -> dict[str, Any] | None:
     """What a node checks of the server's privacy settings for a round of n (None without privacy).
 
     The clip and the noise every party assumes, and with distributed noise the honest shares
-    it is provisioned for: a node and a server that disagree would make the ledger wrong.
+    it is provisioned for: a node and a server that disagree would make the ledger wrong. With a
+    :class:`RoundClip`, ``round`` names the round's clip and count std (what the nodes build from).
     """
     if config is None:
         return None
-    mech = mechanism(config, protocol, dim)
-    out: dict[str, Any] = {"config": type(config).__name__, "noise_multiplier": config.noise_multiplier,
-                           "l2_clip": mech.l2_bound, "delta": config.delta}
+    mech, base = mechanism(config, protocol, dim), _configured(config)
+    out: dict[str, Any] = {"config": type(base).__name__, "noise_multiplier": base.noise_multiplier,
+                           "l2_clip": mech.l2_bound, "delta": base.delta}
     if mech.distributed:
         out.update(colluding=mech.colluding(n), honest_shares=mech.honest_survivors(n))
     clip = clipping(config)
-    if _adaptive(clip):  # the round's clip itself comes with the training configuration
+    if _adaptive(clip):  # the settings; the moving clip comes with the training configuration (and in "round")
         out["adaptive"] = {k: v for k, v in clip.describe().items() if k != "bound"}
+    if isinstance(config, RoundClip):
+        out["round"] = {"clip": config.clip, "count_stddev": config.count_stddev}
     return out
 
 
@@ -151,12 +220,13 @@ def _positive_finite(value: object, what: str) -> float:
     return float(value)
 
 
-def client_input(config: ClientLevelDP, update: np.ndarray, layout: Sequence[int], round_config: Any) -> np.ndarray:
+def client_input(config: ClientLevelDP | RoundClip, update: np.ndarray, layout: Sequence[int],
+                 round_config: Any) -> np.ndarray:
     """A node's input: its update clipped; with adaptive clipping at the round's clip from `round_config`
     (the training ConfigRecord), with the scaled count bit appended by the trainer's own
     :meth:`PrivacySession.client_input`. ProtocolAborted (refused) for a clip or count std that is not a
-    positive finite number."""
-    from securefed.privacy import AdaptiveClipping
+    positive finite number, or (:class:`RoundClip`) not the one the round's params name."""
+    from securefed.privacy import AdaptiveClipping, CentralDP
     from securefed.privacy.session import PrivacySession
     from securefed.protocols.plain import Plain
 
@@ -166,17 +236,22 @@ def client_input(config: ClientLevelDP, update: np.ndarray, layout: Sequence[int
     values = round_config if round_config is not None else {}
     c = _positive_finite(values.get(CLIP_KEY), "the round's clip")
     stddev = _positive_finite(values.get(COUNT_STDDEV_KEY), "the round's count noise std")
+    if isinstance(config, RoundClip) and (c, stddev) != (config.clip, config.count_stddev):
+        raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "the training configuration's clip or count std is not "
+                              "the one the round's parameters (and so its noise encoder) were made for")
     now = AdaptiveClipping(initial_clip=c, target_quantile=clip.target_quantile, learning_rate=clip.learning_rate,
                            count_stddev=stddev)
+    base = _configured(config)  # the count bit is the same under either noise: a central session computes it
     try:  # a session at the round's clip: the count bit scaled exactly as the server's session scales it
-        node = PrivacySession(dataclasses.replace(config, clipping=now), protocol=Plain(), population=1,
-                              clients_per_round=1, dimension=update.size, local_steps=1, rng=RandomSource())
+        node = PrivacySession(CentralDP(noise_multiplier=base.noise_multiplier, clipping=now, delta=base.delta),
+                              protocol=Plain(), population=1, clients_per_round=1, dimension=update.size,
+                              local_steps=1, rng=RandomSource())
     except (ConfigurationError, InvalidInput) as e:
         raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"the round's adaptive clipping values: {e}") from None
     return np.asarray(node.client_input(update, layout))
 
 
-def round_protocol(protocol: AggregationProtocol, config: ClientLevelDP | None, *, session: bytes,
+def round_protocol(protocol: AggregationProtocol, config: ClientLevelDP | RoundClip | None, *, session: bytes,
                    dim: int) -> AggregationProtocol:
     """The protocol of the round with this `session` id: with distributed DP, carrying the noise as its encoder."""
     if config is None:

@@ -366,6 +366,7 @@ class SecureClient:
             raise MessageRejected("invalid request: the round's node list puts another node at this client index")
         privacy = _value(self.privacy, context)
         _privacy.check(privacy)
+        privacy = _privacy.for_request(privacy, req.params)  # adaptive + DistributedDP: at the round's clip
         base = _value(self.protocol, context)
         if (identities := _value(self.identities, context)) is not None:
             try:

@@ -377,6 +377,7 @@ class SecureFedAvg:
         dim = engine.input_size(start.size)
         config = ConfigRecord({**(train_config or {}), "server-round": r,
                                **_privacy.round_config(engine.session)})
+        self.aggregator.privacy = _privacy.at_round(self.privacy, engine.session)  # the round's clip, when it moves
         log.info("securefed: round %d with %d nodes", r, len(nodes))
         rng, weighted, after = self._rng(f"round/{r}"), self.weighting == "examples", _next_sample(self, grid, run, r)
         try:  # round r + 1's setup rides on this round's messages, with the randomness it would have on its own
@@ -526,13 +527,14 @@ def _drawn(s: SecureFedAvg, run: _Run, engine: RoundEngine, pool: list[int], r: 
 
 def _next_sample(s: SecureFedAvg, grid: Grid, run: _Run, r: int) -> list[int] | None:
     """Round r + 1's sample, drawn before round r sends anything from the pool as it is now, so that its
-    setup can ride on round r's messages; None for the last round or a sample round r + 1 would not run.
+    setup can ride on round r's messages; None for the last round, a sample round r + 1 would not run, and
+    adaptive clipping with DistributedDP (the nodes' encoder, in every phase's params, needs round r + 1's clip).
 
     Round r + 1 still plans (budget, skip) when it starts, and uses this sample only when its pool is
     the same (a node cooling down after a dropout in round r changes it); the aggregator takes the
     prepared round only for exactly its nodes (``GridAggregator.run``, ``protocols/flower.md`` section 6)."""
     run.drawn = None
-    if r >= run.num_rounds:
+    if r >= run.num_rounds or _privacy.moving_encoder(s.privacy):  # round r + 1's encoder needs round r's outcome
         return None
     pool = _available(s, grid, r + 1, run.state)
     if len(pool) < s.min_available_nodes:

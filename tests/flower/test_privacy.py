@@ -219,9 +219,76 @@ def test_adaptive_clipping_moves_the_clip_on_flower_as_the_trainers_session_does
     assert res.rounds[-1].epsilon == pytest.approx(ref.epsilon(), rel=1e-12)
 
 
+def test_adaptive_clipping_with_distributed_noise_moves_the_clip_as_the_trainers_session_does(tmp_path, monkeypatch):
+    """DistributedDP: each node's noise encoder is built for the round's clip (in every phase's params). The
+    trainer's session, fed the sums the Flower server decoded, moves the clip as the strategy did and spends
+    the same epsilon; each decoded sum is the session's inputs at that clip plus the nodes' noise."""
+    from securefed.flower.aggregation import GridAggregator
+
+    clip = AdaptiveClipping(initial_clip=1.5, target_quantile=0.5, learning_rate=0.3, count_stddev=1.0)
+    protocol, privacy, rounds = sf.protocols.SecAggPlus(), DistributedDP(noise_multiplier=0.1, clipping=clip), 3
+    totals, encoders, real = [], [], GridAggregator.run
+
+    def recording(self, *args, **kw):
+        out = real(self, *args, **kw)
+        totals.append(np.array(out.result.total, dtype=np.float64))
+        encoders.append(self.last_round.protocol.describe(N)["encoder"])  # the nodes' (their params check it)
+        return out
+
+    monkeypatch.setattr(GridAggregator, "run", recording)
+    res = run(tmp_path, protocol, privacy, rounds)
+    assert [r.included for r in res.rounds] == [tuple(apps.nodes(N))] * rounds and len(totals) == rounds
+    ref = PrivacySession(privacy, protocol=protocol, population=N, clients_per_round=N, dimension=apps.dim(),
+                         local_steps=1, rng=RandomSource(3).child("flower/privacy"))
+    clips, fractions = [], []
+    for r, total in enumerate(totals, 1):
+        ref.before_round(r, N)
+        inputs = sum(ref.client_input(updates(p, r), [6, 4]) for p in range(N))
+        bound = ref.mechanism().l2_bound  # the noise's std per coordinate is z times the joint bound
+        assert encoders[r - 1]["l2_clip"] == bound and encoders[r - 1]["noise_multiplier"] == privacy.noise_multiplier
+        np.testing.assert_allclose(total, inputs, atol=6 * privacy.noise_multiplier * bound + 0.05)
+        ref.finish_round(total, N, N, r)
+        clips.append(ref.metrics["l2_clip"])
+        fractions.append(ref.metrics["unclipped_fraction"])
+    assert [r.metrics["l2_clip"] for r in res.rounds] == pytest.approx(clips, rel=1e-12)
+    assert [r.metrics["unclipped_fraction"] for r in res.rounds] == pytest.approx(fractions, rel=1e-12, abs=1e-12)
+    assert len(set(clips)) == rounds  # the clip moved every round
+    state, _, _ = _checkpoint.load(tmp_path / "ckpt")
+    assert state["ledger"] == ref.accountant.ledger
+    assert res.rounds[-1].epsilon == pytest.approx(ref.epsilon(), rel=1e-12)
+
+
+def test_a_node_refuses_an_adaptive_distributed_round_whose_clip_is_missing_or_not_positive_finite():
+    clip = AdaptiveClipping(initial_clip=1.5, target_quantile=0.5, learning_rate=0.3, count_stddev=1.0)
+    privacy, protocol = DistributedDP(noise_multiplier=0.1, clipping=clip), sf.protocols.SecAggPlus()
+
+    def params(round_values):
+        desc = _privacy.describe(_privacy.RoundClip(privacy, 0.5, 1.0), protocol, N, apps.dim() + 1)
+        desc["round"] = round_values
+        return json.dumps({"privacy": desc})
+
+    good = _privacy.for_request(privacy, params({"clip": 0.5, "count_stddev": 1.0}))
+    assert (good.clip, good.count_stddev) == (0.5, 1.0)
+    for bad in [None, {}, {"clip": 0.0, "count_stddev": 1.0}, {"clip": float("inf"), "count_stddev": 1.0},
+                {"clip": float("nan"), "count_stddev": 1.0}, {"clip": -1.0, "count_stddev": 1.0},
+                {"clip": 0.5, "count_stddev": 0.0}, {"clip": True, "count_stddev": 1.0},
+                {"clip": 0.5, "count_stddev": 0.01}]:  # 2 x 0.01 <= z: no noise left for the update
+        with pytest.raises(ProtocolAborted) as err:
+            _privacy.for_request(privacy, params(bad))
+        assert err.value.reason is AbortReason.REQUEST_REFUSED
+    # The training configuration must carry the clip the round's encoder was made for.
+    with pytest.raises(ProtocolAborted, match="not the one"):
+        _privacy.client_input(good, updates(0, 1), [6, 4], {_privacy.CLIP_KEY: 0.6, _privacy.COUNT_STDDEV_KEY: 1.0})
+    x = _privacy.client_input(good, updates(0, 1), [6, 4], {_privacy.CLIP_KEY: 0.5, _privacy.COUNT_STDDEV_KEY: 1.0})
+    assert x.size == apps.dim() + 1 and np.linalg.norm(x[:-1]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("noise", ["central", "distributed"])
 @pytest.mark.parametrize("crash_round", [1, 2])
-def test_a_resumed_adaptive_run_continues_the_clip_of_an_uninterrupted_one(tmp_path, crash_round):
+def test_a_resumed_adaptive_run_continues_the_clip_of_an_uninterrupted_one(tmp_path, crash_round, noise):
     protocol, privacy = sf.protocols.SecAggPlus(), adaptive()
+    if noise == "distributed":  # each round's encoder at the resumed clip
+        privacy = DistributedDP(noise_multiplier=privacy.noise_multiplier, clipping=privacy.clipping)
     ref = run(tmp_path / "ref", protocol, privacy, 3)
     app = apps.client_app(protocol, updates, privacy=privacy)
     grid = CrashingGrid(app, apps.nodes(N), crash_at=(crash_round, "masked_input"))
