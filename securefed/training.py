@@ -304,13 +304,18 @@ def _finish_round(t: Trainer, res: AggregationResult, plan: RoundPlan, out: Roun
     return record
 
 
-def _skipped_round(t: Trainer) -> RoundRecord:
-    """A Poisson sample too small for the protocol (or empty): no update, nothing released or spent."""
+def _skipped_round(t: Trainer, participants: list[int]) -> RoundRecord:
+    """A Poisson sample too small for the protocol (or empty): no update, nothing released or spent; the audit
+    log records it as ``round_skipped`` (as the Flower strategy does), so its round numbers have no gap."""
     assert t.privacy_session is not None
     metrics = {**t.evaluate(), "skipped": 1.0}
     record = RoundRecord(t._round, None, metrics, t.privacy_session.epsilon(), ())
     t.history.rounds.append(record)
-    log.info("round %d: the sample was too small for %s; skipped", t._round, t.protocol.name)
+    message = f"the sample of {len(participants)} participants was too small for {t.protocol.name}; skipped"
+    if t.audit is not None:
+        t._audit_begin()
+        t.audit.round_skipped(t._round, participants=participants, message=message, epsilon=record.epsilon)
+    log.info("round %d: %s", t._round, message)
     if t.on_round is not None:
         t.on_round(record)
     return record
@@ -581,7 +586,7 @@ class Trainer:
             self._round -= 1
             raise
         if plan is None:
-            return _skipped_round(self)
+            return _skipped_round(self, participants)
         start, spec = flatten(self._params())
         start = start.copy()
         try:  # local training leaves the model elsewhere: restored however the round ends

@@ -1,5 +1,6 @@
 """Trainer(privacy=...): budget, per-round epsilon, who took part, DP-FedAvg arithmetic, audit log."""
 
+import json
 import math
 
 import numpy as np
@@ -236,6 +237,26 @@ def test_a_sample_too_small_for_the_protocol_releases_and_spends_nothing(secagg)
             break
     assert skipped == 2
     assert [e["round"] for e in t.accountant.ledger] == [r.round for r in t.history.rounds if r.included]
+
+
+@pytest.mark.filterwarnings("ignore::securefed.training.SeededSecretsWarning")
+def test_a_skipped_round_is_in_the_trainers_audit_log(tmp_path):
+    """protocols/audit.md, round_skipped: the trainer logs a too-small sample as the Flower strategy does, so
+    every round number is in the log once and the log verifies; a skipped entry carries no DP event."""
+    path = tmp_path / "skips.jsonl"
+    t = trainer(DistributedDP(noise_multiplier=2.0, clipping=1.0), data=federation(sizes=(10, 10, 10, 10)),
+                clients_per_round=2, reproducible_secrets=True, protocol=sf.protocols.SecAgg(), audit_log=path)
+    with t.audit.session(config={}, privacy=t.privacy_session.audit_settings(), seeded_secrets=True):
+        while sum(1 for r in t.history.rounds if not r.included) < 2:
+            t.run_round()
+    t.audit.close()
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    rounds = [e["body"]["round"] for e in entries if e["type"] in ("round", "round_skipped")]
+    assert rounds == [r.round for r in t.history.rounds]
+    skipped = [e["body"] for e in entries if e["type"] == "round_skipped"]
+    assert [b["round"] for b in skipped] == [r.round for r in t.history.rounds if not r.included]
+    assert all(b["dp"]["events"] == [] and b["reason"] == "sample_too_small" for b in skipped)
+    assert verify(path, allow_seeded=True).ok
 
 
 def test_dp_configuration_errors():
