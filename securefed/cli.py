@@ -88,7 +88,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
                  allow_seeded=args.allow_seeded, pinned=args.pin or (), min_counter=args.min_counter)
     if args.json:
         print(json.dumps({"ok": res.ok, "failures": [vars(f) for f in res.failures], "entries": res.entries,
-                          "rounds": res.rounds, "aborted": res.aborted, "epsilon": res.epsilon, "privacy": res.privacy,
+                          "rounds": res.rounds, "aborted": res.aborted, "skipped": res.skipped, "epsilon": res.epsilon,
+                          "privacy": res.privacy,
                           "public_key": res.public_key, "key_pinned": res.key_pinned, "head": res.head,
                           "head_seq": res.head_seq, "pin": res.pin, "checkpoint_counter": res.checkpoint_counter,
                           "complete": res.complete, "seeded_secrets": res.seeded_secrets,

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import securefed as sf
 from securefed.audit import verify
 from securefed.audit.keys import key_paths
+from securefed.cli import main
 from securefed.crypto.random import RandomSource
 from securefed.encoding import flatten
 from securefed.errors import ConfigurationError, PrivacyBudgetExceeded
@@ -240,7 +241,7 @@ def test_a_sample_too_small_for_the_protocol_releases_and_spends_nothing(secagg)
 
 
 @pytest.mark.filterwarnings("ignore::securefed.training.SeededSecretsWarning")
-def test_a_skipped_round_is_in_the_trainers_audit_log(tmp_path):
+def test_a_skipped_round_is_in_the_trainers_audit_log(tmp_path, capsys):
     """protocols/audit.md, round_skipped: the trainer logs a too-small sample as the Flower strategy does, so
     every round number is in the log once and the log verifies; a skipped entry carries no DP event."""
     path = tmp_path / "skips.jsonl"
@@ -257,6 +258,9 @@ def test_a_skipped_round_is_in_the_trainers_audit_log(tmp_path):
     assert [b["round"] for b in skipped] == [r.round for r in t.history.rounds if not r.included]
     assert all(b["dp"]["events"] == [] and b["reason"] == "sample_too_small" for b in skipped)
     assert verify(path, allow_seeded=True).ok
+    capsys.readouterr()
+    assert main(["audit", "verify", str(path), "--allow-seeded", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 2
 
 
 def test_dp_configuration_errors():
