@@ -114,7 +114,7 @@ def for_request(config: Any, params: str) -> Any:
         values = {}
     values = values if isinstance(values, dict) else {}
     out = RoundClip(config, _positive_finite(values.get("clip"), "the round's clip"),
-                    _positive_finite(values.get("count_stddev"), "the round's count noise std"))
+                    _own_count_stddev(clipping(config), values.get("count_stddev")))
     try:
         out.l2_bound  # noqa: B018 - refuses a count std the noise multiplier cannot run with
     except (ConfigurationError, InvalidInput) as e:
@@ -220,6 +220,18 @@ def _positive_finite(value: object, what: str) -> float:
     return float(value)
 
 
+def _own_count_stddev(clip: Any, value: object) -> float:
+    """The round's count noise std from the server: positive and finite, and the node's own when its
+    configuration sets one (the server could otherwise shrink the count's noise; the default, 0.05 x the
+    expected participants, depends on the sample and is the server's to compute)."""
+    stddev = _positive_finite(value, "the round's count noise std")
+    own = getattr(clip, "count_stddev", None)
+    if own is not None and stddev != own:
+        raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"the round's count noise std {stddev!r} is not this "
+                              f"node's configured count_stddev {own!r}; configure server and nodes alike")
+    return stddev
+
+
 def client_input(config: ClientLevelDP | RoundClip, update: np.ndarray, layout: Sequence[int],
                  round_config: Any) -> np.ndarray:
     """A node's input: its update clipped; with adaptive clipping at the round's clip from `round_config`
@@ -235,7 +247,7 @@ def client_input(config: ClientLevelDP | RoundClip, update: np.ndarray, layout: 
         return clip.clip(update, layout)
     values = round_config if round_config is not None else {}
     c = _positive_finite(values.get(CLIP_KEY), "the round's clip")
-    stddev = _positive_finite(values.get(COUNT_STDDEV_KEY), "the round's count noise std")
+    stddev = _own_count_stddev(clip, values.get(COUNT_STDDEV_KEY))
     if isinstance(config, RoundClip) and (c, stddev) != (config.clip, config.count_stddev):
         raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "the training configuration's clip or count std is not "
                               "the one the round's parameters (and so its noise encoder) were made for")

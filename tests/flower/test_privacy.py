@@ -312,6 +312,24 @@ def test_a_node_refuses_a_round_whose_adaptive_clip_is_not_a_positive_finite_num
     assert good.size == apps.dim() + 1 and np.linalg.norm(good[:-1]) == pytest.approx(0.5)
 
 
+def test_a_node_refuses_a_count_noise_std_other_than_its_configured_one():
+    """A red-team finding: the node took any positive count std from the server, so a server could shrink the
+    count's noise below the node's configured count_stddev (1.0 here); with none configured the server's
+    default (0.05 x the expected participants) is taken."""
+    for bad in (0.26, 2.0):
+        with pytest.raises(ProtocolAborted, match="configured count_stddev") as err:
+            _privacy.client_input(adaptive(), updates(0, 1), [6, 4],
+                                  {_privacy.CLIP_KEY: 0.5, _privacy.COUNT_STDDEV_KEY: bad})
+        assert err.value.reason is AbortReason.REQUEST_REFUSED
+    default = CentralDP(noise_multiplier=0.5, clipping=AdaptiveClipping(initial_clip=1.5))
+    x = _privacy.client_input(default, updates(0, 1), [6, 4], {_privacy.CLIP_KEY: 0.5, _privacy.COUNT_STDDEV_KEY: 0.26})
+    assert x.size == apps.dim() + 1
+    distributed = DistributedDP(noise_multiplier=0.1, clipping=adaptive().clipping)
+    params = json.dumps({"privacy": {"round": {"clip": 0.5, "count_stddev": 0.5}}})
+    with pytest.raises(ProtocolAborted, match="configured count_stddev"):
+        _privacy.for_request(distributed, params)
+
+
 def test_poisson_sampling_on_flower_includes_each_node_independently_at_rate_q():
     """OS coins, so this is a statistical test: 20 nodes, q = 0.3, 500 rounds. Each bound below is 5.5
     standard deviations of a binomial; the chance any fails for a correct sampler is below 21 x 3.8e-8
