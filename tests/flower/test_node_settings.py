@@ -23,7 +23,7 @@ from securefed.flower.testing import InProcessGrid
 from tests.flower import apps
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "flower-app"
-NODES = {11 + p: {"partition-id": p, "num-partitions": 3} for p in range(3)}  # the node settings' defaults
+NODES = {11 + p: {"partition-id": p, "num-partitions": 5} for p in range(3)}  # the node settings' defaults
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,9 @@ def test_a_setting_factory_cannot_read_the_run_config_but_training_can():
 def test_the_example_node_takes_its_settings_from_node_config_with_safe_defaults(example):
     _, _, task = example
     assert task.node_settings({"partition-id": 0}) == {"seed": -1, "dp": True, "num-nodes": 5}
+    # A virtual SuperNode (Simulation Engine) has only partition-id and num-partitions: the federation's size.
+    assert task.node_settings({"partition-id": 0, "num-partitions": 20})["num-nodes"] == 20
+    assert task.node_settings({"num-partitions": 20, "num-nodes": 7})["num-nodes"] == 7  # its own setting wins
     assert task.node_settings({"seed": 5, "dp": False, "num-nodes": 3}) == {"seed": 5, "dp": False, "num-nodes": 3}
     for bad in ({"seed": "5"}, {"dp": "false"}, {"num-nodes": 0}):
         with pytest.raises(ConfigurationError, match="--node-config"):

@@ -188,8 +188,9 @@ def test_flwr_run_local_simulation_completes_on_loopback(ray_starts, tmp_path):
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
     superlink = None
     try:
-        res = flwr(["run", str(app), "local-simulation", "--format", "json", "--run-config", "num-server-rounds=1"],
-                   environ)
+        # N = 6 virtual SuperNodes, not the example's 5: each takes num-nodes from its num-partitions.
+        res = flwr(["run", str(app), "local-simulation", "--format", "json", "--run-config",
+                    "num-server-rounds=1 num-nodes=6 min-nodes=6", "--federation-config", "num-supernodes=6"], environ)
         assert res.returncode == 0, res.stdout + res.stderr
         run_id = json.loads(res.stdout[res.stdout.index("{"):])["run-id"]
         # flwr run starts Flower's local SuperLink detached: find it by the port it serves on.
@@ -212,7 +213,7 @@ def test_flwr_run_local_simulation_completes_on_loopback(ray_starts, tmp_path):
         seen = watch(superlink, lambda: done() or time.monotonic() > deadline)
         assert status.get("status") == "finished:completed", status
         log = flwr(["log", run_id, "local-simulation", "--show"], environ).stdout
-        assert "round 1: 5 of 5 nodes included" in log, log[-3000:]
+        assert "round 1: 6 of 6 nodes included" in log, log[-3000:]
         # The SuperLink's API, and Ray's GCS and raylet under its simulation process, were seen listening.
         assert {p for _, p, _ in seen} >= {http} and len(seen) >= 3, seen
         assert not [s for s in seen if not is_loopback(s[0])], seen

@@ -19,13 +19,19 @@ import numpy as np
 
 import securefed as sf
 
-#: A node's settings when its ``--node-config`` leaves them out: no seed, DP on, a federation of 5.
+#: A node's settings when its ``--node-config`` leaves them out: no seed, DP on, a federation of 5 (of
+#: ``num-partitions`` nodes when it sets that).
 NODE_DEFAULTS: dict[str, Any] = {"seed": -1, "dp": True, "num-nodes": 5}
 
 
 def node_settings(node_config: Mapping[str, Any]) -> dict[str, Any]:
-    """This node's ``seed``, ``dp`` and ``num-nodes``: from its node_config, else :data:`NODE_DEFAULTS`."""
-    out = {k: node_config.get(k, v) for k, v in NODE_DEFAULTS.items()}
+    """This node's ``seed``, ``dp`` and ``num-nodes``: from its node_config, else :data:`NODE_DEFAULTS`; without
+    ``num-nodes``, its ``num-partitions`` (the federation size its data split assumes, also the node's own
+    setting: a virtual SuperNode of the Simulation Engine has only ``partition-id`` and ``num-partitions``)."""
+    defaults = dict(NODE_DEFAULTS)
+    if "num-partitions" in node_config:
+        defaults["num-nodes"] = node_config["num-partitions"]
+    out = {k: node_config.get(k, v) for k, v in defaults.items()}
     if type(out["seed"]) is not int or type(out["dp"]) is not bool or type(out["num-nodes"]) is not int \
             or out["num-nodes"] < 1:
         raise sf.errors.ConfigurationError(
