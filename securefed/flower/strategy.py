@@ -13,20 +13,20 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
 
 from securefed import optim
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, ProtocolAborted
 from securefed.flower import _checkpoint, _identities, _model, _privacy, _resume
-from securefed.flower.aggregation import GridAggregator, RoundOutcome
+from securefed.flower.aggregation import AggregationRound, GridAggregator, RoundOutcome, input_phase
 from securefed.protocols.base import (
     AggregationProtocol,
     DropReason,
@@ -37,7 +37,7 @@ from securefed.rounds import RoundEngine
 if TYPE_CHECKING:
     from securefed.privacy.mechanisms import Privacy
 
-__all__ = ["RoundReport", "SecureFedAvg", "SecureResult"]
+__all__ = ["FlowerOptimizer", "RoundReport", "SecureFedAvg", "SecureResult"]
 
 log = logging.getLogger("securefed.flower")
 
@@ -114,7 +114,7 @@ class _RunState:
                                      "restore the files the server wrote") from None
 
 
-class SecureFedAvg:
+class SecureFedAvg(Strategy):
     """Federated averaging over a Flower grid through a securefed aggregation protocol.
 
     Keyword parameters:
@@ -206,7 +206,10 @@ class SecureFedAvg:
         self.max_examples = max_examples
         self.server_lr = server_lr
         #: The configured server optimizer; each start() steps a copy (restored from the checkpoint).
+        if isinstance(server_optimizer, Strategy):  # a Flower strategy steps the model on the secure mean
+            server_optimizer = FlowerOptimizer(server_optimizer)
         self.server_optimizer = copy.deepcopy(optim.resolve(server_optimizer, server_lr))
+        self._current: ArrayRecord | None = None  # the model configure_train recorded, for aggregate_train
         self.cooldown_rounds = cooldown_rounds
         self.checkpoint_dir = checkpoint_dir
         self.audit_log = audit_log
@@ -216,6 +219,42 @@ class SecureFedAvg:
         self.seed = seed
         if seed is not None:
             log.warning("securefed: seeded run: keys and coins are predictable; for tests and simulation only")
+
+    # -- Flower's Strategy interface: one-message views of a secure round (start() runs the round) ------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        """The messages the first exchange of round `server_round` would send to the nodes it samples now
+        (with `arrays` and `config` where that exchange is the input phase, as for ``Plain``); records
+        `arrays` for :meth:`aggregate_train`. A secure round has several exchanges: :meth:`start` runs them
+        all. Empty when too few nodes are available; ConfigurationError with privacy (rounds need the
+        run's privacy session: use start())."""
+        self._current = arrays
+        return _first_messages(self, server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The model after the server optimizer's step on a securely aggregated mean.
+
+        `replies`: one message whose ArrayRecord is the model recorded by :meth:`configure_train`
+        plus the round's mean update (what a secure round releases; the server never sees one node's
+        update). Steps ``server_optimizer`` itself (start() steps a copy per run); returns the new
+        model and the reply's MetricRecord. InvalidInput for anything else."""
+        return _step_released(self, server_round, list(replies))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> list[Message]:
+        """No federated evaluation yet: no messages (evaluate centrally with start()'s evaluate_fn)."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """No federated evaluation yet: None."""
+        return None
+
+    def summary(self) -> None:
+        """Log the configuration (what the audit log's session entry records)."""
+        log.info("securefed: %s %s", type(self).__name__,
+                 {k: v for k, v in _audit_config(self, 0).items() if k != "num_rounds"})
 
     # -- randomness and sampling --------------------------------------------------------------
 
@@ -246,16 +285,36 @@ class SecureFedAvg:
         grid: Grid,
         initial_arrays: ArrayRecord,
         num_rounds: int = 3,
+        timeout: float = 3600.0,
         train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
     ) -> SecureResult:
         """Train until round `num_rounds` (counting rounds already in the checkpoint); returns the result.
 
-        `train_config` goes to the nodes with the model (plus ``"server-round"``);
-        ``evaluate_fn(round, arrays)`` evaluates the global model centrally after each
-        round. Raises ConfigurationError for a checkpoint or audit log that does not
-        fit this run, PrivacyBudgetExceeded before a round that could exceed the budget.
+        Flower's ``Strategy.start`` arguments. `train_config` goes to the nodes with the model (plus
+        ``"server-round"``); ``timeout``: the most seconds any phase of this run waits for replies (each
+        phase waits ``min(phase_timeout or train_timeout, timeout)``); ``evaluate_config``: federated
+        evaluation is not supported yet (ConfigurationError when given); ``evaluate_fn(round, arrays)``
+        evaluates the global model centrally after each round (not on the initial model, unlike Flower).
+        Raises ConfigurationError for a checkpoint or audit log that does not fit this run,
+        PrivacyBudgetExceeded before a round that could exceed the budget.
         """
+        if evaluate_config is not None:
+            raise ConfigurationError("SecureFedAvg has no federated evaluation yet: leave evaluate_config unset and "
+                                     "evaluate centrally with evaluate_fn")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.summary()
+        agg, saved = self.aggregator, (self.aggregator.phase_timeout, self.aggregator.train_timeout)
+        agg.phase_timeout, agg.train_timeout = min(saved[0], float(timeout)), min(saved[1], float(timeout))
+        try:
+            return self._start(grid, initial_arrays, num_rounds, train_config, evaluate_fn)
+        finally:
+            agg.phase_timeout, agg.train_timeout = saved
+
+    def _start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, train_config: ConfigRecord | None,
+               evaluate_fn: EvaluateFn | None) -> SecureResult:
         if not isinstance(num_rounds, int) or num_rounds < 1:
             raise ConfigurationError(f"num_rounds must be a positive int, got {num_rounds!r}")
         audit, key = self._open_audit(), None
@@ -285,7 +344,7 @@ class SecureFedAvg:
                     raise ConfigurationError(f"the checkpoint's privacy ledger cannot be accounted ({e}); restore "
                                              "the files the server wrote") from None
             if audit is None:
-                return self._run(grid, run, num_rounds, train_config, evaluate_fn, None)
+                return _run_rounds(self, grid, run, num_rounds, train_config, evaluate_fn, None)
             settings = None if self.privacy is None else {"accountant": self.privacy.accountant,
                                                           "delta": self.privacy.delta}
             resumed = None if self.checkpoint_dir is None else restored.audit_checkpoint()
@@ -299,7 +358,7 @@ class SecureFedAvg:
                                              "has no checkpoint to continue from; use a new audit log")
                 if self.audit_witness is not None:  # the resume entry, and the round entry a resume completed
                     self.audit_witness(*audit.head)
-                return self._run(grid, run, num_rounds, train_config, evaluate_fn, audit)
+                return _run_rounds(self, grid, run, num_rounds, train_config, evaluate_fn, audit)
         finally:
             if audit is not None:
                 audit.close()
@@ -320,94 +379,6 @@ class SecureFedAvg:
             return load_or_create_key(audit.path, self.audit_key)
         return _checkpoint.load_key(self.checkpoint_dir, self.checkpoint_key)
 
-    def _run(self, grid: Grid, run: _Run, num_rounds: int, train_config: ConfigRecord | None,
-             evaluate_fn: EvaluateFn | None, audit: Any) -> SecureResult:
-        state = run.state
-        result = SecureResult(arrays=run.arrays)
-        for report in state.history:
-            result.rounds.append(report)
-            if evals := _evals(report):
-                result.evaluate_metrics_serverapp[report.round] = MetricRecord(evals)
-        for r in range(state.round + 1, num_rounds + 1):
-            report, outcome = self._round(grid, r, run, train_config, evaluate_fn)
-            result.arrays = run.arrays
-            result.rounds.append(report)
-            if evals := _evals(report):
-                result.evaluate_metrics_serverapp[r] = MetricRecord(evals)
-            state.round = r
-            state.history.append(report)
-            for node in report.dropped:
-                state.cooldown[node] = r + self.cooldown_rounds
-            if (session := run.engine.session) is not None:
-                state.ledger, state.privacy = session.accountant.ledger, _privacy.session_state(session)
-            state.audit = _resume.audit_record(report, outcome) if audit is not None else None
-            run.pending = []
-            if self.checkpoint_dir is not None:
-                run.counter += 1
-                seq, head = audit.head if audit is not None else (0, "")
-                _checkpoint.save(self.checkpoint_dir, key=run.key, round_index=r, counter=run.counter,
-                                 arrays=run.arrays, state=state.to_json(),
-                                 optimizer=(run.engine.optimizer.describe(), run.engine.optimizer.state_dict()),
-                                 audit_head=None if audit is None else {"seq": seq, "sha256": head},
-                                 aggregate=None if outcome is None or audit is None else run.released)
-            if audit is not None:
-                assert state.audit is not None
-                _resume.write_round(audit, state.audit, None if outcome is None else run.released,
-                                    protocol=self.protocol, privacy=self.privacy, ledger=state.ledger,
-                                    epsilon=report.epsilon,
-                                    checkpoint_counter=run.counter if self.checkpoint_dir is not None else None)
-                if self.audit_witness is not None:
-                    self.audit_witness(*audit.head)
-        return result
-
-    def _round(self, grid: Grid, r: int, run: _Run, train_config: ConfigRecord | None,
-               evaluate_fn: EvaluateFn | None) -> tuple[RoundReport, RoundOutcome | None]:
-        """One round through the round engine (:class:`~securefed.rounds.RoundEngine`) over the grid."""
-        engine, pool = run.engine, self._pool(grid, r, run.state)
-        start, spec = _model.flatten_record(run.arrays)
-        if self.privacy is not None:
-            _open_session(self, run, len(pool), start.size)
-        nodes = _drawn(self, run, engine, pool, r)
-        plan = None if len(nodes) < self.min_train_nodes else engine.plan(
-            r, nodes, check=_check_round(engine), session_protocol=False)
-        if plan is None:  # a Poisson sample too small to run: nothing sent, released or spent
-            log.info("securefed: round %d: the sample of %d nodes is too small; skipped", r, len(nodes))
-            return RoundReport(r, tuple(nodes), (), {}, {"skipped": 1.0}, engine.epsilon(),
-                               AbortReason.TOO_FEW_SURVIVORS.value), None
-        dim = engine.input_size(start.size)
-        config = ConfigRecord({**(train_config or {}), "server-round": r,
-                               **_privacy.round_config(engine.session)})
-        self.aggregator.privacy = _privacy.at_round(self.privacy, engine.session)  # the round's clip, when it moves
-        log.info("securefed: round %d with %d nodes", r, len(nodes))
-        rng, weighted, after = self._rng(f"round/{r}"), self.weighting == "examples", _next_sample(self, grid, run, r)
-        try:  # round r + 1's setup rides on this round's messages, with the randomness it would have on its own
-            outcome = self.aggregator.run(grid, nodes, round_index=r, dim=dim, rng=rng, arrays=run.arrays,
-                                          config=config, max_examples=self.max_examples if weighted else 0,
-                                          next_nodes=after, next_rng=self._rng(f"round/{r + 1}"))
-        except ProtocolAborted as e:
-            log.error("securefed: round %d aborted (%s): %s", r, e.reason.value, e)
-            rnd = self.aggregator.last_round
-            dropped = rnd.dropped_nodes if rnd is not None and rnd.spec.round_index == r else {}
-            return RoundReport(r, tuple(nodes), (), dropped, {}, engine.epsilon(), e.reason.value), None
-        included = outcome.included_nodes
-        # Under DP the release is accounted and logged (on_release) before the aggregate is used.
-        out = engine.finish(r, start, outcome.result.total, len(included), len(nodes),
-                            on_release=None if engine.session is None else lambda: _log_release(self, run, r))
-        run.released = out.released  # noised under central DP: neither the checkpoint nor the log holds the raw sum
-        run.arrays = _model.with_vector(run.arrays, out.new, spec)
-        metrics: dict[str, float] = {
-            "included": float(len(included)), "dropped": float(len(outcome.dropped_nodes)),
-            "upload_bytes_per_node": float(np.mean([outcome.bytes_from[v] for v in included])),
-            **{f"seconds_{phase}": s for phase, s in outcome.phase_seconds.items()},
-            **{k: float(v) for k, v in out.metrics.items() if k != "epsilon"},  # the clip (public) and its count
-        }
-        if evaluate_fn is not None and (evals := evaluate_fn(r, run.arrays)) is not None:
-            metrics.update({f"eval_{k}": float(v) for k, v in evals.items() if isinstance(v, (int, float))})
-        report = RoundReport(r, outcome.nodes, included, outcome.dropped_nodes, metrics, out.epsilon)
-        log.info("securefed: round %d done: %d included, %d dropped, epsilon %s %s", r, len(included),
-                 len(outcome.dropped_nodes), out.epsilon, {k: v for k, v in metrics.items() if k.startswith("eval_")})
-        return report, outcome
-
 
 @dataclasses.dataclass
 class _Run:
@@ -424,6 +395,95 @@ class _Run:
     released: np.ndarray | None = None  # what the last round released (noised under central DP), never the raw sum
     num_rounds: int = 0  # the run's last round (it has no next round to prepare)
     drawn: tuple[int, list[int], list[int]] | None = None  # (round, pool, sample) drawn ahead for the next round
+
+
+def _run_rounds(s: SecureFedAvg, grid: Grid, run: _Run, num_rounds: int, train_config: ConfigRecord | None,
+                evaluate_fn: EvaluateFn | None, audit: Any) -> SecureResult:
+    state = run.state
+    result = SecureResult(arrays=run.arrays)
+    for report in state.history:
+        result.rounds.append(report)
+        if evals := _evals(report):
+            result.evaluate_metrics_serverapp[report.round] = MetricRecord(evals)
+    for r in range(state.round + 1, num_rounds + 1):
+        report, outcome = _round(s, grid, r, run, train_config, evaluate_fn)
+        result.arrays = run.arrays
+        result.rounds.append(report)
+        if evals := _evals(report):
+            result.evaluate_metrics_serverapp[r] = MetricRecord(evals)
+        state.round = r
+        state.history.append(report)
+        for node in report.dropped:
+            state.cooldown[node] = r + s.cooldown_rounds
+        if (session := run.engine.session) is not None:
+            state.ledger, state.privacy = session.accountant.ledger, _privacy.session_state(session)
+        state.audit = _resume.audit_record(report, outcome) if audit is not None else None
+        run.pending = []
+        if s.checkpoint_dir is not None:
+            run.counter += 1
+            seq, head = audit.head if audit is not None else (0, "")
+            _checkpoint.save(s.checkpoint_dir, key=run.key, round_index=r, counter=run.counter,
+                             arrays=run.arrays, state=state.to_json(),
+                             optimizer=(run.engine.optimizer.describe(), run.engine.optimizer.state_dict()),
+                             audit_head=None if audit is None else {"seq": seq, "sha256": head},
+                             aggregate=None if outcome is None or audit is None else run.released)
+        if audit is not None:
+            assert state.audit is not None
+            _resume.write_round(audit, state.audit, None if outcome is None else run.released,
+                                protocol=s.protocol, privacy=s.privacy, ledger=state.ledger,
+                                epsilon=report.epsilon,
+                                checkpoint_counter=run.counter if s.checkpoint_dir is not None else None)
+            if s.audit_witness is not None:
+                s.audit_witness(*audit.head)
+    return result
+
+def _round(s: SecureFedAvg, grid: Grid, r: int, run: _Run, train_config: ConfigRecord | None,
+           evaluate_fn: EvaluateFn | None) -> tuple[RoundReport, RoundOutcome | None]:
+    """One round through the round engine (:class:`~securefed.rounds.RoundEngine`) over the grid."""
+    engine, pool = run.engine, s._pool(grid, r, run.state)
+    start, spec = _model.flatten_record(run.arrays)
+    if s.privacy is not None:
+        _open_session(s, run, len(pool), start.size)
+    nodes = _drawn(s, run, engine, pool, r)
+    plan = None if len(nodes) < s.min_train_nodes else engine.plan(
+        r, nodes, check=_check_round(engine), session_protocol=False)
+    if plan is None:  # a Poisson sample too small to run: nothing sent, released or spent
+        log.info("securefed: round %d: the sample of %d nodes is too small; skipped", r, len(nodes))
+        return RoundReport(r, tuple(nodes), (), {}, {"skipped": 1.0}, engine.epsilon(),
+                           AbortReason.TOO_FEW_SURVIVORS.value), None
+    dim = engine.input_size(start.size)
+    config = ConfigRecord({**(train_config or {}), "server-round": r,
+                           **_privacy.round_config(engine.session)})
+    s.aggregator.privacy = _privacy.at_round(s.privacy, engine.session)  # the round's clip, when it moves
+    log.info("securefed: round %d with %d nodes", r, len(nodes))
+    rng, weighted, after = s._rng(f"round/{r}"), s.weighting == "examples", _next_sample(s, grid, run, r)
+    try:  # round r + 1's setup rides on this round's messages, with the randomness it would have on its own
+        outcome = s.aggregator.run(grid, nodes, round_index=r, dim=dim, rng=rng, arrays=run.arrays,
+                                      config=config, max_examples=s.max_examples if weighted else 0,
+                                      next_nodes=after, next_rng=s._rng(f"round/{r + 1}"))
+    except ProtocolAborted as e:
+        log.error("securefed: round %d aborted (%s): %s", r, e.reason.value, e)
+        rnd = s.aggregator.last_round
+        dropped = rnd.dropped_nodes if rnd is not None and rnd.spec.round_index == r else {}
+        return RoundReport(r, tuple(nodes), (), dropped, {}, engine.epsilon(), e.reason.value), None
+    included = outcome.included_nodes
+    # Under DP the release is accounted and logged (on_release) before the aggregate is used.
+    out = engine.finish(r, start, outcome.result.total, len(included), len(nodes),
+                        on_release=None if engine.session is None else lambda: _log_release(s, run, r))
+    run.released = out.released  # noised under central DP: neither the checkpoint nor the log holds the raw sum
+    run.arrays = _model.with_vector(run.arrays, out.new, spec)
+    metrics: dict[str, float] = {
+        "included": float(len(included)), "dropped": float(len(outcome.dropped_nodes)),
+        "upload_bytes_per_node": float(np.mean([outcome.bytes_from[v] for v in included])),
+        **{f"seconds_{phase}": s for phase, s in outcome.phase_seconds.items()},
+        **{k: float(v) for k, v in out.metrics.items() if k != "epsilon"},  # the clip (public) and its count
+    }
+    if evaluate_fn is not None and (evals := evaluate_fn(r, run.arrays)) is not None:
+        metrics.update({f"eval_{k}": float(v) for k, v in evals.items() if isinstance(v, (int, float))})
+    report = RoundReport(r, outcome.nodes, included, outcome.dropped_nodes, metrics, out.epsilon)
+    log.info("securefed: round %d done: %d included, %d dropped, epsilon %s %s", r, len(included),
+             len(outcome.dropped_nodes), out.epsilon, {k: v for k, v in metrics.items() if k.startswith("eval_")})
+    return report, outcome
 
 
 def _check_options(privacy: Privacy | None, fraction_train: float, min_train_nodes: int, min_available_nodes: int,
@@ -560,3 +620,97 @@ def _fixed_sample(s: SecureFedAvg, pool: list[int], round_index: int) -> list[in
         return list(range(k))
     coins = s._rng(f"round/{round_index}/sample").integers_below(2**63, len(pool))
     return sorted(np.argsort(coins, kind="stable")[:k].tolist())
+
+
+def _first_messages(s: SecureFedAvg, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                    grid: Grid) -> list[Message]:
+    """What :meth:`SecureFedAvg.configure_train` returns: the first exchange of a fresh round (its own
+    randomness, as start() would draw it) with the nodes sampled from those available now."""
+    if s.privacy is not None:
+        raise ConfigurationError("configure_train cannot build a round with privacy outside a run (the nodes need "
+                                 "the run's privacy session): use start()")
+    engine = RoundEngine(s.protocol, None, weighting=s.weighting, optimizer=optim.FedAvg())
+    pool = _available(s, grid, server_round, _RunState())
+    nodes = s._sample(engine, pool, server_round) if len(pool) >= s.min_available_nodes else []
+    if len(nodes) < s.min_train_nodes:
+        return []
+    agg, flat = s.aggregator, _model.flatten_record(arrays)[0]
+    rnd = AggregationRound(s.protocol, nodes, round_index=server_round, dim=engine.input_size(flat.size),
+                           rng=s._rng(f"round/{server_round}"), max_payload_bytes=agg.max_payload_bytes,
+                           max_examples=s.max_examples if s.weighting == "examples" else 0, privacy=agg.privacy,
+                           auxiliary=agg.auxiliary, identities=agg.identities)
+    phase = rnd.phases[0]
+    ttl = agg.train_timeout if phase == input_phase(rnd.protocol) else agg.phase_timeout
+    return rnd.messages(phase, ttl=ttl, arrays=arrays, config=ConfigRecord({**config, "server-round": server_round}))
+
+
+def _step_released(s: SecureFedAvg, server_round: int,
+                   replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """What :meth:`SecureFedAvg.aggregate_train` returns: the server optimizer's step on the one reply's mean."""
+    if s._current is None:
+        raise InvalidInput("aggregate_train needs the model configure_train records: call configure_train first")
+    content = replies[0].content if len(replies) == 1 and replies[0].has_content() else None
+    if content is None or len(content.array_records) != 1:
+        raise InvalidInput(f"aggregate_train takes one reply with one ArrayRecord (current model + the secure mean), "
+                           f"got {len(replies)} replies")
+    start, spec = _model.flatten_record(s._current)
+    _model.same_layout(s._current, record := next(iter(content.array_records.values())))
+    released = _model.flatten_record(record)[0]
+    mean = released.astype(np.float64) - start.astype(np.float64)
+    new, s.server_optimizer = optim.step_in_dtype(s.server_optimizer, start, mean, server_round)
+    return _model.with_vector(s._current, new, spec), next(iter(content.metric_records.values()), None)
+
+
+class FlowerOptimizer:
+    """A Flower strategy with a server optimizer (``flwr.serverapp.strategy.FedAdam``, ``FedYogi``, ``FedAdagrad``,
+    ``FedAvgM``...) as a securefed server optimizer: each step hands the released mean to the strategy's
+    ``configure_train`` / ``aggregate_train`` as one reply of weight 1 whose arrays are ``weights + mean``, so
+    Flower's own formula steps the model. ``SecureFedAvg(server_optimizer=FedAdam(...))`` wraps it in this.
+    The checkpoint keeps the state of Flower's FedOpt family (``m_t``, ``v_t``) and FedAvgM's momentum."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    def __copy__(self) -> FlowerOptimizer:  # optim.step_in_dtype steps a copy: a failed step leaves this one as it was
+        return FlowerOptimizer(copy.deepcopy(self.strategy))
+
+    def step(self, weights: np.ndarray, mean_update: np.ndarray, round: int) -> np.ndarray:
+        w, st = np.asarray(weights, np.float64).ravel(), self.strategy
+        grid = _Nodes(max(int(getattr(st, "min_available_nodes", 1)), int(getattr(st, "min_train_nodes", 1)), 1))
+        list(st.configure_train(round, ArrayRecord({"w": Array(w.copy())}), ConfigRecord(), cast(Grid, grid)))
+        moved = ArrayRecord({"w": Array(w + np.asarray(mean_update, np.float64).ravel())})
+        reply = Message(RecordDict({getattr(st, "arrayrecord_key", "arrays"): moved,
+                                    "metrics": MetricRecord({getattr(st, "weighted_by_key", "num-examples"): 1})}),
+                        dst_node_id=1, message_type=MessageType.TRAIN)
+        new, _ = st.aggregate_train(round, [reply])
+        if new is None:
+            raise InvalidInput(f"{type(st).__name__}.aggregate_train returned no model for round {round}")
+        return np.asarray(new["w"].numpy(), np.float64).ravel()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {k: np.array(v["w"], np.float64) for k in ("m_t", "v_t") if (v := getattr(self.strategy, k, None))}
+        if momentum := getattr(self.strategy, "momentum_vector", None):
+            out["momentum_vector"] = np.array(momentum[0], np.float64)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k in ("m_t", "v_t"):
+            if k in state:
+                setattr(self.strategy, k, {"w": np.array(state[k], np.float64)})
+        if "momentum_vector" in state:
+            setattr(self.strategy, "momentum_vector", [np.array(state["momentum_vector"], np.float64)])  # noqa: B010 - FedAvgM's, not Strategy's
+
+    def describe(self) -> dict[str, Any]:
+        keys = ("eta", "beta_1", "beta_2", "tau", "server_learning_rate", "server_momentum")
+        return {"optimizer": f"flwr.{type(self.strategy).__name__}",
+                **{k: float(getattr(self.strategy, k)) for k in keys if hasattr(self.strategy, k)}}
+
+
+@dataclasses.dataclass
+class _Nodes:
+    """All that a Flower strategy's configure_train asks of a grid: `n` node ids."""
+
+    n: int
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.n + 1))
