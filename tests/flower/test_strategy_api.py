@@ -16,6 +16,7 @@ from securefed.flower import SecureFedAvg, _checkpoint
 from securefed.flower.strategy import FlowerOptimizer
 from securefed.flower.testing import InProcessGrid
 from tests.flower import apps
+from tests.flower.test_example_app import example, run  # noqa: F401 - the example app fixture
 from tests.flower.test_resume import Crash, CrashingGrid, updates
 
 N, ROUNDS = 4, 3
@@ -146,3 +147,11 @@ def test_flower_optimizer_state_round_trips_and_a_failed_step_changes_nothing():
     with pytest.raises(InvalidInput):
         optim.step_in_dtype(huge, np.zeros(3, np.float32), np.ones(3), 1)
     assert huge.state_dict() == {}
+
+
+def test_the_example_app_composes_secure_fedavg_with_flowers_fedadam(request, tmp_path):
+    state = run(request.getfixturevalue("example"), tmp_path, dp=False,
+                **{"num-server-rounds": 3, "server-optimizer": "fedadam"})
+    assert state["optimizer"]["config"]["optimizer"] == "flwr.FedAdam"
+    acc = [r["metrics"]["eval_accuracy"] for r in state["history"]]
+    assert acc[-1] > 0.5 and acc[-1] > acc[0]  # 10 classes: chance is 0.1

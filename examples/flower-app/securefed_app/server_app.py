@@ -2,6 +2,7 @@
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam
 
 from securefed.flower import SecureFedAvg
 from securefed_app import task
@@ -20,10 +21,13 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord(task.evaluate(net, test))
 
     privacy = task.privacy(cfg)
+    # "fedadam": Flower's own FedAdam steps the model on each round's securely aggregated mean.
+    fedadam = str(cfg.get("server-optimizer", "")) == "fedadam"
     strategy = SecureFedAvg(
         protocol=task.protocol(cfg),
         privacy=privacy,
-        server_lr=task.SERVER_LR if privacy is not None else 1.0,
+        server_lr=task.SERVER_LR if privacy is not None and not fedadam else 1.0,
+        server_optimizer=FedAdam(eta=0.05) if fedadam else None,
         min_train_nodes=int(cfg["min-nodes"]),
         min_available_nodes=int(cfg["min-nodes"]),
         phase_timeout=float(cfg["phase-timeout"]),
