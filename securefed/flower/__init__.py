@@ -17,6 +17,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from securefed.flower.aggregation import GridAggregator, RoundOutcome
 from securefed.flower.client import SecureClient
-from securefed.flower.strategy import RoundReport, SecureFedAvg, SecureResult
+from securefed.flower.strategy import FlowerOptimizer, RoundReport, SecureFedAvg, SecureResult
 
-__all__ = ["GridAggregator", "RoundOutcome", "RoundReport", "SecureClient", "SecureFedAvg", "SecureResult"]
+__all__ = [
+    "FlowerOptimizer", "GridAggregator", "RoundOutcome", "RoundReport", "SecureClient", "SecureFedAvg", "SecureResult",
+]
