@@ -60,6 +60,14 @@ def check(config: object) -> None:
             "on Flower, privacy must be securefed.privacy.CentralDP or DistributedDP (sample-level DP "
             "belongs in the nodes' training function)"
         )
+    if isinstance(config, DistributedDP) and moving_encoder(config) and config.granularity is not None:
+        # Nothing binds a round's params across nodes: an active server could send the other nodes a smaller
+        # clip, and with a fixed rounding step their noise shares would shrink with it (spec section 7).
+        raise ConfigurationError(
+            "on Flower, DistributedDP with adaptive clipping needs granularity=None (the rounding step then "
+            "follows each round's clip); a fixed granularity lets a server that sends the nodes different clips "
+            "shrink the noise protecting one of them"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

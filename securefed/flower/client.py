@@ -68,15 +68,17 @@ _NOTHING = 4
 TrainFn = Callable[[Message, Context], Message]
 
 
-def client_rng(seed: int | None, session: bytes, client: int | str, phase: str, round_index: int) -> RandomSource:
+def client_rng(seed: int | None, session: bytes, client: int | str, phase: str, round_index: int,
+               run_id: int = 0) -> RandomSource:
     """A node's randomness for one phase: from ``os.urandom``, or, seeded (tests and simulation only),
-    derived from the seed, the round's number and session id, the client index (or auxiliary party) and the
-    phase. The round number is bound in: a server that sent one session id for two rounds would otherwise
-    get the same keys twice (and with them one round's self-mask and the next round's mask key)."""
+    derived from the seed, the Flower run, the round's number and session id, the client index (or
+    auxiliary party) and the phase. Run and round are bound in: a server that sent one session id for two
+    rounds, or again in a new run, would otherwise get the same keys twice (and with them one round's
+    self-mask and the other's mask key)."""
     if seed is None:
         return RandomSource()
     who = f"client/{client}" if isinstance(client, int) else f"party/{client}"
-    return RandomSource(seed).child(f"flower/round/{round_index}/{session.hex()}/{who}/{phase}")
+    return RandomSource(seed).child(f"flower/run/{run_id}/round/{round_index}/{session.hex()}/{who}/{phase}")
 
 
 def _value(x: Any, context: Context) -> Any:
@@ -397,7 +399,7 @@ class SecureClient:
                                   "Harary graph): the server asks for a beacon this node does not run")
         keys = self._beacon_identities(identities)
         if req.phase == _beacon.COMMIT:
-            rng = client_rng(seed, req.session, req.client, req.phase, req.round)
+            rng = client_rng(seed, req.session, req.client, req.phase, req.round, context.run_id)
             payload = _beacon.node_commit(context.state, req, context.node_id, rng)
         else:
             payload = _beacon.node_reveal(context.state, req, context.node_id, keys.signing_key(context.node_id))
@@ -427,7 +429,7 @@ class SecureClient:
         an older round than the saved state (stale), or one of a round whose saved state
         belongs to another session or party (out of phase).
         """
-        rng = client_rng(seed, req.session, party, req.phase, req.round)
+        rng = client_rng(seed, req.session, party, req.phase, req.round, context.run_id)
         saved = context.state.get(slot)
         saved = saved if isinstance(saved, ConfigRecord) else None
         if saved is not None and req.round < cast(int, saved["round"]):  # the fields are _save's

@@ -9,8 +9,8 @@ import pytest
 import securefed as sf
 from securefed.audit import verify
 from securefed.crypto.random import RandomSource
-from securefed.errors import AbortReason, PrivacyBudgetExceeded, ProtocolAborted
-from securefed.flower import SecureFedAvg, _checkpoint, _privacy
+from securefed.errors import AbortReason, ConfigurationError, PrivacyBudgetExceeded, ProtocolAborted
+from securefed.flower import SecureClient, SecureFedAvg, _checkpoint, _privacy
 from securefed.flower.testing import InProcessGrid
 from securefed.privacy import (
     Accountant,
@@ -392,3 +392,20 @@ def test_a_poisson_sample_too_small_skips_its_round_releasing_and_spending_nothi
     assert all(epsilons[r.round] == epsilons[r.round - 1] for r in skipped)
     audit = verify(tmp_path / "audit.jsonl", allow_seeded=True)
     assert audit.ok, audit.summary()
+
+
+def test_adaptive_distributed_dp_on_flower_refuses_a_fixed_granularity():
+    """A second red-team finding: nothing binds a round's params across nodes, so an active server could send
+    the other nodes a smaller clip; with a fixed granularity their noise shares shrink with it (effective
+    multiplier 0.785 against 1.581 accounted in its simulation). With granularity=None the rounding step
+    follows each node's clip and the shares stay the same in integer units."""
+    clip = AdaptiveClipping(initial_clip=1.5, target_quantile=0.5, learning_rate=0.3, count_stddev=1.0)
+    fixed = DistributedDP(noise_multiplier=1.0, clipping=clip, granularity=1e-3)
+    with pytest.raises(ConfigurationError, match="granularity=None"):
+        _privacy.check(fixed)
+    with pytest.raises(ConfigurationError, match="granularity=None"):
+        SecureFedAvg(protocol=sf.protocols.SecAggPlus(), privacy=fixed)
+    with pytest.raises(ConfigurationError, match="granularity=None"):
+        SecureClient(protocol=sf.protocols.SecAggPlus(), privacy=fixed)
+    _privacy.check(DistributedDP(noise_multiplier=1.0, clipping=clip))  # the default: accepted
+    _privacy.check(DistributedDP(noise_multiplier=1.0, clipping=1.0, granularity=1e-3))  # a fixed clip: accepted

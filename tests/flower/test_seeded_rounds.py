@@ -50,3 +50,20 @@ def test_seeded_randomness_depends_on_the_round_number():
     assert one == client_rng(1, session, 0, "advertise_keys", 1).token_bytes(32)  # reproducible
     assert one != client_rng(1, session, 0, "advertise_keys", 2).token_bytes(32)
     assert client_rng(None, session, 0, "advertise_keys", 1).token_bytes(32) != one  # unseeded: the OS
+
+
+def test_a_round_replayed_in_a_new_run_gets_fresh_keys_from_seeded_nodes():
+    """A second red-team finding: a new Flower run starts each node with a fresh Context, so its
+    one-input-per-round record is empty; a server replaying round 1's nonce and nodes in run 2 got the same
+    keys. The run id is bound in too."""
+    protocol = sf.protocols.SecAgg()
+    nodes = apps.nodes(N)
+    members = list(nodes)
+    runs = [InProcessGrid(apps.client_app(protocol, lambda p, r: None, seed=1), nodes, run_id=run_id)
+            for run_id in (1, 2)]
+    (session1, first), (session2, second) = (advertise(grid, protocol, members, 1) for grid in runs)
+    assert session1 == session2
+    for v in members:
+        assert sum(a != b for a, b in zip(first[v], second[v])) >= 32, f"node {v} reused its keys across runs"
+    assert client_rng(1, bytes(32), 0, "advertise_keys", 1, 1).token_bytes(8) != \
+        client_rng(1, bytes(32), 0, "advertise_keys", 1, 2).token_bytes(8)
