@@ -74,8 +74,9 @@ def federation(tmp_path):
         assert not fed.pids(), "processes left running"
 
 
-def in_process_reference(tmp_path, cfg, node_ids, victim, protocol):
-    """The same app, seeds and dropout, every party in this process (Flower's simulation without Ray)."""
+def in_process_reference(tmp_path, cfg, node_ids, victim, protocol, run_id):
+    """The same app, seeds, run id and dropout, every party in this process (Flower's simulation without Ray);
+    seeded nodes bind the run id into their randomness."""
     sys.path.insert(0, str(APP))
     try:
         from flwr.app import Context, RecordDict
@@ -92,8 +93,8 @@ def in_process_reference(tmp_path, cfg, node_ids, victim, protocol):
 
         nodes = {v: node_config(p) for p, v in node_ids.items()}
         cfg = {**app_defaults(), **cfg}
-        grid = InProcessGrid(client_app.app, nodes, run_config=cfg, deliver=deliver)
-        server_app.app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg))
+        grid = InProcessGrid(client_app.app, nodes, run_config=cfg, deliver=deliver, run_id=run_id)
+        server_app.app(grid, Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=cfg))
     finally:
         sys.path.remove(str(APP))
 
@@ -144,7 +145,7 @@ def test_three_rounds_of_secagg_plus_across_processes_survive_a_killed_node(fede
     # The same seeds and dropout in one process give the very same model.
     ref_cfg = run_config(tmp_path, "reference")
     (tmp_path / "reference").mkdir()
-    in_process_reference(tmp_path, ref_cfg, ids, victim, protocol)
+    in_process_reference(tmp_path, ref_cfg, ids, victim, protocol, int(run_id))
     ref_state, ref_arrays, _ = _checkpoint.load(tmp_path / "reference" / "ckpt")
     assert [r["included"] for r in ref_state["history"]] == [r["included"] for r in state["history"]]
     assert list(arrays) == list(ref_arrays)
