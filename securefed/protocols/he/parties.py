@@ -9,7 +9,7 @@ server ``he/server.py``, the saved-state format ``he/state.py``. Nothing here is
 from __future__ import annotations
 
 import hashlib
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -85,7 +85,33 @@ def signed_upload(protocol: HEScheme, spec: RoundSpec, client: int, key_id: byte
     return [sig, *body]
 
 
-class HEClient(ClientProtocol):
+class _Party(ClientProtocol):
+    """What the client and the decryptor share: the current state class, saved as its stage number, takes
+    each request and returns the reply and the next state (fcp style, ``protocols/he.md`` "States")."""
+
+    _STATES: ClassVar[tuple[Any, ...]]  # stage number -> state class, set below the state classes
+    _state: Any
+    _p: HEScheme
+    _frame: Framer
+
+    @property
+    def _stage(self) -> int:
+        """The current state as the saved state's stage number."""
+        return int(self._state.stage)
+
+    @_stage.setter
+    def _stage(self, stage: int) -> None:
+        self._state = self._STATES[stage]
+
+    def handle(self, phase: str, request: bytes) -> bytes | None:
+        if phase not in self._p.phases:
+            raise MessageRejected(f"invalid message: no phase {phase!r}")
+        reader = Reader(self._frame.payload(request, phase, wire.SERVER))
+        reply, self._state = self._state.step(self, phase, reader)
+        return reply
+
+
+class HEClient(_Party):
     """One client: encrypts its input under the round's public key; in "clients" mode it also holds the key
     and, if it dealt it, decrypts the round's verified sum once."""
 
@@ -105,22 +131,6 @@ class HEClient(ClientProtocol):
     def set_input(self, x: np.ndarray) -> None:
         """Check and encode `x`: InvalidInput for a wrong shape or dtype, NaN/Inf or a value out of range."""
         self._values = self._p._prepare(x, self._spec, self._rng)
-
-    @property
-    def _stage(self) -> int:
-        """The current state as the saved state's stage number."""
-        return self._state.stage
-
-    @_stage.setter
-    def _stage(self, stage: int) -> None:
-        self._state = _CLIENT_STATES[stage]
-
-    def handle(self, phase: str, request: bytes) -> bytes | None:
-        if phase not in self._p.phases:
-            raise MessageRejected(f"invalid message: no phase {phase!r}")
-        reader = Reader(self._frame.payload(request, phase, wire.SERVER))
-        reply, self._state = self._state.step(self, phase, reader)
-        return reply
 
     def _advertise(self, reader: Reader) -> bytes:
         """Setup in "clients" mode: a fresh exchange key, signed, for the dealer to seal the secret key to."""
@@ -263,7 +273,7 @@ class HEClient(ClientProtocol):
         return client
 
 
-class HEDecryptor(ClientProtocol):
+class HEDecryptor(_Party):
     """The separate key holder: makes a fresh key pair per round and decrypts one verified sum, once."""
 
     def __init__(self, protocol: HEScheme, spec: RoundSpec, ring: Ring, rng: RandomSource) -> None:
@@ -272,22 +282,6 @@ class HEDecryptor(ClientProtocol):
         self._state: type[_DecryptorState] = _Keyless
         self._secret: bytes | None = None
         self._key_id: bytes | None = None
-
-    @property
-    def _stage(self) -> int:
-        """The current state as the saved state's stage number."""
-        return self._state.stage
-
-    @_stage.setter
-    def _stage(self, stage: int) -> None:
-        self._state = _DECRYPTOR_STATES[stage]
-
-    def handle(self, phase: str, request: bytes) -> bytes | None:
-        if phase not in self._p.phases:
-            raise MessageRejected(f"invalid message: no phase {phase!r}")
-        reader = Reader(self._frame.payload(request, phase, wire.SERVER))
-        reply, self._state = self._state.step(self, phase, reader)
-        return reply
 
     def _make_key(self, reader: Reader) -> bytes:
         """Setup: a fresh key pair; the public context goes out with the signature on its key id."""
@@ -391,6 +385,7 @@ class _Decrypted(_ClientState):
 
 
 _CLIENT_STATES: tuple[type[_ClientState], ...] = (_Fresh, _Advertised, _Dealt, _Uploaded, _Decrypted)
+HEClient._STATES = _CLIENT_STATES
 
 
 class _DecryptorState:
@@ -428,3 +423,4 @@ class _Spent(_DecryptorState):
 
 
 _DECRYPTOR_STATES: tuple[type[_DecryptorState], ...] = (_Keyless, _Keyed, _Spent)
+HEDecryptor._STATES = _DECRYPTOR_STATES
