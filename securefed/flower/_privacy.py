@@ -213,13 +213,10 @@ def session_state(s: PrivacySession) -> dict[str, Any]:
 
 def round_config(s: PrivacySession | None) -> dict[str, float]:
     """The round's public adaptive-clipping values for the nodes (after ``before_round``): the clip C and
-    the count's noise std (the session's: ``count_stddev``, else 0.05 x the expected participants)."""
-    from securefed.privacy import AdaptiveClipping
-
-    if s is None or not isinstance(clip := s.clipping, AdaptiveClipping):
+    the count's noise std, both the session's own (:attr:`PrivacySession.count_stddev`)."""
+    if s is None or s.clipping is None or (stddev := s.count_stddev) is None:
         return {}
-    expected = max(1.0, s.sampling_rate * s.population)
-    return {CLIP_KEY: clip.bound, COUNT_STDDEV_KEY: clip.count_stddev or 0.05 * expected}
+    return {CLIP_KEY: s.clipping.bound, COUNT_STDDEV_KEY: stddev}
 
 
 def _positive_finite(value: object, what: str) -> float:

@@ -226,6 +226,12 @@ class _ClientLevel:
         self._protocol = protocol
         self._rng = rng
 
+    @property
+    def count_stddev(self) -> float | None:
+        """The adaptive clip's count noise std in force (its configured one, else 0.05 x the expected
+        participants); None for a fixed clip."""
+        return self.clip.count_stddev if isinstance(self.clip, AdaptiveClip) else None
+
     def mechanism(self) -> ClientLevelMechanism:
         """The round's noise, events and planned event (what Flower's strategy uses too)."""
         return ClientLevelMechanism(self.config, protocol=self._protocol, dimension=self.dimension,

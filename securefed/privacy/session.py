@@ -103,6 +103,11 @@ class PrivacySession:
         return self._mechanism.clipping
 
     @property
+    def count_stddev(self) -> float | None:
+        """Adaptive clipping's count noise std in force (what the nodes must use), else None."""
+        return getattr(self._mechanism, "count_stddev", None)
+
+    @property
     def dpsgd(self) -> DPSGD | None:
         """Sample level's DP-SGD, None at client level."""
         return self._mechanism.dpsgd
