@@ -38,8 +38,8 @@ from securefed.errors import MessageRejected
 from securefed.flower import _beacon
 from securefed.protocols.base import AggregationProtocol
 
-__all__ = ["KEY", "NEXT_KEY", "VERSION", "Reply", "Request", "describe", "pack_nodes", "parse_reply", "parse_request",
-           "session_id"]
+__all__ = ["KEY", "NEXT_KEY", "VERSION", "Reply", "Request", "describe", "evaluation", "pack_nodes", "parse_reply",
+           "parse_request", "session_id"]
 
 #: The record key of securefed's envelope in a Flower ``RecordDict``.
 KEY = "securefed"
@@ -57,13 +57,34 @@ _REPLY_FIELDS = {"v": int, "phase": str, "round": int, "session": bytes, "client
                  "payload": bytes}
 _NODE = struct.Struct(">Q")
 _SESSION_LABEL = b"securefed/flower/session\x00"
+#: An evaluation round's session label: every session names its kind, so a node asked to evaluate and a node
+#: asked to train are never in one session (their messages and signatures do not verify across).
+_EVALUATE_LABEL = b"securefed/flower/evaluate\x00"
 
 
-def describe(protocol: AggregationProtocol, n: int, privacy: Mapping[str, Any] | None = None) -> str:
-    """``protocol.describe(n)`` (plus the round's `privacy` settings) as canonical JSON: what server and
-    client must agree on."""
+def describe(protocol: AggregationProtocol, n: int, privacy: Mapping[str, Any] | None = None,
+             evaluate: Sequence[tuple[str, float]] | None = None) -> str:
+    """``protocol.describe(n)`` (plus the round's `privacy` settings, and for an evaluation round its
+    metrics and their bounds, `evaluate`) as canonical JSON: what server and client must agree on."""
     desc = protocol.describe(n) if privacy is None else {**protocol.describe(n), "privacy": dict(privacy)}
+    if evaluate is not None:
+        desc["evaluate"] = [[name, float(bound)] for name, bound in evaluate]
     return json.dumps(desc, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def evaluation(params: str) -> tuple[tuple[str, float], ...] | None:
+    """The metrics and bounds of an evaluation round's `params` (:func:`describe`); None for a training round.
+    MessageRejected for params that are not such JSON."""
+    if '"evaluate":' not in params:
+        return None
+    try:
+        spec = json.loads(params).get("evaluate")
+        out = tuple((str(name), float(bound)) for name, bound in spec)
+    except (ValueError, TypeError, AttributeError):
+        raise MessageRejected("invalid request: malformed evaluation metrics in params") from None
+    if not out or any(not (b > 0 and b < float("inf")) for _, b in out):
+        raise MessageRejected("invalid request: malformed evaluation metrics in params")
+    return out
 
 
 def pack_nodes(nodes: Sequence[int]) -> bytes:
@@ -71,12 +92,14 @@ def pack_nodes(nodes: Sequence[int]) -> bytes:
     return b"".join(_NODE.pack(v) for v in nodes)
 
 
-def session_id(nonce: bytes, nodes: bytes) -> bytes:
-    """The round's session id: SHA-256 of a label, the server's 32-byte `nonce` and the packed node ids.
+def session_id(nonce: bytes, nodes: bytes, *, evaluate: bool = False) -> bytes:
+    """The round's session id: SHA-256 of a label (a training or an evaluation round's), the server's
+    32-byte `nonce` and the packed node ids.
 
     Every protocol message and signature binds the session, so a session has exactly one list
-    of participants: a server cannot show nodes different lists in one session."""
-    return hashlib.sha256(_SESSION_LABEL + nonce + nodes).digest()
+    of participants and one kind: a server cannot show nodes different lists in one session, nor
+    ask some of its nodes to train and others to evaluate."""
+    return hashlib.sha256((_EVALUATE_LABEL if evaluate else _SESSION_LABEL) + nonce + nodes).digest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +170,7 @@ def _request(record: Any) -> Request:
     ids = req.node_ids()
     if any(b <= a for a, b in zip(ids, ids[1:])):
         raise MessageRejected("invalid request: node ids not ascending")
-    pre = session_id(req.nonce, req.nodes)
+    pre = session_id(req.nonce, req.nodes, evaluate=evaluation(req.params) is not None)
     if req.beacon:
         list_hash, reveals_hash, _ = _beacon.split_field(req.beacon, req.n)
         pre = _beacon.session(pre, req.round, list_hash, reveals_hash)
@@ -182,7 +205,7 @@ def parse_next(content: RecordDict, current: Request) -> Request | None:
     if NEXT_KEY not in content:
         return None
     req = _request(content[NEXT_KEY])
-    if req.round <= current.round or req.beacon or req.party:
+    if req.round <= current.round or req.beacon or req.party or evaluation(req.params) is not None:
         raise MessageRejected("invalid request: the next round's request must be a later round's client setup")
     return req
 

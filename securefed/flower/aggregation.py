@@ -36,7 +36,8 @@ from securefed.protocols.base import (
 )
 from securefed.protocols.he import HEProtocol
 
-__all__ = ["AggregationRound", "GridAggregator", "RoundOutcome", "exchange", "input_phase", "message_type"]
+__all__ = ["EVALUATION_BITS", "AggregationRound", "GridAggregator", "RoundOutcome", "evaluation_protocol", "exchange",
+           "input_phase", "message_type"]
 
 log = logging.getLogger("securefed.flower")
 
@@ -54,10 +55,29 @@ def input_phase(protocol: AggregationProtocol) -> str:
     return protocol.phases[protocol.input_phase_index()]
 
 
-def message_type(protocol: AggregationProtocol, phase: str, party: int | str = 0) -> str:
-    """``train`` for a client's input phase (the node trains then), ``query.<phase>`` for the others
-    and for auxiliary parties (named `party`)."""
-    return "train" if phase == input_phase(protocol) and isinstance(party, int) else f"query.{phase}"
+def message_type(protocol: AggregationProtocol, phase: str, party: int | str = 0, *, evaluate: bool = False) -> str:
+    """``train`` for a client's input phase (the node trains then; ``evaluate`` in an evaluation round, where
+    it evaluates), ``query.<phase>`` for the others and for auxiliary parties (named `party`)."""
+    if phase == input_phase(protocol) and isinstance(party, int):
+        return "evaluate" if evaluate else "train"
+    return f"query.{phase}"
+
+
+#: Fixed-point bits of an evaluation round's coordinates (each in [-1, 1]: a metric over its bound, weighted).
+EVALUATION_BITS = 24
+
+
+def evaluation_protocol(protocol: AggregationProtocol) -> AggregationProtocol:
+    """The protocol of an evaluation round: `protocol` carrying its inputs, each coordinate in [-1, 1],
+    at :data:`EVALUATION_BITS` fixed-point bits where it carries integer encodings (SecAgg, SecAgg+,
+    masked BFV), else `protocol` itself (Plain, CKKS: their own range must then hold [-1, 1]).
+    Server and nodes derive it the same way from the protocol they train with."""
+    from securefed.encoding import FixedPoint
+
+    try:
+        return protocol.with_encoder(FixedPoint(value_range=1.0, value_bits=EVALUATION_BITS))
+    except ConfigurationError:
+        return protocol
 
 
 def exchange(
@@ -146,8 +166,19 @@ class AggregationRound:
         privacy: Any = None,
         auxiliary: Mapping[str, int] | None = None,
         identities: KeyDirectory | None = None,
+        evaluate: Sequence[tuple[str, float]] | None = None,
     ) -> None:
         self.nodes = tuple(sorted({int(v) for v in nodes}))
+        #: An evaluation round's metrics and their bounds (None: a training round).
+        self.evaluate = None if evaluate is None else tuple((str(k), float(b)) for k, b in evaluate)
+        if self.evaluate is not None:
+            if privacy is not None:
+                raise ConfigurationError("federated evaluation releases exact sums of the nodes' metrics, outside the "
+                                         "privacy budget: no evaluation rounds with privacy")
+            if dim != len(self.evaluate) + 1:
+                raise ConfigurationError(f"an evaluation round of {len(self.evaluate)} metrics has dim "
+                                         f"{len(self.evaluate) + 1}, got {dim}")
+            protocol = evaluation_protocol(protocol)
         if not self.nodes:
             raise ProtocolAborted(AbortReason.NO_INPUTS, "no nodes to aggregate over")
         self.auxiliary = {str(name): int(v) for name, v in (auxiliary or {}).items()}
@@ -156,7 +187,7 @@ class AggregationRound:
         self.nonce = rng.child("session").token_bytes(32)
         self._node_bytes = _envelope.pack_nodes(self.nodes)
         #: The session id of the server's nonce and the node list (the beacon's, when the round has one).
-        self.pre_session = _envelope.session_id(self.nonce, self._node_bytes)
+        self.pre_session = _envelope.session_id(self.nonce, self._node_bytes, evaluate=self.evaluate is not None)
         self.beacon: _beacon.ServerBeacon | None = None
         if _beacon.required(protocol, len(self.nodes)):
             if identities is None:
@@ -194,7 +225,7 @@ class AggregationRound:
         #: The round's protocol (with distributed DP: carrying the round's noise encoder).
         self.protocol = _privacy.round_protocol(self._base, self._privacy, session=spec.session_id, dim=spec.dim)
         self._params = _envelope.describe(self.protocol, spec.n,
-                                          _privacy.describe(self._privacy, self._base, spec.n, spec.dim))
+                                          _privacy.describe(self._privacy, self._base, spec.n, spec.dim), self.evaluate)
         if server:
             self.server = self.protocol.server(spec, rng=self._rng.child("server"))
 
@@ -227,8 +258,8 @@ class AggregationRound:
                                     spec.session_id, self.nonce, self._node_bytes, client, name, self.max_examples,
                                     bytes(payload), beacon)
             content = RecordDict({_envelope.KEY: req.record()})
-            kind = message_type(protocol, phase, party)
-            if kind == "train":
+            kind = message_type(protocol, phase, party, evaluate=self.evaluate is not None)
+            if kind in ("train", "evaluate"):
                 content["arrays"] = arrays if arrays is not None else ArrayRecord()
                 content["config"] = config if config is not None else ConfigRecord()
             out.append(Message(content, node, kind, ttl=ttl, group_id=str(spec.round_index)))
@@ -425,6 +456,41 @@ class GridAggregator:
         outcome = rnd.outcome()
         self.prepared = ahead
         return outcome
+
+    def evaluate(
+        self,
+        grid: Grid,
+        nodes: Iterable[int],
+        *,
+        round_index: int,
+        metrics: Sequence[tuple[str, float]],
+        rng: RandomSource,
+        arrays: ArrayRecord,
+        config: ConfigRecord | None = None,
+        max_examples: int = 1000,
+    ) -> RoundOutcome:
+        """One evaluation round of round `round_index`'s model (`arrays`) with `nodes`: each node evaluates it,
+        and the protocol sums ``[w m_1 / b_1, ..., w m_k / b_k, w]`` over the included nodes, for the `metrics`
+        ``(name m_i, bound b_i)`` and ``w = min(examples, max_examples) / max_examples``; the server learns only
+        that sum (``protocols/flower.md``, section 6, "Federated evaluation"). Its own session (of the evaluation
+        kind) and keys; nothing rides ahead and the round prepared by :meth:`run` stays prepared. Raises
+        ProtocolAborted when the round cannot finish safely, ConfigurationError with privacy."""
+        if not isinstance(max_examples, int) or max_examples < 1:
+            raise ConfigurationError(f"max_examples must be a positive int, got {max_examples!r}")
+        rnd = AggregationRound(self.protocol, nodes, round_index=round_index, dim=len(metrics) + 1, rng=rng,
+                               max_payload_bytes=self.max_payload_bytes, max_examples=max_examples,
+                               privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities,
+                               evaluate=metrics)
+        self.last_round = rnd
+        for phase in rnd.phases:
+            timeout = self.train_timeout if phase == input_phase(rnd.protocol) else self.phase_timeout
+            messages = rnd.messages(phase, ttl=timeout + _TTL_MARGIN, arrays=arrays, config=config)
+            t0 = time.perf_counter()
+            if messages:
+                self._exchange(grid, rnd, phase, messages, None, None, timeout)
+            rnd.phase_seconds[phase] = time.perf_counter() - t0
+            rnd.finish_phase(phase)
+        return rnd.outcome()
 
     def _take_prepared(self, nodes: Iterable[int], round_index: int, dim: int,
                        max_examples: int) -> AggregationRound | None:

@@ -43,7 +43,7 @@ from securefed.errors import (
     SeededSecretsWarning,
 )
 from securefed.flower import _beacon, _envelope, _identities, _model, _privacy
-from securefed.flower.aggregation import message_type
+from securefed.flower.aggregation import evaluation_protocol, message_type
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ _NOTHING = 4
 
 #: ``Message -> Message``: a Flower training function (``@app.train()`` style).
 TrainFn = Callable[[Message, Context], Message]
+#: ``Message -> Message``: a Flower evaluation function (``@app.evaluate()`` style).
+EvaluateFn = Callable[[Message, Context], Message]
 
 
 def client_rng(seed: int | None, session: bytes, client: int | str, phase: str, round_index: int,
@@ -215,21 +217,31 @@ class SecureClient:
         self.identities = identities
         self.num_nodes = num_nodes
 
-    def register(self, app: ClientApp, train: TrainFn) -> None:
-        """Handle ``train`` (a client's input phase, where `train` runs) and ``query.<phase>`` for every phase
+    def register(self, app: ClientApp, train: TrainFn, evaluate: EvaluateFn | None = None) -> None:
+        """Handle ``train`` (a client's input phase, where `train` runs), with `evaluate` ``evaluate`` (the input
+        phase of a federated evaluation round, where `evaluate` runs), and ``query.<phase>`` for every phase
         (the other phases, and every phase of an auxiliary party).
 
         `train` is an ordinary Flower training function: it receives the message with
         the global model (``content["arrays"]``) and config (``content["config"]``) and
         returns a reply holding the trained model in ``"arrays"`` and, for weighting by
-        examples, ``MetricRecord`` ``"metrics"`` with ``"num-examples"``. That reply stays
-        on the node; only the protocol's payload is sent.
+        examples, ``MetricRecord`` ``"metrics"`` with ``"num-examples"``. `evaluate` is an
+        ordinary Flower evaluation function: same message, and a reply holding ``MetricRecord``
+        ``"metrics"`` with ``"num-examples"`` and the metrics the server asks for (each within the
+        bound it declares). Those replies stay on the node; only the protocol's payload is sent.
+        Without `evaluate` the node has no ``evaluate`` handler (Flower refuses such rounds).
         """
 
         def on_train(msg: Message, context: Context) -> Message:
             return self.handle(msg, context, train)
 
         app.train()(on_train)
+        if evaluate is not None:
+
+            def on_evaluate(msg: Message, context: Context) -> Message:
+                return self.handle(msg, context, None, evaluate=evaluate)
+
+            app.evaluate()(on_evaluate)
         for phase in (*self.phases, *_beacon.PHASES):  # the graph beacon's exchanges come as queries too
             app.query(phase)(self._query_handler())
 
@@ -241,10 +253,12 @@ class SecureClient:
 
     # -- one message -------------------------------------------------------------------
 
-    def handle(self, msg: Message, context: Context, train: TrainFn | None) -> Message:
+    def handle(self, msg: Message, context: Context, train: TrainFn | None, *,
+               evaluate: EvaluateFn | None = None) -> Message:
         """Answer one request: the protocol's reply, or an error reply when the node refuses.
 
-        `train` runs in the input phase (``train`` messages). :meth:`register` wires this up;
+        `train` runs in the input phase (``train`` messages), `evaluate` in an evaluation round's
+        (``evaluate`` messages). :meth:`register` wires this up;
         call it directly only from handlers of your own (for example behind your mods).
 
         A message may also carry a later round's setup request (``_envelope.NEXT_KEY``): the node
@@ -254,8 +268,9 @@ class SecureClient:
         """
         kind = msg.metadata.message_type
         try:
-            req, arrays, config = _envelope.parse_request(msg.content, input_phase=kind == "train")
-            payload = self._answer(msg, context, req, arrays, config, train, kind, None)
+            req, arrays, config = _envelope.parse_request(msg.content, input_phase=kind in ("train", "evaluate"))
+            payload = self._answer(msg, context, req, arrays, config, evaluate if kind == "evaluate" else train,
+                                   kind, None)
         except (MessageRejected, ProtocolAborted, InvalidInput) as e:
             return Message(Error(code=_REFUSED, reason=f"securefed: {type(e).__name__}: {e}"), reply_to=msg)
         if payload is None:
@@ -270,37 +285,44 @@ class SecureClient:
         return Message(content, reply_to=msg)
 
     def _answer(self, msg: Message, context: Context, req: _envelope.Request, arrays: ArrayRecord | None,
-                config: ConfigRecord | None, train: TrainFn | None, kind: str, carrier: int | None) -> bytes | None:
-        """The payload answering `req` (of message type `kind`; `carrier`: the round of the request it rides
-        on, None for a message's own); raises MessageRejected, ProtocolAborted or InvalidInput to refuse."""
-        is_train = kind == "train"
+                config: ConfigRecord | None, fn: TrainFn | None, kind: str, carrier: int | None) -> bytes | None:
+        """The payload answering `req` (of message type `kind`; `fn`: the function of its input phase, training
+        or evaluation; `carrier`: the round of the request it rides on, None for a message's own); raises
+        MessageRejected, ProtocolAborted or InvalidInput to refuse."""
+        is_train = kind in ("train", "evaluate")
+        evaluate = _envelope.evaluation(req.params)
         nodes = req.node_ids()
         node = NodeContext(context)  # what the setting factories see: no run_config
-        protocol, privacy, identities = self._configure(node, req, nodes)
+        protocol, privacy, identities = self._configure(node, req, nodes, evaluate)
         beacon = not req.party and _beacon.required(protocol, req.n)
         if (req.phase not in protocol.phases and req.phase not in _beacon.PHASES) or (
-                message_type(protocol, req.phase, req.party or req.client) != kind):
+                message_type(protocol, req.phase, req.party or req.client, evaluate=evaluate is not None) != kind):
             raise MessageRejected("invalid request: unknown phase or wrong message type for it")
         seed = self._node_seed(node)
-        role = req.party or "client"
+        # An evaluation round's input (metrics) is recorded apart from the training input: one of each per round.
+        role = (req.party or "client") + ("@evaluate" if evaluate is not None else "")
         # An auxiliary party gives in every phase after its first (the decryptor: its one decryption),
         # a client when its input phase's handle returns: recorded per role (GIVEN_KEY).
         aux_gives = bool(req.party) and req.phase != protocol.phases[0]
         self._once(context, req, role, start=req.phase == protocol.phases[0] or req.phase in _beacon.PHASES,
                    is_input=is_train)
         if req.phase in _beacon.PHASES:
-            return self._beacon_payload(context, req, beacon, identities, seed)
+            return _beacon_payload(context, req, beacon, identities, seed)
         if req.beacon and not beacon:
             raise MessageRejected("invalid request: a graph beacon in a round whose protocol needs none")
-        slot = _slot(context, req, carrier)
+        slot = EVALUATION_SLOT if evaluate is not None else _slot(context, req, carrier)
         party: int | str = req.party or req.client
         state = self._restore(context, protocol, req, party, seed, slot)
         try:
             if beacon:
-                self._check_beacon(context, req, nodes, identities, slot, first=req.phase == protocol.phases[0])
+                _check_beacon(context, req, nodes, identities, slot, first=req.phase == protocol.phases[0],
+                                   evaluate=evaluate is not None)
             if is_train:
-                assert arrays is not None and config is not None and train is not None
-                state.set_input(_input(msg, context, train, arrays, req, privacy))
+                assert arrays is not None and config is not None
+                if fn is None:
+                    raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node has no evaluation function")
+                state.set_input(_input(msg, context, fn, arrays, req, privacy) if evaluate is None
+                                else _metrics_input(msg, context, fn, req, evaluate))
             elif aux_gives:  # counted before its state machine checks anything (a refused decryption too)
                 _record(context, req, role)
             payload = state.handle(req.phase, req.payload)
@@ -338,7 +360,7 @@ class SecureClient:
         session = given.get(f"{role}/session")
         if start or is_input or session != req.session:
             shown = session.hex()[:16] if isinstance(session, bytes) else "?"
-            what = "input" if role == "client" else f"{role} output"
+            what = {"client": "input", "client@evaluate": "evaluation input"}.get(role, f"{role} output")
             raise ProtocolAborted(
                 AbortReason.REQUEST_REFUSED,
                 f"this node already gave its {what} in round {req.round} (session "
@@ -351,10 +373,12 @@ class SecureClient:
             _warn_seeded(seed)
         return seed
 
-    def _configure(self, context: NodeContext, req: _envelope.Request,
-                   nodes: Sequence[int]) -> tuple[AggregationProtocol, Any, KeyDirectory | None]:
-        """The node's own round protocol, privacy and identities; refuses a request whose size, party, protocol
-        or parameters this node is not configured for."""
+    def _configure(self, context: NodeContext, req: _envelope.Request, nodes: Sequence[int],
+                   evaluate: Sequence[tuple[str, float]] | None
+                   ) -> tuple[AggregationProtocol, Any, KeyDirectory | None]:
+        """The node's own round protocol, privacy and identities (of an evaluation round of the metrics `evaluate`:
+        :func:`~securefed.flower.aggregation.evaluation_protocol`); refuses a request whose size, party, protocol
+        or parameters this node is not configured for, and an evaluation round when this node runs with DP."""
         limit = _num_nodes(_value(self.num_nodes, context))
         if limit is not None and req.n > limit:
             raise ProtocolAborted(
@@ -368,55 +392,25 @@ class SecureClient:
             raise MessageRejected("invalid request: the round's node list puts another node at this client index")
         privacy = _value(self.privacy, context)
         _privacy.check(privacy)
+        if evaluate is not None and privacy is not None:
+            raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                                  "this node runs with differential privacy: federated evaluation would release exact "
+                                  "sums of its metrics outside its privacy budget (evaluate centrally instead)")
         privacy = _privacy.for_request(privacy, req.params)  # adaptive + DistributedDP: at the round's clip
         base = _value(self.protocol, context)
+        if evaluate is not None:
+            base = evaluation_protocol(base)
         if (identities := _value(self.identities, context)) is not None:
             try:
                 base = _identities.bind(base, identities, nodes, None if req.party else context.node_id)
             except ConfigurationError as e:
                 raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"identity keys: {e}") from None
         protocol = _privacy.round_protocol(base, privacy, session=req.session, dim=req.dim)
-        params = _envelope.describe(protocol, req.n, _privacy.describe(privacy, base, req.n, req.dim))
+        params = _envelope.describe(protocol, req.n, _privacy.describe(privacy, base, req.n, req.dim), evaluate)
         if req.protocol != protocol.name or req.params != params:
             raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
                                   "the server asks for a protocol or parameters this node is not configured for")
         return protocol, privacy, identities
-
-    @staticmethod
-    def _beacon_identities(identities: KeyDirectory | None) -> KeyDirectory:
-        if identities is None:
-            raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
-                                  "active SecAgg+ on a Harary graph runs the graph beacon on Flower, whose reveals "
-                                  "are signed: give this node the federation's identity keys (identities=)")
-        return identities
-
-    def _beacon_payload(self, context: Context, req: _envelope.Request, required: bool,
-                        identities: KeyDirectory | None, seed: int | None) -> bytes:
-        """Answer ``graph_commit`` (the commitment) or ``graph_reveal`` (rho and its signature): ``_beacon``."""
-        if not required:
-            raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
-                                  "this round's protocol needs no graph beacon (it is not active SecAgg+ on a "
-                                  "Harary graph): the server asks for a beacon this node does not run")
-        keys = self._beacon_identities(identities)
-        if req.phase == _beacon.COMMIT:
-            rng = client_rng(seed, req.session, req.client, req.phase, req.round, context.run_id)
-            payload = _beacon.node_commit(context.state, req, context.node_id, rng)
-        else:
-            payload = _beacon.node_reveal(context.state, req, context.node_id, keys.signing_key(context.node_id))
-        return payload
-
-    def _check_beacon(self, context: Context, req: _envelope.Request, nodes: Sequence[int],
-                      identities: KeyDirectory | None, slot: str, *, first: bool) -> None:
-        """A protocol request of a beacon round: in the first phase, the beacon's reveals and derived session
-        (``_beacon.node_check``); later, the session of this node's saved state of the round."""
-        keys = _identities.directory(self._beacon_identities(identities), nodes)
-        if first:
-            _beacon.node_check(context.state, req, _envelope.session_id(req.nonce, req.nodes), nodes, keys)
-            return
-        saved = context.state.get(slot)
-        if not req.beacon or not isinstance(saved, ConfigRecord) or (saved["round"], saved["session"]) != (
-                req.round, req.session):
-            raise MessageRejected("invalid request: no state of this beacon round and session (out of phase)")
 
     def _restore(self, context: Context, protocol: AggregationProtocol, req: _envelope.Request, party: int | str,
                  seed: int | None, slot: str) -> ClientProtocol:
@@ -449,6 +443,45 @@ class SecureClient:
         return aux[party]
 
 
+def _beacon_identities(identities: KeyDirectory | None) -> KeyDirectory:
+    if identities is None:
+        raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                              "active SecAgg+ on a Harary graph runs the graph beacon on Flower, whose reveals "
+                              "are signed: give this node the federation's identity keys (identities=)")
+    return identities
+
+
+def _beacon_payload(context: Context, req: _envelope.Request, required: bool, identities: KeyDirectory | None,
+                    seed: int | None) -> bytes:
+    """Answer ``graph_commit`` (the commitment) or ``graph_reveal`` (rho and its signature): ``_beacon``."""
+    if not required:
+        raise ProtocolAborted(AbortReason.REQUEST_REFUSED,
+                              "this round's protocol needs no graph beacon (it is not active SecAgg+ on a "
+                              "Harary graph): the server asks for a beacon this node does not run")
+    keys = _beacon_identities(identities)
+    if req.phase == _beacon.COMMIT:
+        rng = client_rng(seed, req.session, req.client, req.phase, req.round, context.run_id)
+        payload = _beacon.node_commit(context.state, req, context.node_id, rng)
+    else:
+        payload = _beacon.node_reveal(context.state, req, context.node_id, keys.signing_key(context.node_id))
+    return payload
+
+
+def _check_beacon(context: Context, req: _envelope.Request, nodes: Sequence[int], identities: KeyDirectory | None,
+                  slot: str, *, first: bool, evaluate: bool) -> None:
+    """A protocol request of a beacon round: in the first phase, the beacon's reveals and derived session
+    (``_beacon.node_check``); later, the session of this node's saved state of the round."""
+    keys = _identities.directory(_beacon_identities(identities), nodes)
+    if first:
+        _beacon.node_check(context.state, req, _envelope.session_id(req.nonce, req.nodes, evaluate=evaluate), nodes,
+                           keys)
+        return
+    saved = context.state.get(slot)
+    if not req.beacon or not isinstance(saved, ConfigRecord) or (saved["round"], saved["session"]) != (
+            req.round, req.session):
+        raise MessageRejected("invalid request: no state of this beacon round and session (out of phase)")
+
+
 def _save(context: Context, req: _envelope.Request, state: bytes, slot: str) -> None:
     context.state[slot] = ConfigRecord(
         {"round": req.round, "session": req.session, "client": req.client, "party": req.party, "state": state}
@@ -462,6 +495,9 @@ def _reply(req: _envelope.Request, payload: bytes) -> ConfigRecord:
 #: ``context.state`` keys of the node's protocol state: one round's each, so that a later round's setup
 #: can run (riding on this round's messages) while this round is still open.
 _SLOTS = (_envelope.KEY, _envelope.NEXT_KEY)
+#: ``context.state`` key of the node's state of an evaluation round: its own, so that an evaluation round of
+#: round r runs while round r + 1's setup, run ahead, waits in its slot.
+EVALUATION_SLOT = "securefed.evaluate"
 
 
 def _slot(context: Context, req: _envelope.Request, carrier: int | None) -> str:
@@ -515,3 +551,30 @@ def _input(msg: Message, context: Context, train: TrainFn, arrays: ArrayRecord, 
     if update.size != req.dim:
         raise InvalidInput(f"the update has {update.size} values, the round expects {req.dim}")
     return update
+
+
+def _metrics_input(msg: Message, context: Context, evaluate: EvaluateFn, req: _envelope.Request,
+                   metrics: Sequence[tuple[str, float]]) -> np.ndarray:
+    """Evaluate, then the evaluation round's input: ``[w m_1 / b_1, ..., w m_k / b_k, w]`` for the requested
+    metrics ``(m_i, b_i)`` and ``w = min(examples, max_examples) / max_examples``. InvalidInput for a reply
+    without them, or a metric that is not a finite number within its bound (never clipped silently)."""
+    if req.max_examples < 1 or req.dim != len(metrics) + 1:
+        raise MessageRejected("invalid request: an evaluation round weights by examples over its metrics plus one")
+    reply = evaluate(msg, context)
+    record = reply.content.get("metrics") if isinstance(reply, Message) and reply.has_content() else None
+    if not isinstance(record, MetricRecord):
+        raise InvalidInput("the evaluation function must return a Message with MetricRecord 'metrics'")
+    examples = record.get("num-examples")
+    if type(examples) is not int or examples < 1:
+        raise InvalidInput("the evaluation reply's 'metrics' needs a positive int 'num-examples'")
+    w = min(examples, req.max_examples) / req.max_examples
+    out = np.empty(len(metrics) + 1)
+    for i, (name, bound) in enumerate(metrics):
+        value = record.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or \
+                abs(value) > bound:
+            raise InvalidInput(f"evaluation metric {name!r} is {value!r}: the server asks for a finite number within "
+                               f"[-{bound:g}, {bound:g}] (its evaluate_metrics bound); it is never clipped")
+        out[i] = w * float(value) / bound
+    out[-1] = w
+    return out

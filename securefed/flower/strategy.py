@@ -25,7 +25,7 @@ from securefed import optim
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, ProtocolAborted
-from securefed.flower import _checkpoint, _identities, _model, _privacy, _resume
+from securefed.flower import _checkpoint, _evaluation, _identities, _model, _privacy, _resume
 from securefed.flower.aggregation import AggregationRound, GridAggregator, RoundOutcome, input_phase
 from securefed.protocols.base import (
     AggregationProtocol,
@@ -158,7 +158,12 @@ class SecureFedAvg(Strategy):
       the active SecAgg variants: each round verifies against its own nodes' keys, so
       participants may change between rounds; nodes without a key are not sampled;
     - ``seed``: reproducible sampling, session ids and server coins, for tests and
-      simulation only (nodes need the same seed for theirs).
+      simulation only (nodes need the same seed for theirs);
+    - ``evaluate_metrics``: federated evaluation after every round that released a model: metric name to
+      a bound on its absolute value (``{"loss": 10.0, "accuracy": 1.0}``); ``fraction_evaluate`` (default 1.0)
+      and ``min_evaluate_nodes`` (default 2) sample the nodes as Flower's FedAvg. Each node runs its
+      evaluation function and the metrics are securely aggregated (example-weighted means, weights capped at
+      ``max_examples``): the server sees only the sums. Not with privacy (ConfigurationError). Default None.
 
     Raises ConfigurationError for inconsistent parameters. See ``protocols/flower.md``.
     """
@@ -188,11 +193,16 @@ class SecureFedAvg(Strategy):
         identities: KeyDirectory | None = None,
         seed: int | None = None,
         audit_witness: Callable[[int, str], None] | None = None,
+        evaluate_metrics: Mapping[str, float] | None = None,
+        fraction_evaluate: float = 1.0,
+        min_evaluate_nodes: int = 2,
     ) -> None:
         if audit_witness is not None and not callable(audit_witness):
             raise ConfigurationError("audit_witness must be a function (seq, sha256) -> None")
         mode = _check_options(privacy, fraction_train, min_train_nodes, min_available_nodes, weighting, max_examples,
                               cooldown_rounds)
+        self.evaluate_metrics = _evaluation.check(evaluate_metrics, fraction_evaluate, min_evaluate_nodes, privacy)
+        self.fraction_evaluate, self.min_evaluate_nodes = float(fraction_evaluate), min_evaluate_nodes
         self.protocol = protocol
         self.privacy = privacy
         self.aggregator = GridAggregator(protocol, phase_timeout=phase_timeout, train_timeout=train_timeout,
@@ -244,12 +254,27 @@ class SecureFedAvg(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> list[Message]:
-        """No federated evaluation yet: no messages (evaluate centrally with start()'s evaluate_fn)."""
-        return []
+        """The first exchange of an evaluation round `server_round` of `arrays` with the nodes sampled now
+        (``fraction_evaluate``, ``min_evaluate_nodes``); empty without ``evaluate_metrics`` or enough nodes.
+        A secure evaluation round has several exchanges: :meth:`start` runs them all."""
+        return _evaluation_messages(self, server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """No federated evaluation yet: None."""
-        return None
+        """The metrics' example-weighted means from what a secure evaluation round releases: one reply whose
+        MetricRecord holds the round's sum under ``"aggregate"`` (``[sum w m_1 / b_1, ..., sum w]``, the
+        nodes' inputs summed; the server never sees one node's). None without ``evaluate_metrics``;
+        InvalidInput for anything else."""
+        if self.evaluate_metrics is None:
+            return None
+        replies = list(replies)
+        record = next(iter(replies[0].content.metric_records.values()), None) if len(replies) == 1 and \
+            replies[0].has_content() else None
+        total = record.get("aggregate") if record is not None else None
+        if not isinstance(total, list):
+            raise InvalidInput("aggregate_evaluate takes one reply whose MetricRecord holds the evaluation round's "
+                               f"sum under 'aggregate', got {len(replies)} replies")
+        means = _evaluation.means(self.evaluate_metrics, np.asarray(total, np.float64), self.max_examples)
+        return MetricRecord(cast(dict[str, int | float | list[int] | list[float]], means))
 
     def summary(self) -> None:
         """Log the configuration (what the audit log's session entry records)."""
@@ -294,27 +319,29 @@ class SecureFedAvg(Strategy):
 
         Flower's ``Strategy.start`` arguments. `train_config` goes to the nodes with the model (plus
         ``"server-round"``); ``timeout``: the most seconds any phase of this run waits for replies (each
-        phase waits ``min(phase_timeout or train_timeout, timeout)``); ``evaluate_config``: federated
-        evaluation is not supported yet (ConfigurationError when given); ``evaluate_fn(round, arrays)``
-        evaluates the global model centrally after each round (not on the initial model, unlike Flower).
+        phase waits ``min(phase_timeout or train_timeout, timeout)``); ``evaluate_config`` goes to the nodes
+        with the model in each federated evaluation round (``evaluate_metrics``; ConfigurationError without
+        it), whose means land in the result's ``evaluate_metrics_clientapp``; ``evaluate_fn(round, arrays)``
+        evaluates the global model centrally, on the initial model (round 0, in a new run) and after each round.
         Raises ConfigurationError for a checkpoint or audit log that does not fit this run,
         PrivacyBudgetExceeded before a round that could exceed the budget.
         """
-        if evaluate_config is not None:
-            raise ConfigurationError("SecureFedAvg has no federated evaluation yet: leave evaluate_config unset and "
-                                     "evaluate centrally with evaluate_fn")
+        if evaluate_config is not None and self.evaluate_metrics is None:
+            raise ConfigurationError("evaluate_config configures federated evaluation: declare the metrics and their "
+                                     "bounds (SecureFedAvg(evaluate_metrics=...)), or evaluate centrally "
+                                     "with evaluate_fn")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
             raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.summary()
         agg, saved = self.aggregator, (self.aggregator.phase_timeout, self.aggregator.train_timeout)
         agg.phase_timeout, agg.train_timeout = min(saved[0], float(timeout)), min(saved[1], float(timeout))
         try:
-            return self._start(grid, initial_arrays, num_rounds, train_config, evaluate_fn)
+            return self._start(grid, initial_arrays, num_rounds, train_config, (evaluate_config, evaluate_fn))
         finally:
             agg.phase_timeout, agg.train_timeout = saved
 
     def _start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, train_config: ConfigRecord | None,
-               evaluate_fn: EvaluateFn | None) -> SecureResult:
+               evaluate: tuple[ConfigRecord | None, EvaluateFn | None]) -> SecureResult:
         if not isinstance(num_rounds, int) or num_rounds < 1:
             raise ConfigurationError(f"num_rounds must be a positive int, got {num_rounds!r}")
         audit, key = self._open_audit(), None
@@ -344,7 +371,7 @@ class SecureFedAvg(Strategy):
                     raise ConfigurationError(f"the checkpoint's privacy ledger cannot be accounted ({e}); restore "
                                              "the files the server wrote") from None
             if audit is None:
-                return _run_rounds(self, grid, run, num_rounds, train_config, evaluate_fn, None)
+                return _run_rounds(self, grid, run, num_rounds, train_config, evaluate, None)
             settings = None if self.privacy is None else {"accountant": self.privacy.accountant,
                                                           "delta": self.privacy.delta}
             resumed = None if self.checkpoint_dir is None else restored.audit_checkpoint()
@@ -358,7 +385,7 @@ class SecureFedAvg(Strategy):
                                              "has no checkpoint to continue from; use a new audit log")
                 if self.audit_witness is not None:  # the resume entry, and the round entry a resume completed
                     self.audit_witness(*audit.head)
-                return _run_rounds(self, grid, run, num_rounds, train_config, evaluate_fn, audit)
+                return _run_rounds(self, grid, run, num_rounds, train_config, evaluate, audit)
         finally:
             if audit is not None:
                 audit.close()
@@ -398,19 +425,19 @@ class _Run:
 
 
 def _run_rounds(s: SecureFedAvg, grid: Grid, run: _Run, num_rounds: int, train_config: ConfigRecord | None,
-                evaluate_fn: EvaluateFn | None, audit: Any) -> SecureResult:
-    state = run.state
+                evaluate: tuple[ConfigRecord | None, EvaluateFn | None], audit: Any) -> SecureResult:
+    state, (evaluate_config, evaluate_fn) = run.state, evaluate
     result = SecureResult(arrays=run.arrays)
+    if state.round == 0 and evaluate_fn is not None and (initial := evaluate_fn(0, run.arrays)) is not None:
+        result.evaluate_metrics_serverapp[0] = initial  # as Flower: the initial model too
     for report in state.history:
-        result.rounds.append(report)
-        if evals := _evals(report):
-            result.evaluate_metrics_serverapp[report.round] = MetricRecord(evals)
+        _add_metrics(result, report)
     for r in range(state.round + 1, num_rounds + 1):
         report, outcome = _round(s, grid, r, run, train_config, evaluate_fn)
+        if outcome is not None and s.evaluate_metrics is not None and s.fraction_evaluate > 0:
+            report.metrics.update(_federated_evaluation(s, grid, r, run, evaluate_config))
         result.arrays = run.arrays
-        result.rounds.append(report)
-        if evals := _evals(report):
-            result.evaluate_metrics_serverapp[r] = MetricRecord(evals)
+        _add_metrics(result, report)
         state.round = r
         state.history.append(report)
         for node in report.dropped:
@@ -516,11 +543,52 @@ def _audit_config(s: SecureFedAvg, num_rounds: int) -> dict[str, Any]:
         "server_lr": s.server_lr, "server_optimizer": s.server_optimizer.describe(),
         "phase_timeout": s.aggregator.phase_timeout, "train_timeout": s.aggregator.train_timeout,
         "cooldown_rounds": s.cooldown_rounds, "seed": s.seed, "auxiliary": s.aggregator.auxiliary,
+        **({} if s.evaluate_metrics is None else {"evaluate_metrics": dict(s.evaluate_metrics),
+                                                   "fraction_evaluate": s.fraction_evaluate,
+                                                   "min_evaluate_nodes": s.min_evaluate_nodes}),
     }
 
 
-def _evals(report: RoundReport) -> dict[str, int | float | list[int] | list[float]]:
-    return {k.removeprefix("eval_"): v for k, v in report.metrics.items() if k.startswith("eval_")}
+def _add_metrics(result: SecureResult, report: RoundReport) -> None:
+    """Add `report` and its evaluations (central ``eval_*``, federated ``federated_*``) to `result`."""
+    result.rounds.append(report)
+    for prefix, into in (("eval_", result.evaluate_metrics_serverapp),
+                         ("federated_", result.evaluate_metrics_clientapp)):
+        if got := {k.removeprefix(prefix): v for k, v in report.metrics.items()
+                   if k.startswith(prefix) and k != "federated_aborted"}:
+            into[report.round] = MetricRecord(cast(dict[str, int | float | list[int] | list[float]], got))
+
+
+def _evaluation_sample(s: SecureFedAvg, grid: Grid, r: int, state: _RunState) -> list[int]:
+    """The nodes of round r's evaluation: Flower FedAvg's sample size of those available now (the training
+    pool's rules, without waiting), drawn with the round's own coins; empty when too few are available."""
+    pool = _available(s, grid, r, state)
+    k = _evaluation.sample_size(len(pool), s.fraction_evaluate, s.min_evaluate_nodes)
+    if k in (0, len(pool)):
+        return pool if k else []
+    coins = s._rng(f"round/{r}/evaluate-sample").integers_below(2**63, len(pool))
+    return sorted(pool[i] for i in np.argsort(coins, kind="stable")[:k].tolist())
+
+
+def _federated_evaluation(s: SecureFedAvg, grid: Grid, r: int, run: _Run,
+                          config: ConfigRecord | None) -> dict[str, float]:
+    """Round r's federated evaluation of the model it released: ``federated_<metric>`` means,
+    ``federated_included``; ``federated_aborted`` (1.0) when the round released nothing."""
+    assert s.evaluate_metrics is not None
+    nodes = _evaluation_sample(s, grid, r, run.state)
+    if not nodes:
+        log.warning("securefed: round %d: too few nodes available to evaluate", r)
+        return {"federated_aborted": 1.0}
+    try:
+        outcome = s.aggregator.evaluate(
+            grid, nodes, round_index=r, metrics=s.evaluate_metrics, rng=s._rng(f"round/{r}/evaluate"),
+            arrays=run.arrays, config=ConfigRecord({**(config or {}), "server-round": r}), max_examples=s.max_examples)
+    except ProtocolAborted as e:
+        log.error("securefed: round %d: federated evaluation aborted (%s): %s", r, e.reason.value, e)
+        return {"federated_aborted": 1.0}
+    means = _evaluation.means(s.evaluate_metrics, outcome.result.total, s.max_examples)
+    log.info("securefed: round %d: federated evaluation over %d nodes: %s", r, len(outcome.included_nodes), means)
+    return {**{f"federated_{k}": v for k, v in means.items()}, "federated_included": float(len(outcome.included_nodes))}
 
 
 def _open_session(s: SecureFedAvg, run: _Run, available: int, dimension: int) -> None:
@@ -639,6 +707,24 @@ def _first_messages(s: SecureFedAvg, server_round: int, arrays: ArrayRecord, con
                            rng=s._rng(f"round/{server_round}"), max_payload_bytes=agg.max_payload_bytes,
                            max_examples=s.max_examples if s.weighting == "examples" else 0, privacy=agg.privacy,
                            auxiliary=agg.auxiliary, identities=agg.identities)
+    phase = rnd.phases[0]
+    ttl = agg.train_timeout if phase == input_phase(rnd.protocol) else agg.phase_timeout
+    return rnd.messages(phase, ttl=ttl, arrays=arrays, config=ConfigRecord({**config, "server-round": server_round}))
+
+
+def _evaluation_messages(s: SecureFedAvg, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                         grid: Grid) -> list[Message]:
+    """What :meth:`SecureFedAvg.configure_evaluate` returns: the first exchange of a fresh evaluation round."""
+    if s.evaluate_metrics is None:
+        return []
+    nodes = _evaluation_sample(s, grid, server_round, _RunState())
+    if not nodes:
+        return []
+    agg = s.aggregator
+    rnd = AggregationRound(s.protocol, nodes, round_index=server_round, dim=len(s.evaluate_metrics) + 1,
+                           rng=s._rng(f"round/{server_round}/evaluate"), max_payload_bytes=agg.max_payload_bytes,
+                           max_examples=s.max_examples, auxiliary=agg.auxiliary, identities=agg.identities,
+                           evaluate=s.evaluate_metrics)
     phase = rnd.phases[0]
     ttl = agg.train_timeout if phase == input_phase(rnd.protocol) else agg.phase_timeout
     return rnd.messages(phase, ttl=ttl, arrays=arrays, config=ConfigRecord({**config, "server-round": server_round}))

@@ -56,12 +56,15 @@ def client_app(
     phases: Sequence[str] | None = None,
     fail: Callable[[int, int], bool] | None = None,
     privacy: Any = None,
+    evaluate: Callable[[int, np.ndarray], Mapping[str, float]] | None = None,
     **client: Any,
 ) -> ClientApp:
     """A ClientApp whose node with ``partition-id`` p moves the model by ``updates(p, round)``.
 
     ``examples[p]`` is reported as num-examples (default 10); ``fail(p, round)`` makes
-    training raise; `client` goes to :class:`SecureClient` (``auxiliary=``, ``identities=``).
+    training raise; ``evaluate(p, model vector)``: node p's metrics in a federated evaluation round
+    (with num-examples ``examples[p]``); `client` goes to :class:`SecureClient` (``auxiliary=``,
+    ``identities=``).
     """
     app = ClientApp()
 
@@ -83,7 +86,15 @@ def client_app(
         n = 10 if examples is None else examples[p]
         return Message(RecordDict({"arrays": out, "metrics": MetricRecord({"num-examples": n})}), reply_to=msg)
 
-    SecureClient(protocol, phases=phases, seed=seed, privacy=privacy, **client).register(app, train)
+    def on_evaluate(msg: Message, context: Context) -> Message:
+        assert evaluate is not None
+        p = int(context.node_config["partition-id"])
+        metrics = {**evaluate(p, vector(msg.content["arrays"])),
+                   "num-examples": 10 if examples is None else examples[p]}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    SecureClient(protocol, phases=phases, seed=seed, privacy=privacy, **client).register(
+        app, train, None if evaluate is None else on_evaluate)
     return app
 
 

@@ -1,0 +1,70 @@
+"""Federated evaluation with securely aggregated metrics: the strategy's side (``protocols/flower.md`` section 6).
+
+An evaluation round is its own aggregation round (``GridAggregator.evaluate``): each sampled node
+evaluates the model on its own data and inputs ``[w m_1 / b_1, ..., w m_k / b_k, w]`` for the declared
+metrics ``m_i`` with bounds ``b_i`` and its weight ``w = min(examples, max_examples) / max_examples``;
+the server learns only the sum, hence the example-weighted means (Flower's FedAvg weighting, capped).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from securefed.errors import ConfigurationError, InvalidInput
+
+__all__ = ["check", "means", "sample_size"]
+
+
+def check(metrics: Mapping[str, float] | None, fraction: float, minimum: int,
+          privacy: Any) -> tuple[tuple[str, float], ...] | None:
+    """``SecureFedAvg``'s evaluation options, checked (ConfigurationError); returns the metrics in order."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ConfigurationError(f"fraction_evaluate must be in [0, 1], got {fraction!r}")
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
+        raise ConfigurationError(f"min_evaluate_nodes must be a positive int, got {minimum!r}")
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise ConfigurationError("evaluate_metrics must map each metric name to the bound of its absolute value, "
+                                 "for example {'loss': 10.0, 'accuracy': 1.0}")
+    out = []
+    for name, bound in metrics.items():
+        if not isinstance(name, str) or not name or name == "num-examples":
+            raise ConfigurationError(f"evaluate_metrics: {name!r} is not a metric name (the weight is 'num-examples', "
+                                     "always aggregated)")
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
+            raise ConfigurationError(f"evaluate_metrics[{name!r}] must be a finite bound > 0 on |{name}|, got "
+                                     f"{bound!r}")
+        out.append((name, float(bound)))
+    if privacy is not None:
+        raise ConfigurationError(
+            "federated evaluation releases exact sums of the nodes' metrics, which the privacy budget does not "
+            "cover (and DP nodes refuse it): leave evaluate_metrics unset and evaluate centrally with evaluate_fn")
+    return tuple(out)
+
+
+def sample_size(available: int, fraction: float, minimum: int) -> int:
+    """How many of `available` nodes evaluate: Flower FedAvg's ``max(min_evaluate_nodes, floor(fraction
+    available))``, at most `available`; 0 when fewer than `minimum` are available or `fraction` is 0."""
+    if fraction == 0 or available < minimum:
+        return 0
+    return min(available, max(minimum, int(available * fraction)))
+
+
+def means(metrics: tuple[tuple[str, float], ...], total: np.ndarray, max_examples: int) -> dict[str, float]:
+    """The example-weighted means of an evaluation round's released sum `total` (length ``len(metrics) + 1``),
+    plus ``num-examples``: the summed example counts, each capped at `max_examples`."""
+    total = np.asarray(total, np.float64).ravel()
+    if total.size != len(metrics) + 1 or not np.all(np.isfinite(total)):
+        raise InvalidInput(f"an evaluation round over {len(metrics)} metrics releases {len(metrics) + 1} finite "
+                           f"sums, got {total.size}")
+    weight = float(total[-1])
+    if weight <= 0:
+        raise InvalidInput("the evaluation round's summed weight is not positive: no node's metrics are in it")
+    out = {name: float(total[i]) * bound / weight for i, (name, bound) in enumerate(metrics)}
+    out["num-examples"] = float(round(weight * max_examples))
+    return out
