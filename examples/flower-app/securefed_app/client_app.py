@@ -30,6 +30,16 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics}), reply_to=msg)
 
 
+def evaluate(msg: Message, context: Context) -> Message:
+    """An ordinary Flower evaluation function: the global model's loss and accuracy on this node's data. With
+    secure aggregation the server sees only their example-weighted means over the nodes (dp=false only)."""
+    dataset, _ = task.data(int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))
+    net = task.model()
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    metrics = MetricRecord({**task.evaluate(net, dataset), "num-examples": len(dataset)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 def mine(context: Context) -> dict:
     """This node's own settings (SecureClient's factories cannot read context.run_config)."""
     return task.node_settings(context.node_config)
@@ -41,4 +51,4 @@ SecureClient(
     privacy=lambda context: task.privacy(mine(context)),
     seed=lambda context: task.seed(mine(context)),
     num_nodes=lambda context: mine(context)["num-nodes"],
-).register(app, train)
+).register(app, train, evaluate)

@@ -35,6 +35,9 @@ def main(grid: Grid, context: Context) -> None:
         checkpoint_dir=str(cfg["checkpoint-dir"]) or None,
         audit_log=str(cfg["audit-log"]) or None,
         seed=task.seed(cfg),
+        # Federated evaluation (securely aggregated means of the nodes' own loss and accuracy): not with DP,
+        # whose budget does not cover exact metric sums.
+        evaluate_metrics=None if privacy is not None else task.EVALUATE_METRICS,
     )
     result = strategy.start(
         grid,
@@ -46,5 +49,7 @@ def main(grid: Grid, context: Context) -> None:
     for r in result.rounds:
         acc = r.metrics.get("eval_accuracy")
         eps = "" if r.epsilon is None else f", epsilon {r.epsilon:.3f} at delta {privacy.delta:g}"
+        fed = r.metrics.get("federated_accuracy")
+        fed = "" if fed is None else f", nodes' accuracy {fed:.4f}"
         print(f"round {r.round}: {len(r.included)} of {len(r.participants)} nodes included, "
-              f"dropped {sorted(r.dropped)}, accuracy {acc}{eps}", flush=True)
+              f"dropped {sorted(r.dropped)}, accuracy {acc}{eps}{fed}", flush=True)

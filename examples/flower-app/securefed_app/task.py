@@ -61,6 +61,10 @@ def protocol(config: Mapping[str, Any]) -> sf.protocols.AggregationProtocol:
 PHASES = sf.protocols.SecAggPlus.phases
 
 
+#: Federated evaluation's metrics and the bounds their values must keep (a node refuses one over its bound).
+EVALUATE_METRICS = {"loss": 50.0, "accuracy": 1.0}
+
+
 def privacy(config: Mapping[str, Any]) -> sf.privacy.DistributedDP | None:
     """Distributed discrete Gaussian noise added by the nodes inside SecAgg+ (None with ``dp = false``).
 
