@@ -306,3 +306,35 @@ def test_a_resumed_run_keeps_the_earlier_rounds_evaluations(tmp_path):
     later = strategy(protocol, checkpoint_dir=tmp_path / "ck").start(g, apps.model(), num_rounds=3)
     assert sorted(later.evaluate_metrics_clientapp) == [1, 2, 3]
     assert dict(later.evaluate_metrics_clientapp[2]) == dict(first.evaluate_metrics_clientapp[2])
+
+
+DEC = 2001  # the decryptor's node id
+
+
+@pytest.mark.parametrize("scheme", ["ckks", "bfv", "bfv-masked"])
+def test_he_decryptor_modes_evaluate_and_the_decryptor_decrypts_once_per_kind_and_round(scheme):
+    """HE with a decryptor node: an evaluation round after a training round of the same index is decrypted
+    (role ``decryptor@evaluate``), and a second evaluation round of that index is refused by the decryptor."""
+    protocol = {"ckks": sf.protocols.CKKS(value_range=1.0), "bfv": sf.protocols.BFV(value_range=1.0),
+                "bfv-masked": sf.protocols.BFV(value_range=1.0, key_holder="masked")}[scheme]
+    nodes = {**apps.nodes(3), DEC: {"role": "decryptor"}}
+    app = apps.client_app(protocol, updates, examples=dict.fromkeys(range(3), CAP), evaluate=evaluate,
+                          auxiliary=lambda c: {"decryptor"} if c.node_config.get("role") == "decryptor" else set())
+    g = InProcessGrid(app, nodes)
+    agg = apps.aggregator(protocol, auxiliary={"decryptor": DEC})
+    apps.run(agg, g, list(apps.nodes(3)), round_index=1)
+
+    def evaluation(seed):
+        return agg.evaluate(g, list(apps.nodes(3)), round_index=1, metrics=tuple(METRICS.items()),
+                            rng=RandomSource(seed), arrays=apps.model(), max_examples=CAP)
+
+    from securefed.flower._evaluation import means
+
+    got = means(tuple(METRICS.items()), evaluation(2).result.total, CAP)
+    want = {k: float(np.mean([evaluate(p, np.zeros(apps.dim()))[k] for p in range(3)])) for k in METRICS}
+    for k, bound in METRICS.items():
+        assert abs(got[k] - want[k]) <= 1e-4 * bound
+    given = g.context(DEC).state[GIVEN_KEY]
+    assert given["decryptor/round"] == 1 and given["decryptor@evaluate/round"] == 1
+    with pytest.raises(ProtocolAborted):
+        evaluation(3)
