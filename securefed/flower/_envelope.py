@@ -38,15 +38,15 @@ from securefed.errors import MessageRejected
 from securefed.flower import _beacon
 from securefed.protocols.base import AggregationProtocol
 
-__all__ = ["KEY", "NEXT_KEY", "VERSION", "Reply", "Request", "describe", "evaluation", "pack_nodes", "parse_reply",
-           "parse_request", "session_id"]
+__all__ = ["KEY", "MAX_METRICS", "NEXT_KEY", "RESERVED_METRICS", "VERSION", "Reply", "Request", "binding", "describe",
+           "evaluation", "pack_nodes", "parse_reply", "parse_request", "pre_session", "session_id"]
 
 #: The record key of securefed's envelope in a Flower ``RecordDict``.
 KEY = "securefed"
 #: The record key of the next round's setup request (and its reply) riding on a message of this round.
 NEXT_KEY = "securefed.next"
-#: Envelope layout version.
-VERSION = 3
+#: Envelope layout version (4: the session id binds the round's per-request choices, :func:`binding`).
+VERSION = 4
 
 _REQUEST_FIELDS = {
     "v": int, "protocol": str, "params": str, "phase": str, "round": int, "n": int, "dim": int,
@@ -72,19 +72,51 @@ def describe(protocol: AggregationProtocol, n: int, privacy: Mapping[str, Any] |
     return json.dumps(desc, sort_keys=True, separators=(",", ":"), default=str)
 
 
+#: Names an evaluation round cannot ask for: the weight and the strategy's own entries.
+RESERVED_METRICS = frozenset({"num-examples", "included", "aborted"})
+#: The most metrics an evaluation round asks for.
+MAX_METRICS = 256
+
+
+def _parsed(params: str) -> dict[str, Any]:
+    """`params` as a JSON object; MessageRejected for anything else (a node must never fail on them)."""
+    try:
+        out = json.loads(params)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        out = None
+    if not isinstance(out, dict):
+        raise MessageRejected("invalid request: params are not a JSON object")
+    return out
+
+
 def evaluation(params: str) -> tuple[tuple[str, float], ...] | None:
     """The metrics and bounds of an evaluation round's `params` (:func:`describe`); None for a training round.
-    MessageRejected for params that are not such JSON."""
-    if '"evaluate":' not in params:
+    MessageRejected for params that are not such JSON, or that ask for a reserved name or a duplicate."""
+    spec = _parsed(params).get("evaluate")
+    if spec is None:
         return None
     try:
-        spec = json.loads(params).get("evaluate")
-        out = tuple((str(name), float(bound)) for name, bound in spec)
-    except (ValueError, TypeError, AttributeError):
-        raise MessageRejected("invalid request: malformed evaluation metrics in params") from None
-    if not out or any(not (b > 0 and b < float("inf")) for _, b in out):
+        out = tuple((name, float(bound)) for name, bound in spec if isinstance(name, str))
+        ok = isinstance(spec, list) and 0 < len(out) == len(spec) <= MAX_METRICS
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        ok = False
+    if not ok or any(not 0 < b < float("inf") for _, b in out) or len({k for k, _ in out}) != len(out) or (
+            RESERVED_METRICS & {k for k, _ in out}):
         raise MessageRejected("invalid request: malformed evaluation metrics in params")
     return out
+
+
+def binding(round_index: int, dim: int, max_examples: int, privacy: Mapping[str, Any] | None,
+            evaluate: Sequence[tuple[str, float]] | None) -> bytes:
+    """The SHA-256 of what the server chooses per request beyond the node list, and the session binds: the
+    round index, ``dim``, ``max_examples``, the round's privacy description (with a moving clip, the clip and
+    count std the nodes build from) and an evaluation round's metrics and bounds. Nodes shown different values
+    are in different sessions, whose masks, shares and signatures do not combine (``protocols/flower.md``,
+    section 1)."""
+    canonical = json.loads(json.dumps(privacy, sort_keys=True, default=str))  # as a request's params carry it
+    doc = {"round": round_index, "dim": dim, "max_examples": max_examples, "privacy": canonical,
+           "evaluate": None if evaluate is None else [[k, float(b)] for k, b in evaluate]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
 def pack_nodes(nodes: Sequence[int]) -> bytes:
@@ -92,14 +124,23 @@ def pack_nodes(nodes: Sequence[int]) -> bytes:
     return b"".join(_NODE.pack(v) for v in nodes)
 
 
-def session_id(nonce: bytes, nodes: bytes, *, evaluate: bool = False) -> bytes:
+def session_id(nonce: bytes, nodes: bytes, *, evaluate: bool = False, bound: bytes = b"") -> bytes:
     """The round's session id: SHA-256 of a label (a training or an evaluation round's), the server's
-    32-byte `nonce` and the packed node ids.
+    32-byte `nonce`, the packed node ids and the round's :func:`binding` (`bound`).
 
     Every protocol message and signature binds the session, so a session has exactly one list
-    of participants and one kind: a server cannot show nodes different lists in one session, nor
-    ask some of its nodes to train and others to evaluate."""
-    return hashlib.sha256((_EVALUATE_LABEL if evaluate else _SESSION_LABEL) + nonce + nodes).digest()
+    of participants, one kind and one set of per-request choices: a server cannot show nodes
+    different lists in one session, ask some of its nodes to train and others to evaluate, or give
+    them different weights, bounds, clips or dimensions."""
+    return hashlib.sha256((_EVALUATE_LABEL if evaluate else _SESSION_LABEL) + nonce + nodes + bound).digest()
+
+
+def pre_session(req: Request) -> bytes:
+    """The session id `req`'s fields give (:func:`session_id` of its nonce, nodes, kind and :func:`binding`):
+    the request's own, or in a round with the graph beacon the one the beacon derives from."""
+    metrics = evaluation(req.params)
+    bound = binding(req.round, req.dim, req.max_examples, _parsed(req.params).get("privacy"), metrics)
+    return session_id(req.nonce, req.nodes, evaluate=metrics is not None, bound=bound)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +211,7 @@ def _request(record: Any) -> Request:
     ids = req.node_ids()
     if any(b <= a for a, b in zip(ids, ids[1:])):
         raise MessageRejected("invalid request: node ids not ascending")
-    pre = session_id(req.nonce, req.nodes, evaluate=evaluation(req.params) is not None)
+    pre = pre_session(req)
     if req.beacon:
         list_hash, reveals_hash, _ = _beacon.split_field(req.beacon, req.n)
         pre = _beacon.session(pre, req.round, list_hash, reveals_hash)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from securefed.errors import ConfigurationError, InvalidInput
+from securefed.flower import _envelope
 
 __all__ = ["check", "means", "sample_size"]
 
@@ -31,11 +32,13 @@ def check(metrics: Mapping[str, float] | None, fraction: float, minimum: int,
     if not isinstance(metrics, Mapping) or not metrics:
         raise ConfigurationError("evaluate_metrics must map each metric name to the bound of its absolute value, "
                                  "for example {'loss': 10.0, 'accuracy': 1.0}")
+    if len(metrics) > _envelope.MAX_METRICS:
+        raise ConfigurationError(f"evaluate_metrics: at most {_envelope.MAX_METRICS} metrics, got {len(metrics)}")
     out = []
     for name, bound in metrics.items():
-        if not isinstance(name, str) or not name or name == "num-examples":
-            raise ConfigurationError(f"evaluate_metrics: {name!r} is not a metric name (the weight is 'num-examples', "
-                                     "always aggregated)")
+        if not isinstance(name, str) or not name or name in _envelope.RESERVED_METRICS:
+            raise ConfigurationError(f"evaluate_metrics: {name!r} is not a metric name of its own (reserved: "
+                                     f"{sorted(_envelope.RESERVED_METRICS)}; 'num-examples' is always aggregated)")
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
             raise ConfigurationError(f"evaluate_metrics[{name!r}] must be a finite bound > 0 on |{name}|, got "
                                      f"{bound!r}")
@@ -55,16 +58,25 @@ def sample_size(available: int, fraction: float, minimum: int) -> int:
     return min(available, max(minimum, int(available * fraction)))
 
 
-def means(metrics: tuple[tuple[str, float], ...], total: np.ndarray, max_examples: int) -> dict[str, float]:
-    """The example-weighted means of an evaluation round's released sum `total` (length ``len(metrics) + 1``),
-    plus ``num-examples``: the summed example counts, each capped at `max_examples`."""
+def means(metrics: tuple[tuple[str, float], ...], total: np.ndarray, max_examples: int,
+          included: int | None = None, error: float = 0.0) -> dict[str, float]:
+    """The example-weighted means of an evaluation round's released sum `total` (length ``len(metrics) + 1``)
+    over `included` nodes, plus ``num-examples``: the summed example counts, each capped at `max_examples`.
+    `error`: the protocol's error bound per coordinate of the sum.
+
+    InvalidInput for a sum no honest inputs give (a corrupt node can add anything within the encoder's
+    range): a summed weight outside ``(0, included]`` or a mean outside its bound (beyond `error`)."""
     total = np.asarray(total, np.float64).ravel()
     if total.size != len(metrics) + 1 or not np.all(np.isfinite(total)):
         raise InvalidInput(f"an evaluation round over {len(metrics)} metrics releases {len(metrics) + 1} finite "
                            f"sums, got {total.size}")
-    weight = float(total[-1])
-    if weight <= 0:
-        raise InvalidInput("the evaluation round's summed weight is not positive: no node's metrics are in it")
+    weight, slack = float(total[-1]), error + 1e-9
+    if not slack < weight <= (included if included is not None else np.inf) + slack:
+        raise InvalidInput(f"the evaluation round's summed weight {weight:g} is outside (0, {included}]: no honest "
+                           "inputs sum to it (a node sent a weight outside (0, 1])")
     out = {name: float(total[i]) * bound / weight for i, (name, bound) in enumerate(metrics)}
+    if bad := [name for name, bound in metrics if abs(out[name]) > bound * (1 + 2 * slack / (weight - slack))]:
+        raise InvalidInput(f"the evaluation round's means of {bad} are outside their bounds: no honest inputs give "
+                           "them (a node sent values outside its weight times the bound)")
     out["num-examples"] = float(round(weight * max_examples))
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -63,21 +64,30 @@ def message_type(protocol: AggregationProtocol, phase: str, party: int | str = 0
     return f"query.{phase}"
 
 
-#: Fixed-point bits of an evaluation round's coordinates (each in [-1, 1]: a metric over its bound, weighted).
-EVALUATION_BITS = 24
+#: Fixed-point bits of an evaluation round's coordinates (each in [-1, 1]: a metric over its bound, weighted):
+#: a weight of a few examples under a large ``max_examples`` still has thousands of steps.
+EVALUATION_BITS = 32
 
 
 def evaluation_protocol(protocol: AggregationProtocol) -> AggregationProtocol:
     """The protocol of an evaluation round: `protocol` carrying its inputs, each coordinate in [-1, 1],
     at :data:`EVALUATION_BITS` fixed-point bits where it carries integer encodings (SecAgg, SecAgg+,
-    masked BFV), else `protocol` itself (Plain, CKKS: their own range must then hold [-1, 1]).
-    Server and nodes derive it the same way from the protocol they train with."""
+    BFV), else `protocol` itself (Plain; CKKS, whose ``value_range`` must then be at least 1).
+    Server and nodes derive it the same way from the protocol they train with. ConfigurationError
+    for a protocol whose range cannot hold [-1, 1]."""
     from securefed.encoding import FixedPoint
 
+    if protocol.name == "plain":
+        return protocol
     try:
         return protocol.with_encoder(FixedPoint(value_range=1.0, value_bits=EVALUATION_BITS))
     except ConfigurationError:
-        return protocol
+        pass
+    value_range = getattr(protocol, "value_range", None)
+    if not isinstance(value_range, (int, float)) or value_range < 1:
+        raise ConfigurationError(f"federated evaluation needs inputs in [-1, 1]; protocol {protocol.name!r} carries "
+                                 f"values within {value_range!r}: declare value_range >= 1")
+    return protocol
 
 
 def exchange(
@@ -186,8 +196,13 @@ class AggregationRound:
             raise ConfigurationError(f"nodes {sorted(shared)} cannot be both clients and auxiliary parties")
         self.nonce = rng.child("session").token_bytes(32)
         self._node_bytes = _envelope.pack_nodes(self.nodes)
-        #: The session id of the server's nonce and the node list (the beacon's, when the round has one).
-        self.pre_session = _envelope.session_id(self.nonce, self._node_bytes, evaluate=self.evaluate is not None)
+        bound = _envelope.binding(round_index, dim, max_examples, _privacy.describe(
+            privacy, protocol if identities is None else _identities.bind(protocol, identities, self.nodes),
+            len(self.nodes), dim), self.evaluate)
+        #: The session id of the server's nonce, the node list and the round's per-request choices
+        #: (``_envelope.binding``); the protocol's is the beacon's, when the round has one.
+        self.pre_session = _envelope.session_id(self.nonce, self._node_bytes, evaluate=self.evaluate is not None,
+                                                bound=bound)
         self.beacon: _beacon.ServerBeacon | None = None
         if _beacon.required(protocol, len(self.nodes)):
             if identities is None:
@@ -477,8 +492,11 @@ class GridAggregator:
         ProtocolAborted when the round cannot finish safely, ConfigurationError with privacy."""
         if not isinstance(max_examples, int) or max_examples < 1:
             raise ConfigurationError(f"max_examples must be a positive int, got {max_examples!r}")
+        # Payloads as large as the training round's: an HE key holder's setup does not shrink with the input.
+        model = sum(math.prod(a.shape) for a in arrays.values())
         rnd = AggregationRound(self.protocol, nodes, round_index=round_index, dim=len(metrics) + 1, rng=rng,
-                               max_payload_bytes=self.max_payload_bytes, max_examples=max_examples,
+                               max_payload_bytes=self.max_payload_bytes or 64 * max(model, 1) + (1 << 20),
+                               max_examples=max_examples,
                                privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities,
                                evaluate=metrics)
         self.last_round = rnd

@@ -315,14 +315,13 @@ class SecureClient:
         state = self._restore(context, protocol, req, party, seed, slot)
         try:
             if beacon:
-                _check_beacon(context, req, nodes, identities, slot, first=req.phase == protocol.phases[0],
-                                   evaluate=evaluate is not None)
+                _check_beacon(context, req, nodes, identities, slot, first=req.phase == protocol.phases[0])
             if is_train:
                 assert arrays is not None and config is not None
                 if fn is None:
                     raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node has no evaluation function")
-                state.set_input(_input(msg, context, fn, arrays, req, privacy) if evaluate is None
-                                else _metrics_input(msg, context, fn, req, evaluate))
+                _give(state, req, lambda: _input(msg, context, fn, arrays, req, privacy) if evaluate is None
+                      else _metrics_input(msg, context, fn, req, evaluate))
             elif aux_gives:  # counted before its state machine checks anything (a refused decryption too)
                 _record(context, req, role)
             payload = state.handle(req.phase, req.payload)
@@ -468,13 +467,12 @@ def _beacon_payload(context: Context, req: _envelope.Request, required: bool, id
 
 
 def _check_beacon(context: Context, req: _envelope.Request, nodes: Sequence[int], identities: KeyDirectory | None,
-                  slot: str, *, first: bool, evaluate: bool) -> None:
+                  slot: str, *, first: bool) -> None:
     """A protocol request of a beacon round: in the first phase, the beacon's reveals and derived session
     (``_beacon.node_check``); later, the session of this node's saved state of the round."""
     keys = _identities.directory(_beacon_identities(identities), nodes)
     if first:
-        _beacon.node_check(context.state, req, _envelope.session_id(req.nonce, req.nodes, evaluate=evaluate), nodes,
-                           keys)
+        _beacon.node_check(context.state, req, _envelope.pre_session(req), nodes, keys)
         return
     saved = context.state.get(slot)
     if not req.beacon or not isinstance(saved, ConfigRecord) or (saved["round"], saved["session"]) != (
@@ -553,6 +551,18 @@ def _input(msg: Message, context: Context, train: TrainFn, arrays: ArrayRecord, 
     return update
 
 
+def _give(state: ClientProtocol, req: _envelope.Request, make: Callable[[], np.ndarray]) -> None:
+    """Make this node's input and hand it to its state machine. An InvalidInput raised there is logged here in
+    full and refused with a fixed reason: its text may show a private value (a metric, an update coordinate
+    out of range), and the error reply goes to the server."""
+    try:
+        state.set_input(make())
+    except InvalidInput as e:
+        log.warning("securefed: round %d: this node's input failed a local check and was not sent: %s", req.round, e)
+        raise InvalidInput("this node's input failed a local check and was not sent (the node's log says which; "
+                           "the reason stays on the node, as it may show a private value)") from None
+
+
 def _metrics_input(msg: Message, context: Context, evaluate: EvaluateFn, req: _envelope.Request,
                    metrics: Sequence[tuple[str, float]]) -> np.ndarray:
     """Evaluate, then the evaluation round's input: ``[w m_1 / b_1, ..., w m_k / b_k, w]`` for the requested
@@ -573,8 +583,8 @@ def _metrics_input(msg: Message, context: Context, evaluate: EvaluateFn, req: _e
         value = record.get(name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or \
                 abs(value) > bound:
-            raise InvalidInput(f"evaluation metric {name!r} is {value!r}: the server asks for a finite number within "
-                               f"[-{bound:g}, {bound:g}] (its evaluate_metrics bound); it is never clipped")
+            raise InvalidInput(f"evaluation metric {name!r} is missing, not a finite number, or outside "
+                               f"[-{bound:g}, {bound:g}] (the server's evaluate_metrics bound); it is never clipped")
         out[i] = w * float(value) / bound
     out[-1] = w
     return out

@@ -26,7 +26,13 @@ from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, ProtocolAborted
 from securefed.flower import _checkpoint, _evaluation, _identities, _model, _privacy, _resume
-from securefed.flower.aggregation import AggregationRound, GridAggregator, RoundOutcome, input_phase
+from securefed.flower.aggregation import (
+    AggregationRound,
+    GridAggregator,
+    RoundOutcome,
+    evaluation_protocol,
+    input_phase,
+)
 from securefed.protocols.base import (
     AggregationProtocol,
     DropReason,
@@ -202,6 +208,8 @@ class SecureFedAvg(Strategy):
         mode = _check_options(privacy, fraction_train, min_train_nodes, min_available_nodes, weighting, max_examples,
                               cooldown_rounds)
         self.evaluate_metrics = _evaluation.check(evaluate_metrics, fraction_evaluate, min_evaluate_nodes, privacy)
+        if self.evaluate_metrics is not None:
+            evaluation_protocol(protocol)  # ConfigurationError now for a protocol whose range cannot hold them
         self.fraction_evaluate, self.min_evaluate_nodes = float(fraction_evaluate), min_evaluate_nodes
         self.protocol = protocol
         self.privacy = privacy
@@ -583,10 +591,12 @@ def _federated_evaluation(s: SecureFedAvg, grid: Grid, r: int, run: _Run,
         outcome = s.aggregator.evaluate(
             grid, nodes, round_index=r, metrics=s.evaluate_metrics, rng=s._rng(f"round/{r}/evaluate"),
             arrays=run.arrays, config=ConfigRecord({**(config or {}), "server-round": r}), max_examples=s.max_examples)
-    except ProtocolAborted as e:
-        log.error("securefed: round %d: federated evaluation aborted (%s): %s", r, e.reason.value, e)
+        n = len(outcome.included_nodes)
+        means = _evaluation.means(s.evaluate_metrics, outcome.result.total, s.max_examples, n,
+                                  evaluation_protocol(s.protocol).error_bound(n))
+    except (ProtocolAborted, InvalidInput) as e:  # the training round stands; its evaluation released nothing
+        log.error("securefed: round %d: federated evaluation aborted: %s", r, e)
         return {"federated_aborted": 1.0}
-    means = _evaluation.means(s.evaluate_metrics, outcome.result.total, s.max_examples)
     log.info("securefed: round %d: federated evaluation over %d nodes: %s", r, len(outcome.included_nodes), means)
     return {**{f"federated_{k}": v for k, v in means.items()}, "federated_included": float(len(outcome.included_nodes))}
 

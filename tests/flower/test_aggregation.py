@@ -64,7 +64,8 @@ def test_dropouts_at_any_phase_give_what_the_simulation_gives(protocol, data):
 
     # The same session (the graph of SecAgg+ depends on it): Flower's binds the round's node ids.
     nonce = RandomSource(0).child("session").token_bytes(32)
-    session = _envelope.session_id(nonce, _envelope.pack_nodes(list(apps.nodes(n))))
+    session = _envelope.session_id(nonce, _envelope.pack_nodes(list(apps.nodes(n))),
+                                   bound=_envelope.binding(1, apps.dim(), 0, None, None))
     try:
         sim = sf.simulate_aggregation(protocol, [updates[p] for p in range(n)], dropouts=drop_at, seed=0,
                                       session_id=session)

@@ -194,7 +194,8 @@ def test_a_session_is_of_one_kind():
     ev = _envelope.describe(evaluation_protocol(protocol), 2, None, tuple(METRICS.items()))
 
     def request(params, evaluate):
-        session = _envelope.session_id(nonce, nodes, evaluate=evaluate)
+        bound = _envelope.binding(1, 3, CAP, None, tuple(METRICS.items()) if evaluate else None)
+        session = _envelope.session_id(nonce, nodes, evaluate=evaluate, bound=bound)
         req = _envelope.Request("plain", params, "upload", 1, 2, 3, session, nonce, nodes, 0, "", CAP, b"")
         return RecordDict({_envelope.KEY: req.record()})
 
@@ -203,8 +204,12 @@ def test_a_session_is_of_one_kind():
     for params, evaluate in ((ev, False), (train, True)):
         with pytest.raises(MessageRejected, match="session"):
             _envelope.parse_request(request(params, evaluate), input_phase=False)
-    with pytest.raises(MessageRejected, match="evaluation metrics"):
-        _envelope.evaluation('{"evaluate":[["loss",-1]]}')
+    bad = ['{"evaluate":[["loss",-1]]}', '{"evaluate":[["loss",1e999]]}', '{"evaluate":[["loss",' + "9" * 400 + "]]}",
+           '{"evaluate":' + "[" * 100_000 + "]" * 100_000 + "}", '{"evaluate":[["num-examples",1]]}',
+           '{"evaluate":[["loss",1],["loss",2]]}', '{"evaluate":[]}', '{"evaluate":{"loss":1}}', "[1]", "nonsense"]
+    for params in bad:  # never anything but MessageRejected (a node must not fail with another error)
+        with pytest.raises(MessageRejected):
+            _envelope.evaluation(params)
 
 
 def test_a_train_message_with_evaluation_params_and_the_reverse_are_refused():
@@ -240,19 +245,24 @@ def test_nodes_with_dp_refuse_evaluation_and_the_strategy_refuses_it_with_privac
     assert replies and all(r.has_error() and "differential privacy" in r.error.reason for r in replies)
 
 
-def test_a_metric_outside_its_bound_or_missing_is_refused_by_its_node_and_the_round_goes_on():
+def test_a_metric_outside_its_bound_or_missing_is_refused_by_its_node_and_the_round_goes_on(caplog):
+    """The refusal reaches the server without the value (a red-team finding: the reason carried the exact
+    metric, so a server asking for a tiny bound read every node's metrics from the error replies)."""
     protocol = sf.protocols.SecAggPlus()
 
     def ev(p, w):
-        return {"loss": 50.0, "accuracy": 0.5} if p == 0 else {"loss": 1.0} if p == 1 else evaluate(p, w)
+        return {"loss": 9.87654321, "accuracy": 0.5} if p == 0 else {"loss": 1.0} if p == 1 else {
+            "loss": 1.5 + 0.1 * p, "accuracy": 0.25}
 
     g = InProcessGrid(apps.client_app(protocol, updates, examples={**EXAMPLES, 4: 3}, evaluate=ev), apps.nodes(5))
-    out = apps.aggregator(protocol).evaluate(g, list(apps.nodes(5)), round_index=1, metrics=tuple(METRICS.items()),
-                                             rng=RandomSource(1), arrays=apps.model(), max_examples=CAP)
-    dropped = out.dropped_nodes
-    assert set(dropped) == {apps.FIRST, apps.FIRST + 1}
-    assert "'loss' is 50.0" in dropped[apps.FIRST].detail and "never clipped" in dropped[apps.FIRST].detail
-    assert "'accuracy' is None" in dropped[apps.FIRST + 1].detail
+    out = apps.aggregator(protocol).evaluate(g, list(apps.nodes(5)), round_index=1, metrics=(("loss", 5.0),
+                                             ("accuracy", 1.0)), rng=RandomSource(1), arrays=apps.model(),
+                                             max_examples=CAP)
+    assert set(out.dropped_nodes) == {apps.FIRST, apps.FIRST + 1}
+    details = " ".join(d.detail for d in out.dropped_nodes.values())
+    assert "failed a local check" in details and "9.87" not in details and "'accuracy'" not in details
+    assert "'loss' is missing, not a finite number, or outside [-5, 5]" in caplog.text  # the node's own log
+    assert "'accuracy' is missing" in caplog.text
     assert len(out.included_nodes) == 3
 
 

@@ -96,8 +96,9 @@ def test_a_server_that_fixes_the_nonce_cannot_choose_the_graph():
     victim, target = 0, {1, 2, 3}
     nodes = _envelope.pack_nodes(NODES)
 
-    def pre(seed):
-        return _envelope.session_id(RandomSource(seed).child("session").token_bytes(32), nodes)
+    def pre(seed, r=1):  # the session the nonce gives round r (it binds the round: protocols/flower.md section 1)
+        bound = _envelope.binding(r, apps.dim(), 0, None, None)
+        return _envelope.session_id(RandomSource(seed).child("session").token_bytes(32), nodes, bound=bound)
 
     seed = next(s for s in range(10_000) if target.isdisjoint(graph_of(pre(s)).neighbors(victim).tolist()))
     sessions, graphs = [], []
@@ -107,7 +108,7 @@ def test_a_server_that_fixes_the_nonce_cannot_choose_the_graph():
         assert out.included_nodes == tuple(NODES)
         sessions.append(out.result.spec.session_id)
         graphs.append(graph_of(out.result.spec.session_id))
-    assert len(set(sessions)) == 3 and pre(seed) not in sessions
+    assert len(set(sessions)) == 3 and not {pre(seed, r) for r in (1, 2, 3)} & set(sessions)
     # 181440 Harary graphs H(10, 6); the victim misses exactly {1, 2, 3} in 1 of C(9, 6) = 84 of them
     assert len({neighbourhoods(gr) for gr in graphs}) == 3
     assert sum(target.isdisjoint(gr.neighbors(victim).tolist()) for gr in graphs) < 3
@@ -284,7 +285,8 @@ def test_nodes_reveal_once_per_commitment_and_only_in_their_round():
              copy(reveal[FIRST + 1], round=2)]  # another round than the commitment's
     replies = {r.metadata.src_node_id: r for r in g.pull_messages(list(g.push_messages(again)))}
     assert "second, different list" in replies[FIRST].error.reason
-    assert "no graph commitment for this round" in replies[FIRST + 1].error.reason
+    # The session binds the round index (spec section 1), so the other round's request is refused at parsing.
+    assert "the session does not bind" in replies[FIRST + 1].error.reason
 
 
 def test_beacon_configuration_errors_say_what_to_do():

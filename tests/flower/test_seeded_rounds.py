@@ -38,7 +38,14 @@ def test_a_session_id_sent_for_two_rounds_gets_fresh_keys_from_seeded_nodes():
     grid = InProcessGrid(apps.client_app(protocol, lambda p, r: None, seed=1), nodes)
     session1, first = advertise(grid, protocol, members, 1)
     session2, second = advertise(grid, protocol, members, 2)
-    assert session1 == session2  # the server's replay: one session id for both rounds
+    # The session now binds the round index (protocols/flower.md section 1): the same nonce and nodes give
+    # another session, and round 1's session under round index 2 is refused at parsing.
+    assert session1 != session2
+    rnd = AggregationRound(protocol, members, round_index=1, dim=apps.dim(), rng=RandomSource(7))
+    (msg, *_) = rnd.messages("advertise_keys", ttl=60)
+    msg.content[_envelope.KEY]["round"] = 2
+    (reply,) = grid.pull_messages(list(grid.push_messages([msg])))
+    assert reply.has_error() and "the session does not bind" in reply.error.reason
     for v in members:  # each reply carries the node's two fresh X25519 public keys (64 bytes)
         differing = sum(a != b for a, b in zip(first[v], second[v]))
         assert differing >= 32, f"node {v} advertised (nearly) the same keys in rounds 1 and 2"
