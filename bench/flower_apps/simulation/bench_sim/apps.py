@@ -119,7 +119,7 @@ def securefed_server(n: int, rounds: int, out: dict[str, Any]) -> ServerApp:
         tick = _clock(times)
         result = strategy.start(grid, ArrayRecord(task.model().state_dict()), num_rounds=rounds,
                                 train_config=ConfigRecord({"local-epochs": EPOCHS, "batch-size": BATCH, "lr": LR}),
-                                evaluate_fn=lambda r, arrays: tick())
+                                evaluate_fn=lambda r, arrays: tick() if r > 0 else None)  # as Flower: also round 0
         out["times"] = times
         out["included"] = [len(r.included) for r in result.rounds]
         out["protocol"] = task.protocol(cfg).describe(n)
