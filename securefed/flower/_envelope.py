@@ -39,7 +39,7 @@ from securefed.flower import _beacon
 from securefed.protocols.base import AggregationProtocol
 
 __all__ = ["KEY", "MAX_METRICS", "NEXT_KEY", "RESERVED_METRICS", "VERSION", "Reply", "Request", "binding", "describe",
-           "evaluation", "pack_nodes", "parse_reply", "parse_request", "pre_session", "session_id"]
+           "evaluation", "evaluation_dim", "pack_nodes", "parse_reply", "parse_request", "pre_session", "session_id"]
 
 #: The record key of securefed's envelope in a Flower ``RecordDict``.
 KEY = "securefed"
@@ -73,7 +73,7 @@ def describe(protocol: AggregationProtocol, n: int, privacy: Mapping[str, Any] |
 
 
 #: Names an evaluation round cannot ask for: the weight and the strategy's own entries.
-RESERVED_METRICS = frozenset({"num-examples", "included", "aborted"})
+RESERVED_METRICS = frozenset({"num-examples", "included", "aborted", "excluded"})
 #: The most metrics an evaluation round asks for.
 MAX_METRICS = 256
 
@@ -101,9 +101,16 @@ def evaluation(params: str) -> tuple[tuple[str, float], ...] | None:
     except (ValueError, TypeError, OverflowError, RecursionError):
         ok = False
     if not ok or any(not 0 < b < float("inf") for _, b in out) or len({k for k, _ in out}) != len(out) or (
-            RESERVED_METRICS & {k for k, _ in out}):
+            RESERVED_METRICS & {k for k, _ in out}) or any(":" in k for k, _ in out):
         raise MessageRejected("invalid request: malformed evaluation metrics in params")
     return out
+
+
+def evaluation_dim(k: int) -> int:
+    """An evaluation round's input length for `k` metrics: ``[w m~_1 / b_1, ..., w m~_k / b_k, w, c_1, ..., c_k, e]``
+    (``m~_i`` the metric clamped to its bound, ``c_i`` 1 when it was, ``e`` 1 for a node whose metrics were not
+    finite, whose other coordinates are then 0): ``2 k + 2``."""
+    return 2 * k + 2
 
 
 def binding(round_index: int, dim: int, max_examples: int, privacy: Mapping[str, Any] | None,

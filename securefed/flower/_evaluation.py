@@ -1,9 +1,10 @@
 """Federated evaluation with securely aggregated metrics: the strategy's side (``protocols/flower.md`` section 6).
 
 An evaluation round is its own aggregation round (``GridAggregator.evaluate``): each sampled node
-evaluates the model on its own data and inputs ``[w m_1 / b_1, ..., w m_k / b_k, w]`` for the declared
-metrics ``m_i`` with bounds ``b_i`` and its weight ``w = min(examples, max_examples) / max_examples``;
-the server learns only the sum, hence the example-weighted means (Flower's FedAvg weighting, capped).
+evaluates the model on its own data and inputs, for the declared metrics ``m_i`` with bounds ``b_i`` and
+its weight ``w = min(examples, max_examples) / max_examples``, ``w m_i / b_i`` (``m_i`` clamped to its
+bound), ``w``, and counts of what it clamped or could not use (``_envelope.evaluation_dim``); the server
+learns only the sum, hence the example-weighted means (Flower's FedAvg weighting, capped).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def check(metrics: Mapping[str, float] | None, fraction: float, minimum: int,
         raise ConfigurationError(f"evaluate_metrics: at most {_envelope.MAX_METRICS} metrics, got {len(metrics)}")
     out = []
     for name, bound in metrics.items():
-        if not isinstance(name, str) or not name or name in _envelope.RESERVED_METRICS:
+        if not isinstance(name, str) or not name or name in _envelope.RESERVED_METRICS or ":" in name:
             raise ConfigurationError(f"evaluate_metrics: {name!r} is not a metric name of its own (reserved: "
-                                     f"{sorted(_envelope.RESERVED_METRICS)}; 'num-examples' is always aggregated)")
+                                     f"{sorted(_envelope.RESERVED_METRICS)}, and ':' is for 'clipped:<metric>'; "
+                                     "'num-examples' is always aggregated)")
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
             raise ConfigurationError(f"evaluate_metrics[{name!r}] must be a finite bound > 0 on |{name}|, got "
                                      f"{bound!r}")
@@ -60,23 +62,45 @@ def sample_size(available: int, fraction: float, minimum: int) -> int:
 
 def means(metrics: tuple[tuple[str, float], ...], total: np.ndarray, max_examples: int,
           included: int | None = None, error: float = 0.0) -> dict[str, float]:
-    """The example-weighted means of an evaluation round's released sum `total` (length ``len(metrics) + 1``)
-    over `included` nodes, plus ``num-examples``: the summed example counts, each capped at `max_examples`.
-    `error`: the protocol's error bound per coordinate of the sum.
+    """What an evaluation round's released sum `total` (``_envelope.evaluation_dim``) over `included` nodes
+    gives: each metric's example-weighted mean (of the values clamped to their bounds), ``num-examples`` (the
+    summed example counts, each capped at `max_examples`), ``clipped:<metric>`` (how many nodes' values were
+    clamped) and ``excluded`` (how many nodes' metrics were not finite: not in the means). `error`: the
+    protocol's error bound per coordinate of the sum (None for `included`: no bound on the node count).
 
     InvalidInput for a sum no honest inputs give (a corrupt node can add anything within the encoder's
-    range): a summed weight outside ``(0, included]`` or a mean outside its bound (beyond `error`)."""
+    range): counts outside ``[0, included]``, a summed weight below ``(included - excluded) / max_examples``
+    or above ``included``, a mean outside its bound (all beyond `error`), or no node's metrics at all."""
+    k = len(metrics)
     total = np.asarray(total, np.float64).ravel()
-    if total.size != len(metrics) + 1 or not np.all(np.isfinite(total)):
-        raise InvalidInput(f"an evaluation round over {len(metrics)} metrics releases {len(metrics) + 1} finite "
+    if total.size != _envelope.evaluation_dim(k) or not np.all(np.isfinite(total)):
+        raise InvalidInput(f"an evaluation round over {k} metrics releases {_envelope.evaluation_dim(k)} finite "
                            f"sums, got {total.size}")
-    weight, slack = float(total[-1]), error + 1e-9
-    if not slack < weight <= (included if included is not None else np.inf) + slack:
-        raise InvalidInput(f"the evaluation round's summed weight {weight:g} is outside (0, {included}]: no honest "
-                           "inputs sum to it (a node sent a weight outside (0, 1])")
+    slack, top = error + 1e-9, float(included) if included is not None else np.inf
+    weight, clipped, excluded = float(total[k]), total[k + 1: 2 * k + 1], float(total[-1])
+    counts = np.append(clipped, excluded)
+    if np.any(counts < -slack) or np.any(counts > top + slack):
+        raise InvalidInput(f"the evaluation round's counts {np.round(counts, 3).tolist()} are outside [0, {included}]: "
+                           "no honest inputs sum to them (a corrupt node's input)")
+    least = (top - round(excluded)) / max_examples if included is not None else 0.0
+    if not (weight > slack and least - slack <= weight <= top + slack):
+        raise InvalidInput(f"the evaluation round's summed weight {weight:g} is outside [{least:g}, {included}] or "
+                           "not positive: no honest inputs sum to it (a corrupt node's, or no node's metrics)")
     out = {name: float(total[i]) * bound / weight for i, (name, bound) in enumerate(metrics)}
     if bad := [name for name, bound in metrics if abs(out[name]) > bound * (1 + 2 * slack / (weight - slack))]:
         raise InvalidInput(f"the evaluation round's means of {bad} are outside their bounds: no honest inputs give "
                            "them (a node sent values outside its weight times the bound)")
     out["num-examples"] = float(round(weight * max_examples))
+    out.update({f"clipped:{name}": float(round(c)) for (name, _), c in zip(metrics, clipped)})
+    out["excluded"] = float(round(excluded))
     return out
+
+
+
+def most_nodes(total: Any, k: int, max_examples: int) -> int:
+    """The most nodes an evaluation round's sum over `k` metrics can hold: each has at least one example
+    (the summed weight times `max_examples`), plus the excluded ones; at least 1."""
+    values = np.nan_to_num(np.asarray(total, np.float64).ravel())
+    if values.size != _envelope.evaluation_dim(k):
+        return 1
+    return int(min(2**32, max(1.0, np.ceil(abs(values[k]) * max_examples + abs(values[-1])))))

@@ -185,9 +185,9 @@ class AggregationRound:
             if privacy is not None:
                 raise ConfigurationError("federated evaluation releases exact sums of the nodes' metrics, outside the "
                                          "privacy budget: no evaluation rounds with privacy")
-            if dim != len(self.evaluate) + 1:
+            if dim != _envelope.evaluation_dim(len(self.evaluate)):
                 raise ConfigurationError(f"an evaluation round of {len(self.evaluate)} metrics has dim "
-                                         f"{len(self.evaluate) + 1}, got {dim}")
+                                         f"{_envelope.evaluation_dim(len(self.evaluate))}, got {dim}")
             protocol = evaluation_protocol(protocol)
         if not self.nodes:
             raise ProtocolAborted(AbortReason.NO_INPUTS, "no nodes to aggregate over")
@@ -485,8 +485,9 @@ class GridAggregator:
         max_examples: int = 1000,
     ) -> RoundOutcome:
         """One evaluation round of round `round_index`'s model (`arrays`) with `nodes`: each node evaluates it,
-        and the protocol sums ``[w m_1 / b_1, ..., w m_k / b_k, w]`` over the included nodes, for the `metrics`
-        ``(name m_i, bound b_i)`` and ``w = min(examples, max_examples) / max_examples``; the server learns only
+        and the protocol sums its input (``_envelope.evaluation_dim``: each metric ``m_i`` clamped to its bound
+        ``b_i`` over ``b_i``, weighted by ``w = min(examples, max_examples) / max_examples``, then ``w``, which
+        metrics were clamped, and whether they were not finite) over the included nodes; the server learns only
         that sum (``protocols/flower.md``, section 6, "Federated evaluation"). Its own session (of the evaluation
         kind) and keys; nothing rides ahead and the round prepared by :meth:`run` stays prepared. Raises
         ProtocolAborted when the round cannot finish safely, ConfigurationError with privacy."""
@@ -494,7 +495,8 @@ class GridAggregator:
             raise ConfigurationError(f"max_examples must be a positive int, got {max_examples!r}")
         # Payloads as large as the training round's: an HE key holder's setup does not shrink with the input.
         model = sum(math.prod(a.shape) for a in arrays.values())
-        rnd = AggregationRound(self.protocol, nodes, round_index=round_index, dim=len(metrics) + 1, rng=rng,
+        rnd = AggregationRound(self.protocol, nodes, round_index=round_index,
+                               dim=_envelope.evaluation_dim(len(metrics)), rng=rng,
                                max_payload_bytes=self.max_payload_bytes or 64 * max(model, 1) + (1 << 20),
                                max_examples=max_examples,
                                privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities,

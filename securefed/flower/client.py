@@ -565,11 +565,15 @@ def _give(state: ClientProtocol, req: _envelope.Request, make: Callable[[], np.n
 
 def _metrics_input(msg: Message, context: Context, evaluate: EvaluateFn, req: _envelope.Request,
                    metrics: Sequence[tuple[str, float]]) -> np.ndarray:
-    """Evaluate, then the evaluation round's input: ``[w m_1 / b_1, ..., w m_k / b_k, w]`` for the requested
-    metrics ``(m_i, b_i)`` and ``w = min(examples, max_examples) / max_examples``. InvalidInput for a reply
-    without them, or a metric that is not a finite number within its bound (never clipped silently)."""
-    if req.max_examples < 1 or req.dim != len(metrics) + 1:
-        raise MessageRejected("invalid request: an evaluation round weights by examples over its metrics plus one")
+    """Evaluate, then the evaluation round's input (``_envelope.evaluation_dim``): ``w m~_i / b_i`` for the
+    requested metrics ``(m_i, b_i)``, ``m~_i`` clamped to ``[-b_i, b_i]``, then ``w = min(examples, max_examples)
+    / max_examples``, then ``c_i`` (1 where ``m_i`` was clamped) and ``e`` (1, everything else 0, when a metric
+    is not finite). The node answers alike whatever its values, so its reply is no oracle on them (a refusal
+    over a server-chosen bound was); the server learns how many nodes were clamped, never which. InvalidInput
+    for a reply without the metrics or a valid ``num-examples``: the node's code, not its data."""
+    k = len(metrics)
+    if req.max_examples < 1 or req.dim != _envelope.evaluation_dim(k):
+        raise MessageRejected("invalid request: an evaluation round weights by examples over 2 k + 2 values")
     reply = evaluate(msg, context)
     record = reply.content.get("metrics") if isinstance(reply, Message) and reply.has_content() else None
     if not isinstance(record, MetricRecord):
@@ -577,14 +581,22 @@ def _metrics_input(msg: Message, context: Context, evaluate: EvaluateFn, req: _e
     examples = record.get("num-examples")
     if type(examples) is not int or examples < 1:
         raise InvalidInput("the evaluation reply's 'metrics' needs a positive int 'num-examples'")
+    got = [record.get(name) for name, _ in metrics]
+    if missing := [name for (name, _), v in zip(metrics, got) if not isinstance(v, (int, float)) or
+                   isinstance(v, bool)]:
+        raise InvalidInput(f"the evaluation reply's 'metrics' lacks the numbers {missing} the server asks for")
+    values = [float(cast(float, v)) for v in got]
+    out = np.zeros(_envelope.evaluation_dim(k))
+    if not all(np.isfinite(v) for v in values):
+        log.warning("securefed: round %d: a metric is not finite: this node's evaluation counts as excluded", req.round)
+        out[-1] = 1.0
+        return out
     w = min(examples, req.max_examples) / req.max_examples
-    out = np.empty(len(metrics) + 1)
-    for i, (name, bound) in enumerate(metrics):
-        value = record.get(name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or \
-                abs(value) > bound:
-            raise InvalidInput(f"evaluation metric {name!r} is missing, not a finite number, or outside "
-                               f"[-{bound:g}, {bound:g}] (the server's evaluate_metrics bound); it is never clipped")
-        out[i] = w * float(value) / bound
-    out[-1] = w
+    for i, ((name, bound), value) in enumerate(zip(metrics, values)):
+        if abs(value) > bound:
+            log.warning("securefed: round %d: metric %r is outside [-%g, %g]: clamped (the server counts clamped "
+                        "nodes, not which)", req.round, name, bound, bound)
+            out[k + 1 + i] = 1.0
+        out[i] = w * min(max(value, -bound), bound) / bound
+    out[k] = w
     return out

@@ -25,7 +25,7 @@ from securefed import optim
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, InvalidInput, ProtocolAborted
-from securefed.flower import _checkpoint, _evaluation, _identities, _model, _privacy, _resume
+from securefed.flower import _checkpoint, _envelope, _evaluation, _identities, _model, _privacy, _resume
 from securefed.flower.aggregation import (
     AggregationRound,
     GridAggregator,
@@ -269,9 +269,10 @@ class SecureFedAvg(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The metrics' example-weighted means from what a secure evaluation round releases: one reply whose
-        MetricRecord holds the round's sum under ``"aggregate"`` (``[sum w m_1 / b_1, ..., sum w]``, the
-        nodes' inputs summed; the server never sees one node's). None without ``evaluate_metrics``;
-        InvalidInput for anything else."""
+        MetricRecord holds the round's sum under ``"aggregate"`` (the nodes' inputs summed,
+        ``_envelope.evaluation_dim``; the server never sees one node's) and, optionally, the number of
+        nodes in it under ``"included"``. None without ``evaluate_metrics``; InvalidInput for anything else,
+        and for a sum no honest inputs give (``_evaluation.means``)."""
         if self.evaluate_metrics is None:
             return None
         replies = list(replies)
@@ -281,7 +282,11 @@ class SecureFedAvg(Strategy):
         if not isinstance(total, list):
             raise InvalidInput("aggregate_evaluate takes one reply whose MetricRecord holds the evaluation round's "
                                f"sum under 'aggregate', got {len(replies)} replies")
-        means = _evaluation.means(self.evaluate_metrics, np.asarray(total, np.float64), self.max_examples)
+        n = record.get("included") if record is not None else None
+        n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+        most = n or _evaluation.most_nodes(total, len(self.evaluate_metrics), self.max_examples)
+        means = _evaluation.means(self.evaluate_metrics, np.asarray(total, np.float64), self.max_examples, n,
+                                  evaluation_protocol(self.protocol).error_bound(most))
         return MetricRecord(cast(dict[str, int | float | list[int] | list[float]], means))
 
     def summary(self) -> None:
@@ -731,7 +736,8 @@ def _evaluation_messages(s: SecureFedAvg, server_round: int, arrays: ArrayRecord
     if not nodes:
         return []
     agg = s.aggregator
-    rnd = AggregationRound(s.protocol, nodes, round_index=server_round, dim=len(s.evaluate_metrics) + 1,
+    rnd = AggregationRound(s.protocol, nodes, round_index=server_round,
+                           dim=_envelope.evaluation_dim(len(s.evaluate_metrics)),
                            rng=s._rng(f"round/{server_round}/evaluate"), max_payload_bytes=agg.max_payload_bytes,
                            max_examples=s.max_examples, auxiliary=agg.auxiliary, identities=agg.identities,
                            evaluate=s.evaluate_metrics)

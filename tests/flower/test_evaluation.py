@@ -17,6 +17,7 @@ import securefed as sf
 from securefed.crypto.random import RandomSource
 from securefed.errors import ConfigurationError, InvalidInput, MessageRejected, ProtocolAborted
 from securefed.flower import SecureFedAvg, _envelope
+from securefed.flower._evaluation import means
 from securefed.flower.aggregation import AggregationRound, evaluation_protocol
 from securefed.flower.client import GIVEN_KEY, SecureClient
 from securefed.flower.testing import InProcessGrid
@@ -45,8 +46,8 @@ def expected(w, nodes=range(N)):
 
 def strategy(protocol, **kw):
     kw.setdefault("evaluate_metrics", METRICS)
-    return SecureFedAvg(protocol=protocol, seed=3, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01,
-                        max_examples=CAP, **kw)
+    kw.setdefault("max_examples", CAP)
+    return SecureFedAvg(protocol=protocol, seed=3, phase_timeout=0.05, train_timeout=0.05, poll_interval=0.01, **kw)
 
 
 def grid(protocol, **kw):
@@ -92,8 +93,6 @@ def test_for_all_metrics_within_their_bounds_the_secure_means_match_the_weighted
     g = InProcessGrid(apps.client_app(protocol, updates, examples=examples, evaluate=ev), apps.nodes(n))
     out = apps.aggregator(protocol).evaluate(g, list(apps.nodes(n)), round_index=1, metrics=tuple(METRICS.items()),
                                              rng=RandomSource(1), arrays=apps.model(), max_examples=CAP)
-    from securefed.flower._evaluation import means
-
     got = means(tuple(METRICS.items()), out.result.total, CAP)
     wts = np.array([min(v[2], CAP) / CAP for v in values])
     err = evaluation_protocol(protocol).error_bound(n)
@@ -194,9 +193,9 @@ def test_a_session_is_of_one_kind():
     ev = _envelope.describe(evaluation_protocol(protocol), 2, None, tuple(METRICS.items()))
 
     def request(params, evaluate):
-        bound = _envelope.binding(1, 3, CAP, None, tuple(METRICS.items()) if evaluate else None)
+        bound = _envelope.binding(1, 6, CAP, None, tuple(METRICS.items()) if evaluate else None)
         session = _envelope.session_id(nonce, nodes, evaluate=evaluate, bound=bound)
-        req = _envelope.Request("plain", params, "upload", 1, 2, 3, session, nonce, nodes, 0, "", CAP, b"")
+        req = _envelope.Request("plain", params, "upload", 1, 2, 6, session, nonce, nodes, 0, "", CAP, b"")
         return RecordDict({_envelope.KEY: req.record()})
 
     assert _envelope.parse_request(request(ev, True), input_phase=False)[0].params == ev
@@ -219,7 +218,7 @@ def test_a_train_message_with_evaluation_params_and_the_reverse_are_refused():
     replies = []
     g = InProcessGrid(apps.client_app(protocol, updates, examples=EXAMPLES, evaluate=evaluate), apps.nodes(2),
                       tamper=lambda node, reply: replies.append(reply) or reply)
-    rnd = AggregationRound(protocol, list(apps.nodes(2)), round_index=1, dim=3, rng=RandomSource(1),
+    rnd = AggregationRound(protocol, list(apps.nodes(2)), round_index=1, dim=6, rng=RandomSource(1),
                            max_examples=CAP, evaluate=tuple(METRICS.items()))
     messages = rnd.messages("upload", ttl=1.0, arrays=apps.model(), config=ConfigRecord())
     assert {m.metadata.message_type for m in messages} == {"evaluate"}
@@ -245,25 +244,52 @@ def test_nodes_with_dp_refuse_evaluation_and_the_strategy_refuses_it_with_privac
     assert replies and all(r.has_error() and "differential privacy" in r.error.reason for r in replies)
 
 
-def test_a_metric_outside_its_bound_or_missing_is_refused_by_its_node_and_the_round_goes_on(caplog):
-    """The refusal reaches the server without the value (a red-team finding: the reason carried the exact
-    metric, so a server asking for a tiny bound read every node's metrics from the error replies)."""
+def test_a_metric_outside_its_bound_is_clamped_and_counted_and_a_missing_one_is_refused(caplog):
+    """A node answers alike whatever its values: a metric over its bound is clamped and counted in the sum
+    (``clipped:<metric>``), a non-finite one excludes the node's metrics (``excluded``). A red team read every
+    node's exact metric from its refusal's reason, and then, with the reason fixed, from the refusal itself
+    (a server varying the bound over rounds learned whether each node's loss was under it). Only a metric the
+    node's code does not produce at all is refused, with a reason that shows no value."""
     protocol = sf.protocols.SecAggPlus()
-
-    def ev(p, w):
-        return {"loss": 9.87654321, "accuracy": 0.5} if p == 0 else {"loss": 1.0} if p == 1 else {
-            "loss": 1.5 + 0.1 * p, "accuracy": 0.25}
-
-    g = InProcessGrid(apps.client_app(protocol, updates, examples={**EXAMPLES, 4: 3}, evaluate=ev), apps.nodes(5))
+    values = {0: {"loss": 9.87654321, "accuracy": 0.5}, 1: {"loss": 1.0}, 2: {"loss": float("nan"), "accuracy": 0.1},
+              3: {"loss": 1.8, "accuracy": 0.25}, 4: {"loss": 1.9, "accuracy": 0.75}}
+    examples = {0: 10, 1: 10, 2: 10, 3: 10, 4: 30}
+    replies = []
+    g = InProcessGrid(apps.client_app(protocol, updates, examples=examples, evaluate=lambda p, w: values[p]),
+                      apps.nodes(5), tamper=lambda node, reply: replies.append((node, reply)) or reply)
     out = apps.aggregator(protocol).evaluate(g, list(apps.nodes(5)), round_index=1, metrics=(("loss", 5.0),
                                              ("accuracy", 1.0)), rng=RandomSource(1), arrays=apps.model(),
                                              max_examples=CAP)
-    assert set(out.dropped_nodes) == {apps.FIRST, apps.FIRST + 1}
-    details = " ".join(d.detail for d in out.dropped_nodes.values())
-    assert "failed a local check" in details and "9.87" not in details and "'accuracy'" not in details
-    assert "'loss' is missing, not a finite number, or outside [-5, 5]" in caplog.text  # the node's own log
-    assert "'accuracy' is missing" in caplog.text
-    assert len(out.included_nodes) == 3
+    assert set(out.dropped_nodes) == {apps.FIRST + 1}  # no 'accuracy' at all: its code, not its data
+    detail = out.dropped_nodes[apps.FIRST + 1].detail
+    assert "failed a local check" in detail and "accuracy" not in detail
+    assert "lacks the numbers ['accuracy']" in caplog.text  # the node's own log
+    assert not any(r.has_error() for node, r in replies if node != apps.FIRST + 1)  # the others answer alike
+    got = means((("loss", 5.0), ("accuracy", 1.0)), out.result.total, CAP, len(out.included_nodes),
+                evaluation_protocol(protocol).error_bound(4))
+    w = {0: 10, 3: 10, 4: 12}  # node 4's 30 examples capped at 12; node 2 excluded (NaN)
+    want_loss = (10 * 5.0 + 10 * 1.8 + 12 * 1.9) / 32  # node 0's loss clamped to 5
+    assert got["loss"] == pytest.approx(want_loss, abs=1e-6)
+    assert got["accuracy"] == pytest.approx((10 * 0.5 + 10 * 0.25 + 12 * 0.75) / 32, abs=1e-6)
+    assert (got["clipped:loss"], got["clipped:accuracy"], got["excluded"], got["num-examples"]) == (1, 0, 1, 32)
+    assert sum(w.values()) == 32
+
+
+def test_varying_the_bound_over_rounds_tells_the_server_nothing_per_node():
+    """The red team's oracle: the same model at round indices 1..6 with bounds narrowing on one node's loss.
+    Every node answers every round without error, and only the count of clamped nodes changes."""
+    protocol = sf.protocols.SecAgg()
+    replies = []
+    g = InProcessGrid(apps.client_app(protocol, updates, examples=EXAMPLES, evaluate=evaluate), apps.nodes(N),
+                      tamper=lambda node, reply: replies.append(reply) or reply)
+    agg, clipped = apps.aggregator(protocol), []
+    for r, bound in enumerate((8.0, 4.0, 3.0, 2.5, 1.5, 1.0), start=1):
+        out = agg.evaluate(g, list(apps.nodes(N)), round_index=r, metrics=(("loss", bound), ("accuracy", 1.0)),
+                           rng=RandomSource(r), arrays=apps.model(), max_examples=CAP)
+        assert len(out.included_nodes) == N
+        clipped.append(means((("loss", bound), ("accuracy", 1.0)), out.result.total, CAP)["clipped:loss"])
+    assert not any(r.has_error() for r in replies)
+    assert clipped == [0, 0, 0, 1, 2, 2]  # losses 0, 1, 2, 3 (evaluate at the zero model): counts, never whom
 
 
 def test_evaluation_rounds_survive_a_dropout_and_report_what_they_included():
@@ -300,11 +326,13 @@ def test_options_views_and_the_initial_central_evaluation():
     assert len(msgs) == 3 and {m.metadata.message_type for m in msgs} == {"query.advertise_keys"}
     assert strategy(sf.protocols.Plain(), evaluate_metrics=None).configure_evaluate(
         1, apps.model(), ConfigRecord(), g) == []
-    # aggregate_evaluate: the means of what an evaluation round releases
-    total = [0.5 * 2.0 / 10.0 + 1.0 * 4.0 / 10.0, 0.5 * 0.5 + 1.0 * 0.25, 1.5]
-    reply = Message(RecordDict({"m": MetricRecord({"aggregate": total})}), dst_node_id=1, message_type="evaluate")
-    got = strategy(sf.protocols.Plain()).aggregate_evaluate(1, [reply])
+    # aggregate_evaluate: the means of what an evaluation round releases (two nodes, weights 0.5 and 1)
+    total = [0.5 * 2.0 / 10.0 + 1.0 * 4.0 / 10.0, 0.5 * 0.5 + 1.0 * 0.25, 1.5, 0.0, 1.0, 0.0]
+    reply = Message(RecordDict({"m": MetricRecord({"aggregate": total, "included": 2})}), dst_node_id=1,
+                    message_type="evaluate")
+    got = strategy(sf.protocols.Plain(), max_examples=2).aggregate_evaluate(1, [reply])
     assert got["loss"] == pytest.approx((0.5 * 2 + 4) / 1.5) and got["accuracy"] == pytest.approx(0.5 / 1.5)
+    assert got["clipped:accuracy"] == 1 and got["num-examples"] == 3
     with pytest.raises(InvalidInput):
         strategy(sf.protocols.Plain()).aggregate_evaluate(1, [reply, reply])
 
@@ -337,8 +365,6 @@ def test_he_decryptor_modes_evaluate_and_the_decryptor_decrypts_once_per_kind_an
     def evaluation(seed):
         return agg.evaluate(g, list(apps.nodes(3)), round_index=1, metrics=tuple(METRICS.items()),
                             rng=RandomSource(seed), arrays=apps.model(), max_examples=CAP)
-
-    from securefed.flower._evaluation import means
 
     got = means(tuple(METRICS.items()), evaluation(2).result.total, CAP)
     want = {k: float(np.mean([evaluate(p, np.zeros(apps.dim()))[k] for p in range(3)])) for k in METRICS}
