@@ -100,7 +100,7 @@ def evaluation(params: str) -> tuple[tuple[str, float], ...] | None:
         ok = isinstance(spec, list) and 0 < len(out) == len(spec) <= MAX_METRICS
     except (ValueError, TypeError, OverflowError, RecursionError):
         ok = False
-    if not ok or any(not 0 < b < float("inf") for _, b in out) or len({k for k, _ in out}) != len(out) or (
+    if not ok or any(not 0 < b <= 1e100 for _, b in out) or len({k for k, _ in out}) != len(out) or (
             RESERVED_METRICS & {k for k, _ in out}) or any(":" in k for k, _ in out):
         raise MessageRejected("invalid request: malformed evaluation metrics in params")
     return out

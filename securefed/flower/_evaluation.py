@@ -9,7 +9,6 @@ learns only the sum, hence the example-weighted means (Flower's FedAvg weighting
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,8 +20,15 @@ from securefed.flower import _envelope
 __all__ = ["check", "means", "sample_size"]
 
 
+#: The largest bound on a metric (a mean is bound times a sum: larger ones overflow float64 over many nodes).
+MAX_BOUND = 1e100
+#: The largest ``max_examples`` with federated evaluation: one example's weight still has over 2000 steps at
+#: the evaluation round's 32 bits (at 10^8 a node of one example moved a mean by 4%).
+MAX_EXAMPLES = 2**20
+
+
 def check(metrics: Mapping[str, float] | None, fraction: float, minimum: int,
-          privacy: Any) -> tuple[tuple[str, float], ...] | None:
+          privacy: Any, max_examples: int = 1000) -> tuple[tuple[str, float], ...] | None:
     """``SecureFedAvg``'s evaluation options, checked (ConfigurationError); returns the metrics in order."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise ConfigurationError(f"fraction_evaluate must be in [0, 1], got {fraction!r}")
@@ -41,10 +47,13 @@ def check(metrics: Mapping[str, float] | None, fraction: float, minimum: int,
             raise ConfigurationError(f"evaluate_metrics: {name!r} is not a metric name of its own (reserved: "
                                      f"{sorted(_envelope.RESERVED_METRICS)}, and ':' is for 'clipped:<metric>'; "
                                      "'num-examples' is always aggregated)")
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < math.inf:
-            raise ConfigurationError(f"evaluate_metrics[{name!r}] must be a finite bound > 0 on |{name}|, got "
-                                     f"{bound!r}")
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound <= MAX_BOUND:
+            raise ConfigurationError(f"evaluate_metrics[{name!r}] must be a bound in (0, {MAX_BOUND:g}] on |{name}|, "
+                                     f"got {bound!r}")
         out.append((name, float(bound)))
+    if isinstance(max_examples, int) and max_examples > MAX_EXAMPLES:
+        raise ConfigurationError(f"federated evaluation weighs nodes by examples capped at max_examples, at most "
+                                 f"{MAX_EXAMPLES} (got {max_examples}): smaller weights lose precision at 32 bits")
     if privacy is not None:
         raise ConfigurationError(
             "federated evaluation releases exact sums of the nodes' metrics, which the privacy budget does not "

@@ -40,6 +40,7 @@ from securefed.errors import (
     InvalidInput,
     MessageRejected,
     ProtocolAborted,
+    SecureFedError,
     SeededSecretsWarning,
 )
 from securefed.flower import _beacon, _envelope, _identities, _model, _privacy
@@ -552,15 +553,23 @@ def _input(msg: Message, context: Context, train: TrainFn, arrays: ArrayRecord, 
 
 
 def _give(state: ClientProtocol, req: _envelope.Request, make: Callable[[], np.ndarray]) -> None:
-    """Make this node's input and hand it to its state machine. An InvalidInput raised there is logged here in
-    full and refused with a fixed reason: its text may show a private value (a metric, an update coordinate
-    out of range), and the error reply goes to the server."""
+    """Make this node's input (running the user's training or evaluation function) and hand it to its state
+    machine. An InvalidInput raised there, or any exception of the user's function, is logged here in full and
+    refused with a fixed reason: its text may show a private value (a metric, an update coordinate out of
+    range, a user's error message), and the error reply goes to the server. securefed's other refusals (the
+    round's settings, not the node's data) pass as they are."""
     try:
         state.set_input(make())
-    except InvalidInput as e:
+    except SecureFedError as e:
+        if not isinstance(e, InvalidInput):
+            raise
         log.warning("securefed: round %d: this node's input failed a local check and was not sent: %s", req.round, e)
-        raise InvalidInput("this node's input failed a local check and was not sent (the node's log says which; "
-                           "the reason stays on the node, as it may show a private value)") from None
+    except Exception:  # the user's function: Flower would send its text
+        log.exception("securefed: round %d: this node's training or evaluation function raised", req.round)
+    else:
+        return
+    raise InvalidInput("this node's input failed a local check and was not sent (the node's log says which; "
+                       "the reason stays on the node, as it may show a private value)")
 
 
 def _metrics_input(msg: Message, context: Context, evaluate: EvaluateFn, req: _envelope.Request,
@@ -579,16 +588,17 @@ def _metrics_input(msg: Message, context: Context, evaluate: EvaluateFn, req: _e
     if not isinstance(record, MetricRecord):
         raise InvalidInput("the evaluation function must return a Message with MetricRecord 'metrics'")
     examples = record.get("num-examples")
-    if type(examples) is not int or examples < 1:
-        raise InvalidInput("the evaluation reply's 'metrics' needs a positive int 'num-examples'")
+    if type(examples) is not int or examples < 0:
+        raise InvalidInput("the evaluation reply's 'metrics' needs an int 'num-examples' >= 0")
     got = [record.get(name) for name, _ in metrics]
     if missing := [name for (name, _), v in zip(metrics, got) if not isinstance(v, (int, float)) or
                    isinstance(v, bool)]:
         raise InvalidInput(f"the evaluation reply's 'metrics' lacks the numbers {missing} the server asks for")
-    values = [float(cast(float, v)) for v in got]
+    values = [_as_float(v) for v in got]
     out = np.zeros(_envelope.evaluation_dim(k))
-    if not all(np.isfinite(v) for v in values):
-        log.warning("securefed: round %d: a metric is not finite: this node's evaluation counts as excluded", req.round)
+    if examples == 0 or not all(np.isfinite(v) for v in values):  # data, not code: answered like any other
+        log.warning("securefed: round %d: no examples, or a metric that is not finite: this node's evaluation "
+                    "counts as excluded", req.round)
         out[-1] = 1.0
         return out
     w = min(examples, req.max_examples) / req.max_examples
@@ -600,3 +610,11 @@ def _metrics_input(msg: Message, context: Context, evaluate: EvaluateFn, req: _e
         out[i] = w * min(max(value, -bound), bound) / bound
     out[k] = w
     return out
+
+
+def _as_float(value: Any) -> float:
+    """A metric as a float; an int too large for one is infinite (never an error: the node's data)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")

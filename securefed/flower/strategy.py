@@ -207,7 +207,8 @@ class SecureFedAvg(Strategy):
             raise ConfigurationError("audit_witness must be a function (seq, sha256) -> None")
         mode = _check_options(privacy, fraction_train, min_train_nodes, min_available_nodes, weighting, max_examples,
                               cooldown_rounds)
-        self.evaluate_metrics = _evaluation.check(evaluate_metrics, fraction_evaluate, min_evaluate_nodes, privacy)
+        self.evaluate_metrics = _evaluation.check(evaluate_metrics, fraction_evaluate, min_evaluate_nodes, privacy,
+                                                  max_examples)
         if self.evaluate_metrics is not None:
             evaluation_protocol(protocol)  # ConfigurationError now for a protocol whose range cannot hold them
         self.fraction_evaluate, self.min_evaluate_nodes = float(fraction_evaluate), min_evaluate_nodes
@@ -599,7 +600,8 @@ def _federated_evaluation(s: SecureFedAvg, grid: Grid, r: int, run: _Run,
         n = len(outcome.included_nodes)
         means = _evaluation.means(s.evaluate_metrics, outcome.result.total, s.max_examples, n,
                                   evaluation_protocol(s.protocol).error_bound(n))
-    except (ProtocolAborted, InvalidInput) as e:  # the training round stands; its evaluation released nothing
+    except (ProtocolAborted, InvalidInput, ConfigurationError) as e:  # the training round stands (a sample the
+        # protocol cannot run, too few replies, an impossible sum): its evaluation released nothing
         log.error("securefed: round %d: federated evaluation aborted: %s", r, e)
         return {"federated_aborted": 1.0}
     log.info("securefed: round %d: federated evaluation over %d nodes: %s", r, len(outcome.included_nodes), means)
