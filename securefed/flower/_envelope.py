@@ -38,8 +38,9 @@ from securefed.errors import MessageRejected
 from securefed.flower import _beacon
 from securefed.protocols.base import AggregationProtocol
 
-__all__ = ["KEY", "MAX_METRICS", "NEXT_KEY", "RESERVED_METRICS", "VERSION", "Reply", "Request", "binding", "describe",
-           "evaluation", "evaluation_dim", "pack_nodes", "parse_reply", "parse_request", "pre_session", "session_id"]
+__all__ = ["KEY", "MAX_BOUND", "MAX_METRICS", "NEXT_KEY", "RESERVED_METRICS", "VERSION", "Reply", "Request", "binding",
+           "describe", "evaluation", "evaluation_dim", "pack_nodes", "parse_reply", "parse_request", "pre_session",
+           "session_id"]
 
 #: The record key of securefed's envelope in a Flower ``RecordDict``.
 KEY = "securefed"
@@ -76,6 +77,8 @@ def describe(protocol: AggregationProtocol, n: int, privacy: Mapping[str, Any] |
 RESERVED_METRICS = frozenset({"num-examples", "included", "aborted", "excluded"})
 #: The most metrics an evaluation round asks for.
 MAX_METRICS = 256
+#: The largest bound on a metric (a mean is bound times a sum: larger ones overflow float64 over many nodes).
+MAX_BOUND = 1e100
 
 
 def _parsed(params: str) -> dict[str, Any]:
@@ -92,7 +95,12 @@ def _parsed(params: str) -> dict[str, Any]:
 def evaluation(params: str) -> tuple[tuple[str, float], ...] | None:
     """The metrics and bounds of an evaluation round's `params` (:func:`describe`); None for a training round.
     MessageRejected for params that are not such JSON, or that ask for a reserved name or a duplicate."""
-    spec = _parsed(params).get("evaluate")
+    return _metrics(_parsed(params))
+
+
+def _metrics(desc: Mapping[str, Any]) -> tuple[tuple[str, float], ...] | None:
+    """:func:`evaluation` of params already parsed."""
+    spec = desc.get("evaluate")
     if spec is None:
         return None
     try:
@@ -100,7 +108,7 @@ def evaluation(params: str) -> tuple[tuple[str, float], ...] | None:
         ok = isinstance(spec, list) and 0 < len(out) == len(spec) <= MAX_METRICS
     except (ValueError, TypeError, OverflowError, RecursionError):
         ok = False
-    if not ok or any(not 0 < b <= 1e100 for _, b in out) or len({k for k, _ in out}) != len(out) or (
+    if not ok or any(not 0 < b <= MAX_BOUND for _, b in out) or len({k for k, _ in out}) != len(out) or (
             RESERVED_METRICS & {k for k, _ in out}) or any(":" in k for k, _ in out):
         raise MessageRejected("invalid request: malformed evaluation metrics in params")
     return out
@@ -145,8 +153,9 @@ def session_id(nonce: bytes, nodes: bytes, *, evaluate: bool = False, bound: byt
 def pre_session(req: Request) -> bytes:
     """The session id `req`'s fields give (:func:`session_id` of its nonce, nodes, kind and :func:`binding`):
     the request's own, or in a round with the graph beacon the one the beacon derives from."""
-    metrics = evaluation(req.params)
-    bound = binding(req.round, req.dim, req.max_examples, _parsed(req.params).get("privacy"), metrics)
+    desc = _parsed(req.params)
+    metrics = _metrics(desc)
+    bound = binding(req.round, req.dim, req.max_examples, desc.get("privacy"), metrics)
     return session_id(req.nonce, req.nodes, evaluate=metrics is not None, bound=bound)
 
 

@@ -20,8 +20,6 @@ from securefed.flower import _envelope
 __all__ = ["check", "means", "sample_size"]
 
 
-#: The largest bound on a metric (a mean is bound times a sum: larger ones overflow float64 over many nodes).
-MAX_BOUND = 1e100
 #: The largest ``max_examples`` with federated evaluation: one example's weight still has over 2000 steps at
 #: the evaluation round's 32 bits (at 10^8 a node of one example moved a mean by 4%).
 MAX_EXAMPLES = 2**20
@@ -47,9 +45,9 @@ def check(metrics: Mapping[str, float] | None, fraction: float, minimum: int,
             raise ConfigurationError(f"evaluate_metrics: {name!r} is not a metric name of its own (reserved: "
                                      f"{sorted(_envelope.RESERVED_METRICS)}, and ':' is for 'clipped:<metric>'; "
                                      "'num-examples' is always aggregated)")
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound <= MAX_BOUND:
-            raise ConfigurationError(f"evaluate_metrics[{name!r}] must be a bound in (0, {MAX_BOUND:g}] on |{name}|, "
-                                     f"got {bound!r}")
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound <= _envelope.MAX_BOUND:
+            raise ConfigurationError(f"evaluate_metrics[{name!r}] must be a bound in (0, {_envelope.MAX_BOUND:g}] "
+                                     f"on |{name}|, got {bound!r}")
         out.append((name, float(bound)))
     if isinstance(max_examples, int) and max_examples > MAX_EXAMPLES:
         raise ConfigurationError(f"federated evaluation weighs nodes by examples capped at max_examples, at most "

@@ -196,9 +196,10 @@ class AggregationRound:
             raise ConfigurationError(f"nodes {sorted(shared)} cannot be both clients and auxiliary parties")
         self.nonce = rng.child("session").token_bytes(32)
         self._node_bytes = _envelope.pack_nodes(self.nodes)
-        bound = _envelope.binding(round_index, dim, max_examples, _privacy.describe(
-            privacy, protocol if identities is None else _identities.bind(protocol, identities, self.nodes),
-            len(self.nodes), dim), self.evaluate)
+        if identities is not None:
+            protocol = _identities.bind(protocol, identities, self.nodes)
+        bound = _envelope.binding(round_index, dim, max_examples, _privacy.describe(privacy, protocol, len(self.nodes),
+                                                                                    dim), self.evaluate)
         #: The session id of the server's nonce, the node list and the round's per-request choices
         #: (``_envelope.binding``); the protocol's is the beacon's, when the round has one.
         self.pre_session = _envelope.session_id(self.nonce, self._node_bytes, evaluate=self.evaluate is not None,
@@ -213,8 +214,6 @@ class AggregationRound:
                 raise ConfigurationError("the graph beacon covers clients only: this protocol has no auxiliary parties")
             self.beacon = _beacon.ServerBeacon(self.pre_session, round_index, self.nodes,
                                                _identities.directory(identities, self.nodes))
-        if identities is not None:
-            protocol = _identities.bind(protocol, identities, self.nodes)
         self._base, self._privacy, self._rng = protocol, privacy, rng
         self.max_payload = max_payload_bytes or 64 * dim + (1 << 20)
         self.max_examples = max_examples
@@ -455,6 +454,15 @@ class GridAggregator:
             next_nodes, round_index + 1, dim, rng.child(f"ahead/{round_index + 1}") if next_rng is None else next_rng,
             max_examples)
         self.last_round = rnd
+        ahead = self._phases(grid, rnd, arrays, config, ahead)
+        outcome = rnd.outcome()
+        self.prepared = ahead
+        return outcome
+
+    def _phases(self, grid: Grid, rnd: AggregationRound, arrays: ArrayRecord | None, config: ConfigRecord | None,
+                ahead: AggregationRound | None) -> AggregationRound | None:
+        """Run `rnd`'s phases that did not run ahead, `ahead`'s setup phases riding on them from the input phase
+        on; returns `ahead`, or None when one of its phases aborted it."""
         carry = list(ahead.setup_phases) if ahead is not None else []
         start = rnd.phases.index(input_phase(rnd.protocol))
         for i, phase in enumerate(rnd.phases):
@@ -468,9 +476,7 @@ class GridAggregator:
                 ahead = self._exchange(grid, rnd, phase, messages, ahead, rides, timeout)
             rnd.phase_seconds[phase] = time.perf_counter() - t0
             rnd.finish_phase(phase)
-        outcome = rnd.outcome()
-        self.prepared = ahead
-        return outcome
+        return ahead
 
     def evaluate(
         self,
@@ -502,14 +508,7 @@ class GridAggregator:
                                privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities,
                                evaluate=metrics)
         self.last_round = rnd
-        for phase in rnd.phases:
-            timeout = self.train_timeout if phase == input_phase(rnd.protocol) else self.phase_timeout
-            messages = rnd.messages(phase, ttl=timeout + _TTL_MARGIN, arrays=arrays, config=config)
-            t0 = time.perf_counter()
-            if messages:
-                self._exchange(grid, rnd, phase, messages, None, None, timeout)
-            rnd.phase_seconds[phase] = time.perf_counter() - t0
-            rnd.finish_phase(phase)
+        self._phases(grid, rnd, arrays, config, None)
         return rnd.outcome()
 
     def _take_prepared(self, nodes: Iterable[int], round_index: int, dim: int,

@@ -578,10 +578,7 @@ def _evaluation_sample(s: SecureFedAvg, grid: Grid, r: int, state: _RunState) ->
     pool's rules, without waiting), drawn with the round's own coins; empty when too few are available."""
     pool = _available(s, grid, r, state)
     k = _evaluation.sample_size(len(pool), s.fraction_evaluate, s.min_evaluate_nodes)
-    if k in (0, len(pool)):
-        return pool if k else []
-    coins = s._rng(f"round/{r}/evaluate-sample").integers_below(2**63, len(pool))
-    return sorted(pool[i] for i in np.argsort(coins, kind="stable")[:k].tolist())
+    return [pool[i] for i in _draw(s, len(pool), k, f"round/{r}/evaluate-sample")] if k else []
 
 
 def _federated_evaluation(s: SecureFedAvg, grid: Grid, r: int, run: _Run,
@@ -701,9 +698,14 @@ def _fixed_sample(s: SecureFedAvg, pool: list[int], round_index: int) -> list[in
     """A sample of Flower's FedAvg's size (fraction_train of the pool, at least min_train_nodes), as indices
     into the pool: the fallback without privacy or with q = 1."""
     k = min(len(pool), max(s.min_train_nodes, int(len(pool) * s.fraction_train)))
-    if k == len(pool):
-        return list(range(k))
-    coins = s._rng(f"round/{round_index}/sample").integers_below(2**63, len(pool))
+    return _draw(s, len(pool), k, f"round/{round_index}/sample")
+
+
+def _draw(s: SecureFedAvg, n: int, k: int, label: str) -> list[int]:
+    """`k` of the indices ``0..n-1`` (sorted), drawn with the strategy's coins under `label`; all when k = n."""
+    if k >= n:
+        return list(range(n))
+    coins = s._rng(label).integers_below(2**63, n)
     return sorted(np.argsort(coins, kind="stable")[:k].tolist())
 
 
