@@ -17,6 +17,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import securefed
 from securefed.flower.loopback import LoopbackFederation
 
 APPS = Path(__file__).resolve().parent / "flower_apps"
@@ -57,6 +59,9 @@ def main() -> None:
     degree = n - 1 if n % 2 else n - 2  # SecAgg+'s degree is even; for n = 5 the complete graph
     # The nodes' protocol setting (SecAgg+'s degree) is their own: node_config, with the server's copy in run_config.
     nodes = [{"partition-id": i, "num-partitions": n, "degree": degree} for i in range(n)]
+    # Every message starts a fresh ClientApp process; give securefed the bytecode an installed wheel has
+    # (with PYTHONDONTWRITEBYTECODE set, an editable checkout would be compiled again in each of them).
+    compileall.compile_dir(str(Path(securefed.__file__).parent), quiet=1)
     with tempfile.TemporaryDirectory() as tmp, LoopbackFederation(Path(tmp) / "fed", num_nodes=n,
                                                                   node_configs=nodes) as fed:
         t = time.perf_counter()

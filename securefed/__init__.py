@@ -14,7 +14,7 @@ from securefed._version import __version__
 from securefed.protocols.base import AggregationResult, LazyInputs, simulate_aggregation
 
 if TYPE_CHECKING:
-    from securefed import audit, encoding, optim, parallel, privacy, testing
+    from securefed import audit, encoding, kernels, optim, parallel, privacy, testing
     from securefed.training import History, RoundRecord, Trainer
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "audit",
     "encoding",
     "errors",
+    "kernels",
     "optim",
     "parallel",
     "privacy",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 _LAZY_ATTRS = {"Trainer": "securefed.training", "History": "securefed.training", "RoundRecord": "securefed.training"}
-_LAZY_MODULES = {"audit", "encoding", "optim", "parallel", "privacy", "testing", "flower"}
+_LAZY_MODULES = {"audit", "encoding", "kernels", "optim", "parallel", "privacy", "testing", "flower"}
 
 
 def __getattr__(name: str) -> Any:

@@ -34,7 +34,7 @@ from functools import cache
 
 import numpy as np
 
-from securefed import parallel
+from securefed import kernels, parallel
 from securefed.crypto.masks import Masker
 from securefed.crypto.prg import keystream_into, new_stream
 from securefed.encoding.fixedpoint import IntegerEncoder
@@ -153,6 +153,27 @@ def column_unpack(data: bytes | memoryview, width: int, count: int) -> np.ndarra
     return out
 
 
+def _pack_columns(v: np.ndarray, width: int, c: int, mask: np.unsignedinteger, out: np.ndarray) -> None:
+    """``out`` (``width*c`` words) <- the ``F*c`` values of `v` column-packed: the compiled loop's
+    job (``_packed_kernels.pack_columns``) in numpy, a row of ``c`` columns per step, where loading
+    the compiler would cost more than it saves (:mod:`securefed.kernels`)."""
+    f = 8 * out.dtype.itemsize
+    word = out.dtype.type
+    x = np.bitwise_and(v[: f * c], mask).reshape(f, c)
+    rows = out.reshape(width, c)
+    rows[:] = 0
+    for j in range(f):
+        k, off = divmod(j * width, f)
+        rows[k] |= x[j] << word(off)
+        if off + width > f:
+            rows[k + 1] |= x[j] >> word(f - off)
+
+
+def _packer(width: int, values: int) -> Callable[..., None]:
+    """The loop column-packing `values` values of this width: compiled, or numpy's (:mod:`securefed.kernels`)."""
+    return _pack_kernel(width) if kernels.compiled(values) else _pack_columns
+
+
 @cache
 def _pack_kernel(width: int):  # -> the compiled packing loop for this width
     from numba.core import types
@@ -200,7 +221,7 @@ def masked_message(source: Source, size: int, width: int, dtype: np.dtype, add: 
     out = np.empty(packed_size(size, width), dtype=np.uint8)
     words = _words(width)
     chunk = parallel.get_chunk_size()
-    kernel, mask = _pack_kernel(width), _mask(width)
+    kernel, mask = _packer(width, size), _mask(width)
     layout = _pieces(size, width)
 
     def slab(lo: int, hi: int) -> None:

@@ -103,7 +103,8 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord([np.zeros(dim, np.float32)])
     seconds, phases, outs, messages = [], [], [], []
     for r in range(1, rounds + 1):
-        extra = {"next_nodes": nodes} if ahead and r < rounds else {}
+        # Every round carries the next one's setup, the last too: each round after the first is a steady one.
+        extra = {"next_nodes": nodes} if ahead else {}
         pushed = len(timed.pushed)
         t0 = time.perf_counter()
         out = agg.run(timed, nodes, round_index=r, dim=dim, rng=RandomSource(), arrays=arrays,
