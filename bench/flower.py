@@ -9,8 +9,9 @@ of Flower's DefaultWorkflow with SecAggPlusWorkflow and secaggplus_mod
 (bench/flower_apps/flwr_secaggplus) on the same graph (neighbours = num_shares - 1).
 Steady-state round seconds are the mean over the rounds after the first. Measures in each
 ServerApp the rounds' wall time and per node the serialized content bytes sent and received
-(the same counting grid for all), and for securefed where a message's seconds go (queueing
-and polling, ClientApp start, our handler, the way back; deflate+inflate of one message).
+(the same counting grid for all), and for securefed and FedAvg where a message's seconds go
+(queueing and polling, ClientApp start, the handler, the way back; the ClientApp process's CPU
+seconds by the handler's end; for securefed deflate+inflate of one message).
 Prints one JSON line.
 """
 
@@ -54,6 +55,10 @@ def main() -> None:
     parser.add_argument("--ahead", type=int, choices=(0, 1), default=1,
                         help="1: each securefed round carries the next round's setup (two messages per round)")
     parser.add_argument("--timeout", type=float, default=600.0)
+    # Flower's default: LoopbackFederation's 0.2 s (quicker tests) costs 0.54 cores of polling at 20 nodes on 2 cores.
+    parser.add_argument("--task-poll", type=float, default=1.0,
+                        help="seconds between a SuperExec's looks for new tasks (FLWR_SUPEREXEC_TASK_POLL_INTERVAL; "
+                             "default: Flower's, 1.0)")
     args = parser.parse_args()
     n, dim = args.nodes, args.dim
     degree = n - 1 if n % 2 else n - 2  # SecAgg+'s degree is even; for n = 5 the complete graph
@@ -63,7 +68,8 @@ def main() -> None:
     # (with PYTHONDONTWRITEBYTECODE set, an editable checkout would be compiled again in each of them).
     compileall.compile_dir(str(Path(securefed.__file__).parent), quiet=1)
     with tempfile.TemporaryDirectory() as tmp, LoopbackFederation(Path(tmp) / "fed", num_nodes=n,
-                                                                  node_configs=nodes) as fed:
+                                                                  node_configs=nodes,
+                                                                  task_poll_interval=args.task_poll) as fed:
         t = time.perf_counter()
         ours, _ = run_app(fed, "securefed", {"num-nodes": n, "dim": dim, "degree": degree, "timeout": args.timeout,
                                           "rounds": args.rounds, "ahead": args.ahead},
@@ -89,7 +95,7 @@ def main() -> None:
         "flower_secaggplus_round_seconds": round(flwr["round_seconds"], 3),
         # Flower messages each node received per round in steady state (the first round pays the full setup).
         "client_messages_per_round": _steady(ours["messages_per_round"]),
-        "rounds": args.rounds, "ahead": bool(args.ahead),
+        "rounds": args.rounds, "ahead": bool(args.ahead), "task_poll_seconds": args.task_poll,
         "securefed_secaggplus": {
             "round_seconds": [round(x, 3) for x in ours["round_seconds"]],
             "phase_seconds": ours["phase_seconds"],
@@ -104,6 +110,7 @@ def main() -> None:
         },
         "flwr_fedavg": {
             "round_seconds": [round(x, 3) for x in plain["round_seconds"]],
+            "seconds_per_message": plain["breakdown"],
             "upload_bytes_per_node": plain["upload_bytes_per_node"],
             "download_bytes_per_node": plain["download_bytes_per_node"],
         },

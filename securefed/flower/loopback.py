@@ -136,7 +136,8 @@ class LoopbackFederation:
     - ``tls``/``auth``: TLS everywhere and node authentication (keys registered with
       ``flwr supernode register``); auth needs TLS;
     - ``task_poll_interval``: how often each SuperExec looks for new tasks (Flower's
-      default is 1 s; lower makes every phase faster).
+      default is 1 s; lower starts every message's ClientApp sooner, but the polling costs
+      CPU: 20 idle nodes on one machine took 0.54 cores at 0.2 s, 0.17 at 1 s).
 
     Use as a context manager, or call :meth:`start` and :meth:`close`. Raises
     ConfigurationError when Flower is missing or a process does not come up in time.

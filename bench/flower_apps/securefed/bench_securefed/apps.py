@@ -9,6 +9,7 @@ start, our own work and the way back.
 
 import json
 import os
+import resource
 import time
 
 import numpy as np
@@ -80,8 +81,8 @@ def _breakdown(grid: _TimedGrid, node_lines: list[dict]) -> dict:
         if line is None or pulled is None:
             continue
         parts.setdefault(kind, []).append([line["proc"] - pushed, line["start"] - line["proc"],
-                                           line["end"] - line["start"], pulled - line["end"]])
-    return {kind: {**dict(zip(("queue_poll", "clientapp_start", "ours", "back"),
+                                           line["end"] - line["start"], pulled - line["end"], line["cpu"]])
+    return {kind: {**dict(zip(("queue_poll", "clientapp_start", "ours", "back", "clientapp_cpu_seconds"),
                               (round(float(x), 3) for x in np.mean(rows, axis=0)))),
                    "serialize_roundtrip": round(grid.serialize_seconds.get(kind, 0.0), 3), "messages": len(rows)}
             for kind, rows in parts.items()}
@@ -157,8 +158,9 @@ def _timed(handler):  # type: ignore[no-untyped-def]
     def wrapped(msg: Message, context: Context) -> Message:
         start = time.time()
         reply = handler(msg, context)
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # the process's CPU seconds by the handler's end
         line = {"reply_to": msg.metadata.message_id, "type": msg.metadata.message_type, "proc": _process_start(),
-                "start": start, "end": time.time()}
+                "start": start, "end": time.time(), "cpu": usage.ru_utime + usage.ru_stime}
         with open(str(context.run_config["out"]) + ".nodes.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
         return reply
