@@ -21,8 +21,9 @@ import sys
 
 import numpy as np
 
-from securefed import kernels, parallel
+from securefed import parallel
 from securefed.crypto.random import RandomSource
+from securefed.encoding.loops import loops
 from securefed.encoding.packing import storage_dtype
 from securefed.errors import ConfigurationError, InvalidInput
 
@@ -36,12 +37,6 @@ __all__ = [
 ]
 
 
-def _kernels(values: int):  # numba loads on first use, and only where it pays (securefed.kernels)
-    if kernels.compiled(values):
-        from securefed.encoding import _kernels as k
-    else:
-        from securefed.encoding import _numpy_kernels as k  # type: ignore[no-redef]
-    return k
 
 #: Largest value_bits: beyond float64's 53-bit significand more bits carry no information.
 MAX_VALUE_BITS = 53
@@ -51,7 +46,7 @@ def decode_centered(s: np.ndarray, k: int, inv_scale: float, out: np.ndarray) ->
     """``out[i] = centered(s[i] mod 2^k) * inv_scale`` (centered into [-2^(k-1), 2^(k-1))), in one compiled pass.
 
     The last step of every integer encoder's ``decode``; it trusts its caller for shapes and dtypes."""
-    _kernels(s.size).decode_into(s, k, inv_scale, out)
+    loops(s.size).decode_into(s, k, inv_scale, out)
 
 
 def check_positive_count(n: object, what: str = "the number of summands") -> int:
@@ -271,14 +266,14 @@ class FixedPoint(IntegerEncoder):
 
     def check(self, x: np.ndarray) -> None:
         """InvalidInput for a coordinate of `x` that is NaN/Inf or outside [-value_range, value_range]."""
-        bad = _kernels(x.size).first_outside(x, self.value_range)  # one pass, no temporary
+        bad = loops(x.size).first_outside(x, self.value_range)
         if bad >= 0:
             raise self._bad_value(x, bad)
 
     def encode_chunk(self, x: np.ndarray, uniforms: np.ndarray, *, n: int, out: np.ndarray, offset: int = 0) -> None:
         """Quantize the piece `x` into `out` with the given rounding uniforms (see IntegerEncoder)."""
         mask = np.uint64((1 << self.modulus_bits(n)) - 1)
-        bad = _kernels(x.size).quantize_into(x, self.scale, self.value_range, uniforms, mask, out)
+        bad = loops(x.size).quantize_into(x, self.scale, self.value_range, uniforms, mask, out)
         if bad >= 0:
             raise self._bad_value(x, bad, offset)
 

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from securefed import kernels
+from securefed.encoding.loops import loops
 from securefed.errors import ConfigurationError, InvalidInput
 
 __all__ = ["pack", "packed_size", "storage_dtype", "unpack"]
 
 
-def _kernels(values: int):  # numba loads on first use, and only where it pays (securefed.kernels)
-    if kernels.compiled(values):
-        from securefed.encoding import _kernels as k
-    else:
-        from securefed.encoding import _numpy_kernels as k  # type: ignore[no-redef]
-    return k
 
 
 def _check_width(width: int) -> None:
@@ -54,7 +48,7 @@ def pack(values: np.ndarray, width: int) -> np.ndarray:
     if width == 8 * values.dtype.itemsize:  # every value fits by its dtype: the layout is a plain copy
         return values.astype(values.dtype.newbyteorder("<"), copy=True).view(np.uint8)
     words = np.empty((n * width + 63) // 64, dtype="<u8")
-    bad = _kernels(n).pack_words(np.ascontiguousarray(values), int(width), words)
+    bad = loops(n).pack_words(np.ascontiguousarray(values), int(width), words)
     if bad >= 0:
         raise InvalidInput(
             f"value {int(values[bad])} at index {bad} does not fit in {width} bits; "
@@ -85,5 +79,5 @@ def unpack(data: bytes | bytearray | memoryview | np.ndarray, width: int, count:
     if tail_bits and int(words[-1]) >> tail_bits:
         raise InvalidInput("packed vector has non-zero padding bits")
     out = np.empty(count, dtype=storage_dtype(width))
-    _kernels(count).unpack_words(words, int(width), count, out)
+    loops(count).unpack_words(words, int(width), count, out)
     return out
