@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 
-
 #: Largest value_bits: beyond float64's 53-bit significand more bits carry no information.
 MAX_VALUE_BITS = 53
 
