@@ -2,14 +2,14 @@
 
 Layout (``protocols/flower.md``, "Envelope"): one ``ConfigRecord`` under the key
 ``"securefed"``. A request carries ``v, protocol, params, phase, round, n, dim,
-session, nonce, nodes, client, party, max_examples, payload, beacon`` (``nodes``: the
+session, nonce, nodes, client, party, max_examples, payload, beacon, attest`` (``nodes``: the
 round's node ids, ascending, 8 bytes each, client i being the i-th; ``session`` =
 SHA-256(label, nonce, nodes), so the session names its participants, or, in a round
 with the graph beacon (``_beacon``), the session the beacon derives from that one,
 whose hashes ``beacon`` carries; ``party``: "" for
 client ``client``, else an auxiliary party's name with ``client`` 0; ``max_examples`` >
 0: weight the update by examples, capped there; 0: uniform); a reply carries ``v, phase,
-round, session, client, party, payload``. The input phase's request to a client also
+round, session, client, party, payload, attest``. The input phase's request to a client also
 carries the global model (``ArrayRecord`` ``"arrays"``) and the training configuration
 (``ConfigRecord`` ``"config"``).
 
@@ -46,17 +46,19 @@ __all__ = ["KEY", "MAX_BOUND", "MAX_METRICS", "NEXT_KEY", "RESERVED_METRICS", "V
 KEY = "securefed"
 #: The record key of the next round's setup request (and its reply) riding on a message of this round.
 NEXT_KEY = "securefed.next"
-#: Envelope layout version (4: the session id binds the round's per-request choices, :func:`binding`).
-VERSION = 4
+#: Envelope layout version (4: the session id binds the round's per-request choices, :func:`binding`;
+#: 5: ``attest``, the model attestations of the active variants, ``_attest``).
+VERSION = 5
 
 _REQUEST_FIELDS = {
     "v": int, "protocol": str, "params": str, "phase": str, "round": int, "n": int, "dim": int,
     "session": bytes, "nonce": bytes, "nodes": bytes, "client": int, "party": str, "max_examples": int,
-    "payload": bytes, "beacon": bytes,
+    "payload": bytes, "beacon": bytes, "attest": bytes,
 }
 _REPLY_FIELDS = {"v": int, "phase": str, "round": int, "session": bytes, "client": int, "party": str,
-                 "payload": bytes}
+                 "payload": bytes, "attest": bytes}
 _NODE = struct.Struct(">Q")
+_SIGNATURE = 64
 _SESSION_LABEL = b"securefed/flower/session\x00"
 #: An evaluation round's session label: every session names its kind, so a node asked to evaluate and a node
 #: asked to train are never in one session (their messages and signatures do not verify across).
@@ -179,6 +181,8 @@ class Request:
     #: Empty without the graph beacon; else SHA-256(L) || SHA-256(R), plus every signed reveal in the
     #: protocol's first phase (``_beacon``). The beacon's own requests carry none.
     beacon: bytes = b""
+    #: Empty but in an active round's consistency_check: every listed client's model attestation (``_attest``).
+    attest: bytes = b""
 
     def record(self) -> ConfigRecord:
         return ConfigRecord({"v": VERSION, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}})
@@ -198,6 +202,8 @@ class Reply:
     client: int
     party: str
     payload: bytes
+    #: Empty but in an active round's input phase: the client's model attestation (``_attest``).
+    attest: bytes = b""
 
     def record(self) -> ConfigRecord:
         return ConfigRecord({"v": VERSION, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}})
@@ -222,7 +228,7 @@ def _request(record: Any) -> Request:
     req = Request(**_fields(record, _REQUEST_FIELDS, "request"))
     if len(req.session) != 32 or len(req.nonce) != 32 or req.n < 1 or req.dim < 1 or not 0 <= req.client < req.n \
             or not 0 <= req.round < 2**32 or req.max_examples < 0 or (req.party and req.client) \
-            or len(req.nodes) != _NODE.size * req.n:
+            or len(req.nodes) != _NODE.size * req.n or (req.attest and req.phase != "consistency_check"):
         raise MessageRejected("invalid request: field out of range")
     ids = req.node_ids()
     if any(b <= a for a, b in zip(ids, ids[1:])):
@@ -278,4 +284,7 @@ def parse_reply(content: RecordDict, *, max_payload: int, key: str = KEY) -> Rep
     payload = record.get("payload") if isinstance(record, ConfigRecord) else None
     if isinstance(payload, bytes) and len(payload) > max_payload:
         raise MessageRejected(f"invalid reply: payload of {len(payload)} bytes exceeds the limit of {max_payload}")
-    return Reply(**_fields(record, _REPLY_FIELDS, "reply"))
+    reply = Reply(**_fields(record, _REPLY_FIELDS, "reply"))
+    if len(reply.attest) not in (0, _SIGNATURE):
+        raise MessageRejected("invalid reply: a model attestation of the wrong length")
+    return reply

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from securefed.crypto.random import RandomSource
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, ConfigurationError, MessageRejected, ProtocolAborted
-from securefed.flower import _beacon, _envelope, _identities, _privacy
+from securefed.flower import _attest, _beacon, _envelope, _identities, _privacy
 from securefed.protocols.base import (
     AggregationProtocol,
     AggregationResult,
@@ -226,6 +226,8 @@ class AggregationRound:
         self.bytes_to = dict.fromkeys(self.nodes, 0)
         self._party: dict[int, Party] = {node: i for i, node in enumerate(self.nodes)}
         self._party.update({node: name for name, node in self.auxiliary.items()})
+        #: The digest of the model and config of the input phase, and each accepted input's attestation of it.
+        self._model, self._attested = b"", dict[int, bytes]()
         self.server: ServerProtocol | None = None
         self._start(RoundSpec(n=len(self.nodes), dim=dim, session_id=self.pre_session, round_index=round_index),
                     server=self.beacon is None)
@@ -264,13 +266,19 @@ class AggregationRound:
             assert self.server is not None, "the graph beacon runs before the protocol's phases"
             requests = self.server.requests(phase)
             beacon = b"" if self.beacon is None else self.beacon.field(first=phase == protocol.phases[0])
+        attesting = _attest.directory(protocol, spec.n) is not None
+        if phase == input_phase(protocol):
+            self._model = _attest.digest(arrays if arrays is not None else ArrayRecord(),
+                                         config if config is not None else ConfigRecord())
+        # Every listed client's attestation: nodes sign the survivor list only when all match their model.
+        attest = _attest.pack(self._attested) if attesting and phase == "consistency_check" else b""
         out = []
         for party, payload in requests.items():
             node = self.node_of(party)
             client, name = (party, "") if isinstance(party, int) else (0, party)
             req = _envelope.Request(protocol.name, self._params, phase, spec.round_index, spec.n, spec.dim,
                                     spec.session_id, self.nonce, self._node_bytes, client, name, self.max_examples,
-                                    bytes(payload), beacon)
+                                    bytes(payload), beacon, attest if isinstance(party, int) else b"")
             content = RecordDict({_envelope.KEY: req.record()})
             kind = message_type(protocol, phase, party, evaluate=self.evaluate is not None)
             if kind in ("train", "evaluate"):
@@ -314,7 +322,14 @@ class AggregationRound:
                 self.beacon.receive(phase, party, env.payload)
             else:
                 assert self.server is not None, "the graph beacon runs before the protocol's phases"
-                self.server.receive(phase, party, env.payload)
+                attesting = _attest.directory(self.protocol, self.spec.n)
+                if attesting is not None and isinstance(party, int) and phase == input_phase(self.protocol):
+                    # before the sum takes the input: one made from another model or config is not taken
+                    _attest.verify(attesting, party, self.spec.session_id, self._model, env.attest)
+                    self.server.receive(phase, party, env.payload)
+                    self._attested[party] = env.attest
+                else:
+                    self.server.receive(phase, party, env.payload)
         except MessageRejected as e:
             self._drop(party, phase, DropReason.REJECTED, str(e))
 

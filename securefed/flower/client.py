@@ -43,7 +43,7 @@ from securefed.errors import (
     SecureFedError,
     SeededSecretsWarning,
 )
-from securefed.flower import _beacon, _envelope, _identities, _model, _privacy
+from securefed.flower import _attest, _beacon, _envelope, _identities, _model, _privacy
 from securefed.flower.aggregation import evaluation_protocol, message_type
 from securefed.protocols.base import AggregationProtocol, ClientProtocol, RoundSpec
 
@@ -270,26 +270,27 @@ class SecureClient:
         kind = msg.metadata.message_type
         try:
             req, arrays, config = _envelope.parse_request(msg.content, input_phase=kind in ("train", "evaluate"))
-            payload = self._answer(msg, context, req, arrays, config, evaluate if kind == "evaluate" else train,
-                                   kind, None)
+            answer = self._answer(msg, context, req, arrays, config, evaluate if kind == "evaluate" else train,
+                                  kind, None)
         except (MessageRejected, ProtocolAborted, InvalidInput) as e:
             return Message(Error(code=_REFUSED, reason=f"securefed: {type(e).__name__}: {e}"), reply_to=msg)
-        if payload is None:
+        if answer is None:
             return Message(Error(code=_NOTHING, reason="securefed: nothing to send in this phase"), reply_to=msg)
-        content = RecordDict({_envelope.KEY: _reply(req, payload)})
+        content = RecordDict({_envelope.KEY: _reply(req, *answer)})
         try:
             if (ahead := _envelope.parse_next(msg.content, req)) is not None and (
                     extra := self._answer(msg, context, ahead, None, None, None, f"query.{ahead.phase}", req.round)):
-                content[_envelope.NEXT_KEY] = _reply(ahead, extra)
+                content[_envelope.NEXT_KEY] = _reply(ahead, *extra)
         except (MessageRejected, ProtocolAborted, InvalidInput) as e:
             log.info("securefed: refused the next round's request riding on round %d's: %s", req.round, e)
         return Message(content, reply_to=msg)
 
     def _answer(self, msg: Message, context: Context, req: _envelope.Request, arrays: ArrayRecord | None,
-                config: ConfigRecord | None, fn: TrainFn | None, kind: str, carrier: int | None) -> bytes | None:
-        """The payload answering `req` (of message type `kind`; `fn`: the function of its input phase, training
-        or evaluation; `carrier`: the round of the request it rides on, None for a message's own); raises
-        MessageRejected, ProtocolAborted or InvalidInput to refuse."""
+                config: ConfigRecord | None, fn: TrainFn | None, kind: str, carrier: int | None
+                ) -> tuple[bytes, bytes] | None:
+        """The payload answering `req` and its model attestation (of message type `kind`; `fn`: the function of
+        its input phase, training or evaluation; `carrier`: the round of the request it rides on, None for a
+        message's own); raises MessageRejected, ProtocolAborted or InvalidInput to refuse."""
         is_train = kind in ("train", "evaluate")
         evaluate = _envelope.evaluation(req.params)
         nodes = req.node_ids()
@@ -308,19 +309,24 @@ class SecureClient:
         self._once(context, req, role, start=req.phase == protocol.phases[0] or req.phase in _beacon.PHASES,
                    is_input=is_train)
         if req.phase in _beacon.PHASES:
-            return _beacon_payload(context, req, beacon, identities, seed)
+            return _beacon_payload(context, req, beacon, identities, seed), b""
         if req.beacon and not beacon:
             raise MessageRejected("invalid request: a graph beacon in a round whose protocol needs none")
         slot = EVALUATION_SLOT if evaluate is not None else _slot(context, req, carrier)
         party: int | str = req.party or req.client
-        state = self._restore(context, protocol, req, party, seed, slot)
+        state = _restore(context, protocol, req, party, seed, slot)
+        attesting = None if req.party else _attest.directory(protocol, req.n)
+        model = _saved_model(context, req, slot)
         try:
             if beacon:
                 _check_beacon(context, req, nodes, identities, slot, first=req.phase == protocol.phases[0])
+            if attesting is not None and req.phase == "consistency_check":
+                _attest.check_survivors(attesting, req.session, model, req.payload, req.attest, req.n)
             if is_train:
                 assert arrays is not None and config is not None
                 if fn is None:
                     raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node has no evaluation function")
+                model = _attest.digest(arrays, config)  # before the user's function sees (and may change) them
                 _give(state, req, lambda: _input(msg, context, fn, arrays, req, privacy) if evaluate is None
                       else _metrics_input(msg, context, fn, req, evaluate))
             elif aux_gives:  # counted before its state machine checks anything (a refused decryption too)
@@ -335,8 +341,12 @@ class SecureClient:
             context.state.pop(slot, None)
             context.state.pop(_beacon.STATE_KEY, None)
         else:
-            _save(context, req, state.dump(), slot)
-        return None if payload is None else bytes(payload)
+            _save(context, req, state.dump(), slot, model)
+        if payload is None:
+            return None
+        if is_train and attesting is not None:
+            return bytes(payload), _attest.sign(attesting, req.client, req.session, model)
+        return bytes(payload), b""
 
     @staticmethod
     def _once(context: Context, req: _envelope.Request, role: str, *, start: bool, is_input: bool) -> None:
@@ -412,35 +422,6 @@ class SecureClient:
                                   "the server asks for a protocol or parameters this node is not configured for")
         return protocol, privacy, identities
 
-    def _restore(self, context: Context, protocol: AggregationProtocol, req: _envelope.Request, party: int | str,
-                 seed: int | None, slot: str) -> ClientProtocol:
-        """The state machine of `party` for this request's round: the saved one, or a new one.
-
-        New for the protocol's first phase (a new round, or the same one started again before
-        this party gave anything in it: :meth:`_once` has refused the rest), or
-        when the node holds no state of this round (the first phase this party is addressed
-        in; its state machine refuses any phase it cannot start with). Refused: a request of
-        an older round than the saved state (stale), or one of a round whose saved state
-        belongs to another session or party (out of phase).
-        """
-        rng = client_rng(seed, req.session, party, req.phase, req.round, context.run_id)
-        saved = context.state.get(slot)
-        saved = saved if isinstance(saved, ConfigRecord) else None
-        if saved is not None and req.round < cast(int, saved["round"]):  # the fields are _save's
-            raise MessageRejected("invalid request: stale round")
-        if req.phase != protocol.phases[0] and saved is not None and saved["round"] == req.round:
-            if (saved["session"], saved["client"], saved["party"]) != (req.session, req.client, req.party):
-                raise MessageRejected("invalid request: no state for this round and session (out of phase)")
-            if not saved["state"]:
-                raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node left the round earlier")
-            return protocol.load_client(cast(bytes, saved["state"]), rng=rng)
-        spec = RoundSpec(n=req.n, dim=req.dim, session_id=req.session, round_index=req.round)
-        if isinstance(party, int):
-            return protocol.client(spec, party, rng=rng)
-        aux = protocol.auxiliary(spec, rng=rng)
-        if party not in aux:
-            raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"protocol {protocol.name!r} has no party {party!r}")
-        return aux[party]
 
 
 def _beacon_identities(identities: KeyDirectory | None) -> KeyDirectory:
@@ -481,14 +462,56 @@ def _check_beacon(context: Context, req: _envelope.Request, nodes: Sequence[int]
         raise MessageRejected("invalid request: no state of this beacon round and session (out of phase)")
 
 
-def _save(context: Context, req: _envelope.Request, state: bytes, slot: str) -> None:
+def _restore(context: Context, protocol: AggregationProtocol, req: _envelope.Request, party: int | str,
+             seed: int | None, slot: str) -> ClientProtocol:
+    """The state machine of `party` for this request's round: the saved one, or a new one.
+
+    New for the protocol's first phase (a new round, or the same one started again before
+    this party gave anything in it: :meth:`SecureClient._once` has refused the rest), or
+    when the node holds no state of this round (the first phase this party is addressed
+    in; its state machine refuses any phase it cannot start with). Refused: a request of
+    an older round than the saved state (stale), or one of a round whose saved state
+    belongs to another session or party (out of phase).
+    """
+    rng = client_rng(seed, req.session, party, req.phase, req.round, context.run_id)
+    saved = context.state.get(slot)
+    saved = saved if isinstance(saved, ConfigRecord) else None
+    if saved is not None and req.round < cast(int, saved["round"]):  # the fields are _save's
+        raise MessageRejected("invalid request: stale round")
+    if req.phase != protocol.phases[0] and saved is not None and saved["round"] == req.round:
+        if (saved["session"], saved["client"], saved["party"]) != (req.session, req.client, req.party):
+            raise MessageRejected("invalid request: no state for this round and session (out of phase)")
+        if not saved["state"]:
+            raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node left the round earlier")
+        return protocol.load_client(cast(bytes, saved["state"]), rng=rng)
+    spec = RoundSpec(n=req.n, dim=req.dim, session_id=req.session, round_index=req.round)
+    if isinstance(party, int):
+        return protocol.client(spec, party, rng=rng)
+    aux = protocol.auxiliary(spec, rng=rng)
+    if party not in aux:
+        raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"protocol {protocol.name!r} has no party {party!r}")
+    return aux[party]
+
+
+def _save(context: Context, req: _envelope.Request, state: bytes, slot: str, model: bytes = b"") -> None:
+    """Keep `req`'s round state in `slot`, with the digest of the model and config of its input (``_attest``)."""
     context.state[slot] = ConfigRecord(
-        {"round": req.round, "session": req.session, "client": req.client, "party": req.party, "state": state}
+        {"round": req.round, "session": req.session, "client": req.client, "party": req.party, "state": state,
+         "model": model}
     )
 
 
-def _reply(req: _envelope.Request, payload: bytes) -> ConfigRecord:
-    return _envelope.Reply(req.phase, req.round, req.session, req.client, req.party, payload).record()
+def _saved_model(context: Context, req: _envelope.Request, slot: str) -> bytes:
+    """The model digest saved with `req`'s round and session in `slot` (empty before its input phase)."""
+    saved = context.state.get(slot)
+    if not isinstance(saved, ConfigRecord) or (saved.get("round"), saved.get("session")) != (req.round, req.session):
+        return b""
+    model = saved.get("model", b"")
+    return model if isinstance(model, bytes) else b""
+
+
+def _reply(req: _envelope.Request, payload: bytes, attest: bytes = b"") -> ConfigRecord:
+    return _envelope.Reply(req.phase, req.round, req.session, req.client, req.party, payload, attest).record()
 
 
 #: ``context.state`` keys of the node's protocol state: one round's each, so that a later round's setup

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
@@ -24,7 +24,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["CountingGrid", "InProcessGrid", "content_bytes", "roundtrip"]
+__all__ = ["CountingGrid", "InProcessGrid", "InconsistentModels", "content_bytes", "roundtrip"]
 
 log = logging.getLogger("securefed.flower.testing")
 
@@ -196,3 +196,33 @@ class InProcessGrid(Grid):
             time.sleep(0.01)
             out.extend(self.pull_messages(ids))
         return out
+
+
+class InconsistentModels(InProcessGrid):
+    """The model-inconsistency attacker (Pasquini et al., CCS 2022) as a grid, for tests: an active server that
+    sends the input phase's model and config unchanged to node `victim` and, to every other node, the config
+    with the entries of `config` overwritten (``{"lr": 0.0}``) and, given `arrays`, that model instead.
+
+    With every other input zero (or known), the sum is the victim's input. The active SecAgg variants refuse
+    such a round at the consistency check (``protocols/flower.md`` section 1); their semi-honest variants, whose
+    threat model has no active server, and Plain release the sum. securefed's own server verifies each node's
+    attestation against the model it meant to send and drops those made from another: a malicious server skips
+    that check, so an attack test switches it off (``tests/flower/test_model_consistency.py``). Other options
+    are :class:`InProcessGrid`'s.
+    """
+
+    def __init__(self, client_app: ClientApp, nodes: Mapping[int, Mapping[str, Any]], *, victim: int,
+                 config: Mapping[str, Any] | None = None, arrays: ArrayRecord | None = None, **options: Any) -> None:
+        super().__init__(client_app, nodes, **options)
+        self.victim, self.config, self.arrays = victim, dict(config or {}), arrays
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        for msg in messages:
+            if msg.metadata.message_type in ("train", "evaluate") and msg.metadata.dst_node_id != self.victim:
+                if "config" in msg.content:  # a new record: the victim's message shares the server's
+                    msg.content["config"] = ConfigRecord({**msg.content.config_records["config"], **self.config})
+                if self.arrays is not None:
+                    msg.content["arrays"] = self.arrays
+        return super().push_messages(messages)
+

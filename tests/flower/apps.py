@@ -75,6 +75,7 @@ def client_app(
             raise RuntimeError(f"node {p} fails in round {rnd}")
         arrays = msg.content["arrays"]
         delta = updates(p, rnd) if callable(updates) else np.asarray(updates[p], np.float64)
+        delta = delta * float(msg.content["config"].get("lr", 1.0))  # a server may vary it (model consistency)
         new = vector(arrays) + delta
         out = ArrayRecord()
         off = 0

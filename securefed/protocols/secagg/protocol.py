@@ -246,6 +246,10 @@ class MaskedAggregation(AggregationProtocol):
                 out.append(f"modulus_bits {k} < value_bits + ceil(log2 n) = {need}: the sum can wrap")
         return out + violations(n, degree, t, threat, complete=complete)
 
+    def round_identities(self, n: int) -> KeyDirectory | None:
+        """The identity directory a round of `n` clients signs and verifies with (None when semi-honest)."""
+        return self._directory(n)
+
     def _directory(self, n: int) -> KeyDirectory | None:
         if self._threat.adversary != "active":
             return None

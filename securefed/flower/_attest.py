@@ -1,0 +1,147 @@
+"""Model consistency in the active SecAgg variants on Flower: every summed input was made from one model and config.
+
+An active server that sends different models or configurations to the nodes of one round (``lr = 0`` to all
+but one) makes the other inputs zero and receives one node's input as the sum (the model-inconsistency
+attack, Pasquini et al., CCS 2022). Pairwise masking cannot see it: it happens before the input exists. So,
+in a round whose protocol signs (active SecAgg, SecAgg+):
+
+- each node signs ``session || D`` in its input-phase reply, ``D`` being :func:`digest` of the model
+  (``"arrays"``) and configuration (``"config"``) it was sent (purpose :data:`PURPOSE`);
+- the server verifies it against what it sent and forwards, with the consistency check's survivor list,
+  the signature of every client on that list (the clients whose inputs are in the sum);
+- a node signs the survivor list, and so can unmask, only when every one of them signed its own ``D``.
+
+An honest node signs one ``D`` per session, so an honest node that unmasks has the model of every honest
+input in the sum. ``protocols/flower.md`` section 1; ``proofs/flower.md`` Lemma F17.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
+
+from securefed.crypto import signing
+from securefed.crypto.signing import KeyDirectory
+from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
+from securefed.protocols import wire
+from securefed.protocols.base import AggregationProtocol
+from securefed.protocols.secagg import wire as secagg_wire
+
+__all__ = ["PURPOSE", "RECORD", "check_survivors", "digest", "directory", "pack", "sign", "verify"]
+
+#: The signature's purpose (domain separation from every other signature of the round).
+PURPOSE = "securefed/flower/model"
+_LABEL = b"securefed/flower/model\x00"
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+#: One forwarded attestation: client index (uint32) and signature.
+RECORD = _U32.size + signing.SIGNATURE_BYTES
+
+
+def directory(protocol: AggregationProtocol, n: int) -> KeyDirectory | None:
+    """The directory a round of `protocol` over `n` clients attests with, or None when it runs no attestation
+    (semi-honest SecAgg and SecAgg+, Plain, HE: their threat model has no active server)."""
+    find = getattr(protocol, "round_identities", None)
+    if find is None or "consistency_check" not in protocol.phases:
+        return None
+    found = find(n)
+    return found if isinstance(found, KeyDirectory) else None
+
+
+def _field(h: Any, data: bytes) -> None:
+    h.update(_U64.pack(len(data)))
+    h.update(data)
+
+
+def _value(h: Any, value: Any) -> None:
+    """A type-tagged, length-prefixed encoding: values of different types or splits never collide."""
+    if isinstance(value, bool):
+        _field(h, b"b" + (b"1" if value else b"0"))
+    elif isinstance(value, int):
+        _field(h, b"i" + str(value).encode())
+    elif isinstance(value, float):
+        _field(h, b"f" + float(value).hex().encode())
+    elif isinstance(value, str):
+        _field(h, b"s" + value.encode())
+    elif isinstance(value, bytes):
+        _field(h, b"y" + value)
+    elif isinstance(value, (list, tuple)):
+        _field(h, b"l" + _U64.pack(len(value)))
+        for item in value:
+            _value(h, item)
+    else:
+        raise MessageRejected(f"invalid request: a config value of type {type(value).__name__}")
+
+
+def digest(arrays: ArrayRecord, config: ConfigRecord) -> bytes:
+    """SHA-256 of the model's arrays (in record order: name, dtype, shape, storage type, bytes) and of the
+    config's entries (sorted by key, type-tagged)."""
+    h = hashlib.sha256(_LABEL)
+    h.update(_U64.pack(len(arrays)))
+    for name, array in arrays.items():
+        _field(h, name.encode())
+        _field(h, str(array.dtype).encode())
+        _field(h, ",".join(str(int(x)) for x in array.shape).encode())
+        _field(h, str(array.stype).encode())
+        _field(h, bytes(array.data))
+    h.update(_U64.pack(len(config)))
+    for key in sorted(config.keys()):
+        _field(h, key.encode())
+        _value(h, config[key])
+    return h.digest()
+
+
+def sign(identities: KeyDirectory, client: int, session: bytes, model: bytes) -> bytes:
+    """Client `client`'s attestation that in `session` it made its input from the model and config `model`."""
+    return signing.sign(identities.signing_key(client), session + model, purpose=PURPOSE)
+
+
+def verify(identities: KeyDirectory, client: int, session: bytes, model: bytes, signature: bytes) -> None:
+    """MessageRejected unless `signature` is client `client`'s attestation of `model` in `session`."""
+    signing.verify(identities.verify_key(client), signature, session + model, purpose=PURPOSE)
+
+
+def pack(signatures: Mapping[int, bytes]) -> bytes:
+    """The forwarded attestations: ``(client, signature)`` records, clients ascending."""
+    return b"".join(_U32.pack(c) + signatures[c] for c in sorted(signatures))
+
+
+def _unpack(field: bytes, n: int) -> dict[int, bytes]:
+    if len(field) % RECORD:
+        raise MessageRejected("invalid request: malformed model attestations")
+    out: dict[int, bytes] = {}
+    for i in range(0, len(field), RECORD):
+        (client,) = _U32.unpack_from(field, i)
+        if client >= n or (out and client <= max(out)):
+            raise MessageRejected("invalid request: model attestations of unknown or unsorted clients")
+        out[client] = field[i + _U32.size : i + RECORD]
+    return out
+
+
+def check_survivors(identities: KeyDirectory, session: bytes, model: bytes, payload: bytes, field: bytes,
+                    n: int) -> None:
+    """Before a node signs the survivor list in `payload` (the protocol's consistency_check request): `field`
+    must hold an attestation of this node's `model` by every client on the list, and by no other.
+
+    Raises ProtocolAborted (consistency_check_failed) when a listed client's input was made from another model
+    or configuration, or when one is missing; MessageRejected for a malformed field."""
+    survivors = secagg_wire.parse_bitmap(wire.body(payload), n)
+    attested = _unpack(field, n)
+    if not np.array_equal(np.fromiter(attested, dtype=np.int64, count=len(attested)), survivors):
+        raise ProtocolAborted(AbortReason.CONSISTENCY_CHECK_FAILED,
+                              "the survivor list and the model attestations name different clients: refusing to "
+                              "sign a list whose inputs may come from another model or configuration")
+    for client, signature in attested.items():
+        try:
+            verify(identities, client, session, model, signature)
+        except MessageRejected:
+            raise ProtocolAborted(
+                AbortReason.CONSISTENCY_CHECK_FAILED,
+                f"client {client} did not attest the model and configuration this node was sent: the server sent "
+                "different ones to different nodes (a model-inconsistency attack), so this node reveals nothing "
+                "more in this round") from None
