@@ -5,14 +5,17 @@ but one) makes the other inputs zero and receives one node's input as the sum (t
 attack, Pasquini et al., CCS 2022). Pairwise masking cannot see it: it happens before the input exists. So,
 in a round whose protocol signs (active SecAgg, SecAgg+):
 
-- each node signs ``session || D`` in its input-phase reply, ``D`` being :func:`digest` of the model
-  (``"arrays"``) and configuration (``"config"``) it was sent (purpose :data:`PURPOSE`);
-- the server verifies it against what it sent and forwards, with the consistency check's survivor list,
-  the signature of every client on that list (the clients whose inputs are in the sum);
-- a node signs the survivor list, and so can unmask, only when every one of them signed its own ``D``.
+- each node signs ``session || D || R`` in its input-phase reply, ``D`` being :func:`digest` of the model
+  (``"arrays"``) and configuration (``"config"``) it was sent, ``R`` :func:`run_digest` of its
+  ``context.run_config`` (which the SuperLink serves each node, and training functions read), purpose
+  :data:`PURPOSE`; the reply's ``attest`` is ``R || signature``;
+- the server verifies it against what it sent (and ``R`` against its own run config, when it has it) and
+  forwards, with the consistency check's survivor list, the signature of every client on that list (the
+  clients whose inputs are in the sum);
+- a node signs the survivor list, and so can unmask, only when every one of them signed its own ``D || R``.
 
-An honest node signs one ``D`` per session, so an honest node that unmasks has the model of every honest
-input in the sum. ``protocols/flower.md`` section 1; ``proofs/flower.md`` Lemma F17.
+An honest node signs one ``D || R`` per session, so an honest node that unmasks was given what every honest
+input in the sum was made from. ``protocols/flower.md`` section 1; ``proofs/flower.md`` Lemma F17.
 """
 
 from __future__ import annotations
@@ -28,19 +31,22 @@ from flwr.app import ArrayRecord, ConfigRecord
 from securefed.crypto import signing
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
-from securefed.protocols import wire
 from securefed.protocols.base import AggregationProtocol
-from securefed.protocols.secagg import wire as secagg_wire
 
-__all__ = ["PURPOSE", "RECORD", "check_survivors", "digest", "directory", "pack", "sign", "verify"]
+__all__ = ["PURPOSE", "RECORD", "REPLY", "check_input", "check_survivors", "digest", "directory", "pack",
+           "run_digest", "sign", "verify"]
 
 #: The signature's purpose (domain separation from every other signature of the round).
 PURPOSE = "securefed/flower/model"
 _LABEL = b"securefed/flower/model\x00"
+_RUN_LABEL = b"securefed/flower/run\x00"
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_F64 = struct.Struct(">d")
 #: One forwarded attestation: client index (uint32) and signature.
 RECORD = _U32.size + signing.SIGNATURE_BYTES
+#: A node's input-phase ``attest``: ``R`` (32 bytes) and its signature.
+REPLY = 32 + signing.SIGNATURE_BYTES
 
 
 def directory(protocol: AggregationProtocol, n: int) -> KeyDirectory | None:
@@ -64,8 +70,8 @@ def _value(h: Any, value: Any) -> None:
         _field(h, b"b" + (b"1" if value else b"0"))
     elif isinstance(value, int):
         _field(h, b"i" + str(value).encode())
-    elif isinstance(value, float):
-        _field(h, b"f" + float(value).hex().encode())
+    elif isinstance(value, float):  # its 8 bytes: float.hex gives every NaN one text (a red-team collision)
+        _field(h, b"f" + _F64.pack(value))
     elif isinstance(value, str):
         _field(h, b"s" + value.encode())
     elif isinstance(value, bytes):
@@ -96,9 +102,32 @@ def digest(arrays: ArrayRecord, config: ConfigRecord) -> bytes:
     return h.digest()
 
 
+def run_digest(run_config: Mapping[str, Any]) -> bytes:
+    """SHA-256 of a run configuration's entries (sorted by key, type-tagged)."""
+    h = hashlib.sha256(_RUN_LABEL)
+    h.update(_U64.pack(len(run_config)))
+    for key in sorted(run_config):
+        _field(h, key.encode())
+        _value(h, run_config[key])
+    return h.digest()
+
+
 def sign(identities: KeyDirectory, client: int, session: bytes, model: bytes) -> bytes:
-    """Client `client`'s attestation that in `session` it made its input from the model and config `model`."""
+    """Client `client`'s attestation that in `session` it made its input from what `model` (``D || R``) names."""
     return signing.sign(identities.signing_key(client), session + model, purpose=PURPOSE)
+
+
+def check_input(identities: KeyDirectory, client: int, session: bytes, model: bytes, attest: bytes,
+                run: bytes | None) -> bytes:
+    """The signature in client `client`'s input-phase `attest` (``R || signature``), checked against the model
+    digest `model` the server sent and, given, its run digest `run`; MessageRejected otherwise."""
+    if len(attest) != REPLY:
+        raise MessageRejected("invalid reply: no model attestation with the input")
+    claimed, signature = attest[:32], attest[32:]
+    if run is not None and claimed != run:
+        raise MessageRejected("invalid reply: an input made under another run configuration")
+    verify(identities, client, session, model + claimed, signature)
+    return signature
 
 
 def verify(identities: KeyDirectory, client: int, session: bytes, model: bytes, signature: bytes) -> None:
@@ -123,14 +152,13 @@ def _unpack(field: bytes, n: int) -> dict[int, bytes]:
     return out
 
 
-def check_survivors(identities: KeyDirectory, session: bytes, model: bytes, payload: bytes, field: bytes,
+def check_survivors(identities: KeyDirectory, session: bytes, model: bytes, survivors: np.ndarray, field: bytes,
                     n: int) -> None:
-    """Before a node signs the survivor list in `payload` (the protocol's consistency_check request): `field`
-    must hold an attestation of this node's `model` by every client on the list, and by no other.
+    """Before a node signs the survivor list `survivors` (of the protocol's consistency_check request): `field`
+    must hold an attestation of this node's `model` (``D || R``) by every client on the list, and by no other.
 
     Raises ProtocolAborted (consistency_check_failed) when a listed client's input was made from another model
     or configuration, or when one is missing; MessageRejected for a malformed field."""
-    survivors = secagg_wire.parse_bitmap(wire.body(payload), n)
     attested = _unpack(field, n)
     if not np.array_equal(np.fromiter(attested, dtype=np.int64, count=len(attested)), survivors):
         raise ProtocolAborted(AbortReason.CONSISTENCY_CHECK_FAILED,

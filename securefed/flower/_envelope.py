@@ -58,7 +58,7 @@ _REQUEST_FIELDS = {
 _REPLY_FIELDS = {"v": int, "phase": str, "round": int, "session": bytes, "client": int, "party": str,
                  "payload": bytes, "attest": bytes}
 _NODE = struct.Struct(">Q")
-_SIGNATURE = 64
+_ATTESTATION = 96  # R || signature (_attest.REPLY)
 _SESSION_LABEL = b"securefed/flower/session\x00"
 #: An evaluation round's session label: every session names its kind, so a node asked to evaluate and a node
 #: asked to train are never in one session (their messages and signatures do not verify across).
@@ -202,7 +202,7 @@ class Reply:
     client: int
     party: str
     payload: bytes
-    #: Empty but in an active round's input phase: the client's model attestation (``_attest``).
+    #: Empty but in an active round's input phase: the client's model attestation, ``R || signature`` (``_attest``).
     attest: bytes = b""
 
     def record(self) -> ConfigRecord:
@@ -285,6 +285,6 @@ def parse_reply(content: RecordDict, *, max_payload: int, key: str = KEY) -> Rep
     if isinstance(payload, bytes) and len(payload) > max_payload:
         raise MessageRejected(f"invalid reply: payload of {len(payload)} bytes exceeds the limit of {max_payload}")
     reply = Reply(**_fields(record, _REPLY_FIELDS, "reply"))
-    if len(reply.attest) not in (0, _SIGNATURE):
+    if len(reply.attest) not in (0, _ATTESTATION):
         raise MessageRejected("invalid reply: a model attestation of the wrong length")
     return reply

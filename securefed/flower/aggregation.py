@@ -156,7 +156,8 @@ class AggregationRound:
     i-th smallest node id; the session id binds the node ids (``_envelope.session_id``).
     ``privacy``: a ``CentralDP``/``DistributedDP`` configuration (the nodes must have the
     same); ``auxiliary``: party name to the node that plays it (an HE ``"decryptor"``);
-    ``identities``: the federation's public identity keys by node id (active SecAgg).
+    ``identities``: the federation's public identity keys by node id (active SecAgg); ``run_config``: the
+    run's configuration (active SecAgg: an input attested under another is dropped, ``_attest``).
     Active SecAgg+ on a Harary graph first runs the graph beacon (``_beacon``, spec section 12):
     :attr:`phases` is then ``("graph_commit", "graph_reveal", *protocol.phases)`` and the
     protocol's session id, and so its graph, is the beacon's, not the nonce's (:attr:`pre_session`).
@@ -177,6 +178,7 @@ class AggregationRound:
         auxiliary: Mapping[str, int] | None = None,
         identities: KeyDirectory | None = None,
         evaluate: Sequence[tuple[str, float]] | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.nodes = tuple(sorted({int(v) for v in nodes}))
         #: An evaluation round's metrics and their bounds (None: a training round).
@@ -228,6 +230,8 @@ class AggregationRound:
         self._party.update({node: name for name, node in self.auxiliary.items()})
         #: The digest of the model and config of the input phase, and each accepted input's attestation of it.
         self._model, self._attested = b"", dict[int, bytes]()
+        #: The digest of the run's configuration (``run_config``): None accepts the nodes' claim.
+        self.run_digest = None if run_config is None else _attest.run_digest(run_config)
         self.server: ServerProtocol | None = None
         self._start(RoundSpec(n=len(self.nodes), dim=dim, session_id=self.pre_session, round_index=round_index),
                     server=self.beacon is None)
@@ -324,10 +328,11 @@ class AggregationRound:
                 assert self.server is not None, "the graph beacon runs before the protocol's phases"
                 attesting = _attest.directory(self.protocol, self.spec.n)
                 if attesting is not None and isinstance(party, int) and phase == input_phase(self.protocol):
-                    # before the sum takes the input: one made from another model or config is not taken
-                    _attest.verify(attesting, party, self.spec.session_id, self._model, env.attest)
+                    # before the sum takes the input: one made from another model, config or run config is not
+                    signature = _attest.check_input(attesting, party, self.spec.session_id, self._model,
+                                                    env.attest, self.run_digest)
                     self.server.receive(phase, party, env.payload)
-                    self._attested[party] = env.attest
+                    self._attested[party] = signature
                 else:
                     self.server.receive(phase, party, env.payload)
         except MessageRejected as e:
@@ -391,7 +396,11 @@ class GridAggregator:
       active SecAgg variants when participants change between rounds: each round verifies
       against the directory of its own nodes (nodes build theirs from their own copy); needed
       by active SecAgg+ on a Harary graph, whose rounds start with the graph beacon (its reveals
-      are signed; spec section 12).
+      are signed; spec section 12);
+    - ``run_config``: the run's configuration (the ServerApp's ``context.run_config``), for the active
+      SecAgg variants: an input whose model attestation names another is dropped before the sum takes
+      it; without it the server takes the node's word for it, and one corrupt node's differing claim makes
+      the honest nodes refuse the round (``protocols/flower.md`` section 1).
 
     Raises ConfigurationError for a protocol whose auxiliary party has no node, or
     identities for a protocol without ``with_identities``. See ``protocols/flower.md``.
@@ -408,6 +417,7 @@ class GridAggregator:
         privacy: Any = None,
         auxiliary: Mapping[str, int] | None = None,
         identities: KeyDirectory | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         _privacy.check(privacy)
         if identities is not None and not isinstance(identities, KeyDirectory):
@@ -416,6 +426,7 @@ class GridAggregator:
             raise ConfigurationError(f"protocol {protocol.name!r} takes no identity keys (identities=)")
         self.auxiliary = dict(auxiliary or {})
         self.identities = identities
+        self.run_config = None if run_config is None else dict(run_config)
         for name, value in (("phase_timeout", phase_timeout), ("train_timeout", train_timeout),
                             ("poll_interval", poll_interval)):
             if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -464,7 +475,8 @@ class GridAggregator:
         """
         rnd = self._take_prepared(nodes, round_index, dim, max_examples) or AggregationRound(
             self.protocol, nodes, round_index=round_index, dim=dim, rng=rng, max_payload_bytes=self.max_payload_bytes,
-            max_examples=max_examples, privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities)
+            max_examples=max_examples, privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities,
+            run_config=self.run_config)
         ahead = None if next_nodes is None else self._ahead_round(
             next_nodes, round_index + 1, dim, rng.child(f"ahead/{round_index + 1}") if next_rng is None else next_rng,
             max_examples)
@@ -521,6 +533,7 @@ class GridAggregator:
                                max_payload_bytes=self.max_payload_bytes or 64 * max(model, 1) + (1 << 20),
                                max_examples=max_examples,
                                privacy=self.privacy, auxiliary=self.auxiliary, identities=self.identities,
+                               run_config=self.run_config,
                                evaluate=metrics)
         self.last_round = rnd
         self._phases(grid, rnd, arrays, config, None)
@@ -548,7 +561,8 @@ class GridAggregator:
             return None
         rnd = AggregationRound(self.protocol, nodes, round_index=round_index, dim=dim,
                                rng=rng, max_payload_bytes=self.max_payload_bytes,
-                               max_examples=max_examples, privacy=self.privacy, identities=self.identities)
+                               max_examples=max_examples, privacy=self.privacy, identities=self.identities,
+                               run_config=self.run_config)
         return rnd if rnd.setup_phases else None
 
     def _exchange(self, grid: Grid, rnd: AggregationRound, phase: str, messages: list[Message],

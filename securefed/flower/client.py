@@ -321,12 +321,14 @@ class SecureClient:
             if beacon:
                 _check_beacon(context, req, nodes, identities, slot, first=req.phase == protocol.phases[0])
             if attesting is not None and req.phase == "consistency_check":
-                _attest.check_survivors(attesting, req.session, model, req.payload, req.attest, req.n)
+                survivors = protocol.survivor_list(_spec(req), req.payload)  # type: ignore[attr-defined]
+                _attest.check_survivors(attesting, req.session, model, survivors, req.attest, req.n)
             if is_train:
                 assert arrays is not None and config is not None
                 if fn is None:
                     raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node has no evaluation function")
-                model = _attest.digest(arrays, config)  # before the user's function sees (and may change) them
+                # before the user's function sees (and may change) them; R: the run config it reads too
+                model = _attest.digest(arrays, config) + _attest.run_digest(context.run_config)
                 _give(state, req, lambda: _input(msg, context, fn, arrays, req, privacy) if evaluate is None
                       else _metrics_input(msg, context, fn, req, evaluate))
             elif aux_gives:  # counted before its state machine checks anything (a refused decryption too)
@@ -345,7 +347,7 @@ class SecureClient:
         if payload is None:
             return None
         if is_train and attesting is not None:
-            return bytes(payload), _attest.sign(attesting, req.client, req.session, model)
+            return bytes(payload), model[32:] + _attest.sign(attesting, req.client, req.session, model)
         return bytes(payload), b""
 
     @staticmethod
@@ -484,13 +486,17 @@ def _restore(context: Context, protocol: AggregationProtocol, req: _envelope.Req
         if not saved["state"]:
             raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node left the round earlier")
         return protocol.load_client(cast(bytes, saved["state"]), rng=rng)
-    spec = RoundSpec(n=req.n, dim=req.dim, session_id=req.session, round_index=req.round)
+    spec = _spec(req)
     if isinstance(party, int):
         return protocol.client(spec, party, rng=rng)
     aux = protocol.auxiliary(spec, rng=rng)
     if party not in aux:
         raise ProtocolAborted(AbortReason.REQUEST_REFUSED, f"protocol {protocol.name!r} has no party {party!r}")
     return aux[party]
+
+
+def _spec(req: _envelope.Request) -> RoundSpec:
+    return RoundSpec(n=req.n, dim=req.dim, session_id=req.session, round_index=req.round)
 
 
 def _save(context: Context, req: _envelope.Request, state: bytes, slot: str, model: bytes = b"") -> None:

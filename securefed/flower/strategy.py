@@ -169,7 +169,9 @@ class SecureFedAvg(Strategy):
       a bound on its absolute value (``{"loss": 10.0, "accuracy": 1.0}``); ``fraction_evaluate`` (default 1.0)
       and ``min_evaluate_nodes`` (default 2) sample the nodes as Flower's FedAvg. Each node runs its
       evaluation function and the metrics are securely aggregated (example-weighted means, weights capped at
-      ``max_examples``): the server sees only the sums. Not with privacy (ConfigurationError). Default None.
+      ``max_examples``): the server sees only the sums. Not with privacy (ConfigurationError). Default None;
+    - ``run_config``: the ServerApp's ``context.run_config``, for the active SecAgg variants: an input attested
+      under another run configuration is dropped before the sum takes it (:class:`GridAggregator`).
 
     Raises ConfigurationError for inconsistent parameters. See ``protocols/flower.md``.
     """
@@ -202,6 +204,7 @@ class SecureFedAvg(Strategy):
         evaluate_metrics: Mapping[str, float] | None = None,
         fraction_evaluate: float = 1.0,
         min_evaluate_nodes: int = 2,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         if audit_witness is not None and not callable(audit_witness):
             raise ConfigurationError("audit_witness must be a function (seq, sha256) -> None")
@@ -216,7 +219,7 @@ class SecureFedAvg(Strategy):
         self.privacy = privacy
         self.aggregator = GridAggregator(protocol, phase_timeout=phase_timeout, train_timeout=train_timeout,
                                          poll_interval=poll_interval, privacy=privacy, auxiliary=auxiliary,
-                                         identities=identities)
+                                         identities=identities, run_config=run_config)
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
@@ -358,14 +361,14 @@ class SecureFedAvg(Strategy):
                evaluate: tuple[ConfigRecord | None, EvaluateFn | None]) -> SecureResult:
         if not isinstance(num_rounds, int) or num_rounds < 1:
             raise ConfigurationError(f"num_rounds must be a positive int, got {num_rounds!r}")
-        audit, key = self._open_audit(), None
+        audit, key = _open_audit(self), None
         try:
             engine = RoundEngine(self.protocol, None, weighting=self.weighting,
                                  optimizer=copy.deepcopy(self.server_optimizer))
             run = _Run(initial_arrays, _RunState(), None, [], engine=engine, num_rounds=num_rounds)
             self.aggregator.prepared = None  # a round prepared by an earlier start() is not this run's
             if self.checkpoint_dir is not None:
-                key = self._checkpoint_signer(audit)
+                key = _checkpoint_signer(self, audit)
                 restored = _resume.restore(self.checkpoint_dir, key, audit)
                 run.key, run.counter, run.pending = key, restored.counter, restored.pending
                 if restored.state is not None:
@@ -404,21 +407,25 @@ class SecureFedAvg(Strategy):
             if audit is not None:
                 audit.close()
 
-    def _open_audit(self) -> Any:
-        if self.audit_log is None:
-            return None
-        from securefed.audit import AuditWriter
 
-        return AuditWriter(self.audit_log, key=self.audit_key)
 
-    def _checkpoint_signer(self, audit: Any) -> Any:
-        """The key that signs the checkpoints: ``checkpoint_key``, else the audit key, else ``DIR.key``."""
-        assert self.checkpoint_dir is not None
-        if self.checkpoint_key is None and audit is not None:
-            from securefed.audit.keys import load_or_create_key
+def _open_audit(s: SecureFedAvg) -> Any:
+    """The strategy's audit writer (None without ``audit_log``)."""
+    if s.audit_log is None:
+        return None
+    from securefed.audit import AuditWriter
 
-            return load_or_create_key(audit.path, self.audit_key)
-        return _checkpoint.load_key(self.checkpoint_dir, self.checkpoint_key)
+    return AuditWriter(s.audit_log, key=s.audit_key)
+
+
+def _checkpoint_signer(s: SecureFedAvg, audit: Any) -> Any:
+    """The key that signs the checkpoints: ``checkpoint_key``, else the audit key, else ``DIR.key``."""
+    assert s.checkpoint_dir is not None
+    if s.checkpoint_key is None and audit is not None:
+        from securefed.audit.keys import load_or_create_key
+
+        return load_or_create_key(audit.path, s.audit_key)
+    return _checkpoint.load_key(s.checkpoint_dir, s.checkpoint_key)
 
 
 @dataclasses.dataclass

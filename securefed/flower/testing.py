@@ -201,7 +201,8 @@ class InProcessGrid(Grid):
 class InconsistentModels(InProcessGrid):
     """The model-inconsistency attacker (Pasquini et al., CCS 2022) as a grid, for tests: an active server that
     sends the input phase's model and config unchanged to node `victim` and, to every other node, the config
-    with the entries of `config` overwritten (``{"lr": 0.0}``) and, given `arrays`, that model instead.
+    with the entries of `config` overwritten (``{"lr": 0.0}``), given `arrays` that model instead, and given
+    `run_config` those entries in its ``context.run_config`` (which the SuperLink serves each node).
 
     With every other input zero (or known), the sum is the victim's input. The active SecAgg variants refuse
     such a round at the consistency check (``protocols/flower.md`` section 1); their semi-honest variants, whose
@@ -212,9 +213,17 @@ class InconsistentModels(InProcessGrid):
     """
 
     def __init__(self, client_app: ClientApp, nodes: Mapping[int, Mapping[str, Any]], *, victim: int,
-                 config: Mapping[str, Any] | None = None, arrays: ArrayRecord | None = None, **options: Any) -> None:
+                 config: Mapping[str, Any] | None = None, arrays: ArrayRecord | None = None,
+                 run_config: Mapping[str, Any] | None = None, **options: Any) -> None:
         super().__init__(client_app, nodes, **options)
         self.victim, self.config, self.arrays = victim, dict(config or {}), arrays
+        self.run_config = dict(run_config or {})
+
+    def context(self, node: int) -> Context:
+        context = super().context(node)
+        if node != self.victim:
+            context.run_config = {**context.run_config, **self.run_config}
+        return context
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)

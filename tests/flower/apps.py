@@ -75,7 +75,8 @@ def client_app(
             raise RuntimeError(f"node {p} fails in round {rnd}")
         arrays = msg.content["arrays"]
         delta = updates(p, rnd) if callable(updates) else np.asarray(updates[p], np.float64)
-        delta = delta * float(msg.content["config"].get("lr", 1.0))  # a server may vary it (model consistency)
+        # as in Flower's templates: lr from the message's config, local epochs from the run config
+        delta = delta * float(msg.content["config"].get("lr", 1.0)) * int(context.run_config.get("local-epochs", 1))
         new = vector(arrays) + delta
         out = ArrayRecord()
         off = 0

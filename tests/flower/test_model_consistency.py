@@ -6,6 +6,7 @@ attests the model and config it was sent with its input; a node signs the surviv
 client attested its own, so the round aborts before any share is revealed.
 """
 
+import struct
 import types
 
 import numpy as np
@@ -62,7 +63,7 @@ def malicious_server(monkeypatch):
     """The server's own check of each attestation against what it meant to send, switched off: a malicious
     server skips it (with it, securefed's server drops every input made from another model itself)."""
     proxy = types.SimpleNamespace(**{k: getattr(_attest, k) for k in _attest.__all__})
-    proxy.verify = lambda *args: None
+    proxy.check_input = lambda identities, client, session, model, attest, run: attest[32:]
     monkeypatch.setattr(aggregation, "_attest", proxy)
 
 
@@ -80,10 +81,12 @@ def test_an_honest_active_round_sums_every_input_with_each_ones_attestation(name
 
 
 @pytest.mark.parametrize("name", ACTIVE)
-@pytest.mark.parametrize("attack", ["config", "model"])
+@pytest.mark.parametrize("attack", ["config", "model", "run_config"])
 def test_a_server_sending_other_models_or_configs_to_all_but_one_node_gets_no_sum(name, attack, malicious_server):
+    """``run_config``: the SuperLink serves each node its run (the red team's F1: ``local-epochs = 0``)."""
     protocol = ACTIVE[name]()
-    change = {"config": {"lr": 0.0}} if attack == "config" else {"arrays": apps.model(0.5)}
+    change = {"config": {"config": {"lr": 0.0}}, "model": {"arrays": apps.model(0.5)},
+              "run_config": {"run_config": {"local-epochs": 0}}}[attack]
     members, grid, agg, refusals = federation_grid(protocol, InconsistentModels, victim=VICTIM, **change)
     with pytest.raises(ProtocolAborted):
         apps.run(agg, grid, members)
@@ -197,10 +200,7 @@ def test_check_survivors_refuses_clients_outside_the_list_and_malformed_fields()
     members = list(range(4))
     keys = sf.crypto.signing.KeyDirectory.generate(4)
     session, model = bytes(range(32)), b"m" * 32
-    from securefed.protocols import wire
-    from securefed.protocols.secagg import wire as secagg_wire
-
-    payload = bytes(wire.HEADER_SIZE) + secagg_wire.bitmap([0, 1, 3], 4)
+    payload = np.array([0, 1, 3])
     good = _attest.pack({c: _attest.sign(keys, c, session, model) for c in (0, 1, 3)})
     _attest.check_survivors(keys, session, model, payload, good, 4)  # all listed, all over this model
     extra = _attest.pack({c: _attest.sign(keys, c, session, model) for c in members})
@@ -232,3 +232,77 @@ def test_the_digest_survives_flowers_transport_and_tells_configs_and_models_apar
     assert (_attest.digest(arrays, ConfigRecord(b)) == da) == same or (a == b and same)
     assert _attest.digest(apps.model(value + 1.0), ConfigRecord(a)) != da
     assert _attest.digest(ArrayRecord(), ConfigRecord(a)) != da
+
+
+def test_a_nan_of_another_sign_or_payload_is_another_config():
+    """The red team's F2: ``float.hex`` gave every NaN one text, so configs differing in a NaN's sign had one
+    digest; the digest takes a float's 8 bytes."""
+    nan = float("nan")
+    negative = struct.unpack(">d", bytes.fromhex("fff8000000000000"))[0]
+    payload = struct.unpack(">d", bytes.fromhex("7ff8000000000001"))[0]
+    digests = {_attest.digest(ArrayRecord(), ConfigRecord({"x": v})) for v in (nan, negative, payload)}
+    assert len(digests) == 3
+    assert _attest.run_digest({"x": 0.0}) != _attest.run_digest({"x": -0.0})
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_a_corrupt_nodes_other_run_config_claim_is_dropped_when_the_server_knows_the_run_config(known):
+    """With ``run_config=`` the server drops an input attested under another run configuration before the sum
+    takes it; without it, the server takes the node's word, and the honest nodes refuse the round (spec
+    section 1: pass the ServerApp's ``context.run_config``)."""
+    protocol = ACTIVE["secagg"]()
+    corrupt = apps.FIRST + 1
+    members = list(apps.nodes(N))
+    keys = federation(members)
+    run = {"local-epochs": 1}
+
+    def tamper(node, reply):
+        if node == corrupt and reply.metadata.message_type == "train" and not reply.has_error():
+            rec = reply.content[_envelope.KEY]
+            other = _attest.run_digest({"local-epochs": 5})
+            model = _attest.digest(apps.model(), ConfigRecord({"server-round": 1}))
+            own = sf.crypto.signing.KeyDirectory({1: keys.verify_key(corrupt)}, {1: keys.signing_key(corrupt)})
+            rec["attest"] = other + _attest.sign(own, 1, rec["session"], model + other)
+        return reply
+
+    app = apps.client_app(protocol, updates, seed=None, identities=lambda context: keys.restricted_to(context.node_id))
+    grid = InProcessGrid(app, apps.nodes(N), tamper=tamper, run_config=run)
+    agg = apps.aggregator(protocol, identities=keys.public_only(), run_config=run if known else None)
+    if not known:
+        with pytest.raises(ProtocolAborted):
+            apps.run(agg, grid, members)
+        return
+    out = apps.run(agg, grid, members)
+    assert out.result.included == tuple(p for p in range(N) if p != 1)
+    np.testing.assert_allclose(out.result.total, expected([p for p in range(N) if p != 1]),
+                               atol=protocol.error_bound(N))
+
+
+def _masked_bfv(masking):
+    return sf.protocols.BFV(value_range=1.0, key_holder="masked", masking=masking)
+
+
+@pytest.mark.parametrize("name", ACTIVE)
+def test_masked_bfv_with_an_active_masking_protocol_attests_too(name, malicious_server):
+    """The red team's F3: BFV in masked mode runs its masking protocol's consistency check, and now the model
+    attestation with it (the simulated PKI of one process stands in for the nodes' keys)."""
+    decryptor = 2001
+    nodes = {**apps.nodes(N), decryptor: {"role": "decryptor"}}
+    members = list(apps.nodes(N))
+
+    protocol = _masked_bfv(ACTIVE[name]())  # one object: its simulated PKI is the nodes' and the server's
+
+    def app():
+        return apps.client_app(protocol, updates, seed=None,
+                               auxiliary=lambda c: {"decryptor"} if c.node_config.get("role") == "decryptor" else set())
+
+    honest = apps.run(apps.aggregator(protocol, auxiliary={"decryptor": decryptor}), InProcessGrid(app(), nodes),
+                      members)
+    np.testing.assert_allclose(honest.result.total, expected(range(N)), atol=protocol.error_bound(N))
+    refusals = []
+    grid = InconsistentModels(app(), nodes, victim=VICTIM, config={"lr": 0.0},
+                              tamper=lambda node, r: (refusals.append(r.error.reason) or r) if r.has_error() else r)
+    with pytest.raises(ProtocolAborted):
+        apps.run(apps.aggregator(protocol, auxiliary={"decryptor": decryptor}), grid, members)
+    assert sum("did not attest" in r for r in refusals) >= N - 1, refusals
+

@@ -38,6 +38,8 @@ def main(grid: Grid, context: Context) -> None:
         # Federated evaluation (securely aggregated means of the nodes' own loss and accuracy): not with DP,
         # whose budget does not cover exact metric sums.
         evaluate_metrics=None if privacy is not None else task.EVALUATE_METRICS,
+        # Active SecAgg variants: nodes attest the run config they trained under; an input under another is dropped.
+        run_config=cfg,
     )
     result = strategy.start(
         grid,

@@ -55,6 +55,7 @@ from securefed.errors import (
     MessageRejected,
     ProtocolAborted,
 )
+from securefed.protocols import wire
 from securefed.protocols.base import (
     AggregationProtocol,
     ClientProtocol,
@@ -66,7 +67,7 @@ from securefed.protocols.he.masked import MaskedClient, MaskedServer
 from securefed.protocols.he.parties import DECRYPTED, HEClient, HEDecryptor
 from securefed.protocols.he.server import HEServer
 from securefed.protocols.he.tenseal import Ring
-from securefed.protocols.he.wire import DECRYPTOR, DECRYPTOR_ID
+from securefed.protocols.he.wire import DECRYPTOR, DECRYPTOR_ID, Framer
 from securefed.protocols.secagg import MaskedAggregation, SecAgg, SecAggPlus
 
 __all__ = ["BFV", "CKKS", "HEProtocol", "KeyHolder"]
@@ -467,6 +468,18 @@ class BFV(HEProtocol):
                 f"poly_modulus_degree={self.poly_modulus_degree}, coeff_mod_bit_sizes={self.coeff_mod_bit_sizes}"
                 + (f", masking={self.masking!r}" if self.masking is not None else "")
                 + (f", min_clients={self.min_clients})" if self.min_clients != 1 else ")"))
+
+    def round_identities(self, n: int) -> KeyDirectory | None:
+        """In masked mode the masking protocol's identity directory (None when it is semi-honest, or not masked)."""
+        return None if self.masking is None else self.masking.round_identities(n)
+
+    def survivor_list(self, spec: RoundSpec, request: bytes) -> np.ndarray:
+        """The masking protocol's survivor list in a masked round's consistency_check `request`; MessageRejected
+        for a malformed request or outside masked mode."""
+        if self.masking is None:
+            raise MessageRejected("invalid message: a survivor list outside masked mode")
+        inner = Framer(self, spec).payload(request, "consistency_check", wire.SERVER)
+        return self.masking.survivor_list(spec, bytes(inner))
 
     def with_encoder(self, encoder: Any) -> BFV:
         """A copy carrying `encoder`; ConfigurationError if its sums of n values cannot fit a 60-bit prime."""

@@ -250,6 +250,12 @@ class MaskedAggregation(AggregationProtocol):
         """The identity directory a round of `n` clients signs and verifies with (None when semi-honest)."""
         return self._directory(n)
 
+    def survivor_list(self, spec: RoundSpec, request: bytes) -> np.ndarray:
+        """The survivor list (client indices, ascending) of a consistency_check `request` of round `spec`, as a
+        client reads it before signing; MessageRejected for a malformed request."""
+        body = self._round(spec).body(request, PHASES.index("consistency_check"), wire.SERVER)
+        return W.parse_bitmap(body, spec.n)
+
     def _directory(self, n: int) -> KeyDirectory | None:
         if self._threat.adversary != "active":
             return None
