@@ -1,6 +1,7 @@
 """The loopback federation harness: loopback only, refused failures, and no process left behind."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,39 @@ def test_setup_ahead_two_messages_per_round_on_loopback(tmp_path):
     assert list(result["messages_per_node"].values()) == [4 + 2 + 2] * n
     assert result["included"] == n
     assert result["max_abs_error"] <= result["error_bound"]
+
+
+def test_active_rounds_attest_the_model_over_real_processes(tmp_path):
+    """Active SecAgg+ with identity keys on real processes (TLS, node auth): every node's model attestation,
+    made from the model, config and run config it received over gRPC, checks out at the server (given the
+    run config) and at every other node, so rounds complete with every node included (protocols/flower.md
+    section 1; proofs/flower.md Lemma F17)."""
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+
+    from securefed.crypto.random import RandomSource
+    from securefed.crypto.signing import generate_signing_key, verify_key_bytes
+
+    app = Path(__file__).resolve().parents[2] / "bench" / "flower_apps" / "securefed"
+    n = 3
+    keyfile = tmp_path / "identities.json"
+    nodes = [{"partition-id": i, "num-partitions": n, "degree": 2, "identities": str(keyfile)} for i in range(n)]
+    out = tmp_path / "out.json"
+    with LoopbackFederation(tmp_path / "fed", num_nodes=n, node_configs=nodes) as fed:
+        table = {}
+        for node in fed.node_ids.values():  # keys by node id, known once the nodes are registered
+            key = generate_signing_key(RandomSource())
+            raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                    serialization.NoEncryption())
+            table[str(node)] = [verify_key_bytes(key).hex(), raw.hex()]
+        keyfile.write_text(json.dumps(table))
+        run_id = fed.run(app, {"num-nodes": n, "dim": 1000, "degree": 2, "rounds": 2, "ahead": 1, "timeout": 60.0,
+                               "out": str(out), "identities": str(keyfile)})
+        status = fed.wait(run_id, timeout=240)
+        assert status["status"] == "finished:completed", fed.run_log(run_id)[-3000:]
+    result = json.loads(out.read_text())
+    assert result["protocol"]["adversary"] == "active"
+    assert result["included"] == n
+    assert result["max_abs_error"] <= result["error_bound"]
+

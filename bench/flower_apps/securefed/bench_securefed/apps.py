@@ -13,12 +13,14 @@ import resource
 import time
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import securefed as sf
 from securefed.crypto.random import RandomSource
+from securefed.crypto.signing import KeyDirectory
 from securefed.flower import GridAggregator, SecureClient
 from securefed.flower.testing import CountingGrid, roundtrip
 
@@ -29,7 +31,19 @@ def update(partition: int, dim: int) -> np.ndarray:
 
 
 def protocol(config) -> sf.protocols.SecAggPlus:  # type: ignore[no-untyped-def]
+    """SecAgg+ of `config`'s degree; with an ``identities`` file, active (no dropouts budgeted: small tests)."""
+    if config.get("identities"):
+        return sf.protocols.SecAggPlus(degree=int(config["degree"]), adversary="active", dropout_fraction=0.0)
     return sf.protocols.SecAggPlus(degree=int(config["degree"]))
+
+
+def identities(path: str, node: int | None = None) -> KeyDirectory:
+    """The federation's identity keys by node id from a JSON file ``{node: [public hex, private hex]}`` (a test
+    set-up: a deployment hands each node its own signing key only); with `node`, that node's signing key."""
+    with open(path) as f:
+        table = {int(k): v for k, v in json.load(f).items()}
+    private = {} if node is None else {node: Ed25519PrivateKey.from_private_bytes(bytes.fromhex(table[node][1]))}
+    return KeyDirectory({v: bytes.fromhex(pub) for v, (pub, _) in table.items()}, private)
 
 
 def _process_start() -> float:
@@ -100,7 +114,8 @@ def main(grid: Grid, context: Context) -> None:
     nodes = nodes[:n]
     timed = _TimedGrid(grid)
     proto = protocol(cfg)
-    agg = GridAggregator(proto, phase_timeout=float(cfg["timeout"]), train_timeout=float(cfg["timeout"]))
+    keys = {"identities": identities(str(cfg["identities"])), "run_config": cfg} if cfg.get("identities") else {}
+    agg = GridAggregator(proto, phase_timeout=float(cfg["timeout"]), train_timeout=float(cfg["timeout"]), **keys)
     arrays = ArrayRecord([np.zeros(dim, np.float32)])
     seconds, phases, outs, messages = [], [], [], []
     for r in range(1, rounds + 1):
@@ -151,7 +166,9 @@ def train(msg: Message, context: Context) -> Message:
 
 
 # The node's protocol is its own: from its node_config (--node-config "... degree=4"), not the server's run config.
-_secure = SecureClient(lambda context: protocol(context.node_config), phases=sf.protocols.SecAggPlus.phases)
+_secure = SecureClient(lambda context: protocol(context.node_config), phases=sf.protocols.SecAggPlus.phases,
+                       identities=lambda context: identities(str(context.node_config["identities"]), context.node_id)
+                       if context.node_config.get("identities") else None)
 
 
 def _timed(handler):  # type: ignore[no-untyped-def]
