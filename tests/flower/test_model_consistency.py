@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import securefed as sf
 from securefed.crypto.random import RandomSource
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
-from securefed.flower import _attest, _envelope, aggregation
+from securefed.flower import _attest, _envelope, _identities, aggregation
 from securefed.flower.testing import InconsistentModels, InProcessGrid, roundtrip
 from tests.flower import apps
 from tests.flower.test_identities import federation
@@ -328,4 +328,16 @@ def test_masked_bfv_with_an_active_masking_protocol_attests_too(name, malicious_
     with pytest.raises(ProtocolAborted):
         apps.run(apps.aggregator(protocol, auxiliary={"decryptor": decryptor}), grid, members)
     assert sum("did not attest" in r for r in refusals) >= N - 1, refusals
+
+
+def test_masked_bfv_keeps_the_rounds_identities_through_the_dp_noise_encoder():
+    """Red team 7: ``BFV.with_encoder`` (the DistributedDP noise encoder, applied after the round's identities
+    are bound) rebuilt the masking protocol and lost them, so every such round aborted."""
+    members = list(apps.nodes(N))
+    keys = federation(members)
+    protocol = _masked_bfv(ACTIVE["secagg"]())
+    bound = _identities.bind(protocol, keys.public_only(), members)
+    again = bound.with_encoder(bound.encoder)
+    assert again.round_identities(N) is bound.round_identities(N) is not None
+    assert again.round_identities(N).verify_key(2) == keys.verify_key(members[2])
 

@@ -487,6 +487,8 @@ class BFV(HEProtocol):
                     poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
                     masking=self._masking_given, identities=self.identities, min_clients=self.min_clients)
         other._simulated_pki = self._simulated_pki  # server and clients of one run must share the simulated PKI
+        if self.masking is not None:  # this one's, keeping the identities a round bound to it (red team 7)
+            other.masking = self.masking.with_encoder(encoder)
         return other
 
     def with_identities(self, identities: KeyDirectory) -> BFV:
