@@ -32,6 +32,7 @@ BENCHES = sorted(p.stem for p in HERE.glob("*.py") if p.stem != "run_all")
 #: Arguments of a full run and of a smoke run (--quick), per benchmark.
 FULL_ARGS: dict[str, list[str]] = {}
 QUICK_ARGS: dict[str, list[str]] = {
+    "attest": ["--dim", "1000000", "--repeat", "2"],
     "audit": ["--rounds", "100", "--repeat", "1"],
     "dp": ["--repeat", "1"],
     "encoding": ["--dim", "1000000", "--repeat", "2"],
