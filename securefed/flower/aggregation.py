@@ -435,6 +435,10 @@ class GridAggregator:
         self.phase_timeout = float(phase_timeout)
         self.train_timeout = float(train_timeout)
         self.poll_interval = float(poll_interval)
+        if max_payload_bytes is not None and (isinstance(max_payload_bytes, bool) or not isinstance(
+                max_payload_bytes, int) or max_payload_bytes < 1):
+            raise ConfigurationError(f"max_payload_bytes must be a positive number of bytes or None (the default "
+                                     f"64 * dim + 1 MiB), got {max_payload_bytes!r}")
         self.max_payload_bytes = max_payload_bytes
         self.privacy = privacy
         #: The round :meth:`run` ran last (to inspect who dropped out after a ProtocolAborted).

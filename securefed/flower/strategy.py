@@ -171,7 +171,8 @@ class SecureFedAvg(Strategy):
       evaluation function and the metrics are securely aggregated (example-weighted means, weights capped at
       ``max_examples``): the server sees only the sums. Not with privacy (ConfigurationError). Default None;
     - ``run_config``: the ServerApp's ``context.run_config``, for the active SecAgg variants: an input attested
-      under another run configuration is dropped before the sum takes it (:class:`GridAggregator`).
+      under another run configuration is dropped before the sum takes it (:class:`GridAggregator`);
+    - ``max_payload_bytes``: larger replies are rejected before parsing (default ``64 * dim + 1 MiB``).
 
     Raises ConfigurationError for inconsistent parameters. See ``protocols/flower.md``.
     """
@@ -205,6 +206,7 @@ class SecureFedAvg(Strategy):
         fraction_evaluate: float = 1.0,
         min_evaluate_nodes: int = 2,
         run_config: Mapping[str, Any] | None = None,
+        max_payload_bytes: int | None = None,
     ) -> None:
         if audit_witness is not None and not callable(audit_witness):
             raise ConfigurationError("audit_witness must be a function (seq, sha256) -> None")
@@ -219,7 +221,8 @@ class SecureFedAvg(Strategy):
         self.privacy = privacy
         self.aggregator = GridAggregator(protocol, phase_timeout=phase_timeout, train_timeout=train_timeout,
                                          poll_interval=poll_interval, privacy=privacy, auxiliary=auxiliary,
-                                         identities=identities, run_config=run_config)
+                                         identities=identities, run_config=run_config,
+                                         max_payload_bytes=max_payload_bytes)
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes

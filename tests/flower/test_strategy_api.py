@@ -60,6 +60,21 @@ def test_start_with_flowers_keywords_trains_and_timeout_caps_every_phase_for_tha
         s.start(g, apps.model(), num_rounds=1, timeout=0)
 
 
+def test_max_payload_bytes_reaches_the_rounds_and_a_reply_over_it_is_rejected():
+    """``SecureFedAvg(max_payload_bytes=)``, as ``GridAggregator``'s: every reply over it is rejected unparsed, so a
+    run whose replies all exceed it releases no round; a bad value is refused up front."""
+    res = strategy(max_payload_bytes=1 << 20).start(grid(), apps.model(), num_rounds=1)
+    assert [r.round for r in res.rounds] == [1] and res.rounds[0].included
+    tiny = strategy(max_payload_bytes=16)
+    assert tiny.aggregator.max_payload_bytes == 16
+    out = tiny.start(grid(), apps.model(), num_rounds=1)
+    assert not any(r.included for r in out.rounds)
+    np.testing.assert_array_equal(apps.vector(out.arrays), apps.vector(apps.model()))  # nothing released
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="max_payload_bytes"):
+            strategy(max_payload_bytes=bad)
+
+
 def test_federated_evaluation_is_refused_and_the_evaluate_views_are_empty():
     s = strategy()
     with pytest.raises(ConfigurationError, match="evaluate_config"):
