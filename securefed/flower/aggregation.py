@@ -271,7 +271,7 @@ class AggregationRound:
             requests = self.server.requests(phase)
             beacon = b"" if self.beacon is None else self.beacon.field(first=phase == protocol.phases[0])
         attesting = _attest.directory(protocol, spec.n) is not None
-        if phase == input_phase(protocol):
+        if attesting and phase == input_phase(protocol):
             self._model = _attest.digest(arrays if arrays is not None else ArrayRecord(),
                                          config if config is not None else ConfigRecord())
         # Every listed client's attestation: nodes sign the survivor list only when all match their model.

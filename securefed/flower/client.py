@@ -327,8 +327,8 @@ class SecureClient:
                 assert arrays is not None and config is not None
                 if fn is None:
                     raise ProtocolAborted(AbortReason.REQUEST_REFUSED, "this node has no evaluation function")
-                # before the user's function sees (and may change) them; R: the run config it reads too
-                model = _attest.digest(arrays, config) + _attest.run_digest(context.run_config)
+                if attesting is not None:  # before the user's function sees (and may change) them; R: the run config
+                    model = _attest.digest(arrays, config) + _attest.run_digest(context.run_config)
                 _give(state, req, lambda: _input(msg, context, fn, arrays, req, privacy) if evaluate is None
                       else _metrics_input(msg, context, fn, req, evaluate))
             elif aux_gives:  # counted before its state machine checks anything (a refused decryption too)
