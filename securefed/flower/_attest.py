@@ -50,10 +50,11 @@ REPLY = 32 + signing.SIGNATURE_BYTES
 
 
 def directory(protocol: AggregationProtocol, n: int) -> KeyDirectory | None:
-    """The directory a round of `protocol` over `n` clients attests with, or None when it runs no attestation
-    (semi-honest SecAgg and SecAgg+, Plain, HE: their threat model has no active server)."""
+    """The directory a round of `protocol` over `n` clients attests with (one that signs its survivor lists and
+    can read them: active SecAgg, SecAgg+, masked BFV over either), or None (semi-honest variants, Plain, other HE
+    modes: their threat model has no active server)."""
     find = getattr(protocol, "round_identities", None)
-    if find is None or "consistency_check" not in protocol.phases:
+    if find is None or not hasattr(protocol, "survivor_list") or "consistency_check" not in protocol.phases:
         return None
     found = find(n)
     return found if isinstance(found, KeyDirectory) else None
