@@ -51,7 +51,7 @@ def main() -> None:
     sign = best(lambda: _attest.sign(keys, 0, session, model), args.repeat)
     field = _attest.pack({c: _attest.sign(keys, c, session, model) for c in range(args.survivors)})
     survivors = np.arange(args.survivors)
-    check = best(lambda: _attest.check_survivors(keys, session, model, survivors, field, args.survivors), args.repeat)
+    check = best(lambda: _attest.check_survivors(keys, session, model, survivors, field), args.repeat)
     print(json.dumps({
         "bench": "attest", "dim": args.dim, "arrays": args.arrays, "survivors": args.survivors,
         "digest_seconds": round(digest, 4), "digest_over_copy": round(digest / copy, 2),

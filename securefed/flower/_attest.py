@@ -32,6 +32,7 @@ from securefed.crypto import signing
 from securefed.crypto.signing import KeyDirectory
 from securefed.errors import AbortReason, MessageRejected, ProtocolAborted
 from securefed.protocols.base import AggregationProtocol
+from securefed.protocols.secagg import wire as W
 
 __all__ = ["PURPOSE", "RECORD", "REPLY", "check_input", "check_survivors", "digest", "directory", "pack",
            "run_digest", "sign", "verify"]
@@ -43,7 +44,7 @@ _RUN_LABEL = b"securefed/flower/run\x00"
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _F64 = struct.Struct(">d")
-#: One forwarded attestation: client index (uint32) and signature.
+#: One forwarded attestation in the record list: client index (uint32) and signature.
 RECORD = _U32.size + signing.SIGNATURE_BYTES
 #: A node's input-phase ``attest``: ``R`` (32 bytes) and its signature.
 REPLY = 32 + signing.SIGNATURE_BYTES
@@ -96,21 +97,22 @@ def digest(arrays: ArrayRecord, config: ConfigRecord) -> bytes:
         _field(h, ",".join(str(int(x)) for x in array.shape).encode())
         _field(h, str(array.stype).encode())
         _field(h, bytes(array.data))
-    h.update(_U64.pack(len(config)))
-    for key in sorted(config.keys()):
-        _field(h, key.encode())
-        _value(h, config[key])
+    _entries(h, config)
     return h.digest()
 
 
 def run_digest(run_config: Mapping[str, Any]) -> bytes:
     """SHA-256 of a run configuration's entries (sorted by key, type-tagged)."""
     h = hashlib.sha256(_RUN_LABEL)
-    h.update(_U64.pack(len(run_config)))
-    for key in sorted(run_config):
-        _field(h, key.encode())
-        _value(h, run_config[key])
+    _entries(h, run_config)
     return h.digest()
+
+
+def _entries(h: Any, mapping: Mapping[str, Any]) -> None:
+    h.update(_U64.pack(len(mapping)))
+    for key in sorted(mapping.keys()):
+        _field(h, key.encode())
+        _value(h, mapping[key])
 
 
 def sign(identities: KeyDirectory, client: int, session: bytes, model: bytes) -> bytes:
@@ -137,37 +139,26 @@ def verify(identities: KeyDirectory, client: int, session: bytes, model: bytes, 
 
 
 def pack(signatures: Mapping[int, bytes]) -> bytes:
-    """The forwarded attestations: ``(client, signature)`` records, clients ascending."""
-    return b"".join(_U32.pack(c) + signatures[c] for c in sorted(signatures))
+    """The forwarded attestations: a record list (the protocol's: count, then ``client || signature``, clients
+    ascending)."""
+    return W.records(sorted(signatures.items()))
 
 
-def _unpack(field: bytes, n: int) -> dict[int, bytes]:
-    if len(field) % RECORD:
-        raise MessageRejected("invalid request: malformed model attestations")
-    out: dict[int, bytes] = {}
-    for i in range(0, len(field), RECORD):
-        (client,) = _U32.unpack_from(field, i)
-        if client >= n or (out and client <= max(out)):
-            raise MessageRejected("invalid request: model attestations of unknown or unsorted clients")
-        out[client] = field[i + _U32.size : i + RECORD]
-    return out
-
-
-def check_survivors(identities: KeyDirectory, session: bytes, model: bytes, survivors: np.ndarray, field: bytes,
-                    n: int) -> None:
+def check_survivors(identities: KeyDirectory, session: bytes, model: bytes, survivors: np.ndarray, field: bytes
+                    ) -> None:
     """Before a node signs the survivor list `survivors` (of the protocol's consistency_check request): `field`
     must hold an attestation of this node's `model` (``D || R``) by every client on the list, and by no other.
 
     Raises ProtocolAborted (consistency_check_failed) when a listed client's input was made from another model
     or configuration, or when one is missing; MessageRejected for a malformed field."""
-    attested = _unpack(field, n)
-    if not np.array_equal(np.fromiter(attested, dtype=np.int64, count=len(attested)), survivors):
+    clients, signatures = W.parse_records(memoryview(field), signing.SIGNATURE_BYTES)  # ids strictly ascending
+    if not np.array_equal(clients, survivors):
         raise ProtocolAborted(AbortReason.CONSISTENCY_CHECK_FAILED,
                               "the survivor list and the model attestations name different clients: refusing to "
                               "sign a list whose inputs may come from another model or configuration")
-    for client, signature in attested.items():
+    for client, signature in zip(clients.tolist(), signatures):
         try:
-            verify(identities, client, session, model, signature)
+            verify(identities, client, session, model, signature.tobytes())
         except MessageRejected:
             raise ProtocolAborted(
                 AbortReason.CONSISTENCY_CHECK_FAILED,

@@ -322,7 +322,7 @@ class SecureClient:
                 _check_beacon(context, req, nodes, identities, slot, first=req.phase == protocol.phases[0])
             if attesting is not None and req.phase == "consistency_check":
                 survivors = protocol.survivor_list(_spec(req), req.payload)  # type: ignore[attr-defined]
-                _attest.check_survivors(attesting, req.session, model, survivors, req.attest, req.n)
+                _attest.check_survivors(attesting, req.session, model, survivors, req.attest)
             if is_train:
                 assert arrays is not None and config is not None
                 if fn is None:

@@ -202,17 +202,17 @@ def test_check_survivors_refuses_clients_outside_the_list_and_malformed_fields()
     session, model = bytes(range(32)), b"m" * 32
     payload = np.array([0, 1, 3])
     good = _attest.pack({c: _attest.sign(keys, c, session, model) for c in (0, 1, 3)})
-    _attest.check_survivors(keys, session, model, payload, good, 4)  # all listed, all over this model
+    _attest.check_survivors(keys, session, model, payload, good)  # all listed, all over this model
     extra = _attest.pack({c: _attest.sign(keys, c, session, model) for c in members})
     with pytest.raises(ProtocolAborted) as e:
-        _attest.check_survivors(keys, session, model, payload, extra, 4)
+        _attest.check_survivors(keys, session, model, payload, extra)
     assert e.value.reason is AbortReason.CONSISTENCY_CHECK_FAILED
     with pytest.raises(ProtocolAborted):
-        _attest.check_survivors(keys, session, b"n" * 32, payload, good, 4)  # this node had another model
+        _attest.check_survivors(keys, session, b"n" * 32, payload, good)  # this node had another model
     with pytest.raises(ProtocolAborted):
-        _attest.check_survivors(keys, bytes(32), model, payload, good, 4)  # another session's
+        _attest.check_survivors(keys, bytes(32), model, payload, good)  # another session's
     with pytest.raises(MessageRejected):
-        _attest.check_survivors(keys, session, model, payload, good + b"x", 4)
+        _attest.check_survivors(keys, session, model, payload, good + b"x")
 
 
 _scalars = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),
